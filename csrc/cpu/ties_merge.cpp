@@ -1,0 +1,69 @@
+// TIES merging, fused: trim (magnitude threshold), weight, elect a sign per element, disjoint mean.
+#include <torch/library.h>
+
+#include "cpu/election.h"
+
+namespace neurokern::cpu {
+namespace {
+
+at::Tensor ties_merge_cpu(const at::Tensor& base, at::TensorList finetuned,
+                          at::ArrayRef<double> weights, const std::optional<at::Tensor>& threshold,
+                          const std::optional<at::Tensor>& tie_limit, int64_t offset,
+                          c10::string_view consensus_name, c10::string_view normalize_name,
+                          bool elect_weighted, c10::string_view zero_sign, double scale) {
+  check_group("ties_merge", base, finetuned);
+  const int64_t T = static_cast<int64_t>(finetuned.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == T, "neurokern.ties_merge: ", weights.size(),
+              " weights for ", T, " fine-tuned tensors");
+  TORCH_CHECK(zero_sign == "positive" || zero_sign == "majority",
+              "neurokern.ties_merge: zero_sign must be \"positive\" or \"majority\", got \"",
+              std::string(zero_sign), "\"");
+  const Consensus consensus = parse_consensus("ties_merge", consensus_name, false);
+  const Normalize normalize = parse_normalize("ties_merge", normalize_name);
+  const Trim trim("ties_merge", threshold, tie_limit, offset, T);
+  at::Tensor out = at::empty_like(base);
+  dispatch_storage(base.scalar_type(), "ties_merge", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const Group<scalar_t> g(base, finetuned);
+    scalar_t* o = out.data_ptr<scalar_t>();
+    // Contributions d_t = w_t trim(tau_t) and voting values e_t of element i.
+    auto load = [&](int64_t i, float* d, float* e) {
+      for (int64_t t = 0; t < T; ++t) {
+        const float tau = trim.apply(t, g.tau(t, i), i);
+        d[t] = static_cast<float>(weights[t]) * tau;
+        e[t] = elect_weighted ? d[t] : tau;
+      }
+    };
+    int fallback = 1;
+    if (zero_sign == "majority") {  // sign of the sum of the elected signs over the whole tensor
+      const int64_t votes = at::parallel_reduce(
+          0, base.numel(), kGrain, int64_t{0},
+          [&](int64_t begin, int64_t end, int64_t acc) {
+            std::vector<float> d(T), e(T);
+            for (int64_t i = begin; i < end; ++i) {
+              load(i, d.data(), e.data());
+              acc += sign_of(vote(e.data(), T, consensus));
+            }
+            return acc;
+          },
+          std::plus<int64_t>());
+      fallback = sign_of(static_cast<double>(votes));
+    }
+    at::parallel_for(0, base.numel(), kGrain, [&](int64_t begin, int64_t end) {
+      std::vector<float> d(T), e(T);
+      for (int64_t i = begin; i < end; ++i) {
+        load(i, d.data(), e.data());
+        const double merged =
+            elect_and_mix(d.data(), e.data(), weights.data(), T, consensus, fallback, normalize);
+        o[i] = static_cast<scalar_t>(g.w(i) + static_cast<float>(scale * merged));
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(neurokern, CPU, m) { m.impl("ties_merge", &ties_merge_cpu); }
+
+}  // namespace neurokern::cpu

@@ -1,0 +1,83 @@
+// Every neurokern op schema, in one place. Semantics: ../shared/spec/architecture.md and
+// neurokern/ops/reference.py (the pure-PyTorch statement of each op).
+//
+// Conventions shared by all ops:
+// - `finetuned` holds the T fine-tuned versions of `base`; task vectors tau_t = finetuned[t] - base
+//   are formed on the fly in fp32, whatever the storage dtype (float32, bfloat16, float16).
+//   Ops over a list of tensors take finetuned task-major: finetuned[t * n + i] belongs to base[i].
+// - Trim: with `threshold` (float32 [T]) and `tie_limit` (int64 [T]) given, an entry of task t at
+//   flat position p (= offset + index inside the tensor) is kept iff
+//   |tau| > threshold[t]  or  (|tau| == threshold[t] and p < tie_limit[t]); otherwise it reads as 0.
+//   magnitude_threshold produces such pairs. Without them nothing is trimmed.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing neurokern._C registers the ops below; the module itself holds nothing.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(neurokern, m) {
+  // Exact k-th largest |tau_t| (k[t], 1-based) over all entries of all tensors (global scope), or per
+  // tensor (per_tensor: k has n*T entries, k[i*T+t], outputs are [n, T]). keep_ties keeps every
+  // entry equal to the threshold; otherwise tie_limit keeps exactly k entries, ties broken by
+  // lowest flat position. k <= 0 keeps nothing (threshold +inf); k >= N keeps everything.
+  m.def(
+      "magnitude_threshold(Tensor[] base, Tensor[] finetuned, int[] k, bool keep_ties=True, "
+      "bool per_tensor=False) -> (Tensor threshold, Tensor tie_limit)");
+  // Per task: (sum |tau_t|, sum |trim(tau_t)|) over all tensors, float64 [T, 2].
+  m.def(
+      "trim_l1(Tensor[] base, Tensor[] finetuned, Tensor? threshold=None, Tensor? tie_limit=None) "
+      "-> Tensor");
+  // Per row k of a 2-D base (a neuron w): gram[k,s,t] = <tau_s, tau_t>, dots[k,t] = <tau_t, w>,
+  // sqnorm[k] = |w|^2 of the trimmed task vectors; float64, accumulated in float64.
+  m.def(
+      "neuron_stats(Tensor base, Tensor[] finetuned, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int offset=0) -> (Tensor gram, Tensor dots, Tensor sqnorm)");
+  // Per row: c_t = <tau_t, w>/|w|^2 (0 where w = 0) as float32 [R, T], and the orthogonal residuals
+  // tau_t - c_t w as T float32 tensors [R, C].
+  m.def(
+      "subspace_split(Tensor base, Tensor[] finetuned, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int offset=0) -> (Tensor coeff, Tensor[] orthogonal)");
+  // NeuroMerging's per-row solve from neuron_stats: coefficients a [T+1, R] (float32) such that the
+  // merged row is a[0] * w + sum_t a[t+1] * trim(tau_t). parallel_basis: "unit" | "neuron";
+  // gamma: cumulative-variance rank cut-off (1.0 keeps every component).
+  m.def(
+      "neuromerge_coeffs(Tensor gram, Tensor dots, Tensor sqnorm, float lambda_parallel, "
+      "float lambda_orthogonal, str parallel_basis=\"unit\", float gamma=1.0) -> Tensor");
+  // out = a[0] * base + sum_t a[t+1] * trim(tau_t); coeffs (float32) are [T+1] (per tensor),
+  // [T+1, R] (per row) or [T+1, *base.shape] (per element). out dtype: out_dtype or base's.
+  m.def(
+      "weighted_sum(Tensor base, Tensor[] finetuned, Tensor coeffs, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int offset=0, ScalarType? out_dtype=None) -> Tensor");
+  // d out / d coeffs: <grad, base> and <grad, trim(tau_t)> reduced to the shape of coeffs (float32).
+  m.def(
+      "weighted_sum_backward(Tensor grad, Tensor base, Tensor[] finetuned, Tensor coeffs, "
+      "Tensor? threshold=None, Tensor? tie_limit=None, int offset=0) -> Tensor");
+  // TIES: d_t = weights[t] * trim(tau_t); elect per element on d_t (elect_weighted) or trim(tau_t),
+  // consensus "sum" (sign of the sum) or "count" (sign of the sum of signs); a zero vote takes +1
+  // (zero_sign "positive", mergekit) or the tensor's majority sign ("majority", TIES/NeuroMerging
+  // reference); disjoint sum of the agreeing d_t divided per normalize "weights" | "count" | "none";
+  // out = base + scale * that, in base's dtype.
+  m.def(
+      "ties_merge(Tensor base, Tensor[] finetuned, float[] weights, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int offset=0, str consensus=\"sum\", str normalize=\"weights\", "
+      "bool elect_weighted=True, str zero_sign=\"positive\", float scale=1.0) -> Tensor");
+  // DARE: keep each entry of tau_t with probability density (Philox-4x32-10 keyed by keys[t],
+  // counter = element index: the same mask on every device), rescale kept entries by 1/density
+  // ("density"), by |tau_t|_1 / |kept|_1 ("l1", mergekit) or not ("none"); then either a weighted
+  // sum (consensus "none") or TIES election ("sum" | "count", mergekit rules); normalize as in
+  // ties_merge; out = base + scale * that, in base's dtype.
+  m.def(
+      "dare(Tensor base, Tensor[] finetuned, float[] weights, float density, int[] keys, "
+      "str rescale=\"density\", str consensus=\"none\", str normalize=\"none\", float scale=1.0) "
+      "-> Tensor");
+  // Task-routed linear layer: y[b] = x[b] @ weight[task_ids[b]]^T + bias[task_ids[b]].
+  m.def("tinted_linear(Tensor x, Tensor weight, Tensor? bias, Tensor task_ids) -> Tensor");
+  // Its weight gradient: dW[t] = sum over rows b of task t of grad[b]^T x[b], [T, out, in].
+  m.def(
+      "tinted_linear_weight_grad(Tensor grad, Tensor x, Tensor task_ids, int num_tasks) -> Tensor");
+}

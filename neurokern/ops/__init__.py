@@ -1,0 +1,26 @@
+"""The op layer: typed Python faces of torch.ops.neurokern.*, their fake (meta) implementations
+and autograd. Importing this package loads neurokern._C, which registers the schemas and the C++
+kernels; `reference` states what every op means in plain PyTorch."""
+from neurokern import _C  # noqa: F401  (registers torch.ops.neurokern.*)
+from neurokern.ops.dare import dare, dare_keys
+from neurokern.ops.magnitude_threshold import magnitude_threshold
+from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs
+from neurokern.ops.neuron_stats import neuron_stats
+from neurokern.ops.subspace_split import subspace_split
+from neurokern.ops.ties_merge import ties_merge
+from neurokern.ops.tinted_linear import tinted_linear
+from neurokern.ops.trim_l1 import trim_l1
+from neurokern.ops.weighted_sum import weighted_sum
+
+__all__ = [
+    "dare",
+    "dare_keys",
+    "magnitude_threshold",
+    "neuromerge_coeffs",
+    "neuron_stats",
+    "subspace_split",
+    "ties_merge",
+    "tinted_linear",
+    "trim_l1",
+    "weighted_sum",
+]

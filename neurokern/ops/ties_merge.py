@@ -1,0 +1,38 @@
+"""TIES merging, fused: trim, weight, sign election, disjoint mean."""
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from neurokern.ops._common import contiguous, trim_args
+
+
+def ties_merge(
+    base: Tensor,
+    finetuned: Sequence[Tensor],
+    weights: Sequence[float],
+    trim: Optional[tuple[Tensor, Tensor]] = None,
+    offset: int = 0,
+    consensus: str = "sum",
+    normalize: str = "weights",
+    elect_weighted: bool = True,
+    zero_sign: str = "positive",
+    scale: float = 1.0,
+) -> Tensor:
+    """base + scale * disjoint merge of d_t = weights[t] * trim(tau_t), in base's dtype.
+
+    consensus "sum" elects sign(sum of votes), "count" sign(sum of their signs); votes are d_t
+    (elect_weighted) or trim(tau_t). A zero vote elects + ("positive", mergekit) or the tensor's
+    majority sign ("majority", the TIES / NeuroMerging reference). The agreeing d_t are summed and
+    divided by their summed weights ("weights"), their count ("count") or 1 ("none")."""
+    threshold, tie_limit = trim_args(trim)
+    return torch.ops.neurokern.ties_merge.default(
+        base.contiguous(), contiguous(finetuned), [float(w) for w in weights], threshold, tie_limit,
+        offset, consensus, normalize, elect_weighted, zero_sign, float(scale),
+    )
+
+
+@torch.library.register_fake("neurokern::ties_merge")
+def _(base, finetuned, weights, threshold=None, tie_limit=None, offset=0, consensus="sum",
+      normalize="weights", elect_weighted=True, zero_sign="positive", scale=1.0):
+    return torch.empty_like(base)

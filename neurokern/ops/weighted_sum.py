@@ -1,0 +1,61 @@
+"""Coefficient-weighted sum of the pre-trained tensor and trimmed task vectors, differentiable
+with respect to the coefficients (the merged forward of AdaMerging and Tinting)."""
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from neurokern.ops._common import contiguous, trim_args
+
+
+def weighted_sum(
+    base: Tensor,
+    finetuned: Sequence[Tensor],
+    coeffs: Tensor,
+    trim: Optional[tuple[Tensor, Tensor]] = None,
+    offset: int = 0,
+    out_dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """out = coeffs[0] * base + sum_t coeffs[t+1] * trim(finetuned[t] - base).
+
+    coeffs (float32) are [T+1] (per tensor), [T+1, rows] (per row) or [T+1, *base.shape] (per
+    element). Differentiable with respect to coeffs only: base and finetuned must not need grad."""
+    if base.requires_grad or any(f.requires_grad for f in finetuned):
+        raise ValueError(
+            "neurokern.weighted_sum differentiates only with respect to coeffs; "
+            "detach base and finetuned (they are the models being merged)"
+        )
+    threshold, tie_limit = trim_args(trim)
+    return torch.ops.neurokern.weighted_sum.default(
+        base.contiguous(), contiguous(finetuned), coeffs.to(torch.float32).contiguous(),
+        threshold, tie_limit, offset, out_dtype,
+    )
+
+
+@torch.library.register_fake("neurokern::weighted_sum")
+def _(base, finetuned, coeffs, threshold=None, tie_limit=None, offset=0, out_dtype=None):
+    return base.new_empty(base.shape, dtype=out_dtype or base.dtype)
+
+
+@torch.library.register_fake("neurokern::weighted_sum_backward")
+def _(grad, base, finetuned, coeffs, threshold=None, tie_limit=None, offset=0):
+    return coeffs.new_empty(coeffs.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    base, finetuned, coeffs, threshold, tie_limit, offset, _ = inputs
+    ctx.save_for_backward(base, coeffs, threshold, tie_limit, *finetuned)
+    ctx.offset = offset
+
+
+def _backward(ctx, grad):
+    base, coeffs, threshold, tie_limit, *finetuned = ctx.saved_tensors
+    grad_coeffs = None
+    if ctx.needs_input_grad[2]:
+        grad_coeffs = torch.ops.neurokern.weighted_sum_backward.default(
+            grad.contiguous(), base, finetuned, coeffs, threshold, tie_limit, ctx.offset
+        )
+    return None, None, grad_coeffs, None, None, None, None
+
+
+torch.library.register_autograd("neurokern::weighted_sum", _backward, setup_context=_setup_context)
