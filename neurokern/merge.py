@@ -1,0 +1,60 @@
+"""nk.merge: merge in-memory models (state dicts or nn.Modules) with any method."""
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from neurokern.errors import NeurokernError
+from neurokern.methods import METHODS
+from neurokern.models import load_models
+
+
+def _check_device_supported(device: torch.device) -> None:
+    if device.type == "cpu":
+        return
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("neurokern::weighted_sum", device.type.upper()):
+        raise NeurokernError(
+            f"neurokern has no kernels for {device.type} tensors in this build; pass device='cpu' "
+            "(or build neurokern with CUDA: a CUDA build of torch plus nvcc)"
+        )
+
+
+def merge(
+    base: Any,
+    finetuned: Sequence[Any],
+    method: str = "neuromerging",
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    progress: bool = False,
+    **params: Any,
+) -> dict[str, Tensor]:
+    """Merge fine-tuned models of one pre-trained model into one.
+
+    base: the pre-trained model; finetuned: one model per task; each a state dict (name -> tensor)
+    or an nn.Module. Every model must hold the same tensor names, shapes and dtypes. Returns the
+    merged state dict in base's key order and dtypes: floating-point tensors merged, other entries
+    (integer buffers) copied from base. It runs where the tensors are, or on `device`.
+
+    method and its parameters (defaults in brackets; see docs/methods.md):
+      "task_arithmetic": weights [1 each], scale [1.0], normalize [False]
+      "ties":            density [0.2], weights, consensus ["sum"|"count"], normalize [True |
+                         "count" | None], scale [1.0], trim_scope ["tensor"|"global"],
+                         ties ["exact_k"|"keep"], elect_on ["weighted"|"unweighted"],
+                         zero_sign ["positive"|"majority"]
+      "dare", "dare_ties": density [0.3], weights, seed [0], rescale ["density"|"l1"|None],
+                         normalize [False], scale [1.0]; dare_ties also consensus ["sum"|"count"]
+      "neuromerging":    density [0.1], scale [None: 1/(1-sigma)], scale_parallel [0.0: lite],
+                         trim_scope ["global"|"tensor"], parallel_basis ["unit"|"neuron"],
+                         gamma [1.0]
+    Bad input raises NeurokernError (a ValueError) naming the tensor or parameter.
+    """
+    if method not in METHODS:
+        raise NeurokernError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
+    spec = METHODS[method]
+    target = None if device is None else torch.device(device)
+    models = load_models(base, finetuned, target)
+    checked = spec.params(params, models.num_tasks)
+    if models.names:
+        _check_device_supported(models.base[models.names[0]].device)
+    merged = spec.run(models, checked, progress)
+    return {name: merged.get(name, tensor) for name, tensor in models.base.items()}

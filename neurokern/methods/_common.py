@@ -1,0 +1,93 @@
+"""Pieces the merge methods share: the method record, parameter resolution, trim thresholds."""
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from neurokern import ops
+from neurokern.errors import NeurokernError
+from neurokern.models import ModelSet
+
+
+@dataclass(frozen=True)
+class Method:
+    """A merge method: its parameters with defaults, their checks, and the merge itself."""
+
+    name: str
+    defaults: dict[str, Any]
+    resolve: Callable[[dict[str, Any], int], Any]  # (params with defaults filled, T) -> checked params
+    run: Callable[[ModelSet, Any, bool], dict[str, Tensor]]  # (models, params, progress) -> merged
+
+    def params(self, given: dict[str, Any], num_tasks: int) -> Any:
+        unknown = sorted(set(given) - set(self.defaults))
+        if unknown:
+            raise NeurokernError(
+                f"method {self.name!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"it takes {', '.join(sorted(self.defaults))}"
+            )
+        return self.resolve({**self.defaults, **given}, num_tasks)
+
+
+def each(names: list[str], progress: bool, desc: str) -> Iterable[str]:
+    return tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False)
+
+
+@dataclass
+class Trims:
+    """Exact magnitude trims of a set of tensors: (threshold, tie_limit) of shape [T] for one scope
+    over all of them, or [n, T] for each tensor alone, and where each tensor sits in them."""
+
+    threshold: Tensor
+    tie_limit: Tensor
+    row: dict[str, int]  # per-tensor scope: the tensor's row
+    offset: dict[str, int]  # global scope: the tensor's first flat position
+
+    @property
+    def pair(self) -> tuple[Tensor, Tensor]:
+        return self.threshold, self.tie_limit
+
+    def of(self, name: str) -> tuple[tuple[Tensor, Tensor], int]:
+        """(trim pair, offset) for one tensor, as the ops take them."""
+        if self.row:
+            i = self.row[name]
+            return (self.threshold[i], self.tie_limit[i]), 0
+        return self.pair, self.offset[name]
+
+
+def keep_count(numel: int, density: float, rule: str) -> int:
+    """How many entries a trim keeps (the k of magnitude_threshold).
+
+    "exact_k": mergekit's max(1, floor(density * N)), ties broken by position.
+    "keep":    the TIES / NeuroMerging reference: m = floor(N * (1 - density)); the m-th smallest
+               |tau| is the threshold and every entry >= it is kept (all of them when m = 0), i.e.
+               the (N - m + 1)-th largest with ties kept."""
+    if numel == 0:
+        return 0
+    if rule == "exact_k":
+        return max(1, int(density * numel))
+    dropped = int(numel * (1 - density))
+    return numel if dropped == 0 else numel - dropped + 1
+
+
+def thresholds(models: ModelSet, names: list[str], density: float, rule: str, scope: str) -> Trims:
+    """Exact trims for `names`, over each tensor alone (scope "tensor") or all of them ("global")."""
+    T = models.num_tasks
+    base = [models.base[n] for n in names]
+    finetuned = [models.finetuned[t][n] for t in range(T) for n in names]
+    keep_ties = rule == "keep"
+    if scope == "global":
+        total = sum(b.numel() for b in base)
+        threshold, tie_limit = ops.magnitude_threshold(base, finetuned, [keep_count(total, density, rule)] * T, keep_ties)
+        offsets, offset = {}, 0
+        for n, b in zip(names, base):
+            offsets[n] = offset
+            offset += b.numel()
+        return Trims(threshold, tie_limit, {}, offsets)
+    k = [keep_count(b.numel(), density, rule) for b in base for _ in range(T)]
+    threshold, tie_limit = ops.magnitude_threshold(base, finetuned, k, keep_ties, per_tensor=True)
+    return Trims(threshold, tie_limit, {n: i for i, n in enumerate(names)}, {})
+
+
+def group(models: ModelSet, name: str) -> tuple[Tensor, list[Tensor]]:
+    return models.base[name], [sd[name] for sd in models.finetuned]

@@ -1,0 +1,80 @@
+"""NeuroMerging (Fang et al. 2025) in Gram form: trim, per-neuron statistics, a T x T solve per
+neuron, then one coefficient-weighted sum per matrix (neuromerging.md, "The fast form")."""
+from dataclasses import dataclass
+from typing import Optional
+
+from neurokern import ops, params
+from neurokern.errors import NeurokernError
+from neurokern.methods._common import Method, each, group, thresholds
+
+WHERE = "method 'neuromerging'"
+
+
+@dataclass(frozen=True)
+class Params:
+    density: float
+    scale: Optional[float]  # lambda_2 (orthogonal); None: 1 / (1 - sigma)
+    scale_parallel: float  # lambda_1; 0 is lite mode
+    trim_scope: str
+    parallel_basis: str
+    gamma: float
+
+
+def resolve(p, num_tasks):
+    gamma = params.number(WHERE, "gamma", p["gamma"])
+    if not 0.0 < gamma <= 1.0:
+        raise NeurokernError(f"{WHERE}: gamma must be in (0, 1]; got {gamma}")
+    return Params(
+        density=params.density(WHERE, p["density"]),
+        scale=None if p["scale"] is None else params.number(WHERE, "scale", p["scale"]),
+        scale_parallel=params.number(WHERE, "scale_parallel", p["scale_parallel"]),
+        trim_scope=params.choice(WHERE, "trim_scope", p["trim_scope"], ["global", "tensor"]),
+        parallel_basis=params.choice(WHERE, "parallel_basis", p["parallel_basis"], ["unit", "neuron"]),
+        gamma=gamma,
+    )
+
+
+def default_scale(sums) -> float:
+    """lambda_2 = 1 / (1 - sigma), sigma = max_t |trimmed-away tau_t|_1 / |tau_t|_1 (from trim_l1)."""
+    total, kept = sums[:, 0], sums[:, 1]
+    sigma = max(float(1 - k / t) if t > 0 else 0.0 for t, k in zip(total, kept))
+    return 1.0 / (1.0 - sigma)
+
+
+def run(models, p: Params, progress: bool):
+    names = models.names
+    trims = thresholds(models, names, p.density, "keep", p.trim_scope)
+    lam_orth = p.scale
+    if lam_orth is None:
+        T = models.num_tasks
+        base = [models.base[n] for n in names]
+        finetuned = [models.finetuned[t][n] for t in range(T) for n in names]
+        lam_orth = default_scale(ops.trim_l1(base, finetuned, trims.pair))
+    lam_par = p.scale_parallel
+    # Point parameters: lambda (lite) or the mean of both (full), as the reference does.
+    point_scale = lam_orth if lam_par == 0 else (lam_par + lam_orth) / 2
+    out = {}
+    for name in each(names, progress, "neuromerging"):
+        base, finetuned = group(models, name)
+        trim, offset = trims.of(name)
+        if base.dim() == 2:
+            gram, dots, sqnorm = ops.neuron_stats(base, finetuned, trim, offset)
+            coeffs = ops.neuromerge_coeffs(gram, dots, sqnorm, lam_par, lam_orth, p.parallel_basis, p.gamma)
+            out[name] = ops.weighted_sum(base, finetuned, coeffs, trim, offset)
+        else:
+            out[name] = ops.ties_merge(
+                base, finetuned, [1.0] * len(finetuned), trim, offset, consensus="sum",
+                normalize="count", elect_weighted=False, zero_sign="majority", scale=point_scale,
+            )
+    return out
+
+
+DEFAULTS = {
+    "density": 0.1,
+    "scale": None,
+    "scale_parallel": 0.0,
+    "trim_scope": "global",
+    "parallel_basis": "unit",
+    "gamma": 1.0,
+}
+METHOD = Method("neuromerging", DEFAULTS, resolve, run)

@@ -1,0 +1,156 @@
+"""Whole-method references in plain PyTorch, written the way the original code computes them:
+mergekit's TIES (argsort top-k, stacked deltas), and NeuroMerging's exact per-neuron SVD path
+(the authors' merging_methods.py, restated). Tests hold nk.merge to these."""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from neurokern.ops import reference as ops_ref
+
+
+def _tau(base: Tensor, ft: Tensor) -> Tensor:
+    return ft.double() - base.double()
+
+
+def _f32_tau(base: Tensor, ft: Tensor) -> Tensor:
+    """Task vector as the kernels form it (float32), widened for exact further arithmetic."""
+    return (ft.float() - base.float()).double()
+
+
+def task_arithmetic(base, finetuned, weights, scale=1.0, normalize=False):
+    out = {}
+    for name, b in base.items():
+        delta = sum(w * _tau(b, ft[name]) for w, ft in zip(weights, finetuned))
+        if normalize:
+            delta = delta / sum(weights)
+        out[name] = (b.double() + scale * delta).to(b.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit 0.1.5 TIES (generalized_task_arithmetic + sparsify.magnitude + get_mask)
+
+
+def mergekit_magnitude(delta: Tensor, density: float) -> Tensor:
+    """sparsify.magnitude: keep exactly k = max(1, int(density * N)) largest |delta| (stable order
+    for equal magnitudes: lowest index first)."""
+    if density >= 1:
+        return delta
+    k = max(1, int(density * delta.numel()))
+    mask = torch.zeros_like(delta)
+    top = torch.argsort(delta.abs().view(-1), descending=True, stable=True)[:k]
+    mask.view(-1)[top] = 1
+    return delta * mask
+
+
+def mergekit_ties(base, finetuned, density, weights, consensus="sum", normalize=True, scale=1.0):
+    out = {}
+    for name, b in base.items():
+        deltas = torch.stack([mergekit_magnitude(_f32_tau(b, ft[name]), density) for ft in finetuned])
+        w = torch.tensor(weights, dtype=deltas.dtype).view((-1,) + (1,) * b.dim())
+        weighted = deltas * w
+        sign = weighted.sign()
+        if consensus == "sum":
+            majority = (weighted.sum(0) >= 0).to(sign.dtype) * 2 - 1
+        else:
+            majority = (sign.sum(0) >= 0).to(sign.dtype) * 2 - 1
+        mask = sign == majority
+        mixed = (weighted * mask).sum(0)
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+        if normalize:
+            mixed = mixed / divisor
+        out[name] = (b.double() + scale * mixed).to(b.dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# NeuroMerging, exact SVD path
+
+
+def _reference_trim(taus: list[Tensor], density: float) -> list[Tensor]:
+    """The reference's mask_smallest_magnitude_param_values over the tensors given (flattened
+    together): kthvalue of the m = int(N * (1 - density)) smallest, keep |tau| >= it."""
+    flat = torch.cat([t.flatten() for t in taus])
+    m = int(flat.numel() * (1 - density))
+    if m == 0:
+        return taus
+    kth = flat.abs().float().kthvalue(m).values.double()
+    return [t * (t.abs() >= kth) for t in taus]
+
+
+def _inner_ties(x: Tensor) -> Tensor:
+    """inner_ties_kernel: x [t, b]; sign of the sum per column, majority over columns on 0."""
+    sign = torch.sign(x.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, x > 0, x < 0)
+    x = x * keep
+    return x.sum(0) / torch.clamp((x != 0).sum(0).double(), min=1)
+
+
+def _neuron_kernel(w: Tensor, taus: Tensor, lam_par: float, lam_orth: float, basis: str, gamma: float) -> Tensor:
+    """One 2-D tensor: w [m, n] pre-trained, taus [k, m, n] trimmed task vectors -> merged delta."""
+    den = (w * w).sum(1)  # [m]
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    c = torch.where(den > 0, (taus * w).sum(2) / safe, torch.zeros_like(den))  # [k, m]
+    perp = (taus - c.unsqueeze(2) * w).permute(1, 0, 2)  # [m, k, n]
+    _, S, VT = torch.linalg.svd(perp, full_matrices=False)
+    S2 = S**2
+    cum = torch.cumsum(S2, 1) / S2.sum(1, keepdim=True)
+    rank = torch.minimum((cum < gamma).sum(1) + 1, torch.tensor(VT.shape[-2]))
+    V = VT.transpose(1, 2)  # [m, n, r]
+    coords = perp @ V  # [m, k, r]
+    merged = torch.zeros_like(w)
+    for row in range(w.shape[0]):
+        star = _inner_ties(coords[row])
+        r = int(rank[row])
+        merged[row] = (star[:r] * V[row, :, :r]).sum(1)
+    delta = lam_orth * merged
+    if lam_par != 0:
+        c_star = _inner_ties(c)  # [m]
+        norm = den.sqrt()
+        direction = torch.where(norm[:, None] > 0, w / torch.where(norm > 0, norm, 1)[:, None], 0) if basis == "unit" else w
+        delta = delta + lam_par * c_star[:, None] * direction
+    return delta
+
+
+def _point_kernel(taus: Tensor) -> Tensor:
+    """ties_kernel: elementwise TIES, majority sign over the whole tensor where a sum is 0."""
+    flat = taus.reshape(taus.shape[0], -1)
+    return _inner_ties(flat).view(taus.shape[1:])
+
+
+def neuromerging(
+    base, finetuned, density=0.1, scale: Optional[float] = None, scale_parallel=0.0,
+    trim_scope="global", parallel_basis="unit", gamma=1.0,
+):
+    """Merged state dict in float64 (not rounded to the storage dtype), for comparisons."""
+    names = [n for n, b in base.items() if b.is_floating_point()]
+    T = len(finetuned)
+    taus = {n: [_f32_tau(base[n], ft[n]) for ft in finetuned] for n in names}
+    if trim_scope == "global":
+        kept_by_task = [_reference_trim([taus[n][t] for n in names], density) for t in range(T)]
+        kept = {n: [kept_by_task[t][i] for t in range(T)] for i, n in enumerate(names)}
+    else:
+        kept = {n: [_reference_trim([taus[n][t]], density)[0] for t in range(T)] for n in names}
+    if scale is None:  # lambda_2 = 1 / (1 - sigma), sigma_t = |trimmed away|_1 / |tau_t|_1
+        sigmas = []
+        for t in range(T):
+            total = sum(float(taus[n][t].abs().sum()) for n in names)
+            left = sum(float(kept[n][t].abs().sum()) for n in names)
+            sigmas.append(1 - left / total if total > 0 else 0.0)
+        scale = 1.0 / (1.0 - max(sigmas))
+    point_scale = scale if scale_parallel == 0 else (scale_parallel + scale) / 2
+    out = {}
+    for name, b in base.items():
+        if name not in kept:
+            out[name] = b
+            continue
+        stacked = torch.stack(kept[name])
+        if b.dim() == 2:
+            delta = _neuron_kernel(b.double(), stacked, scale_parallel, scale, parallel_basis, gamma)
+        else:
+            delta = point_scale * _point_kernel(stacked)
+        out[name] = b.double() + delta
+    return out

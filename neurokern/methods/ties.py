@@ -1,0 +1,63 @@
+"""TIES merging (Yadav et al. 2023) with mergekit's semantics by default; every variant of
+classic-methods.md is a parameter."""
+from dataclasses import dataclass
+
+from neurokern import ops, params
+from neurokern.methods._common import Method, each, group, thresholds
+
+WHERE = "method 'ties'"
+
+
+@dataclass(frozen=True)
+class Params:
+    density: float
+    weights: list[float]
+    consensus: str
+    normalize: str
+    scale: float
+    trim_scope: str
+    ties: str
+    elect_on: str
+    zero_sign: str
+
+
+def resolve(p, num_tasks):
+    return Params(
+        density=params.density(WHERE, p["density"]),
+        weights=params.weights(WHERE, p["weights"], num_tasks),
+        consensus=params.choice(WHERE, "consensus", p["consensus"], ["sum", "count"]),
+        normalize=params.normalize(WHERE, p["normalize"]),
+        scale=params.number(WHERE, "scale", p["scale"]),
+        trim_scope=params.choice(WHERE, "trim_scope", p["trim_scope"], ["tensor", "global"]),
+        ties=params.choice(WHERE, "ties", p["ties"], ["exact_k", "keep"]),
+        elect_on=params.choice(WHERE, "elect_on", p["elect_on"], ["weighted", "unweighted"]),
+        zero_sign=params.choice(WHERE, "zero_sign", p["zero_sign"], ["positive", "majority"]),
+    )
+
+
+def run(models, p: Params, progress: bool):
+    trims = thresholds(models, models.names, p.density, p.ties, p.trim_scope)
+    out = {}
+    for name in each(models.names, progress, "ties"):
+        base, finetuned = group(models, name)
+        trim, offset = trims.of(name)
+        out[name] = ops.ties_merge(
+            base, finetuned, p.weights, trim, offset, consensus=p.consensus,
+            normalize=p.normalize, elect_weighted=p.elect_on == "weighted", zero_sign=p.zero_sign,
+            scale=p.scale,
+        )
+    return out
+
+
+DEFAULTS = {
+    "density": 0.2,
+    "weights": None,
+    "consensus": "sum",
+    "normalize": True,
+    "scale": 1.0,
+    "trim_scope": "tensor",
+    "ties": "exact_k",
+    "elect_on": "weighted",
+    "zero_sign": "positive",
+}
+METHOD = Method("ties", DEFAULTS, resolve, run)

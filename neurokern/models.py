@@ -1,0 +1,96 @@
+"""Turning user inputs (state dicts or nn.Modules) into checked tensor groups."""
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from neurokern.errors import NeurokernError
+
+MERGEABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def as_state_dict(model: Any, what: str) -> dict[str, Tensor]:
+    if isinstance(model, torch.nn.Module):
+        return {k: v.detach() for k, v in model.state_dict().items()}
+    if isinstance(model, Mapping):
+        out = {}
+        for key, value in model.items():
+            if not isinstance(value, Tensor):
+                raise NeurokernError(f"{what}[{key!r}] is a {type(value).__name__}, expected a torch.Tensor")
+            out[key] = value.detach()
+        return out
+    raise NeurokernError(f"{what} must be a state dict (name -> tensor) or an nn.Module; got {type(model).__name__}")
+
+
+@dataclass
+class ModelSet:
+    """The checked inputs of one merge: tensors to merge (same names, shapes, dtypes in every
+    model) and the base's other entries (integer buffers), which are copied through."""
+
+    base: dict[str, Tensor]
+    finetuned: list[dict[str, Tensor]]
+    names: list[str]  # floating-point tensors to merge, in the base's order
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.finetuned)
+
+
+def _name_list(keys: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(k) for k in list(keys)[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None) -> ModelSet:
+    base_sd = as_state_dict(base, "base")
+    if isinstance(finetuned, (Mapping, torch.nn.Module)) or not isinstance(finetuned, Sequence):
+        raise NeurokernError("finetuned must be a list of state dicts or nn.Modules (one per task)")
+    if len(finetuned) == 0:
+        raise NeurokernError("finetuned is empty: give at least one fine-tuned model")
+    ft_sds = [as_state_dict(m, f"finetuned[{i}]") for i, m in enumerate(finetuned)]
+    if not base_sd:
+        raise NeurokernError("base has no tensors")
+
+    for i, sd in enumerate(ft_sds):
+        missing = [k for k in base_sd if k not in sd]
+        extra = [k for k in sd if k not in base_sd]
+        if missing:
+            raise NeurokernError(f"finetuned[{i}] lacks tensor(s) {_name_list(missing)} that base has")
+        if extra:
+            raise NeurokernError(f"finetuned[{i}] has tensor(s) {_name_list(extra)} that base lacks")
+
+    names = []
+    for name, b in base_sd.items():
+        for i, sd in enumerate(ft_sds):
+            f = sd[name]
+            if f.shape != b.shape:
+                raise NeurokernError(
+                    f"tensor {name!r}: finetuned[{i}] has shape {tuple(f.shape)}, base has {tuple(b.shape)}"
+                )
+            if f.dtype != b.dtype:
+                raise NeurokernError(
+                    f"tensor {name!r}: finetuned[{i}] is {f.dtype}, base is {b.dtype}; "
+                    "convert the models to one dtype before merging"
+                )
+            if f.device != b.device and device is None:
+                raise NeurokernError(
+                    f"tensor {name!r}: finetuned[{i}] is on {f.device}, base on {b.device}; "
+                    "move them to one device or pass device="
+                )
+        if not b.is_floating_point():
+            continue
+        if b.dtype not in MERGEABLE_DTYPES:
+            raise NeurokernError(
+                f"tensor {name!r} is {b.dtype}; neurokern merges float32, bfloat16 and float16 tensors"
+            )
+        for label, t in [("base", b)] + [(f"finetuned[{i}]", sd[name]) for i, sd in enumerate(ft_sds)]:
+            if not bool(torch.isfinite(t).all()):
+                raise NeurokernError(f"tensor {name!r} of {label} has non-finite values (NaN or Inf)")
+        names.append(name)
+
+    if device is not None:
+        base_sd = {k: v.to(device) for k, v in base_sd.items()}
+        ft_sds = [{k: sd[k].to(device) for k in names} for sd in ft_sds]
+    return ModelSet(base_sd, ft_sds, names)

@@ -1,0 +1,96 @@
+"""nk.merge's handling of inputs: modules, buffers, and clear errors for bad input."""
+import math
+
+import pytest
+import torch
+
+import neurokern as nk
+from neurokern import NeurokernError
+
+from conftest import make_models
+
+
+def test_modules_in_state_dict_out():
+    torch.manual_seed(0)
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))  # noqa: E731
+    base = make()
+    fts = []
+    for _ in range(3):
+        m = make()
+        with torch.no_grad():
+            for p, q in zip(m.parameters(), base.parameters()):
+                p.copy_(q + 0.01 * torch.randn_like(q))
+        fts.append(m)
+    merged = nk.merge(base, fts, method="ties")
+    target = make()
+    target.load_state_dict(merged)
+    assert list(merged) == list(base.state_dict())
+
+
+def test_integer_buffers_are_copied_from_base():
+    base, fts = make_models(2, shapes={"w": (3, 4)})
+    base["position_ids"] = torch.arange(7)
+    for f in fts:
+        f["position_ids"] = torch.arange(7)
+    out = nk.merge(base, fts, method="task_arithmetic")
+    assert torch.equal(out["position_ids"], base["position_ids"])
+
+
+def expect_error(match, base, fts, **kwargs):
+    with pytest.raises(NeurokernError, match=match):
+        nk.merge(base, fts, **kwargs)
+
+
+def test_bad_models():
+    base, fts = make_models(2, shapes={"w": (3, 4), "b": (4,)})
+    expect_error("finetuned is empty", base, [])
+    expect_error("must be a list", base, fts[0])
+    expect_error("state dict .* or an nn.Module", [1, 2], fts)
+    missing = [fts[0], {"w": fts[1]["w"]}]
+    expect_error(r"finetuned\[1\] lacks tensor\(s\) 'b'", base, missing)
+    extra = [fts[0], {**fts[1], "x": torch.zeros(1)}]
+    expect_error(r"finetuned\[1\] has tensor\(s\) 'x' that base lacks", base, extra)
+    shape = [fts[0], {**fts[1], "w": torch.zeros(4, 3)}]
+    expect_error(r"tensor 'w': finetuned\[1\] has shape \(4, 3\), base has \(3, 4\)", base, shape)
+    dtype = [fts[0], {**fts[1], "b": fts[1]["b"].half()}]
+    expect_error(r"tensor 'b': finetuned\[1\] is torch.float16, base is torch.float32", base, dtype)
+    wrong_type = [fts[0], {**fts[1], "b": [1.0]}]
+    expect_error(r"finetuned\[1\]\['b'\] is a list", base, wrong_type)
+    f64 = {k: v.double() for k, v in base.items()}
+    expect_error("'w' is torch.float64", f64, [{k: v.double() for k, v in f.items()} for f in fts])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_values_are_named(bad):
+    base, fts = make_models(3, shapes={"w": (3, 4), "b": (4,)})
+    fts[2]["b"][1] = bad
+    expect_error(r"tensor 'b' of finetuned\[2\] has non-finite values", base, fts)
+    base["w"][0, 0] = bad
+    expect_error(r"tensor 'w' of base has non-finite values", base, fts)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties", "neuromerging"])
+@pytest.mark.parametrize("density", [0, -0.1, 1.5, math.nan, "0.5", True])
+def test_density_outside_unit_interval(method, density):
+    base, fts = make_models(2, shapes={"w": (3, 4)})
+    expect_error("density must be", base, fts, method=method, density=density)
+
+
+def test_bad_method_and_parameters():
+    base, fts = make_models(2, shapes={"w": (3, 4)})
+    expect_error("unknown method 'tie'; choose one of", base, fts, method="tie")
+    expect_error("unknown parameter.*'lamda'", base, fts, method="ties", lamda=0.5)
+    expect_error("weights has 3 entries for 2 fine-tuned models", base, fts, method="ties", weights=[1, 1, 1])
+    expect_error(r"weights\[1\] must be a finite number", base, fts, method="task_arithmetic", weights=[1, math.nan])
+    expect_error("consensus must be one of", base, fts, method="ties", consensus="median")
+    expect_error("trim_scope must be one of", base, fts, method="neuromerging", trim_scope="layer")
+    expect_error("rescale must be one of", base, fts, method="dare", rescale="l2")
+    expect_error("seed must be an integer", base, fts, method="dare", seed=1.5)
+    expect_error("gamma must be in", base, fts, method="neuromerging", gamma=0)
+    expect_error("normalize must be True or False", base, fts, method="task_arithmetic", normalize="yes")
+
+
+def test_device_argument_moves_inputs():
+    base, fts = make_models(2, shapes={"w": (3, 4)})
+    out = nk.merge(base, fts, method="task_arithmetic", device="cpu")
+    assert out["w"].device.type == "cpu"

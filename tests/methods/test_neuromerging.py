@@ -1,0 +1,84 @@
+"""nk.merge(method="neuromerging") (Gram form, C++ ops) against the exact per-neuron SVD path."""
+import pytest
+import torch
+
+import neurokern as nk
+from neurokern.methods import reference as R
+
+from conftest import delta_error, make_models
+
+VARIANTS = [
+    {},
+    {"trim_scope": "tensor"},
+    {"scale_parallel": 0.7},
+    {"scale_parallel": 0.7, "parallel_basis": "neuron"},
+    {"gamma": 0.8},
+    {"density": 1.0},
+    {"density": 0.5, "scale": 2.0},
+]
+
+
+@pytest.mark.parametrize("T", range(1, 9))
+@pytest.mark.parametrize("params", VARIANTS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "default")
+def test_fast_form_matches_svd_reference(T, params):
+    base, fts = make_models(T, seed=T)
+    out = nk.merge(base, fts, method="neuromerging", **params)
+    ref = R.neuromerging(base, fts, **params)
+    for name in base:
+        assert out[name].dtype == base[name].dtype
+        # Tolerance: 1e-4 of the reference's merged delta (plus output rounding, see delta_error).
+        assert delta_error(out[name], ref[name], base[name]) <= 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_storage_matches_svd_reference(dtype):
+    base, fts = make_models(4, dtype=dtype, seed=11)
+    out = nk.merge(base, fts, method="neuromerging", density=0.3)
+    ref = R.neuromerging(base, fts, density=0.3)
+    for name in base:
+        o, r = out[name].double(), ref[name]
+        # Output rounds to the storage dtype: at most one ulp of |ref| (2^-7 relative for bf16, 2^-10 for fp16).
+        ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+        spread = float((r - base[name].double()).abs().max()) if r.numel() else 0.0
+        assert torch.all((o - r).abs() <= ulp * r.abs() + 1e-4 * spread), name
+
+
+def test_default_lambda_is_one_over_one_minus_sigma():
+    base, fts = make_models(3, seed=5)
+    density = 0.2
+    # sigma_t by hand: trim each task over the whole model, compare L1 norms.
+    names = [n for n in base if base[n].numel()]
+    sigmas = []
+    for ft in fts:
+        flat = torch.cat([(ft[n] - base[n]).flatten() for n in names])
+        m = int(flat.numel() * (1 - density))
+        kth = flat.abs().kthvalue(m).values
+        sigmas.append(1 - float(flat[flat.abs() >= kth].abs().sum() / flat.abs().sum()))
+    lam = 1 / (1 - max(sigmas))
+    explicit = nk.merge(base, fts, method="neuromerging", density=density, scale=lam)
+    default = nk.merge(base, fts, method="neuromerging", density=density)
+    for name in base:
+        torch.testing.assert_close(default[name], explicit[name], rtol=1e-5, atol=1e-6)
+    no_trim = nk.merge(base, fts, method="neuromerging", density=1.0)
+    with_one = nk.merge(base, fts, method="neuromerging", density=1.0, scale=1.0)
+    for name in base:
+        torch.testing.assert_close(no_trim[name], with_one[name], rtol=0, atol=0)
+
+
+def test_zero_norm_neuron_is_all_orthogonal():
+    base, fts = make_models(3, seed=2, shapes={"w": (6, 8)})
+    base["w"][2] = 0
+    out = nk.merge(base, fts, method="neuromerging", density=1.0, scale_parallel=0.5)
+    ref = R.neuromerging(base, fts, density=1.0, scale_parallel=0.5)
+    assert torch.isfinite(out["w"]).all()
+    assert delta_error(out["w"], ref["w"], base["w"]) <= 1e-4
+
+
+def test_single_task_density_one_returns_finetuned():
+    # One task, nothing trimmed: the orthogonal part is tau_perp itself, lite mode drops the
+    # parallel part, so the merged row is w + tau - c w.
+    base, fts = make_models(1, seed=3, shapes={"w": (4, 5)})
+    out = nk.merge(base, fts, method="neuromerging", density=1.0)["w"].double()
+    w, tau = base["w"].double(), (fts[0]["w"] - base["w"]).double()
+    c = (tau * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True)
+    torch.testing.assert_close(out, w + tau - c * w, rtol=0, atol=1e-6)
