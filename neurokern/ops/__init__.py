@@ -1,7 +1,9 @@
 """The op layer: typed Python faces of torch.ops.neurokern.*, their fake (meta) implementations
 and autograd. Importing this package loads neurokern._C, which registers the schemas and the C++
 kernels; `reference` states what every op means in plain PyTorch."""
-from neurokern import _C  # noqa: F401  (registers torch.ops.neurokern.*)
+import torch  # noqa: F401  (loads libtorch, which neurokern._C links against)
+
+from neurokern import _C  # noqa: F401,E402  (registers torch.ops.neurokern.*)
 from neurokern.ops.dare import dare, dare_keys
 from neurokern.ops.magnitude_threshold import magnitude_threshold
 from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs

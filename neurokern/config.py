@@ -1,0 +1,130 @@
+"""Merge configs (YAML or dict) with mergekit's keys where they overlap, checked up front."""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from neurokern.errors import NeurokernError
+
+# mergekit method -> (neurokern method, parameter defaults that give mergekit's semantics)
+MERGEKIT_METHODS = {
+    "task_arithmetic": ("task_arithmetic", {"normalize": False}),
+    "ties": ("ties", {"normalize": True}),
+    "dare_ties": ("dare_ties", {"normalize": False, "rescale": "l1"}),
+    "dare_linear": ("dare", {"normalize": False, "rescale": "l1"}),
+    "neuromerging": ("neuromerging", {}),
+}
+TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "out_shard_size"}
+MODEL_KEYS = {"model", "parameters"}
+PER_MODEL = {"weight", "density"}
+RENAMED = {"lambda": "scale"}  # mergekit's name -> neurokern's
+
+
+@dataclass
+class MergeConfig:
+    method: str
+    base_model: Path
+    models: list[Path]
+    params: dict[str, Any] = field(default_factory=dict)
+    dtype: Optional[str] = None
+    tokenizer_source: Optional[Path] = None
+    out_shard_size: int = 5 * 2**30
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_size(value: Union[int, str], key: str) -> int:
+    """'5GB', '500MiB', '2e9' or an int number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            text, scale = text[: -len(unit)], factor
+            break
+    else:
+        scale = 1
+    try:
+        size = int(float(text) * scale)
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise NeurokernError(f"config key {key!r}: expected a size such as 5GB or 500MiB; got {value!r}")
+    return size
+
+
+def _unknown(keys, allowed, where: str) -> None:
+    extra = sorted(set(keys) - allowed)
+    if extra:
+        raise NeurokernError(f"{where}: unknown key(s) {', '.join(map(repr, extra))}; allowed: {', '.join(sorted(allowed))}")
+
+
+def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> MergeConfig:
+    """Read and check a merge config. Relative model paths resolve against the YAML's folder."""
+    if isinstance(source, dict):
+        raw, root = source, root or Path.cwd()
+    else:
+        path = Path(source)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise NeurokernError(f"cannot read config {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise NeurokernError(f"config {path} is not valid YAML: {exc}") from exc
+        root = root or path.parent
+    if not isinstance(raw, dict):
+        raise NeurokernError("config: expected a mapping with merge_method, base_model and models")
+    _unknown(raw, TOP_KEYS, "config")
+    for key in ("merge_method", "base_model", "models"):
+        if key not in raw:
+            raise NeurokernError(f"config: missing key {key!r}")
+    if raw["merge_method"] not in MERGEKIT_METHODS:
+        raise NeurokernError(
+            f"config key 'merge_method': {raw['merge_method']!r} is not one of {', '.join(MERGEKIT_METHODS)}"
+        )
+    method, params = MERGEKIT_METHODS[raw["merge_method"]]
+    params = dict(params)
+    resolve = lambda p: p if Path(p).is_absolute() else root / p  # noqa: E731
+
+    entries = raw["models"]
+    if not isinstance(entries, list) or not entries:
+        raise NeurokernError("config key 'models': expected a non-empty list of {model: PATH, parameters: {...}}")
+    models, per_model = [], {k: [] for k in PER_MODEL}
+    for i, entry in enumerate(entries):
+        if isinstance(entry, str):
+            entry = {"model": entry}
+        if not isinstance(entry, dict) or "model" not in entry:
+            raise NeurokernError(f"config models[{i}]: expected {{model: PATH, parameters: {{...}}}}")
+        _unknown(entry, MODEL_KEYS, f"config models[{i}]")
+        entry_params = entry.get("parameters") or {}
+        _unknown(entry_params, PER_MODEL, f"config models[{i}].parameters")
+        models.append(resolve(entry["model"]))
+        for key in PER_MODEL:
+            per_model[key].append(entry_params.get(key))
+
+    if per_model["weight"] != [None] * len(models):
+        params["weights"] = [1.0 if w is None else w for w in per_model["weight"]]
+    densities = {d for d in per_model["density"] if d is not None}
+    if len(densities) > 1:
+        raise NeurokernError(
+            f"config models[*].parameters.density: one density for all models is supported; got {sorted(densities)}"
+        )
+    if densities:
+        params["density"] = densities.pop()
+    for key, value in (raw.get("parameters") or {}).items():
+        params[RENAMED.get(key, key)] = value
+
+    dtype = raw.get("dtype")
+    if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
+        raise NeurokernError(f"config key 'dtype': expected float32, bfloat16 or float16; got {dtype!r}")
+    return MergeConfig(
+        method=method,
+        base_model=resolve(raw["base_model"]),
+        models=models,
+        params=params,
+        dtype=dtype,
+        tokenizer_source=resolve(raw["tokenizer_source"]) if raw.get("tokenizer_source") else None,
+        out_shard_size=parse_size(raw.get("out_shard_size", 5 * 2**30), "out_shard_size"),
+        raw=raw,
+    )

@@ -1,0 +1,106 @@
+"""`neurokern merge`: example models end to end, mergekit configs, clear errors, atomic output."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import neurokern as nk
+from neurokern.checkpoint import load_model
+from neurokern.cli import main
+from neurokern.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("example")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_models.py"), str(folder / "models")], check=True)
+    for name in ("ties.yaml", "neuromerging.yaml"):
+        shutil.copy(ROOT / "examples" / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("config", ["ties.yaml", "neuromerging.yaml"])
+def test_example_configs_match_in_memory_merge(example, tmp_path, config):
+    out = tmp_path / "merged"
+    assert main(["merge", str(example / config), str(out)]) == 0
+    cfg = load_config(example / config)
+    base = load_model(cfg.base_model)
+    fts = [load_model(p) for p in cfg.models]
+    expected = nk.merge(base, fts, method=cfg.method, **cfg.params)
+    got = load_file(out / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    assert (out / "config.json").read_text() == (cfg.base_model / "config.json").read_text()
+    assert "merge_method" in (out / "neurokern_config.yml").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_mergekit_semantics_per_method(example):
+    cfg = load_config(example / "ties.yaml")
+    assert (cfg.method, cfg.params["normalize"], cfg.params["weights"], cfg.params["density"]) == ("ties", True, [1.0, 1.0, 0.5], 0.2)
+    raw = {"merge_method": "dare_linear", "base_model": "b", "models": [{"model": "a"}], "parameters": {"lambda": 0.5}}
+    cfg = load_config(raw)
+    assert cfg.method == "dare" and cfg.params == {"normalize": False, "rescale": "l1", "scale": 0.5}
+
+
+def test_sharded_output_with_index(example, tmp_path):
+    config = (example / "ties.yaml").read_text() + "out_shard_size: 200KB\n"
+    (example / "sharded.yaml").write_text(config)
+    out = tmp_path / "sharded"
+    assert main(["merge", str(example / "sharded.yaml"), str(out)]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all((out / f).is_file() for f in files)
+    merged = load_model(out)
+    assert merged.keys() == load_model(example / "models" / "base").keys()
+
+
+def run_err(capsys, *args):
+    assert main(["merge", *map(str, args)]) == 2
+    return capsys.readouterr().err
+
+
+def test_errors_are_one_clear_line(example, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((example / "ties.yaml").read_text() + "merge_mode: x\n")
+    assert "unknown key(s) 'merge_mode'" in run_err(capsys, bad, tmp_path / "o1")
+    bad.write_text((example / "ties.yaml").read_text().replace("task_b", "task_missing"))
+    bad_copy = example / "missing.yaml"
+    bad_copy.write_text(bad.read_text())
+    assert "task_missing does not exist" in run_err(capsys, bad_copy, tmp_path / "o2")
+    assert "cannot read config" in run_err(capsys, tmp_path / "nope.yaml", tmp_path / "o3")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("keep me")
+    assert "exists and is not an empty folder" in run_err(capsys, example / "ties.yaml", tmp_path / "full")
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_truncated_or_mismatched_inputs(example, tmp_path, capsys):
+    models = tmp_path / "models"
+    shutil.copytree(example / "models", models)
+    cfg = (example / "ties.yaml").read_text()
+    (tmp_path / "c.yaml").write_text(cfg)
+    weights = models / "task_a" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "cannot read safetensors" in run_err(capsys, tmp_path / "c.yaml", tmp_path / "o")
+    state = load_file(models / "base" / "model.safetensors")
+    state["model.norm.weight"] = torch.ones(3, dtype=torch.bfloat16)
+    save_file(state, str(weights))
+    assert "tensor 'model.norm.weight': finetuned[0] has shape (3,), base has (64,)" in run_err(capsys, tmp_path / "c.yaml", tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
+
+
+def test_dry_run_writes_nothing(example, tmp_path, capsys):
+    assert main(["merge", str(example / "ties.yaml"), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "method: ties" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
