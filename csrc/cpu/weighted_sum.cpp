@@ -103,7 +103,8 @@ at::Tensor weighted_sum_backward_cpu(const at::Tensor& grad, const at::Tensor& b
           });
       for (int64_t t = 0; t <= T; ++t) op[t] = static_cast<float>(total[t]);
     } else {
-      at::parallel_for(0, layout.count, std::max<int64_t>(1, kGrain / layout.per),
+      // per is 0 for per-row coeffs of an empty tensor (rows of length 0): guard the division.
+      at::parallel_for(0, layout.count, std::max<int64_t>(1, kGrain / std::max<int64_t>(layout.per, 1)),
                        [&](int64_t j0, int64_t j1) {
         std::vector<double> sums(T + 1);
         for (int64_t j = j0; j < j1; ++j) {

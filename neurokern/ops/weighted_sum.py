@@ -55,7 +55,13 @@ def _backward(ctx, grad):
         grad_coeffs = torch.ops.neurokern.weighted_sum_backward.default(
             grad.contiguous(), base, finetuned, coeffs, threshold, tie_limit, ctx.offset
         )
-    return None, None, grad_coeffs, None, None, None, None
+    # One gradient per argument the op received, the Tensor[] one as a list: the dispatcher drops
+    # trailing arguments equal to their defaults, and torch.library's autograd for ops with tensor
+    # lists checks that backward returns exactly the structure of those inputs.
+    grads = [None] * len(ctx.needs_input_grad)
+    grads[1] = [None] * len(ctx.needs_input_grad[1])
+    grads[2] = grad_coeffs
+    return tuple(grads)
 
 
 torch.library.register_autograd("neurokern::weighted_sum", _backward, setup_context=_setup_context)
