@@ -26,11 +26,11 @@ def _want_cuda():
 def _extension():
     debug = os.environ.get("NEUROKERN_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fdiagnostics-color=always", "-DPy_LIMITED_API=0x03090000"]
+    cxx += ["-fdiagnostics-color=always", "-DPy_LIMITED_API=0x03090000"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     if _want_cuda():
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if not arch:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

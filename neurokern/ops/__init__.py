@@ -26,3 +26,5 @@ __all__ = [
     "trim_l1",
     "weighted_sum",
 ]
+
+from neurokern.ops import triton as _triton  # noqa: E402,F401  (registers Triton kernels for CUDA)

@@ -1,0 +1,196 @@
+"""Kernel benchmark on a TinyLlama-1.1B-shaped set (base + T fine-tuned, bf16, resident on the GPU).
+
+Measures in one run: the device-to-device copy bandwidth, each op / method's median time, the
+bytes it must move at least (each input read once, each output written once), achieved GB/s,
+fraction of the copy bandwidth, and the speedup over the eager PyTorch reference. Writes
+bench/results/kernels-<gpu>.json and a roofline-style PNG (if matplotlib is there).
+
+    python bench/kernels.py [--tasks 4] [--layers 22] [--skip-eager]
+"""
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+import neurokern as nk
+from neurokern import ops
+
+HIDDEN, FFN, VOCAB, KV = 2048, 5632, 32000, 256
+
+
+def tinyllama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (KV, HIDDEN),
+            p + "self_attn.v_proj.weight": (KV, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            p + "mlp.gate_proj.weight": (FFN, HIDDEN), p + "mlp.up_proj.weight": (FFN, HIDDEN),
+            p + "mlp.down_proj.weight": (HIDDEN, FFN), p + "input_layernorm.weight": (HIDDEN,),
+            p + "post_attention_layernorm.weight": (HIDDEN,),
+        })
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+def make_models(shapes, T, device, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    base = {k: (torch.randn(s, generator=g, device=device) * 0.02).to(dtype) for k, s in shapes.items()}
+    fts = []
+    for _ in range(T):
+        fts.append({k: (v.float() + 0.002 * torch.randn(v.shape, generator=g, device=device)).to(dtype) for k, v in base.items()})
+    return base, fts
+
+
+def bench(fn, warmup=1, reps=5) -> float:
+    """Median milliseconds of fn() over reps runs (CUDA events), after warm-up runs."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device) -> float:
+    """GB/s of a large device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), warmup=3, reps=20)
+    return 2 * src.numel() / ms / 1e6
+
+
+# Eager PyTorch references, the way a user without neurokern writes them.
+def eager_ties(base, fts, density=0.2):
+    out = {}
+    for name, b in base.items():
+        taus = torch.stack([f[name].float() - b.float() for f in fts])
+        flat = taus.view(len(fts), -1)
+        k = max(1, int(density * flat.shape[1]))
+        kth = flat.abs().kthvalue(flat.shape[1] - k + 1, dim=1, keepdim=True).values
+        taus = taus * (flat.abs() >= kth).view_as(taus)
+        sign = torch.where(taus.sum(0) >= 0, 1.0, -1.0)
+        agree = (torch.sign(taus) == sign)
+        mixed = (taus * agree).sum(0) / agree.sum(0).clamp_min(1)
+        out[name] = (b.float() + mixed).to(b.dtype)
+    return out
+
+
+def eager_task_arithmetic(base, fts, weights):
+    return {n: (b.float() + sum(w * (f[n].float() - b.float()) for w, f in zip(weights, fts))).to(b.dtype) for n, b in base.items()}
+
+
+def eager_threshold(base, fts, density):
+    """Global exact threshold per task: kthvalue over the flattened model (FusionBench style)."""
+    out = []
+    for f in fts:
+        flat = torch.cat([(f[n].float() - b.float()).abs().flatten() for n, b in base.items()])
+        out.append(flat.kthvalue(int(flat.numel() * (1 - density))).values)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    T = args.tasks
+    shapes = tinyllama_shapes(args.layers)
+    base, fts = make_models(shapes, T, device)
+    N = sum(t.numel() for t in base.values())
+    esize = 2
+    copy = copy_bandwidth(device)
+    print(f"{name}: {len(base)} tensors, {N / 1e9:.3f} B params x (1 + {T}) bf16; copy {copy:.0f} GB/s")
+
+    names = list(base)
+    base_list = [base[n] for n in names]
+    ft_list = [fts[t][n] for t in range(T) for n in names]
+    weights = [0.3] * T
+    merge_bytes = (T + 2) * N * esize  # read base + T fine-tuned, write the merged model
+    results = {}
+
+    def record(key, ms, nbytes, eager_ms=None):
+        gbps = nbytes / ms / 1e6
+        entry = {"ms": round(ms, 3), "bytes": nbytes, "GBps": round(gbps, 1), "fraction_of_copy": round(gbps / copy, 3)}
+        if eager_ms is not None:
+            entry["eager_ms"] = round(eager_ms, 3)
+            entry["speedup_vs_eager"] = round(eager_ms / ms, 1)
+        results[key] = entry
+        print(f"{key:28s} {ms:9.3f} ms {gbps:8.0f} GB/s {gbps / copy:6.1%} of copy"
+              + (f"  eager {eager_ms:9.1f} ms  x{eager_ms / ms:.1f}" if eager_ms else ""))
+
+    eager = not args.skip_eager
+    record("ties", bench(lambda: nk.merge(base, fts, method="ties", density=0.2)), merge_bytes,
+           bench(lambda: eager_ties(base, fts), warmup=1, reps=3) if eager else None)
+    record("task_arithmetic", bench(lambda: nk.merge(base, fts, method="task_arithmetic", weights=weights)), merge_bytes,
+           bench(lambda: eager_task_arithmetic(base, fts, weights), reps=3) if eager else None)
+    record("neuromerging", bench(lambda: nk.merge(base, fts, method="neuromerging")), merge_bytes)
+    k = [max(1, int(0.2 * N))] * T
+    record("magnitude_threshold", bench(lambda: ops.magnitude_threshold(base_list, ft_list, k, True)),
+           T * N * esize + N * esize,
+           bench(lambda: eager_threshold(base, fts, 0.2), reps=3) if eager else None)
+    coeffs = torch.tensor([1.0] + weights, device=device)
+    grads = {n: torch.randn_like(b) for n, b in base.items()}
+    record("weighted_sum_forward", bench(lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names]),
+           merge_bytes)
+    record("weighted_sum_backward",
+           bench(lambda: [torch.ops.neurokern.weighted_sum_backward(grads[n], base[n], [f[n] for f in fts], coeffs, None, None, 0) for n in names]),
+           (T + 2) * N * esize)
+
+    report = {
+        "device": name, "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
+        "tensors": len(base), "params": N, "tasks": T, "dtype": "bfloat16", "copy_GBps": round(copy, 1),
+        "ops": results, "date": time.strftime("%Y-%m-%d"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = name.lower().replace("nvidia ", "").replace(" ", "-")
+    path = args.out / f"kernels-{tag}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+    _plot(report, args.out / f"kernels-{tag}.png")
+
+
+def _triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def _plot(report, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    ops_ = report["ops"]
+    names = list(ops_)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.barh(names, [ops_[n]["GBps"] for n in names], color="tab:blue")
+    ax.axvline(report["copy_GBps"], color="tab:red", linestyle="--", label=f"copy {report['copy_GBps']:.0f} GB/s")
+    ax.set_xlabel("achieved GB/s (minimum bytes moved / time)")
+    ax.set_title(f"neurokern kernels, {report['device']}, 1.1B-shaped bf16, T={report['tasks']}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""CUDA kernels against the CPU kernels and nk.merge on the GPU against the CPU, at the shapes of
+real models. Skipped without a GPU."""
+import pytest
+import torch
+
+import neurokern as nk
+from neurokern import ops
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+SHAPES = [(32000, 2048), (5632, 2048), (2048, 2048), (256, 2048), (2048,), (1, 1), (17, 1), (1, 33), (0, 7)]
+
+
+def group(shape, T, dtype, seed, device="cuda", quantize=False):
+    g = torch.Generator(device=device).manual_seed(seed)
+    base = (torch.randn(shape, generator=g, device=device) * 0.02).to(dtype)
+    fts = []
+    for _ in range(T):
+        noise = 0.002 * torch.randn(shape, generator=g, device=device)
+        if quantize:  # coarse grid: many equal magnitudes
+            noise = torch.round(noise * 2000) / 2000
+        fts.append((base.float() + noise).to(dtype))
+    return base, fts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 2, 4, 8])
+@pytest.mark.parametrize("keep_ties", [True, False])
+def test_magnitude_threshold_matches_cpu(dtype, T, keep_ties):
+    groups = [group(s, T, dtype, seed=i, quantize=i % 2 == 1) for i, s in enumerate(SHAPES)]
+    base = [b for b, _ in groups]
+    fts = [groups[i][1][t] for t in range(T) for i in range(len(groups))]
+    N = sum(b.numel() for b in base)
+    for k in ([0, 1, N // 5, N - 1, N, N + 3] * T)[:T], [N // 5] * T:
+        got = ops.magnitude_threshold(base, fts, k, keep_ties)
+        want = ops.magnitude_threshold([b.cpu() for b in base], [f.cpu() for f in fts], k, keep_ties)
+        assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    k = [max(1, b.numel() // 5) for b in base for _ in range(T)]
+    got = ops.magnitude_threshold(base, fts, k, keep_ties, per_tensor=True)
+    want = ops.magnitude_threshold([b.cpu() for b in base], [f.cpu() for f in fts], k, keep_ties, per_tensor=True)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@pytest.mark.parametrize("T", range(1, 10))
+@pytest.mark.parametrize("lam_par,basis,gamma", [(0.0, "unit", 1.0), (0.7, "unit", 1.0), (0.7, "neuron", 0.8)])
+def test_neuromerge_coeffs_matches_cpu(T, lam_par, basis, gamma):
+    base, fts = group((4096, 64), T, torch.float32, seed=T)
+    base[5] = 0  # a zero-norm neuron
+    thr = ops.magnitude_threshold([base], fts, [base.numel() // 3] * T)
+    stats = ops.neuron_stats(base.cpu(), [f.cpu() for f in fts], (thr[0].cpu(), thr[1].cpu()))
+    want = ops.neuromerge_coeffs(*stats, lam_par, 1.3, basis, gamma)
+    got = ops.neuromerge_coeffs(*(s.cuda() for s in stats), lam_par, 1.3, basis, gamma)
+    assert got.is_cuda and torch.isfinite(got).all()
+    # Same float64 algorithm; eigenvector signs may differ, the coefficients do not.
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"weights": [0.3, 0.5, 0.2, 0.4]}),
+    ("ties", {"density": 0.2}),
+    ("ties", {"density": 0.2, "trim_scope": "global", "ties": "keep", "zero_sign": "majority"}),
+    ("dare", {"density": 0.3, "seed": 1}),
+    ("dare_ties", {"density": 0.3, "seed": 1, "rescale": "l1"}),
+    ("neuromerging", {}),
+    ("neuromerging", {"trim_scope": "tensor", "scale_parallel": 0.5}),
+])
+def test_merge_on_gpu_matches_cpu(method, params):
+    shapes = {"embed": (3000, 256), "q": (256, 256), "up": (700, 256), "down": (256, 700), "norm": (256,), "head": (1, 256)}
+    base, fts = {}, [{} for _ in range(4)]
+    for i, (name, s) in enumerate(shapes.items()):
+        b, f = group(s, 4, torch.bfloat16, seed=100 + i)
+        base[name] = b
+        for t in range(4):
+            fts[t][name] = f[t]
+    got = nk.merge(base, fts, method=method, **params)
+    want = nk.merge(base, fts, method=method, device="cpu", **params)
+    for name in base:
+        assert got[name].is_cuda
+        # bf16 outputs: float32 sums in another order may round to the neighbouring bf16 value.
+        torch.testing.assert_close(got[name].cpu().float(), want[name].float(), rtol=2**-7, atol=1e-5)
