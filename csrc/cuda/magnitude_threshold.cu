@@ -1,7 +1,8 @@
 // Exact magnitude threshold on the GPU: radix select on the float32 bit pattern of |tau| in three
 // digit passes (11, 11, 10 bits) with shared-memory histograms, for many selection groups at once
-// (one per task over the whole list, or one per (tensor, task)). Every group's state stays on the
-// device; with exact-k ties, one more pass finds the flat position of the last tie to keep.
+// (one per task over the whole list, or one per (tensor, task)); each block reads a chunk of the
+// base once for up to 4 tasks. Every group's state stays on the device; with exact-k ties, one
+// more pass finds the flat position of the last tie to keep (one host sync to know it is needed).
 #include <torch/library.h>
 
 #include <limits>
@@ -15,44 +16,61 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int64_t kChunk = 16384;  // elements per block
 constexpr int kMaxBins = 2048;
+constexpr int kTasksPerBlock = 4;  // shared histograms of up to 4 tasks: 32 KB
 
-// One block's work: a chunk of one (base, fine-tuned) pair, feeding one selection group.
+// One block's work: a chunk of one tensor, for all tasks (grid y walks the tasks 4 at a time), so
+// the base is read once per 4 tasks. Task t of the chunk feeds selection group group0 + t.
 struct Chunk {
   const void* base;
-  const void* ft;
-  int64_t begin, end;  // element range inside the tensor
-  int64_t position;    // flat position of element 0 of the tensor in the group's scope
-  int32_t group;
+  const void* const* ft;  // T pointers: task t's version of this tensor
+  int64_t begin, end;     // element range inside the tensor
+  int64_t position;       // flat position of element 0 of the tensor in the group's scope
+  int32_t group0;
 };
 
 template <typename scalar_t>
-__device__ __forceinline__ uint32_t key_of(const Chunk& c, int64_t i) {
-  const float mag = fabsf(to_float(static_cast<const scalar_t*>(c.ft)[i]) -
-                          to_float(static_cast<const scalar_t*>(c.base)[i]));
+__device__ __forceinline__ uint32_t key_of(const scalar_t* base, const void* ft, int64_t i) {
+  const float mag = fabsf(to_float(static_cast<const scalar_t*>(ft)[i]) - to_float(base[i]));
   return __float_as_uint(mag);
 }
 
 // Histogram of digit (key >> shift) & (bins-1) over keys whose bits above shift+bits equal the
 // group's prefix so far.
 template <typename scalar_t>
-__global__ void histogram_kernel(const Chunk* chunks, const uint32_t* prefix, const int32_t* active,
+__global__ void histogram_kernel(const Chunk* chunks, int T, const uint32_t* prefix, const int32_t* active,
                                  int shift, int bits, uint32_t* hist) {
-  __shared__ uint32_t local[kMaxBins];
+  __shared__ uint32_t local[kTasksPerBlock][kMaxBins];
   const Chunk c = chunks[blockIdx.x];
-  if (!active[c.group]) return;
+  const int t0 = blockIdx.y * kTasksPerBlock;
+  const int tasks = min(kTasksPerBlock, T - t0);
   const int bins = 1 << bits;
-  for (int b = threadIdx.x; b < bins; b += blockDim.x) local[b] = 0;
+  for (int b = threadIdx.x; b < kTasksPerBlock * kMaxBins; b += blockDim.x) (&local[0][0])[b] = 0;
   __syncthreads();
   const int high = shift + bits;
-  const uint32_t want = prefix[c.group];
+  uint32_t want[kTasksPerBlock];
+  bool live[kTasksPerBlock];
+#pragma unroll
+  for (int j = 0; j < kTasksPerBlock; ++j) {
+    live[j] = j < tasks && active[c.group0 + t0 + j];
+    want[j] = live[j] ? prefix[c.group0 + t0 + j] : 0;
+  }
+  const scalar_t* base = static_cast<const scalar_t*>(c.base);
   for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
-    const uint32_t key = key_of<scalar_t>(c, i);
-    if (high >= 32 || (key >> high) == want) atomicAdd(&local[(key >> shift) & (bins - 1)], 1u);
+    const float w = to_float(base[i]);
+#pragma unroll
+    for (int j = 0; j < kTasksPerBlock; ++j) {
+      if (!live[j]) continue;
+      const uint32_t key = __float_as_uint(fabsf(to_float(static_cast<const scalar_t*>(c.ft[t0 + j])[i]) - w));
+      if (high >= 32 || (key >> high) == want[j]) atomicAdd(&local[j][(key >> shift) & (bins - 1)], 1u);
+    }
   }
   __syncthreads();
-  uint32_t* out = hist + static_cast<int64_t>(c.group) * kMaxBins;
-  for (int b = threadIdx.x; b < bins; b += blockDim.x)
-    if (local[b]) atomicAdd(&out[b], local[b]);
+  for (int j = 0; j < tasks; ++j) {
+    if (!live[j]) continue;
+    uint32_t* out = hist + static_cast<int64_t>(c.group0 + t0 + j) * kMaxBins;
+    for (int b = threadIdx.x; b < bins; b += blockDim.x)
+      if (local[j][b]) atomicAdd(&out[b], local[j][b]);
+  }
 }
 
 // Per group: walk the digit's bins from the top to the one holding the remaining k-th key.
@@ -70,38 +88,44 @@ __global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaini
   for (int j = 0; j < (1 << bits); ++j) h[j] = 0;
 }
 
-// Exact-k ties: per chunk, how many keys equal the group's threshold key.
+// Exact-k ties: per (chunk, task), how many keys equal the group's threshold key.
 template <typename scalar_t>
-__global__ void tie_count_kernel(const Chunk* chunks, const uint32_t* key, const int32_t* exact,
-                                 int64_t* counts) {
-  __shared__ int64_t total;
+__global__ void tie_count_kernel(const Chunk* chunks, const uint32_t* key, const int32_t* exact, int64_t* counts) {
+  __shared__ unsigned long long total;
   const Chunk c = chunks[blockIdx.x];
+  const int g = c.group0 + blockIdx.y;
+  if (!exact[g]) return;
   if (threadIdx.x == 0) total = 0;
   __syncthreads();
-  if (!exact[c.group]) return;
-  int64_t mine = 0;
-  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) mine += key_of<scalar_t>(c, i) == key[c.group];
-  atomicAdd(reinterpret_cast<unsigned long long*>(&total), static_cast<unsigned long long>(mine));
+  const scalar_t* base = static_cast<const scalar_t*>(c.base);
+  unsigned long long mine = 0;
+  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x)
+    mine += key_of<scalar_t>(base, c.ft[blockIdx.y], i) == key[g];
+  atomicAdd(&total, mine);
   __syncthreads();
-  if (threadIdx.x == 0) counts[blockIdx.x] = total;
+  if (threadIdx.x == 0) counts[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = static_cast<int64_t>(total);
 }
 
 // Per group (one thread): the chunk holding the need-th tie in flat order, then the exact position.
 template <typename scalar_t>
-__global__ void tie_find_kernel(const Chunk* chunks, const int64_t* first_chunk, const int64_t* counts,
-                                const uint32_t* key, const int32_t* exact, const int64_t* remaining,
-                                int64_t* tie_limit, int groups) {
+__global__ void tie_find_kernel(const Chunk* chunks, int64_t num_chunks, const int64_t* first_chunk,
+                                const int64_t* counts, const uint32_t* key, const int32_t* exact,
+                                const int64_t* remaining, int64_t* tie_limit, int groups, int T, bool per_tensor) {
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= groups || !exact[g]) return;
+  const int t = per_tensor ? g % T : g;
+  const int64_t lo = per_tensor ? first_chunk[g / T] : 0, hi = per_tensor ? first_chunk[g / T + 1] : num_chunks;
   int64_t need = remaining[g];
-  for (int64_t j = first_chunk[g]; j < first_chunk[g + 1]; ++j) {
-    if (counts[j] < need) {
-      need -= counts[j];
+  for (int64_t j = lo; j < hi; ++j) {
+    const int64_t here = counts[t * num_chunks + j];
+    if (here < need) {
+      need -= here;
       continue;
     }
     const Chunk c = chunks[j];
+    const scalar_t* base = static_cast<const scalar_t*>(c.base);
     for (int64_t i = c.begin; i < c.end; ++i) {
-      if (key_of<scalar_t>(c, i) == key[g] && --need == 0) {
+      if (key_of<scalar_t>(base, c.ft[t], i) == key[g] && --need == 0) {
         tie_limit[g] = c.position + i + 1;
         return;
       }
@@ -146,36 +170,42 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     }
   }
   const c10::cuda::CUDAGuard guard(device);
-  // Chunk table, group-major and in flat order inside each group; totals clamp k.
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> first_chunk(groups + 1, 0), kk(groups), totals(groups, 0);
-  for (int64_t g = 0; g < groups; ++g) {
-    first_chunk[g] = static_cast<int64_t>(chunks.size());
-    const int64_t t = per_tensor ? g % T : g;
-    const int64_t i0 = per_tensor ? g / T : 0, i1 = per_tensor ? i0 + 1 : n;
-    int64_t position = 0;
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t numel = base[i].numel();
-      for (int64_t b = 0; b < numel; b += kChunk)
-        chunks.push_back({base[i].data_ptr(), finetuned[t * n + i].data_ptr(), b, std::min(b + kChunk, numel),
-                          position, static_cast<int32_t>(g)});
-      position += numel;
-    }
-    totals[g] = position;
-    kk[g] = std::min<int64_t>(k[g], position);
-  }
-  first_chunk[groups] = static_cast<int64_t>(chunks.size());
-  const auto opts = at::TensorOptions().device(device);
-  std::vector<int32_t> active(groups);
-  for (int64_t g = 0; g < groups; ++g) active[g] = kk[g] > 0;
   auto to_device = [&](const void* data, int64_t bytes) {
-    at::Tensor host = at::empty({bytes}, at::kByte);
-    std::memcpy(host.data_ptr(), data, bytes);
-    return host.to(device, /*non_blocking=*/false);
+    at::Tensor host = at::empty({std::max<int64_t>(bytes, 1)}, at::kByte);
+    if (bytes) std::memcpy(host.data_ptr(), data, bytes);
+    return host.to(device);
   };
+  // Pointer table: ptrs[i * T + t] = task t's version of tensor i.
+  std::vector<const void*> ptrs(n * T);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t t = 0; t < T; ++t) ptrs[i * T + t] = finetuned[t * n + i].data_ptr();
+  const at::Tensor ptr_table = to_device(ptrs.data(), static_cast<int64_t>(ptrs.size() * sizeof(void*)));
+  const auto* ptr_dev = reinterpret_cast<const void* const*>(ptr_table.data_ptr());
+  // Chunk table in flat order (tensor by tensor); first_chunk[i] is tensor i's first chunk.
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first_chunk(n + 1, 0), kk(groups), totals(groups, 0);
+  int64_t position = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    first_chunk[i] = static_cast<int64_t>(chunks.size());
+    const int64_t numel = base[i].numel();
+    for (int64_t b = 0; b < numel; b += kChunk)
+      chunks.push_back({base[i].data_ptr(), ptr_dev + i * T, b, std::min(b + kChunk, numel),
+                        per_tensor ? 0 : position, static_cast<int32_t>(per_tensor ? i * T : 0)});
+    position += numel;
+    if (per_tensor)
+      for (int64_t t = 0; t < T; ++t) totals[i * T + t] = numel;
+  }
+  first_chunk[n] = static_cast<int64_t>(chunks.size());
+  if (!per_tensor) std::fill(totals.begin(), totals.end(), position);
+  std::vector<int32_t> active(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    kk[g] = std::min<int64_t>(k[g], totals[g]);
+    active[g] = kk[g] > 0;
+  }
+  const auto opts = at::TensorOptions().device(device);
   const at::Tensor chunk_table = to_device(chunks.data(), static_cast<int64_t>(chunks.size() * sizeof(Chunk)));
-  const at::Tensor active_d = to_device(active.data(), groups * sizeof(int32_t));
-  const at::Tensor k_d = to_device(kk.data(), groups * sizeof(int64_t)).view(at::kLong);
+  const at::Tensor active_d = to_device(active.data(), groups * sizeof(int32_t)).narrow(0, 0, groups * 4).view(at::kInt);
+  const at::Tensor k_d = to_device(kk.data(), groups * sizeof(int64_t)).narrow(0, 0, groups * 8).view(at::kLong);
   at::Tensor remaining = k_d.clone();
   at::Tensor prefix = at::zeros({groups}, opts.dtype(at::kInt));
   at::Tensor ties = at::zeros({groups}, opts.dtype(at::kInt));
@@ -183,19 +213,20 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   at::Tensor threshold = at::empty(per_tensor ? std::vector<int64_t>{n, T} : std::vector<int64_t>{T}, opts.dtype(at::kFloat));
   at::Tensor tie_limit = at::empty(threshold.sizes(), opts.dtype(at::kLong));
   const auto* chunk_ptr = reinterpret_cast<const Chunk*>(chunk_table.data_ptr());
-  const auto* active_ptr = reinterpret_cast<const int32_t*>(active_d.data_ptr());
+  const auto* active_ptr = active_d.data_ptr<int32_t>();
   auto* prefix_ptr = reinterpret_cast<uint32_t*>(prefix.data_ptr());
   auto* hist_ptr = reinterpret_cast<uint32_t*>(hist.data_ptr());
   auto* ties_ptr = reinterpret_cast<uint32_t*>(ties.data_ptr());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int num_chunks = static_cast<int>(chunks.size());
   const int group_blocks = static_cast<int>((groups + 127) / 128);
+  const dim3 grid(num_chunks, static_cast<unsigned>((T + kTasksPerBlock - 1) / kTasksPerBlock));
   constexpr int kShift[3] = {21, 10, 0}, kBits[3] = {11, 11, 10};
   dispatch_storage(dtype, "magnitude_threshold", [&](auto tag) {
     using scalar_t = decltype(tag);
     for (int pass = 0; pass < 3 && num_chunks > 0; ++pass) {
-      histogram_kernel<scalar_t><<<num_chunks, kThreads, 0, stream>>>(chunk_ptr, prefix_ptr, active_ptr,
-                                                                      kShift[pass], kBits[pass], hist_ptr);
+      histogram_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(chunk_ptr, static_cast<int>(T), prefix_ptr, active_ptr,
+                                                                kShift[pass], kBits[pass], hist_ptr);
       NK_CUDA_CHECK_LAUNCH();
       select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining.data_ptr<int64_t>(),
                                                       active_ptr, kBits[pass], ties_ptr, static_cast<int>(groups));
@@ -206,17 +237,17 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     NK_CUDA_CHECK_LAUNCH();
     if (keep_ties || num_chunks == 0) return;
     // Groups that keep only part of their ties need the position of the last one kept.
-    const at::Tensor exact = (active_d.view(at::kInt) != 0) & (remaining < ties.to(at::kLong));
+    const at::Tensor exact = ((active_d != 0) & (remaining < ties.to(at::kLong))).to(at::kInt);
     if (!exact.any().item<bool>()) return;
-    const at::Tensor exact_i = exact.to(at::kInt);
-    at::Tensor counts = at::zeros({num_chunks}, opts.dtype(at::kLong));
-    const at::Tensor first_d = to_device(first_chunk.data(), (groups + 1) * sizeof(int64_t)).view(at::kLong);
-    tie_count_kernel<scalar_t><<<num_chunks, kThreads, 0, stream>>>(chunk_ptr, prefix_ptr, exact_i.data_ptr<int32_t>(),
-                                                                    counts.data_ptr<int64_t>());
+    at::Tensor counts = at::zeros({T * num_chunks}, opts.dtype(at::kLong));
+    const at::Tensor first_d = to_device(first_chunk.data(), (n + 1) * sizeof(int64_t)).narrow(0, 0, (n + 1) * 8).view(at::kLong);
+    tie_count_kernel<scalar_t><<<dim3(num_chunks, static_cast<unsigned>(T)), kThreads, 0, stream>>>(
+        chunk_ptr, prefix_ptr, exact.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
     NK_CUDA_CHECK_LAUNCH();
     tie_find_kernel<scalar_t><<<group_blocks, 128, 0, stream>>>(
-        chunk_ptr, first_d.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), prefix_ptr, exact_i.data_ptr<int32_t>(),
-        remaining.data_ptr<int64_t>(), tie_limit.data_ptr<int64_t>(), static_cast<int>(groups));
+        chunk_ptr, num_chunks, first_d.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), prefix_ptr,
+        exact.data_ptr<int32_t>(), remaining.data_ptr<int64_t>(), tie_limit.data_ptr<int64_t>(),
+        static_cast<int>(groups), static_cast<int>(T), per_tensor);
     NK_CUDA_CHECK_LAUNCH();
   });
   return {threshold, tie_limit};
