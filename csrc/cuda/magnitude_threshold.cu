@@ -1,5 +1,6 @@
 // Exact magnitude threshold on the GPU: radix select on the float32 bit pattern of |tau| in three
-// digit passes (11, 11, 10 bits) with shared-memory histograms, for many selection groups at once
+// digit passes (bits 30..20, 19..10, 9..0; bit 31 is 0 for magnitudes) with shared-memory
+// histograms fed by warp-aggregated atomics (magnitudes crowd into few bins), for many selection groups at once
 // (one per task over the whole list, or one per (tensor, task)); each block reads a chunk of the
 // base once for up to 4 tasks. Every group's state stays on the device; with exact-k ties, one
 // more pass finds the flat position of the last tie to keep (one host sync to know it is needed).
@@ -55,13 +56,23 @@ __global__ void histogram_kernel(const Chunk* chunks, int T, const uint32_t* pre
     want[j] = live[j] ? prefix[c.group0 + t0 + j] : 0;
   }
   const scalar_t* base = static_cast<const scalar_t*>(c.base);
-  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x) {
-    const float w = to_float(base[i]);
+  const unsigned lane = threadIdx.x & 31;
+  // Uniform trip count, so that whole warps take part in __match_any_sync.
+  for (int64_t first = c.begin; first < c.end; first += blockDim.x) {
+    const int64_t i = first + threadIdx.x;
+    const bool in_range = i < c.end;
+    const float w = in_range ? to_float(base[i]) : 0.0f;
 #pragma unroll
     for (int j = 0; j < kTasksPerBlock; ++j) {
-      if (!live[j]) continue;
-      const uint32_t key = __float_as_uint(fabsf(to_float(static_cast<const scalar_t*>(c.ft[t0 + j])[i]) - w));
-      if (high >= 32 || (key >> high) == want[j]) atomicAdd(&local[j][(key >> shift) & (bins - 1)], 1u);
+      if (!live[j]) continue;  // uniform across the block
+      uint32_t bin = 0xFFFFFFFFu;
+      if (in_range) {
+        const uint32_t key = __float_as_uint(fabsf(to_float(static_cast<const scalar_t*>(c.ft[t0 + j])[i]) - w));
+        if (high >= 32 || (key >> high) == want[j]) bin = (key >> shift) & (bins - 1);
+      }
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);
+      if (bin != 0xFFFFFFFFu && lane == static_cast<unsigned>(__ffs(peers) - 1))
+        atomicAdd(&local[j][bin], static_cast<uint32_t>(__popc(peers)));
     }
   }
   __syncthreads();
@@ -106,29 +117,58 @@ __global__ void tie_count_kernel(const Chunk* chunks, const uint32_t* key, const
   if (threadIdx.x == 0) counts[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = static_cast<int64_t>(total);
 }
 
-// Per group (one thread): the chunk holding the need-th tie in flat order, then the exact position.
-template <typename scalar_t>
-__global__ void tie_find_kernel(const Chunk* chunks, int64_t num_chunks, const int64_t* first_chunk,
-                                const int64_t* counts, const uint32_t* key, const int32_t* exact,
-                                const int64_t* remaining, int64_t* tie_limit, int groups, int T, bool per_tensor) {
+// Per group (one thread): binary search of the inclusive prefix sums of tie counts (row t, the
+// group's chunk range) for the chunk holding the need-th tie; leaves the chunk and the count left.
+__global__ void tie_chunk_kernel(const int64_t* cum, int64_t num_chunks, const int64_t* first_chunk,
+                                 const int32_t* exact, const int64_t* remaining, int64_t* chunk_of,
+                                 int64_t* need_in_chunk, int groups, int T, bool per_tensor) {
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= groups || !exact[g]) return;
   const int t = per_tensor ? g % T : g;
-  const int64_t lo = per_tensor ? first_chunk[g / T] : 0, hi = per_tensor ? first_chunk[g / T + 1] : num_chunks;
-  int64_t need = remaining[g];
-  for (int64_t j = lo; j < hi; ++j) {
-    const int64_t here = counts[t * num_chunks + j];
-    if (here < need) {
-      need -= here;
-      continue;
-    }
-    const Chunk c = chunks[j];
-    const scalar_t* base = static_cast<const scalar_t*>(c.base);
-    for (int64_t i = c.begin; i < c.end; ++i) {
-      if (key_of<scalar_t>(base, c.ft[t], i) == key[g] && --need == 0) {
-        tie_limit[g] = c.position + i + 1;
-        return;
-      }
+  const int64_t* row = cum + static_cast<int64_t>(t) * num_chunks;
+  int64_t lo = per_tensor ? first_chunk[g / T] : 0, hi = per_tensor ? first_chunk[g / T + 1] : num_chunks;
+  const int64_t before = lo > 0 ? row[lo - 1] : 0;
+  const int64_t need = remaining[g];
+  while (lo < hi) {  // first chunk j with row[j] - before >= need
+    const int64_t mid = (lo + hi) / 2;
+    if (row[mid] - before >= need) hi = mid; else lo = mid + 1;
+  }
+  chunk_of[g] = lo;
+  need_in_chunk[g] = need - ((lo > 0 ? row[lo - 1] : 0) - before);
+}
+
+// Per group (one block): the exact flat position of the need-th tie inside its chunk. Each thread
+// takes a contiguous run of the chunk; a block scan of their tie counts finds the run to search.
+template <typename scalar_t>
+__global__ void tie_position_kernel(const Chunk* chunks, const uint32_t* key, const int32_t* exact,
+                                    const int64_t* chunk_of, const int64_t* need_in_chunk, int64_t* tie_limit,
+                                    int T, bool per_tensor) {
+  __shared__ int64_t counts[kThreads];
+  const int g = blockIdx.x;
+  if (!exact[g]) return;
+  const int t = per_tensor ? g % T : g;
+  const Chunk c = chunks[chunk_of[g]];
+  const scalar_t* base = static_cast<const scalar_t*>(c.base);
+  const int64_t run = (c.end - c.begin + kThreads - 1) / kThreads;
+  const int64_t lo = c.begin + threadIdx.x * run, hi = min(lo + run, c.end);
+  int64_t mine = 0;
+  for (int64_t i = lo; i < hi; ++i) mine += key_of<scalar_t>(base, c.ft[t], i) == key[g];
+  counts[threadIdx.x] = mine;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t need = need_in_chunk[g];
+    int owner = 0;
+    for (; owner < kThreads && counts[owner] < need; ++owner) need -= counts[owner];
+    counts[0] = owner;
+    counts[1] = need;
+  }
+  __syncthreads();
+  if (threadIdx.x != counts[0]) return;
+  int64_t need = counts[1];
+  for (int64_t i = lo; i < hi; ++i) {
+    if (key_of<scalar_t>(base, c.ft[t], i) == key[g] && --need == 0) {
+      tie_limit[g] = c.position + i + 1;
+      return;
     }
   }
 }
@@ -221,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   const int num_chunks = static_cast<int>(chunks.size());
   const int group_blocks = static_cast<int>((groups + 127) / 128);
   const dim3 grid(num_chunks, static_cast<unsigned>((T + kTasksPerBlock - 1) / kTasksPerBlock));
-  constexpr int kShift[3] = {21, 10, 0}, kBits[3] = {11, 11, 10};
+  constexpr int kShift[3] = {20, 10, 0}, kBits[3] = {11, 10, 10};
   dispatch_storage(dtype, "magnitude_threshold", [&](auto tag) {
     using scalar_t = decltype(tag);
     for (int pass = 0; pass < 3 && num_chunks > 0; ++pass) {
@@ -244,10 +284,17 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     tie_count_kernel<scalar_t><<<dim3(num_chunks, static_cast<unsigned>(T)), kThreads, 0, stream>>>(
         chunk_ptr, prefix_ptr, exact.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
     NK_CUDA_CHECK_LAUNCH();
-    tie_find_kernel<scalar_t><<<group_blocks, 128, 0, stream>>>(
-        chunk_ptr, num_chunks, first_d.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), prefix_ptr,
-        exact.data_ptr<int32_t>(), remaining.data_ptr<int64_t>(), tie_limit.data_ptr<int64_t>(),
+    const at::Tensor cum = counts.view({T, num_chunks}).cumsum(1);
+    at::Tensor chunk_of = at::zeros({groups}, opts.dtype(at::kLong));
+    at::Tensor need_in_chunk = at::zeros({groups}, opts.dtype(at::kLong));
+    tie_chunk_kernel<<<group_blocks, 128, 0, stream>>>(
+        cum.data_ptr<int64_t>(), num_chunks, first_d.data_ptr<int64_t>(), exact.data_ptr<int32_t>(),
+        remaining.data_ptr<int64_t>(), chunk_of.data_ptr<int64_t>(), need_in_chunk.data_ptr<int64_t>(),
         static_cast<int>(groups), static_cast<int>(T), per_tensor);
+    NK_CUDA_CHECK_LAUNCH();
+    tie_position_kernel<scalar_t><<<static_cast<unsigned>(groups), kThreads, 0, stream>>>(
+        chunk_ptr, prefix_ptr, exact.data_ptr<int32_t>(), chunk_of.data_ptr<int64_t>(),
+        need_in_chunk.data_ptr<int64_t>(), tie_limit.data_ptr<int64_t>(), static_cast<int>(T), per_tensor);
     NK_CUDA_CHECK_LAUNCH();
   });
   return {threshold, tie_limit};
