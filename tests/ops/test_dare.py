@@ -78,6 +78,11 @@ def test_mask_known_answer_philox():
     for density, expected in cases.items():
         assert _kernel_mask(4, density, 0).tolist() == expected, density
         assert ref.dare_keep(4, density, 0).tolist() == expected
+    # The boundary, strict: with floor(density * 2^24 + 0.5) equal to element 0's draw 6694888 it
+    # is dropped; one step higher it is kept.
+    assert _kernel_mask(4, 6694888 / 2**24, 0).tolist() == [False, False, False, False]
+    assert _kernel_mask(4, 6694889 / 2**24, 0).tolist() == [True, False, False, False]
+    assert ref.dare_keep(4, 6694888 / 2**24, 0).tolist() == [False, False, False, False]
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
@@ -224,12 +229,22 @@ def test_all_task_vectors_zero(rescale):
         assert torch.equal(out, base)
 
 
-def test_l1_rescale_skipped_when_nothing_kept():
-    """A task whose kept part has |kept|_1 < 1e-7 is not rescaled (mergekit's guard): a 1-entry
-    tensor whose only entry is dropped stays at base."""
-    base, ft = torch.zeros(1), torch.ones(1)
+def test_l1_rescale_guards():
+    """mergekit's guards: no L1 rescale when |tau|_1 < 1e-7 or |kept|_1 < 1e-7."""
+    key = next(k for k in range(100) if ref.dare_keep(2, 0.5, k).tolist() == [False, True])
+    base = torch.zeros(2)
+    # Kept part 1e-8 (< 1e-7): not rescaled (without the guard it would become ~1.0).
+    out = nk.dare(base, [torch.tensor([1.0, 1e-8])], [1.0], 0.5, [key], rescale="l1")
+    assert out.tolist() == [0.0, torch.tensor(1e-8).item()]
+    # Kept part 0.25 of |tau|_1 = 1.25: rescaled by 5.
+    out = nk.dare(base, [torch.tensor([1.0, 0.25])], [1.0], 0.5, [key], rescale="l1")
+    assert out.tolist() == [0.0, 1.25]
+    # |tau|_1 = 2e-8 (< 1e-7): not rescaled.
+    out = nk.dare(base, [torch.tensor([1e-8, 1e-8])], [1.0], 0.5, [key], rescale="l1")
+    assert out.tolist() == [0.0, torch.tensor(1e-8).item()]
+    # Nothing kept: stays at base.
     key = next(k for k in range(100) if not bool(ref.dare_keep(1, 0.1, k)[0]))
-    assert nk.dare(base, [ft], [1.0], 0.1, [key], rescale="l1").tolist() == [0.0]
+    assert nk.dare(torch.zeros(1), [torch.ones(1)], [1.0], 0.1, [key], rescale="l1").tolist() == [0.0]
 
 
 # ---------------------------------------------------------------------------------------------

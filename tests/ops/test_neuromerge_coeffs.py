@@ -175,10 +175,13 @@ def _hand_group():
         # gamma = 0.5: row 0's cumulative shares are (0.8, 1.0) -> rank 1: only sigma = 2 (task 2's
         # residual): beta = [0, 1], a[0] = 1 - 0.5 * (0 * 1 + 1 * 0) = 1. Row 1 has rank 1 anyway.
         ((0.0, 0.5, "unit", 0.5), [[1.0, 1.0], [0.0, 0.4], [0.5, -0.2]]),
+        # gamma = 0.8: the first share (4/5, exact) reaches gamma, so the rank is still 1 (the
+        # components before the first whose cumulative share reaches gamma, plus that one).
+        ((0.0, 0.5, "unit", 0.8), [[1.0, 1.0], [0.0, 0.4], [0.5, -0.2]]),
         # gamma = 0.9 keeps both components of row 0.
         ((0.0, 0.5, "unit", 0.9), [[0.5, 1.0], [0.5, 0.4], [0.5, -0.2]]),
     ],
-    ids=["lite", "unit", "neuron", "gamma0.5", "gamma0.9"],
+    ids=["lite", "unit", "neuron", "gamma0.5", "gamma0.8", "gamma0.9"],
 )
 def test_hand_two_rows(params, expected):
     base, fts = _hand_group()
