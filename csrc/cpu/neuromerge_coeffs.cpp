@@ -127,8 +127,12 @@ at::Tensor neuromerge_coeffs_cpu(const at::Tensor& gram, const at::Tensor& dots,
         sigma[j] = std::sqrt(std::max(M[order[j] * T + order[j]], 0.0));
         total += sigma[j] * sigma[j];
       }
-      // Components at or below the numerical noise of the Gram are rank deficiency: dropped.
-      const double floor = 1e-6 * sigma[0];
+      // Components at or below the numerical noise of the Gram are rank deficiency: dropped. The
+      // noise scales with the task vectors (not with sigma_0, which is itself noise when every
+      // task vector is parallel to w, e.g. one-column matrices).
+      double scale = 0.0;
+      for (int64_t t = 0; t < T; ++t) scale = std::max(scale, Gp[r * T * T + t * T + t]);
+      const double floor = 1e-6 * std::sqrt(scale);
       // Rank by cumulative variance: components before the first whose cumulative share reaches
       // gamma, plus that one (the reference's (cum_var < gamma).sum() + 1).
       int64_t rank = T;

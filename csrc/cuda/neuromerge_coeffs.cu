@@ -97,14 +97,17 @@ __global__ void coeffs_kernel(const double* gram, const double* dots, const doub
 #pragma unroll
     for (int t = 0; t < T; ++t) M[s][t] = gram[(r * T + s) * T + t] - c[s] * c[t] * q;
   jacobi<T>(M, U);
-  double sigma[T], total = 0.0, sigma_max = 0.0;
+  double sigma[T], total = 0.0;
 #pragma unroll
   for (int j = 0; j < T; ++j) {
     sigma[j] = sqrt(fmax(M[j][j], 0.0));
     total += sigma[j] * sigma[j];
-    sigma_max = fmax(sigma_max, sigma[j]);
   }
-  const double floor = 1e-6 * sigma_max;
+  // Noise floor of the Gram: relative to the task vectors' scale (see the CPU kernel).
+  double scale = 0.0;
+#pragma unroll
+  for (int t = 0; t < T; ++t) scale = fmax(scale, gram[(r * T + t) * T + t]);
+  const double floor = 1e-6 * sqrt(scale);
   // Coordinates A = U Sigma (components at the Gram's noise floor dropped) and their votes.
   double A[T][T];
   int votes = 0;

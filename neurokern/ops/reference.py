@@ -139,7 +139,8 @@ def neuromerge_coeffs(gram, dots, sqnorm, lambda_parallel, lambda_orthogonal, pa
         order = torch.argsort(evals, descending=True)
         evals, U = evals[order], U[:, order]
         sigma = evals.clamp_min(0).sqrt()
-        active = sigma > 1e-6 * sigma[0]
+        # Rank deficiency: components under the Gram's noise, relative to the task vectors' scale.
+        active = sigma > 1e-6 * gram[r].diagonal().max().clamp_min(0).sqrt()
         total = (sigma**2).sum()
         rank = T
         if total > 0:
