@@ -13,7 +13,7 @@ start=$(date +%s)
 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 NEUROKERN_FORCE_CUDA=1 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s"
-python3 -m pytest tests -q -x -p no:cacheprovider ${PYTEST_ARGS:-} 2>&1 | tee "$out/tests.log" | tail -25
-[ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/kernels.py ${BENCH_ARGS:-} 2>&1 | tee "$out/bench.log"
+python3 -m pytest -q -p no:cacheprovider ${TEST_PATHS:-tests} 2>&1 | tee "$out/tests.log" | tail -25
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/kernels.py 2>&1 | tee "$out/bench.log"
 cp bench/results/kernels-*.json bench/results/kernels-*.png "$out/" 2>/dev/null
 true

@@ -135,14 +135,14 @@ def main():
 
     eager = not args.skip_eager
     record("ties", bench(lambda: nk.merge(base, fts, method="ties", density=0.2)), merge_bytes,
-           bench(lambda: eager_ties(base, fts), warmup=1, reps=3) if eager else None)
+           bench(lambda: eager_ties(base, fts), warmup=0, reps=1) if eager else None)
     record("task_arithmetic", bench(lambda: nk.merge(base, fts, method="task_arithmetic", weights=weights)), merge_bytes,
-           bench(lambda: eager_task_arithmetic(base, fts, weights), reps=3) if eager else None)
+           bench(lambda: eager_task_arithmetic(base, fts, weights), warmup=0, reps=1) if eager else None)
     record("neuromerging", bench(lambda: nk.merge(base, fts, method="neuromerging")), merge_bytes)
     k = [max(1, int(0.2 * N))] * T
     record("magnitude_threshold", bench(lambda: ops.magnitude_threshold(base_list, ft_list, k, True)),
            T * N * esize + N * esize,
-           bench(lambda: eager_threshold(base, fts, 0.2), reps=3) if eager else None)
+           bench(lambda: eager_threshold(base, fts, 0.2), warmup=0, reps=1) if eager else None)
     coeffs = torch.tensor([1.0] + weights, device=device)
     grads = {n: torch.randn_like(b) for n, b in base.items()}
     record("weighted_sum_forward", bench(lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names]),
