@@ -43,6 +43,27 @@ def _name_list(keys: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _check_finite(names: list[str], base: dict[str, Tensor], finetuned: list[dict[str, Tensor]]) -> None:
+    """NaN / Inf anywhere is an error naming the tensor and model. One float32 sum per tensor (a
+    read, no temporaries) and a single host sync; a non-finite sum is confirmed element-wise, since
+    a sum of large finite values can overflow."""
+    items = [(name, label, t) for name in names
+             for label, t in [("base", base[name])] + [(f"finetuned[{i}]", sd[name]) for i, sd in enumerate(finetuned)]]
+    if not items:
+        return
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, _, t) in enumerate(items):
+        by_device.setdefault(t.device, []).append(index)
+    suspects = []
+    for indices in by_device.values():
+        sums = torch.stack([items[i][2].sum(dtype=torch.float32) for i in indices])
+        suspects += [indices[j] for j in torch.nonzero(~torch.isfinite(sums)).flatten().tolist()]
+    for index in sorted(suspects):
+        name, label, t = items[index]
+        if not bool(torch.isfinite(t).all()):
+            raise NeurokernError(f"tensor {name!r} of {label} has non-finite values (NaN or Inf)")
+
+
 def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None) -> ModelSet:
     base_sd = as_state_dict(base, "base")
     if isinstance(finetuned, (Mapping, torch.nn.Module)) or not isinstance(finetuned, Sequence):
@@ -85,10 +106,8 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
             raise NeurokernError(
                 f"tensor {name!r} is {b.dtype}; neurokern merges float32, bfloat16 and float16 tensors"
             )
-        for label, t in [("base", b)] + [(f"finetuned[{i}]", sd[name]) for i, sd in enumerate(ft_sds)]:
-            if not bool(torch.isfinite(t).all()):
-                raise NeurokernError(f"tensor {name!r} of {label} has non-finite values (NaN or Inf)")
         names.append(name)
+    _check_finite(names, base_sd, ft_sds)
 
     if device is not None:
         base_sd = {k: v.to(device) for k, v in base_sd.items()}

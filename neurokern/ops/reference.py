@@ -72,7 +72,7 @@ def magnitude_threshold(base, finetuned, k, keep_ties=True, per_tensor=False):
 def trim_l1(base, finetuned, trim=None):
     n = len(base)
     T = _tasks(finetuned, n)
-    out = torch.zeros(T, 2, dtype=torch.float64)
+    out = torch.zeros(T, 2, dtype=torch.float64, device=base[0].device)
     offset = 0
     for i in range(n):
         for t in range(T):
@@ -191,7 +191,7 @@ def weighted_sum_backward(grad, base, finetuned, coeffs, trim=None, offset=0):
         elif coeffs.shape[1:] == base.shape:
             out.append(prod)
         else:
-            out.append(prod.reshape(base.shape[0], -1).sum(1))
+            out.append(prod.reshape(base.shape[0], base[0].numel() if base.shape[0] else 0).sum(1))
     return torch.stack(out).float()
 
 
@@ -221,7 +221,7 @@ def _elect_and_mix(d: Tensor, e: Tensor, w: Tensor, consensus: str, fallback, no
 
 
 def _weights(weights, like: Tensor) -> Tensor:
-    return torch.tensor(weights, dtype=torch.float64).reshape((-1,) + (1,) * like.dim())
+    return torch.tensor(weights, dtype=torch.float64, device=like.device).reshape((-1,) + (1,) * like.dim())
 
 
 def ties_merge(base, finetuned, weights, trim=None, offset=0, consensus="sum", normalize="weights",
@@ -262,9 +262,9 @@ def philox4x32_10(c0: Tensor, c1: Tensor, key: int) -> list[Tensor]:
     return [c0, c1, c2, c3]
 
 
-def dare_keep(numel: int, density: float, key: int, shape=None) -> Tensor:
+def dare_keep(numel: int, density: float, key: int, shape=None, device=None) -> Tensor:
     """DARE's keep mask: entry i survives iff (draw(key, i) >> 8) < floor(density * 2^24 + 0.5)."""
-    idx = torch.arange(numel, dtype=torch.int64)
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
     block = idx >> 2
     lanes = philox4x32_10(block & _M32, block >> 32, key & ((1 << 64) - 1))
     draw = torch.stack(lanes).gather(0, (idx & 3)[None]).squeeze(0)
@@ -277,7 +277,7 @@ def dare(base, finetuned, weights, density, keys, rescale="density", consensus="
     taus = []
     for t, f in enumerate(finetuned):
         tau = task_vector(base, f).double()
-        kept = tau * dare_keep(base.numel(), density, keys[t], base.shape)
+        kept = tau * dare_keep(base.numel(), density, keys[t], base.shape, base.device)
         if rescale == "density":
             kept = kept / density
         elif rescale == "l1":  # mergekit's rescaled_masked_tensor with the L1 norm
@@ -303,6 +303,6 @@ def tinted_linear(x, weight, bias, task_ids):
 
 
 def tinted_linear_weight_grad(grad, x, task_ids, num_tasks):
-    out = torch.zeros(num_tasks, grad.shape[1], x.shape[1], dtype=torch.float64)
+    out = torch.zeros(num_tasks, grad.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
     out.index_add_(0, task_ids.long(), torch.einsum("bo,bi->boi", grad.double(), x.double()))
     return out.to(x.dtype)

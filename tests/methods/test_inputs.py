@@ -94,3 +94,11 @@ def test_device_argument_moves_inputs():
     base, fts = make_models(2, shapes={"w": (3, 4)})
     out = nk.merge(base, fts, method="task_arithmetic", device="cpu")
     assert out["w"].device.type == "cpu"
+
+
+def test_large_finite_values_are_not_mistaken_for_non_finite():
+    # Their float32 sum overflows; the exact check must clear them.
+    base = {"w": torch.full((10,), 3e38)}
+    fts = [{"w": torch.full((10,), 3e38)}, {"w": torch.full((10,), 2e38)}]
+    out = nk.merge(base, fts, method="task_arithmetic", weights=[0.5, 0.5])
+    assert torch.isfinite(out["w"]).all()
