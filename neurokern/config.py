@@ -19,6 +19,13 @@ TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "toke
 MODEL_KEYS = {"model", "parameters"}
 PER_MODEL = {"weight", "density"}
 RENAMED = {"lambda": "scale"}  # mergekit's name -> neurokern's
+# mergekit's defaults for the per-model parameters of its methods (density 1.0: no trim)
+MERGEKIT_DEFAULTS = {
+    "task_arithmetic": {"weight": 1.0},
+    "ties": {"weight": 1.0, "density": 1.0},
+    "dare_ties": {"weight": 1.0, "density": 1.0},
+    "dare_linear": {"weight": 1.0, "density": 1.0},
+}
 
 
 @dataclass
@@ -103,17 +110,22 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
         for key in PER_MODEL:
             per_model[key].append(entry_params.get(key))
 
-    if per_model["weight"] != [None] * len(models):
-        params["weights"] = [1.0 if w is None else w for w in per_model["weight"]]
-    densities = {d for d in per_model["density"] if d is not None}
-    if len(densities) > 1:
-        raise NeurokernError(
-            f"config models[*].parameters.density: one density for all models is supported; got {sorted(densities)}"
-        )
-    if densities:
-        params["density"] = densities.pop()
-    for key, value in (raw.get("parameters") or {}).items():
-        params[RENAMED.get(key, key)] = value
+    # Top-level parameters; weight and density there are defaults for the models that give none
+    # (mergekit's precedence), and mergekit's own default density is 1.0 (no trim).
+    top = {RENAMED.get(k, k): v for k, v in (raw.get("parameters") or {}).items()}
+    defaults = MERGEKIT_DEFAULTS.get(raw["merge_method"], {})
+    for key, plural in (("weight", "weights"), ("density", "density")):
+        default = top.pop(key, defaults.get(key))
+        values = [default if v is None else v for v in per_model[key]]
+        if all(v is None for v in values):
+            continue  # the method's own default applies
+        if any(v is None for v in values):
+            raise NeurokernError(f"config models[*].parameters.{key}: give a {key} for every model or for none")
+        if key == "density" and len(set(map(repr, values))) == 1:
+            params[plural] = values[0]
+        else:
+            params[plural] = values
+    params.update(top)
 
     dtype = raw.get("dtype")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):

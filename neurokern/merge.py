@@ -35,7 +35,7 @@ def merge(
     merged state dict in base's key order and dtypes: floating-point tensors merged, other entries
     (integer buffers) copied from base. It runs where the tensors are, or on `device`.
 
-    method and its parameters (defaults in brackets; see docs/methods.md):
+    method and its parameters (defaults in brackets; semantics in the README):
       "task_arithmetic": weights [1 each], scale [1.0], normalize [False]
       "ties":            density [0.2], weights, consensus ["sum"|"count"], normalize [True |
                          "count" | None], scale [1.0], trim_scope ["tensor"|"global"],
@@ -46,7 +46,8 @@ def merge(
       "neuromerging":    density [0.1], scale [None: 1/(1-sigma)], scale_parallel [0.0: lite],
                          trim_scope ["global"|"tensor"], parallel_basis ["unit"|"neuron"],
                          gamma [1.0]
-    Bad input raises NeurokernError (a ValueError) naming the tensor or parameter.
+    ties and neuromerging take one density or a list with one per model (mergekit's per-model
+    density). Bad input raises NeurokernError (a ValueError) naming the tensor or parameter.
     """
     if method not in METHODS:
         raise NeurokernError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")

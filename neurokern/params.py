@@ -25,6 +25,17 @@ def density(where: str, value: Any, name: str = "density") -> float:
     return value
 
 
+def densities(where: str, value: Any, num_tasks: int) -> list[float]:
+    """One density for every model, or a list with one per model (mergekit's per-model density)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_tasks:
+            raise NeurokernError(
+                f"{where}: density has {len(value)} entries for {num_tasks} fine-tuned models; give one per model"
+            )
+        return [density(where, d, f"density[{i}]") for i, d in enumerate(value)]
+    return [density(where, value)] * num_tasks
+
+
 def weights(where: str, value: Optional[Sequence[Any]], num_tasks: int) -> list[float]:
     """Per-model weights: default 1 each; one finite number per fine-tuned model."""
     if value is None:

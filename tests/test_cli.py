@@ -48,7 +48,14 @@ def test_mergekit_semantics_per_method(example):
     assert (cfg.method, cfg.params["normalize"], cfg.params["weights"], cfg.params["density"]) == ("ties", True, [1.0, 1.0, 0.5], 0.2)
     raw = {"merge_method": "dare_linear", "base_model": "b", "models": [{"model": "a"}], "parameters": {"lambda": 0.5}}
     cfg = load_config(raw)
-    assert cfg.method == "dare" and cfg.params == {"normalize": False, "rescale": "l1", "scale": 0.5}
+    assert cfg.method == "dare" and cfg.params == {"normalize": False, "rescale": "l1", "scale": 0.5, "weights": [1.0], "density": 1.0}
+    # Per-model values win over top-level ones, which are defaults; mergekit's default density is 1.
+    raw = {"merge_method": "ties", "base_model": "b", "models": [{"model": "a", "parameters": {"density": 0.3}}, "c"],
+           "parameters": {"density": 0.5, "weight": 2.0}}
+    assert load_config(raw).params == {"normalize": True, "weights": [2.0, 2.0], "density": [0.3, 0.5]}
+    raw = {"merge_method": "neuromerging", "base_model": "b", "models": [{"model": "a", "parameters": {"density": 0.3}}, "c"]}
+    with pytest.raises(nk.NeurokernError, match="give a density for every model or for none"):
+        load_config(raw)
 
 
 def test_sharded_output_with_index(example, tmp_path):

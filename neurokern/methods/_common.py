@@ -70,21 +70,22 @@ def keep_count(numel: int, density: float, rule: str) -> int:
     return numel if dropped == 0 else numel - dropped + 1
 
 
-def thresholds(models: ModelSet, names: list[str], density: float, rule: str, scope: str) -> Trims:
-    """Exact trims for `names`, over each tensor alone (scope "tensor") or all of them ("global")."""
+def thresholds(models: ModelSet, names: list[str], densities: list[float], rule: str, scope: str) -> Trims:
+    """Exact trims for `names`, over each tensor alone (scope "tensor") or all of them ("global");
+    densities holds one density per task."""
     T = models.num_tasks
     base = [models.base[n] for n in names]
     finetuned = [models.finetuned[t][n] for t in range(T) for n in names]
     keep_ties = rule == "keep"
     if scope == "global":
         total = sum(b.numel() for b in base)
-        threshold, tie_limit = ops.magnitude_threshold(base, finetuned, [keep_count(total, density, rule)] * T, keep_ties)
+        threshold, tie_limit = ops.magnitude_threshold(base, finetuned, [keep_count(total, d, rule) for d in densities], keep_ties)
         offsets, offset = {}, 0
         for n, b in zip(names, base):
             offsets[n] = offset
             offset += b.numel()
         return Trims(threshold, tie_limit, {}, offsets)
-    k = [keep_count(b.numel(), density, rule) for b in base for _ in range(T)]
+    k = [keep_count(b.numel(), d, rule) for b in base for d in densities]
     threshold, tie_limit = ops.magnitude_threshold(base, finetuned, k, keep_ties, per_tensor=True)
     return Trims(threshold, tie_limit, {n: i for i, n in enumerate(names)}, {})
 

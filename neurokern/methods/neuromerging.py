@@ -12,7 +12,7 @@ WHERE = "method 'neuromerging'"
 
 @dataclass(frozen=True)
 class Params:
-    density: float
+    density: list[float]  # one per model
     scale: Optional[float]  # lambda_2 (orthogonal); None: 1 / (1 - sigma)
     scale_parallel: float  # lambda_1; 0 is lite mode
     trim_scope: str
@@ -25,7 +25,7 @@ def resolve(p, num_tasks):
     if not 0.0 < gamma <= 1.0:
         raise NeurokernError(f"{WHERE}: gamma must be in (0, 1]; got {gamma}")
     return Params(
-        density=params.density(WHERE, p["density"]),
+        density=params.densities(WHERE, p["density"], num_tasks),
         scale=None if p["scale"] is None else params.number(WHERE, "scale", p["scale"]),
         scale_parallel=params.number(WHERE, "scale_parallel", p["scale_parallel"]),
         trim_scope=params.choice(WHERE, "trim_scope", p["trim_scope"], ["global", "tensor"]),

@@ -45,9 +45,11 @@ def mergekit_magnitude(delta: Tensor, density: float) -> Tensor:
 
 
 def mergekit_ties(base, finetuned, density, weights, consensus="sum", normalize=True, scale=1.0):
+    """density: one for all models or a list with one per model."""
+    densities = density if isinstance(density, (list, tuple)) else [density] * len(finetuned)
     out = {}
     for name, b in base.items():
-        deltas = torch.stack([mergekit_magnitude(_f32_tau(b, ft[name]), density) for ft in finetuned])
+        deltas = torch.stack([mergekit_magnitude(_f32_tau(b, ft[name]), d) for ft, d in zip(finetuned, densities)])
         w = torch.tensor(weights, dtype=deltas.dtype).view((-1,) + (1,) * b.dim())
         weighted = deltas * w
         sign = weighted.sign()

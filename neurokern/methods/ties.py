@@ -10,7 +10,7 @@ WHERE = "method 'ties'"
 
 @dataclass(frozen=True)
 class Params:
-    density: float
+    density: list[float]  # one per model
     weights: list[float]
     consensus: str
     normalize: str
@@ -23,7 +23,7 @@ class Params:
 
 def resolve(p, num_tasks):
     return Params(
-        density=params.density(WHERE, p["density"]),
+        density=params.densities(WHERE, p["density"], num_tasks),
         weights=params.weights(WHERE, p["weights"], num_tasks),
         consensus=params.choice(WHERE, "consensus", p["consensus"], ["sum", "count"]),
         normalize=params.normalize(WHERE, p["normalize"]),

@@ -20,6 +20,14 @@ def test_default_is_mergekit(T, density):
         torch.testing.assert_close(out[name], ref[name], rtol=1e-6, atol=1e-6)
 
 
+def test_per_model_density_is_mergekits():
+    base, fts = make_models(3, seed=8)
+    out = nk.merge(base, fts, method="ties", density=[0.1, 0.5, 1.0])
+    ref = R.mergekit_ties(base, fts, [0.1, 0.5, 1.0], [1, 1, 1])
+    for name in base:
+        torch.testing.assert_close(out[name], ref[name], rtol=1e-6, atol=1e-6)
+
+
 def test_mergekit_selection_with_tied_magnitudes():
     # Deltas on a coarse grid: many equal magnitudes straddle the cut; mergekit keeps exactly k,
     # the lowest flat positions first (stable argsort).
