@@ -29,10 +29,13 @@ def run(models, p: Params, progress: bool):
         total = sum(p.weights)
         factor = p.scale / (1.0 if abs(total) < 1e-8 else total)
     coeffs = torch.tensor([1.0] + [factor * w for w in p.weights], dtype=torch.float32)
+    on_device = {}  # one host-to-device copy of the coefficients per device, not per tensor
     out = {}
     for name in each(models.names, progress, "task_arithmetic"):
         base, finetuned = group(models, name)
-        out[name] = ops.weighted_sum(base, finetuned, coeffs.to(base.device))
+        if base.device not in on_device:
+            on_device[base.device] = coeffs.to(base.device)
+        out[name] = ops.weighted_sum(base, finetuned, on_device[base.device])
     return out
 
 
