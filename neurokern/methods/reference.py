@@ -6,8 +6,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from neurokern.ops import reference as ops_ref
-
 
 def _tau(base: Tensor, ft: Tensor) -> Tensor:
     return ft.double() - base.double()

@@ -1,7 +1,6 @@
 """Small helpers shared by the op faces."""
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 
@@ -15,7 +14,3 @@ def trim_args(trim: Optional[tuple[Tensor, Tensor]]) -> tuple[Optional[Tensor], 
         return None, None
     threshold, tie_limit = trim
     return threshold, tie_limit
-
-
-def empty_like_shape(like: Tensor, shape, dtype: torch.dtype) -> Tensor:
-    return like.new_empty(tuple(shape), dtype=dtype)
