@@ -8,6 +8,7 @@
 #include <mutex>
 
 #include "cpu/common.h"
+#include "list_args.h"
 
 namespace neurokern::cpu {
 namespace {
@@ -112,10 +113,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList base,
                                                            at::IntArrayRef k, bool keep_ties,
                                                            bool per_tensor) {
   const int64_t n = static_cast<int64_t>(base.size());
-  TORCH_CHECK(n > 0, "neurokern.magnitude_threshold: base is an empty list");
-  TORCH_CHECK(finetuned.size() % n == 0, "neurokern.magnitude_threshold: ", finetuned.size(),
-              " fine-tuned tensors is not a multiple of ", n, " base tensors");
-  const int64_t T = static_cast<int64_t>(finetuned.size()) / n;
+  const int64_t T = list_tasks("magnitude_threshold", base, finetuned);
   TORCH_CHECK(static_cast<int64_t>(k.size()) == (per_tensor ? n * T : T),
               "neurokern.magnitude_threshold: expected ", per_tensor ? n * T : T,
               " values of k, got ", k.size());

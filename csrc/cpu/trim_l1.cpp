@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/common.h"
+#include "list_args.h"
 
 namespace neurokern::cpu {
 namespace {
@@ -12,10 +13,7 @@ at::Tensor trim_l1_cpu(at::TensorList base, at::TensorList finetuned,
                        const std::optional<at::Tensor>& threshold,
                        const std::optional<at::Tensor>& tie_limit) {
   const int64_t n = static_cast<int64_t>(base.size());
-  TORCH_CHECK(n > 0, "neurokern.trim_l1: base is an empty list");
-  TORCH_CHECK(finetuned.size() % n == 0, "neurokern.trim_l1: ", finetuned.size(),
-              " fine-tuned tensors is not a multiple of ", n, " base tensors");
-  const int64_t T = static_cast<int64_t>(finetuned.size()) / n;
+  const int64_t T = list_tasks("trim_l1", base, finetuned);
   at::Tensor out = at::zeros({T, 2}, at::kDouble);
   double* acc = out.data_ptr<double>();
   int64_t offset = 0;
