@@ -1,0 +1,5 @@
+import sys
+
+from neurokern.accuracy.cli import main
+
+sys.exit(main())

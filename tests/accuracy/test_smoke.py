@@ -1,0 +1,92 @@
+"""CPU smoke test of the accuracy suite: two tiny tasks, a tiny random BERT, a few steps, every
+method end to end (fine-tune, merge, test-time training, report). The real suite runs on a GPU
+(bench/accuracy/gpu_run.sh)."""
+import json
+import random
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from neurokern.accuracy import data as D  # noqa: E402
+from neurokern.accuracy.finetune import Recipe  # noqa: E402
+from neurokern.accuracy.methods import METHODS, TTAConfig, tint_available  # noqa: E402
+from neurokern.accuracy.model import tiny_bert_dir  # noqa: E402
+from neurokern.accuracy.run import run_suite  # noqa: E402
+
+WORDS = {
+    "colour": {"red": ["red", "crimson", "scarlet"], "blue": ["blue", "navy", "azure"]},
+    "animal": {"cat": ["cat", "kitten", "tabby"], "dog": ["dog", "puppy", "hound"], "bird": ["bird", "sparrow", "crow"]},
+}
+FILLER = ["the", "a", "saw", "near", "big", "small", "one", "today", "there", "very"]
+
+
+def _tiny_tasks(cache, seed=0):
+    rng = random.Random(seed)
+    for name, classes in WORDS.items():
+        examples = []
+        for label, keys in classes.items():
+            for i in range(40):
+                words = rng.sample(FILLER, 2) + [rng.choice(keys)]
+                rng.shuffle(words)
+                examples.append((" ".join(words), label, None))
+        parts = D.split(D.dedupe(examples), seed, max_train=60, max_val=20, max_test=30)
+        D.write_task(cache, name, sorted(classes), {p: [(t, lab) for t, lab, _ in rows] for p, rows in parts.items()})
+    vocab = FILLER + [w for c in WORDS.values() for ws in c.values() for w in ws]
+    return vocab
+
+
+def test_smoke_suite(tmp_path):
+    torch.manual_seed(0)
+    vocab = _tiny_tasks(tmp_path / "data")
+    model_dir = tiny_bert_dir(tmp_path / "model", vocab, hidden=32, layers=2, heads=2)
+    recipe = Recipe(lr=5e-3, head_lr=5e-2, epochs=6, batch_size=16, max_len=16)
+    tta = TTAConfig(steps=2, batch_size=8)
+    report = run_suite(tmp_path / "data", model_dir, tmp_path / "out", device="cpu", recipe=recipe, tta=tta,
+                       lambda_grid=(0.5, 1.0), do_investigate=True, eval_batch=64, verbose=False)
+    methods = report["methods"]
+    assert list(methods) == list(METHODS)
+    for name, res in methods.items():
+        if name in ("adamerging", "tinting", "tinting_conf") and not tint_available():
+            assert res["status"] == "pending"
+            continue
+        assert res["status"] == "ok", (name, res.get("note"), res.get("traceback"))
+        assert set(res["test"]) == {"colour", "animal"}
+        assert all(0.0 <= a <= 1.0 for a in res["test"].values())
+    ft = methods["finetuned"]["test"]
+    assert ft["colour"] > 0.7 and ft["animal"] > 0.6, ft  # the tiny tasks are learnable
+    saved = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert saved["summary"]["finetuned"]["normalized"] == pytest.approx(1.0)
+    md = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "| TIES (density 0.2, λ on val) |" in md and "Do the papers' orderings hold" in md
+    png = (tmp_path / "out" / "accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(report["investigation"]["task_count"]) == {"2"}
+
+
+def test_split_is_seeded_stratified_and_grouped():
+    ex = [(f"text {i}", "a" if i % 4 else "b", None) for i in range(400)]
+    ex += [(f"speech {g} para {j}", "c", f"g{g}") for g in range(20) for j in range(5)]
+    p1 = D.split(ex, 0, max_train=1000, max_val=50, max_test=100)
+    p2 = D.split(ex, 0, max_train=1000, max_val=50, max_test=100)
+    assert p1 == p2
+    assert sum(len(v) for v in p1.values()) == len(ex)
+    texts = [set(t for t, _, _ in rows) for rows in p1.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+    share = sum(lab == "b" for _, lab, _ in p1["test"]) / len(p1["test"])
+    assert 0.15 < share < 0.25  # b is 100 / 500 overall
+    groups = {part: {g for _, _, g in rows if g} for part, rows in p1.items()}
+    assert not (groups["train"] & groups["test"] or groups["train"] & groups["val"] or groups["val"] & groups["test"])
+
+
+def test_dedupe_and_baselines():
+    ex = [("Good film", "pos", None), ("good  film", "pos", None), ("bad", "neg", None), ("bad", "pos", None)]
+    assert D.dedupe([(D._clean(t), lab, g) for t, lab, g in ex]) == [("Good film", "pos", None)]
+    train = [("great movie", "pos", None), ("great fun", "pos", None), ("dull movie", "neg", None),
+             ("boring", "neg", None), ("fine", "pos", None)]
+    test = [("great", "pos", None), ("dull", "neg", None), ("ok", "pos", None)]
+    rule = D.best_single_token_rule(train, test)
+    assert rule["token"] in ("great", "dull", "boring", "fine") and rule["train_accuracy"] >= 0.8
+    assert D.majority_baseline(train, test) == ("pos", pytest.approx(2 / 3))
+    assert D.naive_bayes_baseline(train, test) >= 2 / 3
