@@ -17,6 +17,7 @@ import torch
 
 import neurokern as nk
 from neurokern import ops
+from neurokern.models import load_models
 
 HIDDEN, FFN, VOCAB, KV = 2048, 5632, 32000, 256
 
@@ -143,11 +144,24 @@ def main():
     record("magnitude_threshold", bench(lambda: ops.magnitude_threshold(base_list, ft_list, k, True)),
            T * N * esize + N * esize,
            bench(lambda: eager_threshold(base, fts, 0.2), warmup=0, reps=1) if eager else None)
+    # The parts of the methods above, alone.
+    k_tensor = [max(1, int(0.2 * b.numel())) for b in base_list for _ in range(T)]
+    record("ties_threshold_per_tensor",
+           bench(lambda: ops.magnitude_threshold(base_list, ft_list, k_tensor, False, per_tensor=True)), (T + 1) * N * esize)
+    trim = ops.magnitude_threshold(base_list, ft_list, k_tensor, False, per_tensor=True)
+    record("ties_merge_multi", bench(lambda: ops.ties_merge_multi(base_list, ft_list, [1.0] * T, trim)), merge_bytes)
+    record("input_checks", bench(lambda: load_models(base, fts, None)), (T + 1) * N * esize)
     coeffs = torch.tensor([1.0] + weights, device=device)
+    rows = coeffs.expand(len(names), -1).contiguous()
     grads = {n: torch.randn_like(b) for n, b in base.items()}
-    record("weighted_sum_forward", bench(lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names]),
-           merge_bytes)
+    grad_list = [grads[n] for n in names]
+    record("weighted_sum_forward", bench(lambda: ops.weighted_sum_multi(base_list, ft_list, rows)), merge_bytes)
+    record("weighted_sum_forward_per_tensor_calls",
+           bench(lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names]), merge_bytes)
     record("weighted_sum_backward",
+           bench(lambda: torch.ops.neurokern.weighted_sum_multi_backward(grad_list, base_list, ft_list, rows)),
+           (T + 2) * N * esize)
+    record("weighted_sum_backward_per_tensor_calls",
            bench(lambda: [torch.ops.neurokern.weighted_sum_backward(grads[n], base[n], [f[n] for f in fts], coeffs, None, None, 0) for n in names]),
            (T + 2) * N * esize)
 

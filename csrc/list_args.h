@@ -2,6 +2,9 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <vector>
+
 namespace neurokern {
 
 // Number of tasks T of a list op: base holds n tensors, finetuned their T versions task-major.
@@ -11,6 +14,39 @@ inline int64_t list_tasks(const char* op, at::TensorList base, at::TensorList fi
   TORCH_CHECK(finetuned.size() % n == 0, "neurokern.", op, ": ", finetuned.size(),
               " fine-tuned tensors is not a multiple of ", n, " base tensors");
   return static_cast<int64_t>(finetuned.size()) / n;
+}
+
+// The multi-tensor ops' per-tensor arguments: offsets (empty or one per tensor) and trims ([T]
+// shared by every tensor, or [n, T] with row i for tensor i).
+inline void check_multi_args(const char* op, int64_t n, int64_t T, at::IntArrayRef offsets,
+                             const std::optional<at::Tensor>& threshold,
+                             const std::optional<at::Tensor>& tie_limit) {
+  TORCH_CHECK(offsets.empty() || static_cast<int64_t>(offsets.size()) == n, "neurokern.", op,
+              ": offsets must be empty or hold one entry per tensor (", n, "), got ", offsets.size());
+  TORCH_CHECK(threshold.has_value() == tie_limit.has_value(), "neurokern.", op,
+              ": threshold and tie_limit must be given together");
+  if (!threshold) return;
+  for (const at::Tensor* t : {&*threshold, &*tie_limit}) {
+    const bool shared = t->dim() == 1 && t->size(0) == T;
+    const bool per_tensor = t->dim() == 2 && t->size(0) == n && t->size(1) == T;
+    TORCH_CHECK(shared || per_tensor, "neurokern.", op, ": threshold and tie_limit must be [", T,
+                "] or [", n, ", ", T, "], got ", t->sizes());
+  }
+}
+
+// Row i of a [n, T] trim tensor, or the shared [T] one.
+inline std::optional<at::Tensor> trim_of(const std::optional<at::Tensor>& t, int64_t i) {
+  if (!t || t->dim() == 1) return t;
+  return t->select(0, i);
+}
+
+// Tensor i's fine-tuned versions out of the task-major list.
+inline std::vector<at::Tensor> column_of(at::TensorList finetuned, int64_t n, int64_t i) {
+  std::vector<at::Tensor> out;
+  for (size_t j = static_cast<size_t>(i); j < finetuned.size(); j += static_cast<size_t>(n)) {
+    out.push_back(finetuned[j]);
+  }
+  return out;
 }
 
 }  // namespace neurokern

@@ -75,6 +75,26 @@ TORCH_LIBRARY(neurokern, m) {
       "dare(Tensor base, Tensor[] finetuned, float[] weights, float density, int[] keys, "
       "str rescale=\"density\", str consensus=\"none\", str normalize=\"none\", float scale=1.0) "
       "-> Tensor");
+  // Multi-tensor forms: the op above applied to every base[i] (with its fine-tuned versions
+  // finetuned[t * n + i]) in one call, one launch on the GPU; one output per tensor. Tensor i's flat
+  // positions start at offsets[i] (empty: all 0). threshold / tie_limit are [T] (one trim scope for
+  // every tensor) or [n, T] (row i trims tensor i). weighted_sum_multi: coeffs are float32 [n, T+1],
+  // row i per tensor i; its backward returns d/d coeffs, float32 [n, T+1]. dare_multi: keys [n * T],
+  // keys[i * T + t] for tensor i, task t.
+  m.def(
+      "weighted_sum_multi(Tensor[] base, Tensor[] finetuned, Tensor coeffs, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int[] offsets=[], ScalarType? out_dtype=None) -> Tensor[]");
+  m.def(
+      "weighted_sum_multi_backward(Tensor[] grad, Tensor[] base, Tensor[] finetuned, Tensor coeffs, "
+      "Tensor? threshold=None, Tensor? tie_limit=None, int[] offsets=[]) -> Tensor");
+  m.def(
+      "ties_merge_multi(Tensor[] base, Tensor[] finetuned, float[] weights, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int[] offsets=[], str consensus=\"sum\", str normalize=\"weights\", "
+      "bool elect_weighted=True, str zero_sign=\"positive\", float scale=1.0) -> Tensor[]");
+  m.def(
+      "dare_multi(Tensor[] base, Tensor[] finetuned, float[] weights, float density, int[] keys, "
+      "str rescale=\"density\", str consensus=\"none\", str normalize=\"none\", float scale=1.0) "
+      "-> Tensor[]");
   // Task-routed linear layer: y[b] = x[b] @ weight[task_ids[b]]^T + bias[task_ids[b]].
   m.def("tinted_linear(Tensor x, Tensor weight, Tensor? bias, Tensor task_ids) -> Tensor");
   // Its weight gradient: dW[t] = sum over rows b of task t of grad[b]^T x[b], [T, out, in].

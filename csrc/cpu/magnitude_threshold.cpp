@@ -1,6 +1,7 @@
 // Exact magnitude threshold by radix select on the float32 bit pattern of |tau| (monotone for
 // non-negative floats): a 65536-bin histogram of the high 16 bits, then one of the low 16 bits
-// inside the bin that holds the k-th largest key. Two reads of the data, no sort, no copy. With
+// inside the bin that holds the k-th largest key. Two reads of the data, no sort, no copy; the
+// tensors of a scope may mix storage dtypes (float32 keys either way). With
 // exact-k ties a third read finds the flat position of the last tied entry to keep.
 #include <torch/library.h>
 
@@ -29,25 +30,27 @@ inline uint32_t key_at(const scalar_t* b, const scalar_t* f, int64_t i) {
 }
 
 // Histogram of keys (or of the low half of keys whose high half is `hi`, when hi >= 0).
-template <typename scalar_t>
 void histogram(const std::vector<Segment>& segs, int64_t hi, std::vector<int64_t>& hist) {
   std::fill(hist.begin(), hist.end(), 0);
   std::mutex merge;
   for (const auto& s : segs) {
-    const auto* b = s.base.const_data_ptr<scalar_t>();
-    const auto* f = s.ft.const_data_ptr<scalar_t>();
-    at::parallel_for(0, s.base.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> local(kBins, 0);
-      for (int64_t i = begin; i < end; ++i) {
-        const uint32_t key = key_at(b, f, i);
-        if (hi < 0) {
-          ++local[key >> 16];
-        } else if (static_cast<int64_t>(key >> 16) == hi) {
-          ++local[key & 0xFFFFu];
+    dispatch_storage(s.base.scalar_type(), "magnitude_threshold", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const auto* b = s.base.const_data_ptr<scalar_t>();
+      const auto* f = s.ft.const_data_ptr<scalar_t>();
+      at::parallel_for(0, s.base.numel(), kGrain, [&](int64_t begin, int64_t end) {
+        std::vector<int64_t> local(kBins, 0);
+        for (int64_t i = begin; i < end; ++i) {
+          const uint32_t key = key_at(b, f, i);
+          if (hi < 0) {
+            ++local[key >> 16];
+          } else if (static_cast<int64_t>(key >> 16) == hi) {
+            ++local[key & 0xFFFFu];
+          }
         }
-      }
-      std::lock_guard<std::mutex> lock(merge);
-      for (int j = 0; j < kBins; ++j) hist[j] += local[j];
+        std::lock_guard<std::mutex> lock(merge);
+        for (int j = 0; j < kBins; ++j) hist[j] += local[j];
+      });
     });
   }
 }
@@ -62,31 +65,34 @@ inline int select_bin(const std::vector<int64_t>& hist, int64_t k, int64_t& abov
 }
 
 // Flat position just past the `need`-th entry (in scope order) whose key equals `key`.
-template <typename scalar_t>
 int64_t tie_position(const std::vector<Segment>& segs, uint32_t key, int64_t need) {
   for (const auto& s : segs) {
-    const auto* b = s.base.const_data_ptr<scalar_t>();
-    const auto* f = s.ft.const_data_ptr<scalar_t>();
-    const int64_t n = s.base.numel();
-    const int64_t here = at::parallel_reduce(
-        0, n, kGrain, int64_t{0},
-        [&](int64_t begin, int64_t end, int64_t acc) {
-          for (int64_t i = begin; i < end; ++i) acc += key_at(b, f, i) == key;
-          return acc;
-        },
-        std::plus<int64_t>());
-    if (here < need) {
-      need -= here;
-      continue;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      if (key_at(b, f, i) == key && --need == 0) return s.offset + i + 1;
-    }
+    int64_t found = -1;
+    dispatch_storage(s.base.scalar_type(), "magnitude_threshold", [&](auto tag) {
+      using scalar_t = decltype(tag);
+      const auto* b = s.base.const_data_ptr<scalar_t>();
+      const auto* f = s.ft.const_data_ptr<scalar_t>();
+      const int64_t n = s.base.numel();
+      const int64_t here = at::parallel_reduce(
+          0, n, kGrain, int64_t{0},
+          [&](int64_t begin, int64_t end, int64_t acc) {
+            for (int64_t i = begin; i < end; ++i) acc += key_at(b, f, i) == key;
+            return acc;
+          },
+          std::plus<int64_t>());
+      if (here < need) {
+        need -= here;
+        return;
+      }
+      for (int64_t i = 0; i < n && found < 0; ++i) {
+        if (key_at(b, f, i) == key && --need == 0) found = s.offset + i + 1;
+      }
+    });
+    if (found >= 0) return found;
   }
   TORCH_CHECK(false, "neurokern.magnitude_threshold: internal error, tie not found");
 }
 
-template <typename scalar_t>
 void select_one(const std::vector<Segment>& segs, int64_t total, int64_t k, bool keep_ties,
                 float& threshold, int64_t& tie_limit) {
   k = std::min(k, total);
@@ -97,15 +103,15 @@ void select_one(const std::vector<Segment>& segs, int64_t total, int64_t k, bool
   }
   std::vector<int64_t> hist(kBins);
   int64_t above = 0;
-  histogram<scalar_t>(segs, -1, hist);
+  histogram(segs, -1, hist);
   const int hi = select_bin(hist, k, above);
-  histogram<scalar_t>(segs, hi, hist);
+  histogram(segs, hi, hist);
   const int lo = select_bin(hist, k, above);
   const uint32_t key = (static_cast<uint32_t>(hi) << 16) | static_cast<uint32_t>(lo);
   std::memcpy(&threshold, &key, sizeof(threshold));
   const int64_t need = k - above;  // tied entries to keep, 1 ... hist[lo]
   tie_limit = (keep_ties || need == hist[lo]) ? std::numeric_limits<int64_t>::max()
-                                              : tie_position<scalar_t>(segs, key, need);
+                                              : tie_position(segs, key, need);
 }
 
 std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList base,
@@ -121,35 +127,30 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList base,
     std::vector<at::Tensor> column;
     for (int64_t t = 0; t < T; ++t) column.push_back(finetuned[t * n + i]);
     check_group("magnitude_threshold", base[i], column);
-    TORCH_CHECK(base[i].scalar_type() == base[0].scalar_type(),
-                "neurokern.magnitude_threshold: base[", i, "] is ", base[i].scalar_type(),
-                ", base[0] is ", base[0].scalar_type());
+    dispatch_storage(base[i].scalar_type(), "magnitude_threshold", [](auto) {});
   }
   const auto out_shape = per_tensor ? std::vector<int64_t>{n, T} : std::vector<int64_t>{T};
   at::Tensor threshold = at::empty(out_shape, at::kFloat);
   at::Tensor tie_limit = at::empty(out_shape, at::kLong);
   float* th = threshold.data_ptr<float>();
   int64_t* tl = tie_limit.data_ptr<int64_t>();
-  dispatch_storage(base[0].scalar_type(), "magnitude_threshold", [&](auto tag) {
-    using scalar_t = decltype(tag);
-    for (int64_t t = 0; t < T; ++t) {
-      if (per_tensor) {
-        for (int64_t i = 0; i < n; ++i) {
-          const std::vector<Segment> one{{base[i], finetuned[t * n + i], 0}};
-          select_one<scalar_t>(one, base[i].numel(), k[i * T + t], keep_ties, th[i * T + t],
-                               tl[i * T + t]);
-        }
-      } else {
-        std::vector<Segment> segs;
-        int64_t total = 0;
-        for (int64_t i = 0; i < n; ++i) {
-          segs.push_back({base[i], finetuned[t * n + i], total});
-          total += base[i].numel();
-        }
-        select_one<scalar_t>(segs, total, k[t], keep_ties, th[t], tl[t]);
+  // Tensors of different storage dtypes mix in one scope: the keys are float32 magnitudes.
+  for (int64_t t = 0; t < T; ++t) {
+    if (per_tensor) {
+      for (int64_t i = 0; i < n; ++i) {
+        const std::vector<Segment> one{{base[i], finetuned[t * n + i], 0}};
+        select_one(one, base[i].numel(), k[i * T + t], keep_ties, th[i * T + t], tl[i * T + t]);
       }
+    } else {
+      std::vector<Segment> segs;
+      int64_t total = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        segs.push_back({base[i], finetuned[t * n + i], total});
+        total += base[i].numel();
+      }
+      select_one(segs, total, k[t], keep_ties, th[t], tl[t]);
     }
-  });
+  }
   return {threshold, tie_limit};
 }
 

@@ -2,10 +2,12 @@
 // digit passes (bits 30..20, 19..10, 9..0; bit 31 is 0 for magnitudes) with shared-memory
 // histograms fed by warp-aggregated atomics (magnitudes crowd into few bins), for many selection groups at once
 // (one per task over the whole list, or one per (tensor, task)); each block reads a chunk of the
-// base once for up to 4 tasks. Every group's state stays on the device; with exact-k ties, one
+// base once for up to 4 tasks. Tensors of different storage dtypes may share a scope: each kernel
+// is launched once per dtype present and its blocks skip the chunks of other dtypes. Every group's state stays on the device; with exact-k ties, one
 // more pass finds the flat position of the last tie to keep (one host sync to know it is needed).
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <vector>
 
@@ -28,6 +30,7 @@ struct Chunk {
   int64_t begin, end;     // element range inside the tensor
   int64_t position;       // flat position of element 0 of the tensor in the group's scope
   int32_t group0;
+  int32_t dtype;          // the tensor's at::ScalarType
 };
 
 template <typename scalar_t>
@@ -39,10 +42,11 @@ __device__ __forceinline__ uint32_t key_of(const scalar_t* base, const void* ft,
 // Histogram of digit (key >> shift) & (bins-1) over keys whose bits above shift+bits equal the
 // group's prefix so far.
 template <typename scalar_t>
-__global__ void histogram_kernel(const Chunk* chunks, int T, const uint32_t* prefix, const int32_t* active,
-                                 int shift, int bits, uint32_t* hist) {
+__global__ void histogram_kernel(const Chunk* chunks, int32_t dtype, int T, const uint32_t* prefix,
+                                 const int32_t* active, int shift, int bits, uint32_t* hist) {
   __shared__ uint32_t local[kTasksPerBlock][kMaxBins];
   const Chunk c = chunks[blockIdx.x];
+  if (c.dtype != dtype) return;  // another launch's dtype (uniform across the block)
   const int t0 = blockIdx.y * kTasksPerBlock;
   const int tasks = min(kTasksPerBlock, T - t0);
   const int bins = 1 << bits;
@@ -102,11 +106,12 @@ __global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaini
 
 // Exact-k ties: per (chunk, task), how many keys equal the group's threshold key.
 template <typename scalar_t>
-__global__ void tie_count_kernel(const Chunk* chunks, const uint32_t* key, const int32_t* exact, int64_t* counts) {
+__global__ void tie_count_kernel(const Chunk* chunks, int32_t dtype, const uint32_t* key, const int32_t* exact,
+                                 int64_t* counts) {
   __shared__ unsigned long long total;
   const Chunk c = chunks[blockIdx.x];
   const int g = c.group0 + blockIdx.y;
-  if (!exact[g]) return;
+  if (!exact[g] || c.dtype != dtype) return;
   if (threadIdx.x == 0) total = 0;
   __syncthreads();
   const scalar_t* base = static_cast<const scalar_t*>(c.base);
@@ -141,7 +146,7 @@ __global__ void tie_chunk_kernel(const int64_t* cum, int64_t num_chunks, const i
 // Per group (one block): the exact flat position of the need-th tie inside its chunk. Each thread
 // takes a contiguous run of the chunk; a block scan of their tie counts finds the run to search.
 template <typename scalar_t>
-__global__ void tie_position_kernel(const Chunk* chunks, const uint32_t* key, const int32_t* exact,
+__global__ void tie_position_kernel(const Chunk* chunks, int32_t dtype, const uint32_t* key, const int32_t* exact,
                                     const int64_t* chunk_of, const int64_t* need_in_chunk, int64_t* tie_limit,
                                     int T, bool per_tensor) {
   __shared__ int64_t counts[kThreads];
@@ -149,6 +154,7 @@ __global__ void tie_position_kernel(const Chunk* chunks, const uint32_t* key, co
   if (!exact[g]) return;
   const int t = per_tensor ? g % T : g;
   const Chunk c = chunks[chunk_of[g]];
+  if (c.dtype != dtype) return;
   const scalar_t* base = static_cast<const scalar_t*>(c.base);
   const int64_t run = (c.end - c.begin + kThreads - 1) / kThreads;
   const int64_t lo = c.begin + threadIdx.x * run, hi = min(lo + run, c.end);
@@ -195,12 +201,15 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   const int64_t groups = per_tensor ? n * T : T;
   TORCH_CHECK(static_cast<int64_t>(k.size()) == groups, "neurokern.magnitude_threshold: expected ", groups,
               " values of k, got ", k.size());
-  const at::ScalarType dtype = base[0].scalar_type();
   const at::Device device = base[0].device();
+  std::vector<at::ScalarType> dtypes;  // the storage dtypes present, in order of appearance
   for (int64_t i = 0; i < n; ++i) {
+    const at::ScalarType dtype = base[i].scalar_type();
+    dispatch_storage(dtype, "magnitude_threshold", [](auto) {});
+    if (std::find(dtypes.begin(), dtypes.end(), dtype) == dtypes.end()) dtypes.push_back(dtype);
     for (int64_t t = 0; t < T; ++t) {
       const at::Tensor& f = finetuned[t * n + i];
-      TORCH_CHECK(f.sizes() == base[i].sizes() && f.scalar_type() == dtype && base[i].scalar_type() == dtype,
+      TORCH_CHECK(f.sizes() == base[i].sizes() && f.scalar_type() == dtype,
                   "neurokern.magnitude_threshold: finetuned[", t * n + i, "] (", f.sizes(), ", ", f.scalar_type(),
                   ") does not match base[", i, "] (", base[i].sizes(), ", ", base[i].scalar_type(), ")");
       TORCH_CHECK(f.device() == device && base[i].device() == device && f.is_contiguous() && base[i].is_contiguous(),
@@ -228,7 +237,8 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     const int64_t numel = base[i].numel();
     for (int64_t b = 0; b < numel; b += kChunk)
       chunks.push_back({base[i].data_ptr(), ptr_dev + i * T, b, std::min(b + kChunk, numel),
-                        per_tensor ? 0 : position, static_cast<int32_t>(per_tensor ? i * T : 0)});
+                        per_tensor ? 0 : position, static_cast<int32_t>(per_tensor ? i * T : 0),
+                        static_cast<int32_t>(base[i].scalar_type())});
     position += numel;
     if (per_tensor)
       for (int64_t t = 0; t < T; ++t) totals[i * T + t] = numel;
@@ -260,38 +270,49 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   const int group_blocks = static_cast<int>((groups + 127) / 128);
   const dim3 grid(num_chunks, static_cast<unsigned>((T + kTasksPerBlock - 1) / kTasksPerBlock));
   constexpr int kShift[3] = {20, 10, 0}, kBits[3] = {11, 10, 10};
-  dispatch_storage(dtype, "magnitude_threshold", [&](auto tag) {
+  // Runs launch(scalar_t{}, dtype code) for every storage dtype of the list.
+  auto for_each_dtype = [&](auto&& launch) {
+    for (const at::ScalarType dtype : dtypes)
+      dispatch_storage(dtype, "magnitude_threshold", [&](auto tag) { launch(tag, static_cast<int32_t>(dtype)); });
+  };
+  for (int pass = 0; pass < 3 && num_chunks > 0; ++pass) {
+    for_each_dtype([&](auto tag, int32_t code) {
+      using scalar_t = decltype(tag);
+      histogram_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(chunk_ptr, code, static_cast<int>(T), prefix_ptr,
+                                                                active_ptr, kShift[pass], kBits[pass], hist_ptr);
+      NK_CUDA_CHECK_LAUNCH();
+    });
+    select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining.data_ptr<int64_t>(),
+                                                    active_ptr, kBits[pass], ties_ptr, static_cast<int>(groups));
+    NK_CUDA_CHECK_LAUNCH();
+  }
+  finish_kernel<<<group_blocks, 128, 0, stream>>>(prefix_ptr, k_d.data_ptr<int64_t>(), threshold.data_ptr<float>(),
+                                                  tie_limit.data_ptr<int64_t>(), static_cast<int>(groups));
+  NK_CUDA_CHECK_LAUNCH();
+  if (keep_ties || num_chunks == 0) return {threshold, tie_limit};
+  // Groups that keep only part of their ties need the position of the last one kept.
+  const at::Tensor exact = ((active_d != 0) & (remaining < ties.to(at::kLong))).to(at::kInt);
+  if (!exact.any().item<bool>()) return {threshold, tie_limit};
+  at::Tensor counts = at::zeros({T * num_chunks}, opts.dtype(at::kLong));
+  const at::Tensor first_d = to_device(first_chunk.data(), (n + 1) * sizeof(int64_t)).narrow(0, 0, (n + 1) * 8).view(at::kLong);
+  for_each_dtype([&](auto tag, int32_t code) {
     using scalar_t = decltype(tag);
-    for (int pass = 0; pass < 3 && num_chunks > 0; ++pass) {
-      histogram_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(chunk_ptr, static_cast<int>(T), prefix_ptr, active_ptr,
-                                                                kShift[pass], kBits[pass], hist_ptr);
-      NK_CUDA_CHECK_LAUNCH();
-      select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining.data_ptr<int64_t>(),
-                                                      active_ptr, kBits[pass], ties_ptr, static_cast<int>(groups));
-      NK_CUDA_CHECK_LAUNCH();
-    }
-    finish_kernel<<<group_blocks, 128, 0, stream>>>(prefix_ptr, k_d.data_ptr<int64_t>(), threshold.data_ptr<float>(),
-                                                    tie_limit.data_ptr<int64_t>(), static_cast<int>(groups));
-    NK_CUDA_CHECK_LAUNCH();
-    if (keep_ties || num_chunks == 0) return;
-    // Groups that keep only part of their ties need the position of the last one kept.
-    const at::Tensor exact = ((active_d != 0) & (remaining < ties.to(at::kLong))).to(at::kInt);
-    if (!exact.any().item<bool>()) return;
-    at::Tensor counts = at::zeros({T * num_chunks}, opts.dtype(at::kLong));
-    const at::Tensor first_d = to_device(first_chunk.data(), (n + 1) * sizeof(int64_t)).narrow(0, 0, (n + 1) * 8).view(at::kLong);
     tie_count_kernel<scalar_t><<<dim3(num_chunks, static_cast<unsigned>(T)), kThreads, 0, stream>>>(
-        chunk_ptr, prefix_ptr, exact.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
+        chunk_ptr, code, prefix_ptr, exact.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
     NK_CUDA_CHECK_LAUNCH();
-    const at::Tensor cum = counts.view({T, num_chunks}).cumsum(1);
-    at::Tensor chunk_of = at::zeros({groups}, opts.dtype(at::kLong));
-    at::Tensor need_in_chunk = at::zeros({groups}, opts.dtype(at::kLong));
-    tie_chunk_kernel<<<group_blocks, 128, 0, stream>>>(
-        cum.data_ptr<int64_t>(), num_chunks, first_d.data_ptr<int64_t>(), exact.data_ptr<int32_t>(),
-        remaining.data_ptr<int64_t>(), chunk_of.data_ptr<int64_t>(), need_in_chunk.data_ptr<int64_t>(),
-        static_cast<int>(groups), static_cast<int>(T), per_tensor);
-    NK_CUDA_CHECK_LAUNCH();
+  });
+  const at::Tensor cum = counts.view({T, num_chunks}).cumsum(1);
+  at::Tensor chunk_of = at::zeros({groups}, opts.dtype(at::kLong));
+  at::Tensor need_in_chunk = at::zeros({groups}, opts.dtype(at::kLong));
+  tie_chunk_kernel<<<group_blocks, 128, 0, stream>>>(
+      cum.data_ptr<int64_t>(), num_chunks, first_d.data_ptr<int64_t>(), exact.data_ptr<int32_t>(),
+      remaining.data_ptr<int64_t>(), chunk_of.data_ptr<int64_t>(), need_in_chunk.data_ptr<int64_t>(),
+      static_cast<int>(groups), static_cast<int>(T), per_tensor);
+  NK_CUDA_CHECK_LAUNCH();
+  for_each_dtype([&](auto tag, int32_t code) {
+    using scalar_t = decltype(tag);
     tie_position_kernel<scalar_t><<<static_cast<unsigned>(groups), kThreads, 0, stream>>>(
-        chunk_ptr, prefix_ptr, exact.data_ptr<int32_t>(), chunk_of.data_ptr<int64_t>(),
+        chunk_ptr, code, prefix_ptr, exact.data_ptr<int32_t>(), chunk_of.data_ptr<int64_t>(),
         need_in_chunk.data_ptr<int64_t>(), tie_limit.data_ptr<int64_t>(), static_cast<int>(T), per_tensor);
     NK_CUDA_CHECK_LAUNCH();
   });

@@ -4,27 +4,30 @@ kernels; `reference` states what every op means in plain PyTorch."""
 import torch  # noqa: F401  (loads libtorch, which neurokern._C links against)
 
 from neurokern import _C  # noqa: F401,E402  (registers torch.ops.neurokern.*)
-from neurokern.ops.dare import dare, dare_keys
+from neurokern.ops.dare import dare, dare_keys, dare_multi
 from neurokern.ops.magnitude_threshold import magnitude_threshold
 from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs
 from neurokern.ops.neuron_stats import neuron_stats
 from neurokern.ops.subspace_split import subspace_split
-from neurokern.ops.ties_merge import ties_merge
+from neurokern.ops.ties_merge import ties_merge, ties_merge_multi
 from neurokern.ops.tinted_linear import tinted_linear
 from neurokern.ops.trim_l1 import trim_l1
-from neurokern.ops.weighted_sum import weighted_sum
+from neurokern.ops.weighted_sum import weighted_sum, weighted_sum_multi
 
 __all__ = [
     "dare",
     "dare_keys",
+    "dare_multi",
     "magnitude_threshold",
     "neuromerge_coeffs",
     "neuron_stats",
     "subspace_split",
     "ties_merge",
+    "ties_merge_multi",
     "tinted_linear",
     "trim_l1",
     "weighted_sum",
+    "weighted_sum_multi",
 ]
 
 from neurokern.ops import triton as _triton  # noqa: E402,F401  (registers Triton kernels for CUDA)

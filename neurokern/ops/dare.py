@@ -54,3 +54,28 @@ def dare(
 @torch.library.register_fake("neurokern::dare")
 def _(base, finetuned, weights, density, keys, rescale="density", consensus="none", normalize="none", scale=1.0):
     return torch.empty_like(base)
+
+
+def dare_multi(
+    base: Sequence[Tensor],
+    finetuned: Sequence[Tensor],
+    weights: Sequence[float],
+    density: float,
+    keys: Sequence[int],
+    rescale: str = "density",
+    consensus: str = "none",
+    normalize: str = "none",
+    scale: float = 1.0,
+) -> list[Tensor]:
+    """dare of every tensor of a list in one call (one launch per storage dtype on a GPU);
+    finetuned is task-major (finetuned[t * n + i] belongs to base[i]); keys[i * T + t] is the
+    generator key of tensor i, task t (dare_keys per tensor, concatenated)."""
+    return torch.ops.neurokern.dare_multi.default(
+        contiguous(base), contiguous(finetuned), [float(w) for w in weights], float(density),
+        [int(k) for k in keys], rescale, consensus, normalize, float(scale),
+    )
+
+
+@torch.library.register_fake("neurokern::dare_multi")
+def _(base, finetuned, weights, density, keys, rescale="density", consensus="none", normalize="none", scale=1.0):
+    return [torch.empty_like(b) for b in base]

@@ -292,6 +292,49 @@ def dare(base, finetuned, weights, density, keys, rescale="density", consensus="
 
 
 # ---------------------------------------------------------------------------------------------
+# The multi-tensor forms: the single-tensor op on each tensor of the list
+
+
+def _multi_args(base, finetuned, trim, offsets, i):
+    """Tensor i's fine-tuned versions (finetuned is task-major), trim pair and offset."""
+    n = len(base)
+    column = list(finetuned[i::n])
+    if trim is not None and trim[0].dim() == 2:
+        trim = (trim[0][i], trim[1][i])
+    return column, trim, (offsets[i] if offsets else 0)
+
+
+def weighted_sum_multi(base, finetuned, coeffs, trim=None, offsets=None, out_dtype=None):
+    out = []
+    for i, b in enumerate(base):
+        column, trim_i, offset = _multi_args(base, finetuned, trim, offsets, i)
+        out.append(weighted_sum(b, column, coeffs[i], trim_i, offset, out_dtype))
+    return out
+
+
+def weighted_sum_multi_backward(grad, base, finetuned, coeffs, trim=None, offsets=None):
+    rows = []
+    for i, b in enumerate(base):
+        column, trim_i, offset = _multi_args(base, finetuned, trim, offsets, i)
+        rows.append(weighted_sum_backward(grad[i], b, column, coeffs[i], trim_i, offset))
+    return torch.stack(rows)
+
+
+def ties_merge_multi(base, finetuned, weights, trim=None, offsets=None, **options):
+    out = []
+    for i, b in enumerate(base):
+        column, trim_i, offset = _multi_args(base, finetuned, trim, offsets, i)
+        out.append(ties_merge(b, column, weights, trim_i, offset, **options))
+    return out
+
+
+def dare_multi(base, finetuned, weights, density, keys, **options):
+    T = _tasks(finetuned, len(base))
+    return [dare(b, list(finetuned[i::len(base)]), weights, density, keys[i * T:(i + 1) * T], **options)
+            for i, b in enumerate(base)]
+
+
+# ---------------------------------------------------------------------------------------------
 # tinted_linear
 
 

@@ -36,3 +36,31 @@ def ties_merge(
 def _(base, finetuned, weights, threshold=None, tie_limit=None, offset=0, consensus="sum",
       normalize="weights", elect_weighted=True, zero_sign="positive", scale=1.0):
     return torch.empty_like(base)
+
+
+def ties_merge_multi(
+    base: Sequence[Tensor],
+    finetuned: Sequence[Tensor],
+    weights: Sequence[float],
+    trim: Optional[tuple[Tensor, Tensor]] = None,
+    offsets: Optional[Sequence[int]] = None,
+    consensus: str = "sum",
+    normalize: str = "weights",
+    elect_weighted: bool = True,
+    zero_sign: str = "positive",
+    scale: float = 1.0,
+) -> list[Tensor]:
+    """ties_merge of every tensor of a list in one call (one launch per storage dtype on a GPU);
+    finetuned is task-major (finetuned[t * n + i] belongs to base[i]). trim: [T] pairs (one scope,
+    tensor i's positions start at offsets[i]) or [n, T] pairs (row i trims tensor i)."""
+    threshold, tie_limit = trim_args(trim)
+    return torch.ops.neurokern.ties_merge_multi.default(
+        contiguous(base), contiguous(finetuned), [float(w) for w in weights], threshold, tie_limit,
+        list(offsets or []), consensus, normalize, elect_weighted, zero_sign, float(scale),
+    )
+
+
+@torch.library.register_fake("neurokern::ties_merge_multi")
+def _(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(), consensus="sum",
+      normalize="weights", elect_weighted=True, zero_sign="positive", scale=1.0):
+    return [torch.empty_like(b) for b in base]

@@ -65,3 +65,65 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("neurokern::weighted_sum", _backward, setup_context=_setup_context)
+
+
+def weighted_sum_multi(
+    base: Sequence[Tensor],
+    finetuned: Sequence[Tensor],
+    coeffs: Tensor,
+    trim: Optional[tuple[Tensor, Tensor]] = None,
+    offsets: Optional[Sequence[int]] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> list[Tensor]:
+    """weighted_sum of every tensor of a list in one call (one launch per storage dtype on a GPU):
+    out[i] = coeffs[i, 0] * base[i] + sum_t coeffs[i, t+1] * trim(finetuned[t * n + i] - base[i]).
+
+    coeffs: float32 [n, T+1]. trim: [T] pairs (one scope, tensor i's positions start at
+    offsets[i]) or [n, T] pairs (row i trims tensor i). Differentiable with respect to coeffs."""
+    if any(b.requires_grad for b in base) or any(f.requires_grad for f in finetuned):
+        raise ValueError(
+            "neurokern.weighted_sum_multi differentiates only with respect to coeffs; "
+            "detach base and finetuned (they are the models being merged)"
+        )
+    threshold, tie_limit = trim_args(trim)
+    return torch.ops.neurokern.weighted_sum_multi.default(
+        contiguous(base), contiguous(finetuned), coeffs.to(torch.float32).contiguous(),
+        threshold, tie_limit, list(offsets or []), out_dtype,
+    )
+
+
+@torch.library.register_fake("neurokern::weighted_sum_multi")
+def _(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
+    return [b.new_empty(b.shape, dtype=out_dtype or b.dtype) for b in base]
+
+
+@torch.library.register_fake("neurokern::weighted_sum_multi_backward")
+def _(grad, base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=()):
+    return coeffs.new_empty(coeffs.shape, dtype=torch.float32)
+
+
+def _setup_context_multi(ctx, inputs, output):
+    base, finetuned, coeffs, threshold, tie_limit, offsets, _ = inputs
+    ctx.save_for_backward(coeffs, threshold, tie_limit, *base, *finetuned)
+    ctx.num_base = len(base)
+    ctx.offsets = list(offsets)
+
+
+def _backward_multi(ctx, grads):
+    coeffs, threshold, tie_limit, *tensors = ctx.saved_tensors
+    base, finetuned = tensors[:ctx.num_base], tensors[ctx.num_base:]
+    grad_coeffs = None
+    if ctx.needs_input_grad[2]:
+        grads = [torch.zeros_like(b) if g is None else g.contiguous() for g, b in zip(grads, base)]
+        grad_coeffs = torch.ops.neurokern.weighted_sum_multi_backward.default(
+            grads, base, finetuned, coeffs, threshold, tie_limit, ctx.offsets
+        )
+    # The structure of the inputs: a list of Nones for each list argument (offsets included).
+    out = [[None] * len(need) if isinstance(need, (list, tuple)) else None for need in ctx.needs_input_grad]
+    out[2] = grad_coeffs
+    return tuple(out)
+
+
+torch.library.register_autograd(
+    "neurokern::weighted_sum_multi", _backward_multi, setup_context=_setup_context_multi
+)

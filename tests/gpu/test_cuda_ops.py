@@ -25,7 +25,9 @@ def group(shape, T, dtype, seed, device="cuda", quantize=False):
 
 
 def check_thresholds(shapes, dtype, T, keep_ties):
-    groups = [group(s, T, dtype, seed=i, quantize=i % 2 == 1) for i, s in enumerate(shapes)]
+    """dtype: one storage dtype, or a list cycled through the tensors (a scope mixing dtypes)."""
+    dtypes = dtype if isinstance(dtype, list) else [dtype]
+    groups = [group(s, T, dtypes[i % len(dtypes)], seed=i, quantize=i % 2 == 1) for i, s in enumerate(shapes)]
     base = [b for b, _ in groups]
     fts = [groups[i][1][t] for t in range(T) for i in range(len(groups))]
     N = sum(b.numel() for b in base)
@@ -49,6 +51,12 @@ def test_magnitude_threshold_matches_cpu(dtype, T, keep_ties):
 @pytest.mark.parametrize("keep_ties", [True, False])
 def test_magnitude_threshold_real_shapes(keep_ties):
     check_thresholds(REAL_SHAPES, torch.bfloat16, 4, keep_ties)
+
+
+@pytest.mark.parametrize("T", [1, 3, 5])
+@pytest.mark.parametrize("keep_ties", [True, False])
+def test_magnitude_threshold_mixed_dtypes(T, keep_ties):
+    check_thresholds(SHAPES + REAL_SHAPES[2:], [torch.bfloat16, torch.float32, torch.float16], T, keep_ties)
 
 
 @pytest.mark.parametrize("T", range(1, 10))

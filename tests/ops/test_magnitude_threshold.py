@@ -78,6 +78,23 @@ def test_global_scope_list_vs_reference(T, dtype, keep_ties):
             assert counts[t] == expect, (t, counts[t], k[t])
 
 
+@pytest.mark.parametrize("T", [1, 2, 5])
+@pytest.mark.parametrize("keep_ties", [True, False])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_scope_mixing_dtypes(T, keep_ties, per_tensor):
+    """A list mixing float32, bfloat16 and float16 tensors (a model keeping its norms in float32)
+    selects over the same float32 magnitudes as float32 copies of it: equal outputs."""
+    shapes = [(33, 65), (7,), (0, 5), (1, 17), (17, 1), (3, 2, 5)]
+    group = [make_group(s, T, DTYPES[i % 3], seed_of("mixed", s, T, i), noise=0.05) for i, s in enumerate(shapes)]
+    bases = [b for b, _ in group]
+    fts = [group[i][1][t] for t in range(T) for i in range(len(shapes))]
+    N = sum(b.numel() for b in bases)
+    k = [max(1, b.numel() // 4) for b in bases for _ in range(T)] if per_tensor else _ks(N, T, seed_of("mk", T))
+    got = nk.magnitude_threshold(bases, fts, k, keep_ties, per_tensor=per_tensor)
+    want = nk.magnitude_threshold([b.float() for b in bases], [f.float() for f in fts], k, keep_ties, per_tensor=per_tensor)
+    _assert_exact(got, want)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("keep_ties", [True, False])
@@ -298,9 +315,9 @@ def test_bad_arguments():
         nk.magnitude_threshold([base], [fts[0], fts[1].bfloat16()], [1, 1])
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         nk.magnitude_threshold([base.double()], [f.double() for f in fts], [1, 1])
-    b2 = torch.zeros(2, dtype=torch.float16)
-    with pytest.raises(RuntimeError, match=r"base\[1\] is Half"):
-        nk.magnitude_threshold([base, b2], [fts[0], b2, fts[1], b2], [1, 1])
+    b2 = torch.zeros(2, dtype=torch.float16)  # another dtype in the scope is fine, its own versions must match it
+    with pytest.raises(RuntimeError, match=r"finetuned\[0\] is Float, base is Half"):
+        nk.magnitude_threshold([base, b2], [fts[0], b2.float(), fts[1], b2], [1, 1])
 
 
 @pytest.mark.parametrize("keep_ties,per_tensor", [(True, False), (False, False), (False, True)])

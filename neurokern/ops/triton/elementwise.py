@@ -268,6 +268,32 @@ def _ws_add(acc, f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, c
     return acc + a * _task(f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t, TRIM)
 
 
+@triton.jit
+def _ws_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+              offs, mask, cidx, count, offset, T: tl.constexpr, TRIM: tl.constexpr, LAYOUT: tl.constexpr):
+    """out[offs] = a_0 * base + sum_t a_{t+1} * trim(tau_t) for one block of elements."""
+    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pos = offs + offset
+    acc = _coeff(coef_ptr, 0, count, cidx, mask, LAYOUT) * w
+    if T > 0:
+        acc = _ws_add(acc, f0, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 0, TRIM, LAYOUT)
+    if T > 1:
+        acc = _ws_add(acc, f1, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 1, TRIM, LAYOUT)
+    if T > 2:
+        acc = _ws_add(acc, f2, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 2, TRIM, LAYOUT)
+    if T > 3:
+        acc = _ws_add(acc, f3, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 3, TRIM, LAYOUT)
+    if T > 4:
+        acc = _ws_add(acc, f4, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 4, TRIM, LAYOUT)
+    if T > 5:
+        acc = _ws_add(acc, f5, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 5, TRIM, LAYOUT)
+    if T > 6:
+        acc = _ws_add(acc, f6, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 6, TRIM, LAYOUT)
+    if T > 7:
+        acc = _ws_add(acc, f7, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 7, TRIM, LAYOUT)
+    tl.store(out_ptr + offs, _to_out(acc, out_ptr.dtype.element_ty), mask=mask)
+
+
 @triton.jit(do_not_specialize=["count", "offset"])
 def _weighted_sum_kernel(
     base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
@@ -289,26 +315,8 @@ def _weighted_sum_kernel(
             cidx = offs
         else:
             cidx = 0
-    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pos = offs + offset
-    acc = _coeff(coef_ptr, 0, count, cidx, mask, LAYOUT) * w
-    if T > 0:
-        acc = _ws_add(acc, f0, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 0, TRIM, LAYOUT)
-    if T > 1:
-        acc = _ws_add(acc, f1, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 1, TRIM, LAYOUT)
-    if T > 2:
-        acc = _ws_add(acc, f2, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 2, TRIM, LAYOUT)
-    if T > 3:
-        acc = _ws_add(acc, f3, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 3, TRIM, LAYOUT)
-    if T > 4:
-        acc = _ws_add(acc, f4, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 4, TRIM, LAYOUT)
-    if T > 5:
-        acc = _ws_add(acc, f5, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 5, TRIM, LAYOUT)
-    if T > 6:
-        acc = _ws_add(acc, f6, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 6, TRIM, LAYOUT)
-    if T > 7:
-        acc = _ws_add(acc, f7, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 7, TRIM, LAYOUT)
-    tl.store(out_ptr + offs, _to_out(acc, out_ptr.dtype.element_ty), mask=mask)
+    _ws_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+              offs, mask, cidx, count, offset, T, TRIM, LAYOUT)
 
 
 def _coeff_layout(op: str, coeffs: torch.Tensor, base: torch.Tensor, T: int) -> tuple[int, int]:
@@ -395,17 +403,12 @@ def _dot_acc(acc, g, f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t: tl.constexp
     return acc + g * x.to(tl.float64)
 
 
-@triton.jit(do_not_specialize=["offset"])
-def _ws_backward_rows_kernel(
-    grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, out_ptr,
-    R, C, n, offset,
-    T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """out[i, r] = sum over "row" r (elements [r C, (r + 1) C) of the flat tensor, the last one
-    cut at n) of grad * x_i: one program per row, float64 lane accumulators over its BLOCK-wide
-    chunks, one reduction per input at the end. Per-row coefficients: the rows of base, float32
-    out. Per tensor: chunks of CHUNK elements, float64 out (stage 1 of the two-stage sum)."""
-    row = tl.program_id(0).to(tl.int64)
+@triton.jit
+def _ws_dots(grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, out_ptr,
+             row, R, C, n, offset, T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i * R + row] = sum over "row" row (elements [row C, (row + 1) C) of the flat tensor, the
+    last one cut at n) of grad * x_i: float64 lane accumulators over its BLOCK-wide chunks, one
+    reduction per input at the end."""
     cols = tl.arange(0, BLOCK)
     a0 = tl.zeros([BLOCK], dtype=tl.float64)
     a1 = tl.zeros([BLOCK], dtype=tl.float64)
@@ -457,6 +460,18 @@ def _ws_backward_rows_kernel(
         tl.store(out_ptr + 7 * R + row, tl.sum(a7, axis=0).to(out_ptr.dtype.element_ty))
     if T > 7:
         tl.store(out_ptr + 8 * R + row, tl.sum(a8, axis=0).to(out_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _ws_backward_rows_kernel(
+    grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, out_ptr,
+    R, C, n, offset,
+    T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row (_ws_dots). Per-row coefficients: the rows of base, float32 out. Per
+    tensor: chunks of CHUNK elements, float64 out (stage 1 of the two-stage sum)."""
+    _ws_dots(grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, out_ptr,
+             tl.program_id(0).to(tl.int64), R, C, n, offset, T, TRIM, BLOCK)
 
 
 @triton.jit
@@ -688,6 +703,16 @@ def _parse(op: str, name: str, table: dict, what: str, allow_none: bool = True):
     return table[name]
 
 
+def ties_options(op: str, T: int, weights, consensus: str, normalize: str, zero_sign: str) -> tuple[int, int]:
+    """Checks ties_merge's options; returns the (consensus, normalize) codes of the kernels."""
+    if len(weights) != T:
+        _fail(op, f"{len(weights)} weights for {T} fine-tuned tensors")
+    if zero_sign not in ("positive", "majority"):
+        _fail(op, f'zero_sign must be "positive" or "majority", got "{zero_sign}"')
+    return (_parse(op, consensus, _CONSENSUS, "consensus", allow_none=False),
+            _parse(op, normalize, _NORMALIZE, "normalize"))
+
+
 def ties_merge(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],
@@ -707,12 +732,7 @@ def ties_merge(
     op = "ties_merge"
     _check_group(op, base, finetuned)
     T = len(finetuned)
-    if len(weights) != T:
-        _fail(op, f"{len(weights)} weights for {T} fine-tuned tensors")
-    if zero_sign not in ("positive", "majority"):
-        _fail(op, f'zero_sign must be "positive" or "majority", got "{zero_sign}"')
-    cons = _parse(op, consensus, _CONSENSUS, "consensus", allow_none=False)
-    norm = _parse(op, normalize, _NORMALIZE, "normalize")
+    cons, norm = ties_options(op, T, weights, consensus, normalize, zero_sign)
     thr, lim = _trim(op, threshold, tie_limit, T, base.device)
     _check_storage(op, base.dtype)
     if T > MAX_TASKS:
@@ -803,16 +823,13 @@ def _dare_mix_add(v, s, d, CONSENSUS: tl.constexpr):
 
 
 @triton.jit
-def _dare_kernel(
-    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, par_ptr, fac_ptr, out_ptr,
-    n, keep_below,
+def _dare_block(
+    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, par_ptr, fac_ptr, out_ptr, grp, n, keep_below,
     T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, G: tl.constexpr,
 ):
-    """A tile of [G, 4] consecutive elements (G Philox counters, one Philox call per 4 elements):
-    out = base + float(scale * merged), merged = sum_t d_t / divisor (consensus "none") or
-    elect_and_mix(d, d) with a zero vote electing + (election.h)."""
-    pid = tl.program_id(0).to(tl.int64)
-    grp = pid * G + tl.arange(0, G)
+    """A tile of [G, 4] consecutive elements (G Philox counters grp, one Philox call per 4
+    elements): out = base + float(scale * merged), merged = sum_t d_t / divisor (consensus "none")
+    or elect_and_mix(d, d) with a zero vote electing + (election.h)."""
     lane = tl.arange(0, 4)[None, :]
     offs = grp[:, None] * 4 + lane
     mask = offs < n
@@ -871,6 +888,17 @@ def _dare_kernel(
         merged = _divide(s, ws, cnt, NORMALIZE)
     delta = (tl.load(par_ptr + T) * merged).to(tl.float32)
     tl.store(out_ptr + offs, _to_out(w + delta, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dare_kernel(
+    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, par_ptr, fac_ptr, out_ptr,
+    n, keep_below,
+    T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, G: tl.constexpr,
+):
+    grp = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    _dare_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, par_ptr, fac_ptr, out_ptr, grp, n, keep_below,
+                T, CONSENSUS, NORMALIZE, G)
 
 
 @triton.jit
@@ -958,6 +986,38 @@ def dare_threshold24(density: float) -> int:
     return 16777216 if t >= 16777216.0 else int(t)
 
 
+def dare_params(weights, density: float, keys, rescale: str, norm: int, scale: float) -> list[float]:
+    """_dare_kernel's par: weights (T), scale, the divisor of consensus "none", the keys as (low,
+    high) 32-bit words, then the rescale factor of each task."""
+    T = len(weights)
+    # consensus "none" divides the plain sum by one number (election.h).
+    wsum = sum(float(w) for w in weights)
+    divisor = 1.0
+    if norm == 1:
+        divisor = 1.0 if abs(wsum) < 1e-8 else wsum
+    elif norm == 2:
+        divisor = float(max(T, 1))
+    factor = 1.0 / density if rescale == "density" else 1.0
+    key_words = []
+    for k in keys:
+        k = int(k) & ((1 << 64) - 1)
+        key_words += [k & 0xFFFFFFFF, k >> 32]
+    return [float(w) for w in weights] + [scale, divisor] + key_words + [factor] * T
+
+
+def dare_options(op: str, T: int, weights, density: float, rescale: str, consensus: str,
+                 normalize: str) -> tuple[int, int]:
+    """Checks dare's options; returns the (consensus, normalize) codes of the kernels."""
+    if len(weights) != T:
+        _fail(op, f"{len(weights)} weights for {T} fine-tuned tensors")
+    if not (density > 0.0 and density <= 1.0):
+        _fail(op, f"density must be in (0, 1], got {density}")
+    if rescale not in ("density", "l1", "none"):
+        _fail(op, f'rescale must be "density", "l1" or "none", got "{rescale}"')
+    return (_parse(op, consensus, _CONSENSUS, "consensus", allow_none=True),
+            _parse(op, normalize, _NORMALIZE, "normalize"))
+
+
 def dare(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],
@@ -975,16 +1035,9 @@ def dare(
     op = "dare"
     _check_group(op, base, finetuned)
     T = len(finetuned)
-    if len(weights) != T:
-        _fail(op, f"{len(weights)} weights for {T} fine-tuned tensors")
     if len(keys) != T:
         _fail(op, f"{len(keys)} keys for {T} fine-tuned tensors")
-    if not (density > 0.0 and density <= 1.0):
-        _fail(op, f"density must be in (0, 1], got {density}")
-    if rescale not in ("density", "l1", "none"):
-        _fail(op, f'rescale must be "density", "l1" or "none", got "{rescale}"')
-    cons = _parse(op, consensus, _CONSENSUS, "consensus", allow_none=True)
-    norm = _parse(op, normalize, _NORMALIZE, "normalize")
+    cons, norm = dare_options(op, T, weights, density, rescale, consensus, normalize)
     _check_storage(op, base.dtype)
     if T > MAX_TASKS:
         from neurokern.ops import reference as ref
@@ -996,19 +1049,7 @@ def dare(
     n = base.numel()
     if n == 0:
         return out
-    # consensus "none" divides the plain sum by one number (election.h).
-    wsum = sum(float(w) for w in weights)
-    divisor = 1.0
-    if norm == 1:
-        divisor = 1.0 if abs(wsum) < 1e-8 else wsum
-    elif norm == 2:
-        divisor = float(max(T, 1))
-    factor = 1.0 / density if rescale == "density" else 1.0
-    key_words = []
-    for k in keys:
-        k = int(k) & ((1 << 64) - 1)
-        key_words += [k & 0xFFFFFFFF, k >> 32]
-    par = _params(base.device, [float(w) for w in weights] + [scale, divisor] + key_words + [factor] * T)
+    par = _params(base.device, dare_params(weights, density, keys, rescale, norm, scale))
     fac = par[T + 2 + 2 * T:]
     block = _election_block(T)
     keep_below = dare_threshold24(density)

@@ -1,0 +1,120 @@
+// The multi-tensor ops on CPU: the single-tensor op for each tensor of the list. The CPU kernels
+// parallelise inside a tensor, so a call per tensor costs nothing the GPU's one launch saves.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "list_args.h"
+
+namespace neurokern::cpu {
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+int64_t offset_of(at::IntArrayRef offsets, int64_t i) { return offsets.empty() ? 0 : offsets[i]; }
+
+std::vector<at::Tensor> weighted_sum_multi_cpu(at::TensorList base, at::TensorList finetuned,
+                                               const at::Tensor& coeffs, const OptTensor& threshold,
+                                               const OptTensor& tie_limit, at::IntArrayRef offsets,
+                                               std::optional<at::ScalarType> out_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neurokern::weighted_sum", "")
+                       .typed<at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&,
+                                         const OptTensor&, const OptTensor&, int64_t,
+                                         std::optional<at::ScalarType>)>();
+  const int64_t n = static_cast<int64_t>(base.size());
+  const int64_t T = list_tasks("weighted_sum_multi", base, finetuned);
+  check_multi_args("weighted_sum_multi", n, T, offsets, threshold, tie_limit);
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == n && coeffs.size(1) == T + 1,
+              "neurokern.weighted_sum_multi: coeffs must be [n, T+1] = [", n, ", ", T + 1,
+              "] (one row per tensor), got ", coeffs.sizes());
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < n; ++i) {
+    out.push_back(op.call(base[i], column_of(finetuned, n, i), coeffs.select(0, i),
+                          trim_of(threshold, i), trim_of(tie_limit, i), offset_of(offsets, i),
+                          out_dtype));
+  }
+  return out;
+}
+
+at::Tensor weighted_sum_multi_backward_cpu(at::TensorList grad, at::TensorList base,
+                                           at::TensorList finetuned, const at::Tensor& coeffs,
+                                           const OptTensor& threshold, const OptTensor& tie_limit,
+                                           at::IntArrayRef offsets) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neurokern::weighted_sum_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, at::TensorList,
+                                         const at::Tensor&, const OptTensor&, const OptTensor&,
+                                         int64_t)>();
+  const int64_t n = static_cast<int64_t>(base.size());
+  const int64_t T = list_tasks("weighted_sum_multi_backward", base, finetuned);
+  check_multi_args("weighted_sum_multi_backward", n, T, offsets, threshold, tie_limit);
+  TORCH_CHECK(static_cast<int64_t>(grad.size()) == n, "neurokern.weighted_sum_multi_backward: ",
+              grad.size(), " gradients for ", n, " tensors");
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == n && coeffs.size(1) == T + 1,
+              "neurokern.weighted_sum_multi_backward: coeffs must be [n, T+1] = [", n, ", ", T + 1,
+              "], got ", coeffs.sizes());
+  at::Tensor out = at::empty({n, T + 1}, coeffs.options().dtype(at::kFloat));
+  for (int64_t i = 0; i < n; ++i) {
+    out.select(0, i).copy_(op.call(grad[i], base[i], column_of(finetuned, n, i), coeffs.select(0, i),
+                                   trim_of(threshold, i), trim_of(tie_limit, i),
+                                   offset_of(offsets, i)));
+  }
+  return out;
+}
+
+std::vector<at::Tensor> ties_merge_multi_cpu(at::TensorList base, at::TensorList finetuned,
+                                             at::ArrayRef<double> weights, const OptTensor& threshold,
+                                             const OptTensor& tie_limit, at::IntArrayRef offsets,
+                                             c10::string_view consensus, c10::string_view normalize,
+                                             bool elect_weighted, c10::string_view zero_sign,
+                                             double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neurokern::ties_merge", "")
+                       .typed<at::Tensor(const at::Tensor&, at::TensorList, at::ArrayRef<double>,
+                                         const OptTensor&, const OptTensor&, int64_t,
+                                         c10::string_view, c10::string_view, bool,
+                                         c10::string_view, double)>();
+  const int64_t n = static_cast<int64_t>(base.size());
+  const int64_t T = list_tasks("ties_merge_multi", base, finetuned);
+  check_multi_args("ties_merge_multi", n, T, offsets, threshold, tie_limit);
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < n; ++i) {
+    out.push_back(op.call(base[i], column_of(finetuned, n, i), weights, trim_of(threshold, i),
+                          trim_of(tie_limit, i), offset_of(offsets, i), consensus, normalize,
+                          elect_weighted, zero_sign, scale));
+  }
+  return out;
+}
+
+std::vector<at::Tensor> dare_multi_cpu(at::TensorList base, at::TensorList finetuned,
+                                       at::ArrayRef<double> weights, double density,
+                                       at::IntArrayRef keys, c10::string_view rescale,
+                                       c10::string_view consensus, c10::string_view normalize,
+                                       double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neurokern::dare", "")
+                       .typed<at::Tensor(const at::Tensor&, at::TensorList, at::ArrayRef<double>,
+                                         double, at::IntArrayRef, c10::string_view,
+                                         c10::string_view, c10::string_view, double)>();
+  const int64_t n = static_cast<int64_t>(base.size());
+  const int64_t T = list_tasks("dare_multi", base, finetuned);
+  TORCH_CHECK(static_cast<int64_t>(keys.size()) == n * T, "neurokern.dare_multi: keys must hold n * T = ",
+              n * T, " entries (keys[i * T + t]), got ", keys.size());
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < n; ++i) {
+    out.push_back(op.call(base[i], column_of(finetuned, n, i), weights, density,
+                          keys.slice(i * T, T), rescale, consensus, normalize, scale));
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(neurokern, CPU, m) {
+  m.impl("weighted_sum_multi", &weighted_sum_multi_cpu);
+  m.impl("weighted_sum_multi_backward", &weighted_sum_multi_backward_cpu);
+  m.impl("ties_merge_multi", &ties_merge_multi_cpu);
+  m.impl("dare_multi", &dare_multi_cpu);
+}
+
+}  // namespace neurokern::cpu

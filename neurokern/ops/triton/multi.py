@@ -1,0 +1,392 @@
+"""Triton kernels of the multi-tensor ops (weighted_sum_multi (+ backward), ties_merge_multi,
+dare_multi): a whole list of tensors in one launch, so that small tensors (norms, biases) cost no
+launch of their own.
+
+A launch covers the tensors of one storage dtype. Its table (int64, one host-to-device copy) holds,
+per tensor, the first program of the tensor, its numel, its flat-position offset, and the addresses
+of base, the output and the T fine-tuned tensors; a program finds its tensor by binary search over
+the first-program column, casts the addresses to pointers, and runs the same block function as the
+single-tensor kernel (elementwise.py), so the outputs are bitwise those of the single-tensor ops.
+
+Options whose per-tensor pre-pass the single-tensor kernels do (ties_merge zero_sign="majority",
+dare rescale="l1"), T > MAX_TASKS and output dtypes the kernels do not store directly run the
+single-tensor launcher per tensor.
+"""
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from neurokern.ops.triton import elementwise as ew
+from neurokern.ops.triton import registry
+
+# Rows of the table (each n long): first program, numel, offset, base, out, then finetuned[0..T-1].
+_START, _NUMEL, _OFFSET, _BASE, _OUT, _FT = range(6)
+
+
+@triton.jit
+def _locate(table, nt, pid, LOG_NT: tl.constexpr):
+    """The tensor j of program pid: the last j with first_program[j] <= pid (empty tensors share
+    their successor's first program, so they are skipped)."""
+    lo = pid * 0
+    hi = lo + nt
+    for _ in tl.static_range(LOG_NT):
+        mid = (lo + hi) // 2
+        go_right = tl.load(table + mid) <= pid
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _ptr(table, row, nt, j, like):
+    """Address row `row` of tensor j as a pointer to like's element type."""
+    return tl.load(table + row * nt + j).to(tl.pointer_type(like.dtype.element_ty))
+
+
+@triton.jit
+def _inputs(table, nt, j, like, T: tl.constexpr):
+    """base, then the fine-tuned pointers f0..f7 of tensor j (unused slots point at base)."""
+    b = _ptr(table, 3, nt, j, like)
+    f0 = b
+    f1 = b
+    f2 = b
+    f3 = b
+    f4 = b
+    f5 = b
+    f6 = b
+    f7 = b
+    if T > 0:
+        f0 = _ptr(table, 5, nt, j, like)
+    if T > 1:
+        f1 = _ptr(table, 6, nt, j, like)
+    if T > 2:
+        f2 = _ptr(table, 7, nt, j, like)
+    if T > 3:
+        f3 = _ptr(table, 8, nt, j, like)
+    if T > 4:
+        f4 = _ptr(table, 9, nt, j, like)
+    if T > 5:
+        f5 = _ptr(table, 10, nt, j, like)
+    if T > 6:
+        f6 = _ptr(table, 11, nt, j, like)
+    if T > 7:
+        f7 = _ptr(table, 12, nt, j, like)
+    return b, f0, f1, f2, f3, f4, f5, f6, f7
+
+
+@triton.jit
+def _where(table, nt, LOG_NT: tl.constexpr):
+    """(program id, tensor j, program index inside tensor j, numel, offset) of this program."""
+    pid = tl.program_id(0).to(tl.int64)
+    j = _locate(table, nt, pid, LOG_NT)
+    local = pid - tl.load(table + j)
+    return pid, j, local, tl.load(table + nt + j), tl.load(table + 2 * nt + j)
+
+
+@triton.jit
+def _trim_row(thr_ptr, lim_ptr, j, T: tl.constexpr, TRIM_ROWS: tl.constexpr):
+    if TRIM_ROWS:
+        thr_ptr += j * T
+        lim_ptr += j * T
+    return thr_ptr, lim_ptr
+
+
+@triton.jit
+def _ws_multi_kernel(
+    table, coef_ptr, thr_ptr, lim_ptr, like_in, like_out, nt,
+    T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    LOG_NT: tl.constexpr,
+):
+    pid, j, local, n, offset = _where(table, nt, LOG_NT)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T)
+    out_ptr = _ptr(table, 4, nt, j, like_out)
+    thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    offs = local * BLOCK + tl.arange(0, BLOCK)
+    ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr + j * (T + 1), thr_ptr, lim_ptr, out_ptr,
+                 offs, offs < n, 0, 1, offset, T, TRIM, 0)
+
+
+@triton.jit
+def _ws_multi_backward_kernel(
+    table, grad_table, thr_ptr, lim_ptr, part_ptr, like_in, like_grad, nt, P,
+    T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, LOG_NT: tl.constexpr,
+):
+    """part[i, pid] = <grad, x_i> over chunk `local` (CHUNK elements) of tensor j, float64."""
+    pid, j, local, n, offset = _where(table, nt, LOG_NT)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T)
+    grad_ptr = tl.load(grad_table + j).to(tl.pointer_type(like_grad.dtype.element_ty))
+    thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    ew._ws_dots(grad_ptr, b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_ptr + pid - local,
+                local, P, CHUNK, n, offset, T, TRIM, BLOCK)
+
+
+@triton.jit
+def _segment_sum_kernel(part_ptr, table, out_ptr, nt, P, W: tl.constexpr, BW: tl.constexpr,
+                        ROWS: tl.constexpr):
+    """out[j, i] = float32(sum of part[i, s_j : s_j+1]) for tensor j's chunk range, float64 sums in
+    a fixed order (deterministic)."""
+    j = tl.program_id(0).to(tl.int64)
+    first = tl.load(table + j)
+    last = tl.where(j + 1 < nt, tl.load(table + tl.minimum(j + 1, nt - 1)), P)
+    inputs = tl.arange(0, BW)
+    acc = tl.zeros([ROWS, BW], dtype=tl.float64)
+    for r0 in range(first, last, ROWS):
+        r = r0 + tl.arange(0, ROWS)
+        mask = (r[:, None] < last) & (inputs[None, :] < W)
+        acc += tl.load(part_ptr + inputs[None, :] * P + r[:, None], mask=mask, other=0.0)
+    tl.store(out_ptr + j * W + inputs, tl.sum(acc, axis=0).to(tl.float32), mask=inputs < W)
+
+
+@triton.jit
+def _ties_multi_kernel(
+    table, thr_ptr, lim_ptr, par_ptr, like_in, nt,
+    T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
+    NORMALIZE: tl.constexpr, ELECT_W: tl.constexpr, BLOCK: tl.constexpr, LOG_NT: tl.constexpr,
+):
+    pid, j, local, n, offset = _where(table, nt, LOG_NT)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T)
+    out_ptr = _ptr(table, 4, nt, j, like_in)
+    thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    offs = local * BLOCK + tl.arange(0, BLOCK)
+    ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, out_ptr, offs,
+                   offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, False, 1, BLOCK)
+
+
+@triton.jit
+def _dare_multi_kernel(
+    table, par_ptr, like_in, nt, keep_below, PAR: tl.constexpr,
+    T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, G: tl.constexpr,
+    LOG_NT: tl.constexpr,
+):
+    pid, j, local, n, offset = _where(table, nt, LOG_NT)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T)
+    out_ptr = _ptr(table, 4, nt, j, like_in)
+    par = par_ptr + j * PAR
+    ew._dare_block(b, f0, f1, f2, f3, f4, f5, f6, f7, par, par + (T + 2 + 2 * T), out_ptr,
+                   local * G + tl.arange(0, G), n, keep_below, T, CONSENSUS, NORMALIZE, G)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _columns(op: str, base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tensor]):
+    """T and each tensor's fine-tuned versions (finetuned is task-major), checked."""
+    n = len(base)
+    if n == 0:
+        ew._fail(op, "base is an empty list")
+    if len(finetuned) % n:
+        ew._fail(op, f"{len(finetuned)} fine-tuned tensors is not a multiple of {n} base tensors")
+    T = len(finetuned) // n
+    columns = [list(finetuned[i::n]) for i in range(n)]
+    for b, column in zip(base, columns):
+        ew._check_group(op, b, column)
+        ew._check_storage(op, b.dtype)
+    return T, columns
+
+
+def _offsets(op: str, offsets: Sequence[int], n: int) -> list[int]:
+    if len(offsets) not in (0, n):
+        ew._fail(op, f"offsets must be empty or hold one entry per tensor ({n}), got {len(offsets)}")
+    return list(offsets) or [0] * n
+
+
+def _trims(op: str, threshold, tie_limit, n: int, T: int, device):
+    """(threshold, tie_limit, rows): float32 / int64 [T] or [n, T] on device, rows = per tensor."""
+    if (threshold is None) != (tie_limit is None):
+        ew._fail(op, "threshold and tie_limit must be given together")
+    if threshold is None:
+        return None, None, False
+    for t in (threshold, tie_limit):
+        if not (t.dim() == 1 and t.shape[0] == T or t.dim() == 2 and tuple(t.shape) == (n, T)):
+            ew._fail(op, f"threshold and tie_limit must be [{T}] or [{n}, {T}], got {ew._shape(t)}")
+    rows = threshold.dim() == 2
+    return (threshold.to(device=device, dtype=torch.float32).contiguous(),
+            tie_limit.to(device=device, dtype=torch.int64).contiguous(), rows)
+
+
+def _trim_of(thr, lim, rows: bool, i: int):
+    if thr is None:
+        return None, None
+    return (thr[i], lim[i]) if rows else (thr, lim)
+
+
+def _by_dtype(base: Sequence[torch.Tensor]) -> list[list[int]]:
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, b in enumerate(base):
+        groups.setdefault(b.dtype, []).append(i)
+    return list(groups.values())
+
+
+def _table(idx, base, columns, outs, offsets, per_program: int, device, extra=()):
+    """The launch table of tensors idx (see the module docstring) and the number of programs."""
+    starts, total = [], 0
+    for i in idx:
+        starts.append(total)
+        total += triton.cdiv(base[i].numel(), per_program)
+    rows = [starts, [base[i].numel() for i in idx], [offsets[i] for i in idx],
+            [base[i].data_ptr() for i in idx], [outs[i].data_ptr() for i in idx]]
+    T = len(columns[idx[0]])
+    rows += [[columns[i][t].data_ptr() for i in idx] for t in range(T)]
+    rows += [list(r) for r in extra]
+    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    return table, total, max(1, (len(idx) - 1).bit_length())
+
+
+def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
+    """torch.ops.neurokern.weighted_sum_multi: one launch per storage dtype of the list."""
+    op = "weighted_sum_multi"
+    T, columns = _columns(op, base, finetuned)
+    n = len(base)
+    if coeffs.dtype != torch.float32 or tuple(coeffs.shape) != (n, T + 1):
+        ew._fail(op, f"coeffs must be float32 [n, T+1] = [{n}, {T + 1}] (one row per tensor), got "
+                     f"{ew._name(coeffs.dtype)} {ew._shape(coeffs)}")
+    offsets = _offsets(op, offsets, n)
+    device = base[0].device
+    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
+    coeffs = coeffs.to(device).contiguous()
+    outs = [torch.empty(b.shape, dtype=out_dtype or b.dtype, device=b.device) for b in base]
+    direct = (out_dtype or torch.float32) in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    if T > ew.MAX_TASKS or not direct:
+        for i in range(n):
+            t_i, l_i = _trim_of(thr, lim, rows, i)
+            outs[i] = ew.weighted_sum(base[i], columns[i], coeffs[i], t_i, l_i, offsets[i], out_dtype)
+        return outs
+    for idx in _by_dtype(base):
+        table, programs, log_nt = _table(idx, base, columns, outs, offsets, ew.BLOCK, device)
+        if programs == 0:
+            continue
+        sub = coeffs[idx] if len(idx) < n else coeffs
+        sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
+        first = base[idx[0]]
+        _ws_multi_kernel[(programs,)](
+            table, sub, sub_thr if thr is not None else first, sub_lim if lim is not None else first,
+            first, outs[idx[0]], len(idx),
+            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=ew.BLOCK, LOG_NT=log_nt, **ew.LAUNCH,
+        )
+    return outs
+
+
+def weighted_sum_multi_backward(grad, base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=()):
+    """torch.ops.neurokern.weighted_sum_multi_backward: per storage dtype, one launch of float64
+    partial sums over CHUNK-element chunks and one launch summing each tensor's partials."""
+    op = "weighted_sum_multi_backward"
+    T, columns = _columns(op, base, finetuned)
+    n = len(base)
+    if len(grad) != n:
+        ew._fail(op, f"{len(grad)} gradients for {n} tensors")
+    if tuple(coeffs.shape) != (n, T + 1):
+        ew._fail(op, f"coeffs must be [n, T+1] = [{n}, {T + 1}], got {ew._shape(coeffs)}")
+    for i, (g, b) in enumerate(zip(grad, base)):
+        if g.shape != b.shape:
+            ew._fail(op, f"grad[{i}] has shape {ew._shape(g)}, base[{i}] has {ew._shape(b)}")
+    offsets = _offsets(op, offsets, n)
+    device = base[0].device
+    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
+    grad = [(g if g.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+             else g.to(torch.float32)).to(device).contiguous() for g in grad]
+    out = torch.zeros((n, T + 1), dtype=torch.float32, device=device)
+    if T > ew.MAX_TASKS:
+        for i in range(n):
+            t_i, l_i = _trim_of(thr, lim, rows, i)
+            out[i] = ew.weighted_sum_backward(grad[i], base[i], columns[i], coeffs[i], t_i, l_i, offsets[i])
+        return out
+    groups: dict[tuple, list[int]] = {}
+    for i in range(n):
+        groups.setdefault((base[i].dtype, grad[i].dtype), []).append(i)
+    chunk = ew.CHUNK
+    for idx in groups.values():
+        table, programs, log_nt = _table(idx, base, columns, base, offsets, chunk, device,
+                                         extra=[[grad[i].data_ptr() for i in idx]])
+        if programs == 0:
+            continue
+        part = torch.empty((T + 1, programs), dtype=torch.float64, device=device)
+        sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
+        first = base[idx[0]]
+        _ws_multi_backward_kernel[(programs,)](
+            table, table[(_FT + T):], sub_thr if thr is not None else first,
+            sub_lim if lim is not None else first, part, first, grad[idx[0]], len(idx), programs,
+            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=min(ew.RED_BLOCK, chunk), CHUNK=chunk,
+            LOG_NT=log_nt, **ew.LAUNCH,
+        )
+        sums = torch.empty((len(idx), T + 1), dtype=torch.float32, device=device)
+        _segment_sum_kernel[(len(idx),)](part, table, sums, len(idx), programs, W=T + 1,
+                                         BW=triton.next_power_of_2(T + 1), ROWS=64, num_warps=4)
+        out[idx] = sums
+    return out
+
+
+def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(),
+                     consensus="sum", normalize="weights", elect_weighted=True, zero_sign="positive",
+                     scale=1.0):
+    """torch.ops.neurokern.ties_merge_multi: one launch per storage dtype of the list."""
+    op = "ties_merge_multi"
+    T, columns = _columns(op, base, finetuned)
+    n = len(base)
+    cons, norm = ew.ties_options(op, T, weights, consensus, normalize, zero_sign)
+    offsets = _offsets(op, offsets, n)
+    device = base[0].device
+    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
+    if T > ew.MAX_TASKS or zero_sign == "majority":
+        outs = []
+        for i in range(n):
+            t_i, l_i = _trim_of(thr, lim, rows, i)
+            outs.append(ew.ties_merge(base[i], columns[i], weights, t_i, l_i, offsets[i], consensus,
+                                      normalize, elect_weighted, zero_sign, scale))
+        return outs
+    outs = [torch.empty_like(b) for b in base]
+    par = ew._params(device, list(weights) + [scale])
+    block = ew._election_block(T)
+    for idx in _by_dtype(base):
+        table, programs, log_nt = _table(idx, base, columns, outs, offsets, block, device)
+        if programs == 0:
+            continue
+        sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
+        first = base[idx[0]]
+        _ties_multi_kernel[(programs,)](
+            table, sub_thr if thr is not None else first, sub_lim if lim is not None else first, par,
+            first, len(idx),
+            T=T, TRIM=thr is not None, TRIM_ROWS=rows, CONSENSUS=cons, NORMALIZE=norm,
+            ELECT_W=bool(elect_weighted), BLOCK=block, LOG_NT=log_nt, **ew.LAUNCH,
+        )
+    return outs
+
+
+def dare_multi(base, finetuned, weights, density, keys, rescale="density", consensus="none",
+               normalize="none", scale=1.0):
+    """torch.ops.neurokern.dare_multi: one launch per storage dtype of the list; tensor i's row of
+    per-call scalars carries its keys."""
+    op = "dare_multi"
+    T, columns = _columns(op, base, finetuned)
+    n = len(base)
+    if len(keys) != n * T:
+        ew._fail(op, f"keys must hold n * T = {n * T} entries (keys[i * T + t]), got {len(keys)}")
+    cons, norm = ew.dare_options(op, T, weights, density, rescale, consensus, normalize)
+    if T > ew.MAX_TASKS or rescale == "l1":
+        return [ew.dare(base[i], columns[i], weights, density, keys[i * T:(i + 1) * T], rescale,
+                        consensus, normalize, scale) for i in range(n)]
+    device = base[0].device
+    outs = [torch.empty_like(b) for b in base]
+    rows = [ew.dare_params(weights, density, keys[i * T:(i + 1) * T], rescale, norm, scale) for i in range(n)]
+    width = len(rows[0])
+    block = ew._election_block(T)
+    keep_below = ew.dare_threshold24(density)
+    for idx in _by_dtype(base):
+        table, programs, log_nt = _table(idx, base, columns, outs, [0] * n, block, device)
+        if programs == 0:
+            continue
+        par = torch.tensor([rows[i] for i in idx], dtype=torch.float64).to(device)
+        _dare_multi_kernel[(programs,)](
+            table, par, base[idx[0]], len(idx), keep_below, PAR=width,
+            T=T, CONSENSUS=cons, NORMALIZE=norm, G=block // 4, LOG_NT=log_nt, **ew.LAUNCH,
+        )
+    return outs
+
+
+registry.register("weighted_sum_multi", weighted_sum_multi)
+registry.register("weighted_sum_multi_backward", weighted_sum_multi_backward)
+registry.register("ties_merge_multi", ties_merge_multi)
+registry.register("dare_multi", dare_multi)

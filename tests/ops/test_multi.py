@@ -1,0 +1,174 @@
+"""The multi-tensor ops (weighted_sum_multi (+ backward), ties_merge_multi, dare_multi) on CPU:
+each output equals the single-tensor op on that tensor, bitwise (the C++ CPU form runs the
+single-tensor kernel per tensor; the reference states the same loop), for lists mixing shapes,
+dtypes, empty tensors, T = 1..8, shared [T] and per-tensor [n, T] trims and flat offsets.
+weighted_sum and ties_merge also equal the reference bitwise; dare is within torch's default
+tolerance of each dtype (the reference divides by the density in float64). Gradients: float32
+within rtol 1e-6 (+ 1e-9) of the float64 reference (float64 sums in another order)."""
+import pytest
+import torch
+
+import neurokern.ops as nk
+from neurokern.ops import reference as ref
+
+from .conftest import TASKS, make_group, opcheck, seed_of
+
+OPS = torch.ops.neurokern
+# A list mixing ranks, odd sizes, an empty tensor and a single element.
+SHAPES = [(33, 65), (0, 4), (17,), (3, 2, 5), (1,), (4, 7)]
+WEIGHTS = [0.8371, 1.2193, 0.5561, -0.3117, 0.9437, 0.6889, 1.4041, 0.7723]
+
+
+def make_list(T, dtypes=(torch.float32,), seed=0, shapes=SHAPES):
+    """n tensors (dtype cycling through dtypes) and their T fine-tuned versions, task-major."""
+    bases, columns = [], []
+    for i, shape in enumerate(shapes):
+        b, fts = make_group(shape, T, dtypes[i % len(dtypes)], seed=seed_of(seed, i))
+        bases.append(b)
+        columns.append(fts)
+    return bases, [columns[i][t] for t in range(T) for i in range(len(bases))]
+
+
+def trims(bases, fts, T, scope, density=0.3):
+    """(threshold, tie_limit, offsets) for one scope over the list or per tensor. (The threshold op
+    takes one dtype: float32 copies give the same float32 task vectors.)"""
+    bases, fts = [b.float() for b in bases], [f.float() for f in fts]
+    if scope == "global":
+        N = sum(b.numel() for b in bases)
+        thr, lim = nk.magnitude_threshold(bases, fts, [max(1, int(density * N))] * T, keep_ties=False)
+        offsets, acc = [], 0
+        for b in bases:
+            offsets.append(acc)
+            acc += b.numel()
+        return (thr, lim), offsets
+    k = [max(1, int(density * b.numel())) for b in bases for _ in range(T)]
+    thr, lim = nk.magnitude_threshold(bases, fts, k, keep_ties=False, per_tensor=True)
+    return (thr, lim), None
+
+
+def assert_lists_equal(actual, expected):
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.dtype == e.dtype and a.shape == e.shape, i
+        assert torch.equal(a, e), f"tensor {i}: max diff {(a.double() - e.double()).abs().max()}"
+
+
+@pytest.mark.parametrize("T", TASKS)
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_weighted_sum_multi(T, scope):
+    bases, fts = make_list(T, (torch.float32, torch.bfloat16, torch.float16), seed=T)
+    n = len(bases)
+    coeffs = torch.rand(n, T + 1, generator=torch.Generator().manual_seed(T))
+    trim, offsets = trims(bases, fts, T, scope) if scope != "none" else (None, None)
+    out = nk.weighted_sum_multi(bases, fts, coeffs, trim, offsets)
+    assert_lists_equal(out, ref.weighted_sum_multi(bases, fts, coeffs, trim, offsets))
+    for i, b in enumerate(bases):  # the single-tensor op, bitwise
+        column, trim_i, offset = ref._multi_args(bases, fts, trim, offsets, i)
+        assert torch.equal(out[i], nk.weighted_sum(b, column, coeffs[i], trim_i, offset))
+    out64 = nk.weighted_sum_multi(bases, fts, coeffs, trim, offsets, out_dtype=torch.float64)
+    assert all(o.dtype == torch.float64 for o in out64)
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_weighted_sum_multi_backward_and_autograd(T, scope):
+    bases, fts = make_list(T, (torch.float32, torch.bfloat16), seed=10 + T)
+    n = len(bases)
+    g = torch.Generator().manual_seed(T)
+    coeffs = torch.rand(n, T + 1, generator=g)
+    grads = [torch.randn(b.shape, generator=g) for b in bases]
+    trim, offsets = trims(bases, fts, T, scope) if scope != "none" else (None, None)
+    expected = ref.weighted_sum_multi_backward(grads, bases, fts, coeffs, trim, offsets)
+    thr, lim = trim if trim else (None, None)
+    got = OPS.weighted_sum_multi_backward(grads, bases, fts, coeffs, thr, lim, offsets or [])
+    assert got.dtype == torch.float32 and got.shape == (n, T + 1)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9)
+    leaf = coeffs.clone().requires_grad_()
+    out = nk.weighted_sum_multi(bases, fts, leaf, trim, offsets, out_dtype=torch.float32)
+    # Outputs left out of the loss get zero gradients.
+    sum((o * gr).sum() for o, gr in list(zip(out, grads))[1:]).backward()
+    grads[0] = torch.zeros_like(grads[0])
+    torch.testing.assert_close(leaf.grad, ref.weighted_sum_multi_backward(grads, bases, fts, coeffs, trim, offsets),
+                               rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("T", TASKS)
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(consensus="count", normalize="count", elect_weighted=False),
+    dict(zero_sign="majority", normalize="none", scale=0.5),
+], ids=["mergekit", "count", "majority"])
+def test_ties_merge_multi(T, scope, options):
+    bases, fts = make_list(T, (torch.bfloat16, torch.float32, torch.float16), seed=20 + T)
+    trim, offsets = trims(bases, fts, T, scope) if scope != "none" else (None, None)
+    weights = WEIGHTS[:T]
+    out = nk.ties_merge_multi(bases, fts, weights, trim, offsets, **options)
+    assert_lists_equal(out, ref.ties_merge_multi(bases, fts, weights, trim, offsets, **options))
+    for i, b in enumerate(bases):
+        column, trim_i, offset = ref._multi_args(bases, fts, trim, offsets, i)
+        assert torch.equal(out[i], nk.ties_merge(b, column, weights, trim_i, offset, **options))
+
+
+@pytest.mark.parametrize("T", TASKS)
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(consensus="sum", normalize="weights", rescale="none"),
+    dict(consensus="count", rescale="l1", scale=0.7),
+], ids=["dare_linear", "dare_ties", "l1"])
+def test_dare_multi(T, options):
+    bases, fts = make_list(T, (torch.float16, torch.float32), seed=30 + T)
+    keys = [k for i in range(len(bases)) for k in nk.dare_keys(7, f"layer.{i}", T)]
+    weights = WEIGHTS[:T]
+    out = nk.dare_multi(bases, fts, weights, 0.4, keys, **options)
+    # The reference divides by the density in float64 where the kernel multiplies by its inverse:
+    # torch's default tolerances of each dtype (rtol 1.3e-6 float32, 1e-3 float16).
+    for a, e in zip(out, ref.dare_multi(bases, fts, weights, 0.4, keys, **options)):
+        torch.testing.assert_close(a, e)
+    for i, b in enumerate(bases):
+        column = list(fts[i::len(bases)])
+        assert torch.equal(out[i], nk.dare(b, column, weights, 0.4, keys[i * T:(i + 1) * T], **options))
+
+
+def test_opcheck():
+    T = 2
+    bases, fts = make_list(T, (torch.float32, torch.bfloat16), shapes=[(5, 3), (4,), (0, 2)])
+    n = len(bases)
+    coeffs = torch.rand(n, T + 1)
+    (thr, lim), _ = trims(bases, fts, T, "tensor")
+    opcheck(OPS.weighted_sum_multi.default, (bases, fts, coeffs.requires_grad_(), thr, lim, [0, 2, 5]))
+    opcheck(OPS.ties_merge_multi.default, (bases, fts, [1.0, 0.5], thr, lim, []))
+    keys = [k for i in range(n) for k in nk.dare_keys(0, str(i), T)]
+    opcheck(OPS.dare_multi.default, (bases, fts, [1.0, 0.5], 0.5, keys))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_base", "base is an empty list"),
+    ("ragged", "is not a multiple of"),
+    ("coeffs", "coeffs must be"),
+    ("offsets", "offsets must be empty or hold one entry per tensor"),
+    ("trim_shape", "threshold and tie_limit must be"),
+    ("keys", "keys must hold n \\* T"),
+    ("shape", "has shape"),
+])
+def test_argument_errors(case, message):
+    bases, fts = make_list(2, shapes=[(3, 4), (5,)])
+    coeffs = torch.rand(2, 3)
+    keys = [1, 2, 3, 4]
+    thr, lim = torch.zeros(2), torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=message):
+        if case == "no_base":
+            OPS.weighted_sum_multi([], [], coeffs)
+        elif case == "ragged":
+            OPS.ties_merge_multi(bases, fts[:3], [1.0])
+        elif case == "coeffs":
+            OPS.weighted_sum_multi(bases, fts, torch.rand(2, 2))
+        elif case == "offsets":
+            OPS.weighted_sum_multi(bases, fts, coeffs, thr, lim, [0])
+        elif case == "trim_shape":
+            OPS.ties_merge_multi(bases, fts, [1.0, 1.0], torch.zeros(3), torch.zeros(3, dtype=torch.int64))
+        elif case == "keys":
+            OPS.dare_multi(bases, fts, [1.0, 1.0], 0.5, keys[:3])
+        elif case == "shape":
+            fts[1] = torch.zeros(6)
+            OPS.ties_merge_multi(bases, fts, [1.0, 1.0])

@@ -1,0 +1,162 @@
+"""Triton launchers of the multi-tensor ops (neurokern/ops/triton/multi.py) against the C++ CPU ops.
+
+Without a GPU the launchers run in Triton's interpreter on CPU tensors; on a GPU the test_cuda_*
+tests run the compiled kernels through torch.ops.neurokern on CUDA tensors, at the shapes of a
+real model. Tolerances: the element-wise outputs are bitwise the C++ op's (each program runs the
+single-tensor kernel's block function); gradients are float64 sums in another order, within
+rtol 1e-6 (+ 1e-9 absolute) of the C++ op's.
+"""
+import zlib
+
+import pytest
+import torch
+
+import neurokern.ops as nk
+from neurokern.ops.triton import multi as M
+
+CUDA = torch.cuda.is_available()
+OPS = torch.ops.neurokern
+WEIGHTS = [0.8371, 1.2193, 0.5561, -0.3117, 0.9437, 0.6889, 1.4041, 0.7723]
+# Mixed ranks, odd sizes, an empty tensor, a single element, and more tensors than one program
+# block of the interpreter (binary search over 9 entries).
+SHAPES = [(33, 65), (0, 4), (17,), (3, 2, 5), (1,), (4, 7), (1, 1), (5000,), (2, 9)]
+
+
+def make_list(T, dtypes, seed, shapes=SHAPES, device="cpu"):
+    g = torch.Generator().manual_seed(zlib.crc32(repr((T, seed)).encode()))
+    bases, columns = [], []
+    for i, shape in enumerate(shapes):
+        dtype = dtypes[i % len(dtypes)]
+        b = torch.randn(shape, generator=g)
+        bases.append(b.to(dtype).to(device))
+        columns.append([(b + 0.02 * (1 + t) * torch.randn(shape, generator=g)).to(dtype).to(device)
+                        for t in range(T)])
+    return bases, [columns[i][t] for t in range(T) for i in range(len(bases))]
+
+
+def cpu(xs):
+    return [x.cpu() for x in xs]
+
+
+def trims(bases, fts, T, scope):
+    """Trims from the CPU op (float32 copies: one dtype per call), as [T] + offsets or [n, T]."""
+    b32, f32 = [b.float().cpu() for b in bases], [f.float().cpu() for f in fts]
+    if scope == "none":
+        return None, None, []
+    if scope == "global":
+        N = sum(b.numel() for b in b32)
+        thr, lim = nk.magnitude_threshold(b32, f32, [max(1, int(0.3 * N))] * T, keep_ties=False)
+        offsets, acc = [], 0
+        for b in b32:
+            offsets.append(acc)
+            acc += b.numel()
+        return thr, lim, offsets
+    k = [max(1, int(0.3 * b.numel())) for b in b32 for _ in range(T)]
+    thr, lim = nk.magnitude_threshold(b32, f32, k, keep_ties=False, per_tensor=True)
+    return thr, lim, []
+
+
+def assert_lists_bitwise(got, want):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        a = a.cpu()
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        assert torch.equal(a, b), f"tensor {i}: {(a.double() - b.double()).abs().max()}"
+
+
+MIXED = (torch.bfloat16, torch.float32, torch.float16)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_weighted_sum_multi(T, scope):
+    bases, fts = make_list(T, MIXED, seed=1)
+    coeffs = torch.rand(len(bases), T + 1, generator=torch.Generator().manual_seed(T))
+    thr, lim, offsets = trims(bases, fts, T, scope)
+    got = M.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets)
+    assert_lists_bitwise(got, OPS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets))
+    got = M.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32)
+    assert_lists_bitwise(got, OPS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32))
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_weighted_sum_multi_backward(T, scope):
+    bases, fts = make_list(T, MIXED, seed=2)
+    g = torch.Generator().manual_seed(T)
+    coeffs = torch.rand(len(bases), T + 1, generator=g)
+    grads = [torch.randn(b.shape, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
+             for i, b in enumerate(bases)]
+    thr, lim, offsets = trims(bases, fts, T, scope)
+    got = M.weighted_sum_multi_backward(grads, bases, fts, coeffs, thr, lim, offsets)
+    want = OPS.weighted_sum_multi_backward(grads, bases, fts, coeffs, thr, lim, offsets)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+@pytest.mark.parametrize("options", [
+    ("sum", "weights", True, "positive", 1.0),
+    ("count", "count", False, "positive", 0.5),
+    ("sum", "none", True, "majority", 1.0),
+], ids=["mergekit", "count", "majority"])
+def test_ties_merge_multi(T, scope, options):
+    bases, fts = make_list(T, MIXED, seed=3)
+    thr, lim, offsets = trims(bases, fts, T, scope)
+    got = M.ties_merge_multi(bases, fts, WEIGHTS[:T], thr, lim, offsets, *options)
+    assert_lists_bitwise(got, OPS.ties_merge_multi(bases, fts, WEIGHTS[:T], thr, lim, offsets, *options))
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+@pytest.mark.parametrize("options", [
+    ("density", "none", "none", 1.0),
+    ("none", "sum", "weights", 1.0),
+    ("l1", "count", "count", 0.7),
+], ids=["dare_linear", "dare_ties", "l1"])
+def test_dare_multi(T, options):
+    bases, fts = make_list(T, MIXED, seed=4)
+    keys = [k for i in range(len(bases)) for k in nk.dare_keys(3, f"t{i}", T)]
+    got = M.dare_multi(bases, fts, WEIGHTS[:T], 0.35, keys, *options)
+    assert_lists_bitwise(got, OPS.dare_multi(bases, fts, WEIGHTS[:T], 0.35, keys, *options))
+
+
+def test_more_tasks_than_kernel_slots():
+    """T > 8 runs the single-tensor launchers (their reference fallbacks)."""
+    T = 9
+    bases, fts = make_list(T, (torch.float32,), seed=5, shapes=[(3, 4), (5,)])
+    coeffs = torch.rand(2, T + 1)
+    assert_lists_bitwise(M.weighted_sum_multi(bases, fts, coeffs), OPS.weighted_sum_multi(bases, fts, coeffs))
+    got = M.ties_merge_multi(bases, fts, [1.0] * T)
+    for a, b in zip(got, OPS.ties_merge_multi(bases, fts, [1.0] * T)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: torch.ops dispatch to these launchers, at a real model's shapes (a TinyLlama layer).
+
+cuda_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+LAYER = [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632),
+         (2048,), (2048,), (1001, 3)]
+
+
+@cuda_only
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_cuda_multi_real_shapes(T):
+    bases, fts = make_list(T, (torch.bfloat16,) * 9 + (torch.float32,), seed=6, shapes=LAYER, device="cuda")
+    cb, cf = cpu(bases), cpu(fts)
+    n = len(bases)
+    coeffs = torch.rand(n, T + 1)
+    for scope in ("global", "tensor"):
+        thr, lim, offsets = trims(bases, fts, T, scope)
+        got = OPS.weighted_sum_multi(bases, fts, coeffs.cuda(), thr.cuda(), lim.cuda(), offsets)
+        assert all(g.is_cuda for g in got)
+        assert_lists_bitwise(got, OPS.weighted_sum_multi(cb, cf, coeffs, thr, lim, offsets))
+        got = OPS.ties_merge_multi(bases, fts, WEIGHTS[:T], thr.cuda(), lim.cuda(), offsets)
+        assert_lists_bitwise(got, OPS.ties_merge_multi(cb, cf, WEIGHTS[:T], thr, lim, offsets))
+    grads = [torch.randn(b.shape, device="cuda") for b in bases]
+    got = OPS.weighted_sum_multi_backward(grads, bases, fts, coeffs.cuda())
+    want = OPS.weighted_sum_multi_backward(cpu(grads), cb, cf, coeffs)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-9)
+    keys = [k for i in range(n) for k in nk.dare_keys(0, f"layer.{i}", T)]
+    got = OPS.dare_multi(bases, fts, WEIGHTS[:T], 0.3, keys, "density", "sum", "weights", 1.0)
+    assert_lists_bitwise(got, OPS.dare_multi(cb, cf, WEIGHTS[:T], 0.3, keys, "density", "sum", "weights", 1.0))
