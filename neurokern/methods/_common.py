@@ -1,7 +1,8 @@
 """Pieces the merge methods share: the method record, parameter resolution, trim thresholds."""
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -17,7 +18,8 @@ class Method:
     name: str
     defaults: dict[str, Any]
     resolve: Callable[[dict[str, Any], int], Any]  # (params with defaults filled, T) -> checked params
-    run: Callable[[ModelSet, Any, bool], dict[str, Tensor]]  # (models, params, progress) -> merged
+    # (models, params, progress, precomputed or None) -> merged
+    run: Callable[..., dict[str, Tensor]]
 
     def params(self, given: dict[str, Any], num_tasks: int) -> Any:
         unknown = sorted(set(given) - set(self.defaults))
@@ -31,6 +33,35 @@ class Method:
 
 def each(names: list[str], progress: bool, desc: str) -> Iterable[str]:
     return tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False)
+
+
+# Tensors per call of a multi-tensor op: a GPU merges each batch in one launch; the bound keeps the
+# progress bar moving on large models.
+BATCH_ELEMENTS = 1 << 28
+
+
+def batches(models: ModelSet, names: list[str], progress: bool, desc: str) -> Iterable[list[str]]:
+    """Consecutive runs of names of at most BATCH_ELEMENTS elements (at least one tensor each)."""
+    bar = tqdm(total=len(names), desc=desc, unit="tensor", disable=not progress, leave=False)
+    batch, size = [], 0
+    for name in names:
+        numel = models.base[name].numel()
+        if batch and size + numel > BATCH_ELEMENTS:
+            yield batch
+            bar.update(len(batch))
+            batch, size = [], 0
+        batch.append(name)
+        size += numel
+    if batch:
+        yield batch
+        bar.update(len(batch))
+    bar.close()
+
+
+def columns(models: ModelSet, names: list[str]) -> tuple[list[Tensor], list[Tensor]]:
+    """The base tensors of names and their fine-tuned versions, task-major (the multi ops' layout)."""
+    return ([models.base[n] for n in names],
+            [sd[n] for sd in models.finetuned for n in names])
 
 
 @dataclass
@@ -53,6 +84,28 @@ class Trims:
             i = self.row[name]
             return (self.threshold[i], self.tie_limit[i]), 0
         return self.pair, self.offset[name]
+
+    def of_batch(self, names: list[str]) -> tuple[tuple[Tensor, Tensor], list[int]]:
+        """(trim pair, offsets) for a list of tensors, as the multi-tensor ops take them: [n, T]
+        rows (a view when the rows are consecutive) or the [T] pair with each tensor's offset."""
+        if self.row:
+            rows = [self.row[n] for n in names]
+            if rows == list(range(rows[0], rows[0] + len(rows))):
+                pick = slice(rows[0], rows[0] + len(rows))
+            else:
+                pick = torch.tensor(rows, device=self.threshold.device)
+            return (self.threshold[pick], self.tie_limit[pick]), []
+        return self.pair, [self.offset[n] for n in names]
+
+
+@dataclass
+class Precomputed:
+    """What a method needs from the whole model when it runs on a part of it (the streaming
+    engine, neurokern.engine): global-scope trims (offsets of the part's tensors) and
+    NeuroMerging's default lambda_2. None fields are computed from the models given."""
+
+    trims: Optional[Trims] = None
+    scale: Optional[float] = None
 
 
 def keep_count(numel: int, density: float, rule: str) -> int:

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from neurokern import ops, params
-from neurokern.methods._common import Method, each, group
+from neurokern.methods._common import Method, batches, columns
 
 
 @dataclass(frozen=True)
@@ -35,15 +35,16 @@ def _resolver(name: str, consensus_choices: list[str]):
     return resolve
 
 
-def run(models, p: Params, progress: bool):
+def run(models, p: Params, progress: bool, pre=None):
     out = {}
-    for name in each(models.names, progress, "dare"):
-        base, finetuned = group(models, name)
-        keys = ops.dare_keys(p.seed, name, len(finetuned))
-        out[name] = ops.dare(
+    for names in batches(models, models.names, progress, "dare"):
+        base, finetuned = columns(models, names)
+        keys = [k for name in names for k in ops.dare_keys(p.seed, name, models.num_tasks)]
+        merged = ops.dare_multi(
             base, finetuned, p.weights, p.density, keys, rescale=p.rescale, consensus=p.consensus,
             normalize=p.normalize, scale=p.scale,
         )
+        out.update(zip(names, merged))
     return out
 
 

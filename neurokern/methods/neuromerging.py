@@ -5,7 +5,7 @@ from typing import Optional
 
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
-from neurokern.methods._common import Method, each, group, thresholds
+from neurokern.methods._common import Method, Precomputed, each, group, thresholds
 
 WHERE = "method 'neuromerging'"
 
@@ -41,10 +41,10 @@ def default_scale(sums) -> float:
     return 1.0 / (1.0 - sigma)
 
 
-def run(models, p: Params, progress: bool):
+def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
     names = models.names
-    trims = thresholds(models, names, p.density, "keep", p.trim_scope)
-    lam_orth = p.scale
+    trims = pre.trims or thresholds(models, names, p.density, "keep", p.trim_scope)
+    lam_orth = p.scale if p.scale is not None else pre.scale
     if lam_orth is None:
         T = models.num_tasks
         base = [models.base[n] for n in names]

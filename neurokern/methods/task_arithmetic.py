@@ -5,7 +5,7 @@ import torch
 
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
-from neurokern.methods._common import Method, each, group
+from neurokern.methods._common import Method, batches, columns
 
 WHERE = "method 'task_arithmetic'"
 
@@ -23,19 +23,17 @@ def resolve(p, num_tasks):
     return Params(params.weights(WHERE, p["weights"], num_tasks), params.number(WHERE, "scale", p["scale"]), p["normalize"])
 
 
-def run(models, p: Params, progress: bool):
+def run(models, p: Params, progress: bool, pre=None):
     factor = p.scale
     if p.normalize:
         total = sum(p.weights)
         factor = p.scale / (1.0 if abs(total) < 1e-8 else total)
-    coeffs = torch.tensor([1.0] + [factor * w for w in p.weights], dtype=torch.float32)
-    on_device = {}  # one host-to-device copy of the coefficients per device, not per tensor
+    coeffs = [1.0] + [factor * w for w in p.weights]
     out = {}
-    for name in each(models.names, progress, "task_arithmetic"):
-        base, finetuned = group(models, name)
-        if base.device not in on_device:
-            on_device[base.device] = coeffs.to(base.device)
-        out[name] = ops.weighted_sum(base, finetuned, on_device[base.device])
+    for names in batches(models, models.names, progress, "task_arithmetic"):
+        base, finetuned = columns(models, names)
+        rows = torch.tensor(coeffs, dtype=torch.float32).expand(len(names), -1)  # one row per tensor
+        out.update(zip(names, ops.weighted_sum_multi(base, finetuned, rows.to(base[0].device))))
     return out
 
 

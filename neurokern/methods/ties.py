@@ -3,7 +3,7 @@ classic-methods.md is a parameter."""
 from dataclasses import dataclass
 
 from neurokern import ops, params
-from neurokern.methods._common import Method, each, group, thresholds
+from neurokern.methods._common import Method, Precomputed, batches, columns, thresholds
 
 WHERE = "method 'ties'"
 
@@ -35,17 +35,18 @@ def resolve(p, num_tasks):
     )
 
 
-def run(models, p: Params, progress: bool):
-    trims = thresholds(models, models.names, p.density, p.ties, p.trim_scope)
+def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
+    trims = pre.trims or thresholds(models, models.names, p.density, p.ties, p.trim_scope)
     out = {}
-    for name in each(models.names, progress, "ties"):
-        base, finetuned = group(models, name)
-        trim, offset = trims.of(name)
-        out[name] = ops.ties_merge(
-            base, finetuned, p.weights, trim, offset, consensus=p.consensus,
+    for names in batches(models, models.names, progress, "ties"):
+        base, finetuned = columns(models, names)
+        trim, offsets = trims.of_batch(names)
+        merged = ops.ties_merge_multi(
+            base, finetuned, p.weights, trim, offsets, consensus=p.consensus,
             normalize=p.normalize, elect_weighted=p.elect_on == "weighted", zero_sign=p.zero_sign,
             scale=p.scale,
         )
+        out.update(zip(names, merged))
     return out
 
 
