@@ -60,6 +60,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--tint-layers", type=_csv, default=list(t.tint_layers), help="module names tinted per task")
     g.add_argument("--investigate", action="store_true", help="also sweep density, trim scope and number of tasks")
     g.add_argument("--eval-batch", type=int, default=256)
+    g.add_argument("--time-budget", type=float, default=None,
+                   help="seconds from the start after which no further method starts (reported as skipped)")
     g.add_argument("--no-plot", action="store_true")
     g = p.add_argument_group("--prepare")
     g.add_argument("--data-seed", type=int, default=0)
@@ -109,7 +111,7 @@ def run_command(args) -> int:
     run_suite(args.data, args.model, args.out, tasks=args.tasks, methods=args.methods, device=device,
               recipe=recipe, tta=tta, lambda_grid=args.lambda_grid, max_train=args.max_train,
               ckpt_dir=args.ckpt_dir, do_investigate=args.investigate, eval_batch=args.eval_batch,
-              plot=not args.no_plot)
+              plot=not args.no_plot, time_budget=args.time_budget)
     return 0
 
 

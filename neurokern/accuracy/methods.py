@@ -28,14 +28,14 @@ import neurokern as nk
 from neurokern.accuracy.finetune import accuracy, autocast, evaluate, predict
 from neurokern.accuracy.model import Classifier, pad
 
-LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 PARALLEL_GRID = (0.25, 0.5, 1.0, 2.0)
 
 
 @dataclass
 class TTAConfig:
     """Test-time training (AdaMerging, Tinting) settings; reference values in brackets."""
-    steps: int = 150            # [500] AdaMerging steps / Tinting epochs
+    steps: int = 500            # [500] AdaMerging steps / Tinting epochs (fewer when a time budget is short)
     batch_size: int = 32        # [AdaMerging 2x16, Tinting 32] unlabelled inputs per task per step
     lr_adamerging: float = 1e-3  # [1e-3]
     lr_tinting: float = 1e-2    # [1e-2]
@@ -58,6 +58,9 @@ class Context:
     tta: TTAConfig = field(default_factory=TTAConfig)
     eval_batch: int = 256
     notes: list = field(default_factory=list)
+    deadline: Optional[float] = None   # time.perf_counter() value after which nothing should run
+    reserve: float = 0.0               # seconds kept free before the deadline (for the investigation)
+    tta_left: int = 0                  # test-time methods still to run (they share the time left)
     _cpu: Optional[tuple] = None
 
     def sync(self) -> None:
@@ -199,25 +202,55 @@ def _test_time(loss: str, tinted: bool) -> Callable[[Context], dict]:
         model = tint.TintedModel(module, base, fts, tint_layers=layers, heads=["head"], coefficients="layer",
                                  prior=cfg.prior, task_names=[t.name for t in ctx.tasks], device=ctx.device)
         inputs = [pack(t.ids["test"], ctx.device) for t in ctx.tasks]
+        ctx.sync()
+        build_seconds = time.perf_counter() - start
         lr = cfg.lr_adamerging if loss == "entropy" else cfg.lr_tinting
         # AdaMerging's reference loop takes one step on the sum of the tasks' losses ("joint");
         # Tinting's one step per task per epoch ("tasks").
         schedule = "joint" if loss == "entropy" else "tasks"
-        with autocast(ctx.device):
-            log = tint.fit(model, inputs, loss=loss, steps=cfg.steps, lr=lr, batch_size=cfg.batch_size,
-                           seed=cfg.seed, schedule=schedule, progress=False)
+
+        def fit(m, steps):
+            with autocast(ctx.device):
+                return tint.fit(m, inputs, loss=loss, steps=steps, lr=lr, batch_size=cfg.batch_size,
+                                seed=cfg.seed, schedule=schedule, progress=False)
+
+        steps, note = cfg.steps, None
+        if ctx.deadline is not None:
+            # Time a few steps on a throwaway copy, then fit as many steps as the time left allows.
+            probe = tint.TintedModel(module, base, fts, tint_layers=layers, heads=["head"], coefficients="layer",
+                                     prior=cfg.prior, task_names=[t.name for t in ctx.tasks], device=ctx.device)
+            fit(probe, 1)
+            ctx.sync()
+            t_probe = time.perf_counter()
+            fit(probe, 3)
+            ctx.sync()
+            per_step = (time.perf_counter() - t_probe) / 3
+            del probe
+            share = (ctx.deadline - time.perf_counter() - ctx.reserve) / max(1, ctx.tta_left)
+            affordable = max(1, int(0.85 * share / per_step))
+            if affordable < steps:
+                note = (f"{steps} steps requested, {affordable} run: {per_step * 1000:.0f} ms per step and "
+                        f"{share:.0f} s of the time budget for this method")
+                steps = affordable
+        ctx.tta_left = max(0, ctx.tta_left - 1)
+        t_fit = time.perf_counter()
+        log = fit(model, steps)
         ctx.sync()
-        seconds = time.perf_counter() - start
+        fit_seconds = time.perf_counter() - t_fit
+        seconds = build_seconds + fit_seconds  # the probe above is not the method's cost
         val, test = {}, {}
         with torch.no_grad():
             for i, t in enumerate(ctx.tasks):
                 val[t.name] = accuracy(_predict_tinted(model, i, t.ids["val"], ctx), t.y["val"])
                 test[t.name] = accuracy(_predict_tinted(model, i, t.ids["test"], ctx), t.y["test"])
         lam = model.coefficients_now()
-        out = {"params": {"loss": loss, "tint_layers": layers, "coefficients": "layer", "schedule": schedule, "steps": cfg.steps,
+        out = {"params": {"loss": loss, "tint_layers": layers, "coefficients": "layer", "schedule": schedule, "steps": steps,
                           "lr": lr, "batch_size": cfg.batch_size, "prior": cfg.prior, "seed": cfg.seed},
                "lambda_mean": float(lam.mean()), "lambda_per_task": [float(x) for x in lam.mean(0)],
-               "seconds": seconds, "val": val, "test": test}
+               "seconds": seconds, "fit_seconds": fit_seconds, "val": val, "test": test}
+        if note:
+            out["note"] = note
+            ctx.notes.append(f"{loss}: {note}")
         losses = log.get("loss", []) if isinstance(log, dict) else []
         if losses:
             k = max(1, len(losses) // 10)

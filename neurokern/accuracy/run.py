@@ -81,18 +81,24 @@ TASK_COUNT_METHODS = {
 }
 
 
-def investigate(ctx: Context, log) -> dict:
+def investigate(ctx: Context, log, deadline: Optional[float] = None) -> dict:
     """Why the ordering may differ from the papers: density, trim scope and number of tasks."""
     from neurokern.accuracy.methods import _static
 
     out = {"variants": {}, "task_count": {}}
     for name, (method, params) in INVESTIGATIONS.items():
+        if deadline and time.perf_counter() > deadline:
+            ctx.notes.append("investigation cut short: time budget spent")
+            return out
         res = run_method_fn(_static(method, params, search=True), ctx)
         out["variants"][name] = res
         log(f"  investigate {name}: test avg {_avg(res.get('test')):.4f} (λ={res.get('params', {}).get('scale')})")
     T = len(ctx.tasks)
     counts = sorted({k for k in (2, 4, T // 2 + T % 2, T) if 2 <= k <= T})
     for k in counts:
+        if deadline and time.perf_counter() > deadline:
+            ctx.notes.append("investigation cut short: time budget spent")
+            return out
         sub = _subset(ctx, range(k))
         row = {"tasks": [t.name for t in sub.tasks]}
         for name, (method, params) in TASK_COUNT_METHODS.items():
@@ -121,7 +127,11 @@ def run_suite(data_dir, model_dir, out_dir, tasks: Optional[Sequence[str]] = Non
               methods: Optional[Sequence[str]] = None, device: str = "cuda", recipe: Recipe = Recipe(),
               tta: TTAConfig = TTAConfig(), lambda_grid: Sequence[float] = LAMBDA_GRID,
               max_train: Optional[int] = None, ckpt_dir=None, do_investigate: bool = False,
-              eval_batch: int = 256, plot: bool = True, verbose: bool = True) -> dict:
+              eval_batch: int = 256, plot: bool = True, verbose: bool = True,
+              time_budget: Optional[float] = None) -> dict:
+    """Run the suite; with time_budget (seconds from the start), methods that would start after it
+    are reported as skipped and the investigation is left out. The report is rewritten after every
+    method, so a run cut short still leaves accuracy.json / accuracy.md."""
     t0 = time.perf_counter()
     log = print if verbose else (lambda *a, **k: None)
     dev = torch.device(device)
@@ -155,16 +165,11 @@ def run_suite(data_dir, model_dir, out_dir, tasks: Optional[Sequence[str]] = Non
 
     ctx = Context(task_list, base, finetuned, heads, base_encoder, dev, lambda_grid=tuple(lambda_grid), tta=tta,
                   eval_batch=eval_batch)
-    results = {}
-    for name in methods:
-        res = run_method(name, ctx)
-        results[name] = res
-        if res["status"] == "ok":
-            log(f"{name:26s} test avg {_avg(res['test']):.4f}  {res['seconds']:7.2f} s  "
-                + " ".join(f"{k}={v}" for k, v in res.get("params", {}).items() if k in ("scale", "scale_parallel")))
-        else:
-            log(f"{name:26s} {res['status']}: {res.get('note', '')}")
-    extra = investigate(ctx, log) if do_investigate else None
+    deadline = t0 + time_budget if time_budget else None
+    ctx.deadline = deadline
+    ctx.reserve = 60.0 if do_investigate else 10.0
+    ctx.tta_left = sum(m in ("adamerging", "tinting", "tinting_conf") for m in methods)
+    from neurokern.accuracy.report import write_report
 
     report = {
         "suite": "neurokern accuracy",
@@ -174,6 +179,7 @@ def run_suite(data_dir, model_dir, out_dir, tasks: Optional[Sequence[str]] = Non
         "tta": dataclasses.asdict(tta),
         "lambda_grid": list(lambda_grid),
         "max_train": max_train,
+        "time_budget": time_budget,
         "tasks": {t.name: {"labels": t.labels, "sizes": {s: len(t.ids[s]) for s in t.ids},
                            **{k: v for k, v in sources["tasks"].get(t.name, {}).items()
                               if k in ("package", "version", "licence", "what", "majority_baseline",
@@ -181,13 +187,42 @@ def run_suite(data_dir, model_dir, out_dir, tasks: Optional[Sequence[str]] = Non
                   for t in task_list},
         "finetune": ft_logs,
         "finetune_seconds": finetune_seconds,
-        "methods": results,
-        "investigation": extra,
+        "methods": {},
+        "investigation": None,
         "notes": ctx.notes,
-        "total_seconds": time.perf_counter() - t0,
     }
-    from neurokern.accuracy.report import write_report
 
-    paths = write_report(report, out_dir, plot=plot)
+    def save(final: bool = False) -> list:
+        report["total_seconds"] = time.perf_counter() - t0
+        return write_report(report, out_dir, plot=plot and final)
+
+    # Triton kernels compile on their first call: one untimed merge per method first.
+    t_w = time.perf_counter()
+    for method, params in (("task_arithmetic", {}), ("ties", {"density": 0.2}), ("dare_ties", {"density": 0.3}),
+                           ("neuromerging", {"density": 0.1}), ("neuromerging", {"density": 0.1, "scale_parallel": 1.0})):
+        try:
+            ctx.merge(method, **params)
+        except Exception as exc:
+            ctx.notes.append(f"warm-up merge {method} failed: {type(exc).__name__}: {exc}")
+    report["warmup_seconds"] = time.perf_counter() - t_w
+    save()
+    for name in methods:
+        if deadline and time.perf_counter() > deadline:
+            res = {"status": "skipped", "note": f"time budget of {time_budget:.0f} s spent", "label": name}
+        else:
+            res = run_method(name, ctx)
+        report["methods"][name] = res
+        if res["status"] == "ok":
+            log(f"{name:26s} test avg {_avg(res['test']):.4f}  {res['seconds']:7.2f} s  "
+                + " ".join(f"{k}={v}" for k, v in res.get("params", {}).items() if k in ("scale", "scale_parallel")))
+        else:
+            log(f"{name:26s} {res['status']}: {res.get('note', '')}")
+        save()
+    if do_investigate:
+        if deadline and time.perf_counter() > deadline:
+            ctx.notes.append("investigation skipped: time budget spent")
+        else:
+            report["investigation"] = investigate(ctx, log, deadline)
+    paths = save(final=True)
     log("wrote " + ", ".join(str(p) for p in paths) + f" (total {report['total_seconds']:.1f} s)")
     return report

@@ -44,7 +44,7 @@ def test_smoke_suite(tmp_path):
     recipe = Recipe(lr=5e-3, head_lr=5e-2, epochs=6, batch_size=16, max_len=16)
     tta = TTAConfig(steps=2, batch_size=8)
     report = run_suite(tmp_path / "data", model_dir, tmp_path / "out", device="cpu", recipe=recipe, tta=tta,
-                       lambda_grid=(0.5, 1.0), do_investigate=True, eval_batch=64, verbose=False)
+                       lambda_grid=(0.5, 1.0), do_investigate=True, eval_batch=64, verbose=False, time_budget=600)
     methods = report["methods"]
     assert list(methods) == list(METHODS)
     for name, res in methods.items():
