@@ -8,6 +8,14 @@ from neurokern.errors import NeurokernError
 from neurokern.merge import merge
 from neurokern.methods import METHODS
 
+
+def merge_models(config, out_dir, **options):
+    """Whole models on disk, streamed: see neurokern.engine.merge_models."""
+    from neurokern.engine import merge_models as run
+
+    return run(config, out_dir, **options)
+
+
 __version__ = "0.1.0"
 
-__all__ = ["METHODS", "NeurokernError", "merge", "ops", "__version__"]
+__all__ = ["METHODS", "NeurokernError", "merge", "merge_models", "ops", "__version__"]

@@ -1,59 +1,78 @@
-"""The `neurokern` command line."""
+"""The `neurokern` command line (also `python -m neurokern`, and under `torchrun ... -m neurokern`)."""
 import argparse
 import sys
-import time
 from pathlib import Path
-
-import torch
-import yaml
 
 from neurokern.errors import NeurokernError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def merge_command(args: argparse.Namespace) -> int:
-    from neurokern.checkpoint import check_output_dir, load_model, write_model
     from neurokern.config import load_config
-    from neurokern.merge import merge
+    from neurokern.engine import merge_models
+    from neurokern.engine.plan import human_bytes
 
-    config = load_config(args.config)
-    check_output_dir(Path(args.out_dir))
+    kwargs = dict(device=args.device, memory_budget=args.memory_budget, host_memory_budget=args.host_memory_budget,
+                  allow_pickle=args.allow_pickle, progress=False if args.quiet else None)
     if args.dry_run:
+        config = load_config(args.config)
+        result = merge_models(args.config, args.out_dir, dry_run=True, **kwargs)
         print(f"method: {config.method} {config.params}")
         print(f"base:   {config.base_model}")
         for path in config.models:
             print(f"model:  {path}")
-        print(f"output: {args.out_dir} (shards of at most {config.out_shard_size} bytes)")
+        print(f"output: {args.out_dir} (shards of at most {human_bytes(config.out_shard_size)})")
+        print(result.stats["description"])
         return 0
-    start = time.perf_counter()
-    dtype = DTYPES.get(config.dtype) if config.dtype else None
-    base = load_model(config.base_model, dtype)
-    finetuned = [load_model(p, dtype) for p in config.models]
-    merged = merge(base, finetuned, method=config.method, device=args.device, progress=True, **config.params)
-    merged = {k: v.cpu() for k, v in merged.items()}
-    side_sources = [config.tokenizer_source or config.base_model, config.base_model]
-    echo = {"neurokern_config.yml": yaml.safe_dump(config.raw, sort_keys=False)}
-    write_model(merged, Path(args.out_dir), config.out_shard_size, side_sources, echo)
-    print(f"merged {len(merged)} tensors with {config.method} into {args.out_dir} in {time.perf_counter() - start:.1f} s")
+    result = merge_models(args.config, args.out_dir, resume=args.resume, **kwargs)
+    if not args.quiet and _is_main():
+        plan = result.plan
+        gb = plan.total_in_bytes / 1e9
+        print(f"merged {len(plan.tensors)} tensors into {args.out_dir} in {result.seconds:.1f} s "
+              f"({gb:.2f} GB read, {gb / max(result.seconds, 1e-9):.2f} GB/s; passes: {' -> '.join(result.passes)})")
     return 0
+
+
+def _is_main() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="neurokern", description="Merge fine-tuned models.")
     sub = parser.add_subparsers(dest="command", required=True)
-    merge_p = sub.add_parser("merge", help="merge the models a YAML config names into OUT_DIR")
+    merge_p = sub.add_parser("merge", help="merge the models a YAML config names into OUT_DIR, streamed from disk")
     merge_p.add_argument("config", help="merge config (YAML, mergekit keys)")
     merge_p.add_argument("out_dir", help="output folder (created; must not exist or be empty)")
-    merge_p.add_argument("--device", default=None, help="cpu or cuda (default: where the weights load, the CPU)")
-    merge_p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    merge_p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available); under torchrun "
+                         "each rank takes the GPU of its LOCAL_RANK")
+    merge_p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                         help="memory budget of the host and of the GPU, e.g. 16GiB (default: 8GiB of host memory "
+                              "and 70%% of the GPU memory free at the start)")
+    merge_p.add_argument("--host-memory-budget", default=None, metavar="SIZE",
+                         help="host memory budget when it differs from --memory-budget")
+    merge_p.add_argument("--resume", action="store_true",
+                         help="finish an interrupted merge from OUT_DIR.partial (same config and inputs)")
+    merge_p.add_argument("--dry-run", action="store_true", help="print the plan and the memory estimate, write nothing")
+    merge_p.add_argument("--allow-pickle", action="store_true",
+                         help="also read pickled .bin/.pt checkpoints (they can run code when loaded)")
+    merge_p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     merge_p.set_defaults(run=merge_command)
+    bench_p = sub.add_parser("bench", help="benchmarks: `neurokern bench accuracy --help`")
+    bench_sub = bench_p.add_subparsers(dest="bench", required=True)
+    from neurokern.accuracy.cli import add_parser as add_accuracy
+    add_accuracy(bench_sub)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except NeurokernError as exc:
         print(f"neurokern: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.command != "merge":
+            raise
+        out = Path(args.out_dir)
+        print(f"neurokern: interrupted; rerun with --resume to finish from {out.name}.partial", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

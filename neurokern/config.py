@@ -19,6 +19,7 @@ TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "toke
 MODEL_KEYS = {"model", "parameters"}
 PER_MODEL = {"weight", "density"}
 RENAMED = {"lambda": "scale"}  # mergekit's name -> neurokern's
+IGNORED = {"int8_mask"}  # mergekit's memory options that do not change the result
 # mergekit's defaults for the per-model parameters of its methods (density 1.0: no trim)
 MERGEKIT_DEFAULTS = {
     "task_arithmetic": {"weight": 1.0},
@@ -78,7 +79,10 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
         except OSError as exc:
             raise NeurokernError(f"cannot read config {path}: {exc.strerror}") from exc
         except yaml.YAMLError as exc:
-            raise NeurokernError(f"config {path} is not valid YAML: {exc}") from exc
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise NeurokernError(f"config {path} is not valid YAML ({where}{problem})") from exc
         root = root or path.parent
     if not isinstance(raw, dict):
         raise NeurokernError("config: expected a mapping with merge_method, base_model and models")
@@ -92,11 +96,12 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
         )
     method, params = MERGEKIT_METHODS[raw["merge_method"]]
     params = dict(params)
-    resolve = lambda p: p if Path(p).is_absolute() else root / p  # noqa: E731
+    resolve = lambda p: Path(p) if Path(p).is_absolute() else Path(root) / p  # noqa: E731
 
     entries = raw["models"]
     if not isinstance(entries, list) or not entries:
         raise NeurokernError("config key 'models': expected a non-empty list of {model: PATH, parameters: {...}}")
+    base_model = resolve(raw["base_model"])
     models, per_model = [], {k: [] for k in PER_MODEL}
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
@@ -105,14 +110,25 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
             raise NeurokernError(f"config models[{i}]: expected {{model: PATH, parameters: {{...}}}}")
         _unknown(entry, MODEL_KEYS, f"config models[{i}]")
         entry_params = entry.get("parameters") or {}
+        if not isinstance(entry_params, dict):
+            raise NeurokernError(f"config models[{i}].parameters: expected a mapping such as {{weight: 1.0, density: 0.5}}")
         _unknown(entry_params, PER_MODEL, f"config models[{i}].parameters")
-        models.append(resolve(entry["model"]))
+        for key, value in entry_params.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise NeurokernError(f"config models[{i}].parameters.{key}: expected a number; got {value!r} "
+                                     "(mergekit's per-layer gradients and filters are not supported)")
+        path = resolve(entry["model"])
+        if path == base_model:
+            continue  # mergekit configs often list the base among the models; mergekit skips it too
+        models.append(path)
         for key in PER_MODEL:
             per_model[key].append(entry_params.get(key))
+    if not models:
+        raise NeurokernError("config key 'models': no fine-tuned model besides the base_model")
 
     # Top-level parameters; weight and density there are defaults for the models that give none
     # (mergekit's precedence), and mergekit's own default density is 1.0 (no trim).
-    top = {RENAMED.get(k, k): v for k, v in (raw.get("parameters") or {}).items()}
+    top = {RENAMED.get(k, k): v for k, v in (raw.get("parameters") or {}).items() if k not in IGNORED}
     defaults = MERGEKIT_DEFAULTS.get(raw["merge_method"], {})
     for key, plural in (("weight", "weights"), ("density", "density")):
         default = top.pop(key, defaults.get(key))
@@ -130,13 +146,17 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
     dtype = raw.get("dtype")
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise NeurokernError(f"config key 'dtype': expected float32, bfloat16 or float16; got {dtype!r}")
+    tokenizer_source = raw.get("tokenizer_source")
+    if tokenizer_source == "union":
+        raise NeurokernError("config key 'tokenizer_source': 'union' (a merged vocabulary) is not supported; "
+                             "give 'base' or a model folder")
     return MergeConfig(
         method=method,
-        base_model=resolve(raw["base_model"]),
+        base_model=base_model,
         models=models,
         params=params,
         dtype=dtype,
-        tokenizer_source=resolve(raw["tokenizer_source"]) if raw.get("tokenizer_source") else None,
+        tokenizer_source=(base_model if tokenizer_source == "base" else resolve(tokenizer_source)) if tokenizer_source else None,
         out_shard_size=parse_size(raw.get("out_shard_size", 5 * 2**30), "out_shard_size"),
         raw=raw,
     )

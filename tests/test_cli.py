@@ -97,12 +97,18 @@ def test_truncated_or_mismatched_inputs(example, tmp_path, capsys):
     cfg = (example / "ties.yaml").read_text()
     (tmp_path / "c.yaml").write_text(cfg)
     weights = models / "task_a" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-    assert "cannot read safetensors" in run_err(capsys, tmp_path / "c.yaml", tmp_path / "o")
+    original = weights.read_bytes()
+    weights.write_bytes(original[:1000])  # cut inside the header
+    err = run_err(capsys, tmp_path / "c.yaml", tmp_path / "o")
+    assert f"{weights}: not a safetensors file, or truncated" in err
+    weights.write_bytes(original[:-10])  # cut inside the data
+    err = run_err(capsys, tmp_path / "c.yaml", tmp_path / "o")
+    assert f"{weights}: file is truncated" in err
     state = load_file(models / "base" / "model.safetensors")
     state["model.norm.weight"] = torch.ones(3, dtype=torch.bfloat16)
     save_file(state, str(weights))
-    assert "tensor 'model.norm.weight': finetuned[0] has shape (3,), base has (64,)" in run_err(capsys, tmp_path / "c.yaml", tmp_path / "o")
+    err = run_err(capsys, tmp_path / "c.yaml", tmp_path / "o")
+    assert f"tensor 'model.norm.weight': models[0] ({weights}) has shape (3,), base" in err and "has (64,)" in err
     assert not (tmp_path / "o").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".o")]
 

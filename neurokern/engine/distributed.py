@@ -1,0 +1,71 @@
+"""Ranks of a `torchrun` job: rank, world size, sums across ranks and barriers. One process
+without torchrun is world 1 and needs no process group. Backend: NCCL on CUDA, gloo on the CPU."""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    device: Optional[torch.device] = None  # where collectives run (NCCL: this rank's GPU)
+    owns_group: bool = False
+
+    @classmethod
+    def setup(cls, device: torch.device) -> "Ranks":
+        """From an initialised process group, or torchrun's environment (WORLD_SIZE, RANK, ...)."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), _collective_device(device))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+        return cls(dist.get_rank(), dist.get_world_size(), _collective_device(device), owns_group=True)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum_(self, tensor: Tensor) -> Tensor:
+        """In-place sum over ranks (exact for integers; float tensors hold disjoint rows)."""
+        if self.world == 1:
+            return tensor
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        tensor.copy_(moved)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            if self.device is not None and self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index or 0])
+            else:
+                dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def local_device(name: Optional[str]) -> torch.device:
+    """--device, with torchrun's LOCAL_RANK picking the GPU of each rank."""
+    if name is None:
+        name = "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device

@@ -1,0 +1,309 @@
+"""merge_models: a whole-model merge from a config, streamed from disk to disk."""
+import json
+import os
+from contextlib import closing
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from neurokern.config import MergeConfig, load_config, parse_size
+from neurokern.engine.distributed import Ranks, local_device
+from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
+from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
+from neurokern.engine.sources import Model, validate
+from neurokern.engine.thresholds import GlobalTrim, tensor_l1, tied_position
+from neurokern.engine.writer import (CONFIG_ECHO, STATE, ShardWriter, crash_hook, done_record, is_published, partial_dir,
+                                     prepare_partial, publish, rename)
+from neurokern.errors import NeurokernError
+from neurokern.methods import METHODS
+from neurokern.methods._common import Precomputed, Trims, keep_count, thresholds
+from neurokern.methods.neuromerging import default_scale
+from neurokern.models import ModelSet
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_GPU_SHARE = 0.7  # default device budget: this share of the GPU memory free at the start
+
+
+@dataclass
+class Result:
+    out_dir: Path
+    plan: Plan
+    seconds: float
+    passes: list[str]
+    peak_device_bytes: int = 0
+    stats: dict = field(default_factory=dict)
+
+
+def _check_finite(batch: Batch, names: list[str], models: list[Model]) -> None:
+    """NaN / Inf is an error naming tensor, model and file: the float32 L1 norms of the unit's
+    tensors (torch's multi-tensor norm: a few launches on a GPU) and one sync; a non-finite norm is
+    confirmed element-wise, since a sum of large finite values can overflow."""
+    items = [(name, i, sd[name]) for name in names for i, sd in enumerate([batch.base] + batch.finetuned)]
+    if not items:
+        return
+    sums = torch.stack(torch._foreach_norm([t for _, _, t in items], 1, dtype=torch.float32))
+    for j in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
+        name, i, t = items[j]
+        if not bool(torch.isfinite(t).all()):
+            m = models[i]
+            raise NeurokernError(f"tensor {name!r} of {m.label} ({m.tensors[name].file}) has non-finite values (NaN or Inf)")
+
+
+class _Engine:
+    def __init__(self, cfg: MergeConfig, out_dir: Path, device: torch.device, budget: Optional[int],
+                 host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool]):
+        self.cfg, self.out_dir, self.device = cfg, Path(out_dir), device
+        self.cuda = device.type == "cuda"
+        self.spec = METHODS[cfg.method]
+        self.base = Model(cfg.base_model, "base_model", allow_pickle)
+        self.finetuned = [Model(p, f"models[{i}]", allow_pickle) for i, p in enumerate(cfg.models)]
+        self.models = [self.base] + self.finetuned
+        validate(self.base, self.finetuned)
+        self.T = len(self.finetuned)
+        self.params = self.spec.params(dict(cfg.params), self.T)
+        out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
+        self.out_dtype = out_dtype
+        self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda)
+        self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
+        scope = getattr(self.params, "trim_scope", "tensor")
+        self.global_trim = scope == "global"
+        self.needs_scale = cfg.method == "neuromerging" and self.params.scale is None
+        self.passes = (["histogram", "boundary"] if self.global_trim else []) + (["l1"] if self.needs_scale else []) + ["merge"]
+        self.progress = progress
+        self.checked: set[int] = set()
+        self.batches_seen = 0
+
+    # ------------------------------------------------------------------------------------------
+    def _bar(self, desc: str, units, ranks: Ranks):
+        total = sum(u.in_bytes for u in units)
+        disable = (not self.progress) if self.progress is not None else (not sys.stderr.isatty())
+        return tqdm(total=total, desc=f"{desc:>9}", unit="B", unit_scale=True, unit_divisor=1000,
+                    disable=disable or not ranks.is_main, leave=False, dynamic_ncols=True)
+
+    def _pass(self, desc: str, units, ranks: Ranks, keep: bool):
+        bar = self._bar(desc, units, ranks)
+        count = [0]
+
+        def tick(batch: Batch):
+            count[0] += len(batch.unit.names)
+            bar.set_postfix_str(f"{count[0]} tensors", refresh=False)
+            bar.update(batch.nbytes)
+            self.batches_seen += 1
+            crash_hook("batches", self.batches_seen)
+
+        for batch in batches(self.plan, units, self.reader, self.stager, keep=keep, progress=tick):
+            if batch.unit.index not in self.checked:
+                _check_finite(batch, [n for n in batch.unit.names if self.plan.tensors[n].merge], self.models)
+                self.checked.add(batch.unit.index)
+            yield batch
+        bar.close()
+
+    def _merge_names(self, batch: Batch) -> list[str]:
+        return [n for n in batch.unit.names if self.plan.tensors[n].merge]
+
+    # ------------------------------------------------------------------------------------------
+    def _global_trims(self, units, ranks: Ranks, keep: bool) -> GlobalTrim:
+        total = self.plan.total_merge_numel
+        rule = "keep" if self.cfg.method == "neuromerging" else self.params.ties
+        gt = GlobalTrim([keep_count(total, d, rule) for d in self.params.density], rule == "keep", self.device)
+        for batch in self._pass("histogram", units, ranks, keep):
+            for name in self._merge_names(batch):
+                gt.add_hist(batch.base[name], [sd[name] for sd in batch.finetuned])
+        hist = gt.hist if gt.hist is not None else torch.zeros(self.T, 1 << 15, dtype=torch.int64, device=self.device)
+        gt.finish_hist(ranks.sum_(hist))
+        for batch in self._pass("boundary", units, ranks, keep):
+            for name in self._merge_names(batch):
+                gt.add_low(name, batch.base[name], [sd[name] for sd in batch.finetuned])
+        low = gt.low if gt.low is not None else torch.zeros(self.T, 1 << 16, dtype=torch.int64, device=self.device)
+        pending = gt.finish_low(ranks.sum_(low))
+        if pending:
+            names = self.plan.merge_names
+            counts = ranks.sum_(gt.tie_counts(names))
+            mine = {n for u in units for n in u.names}
+            unit_of = {n: u for u in units for n in u.names}
+
+            def position(name: str, t: int, r: int) -> Optional[int]:
+                if name not in mine:
+                    return None
+                with closing(batches(self.plan, [unit_of[name]], self.reader, self.stager)) as one:
+                    batch = next(one)
+                    return tied_position(batch.base[name], batch.finetuned[t][name], gt._value[t], r)
+
+            gt.set_ties(pending, ranks.sum_(gt.locate_ties(pending, names, counts, self.plan.offsets, position)))
+        return gt
+
+    def _trims(self, gt: Optional[GlobalTrim]) -> Optional[Trims]:
+        if gt is None:
+            return None
+        threshold, tie_limit = gt.pair(self.device)
+        return Trims(threshold, tie_limit, {}, self.plan.offsets)
+
+    def _scale(self, units, ranks: Ranks, trims: Optional[Trims], keep: bool) -> float:
+        index = {n: i for i, n in enumerate(self.plan.merge_names)}
+        rows = torch.zeros(len(index), self.T, 2, dtype=torch.float64)
+        for batch in self._pass("l1", units, ranks, keep):
+            names = self._merge_names(batch)
+            if not names:
+                continue
+            ms = ModelSet(batch.base, batch.finetuned, names)
+            unit_trims = trims or thresholds(ms, names, self.params.density, "keep", "tensor")
+            for name in names:
+                trim, offset = unit_trims.of(name)
+                rows[index[name]] = tensor_l1(batch.base[name], [sd[name] for sd in batch.finetuned], trim, offset).cpu()
+        ranks.sum_(rows)
+        total = torch.zeros(self.T, 2, dtype=torch.float64)
+        for row in rows:  # in the model's order, as one trim_l1 over the whole list adds them
+            total += row
+        return default_scale(total)
+
+    # ------------------------------------------------------------------------------------------
+    def run(self, ranks: Ranks, resume: bool) -> Result:
+        start = time.perf_counter()
+        partial = partial_dir(self.out_dir)
+        if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
+            raise NeurokernError(f"output {self.out_dir} exists and is not an empty folder")
+        created = False
+        if ranks.is_main:
+            created = not partial.exists()
+            try:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise NeurokernError(f"cannot create {partial.parent}: {exc.strerror or exc}") from exc
+            prepare_partial(partial, self.digest, resume)
+        ranks.barrier()
+        if is_published(partial, self.digest):  # stopped just before the rename: only that is left
+            if ranks.is_main:
+                rename(partial, self.out_dir)
+            return Result(self.out_dir, self.plan, time.perf_counter() - start, [])
+        try:
+            return self._run(ranks, partial, start)
+        except NeurokernError as exc:
+            if created and not getattr(exc, "keep_partial", False):
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+
+    def _run(self, ranks: Ranks, partial: Path, start: float) -> Result:
+        plan = self.plan
+        my_shards = set(plan.rank_shards(ranks.world)[ranks.rank])
+        all_mine = [u for u in plan.units if u.shard in my_shards]
+        todo_shards = {s for s in my_shards if done_record(partial, plan.shards[s]) is None}
+        todo = [u for u in all_mine if u.shard in todo_shards]
+
+        est = plan.estimate(self.cuda)
+        cache = max(0, plan.device_budget - est["device"]) if (self.cuda and len(self.passes) > 1) else 0
+        self.reader = Reader(plan, self.models, pin=self.cuda)
+        self.stager = Stager(self.device, self.out_dtype, cache)
+        writer = None
+        try:
+            pre = Precomputed()
+            saved = partial / STATE / "global.json"
+            if len(self.passes) > 1:
+                if saved.is_file():
+                    data = json.loads(saved.read_text())
+                    gt = None
+                    if data.get("trim"):
+                        gt = GlobalTrim([0] * self.T, True, self.device)
+                        gt.load_json(data["trim"])
+                    scale = float.fromhex(data["scale"]) if data.get("scale") else None
+                else:
+                    gt = self._global_trims(all_mine, ranks, keep=True) if self.global_trim else None
+                    trims = self._trims(gt)
+                    scale = self._scale(all_mine, ranks, trims, keep=True) if self.needs_scale else None
+                    if ranks.is_main:
+                        tmp = saved.with_suffix(".tmp")
+                        tmp.write_text(json.dumps({"trim": gt.to_json() if gt else None,
+                                                   "scale": float.hex(scale) if scale is not None else None}))
+                        os.replace(tmp, saved)
+                        crash_hook("saved")
+                pre = Precomputed(self._trims(gt), scale)
+            ranks.barrier()
+            writer = ShardWriter(partial, plan, sorted(todo_shards))
+            self._merge(todo, ranks, pre, writer)
+            writer.close()
+            writer = None
+        except NeurokernError as exc:
+            if "--resume" in str(exc):
+                exc.keep_partial = True
+            raise
+        finally:
+            if writer is not None:
+                writer.abort()
+            self.reader.close()
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
+        ranks.barrier()
+        if ranks.is_main:
+            side = [self.cfg.tokenizer_source or self.cfg.base_model, self.cfg.base_model]
+            echo = {CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
+            from neurokern import __version__
+            manifest = {"neurokern": __version__, "method": self.cfg.method,
+                        "parameters": json.loads(json.dumps(self.cfg.params, default=str)),
+                        "inputs_digest": self.digest, "tensors": len(plan.tensors),
+                        "total_size": plan.total_out_bytes}
+            publish(partial, self.out_dir, plan, side, echo, manifest)
+        return Result(self.out_dir, plan, time.perf_counter() - start, self.passes, peak)
+
+    def _merge(self, units, ranks: Ranks, pre: Precomputed, writer: ShardWriter) -> None:
+        out_slots = None
+        if self.cuda:
+            cap = max((u.out_bytes for u in units), default=0) + 16 * max((len(u.names) for u in units), default=0)
+            out_slots = _Slots(OUT_SLOTS + 1, cap, pin=True)
+        stop = __import__("threading").Event()
+        for batch in self._pass("merge", units, ranks, keep=False):
+            names = self._merge_names(batch)
+            merged = self.spec.run(ModelSet(batch.base, batch.finetuned, names), self.params, False, pre) if names else {}
+            outputs = {n: merged[n] if n in merged else batch.base[n] for n in batch.unit.names}
+            self.stager.cache.pop(batch.unit.index, None)
+            if not self.cuda:
+                writer.put({n: t if n in merged else t.clone() for n, t in outputs.items()})
+                continue
+            slot = out_slots.get(stop, check=writer.check)
+            views, offset = {}, 0
+            for n, t in outputs.items():
+                nbytes = t.numel() * t.element_size()
+                view = slot[offset:offset + nbytes]
+                offset += nbytes + (-nbytes % 16)
+                views[n] = view.view(t.dtype).view(t.shape) if nbytes else torch.empty(t.shape, dtype=t.dtype)
+                views[n].copy_(t, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            writer.put(views, wait=event.synchronize, release=lambda s=slot: out_slots.put(s))
+
+
+def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, Path], *,
+                 device: Optional[str] = None, memory_budget: Union[int, str, None] = None,
+                 host_memory_budget: Union[int, str, None] = None, resume: bool = False,
+                 dry_run: bool = False, allow_pickle: bool = False, progress: Optional[bool] = None) -> Result:
+    """Merge the models a config names (YAML path or dict, mergekit keys) into out_dir, streamed:
+    sharded safetensors in and out, host and device memory within memory_budget (default 8 GiB),
+    resumable (resume=True finishes an interrupted run byte-identically), one shard set per rank
+    under torchrun. dry_run returns the plan without touching out_dir."""
+    cfg = load_config(config)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = local_device(device)
+    budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else None
+    host = parse_size(host_memory_budget, "host_memory_budget") if host_memory_budget is not None else None
+    if dev.type != "cpu":
+        from neurokern.merge import _check_device_supported
+        _check_device_supported(dev)
+    if host is None:
+        host = budget or DEFAULT_BUDGET
+    if budget is None and dev.type == "cuda":  # default: most of the GPU memory free now
+        budget = int(DEFAULT_GPU_SHARE * torch.cuda.mem_get_info(dev)[0])
+    engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress)
+    if dry_run:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return Result(Path(out_dir), engine.plan, 0.0, engine.passes,
+                      stats={"description": describe(engine.plan, cfg.method, engine.passes, dev.type == "cuda", world)})
+    ranks = Ranks.setup(dev)
+    try:
+        return engine.run(ranks, resume)
+    finally:
+        ranks.close()

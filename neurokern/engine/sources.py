@@ -1,0 +1,203 @@
+"""Input models on disk, read lazily tensor by tensor.
+
+A model is a Hugging Face folder (config.json + model.safetensors, or *.safetensors shards and
+model.safetensors.index.json) or a bare .safetensors file. Only the headers are read up front: they
+give every tensor's dtype, shape and byte range, and a header whose byte ranges do not fill the
+file exactly marks a truncated or corrupt file. Tensor bytes are read later with os.preadv straight
+into the caller's (pinned) buffer. Pickled checkpoints (.bin / .pt) are refused unless
+allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
+"""
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from neurokern.checkpoint import INDEX
+from neurokern.errors import NeurokernError
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+MAX_HEADER = 100 * 2**20
+READ_CHUNK = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    start: int  # absolute byte offset in the file (-1: pickled, read through torch.load)
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def describe(self) -> str:
+        return f"{NAMES.get(self.dtype, str(self.dtype))}{list(self.shape)}"
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """The tensors of one .safetensors file, from its header alone, in the header's order."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise NeurokernError(f"{path}: not a safetensors file (only {size} bytes)")
+            (length,) = struct.unpack("<Q", head)
+            if length > MAX_HEADER or 8 + length > size:
+                raise NeurokernError(f"{path}: not a safetensors file, or truncated (header of {length} bytes in a file of {size})")
+            raw = f.read(length)
+    except OSError as exc:
+        raise NeurokernError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise NeurokernError(f"{path}: not a safetensors file (header is not valid JSON: {exc})") from exc
+    data_start = 8 + length
+    tensors, end = {}, 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(s) for s in entry["shape"])
+            begin, stop = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NeurokernError(f"{path}: tensor {name!r} has a malformed or unsupported header entry ({entry!r})") from exc
+        info = TensorInfo(name, dtype, shape, path, data_start + begin, stop - begin)
+        if info.nbytes != info.numel * dtype.itemsize or begin < 0:
+            raise NeurokernError(f"{path}: tensor {name!r} header says {info.describe()} but spans {stop - begin} bytes")
+        tensors[name] = info
+        end = max(end, stop)
+    if data_start + end != size:
+        what = "truncated" if data_start + end > size else "longer than its header says"
+        raise NeurokernError(f"{path}: file is {what} ({size} bytes, header needs {data_start + end}); re-download or re-save it")
+    return tensors
+
+
+def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 (any unpickling failure is a bad file)
+        raise NeurokernError(f"{path}: cannot read pickled checkpoint ({exc})") from exc
+    if not isinstance(state, dict):
+        raise NeurokernError(f"{path}: pickled checkpoint is not a state dict")
+    _PICKLED[path] = state
+    return {n: TensorInfo(n, t.dtype, tuple(t.shape), path, -1, t.numel() * t.element_size())
+            for n, t in state.items() if isinstance(t, torch.Tensor)}
+
+
+_PICKLED: dict[Path, dict] = {}
+
+
+def weight_files(path: Path, allow_pickle: bool) -> list[Path]:
+    """The weight files of a model: a file, or a folder's index shards / single file."""
+    if path.is_file():
+        if path.suffix == ".safetensors" or (allow_pickle and path.suffix in PICKLE_SUFFIXES):
+            return [path]
+        if path.suffix in PICKLE_SUFFIXES:
+            raise NeurokernError(f"{path}: pickled checkpoints can run code when loaded; convert to safetensors or pass --allow-pickle")
+        raise NeurokernError(f"{path}: expected a .safetensors file or a model folder")
+    if not path.exists():
+        raise NeurokernError(f"model path {path} does not exist")
+    if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
+        raise NeurokernError(f"model path {path} is not a readable folder")
+    for index_name, suffix in ((INDEX, ".safetensors"), ("pytorch_model.bin.index.json", ".bin")):
+        index = path / index_name
+        if index.is_file() and (suffix == ".safetensors" or allow_pickle):
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise NeurokernError(f"{index}: not a valid index ({exc})") from exc
+            return [path / f for f in dict.fromkeys(weight_map.values())]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickled = sorted(p for s in PICKLE_SUFFIXES for p in path.glob(f"*{s}"))
+    if pickled and allow_pickle:
+        return pickled
+    if pickled:
+        raise NeurokernError(f"{path}: only pickled weights ({pickled[0].name}); convert to safetensors or pass --allow-pickle")
+    raise NeurokernError(f"{path}: no .safetensors weights found")
+
+
+class Model:
+    """One input model: its tensors (name -> TensorInfo) in file order, read lazily."""
+
+    def __init__(self, path: Path, label: str, allow_pickle: bool = False):
+        self.path, self.label = Path(path), label
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in weight_files(self.path, allow_pickle):
+            if not file.is_file():
+                raise NeurokernError(f"{file}: listed in {self.path / INDEX} but missing")
+            part = _pickle_tensors(file) if file.suffix in PICKLE_SUFFIXES else read_header(file)
+            for name, info in part.items():
+                if name in self.tensors:
+                    raise NeurokernError(f"{file}: tensor {name!r} appears in more than one file of {self.path}")
+                self.tensors[name] = info
+
+    def header_digest(self) -> list:
+        return [[i.name, NAMES.get(i.dtype, str(i.dtype)), list(i.shape), i.file.name, i.start, i.nbytes,
+                 i.file.stat().st_size] for i in self.tensors.values()]
+
+
+def validate(base: Model, finetuned: list[Model]) -> None:
+    """Same names, shapes and dtypes in every model; messages name the file and the tensor."""
+    for m in finetuned:
+        missing = [n for n in base.tensors if n not in m.tensors]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise NeurokernError(f"{m.label} ({m.path}) lacks tensor {missing[0]!r}{more} that the base has "
+                                 f"(in {base.tensors[missing[0]].file})")
+        extra = [n for n in m.tensors if n not in base.tensors]
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise NeurokernError(f"{m.label}: {m.tensors[extra[0]].file} has tensor {extra[0]!r}{more} that the base lacks")
+        for name, b in base.tensors.items():
+            f = m.tensors[name]
+            if f.shape != b.shape:
+                raise NeurokernError(f"tensor {name!r}: {m.label} ({f.file}) has shape {f.shape}, base ({b.file}) has {b.shape}")
+            if f.dtype != b.dtype:
+                raise NeurokernError(f"tensor {name!r}: {m.label} ({f.file}) is {NAMES.get(f.dtype)}, base ({b.file}) is "
+                                     f"{NAMES.get(b.dtype)}; save the models in one dtype")
+
+
+def read_into(info: TensorInfo, out: torch.Tensor, fds: Optional[dict] = None) -> None:
+    """Read one tensor's bytes into `out` (a contiguous uint8 CPU tensor of info.nbytes)."""
+    if info.start < 0:
+        src = _PICKLED[info.file][info.name].contiguous()
+        out.copy_(src.view(-1).view(torch.uint8))
+        return
+    view = memoryview(out.numpy())
+    fd = os.open(info.file, os.O_RDONLY) if fds is None else fds.get(info.file)
+    if fd is None:
+        fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
+    try:
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [view[done:done + READ_CHUNK]], info.start + done)
+            if n <= 0:
+                raise NeurokernError(f"{info.file}: tensor {info.name!r} ends early (file truncated while reading?)")
+            done += n
+    except OSError as exc:
+        raise NeurokernError(f"cannot read tensor {info.name!r} from {info.file}: {exc.strerror or exc}") from exc
+    finally:
+        if fds is None:
+            os.close(fd)

@@ -1,0 +1,175 @@
+"""Exact global trims without holding the model: the k-th largest |tau_t| per task over every
+merged tensor, and the exact-k tie limit by global flat position, from streaming passes.
+
+|tau| is a non-negative float32, so its bit pattern orders it. Pass 1 counts the entries of each
+task per high 16 bits of that pattern (a [T, 32768] histogram: the sign bit is 0); the bin holding
+the k-th largest entry is then known. Pass 2 counts, inside that bin only, the entries per low 16
+bits: that gives the exact threshold value, and how many entries equal to it are kept. When ties
+are broken by position (exact_k) and only some tied entries are kept, pass 2 also kept, per tensor,
+the counts of the boundary bin's values, so the tensor holding the last kept tied entry is known and
+that one tensor is read again to find its position. Histograms are summed across ranks.
+The result equals ops.magnitude_threshold over the whole model (tests/engine check it)."""
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from neurokern import ops
+
+INT64_MAX = torch.iinfo(torch.int64).max
+HI_BINS = 1 << 15
+LO_BINS = 1 << 16
+
+
+def magnitude_bits(base: Tensor, finetuned: Tensor) -> Tensor:
+    """|float32(ft) - float32(base)| as int32 bits, flat (as the ops form task vectors)."""
+    return (finetuned.float() - base.float()).abs_().view(torch.int32).reshape(-1)
+
+
+def _take_top(hist: list[int], k: int) -> tuple[int, int]:
+    """Bin holding the k-th largest entry (1-based, k >= 1) and how many entries lie above it."""
+    above = 0
+    for b in range(len(hist) - 1, -1, -1):
+        if above + hist[b] >= k:
+            return b, above
+        above += hist[b]
+    raise AssertionError("k exceeds the entry count")
+
+
+@dataclass
+class GlobalTrim:
+    """Streaming exact trims for T tasks; k[t] entries kept per task (ties kept or exact-k)."""
+
+    k: list[int]
+    keep_ties: bool
+    device: torch.device
+    hist: Optional[Tensor] = None
+    hi_bin: list[int] = field(default_factory=list)  # boundary bin per task (-1: nothing to find)
+    above: list[int] = field(default_factory=list)
+    low: Optional[Tensor] = None
+    sparse: dict = field(default_factory=dict)  # (name, t) -> (low values, counts) in the boundary bin
+    threshold: list[float] = field(default_factory=list)
+    tie_limit: list[int] = field(default_factory=list)
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.k)
+
+    # pass 1 ---------------------------------------------------------------------------------
+    def add_hist(self, base: Tensor, finetuned: list[Tensor]) -> None:
+        if self.hist is None:
+            self.hist = torch.zeros(self.num_tasks, HI_BINS, dtype=torch.int64, device=self.device)
+        for t, f in enumerate(finetuned):
+            hi = magnitude_bits(base, f) >> 16
+            self.hist[t] += torch.bincount(hi, minlength=HI_BINS)
+
+    def finish_hist(self, hist: Tensor) -> None:
+        rows = hist.cpu().tolist()
+        self.hi_bin, self.above = [], []
+        for t, k in enumerate(self.k):
+            if k <= 0:
+                self.hi_bin.append(-1)
+                self.above.append(0)
+                continue
+            b, above = _take_top(rows[t], k)
+            self.hi_bin.append(b)
+            self.above.append(above)
+
+    # pass 2 ---------------------------------------------------------------------------------
+    def add_low(self, name: str, base: Tensor, finetuned: list[Tensor]) -> None:
+        if self.low is None:
+            self.low = torch.zeros(self.num_tasks, LO_BINS, dtype=torch.int64, device=self.device)
+        for t, f in enumerate(finetuned):
+            if self.hi_bin[t] < 0:
+                continue
+            bits = magnitude_bits(base, f)
+            lo = bits[(bits >> 16) == self.hi_bin[t]] & 0xFFFF
+            if lo.numel() == 0:
+                continue
+            self.low[t] += torch.bincount(lo, minlength=LO_BINS)
+            if not self.keep_ties:
+                values, counts = torch.unique(lo, return_counts=True)
+                self.sparse[(name, t)] = (values.cpu(), counts.cpu())
+
+    def finish_low(self, low: Tensor) -> list[tuple[int, int]]:
+        """Thresholds; returns the (task, rank among tied entries) still needing a tie position."""
+        rows = low.cpu().tolist()
+        self.threshold, self.tie_limit, self._value, pending = [], [], [], []
+        for t, k in enumerate(self.k):
+            if self.hi_bin[t] < 0:
+                self.threshold.append(float("inf"))
+                self.tie_limit.append(0)
+                self._value.append(-1)
+                continue
+            lo, above = _take_top(rows[t], k - self.above[t])
+            value = (self.hi_bin[t] << 16) | lo
+            self._value.append(value)
+            self.threshold.append(torch.tensor(value, dtype=torch.int32).view(torch.float32).item())
+            need = k - self.above[t] - above  # tied entries kept, 1 .. rows[t][lo]
+            if self.keep_ties or need == rows[t][lo]:
+                self.tie_limit.append(INT64_MAX)
+            else:
+                self.tie_limit.append(-1)
+                pending.append((t, need))
+        return pending
+
+    def tie_counts(self, names: list[str]) -> Tensor:
+        """[len(names), T] entries of each tensor equal to each task's threshold (this rank's share)."""
+        out = torch.zeros(len(names), self.num_tasks, dtype=torch.int64)
+        for i, name in enumerate(names):
+            for t in range(self.num_tasks):
+                if (name, t) in self.sparse and self._value[t] >= 0:
+                    values, counts = self.sparse[(name, t)]
+                    hit = values == (self._value[t] & 0xFFFF)
+                    out[i, t] = counts[hit].sum()
+        return out
+
+    def locate_ties(self, pending: list[tuple[int, int]], names: list[str], counts: Tensor,
+                    offsets: dict[str, int], position: Callable[[str, int, int], Optional[int]]) -> Tensor:
+        """Find each pending task's last kept tied entry: the tensor from the summed counts, the
+        position inside it from `position(name, t, r)` (the r-th tied entry, 1-based; None when this
+        rank does not hold the tensor). Returns this rank's [T] tie limits (0 where not found here)."""
+        found = torch.zeros(self.num_tasks, dtype=torch.int64)
+        for t, need in pending:
+            for i, name in enumerate(names):
+                c = int(counts[i, t])
+                if need <= c:
+                    pos = position(name, t, need)
+                    if pos is not None:
+                        found[t] = offsets[name] + pos + 1
+                    break
+                need -= c
+        return found
+
+    def set_ties(self, pending: list[tuple[int, int]], found: Tensor) -> None:
+        for t, _ in pending:
+            self.tie_limit[t] = int(found[t])
+
+    def pair(self, device) -> tuple[Tensor, Tensor]:
+        return (torch.tensor(self.threshold, dtype=torch.float32, device=device),
+                torch.tensor(self.tie_limit, dtype=torch.int64, device=device))
+
+    # saved with the partial output so that a resumed run reuses the exact trims
+    def to_json(self) -> dict:
+        return {"threshold": [float.hex(x) for x in self.threshold], "tie_limit": self.tie_limit}
+
+    def load_json(self, data: dict) -> None:
+        self.threshold = [float.fromhex(x) for x in data["threshold"]]
+        self.tie_limit = [int(x) for x in data["tie_limit"]]
+
+
+def tied_position(base: Tensor, finetuned: Tensor, value: int, r: int) -> int:
+    """Flat position of the r-th (1-based) entry whose |tau| bits equal `value`."""
+    hits = torch.nonzero(magnitude_bits(base, finetuned) == value).flatten()
+    return int(hits[r - 1])
+
+
+def tensor_l1(base: Tensor, finetuned: list[Tensor], trim: tuple[Tensor, Tensor], offset: int) -> Tensor:
+    """float64 [T, 2] trim_l1 of one tensor under a trim whose tie limits count from `offset`.
+    Summed over tensors in the model's order this equals one ops.trim_l1 over the whole list (the
+    kernel adds per-tensor sums in that order), whatever the split into units or ranks."""
+    threshold, tie_limit = trim
+    if offset:
+        tie_limit = torch.where(tie_limit == INT64_MAX, tie_limit, (tie_limit - offset).clamp_min(0))
+    return ops.trim_l1([base], list(finetuned), (threshold, tie_limit))

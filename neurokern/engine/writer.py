@@ -1,0 +1,278 @@
+"""Output: shards written into OUT_DIR.partial/ next to OUT_DIR, renamed there once complete.
+
+Each shard file is laid out up front from the plan (header first), filled by pwrite as merged
+tensors arrive on the writer thread, fsync'ed, renamed from `<file>.tmp` to `<file>`, and recorded
+(bytes, sha256) in `.neurokern/done/<file>.json`. A resumed run skips the recorded shards. At the
+end rank 0 adds the index, the side files (config.json, tokenizer files), the config echo and the
+manifest, removes `.neurokern/`, and renames the folder to OUT_DIR: output appears only complete.
+"""
+import hashlib
+import json
+import os
+import queue
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from neurokern.checkpoint import INDEX, SIDE_FILES
+from neurokern.engine.plan import OUT_SLOTS, Plan, Shard
+from neurokern.errors import NeurokernError
+
+STATE = ".neurokern"
+MANIFEST = "neurokern_manifest.json"
+CONFIG_ECHO = "neurokern_config.yml"
+
+
+def partial_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".partial")
+
+
+def crash_hook(kind: str, count: int = 0) -> None:
+    """Tests only: NEUROKERN_TEST_CRASH=KIND:N ends the process at once (os._exit, no cleanup, as a
+    SIGKILL would) at the N-th event of KIND: batches (units read in any pass), saved (the
+    pre-pass results written), tensors (tensors written), shards (shards finished), publish (the
+    folder complete, before its state is removed), rename (state removed, before the rename)."""
+    spec = os.environ.get("NEUROKERN_TEST_CRASH")
+    if not spec:
+        return
+    want, _, n = spec.partition(":")
+    if want == kind and count >= int(n or 0):
+        os._exit(137)
+
+
+def done_record(partial: Path, shard: Shard) -> Optional[dict]:
+    path = partial / STATE / "done" / (shard.file + ".json")
+    try:
+        record = json.loads(path.read_text())
+        if (partial / shard.file).stat().st_size == record["bytes"] == shard.nbytes:
+            return record
+    except (OSError, ValueError, KeyError):
+        pass
+    return None
+
+
+class ShardWriter:
+    """Writes the given shards; `put` hands it merged host tensors in plan order."""
+
+    def __init__(self, partial: Path, plan: Plan, shards: list[int]):
+        self.partial, self.plan = partial, plan
+        self.shards = {i: plan.shards[i] for i in shards}
+        self.shard_of = plan.shard_of()
+        self.queue: queue.Queue = queue.Queue(maxsize=OUT_SLOTS)
+        self.error: Optional[BaseException] = None
+        self.open: dict[int, dict] = {}
+        self.tensors_written = 0
+        self.shards_written = 0
+        self._where: tuple = (partial, "")
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="neurokern-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, tensors: dict[str, Tensor], wait: Optional[Callable[[], None]] = None,
+            release: Optional[Callable[[], None]] = None) -> None:
+        """tensors: host tensors of one unit; wait: blocks until they are filled (D2H done);
+        release: called once they are written."""
+        self.check()
+        while True:
+            try:
+                self.queue.put((tensors, wait, release), timeout=0.1)
+                return
+            except queue.Full:
+                self.check()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+    def abort(self) -> None:
+        """Stop after the tensor being written (queued units are dropped), wait for the thread,
+        close the open shards: nothing writes into the partial folder once this returns."""
+        self.stopping = True
+        while True:
+            try:
+                item = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and item[2] is not None:
+                item[2]()  # give the unit's host buffer back
+        self.queue.put(None)
+        self.thread.join()
+        for entry in self.open.values():
+            os.close(entry["fd"])
+        self.open.clear()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _run(self) -> None:
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None or self.stopping:
+                    return
+                tensors, wait, release = item
+                if wait is not None:
+                    wait()
+                for name, t in tensors.items():
+                    self._where = (self.partial / (self.plan.shards[self.shard_of[name]].file + ".tmp"), name)
+                    self._write(name, t)
+                if release is not None:
+                    release()
+        except OSError as exc:
+            file, name = self._where
+            self.error = NeurokernError(
+                f"cannot write tensor {name!r} to {exc.filename or file}: {exc.strerror or exc}; the finished shards "
+                f"are kept in {self.partial} (rerun with --resume once fixed)")
+        except BaseException as exc:  # noqa: BLE001 (re-raised on the main thread)
+            self.error = exc
+
+    def _begin(self, shard: Shard) -> dict:
+        tmp = self.partial / (shard.file + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        os.pwrite(fd, shard.header, 0)
+        h = hashlib.sha256(shard.header)
+        return {"fd": fd, "tmp": tmp, "left": len(shard.names), "hash": h, "next": len(shard.header), "late": False}
+
+    def _write(self, name: str, tensor: Tensor) -> None:
+        index = self.shard_of[name]
+        shard = self.shards[index]
+        entry = self.open.get(index)
+        if entry is None:
+            entry = self.open[index] = self._begin(shard)
+        start, end = shard.layout[name]
+        data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if end > start else memoryview(b"")
+        done = 0
+        while done < len(data):
+            done += os.pwrite(entry["fd"], data[done:], start + done)
+        if start == entry["next"]:  # in file order: hash as we go
+            entry["hash"].update(data)
+            entry["next"] = end
+        else:
+            entry["late"] = True
+        entry["left"] -= 1
+        self.tensors_written += 1
+        crash_hook("tensors", self.tensors_written)
+        if entry["left"] == 0:
+            self._finish(shard, entry)
+            del self.open[index]
+
+    def _finish(self, shard: Shard, entry: dict) -> None:
+        fd = entry["fd"]
+        os.fsync(fd)
+        os.close(fd)
+        if entry["late"]:  # tensors arrived out of file order (mixed dtypes): hash the file
+            h = hashlib.sha256()
+            with open(entry["tmp"], "rb") as f:
+                for block in iter(lambda: f.read(2**24), b""):
+                    h.update(block)
+            digest = h.hexdigest()
+        else:
+            digest = entry["hash"].hexdigest()
+        os.replace(entry["tmp"], self.partial / shard.file)
+        record = {"file": shard.file, "bytes": shard.nbytes, "sha256": digest}
+        done = self.partial / STATE / "done"
+        tmp = done / (shard.file + ".json.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, done / (shard.file + ".json"))
+        self.shards_written += 1
+        crash_hook("shards", self.shards_written)
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_published(partial: Path, digest: str) -> bool:
+    """True when OUT_DIR.partial is complete and only its rename is left: a run was stopped between
+    removing the state and the rename (the manifest, written before, names the same inputs)."""
+    if (partial / STATE / "state.json").exists():
+        return False
+    manifest = _read_json(partial / MANIFEST)
+    return manifest is not None and manifest.get("inputs_digest") == digest
+
+
+def prepare_partial(partial: Path, digest: str, resume: bool) -> None:
+    """Create OUT_DIR.partial (or check it for --resume: same config and inputs)."""
+    state = partial / STATE / "state.json"
+    if partial.exists():
+        if not resume:
+            raise NeurokernError(f"{partial} holds an interrupted merge; pass --resume to finish it, or delete it")
+        saved = _read_json(state)
+        if saved is None:
+            if is_published(partial, digest):
+                return
+            leftovers = [q for q in partial.rglob("*") if q.is_file() and not q.name.startswith("state.json")]
+            if leftovers or any(q.name != STATE for q in partial.iterdir()):
+                raise NeurokernError(f"{partial} is not an interrupted neurokern merge of this config (no "
+                                     f"{STATE}/state.json); delete it to start over")
+            shutil.rmtree(partial)  # stopped while it was being created: start afresh
+        elif saved.get("digest") != digest:
+            raise NeurokernError(f"{partial} was made from a different config or different inputs; "
+                                 "delete it to start over")
+        else:
+            for stale in partial.glob("*.tmp"):
+                stale.unlink()
+            return
+    try:
+        (partial / STATE / "done").mkdir(parents=True)
+        tmp = state.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"digest": digest}))
+        os.replace(tmp, state)
+    except OSError as exc:
+        raise NeurokernError(f"cannot create {partial}: {exc.strerror or exc}") from exc
+
+
+def publish(partial: Path, out_dir: Path, plan: Plan, side_sources: list[Path], extra_files: dict[str, str],
+            manifest: dict) -> None:
+    """Index, side files, config echo and manifest, then the atomic rename to out_dir."""
+    records = {}
+    for shard in plan.shards:
+        record = done_record(partial, shard)
+        if record is None:
+            raise NeurokernError(f"internal error: shard {shard.file} is missing from {partial}")
+        records[shard.file] = {"bytes": record["bytes"], "sha256": record["sha256"]}
+    try:
+        if len(plan.shards) > 1:
+            weight_map = {n: s.file for s in plan.shards for n in s.names}
+            weight_map = {n: weight_map[n] for n in plan.tensors}
+            index = {"metadata": {"total_size": plan.total_out_bytes}, "weight_map": weight_map}
+            (partial / INDEX).write_text(json.dumps(index, indent=2))
+        for folder in side_sources:
+            if folder.is_dir():
+                for side in SIDE_FILES:
+                    if (folder / side).is_file() and not (partial / side).exists():
+                        shutil.copyfile(folder / side, partial / side)
+        for name, text in extra_files.items():
+            (partial / name).write_text(text)
+        (partial / MANIFEST).write_text(json.dumps({**manifest, "shards": records}, indent=2) + "\n")
+        fd = os.open(partial, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise NeurokernError(f"cannot write {exc.filename or partial}: {exc.strerror or exc}; "
+                             f"the merged shards are kept in {partial} (rerun with --resume)") from exc
+    crash_hook("publish")
+    rename(partial, out_dir)
+
+
+def rename(partial: Path, out_dir: Path) -> None:
+    """Remove the resume state and rename the finished folder to out_dir: the output appears whole."""
+    if out_dir.exists():
+        if not out_dir.is_dir() or any(out_dir.iterdir()):
+            raise NeurokernError(f"output {out_dir} exists and is not an empty folder; the result is in {partial}")
+        out_dir.rmdir()
+    shutil.rmtree(partial / STATE, ignore_errors=True)
+    crash_hook("rename")
+    os.replace(partial, out_dir)

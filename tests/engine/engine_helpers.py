@@ -1,0 +1,82 @@
+"""Helpers for the engine tests. Small HF-style models on disk for the engine tests: a sharded base (index + 2 files) and three
+fine-tuned copies (one single-file, two sharded), bf16 with an integer buffer."""
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, FFN, VOCAB, LAYERS = 32, 48, 80, 3
+
+
+def base_state(g: torch.Generator) -> dict[str, torch.Tensor]:
+    def rand(*shape):
+        return (0.05 * torch.randn(shape, generator=g)).to(torch.bfloat16)
+
+    s = {"model.embed_tokens.weight": rand(VOCAB, HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            s[p + f"self_attn.{name}.weight"] = rand(HIDDEN, HIDDEN)
+        s[p + "mlp.gate_proj.weight"] = rand(FFN, HIDDEN)
+        s[p + "mlp.down_proj.weight"] = rand(HIDDEN, FFN)
+        s[p + "input_layernorm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    s["model.position_ids"] = torch.arange(16, dtype=torch.int64)
+    s["model.norm.weight"] = torch.ones(HIDDEN, dtype=torch.bfloat16)
+    s["lm_head.weight"] = rand(VOCAB, HIDDEN)
+    return s
+
+
+def write_model(folder: Path, state: dict, shards: int = 1) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": HIDDEN}))
+    if shards == 1:
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[i * per:(i + 1) * per]}
+        save_file(part, str(folder / file), metadata={"format": "pt"})
+        weight_map.update({n: file for n in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def make_models(root: Path, seed: int = 0, tasks: int = 3) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    base = base_state(g)
+    write_model(root / "base", base, shards=2)
+    (root / "base" / "tokenizer_config.json").write_text("{}")
+    for t in range(tasks):
+        tuned = {}
+        for name, w in base.items():
+            if not w.is_floating_point():
+                tuned[name] = w
+                continue
+            # quantised deltas: many equal magnitudes, so ties at the thresholds happen
+            delta = torch.round(4 * torch.randn(w.shape, generator=g)) / 512 * (torch.rand(w.shape, generator=g) < 0.5)
+            tuned[name] = (w.float() + delta).to(w.dtype)
+        write_model(root / f"task_{t}", tuned, shards=1 if t == 0 else 3)
+    return root
+
+
+def write_config(path: Path, method: str, root: Path, params: dict = None, per_model: dict = None, extra: dict = None) -> Path:
+    import yaml
+
+    models = []
+    for t in range(3):
+        entry = {"model": str(root / f"task_{t}")}
+        if per_model:
+            entry["parameters"] = {k: (v[t] if isinstance(v, list) else v) for k, v in per_model.items()}
+        models.append(entry)
+    raw = {"merge_method": method, "base_model": str(root / "base"), "models": models, **(extra or {})}
+    if params:
+        raw["parameters"] = params
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def read_dir(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
