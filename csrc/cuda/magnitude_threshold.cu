@@ -1,14 +1,24 @@
-// Exact magnitude threshold on the GPU: radix select on the float32 bit pattern of |tau| in three
-// digit passes (bits 30..20, 19..10, 9..0; bit 31 is 0 for magnitudes) with shared-memory
-// histograms fed by warp-aggregated atomics (magnitudes crowd into few bins), for many selection groups at once
-// (one per task over the whole list, or one per (tensor, task)); each block reads a chunk of the
-// base once for up to 4 tasks. Tensors of different storage dtypes may share a scope: each kernel
-// is launched once per dtype present and its blocks skip the chunks of other dtypes. Every group's state stays on the device; with exact-k ties, one
-// more pass finds the flat position of the last tie to keep (one host sync to know it is needed).
+// Exact magnitude threshold on the GPU: radix select on the float32 bit pattern of |tau| (bit 31
+// is 0 for magnitudes), for many selection groups at once (one per task over the whole list, or
+// one per (tensor, task)). Each block reads a chunk of the base once for up to 4 tasks, 16 bytes
+// per load. Three digits: bits 30..20 (11), 19..10 (10), 9..0 (10).
+//  1. sample: an 11-bit histogram of every kSampleEvery-th chunk (warp-aggregated shared-memory
+//     atomics: magnitudes crowd into few bins) gives each group a window of at most two top-digit
+//     bins that holds its k-th key with overwhelming probability (ranks k_s +- 6 sigma + 16);
+//  2. window pass over everything: counts keys above the window (registers) and a 2x10-bit
+//     histogram of the keys inside it; if the k-th key is inside, the first 21 bits are exact;
+//     groups whose window missed (one host sync tells) redo digits 1 and 2 over all keys;
+//  3. the last digit over the keys under the 21-bit prefix.
+// So a select reads the weights twice, plus a sample. Tensors of different storage dtypes may
+// share a scope: each kernel is launched once per dtype present and its blocks skip the chunks of
+// other dtypes. With exact-k ties, one more pass finds the flat position of the last tie to keep
+// (one host sync to know it is needed).
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/common.cuh"
@@ -18,9 +28,13 @@ namespace neurokern::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kChunk = 16384;  // elements per block
-constexpr int kMaxBins = 2048;
-constexpr int kTasksPerBlock = 4;  // shared histograms of up to 4 tasks: 32 KB
+constexpr int64_t kChunk = 16384;   // elements per block
+constexpr int kTopBins = 2048;      // first digit: 11 bits
+constexpr int kLowBins = 1024;      // later digits: 10 bits
+constexpr int kTasksPerBlock = 4;   // shared histograms of up to 4 tasks: 32 KB
+constexpr int kSampleEvery = 32;    // chunk j of a tensor is in the sample when j % 32 == 0
+
+enum Mode { kDense, kPrefix, kWindow };
 
 // One block's work: a chunk of one tensor, for all tasks (grid y walks the tasks 4 at a time), so
 // the base is read once per 4 tasks. Task t of the chunk feeds selection group group0 + t.
@@ -30,7 +44,8 @@ struct Chunk {
   int64_t begin, end;     // element range inside the tensor
   int64_t position;       // flat position of element 0 of the tensor in the group's scope
   int32_t group0;
-  int32_t dtype;          // the tensor's at::ScalarType
+  int16_t dtype;          // the tensor's at::ScalarType
+  int16_t aligned;        // every pointer of the tensor is 16-byte aligned: vector loads
 };
 
 template <typename scalar_t>
@@ -39,62 +54,181 @@ __device__ __forceinline__ uint32_t key_of(const scalar_t* base, const void* ft,
   return __float_as_uint(mag);
 }
 
-// Histogram of digit (key >> shift) & (bins-1) over keys whose bits above shift+bits equal the
-// group's prefix so far.
 template <typename scalar_t>
-__global__ void histogram_kernel(const Chunk* chunks, int32_t dtype, int T, const uint32_t* prefix,
-                                 const int32_t* active, int shift, int bits, uint32_t* hist) {
-  __shared__ uint32_t local[kTasksPerBlock][kMaxBins];
-  const Chunk c = chunks[blockIdx.x];
-  if (c.dtype != dtype) return;  // another launch's dtype (uniform across the block)
-  const int t0 = blockIdx.y * kTasksPerBlock;
-  const int tasks = min(kTasksPerBlock, T - t0);
-  const int bins = 1 << bits;
-  for (int b = threadIdx.x; b < kTasksPerBlock * kMaxBins; b += blockDim.x) (&local[0][0])[b] = 0;
-  __syncthreads();
-  const int high = shift + bits;
-  uint32_t want[kTasksPerBlock];
-  bool live[kTasksPerBlock];
+constexpr int kVec = 16 / static_cast<int>(sizeof(scalar_t));
+
+// vals[v] = float(p[v]) for one 16-byte load.
+template <typename scalar_t>
+__device__ __forceinline__ void load_vec(const scalar_t* p, float (&vals)[kVec<scalar_t>]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  const scalar_t* x = reinterpret_cast<const scalar_t*>(&raw);
 #pragma unroll
-  for (int j = 0; j < kTasksPerBlock; ++j) {
-    live[j] = j < tasks && active[c.group0 + t0 + j];
-    want[j] = live[j] ? prefix[c.group0 + t0 + j] : 0;
-  }
+  for (int v = 0; v < kVec<scalar_t>; ++v) vals[v] = to_float(x[v]);
+}
+
+// Walks a chunk's elements: visit(j, key) for every live task slot j of the block and every
+// element, with whole warps in step (the dense pass's __match_any_sync needs them); keys of
+// elements past the end are 0xFFFFFFFF (visit must ignore them).
+template <typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_key(const Chunk& c, int t0, const bool (&live)[kTasksPerBlock],
+                                             Visit&& visit) {
+  constexpr int V = kVec<scalar_t>;
   const scalar_t* base = static_cast<const scalar_t*>(c.base);
-  const unsigned lane = threadIdx.x & 31;
-  // Uniform trip count, so that whole warps take part in __match_any_sync.
-  for (int64_t first = c.begin; first < c.end; first += blockDim.x) {
+  const int64_t step = static_cast<int64_t>(blockDim.x) * V;
+  const int64_t vec_end = c.begin + (c.aligned ? (c.end - c.begin) / step * step : 0);
+  for (int64_t i = c.begin + threadIdx.x * V; i < vec_end; i += step) {
+    float w[V], f[kTasksPerBlock][V];
+    load_vec<scalar_t>(base + i, w);
+#pragma unroll
+    for (int j = 0; j < kTasksPerBlock; ++j)
+      if (live[j]) load_vec<scalar_t>(static_cast<const scalar_t*>(c.ft[t0 + j]) + i, f[j]);
+#pragma unroll
+    for (int j = 0; j < kTasksPerBlock; ++j) {
+      if (!live[j]) continue;  // uniform across the block
+#pragma unroll
+      for (int v = 0; v < V; ++v) visit(j, __float_as_uint(fabsf(f[j][v] - w[v])));
+    }
+  }
+  for (int64_t first = vec_end; first < c.end; first += blockDim.x) {  // the rest, one element a thread
     const int64_t i = first + threadIdx.x;
     const bool in_range = i < c.end;
     const float w = in_range ? to_float(base[i]) : 0.0f;
 #pragma unroll
     for (int j = 0; j < kTasksPerBlock; ++j) {
-      if (!live[j]) continue;  // uniform across the block
-      uint32_t bin = 0xFFFFFFFFu;
-      if (in_range) {
-        const uint32_t key = __float_as_uint(fabsf(to_float(static_cast<const scalar_t*>(c.ft[t0 + j])[i]) - w));
-        if (high >= 32 || (key >> high) == want[j]) bin = (key >> shift) & (bins - 1);
-      }
+      if (!live[j]) continue;
+      visit(j, in_range ? __float_as_uint(fabsf(to_float(static_cast<const scalar_t*>(c.ft[t0 + j])[i]) - w))
+                        : 0xFFFFFFFFu);
+    }
+  }
+}
+
+// Per block and task slot: a shared histogram of BINS bins fed by the chunk's keys.
+//  kDense:  digit (key >> shift) of every key; warp-aggregated atomics.
+//  kPrefix: digit (key >> shift) & 1023 of the keys whose bits above shift + 10 equal the prefix.
+//  kWindow: keys whose top digit (key >> 20) lies in [lo, hi] count in bin (top - lo) * 1024 +
+//           ((key >> 10) & 1023); keys above hi only add to above[group].
+template <typename scalar_t, int BINS, Mode MODE>
+__global__ void __launch_bounds__(kThreads) histogram_kernel(const Chunk* chunks, int32_t dtype, int T,
+                                                             const uint32_t* prefix, const uint32_t* window_lo,
+                                                             const uint32_t* window_hi, const int32_t* running,
+                                                             int shift, uint32_t* hist,
+                                                             unsigned long long* above) {
+  __shared__ uint32_t count[kTasksPerBlock][BINS];
+  __shared__ unsigned int above_block[kTasksPerBlock];
+  const Chunk c = chunks[blockIdx.x];
+  if (c.dtype != dtype) return;  // another launch's dtype (uniform across the block)
+  const int t0 = blockIdx.y * kTasksPerBlock;
+  const int tasks = min(kTasksPerBlock, T - t0);
+  bool live[kTasksPerBlock], any = false;
+  uint32_t want[kTasksPerBlock], lo[kTasksPerBlock], hi[kTasksPerBlock];
+  unsigned int above_mine[kTasksPerBlock];
+#pragma unroll
+  for (int j = 0; j < kTasksPerBlock; ++j) {
+    const int g = c.group0 + t0 + j;
+    live[j] = j < tasks && running[g];
+    want[j] = live[j] && MODE == kPrefix ? prefix[g] : 0;
+    lo[j] = live[j] && MODE == kWindow ? window_lo[g] : 0;
+    hi[j] = live[j] && MODE == kWindow ? window_hi[g] : 0;
+    above_mine[j] = 0;
+    any |= live[j];
+  }
+  if (!any) return;  // no group of the block still selects: nothing to read
+  for (int b = threadIdx.x; b < kTasksPerBlock * BINS; b += blockDim.x) (&count[0][0])[b] = 0;
+  if (threadIdx.x < kTasksPerBlock) above_block[threadIdx.x] = 0;
+  __syncthreads();
+  const unsigned lane = threadIdx.x & 31;
+  for_each_key<scalar_t>(c, t0, live, [&](int j, uint32_t key) {
+    if (MODE == kDense) {
+      const uint32_t bin = key == 0xFFFFFFFFu ? key : (key >> shift) & (BINS - 1);
       const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);
       if (bin != 0xFFFFFFFFu && lane == static_cast<unsigned>(__ffs(peers) - 1))
-        atomicAdd(&local[j][bin], static_cast<uint32_t>(__popc(peers)));
+        atomicAdd(&count[j][bin], static_cast<uint32_t>(__popc(peers)));
+    } else if (key != 0xFFFFFFFFu) {
+      if (MODE == kPrefix) {
+        if ((key >> (shift + 10)) == want[j]) atomicAdd(&count[j][(key >> shift) & (kLowBins - 1)], 1u);
+      } else {
+        const uint32_t top = key >> 20;
+        if (top > hi[j]) ++above_mine[j];
+        else if (top >= lo[j]) atomicAdd(&count[j][(top - lo[j]) * kLowBins + ((key >> 10) & (kLowBins - 1))], 1u);
+      }
+    }
+  });
+  if (MODE == kWindow) {
+#pragma unroll
+    for (int j = 0; j < kTasksPerBlock; ++j) {
+      if (!live[j]) continue;
+      unsigned int v = above_mine[j];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
+      if (lane == 0 && v) atomicAdd(&above_block[j], v);
     }
   }
   __syncthreads();
   for (int j = 0; j < tasks; ++j) {
     if (!live[j]) continue;
-    uint32_t* out = hist + static_cast<int64_t>(c.group0 + t0 + j) * kMaxBins;
-    for (int b = threadIdx.x; b < bins; b += blockDim.x)
-      if (local[j][b]) atomicAdd(&out[b], local[j][b]);
+    const int64_t g = c.group0 + t0 + j;
+    for (int b = threadIdx.x; b < BINS; b += blockDim.x)
+      if (count[j][b]) atomicAdd(&hist[g * kTopBins + b], count[j][b]);
+    if (MODE == kWindow && threadIdx.x == 0 && above_block[j]) atomicAdd(&above[g], above_block[j]);
   }
 }
 
-// Per group: walk the digit's bins from the top to the one holding the remaining k-th key.
-__global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaining,
-                              const int32_t* active, int bits, uint32_t* ties, int groups) {
+// The top-digit bin where the cumulative count from the top reaches rank (>= 1).
+__device__ int bin_of_rank(const uint32_t* h, int bins, int64_t rank) {
+  int b = bins - 1;
+  for (; b > 0 && rank > h[b]; --b) rank -= h[b];
+  return b;
+}
+
+// Per group, from the sample's histogram: the window [lo, hi] of top-digit bins between the bins
+// of ranks rank_hi <= rank_lo (counted from the largest). Wider than two bins: the group redoes
+// the full digits (failed = 1).
+__global__ void window_kernel(uint32_t* hist, const int64_t* rank_hi, const int64_t* rank_lo, const int32_t* running,
+                              uint32_t* window_lo, uint32_t* window_hi, int32_t* failed, int groups) {
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= groups || !active[g]) return;
-  uint32_t* h = hist + static_cast<int64_t>(g) * kMaxBins;
+  if (g >= groups) return;
+  uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
+  if (running[g]) {
+    const int hi = bin_of_rank(h, kTopBins, rank_hi[g]), lo = bin_of_rank(h, kTopBins, rank_lo[g]);
+    window_hi[g] = hi;
+    window_lo[g] = hi - lo <= 1 ? lo : hi;
+    failed[g] = hi - lo > 1;
+  }
+  for (int j = 0; j < kTopBins; ++j) h[j] = 0;
+}
+
+// Per group, after the window pass: the 21-bit prefix of the k-th key when it lies in the window
+// (need = k - above in 1..in-window count), else failed = 1.
+__global__ void window_select_kernel(uint32_t* hist, const unsigned long long* above, const int64_t* k,
+                                     const int32_t* running, const uint32_t* window_lo, const uint32_t* window_hi,
+                                     uint32_t* prefix, int64_t* remaining, uint32_t* ties, int32_t* failed,
+                                     int groups) {
+  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= groups) return;
+  uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
+  if (running[g] && !failed[g]) {
+    const int bins = static_cast<int>(window_hi[g] - window_lo[g] + 1) * kLowBins;
+    int64_t inside = 0;
+    for (int j = 0; j < bins; ++j) inside += h[j];
+    int64_t need = k[g] - static_cast<int64_t>(above[g]);
+    if (need < 1 || need > inside) {
+      failed[g] = 1;
+    } else {
+      int b = bins - 1;
+      for (; b > 0 && need > h[b]; --b) need -= h[b];
+      prefix[g] = ((window_lo[g] + b / kLowBins) << 10) | static_cast<uint32_t>(b % kLowBins);
+      remaining[g] = need;
+      ties[g] = h[b];
+    }
+  }
+  for (int j = 0; j < kTopBins; ++j) h[j] = 0;
+}
+
+// Per group: walk the digit's bins from the top to the one holding the remaining k-th key.
+__global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaining, const int32_t* running,
+                              int bits, uint32_t* ties, int groups) {
+  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  if (g >= groups || !running[g]) return;
+  uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
   int64_t need = remaining[g];
   int b = (1 << bits) - 1;
   for (; b > 0 && need > h[b]; --b) need -= h[b];
@@ -106,21 +240,38 @@ __global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaini
 
 // Exact-k ties: per (chunk, task), how many keys equal the group's threshold key.
 template <typename scalar_t>
-__global__ void tie_count_kernel(const Chunk* chunks, int32_t dtype, const uint32_t* key, const int32_t* exact,
-                                 int64_t* counts) {
-  __shared__ unsigned long long total;
+__global__ void __launch_bounds__(kThreads) tie_count_kernel(const Chunk* chunks, int32_t dtype, int T,
+                                                             const uint32_t* key, const int32_t* exact,
+                                                             int64_t* counts) {
+  __shared__ unsigned int total[kTasksPerBlock];
   const Chunk c = chunks[blockIdx.x];
-  const int g = c.group0 + blockIdx.y;
-  if (!exact[g] || c.dtype != dtype) return;
-  if (threadIdx.x == 0) total = 0;
+  if (c.dtype != dtype) return;
+  const int t0 = blockIdx.y * kTasksPerBlock;
+  const int tasks = min(kTasksPerBlock, T - t0);
+  bool live[kTasksPerBlock], any = false;
+  uint32_t want[kTasksPerBlock];
+  unsigned int mine[kTasksPerBlock];
+#pragma unroll
+  for (int j = 0; j < kTasksPerBlock; ++j) {
+    live[j] = j < tasks && exact[c.group0 + t0 + j];
+    want[j] = live[j] ? key[c.group0 + t0 + j] : 0;
+    mine[j] = 0;
+    any |= live[j];
+  }
+  if (!any) return;
+  if (threadIdx.x < kTasksPerBlock) total[threadIdx.x] = 0;
   __syncthreads();
-  const scalar_t* base = static_cast<const scalar_t*>(c.base);
-  unsigned long long mine = 0;
-  for (int64_t i = c.begin + threadIdx.x; i < c.end; i += blockDim.x)
-    mine += key_of<scalar_t>(base, c.ft[blockIdx.y], i) == key[g];
-  atomicAdd(&total, mine);
+  for_each_key<scalar_t>(c, t0, live, [&](int j, uint32_t k) { mine[j] += k == want[j]; });
+#pragma unroll
+  for (int j = 0; j < kTasksPerBlock; ++j) {
+    if (!live[j]) continue;
+    unsigned int v = mine[j];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xFFFFFFFFu, v, o);
+    if ((threadIdx.x & 31) == 0 && v) atomicAdd(&total[j], v);
+  }
   __syncthreads();
-  if (threadIdx.x == 0) counts[static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x] = static_cast<int64_t>(total);
+  if (threadIdx.x < tasks && live[threadIdx.x])
+    counts[static_cast<int64_t>(t0 + threadIdx.x) * gridDim.x + blockIdx.x] = static_cast<int64_t>(total[threadIdx.x]);
 }
 
 // Per group (one thread): binary search of the inclusive prefix sums of tie counts (row t, the
@@ -229,61 +380,135 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   const at::Tensor ptr_table = to_device(ptrs.data(), static_cast<int64_t>(ptrs.size() * sizeof(void*)));
   const auto* ptr_dev = reinterpret_cast<const void* const*>(ptr_table.data_ptr());
   // Chunk table in flat order (tensor by tensor); first_chunk[i] is tensor i's first chunk.
-  std::vector<Chunk> chunks;
-  std::vector<int64_t> first_chunk(n + 1, 0), kk(groups), totals(groups, 0);
-  int64_t position = 0;
+  std::vector<Chunk> chunks, sample;  // sample: every kSampleEvery-th chunk of each tensor
+  std::vector<int64_t> first_chunk(n + 1, 0), kk(groups), totals(groups, 0), sampled(groups, 0);
+  int64_t position = 0, sampled_all = 0;
   for (int64_t i = 0; i < n; ++i) {
     first_chunk[i] = static_cast<int64_t>(chunks.size());
     const int64_t numel = base[i].numel();
-    for (int64_t b = 0; b < numel; b += kChunk)
+    bool aligned = reinterpret_cast<uintptr_t>(base[i].data_ptr()) % 16 == 0;
+    for (int64_t t = 0; t < T; ++t) aligned &= reinterpret_cast<uintptr_t>(ptrs[i * T + t]) % 16 == 0;
+    int64_t in_sample = 0;
+    for (int64_t b = 0, j = 0; b < numel; b += kChunk, ++j) {
       chunks.push_back({base[i].data_ptr(), ptr_dev + i * T, b, std::min(b + kChunk, numel),
                         per_tensor ? 0 : position, static_cast<int32_t>(per_tensor ? i * T : 0),
-                        static_cast<int32_t>(base[i].scalar_type())});
+                        static_cast<int16_t>(base[i].scalar_type()), static_cast<int16_t>(aligned)});
+      if (j % kSampleEvery == 0) {
+        sample.push_back(chunks.back());
+        in_sample += chunks.back().end - b;
+      }
+    }
     position += numel;
+    sampled_all += in_sample;
     if (per_tensor)
-      for (int64_t t = 0; t < T; ++t) totals[i * T + t] = numel;
+      for (int64_t t = 0; t < T; ++t) {
+        totals[i * T + t] = numel;
+        sampled[i * T + t] = in_sample;
+      }
   }
   first_chunk[n] = static_cast<int64_t>(chunks.size());
-  if (!per_tensor) std::fill(totals.begin(), totals.end(), position);
+  if (!per_tensor) {
+    std::fill(totals.begin(), totals.end(), position);
+    std::fill(sampled.begin(), sampled.end(), sampled_all);
+  }
+  // Sample ranks bracketing each group's k-th key: k_s +- (6 sigma + 16), exact when all is sampled.
   std::vector<int32_t> active(groups);
+  std::vector<int64_t> rank_hi(groups, 1), rank_lo(groups, 1);
   for (int64_t g = 0; g < groups; ++g) {
     kk[g] = std::min<int64_t>(k[g], totals[g]);
     active[g] = kk[g] > 0;
+    if (!active[g]) continue;
+    if (sampled[g] == totals[g]) {
+      rank_hi[g] = rank_lo[g] = kk[g];
+      continue;
+    }
+    const double ks = static_cast<double>(kk[g]) * static_cast<double>(sampled[g]) / static_cast<double>(totals[g]);
+    const double margin = 6.0 * std::sqrt(ks * std::max(0.0, 1.0 - ks / static_cast<double>(sampled[g]))) + 16.0;
+    rank_hi[g] = std::max<int64_t>(1, static_cast<int64_t>(std::floor(ks - margin)));
+    rank_lo[g] = std::min<int64_t>(sampled[g], std::max<int64_t>(1, static_cast<int64_t>(std::ceil(ks + margin))));
   }
   const auto opts = at::TensorOptions().device(device);
+  auto ints = [&](const auto& v) {  // a host vector of int32 / int64 as a device tensor
+    using T_ = typename std::decay_t<decltype(v)>::value_type;
+    const int64_t len = static_cast<int64_t>(v.size());
+    return to_device(v.data(), len * static_cast<int64_t>(sizeof(T_)))
+        .narrow(0, 0, len * static_cast<int64_t>(sizeof(T_)))
+        .view(sizeof(T_) == 4 ? at::kInt : at::kLong);
+  };
   const at::Tensor chunk_table = to_device(chunks.data(), static_cast<int64_t>(chunks.size() * sizeof(Chunk)));
-  const at::Tensor active_d = to_device(active.data(), groups * sizeof(int32_t)).narrow(0, 0, groups * 4).view(at::kInt);
-  const at::Tensor k_d = to_device(kk.data(), groups * sizeof(int64_t)).narrow(0, 0, groups * 8).view(at::kLong);
+  const at::Tensor sample_table = to_device(sample.data(), static_cast<int64_t>(sample.size() * sizeof(Chunk)));
+  const at::Tensor active_d = ints(active), k_d = ints(kk), rank_hi_d = ints(rank_hi), rank_lo_d = ints(rank_lo);
   at::Tensor remaining = k_d.clone();
   at::Tensor prefix = at::zeros({groups}, opts.dtype(at::kInt));
   at::Tensor ties = at::zeros({groups}, opts.dtype(at::kInt));
-  at::Tensor hist = at::zeros({groups, kMaxBins}, opts.dtype(at::kInt));
+  at::Tensor hist = at::zeros({groups, kTopBins}, opts.dtype(at::kInt));
+  at::Tensor window = at::zeros({2, groups}, opts.dtype(at::kInt));
+  at::Tensor above = at::zeros({groups}, opts.dtype(at::kLong));
+  at::Tensor failed = at::zeros({groups}, opts.dtype(at::kInt));
   at::Tensor threshold = at::empty(per_tensor ? std::vector<int64_t>{n, T} : std::vector<int64_t>{T}, opts.dtype(at::kFloat));
   at::Tensor tie_limit = at::empty(threshold.sizes(), opts.dtype(at::kLong));
   const auto* chunk_ptr = reinterpret_cast<const Chunk*>(chunk_table.data_ptr());
-  const auto* active_ptr = active_d.data_ptr<int32_t>();
+  const auto* sample_ptr = reinterpret_cast<const Chunk*>(sample_table.data_ptr());
   auto* prefix_ptr = reinterpret_cast<uint32_t*>(prefix.data_ptr());
   auto* hist_ptr = reinterpret_cast<uint32_t*>(hist.data_ptr());
   auto* ties_ptr = reinterpret_cast<uint32_t*>(ties.data_ptr());
+  auto* lo_ptr = reinterpret_cast<uint32_t*>(window[0].data_ptr());
+  auto* hi_ptr = reinterpret_cast<uint32_t*>(window[1].data_ptr());
+  auto* above_ptr = reinterpret_cast<unsigned long long*>(above.data_ptr());
+  auto* failed_ptr = failed.data_ptr<int32_t>();
+  int64_t* remaining_ptr = remaining.data_ptr<int64_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int num_chunks = static_cast<int>(chunks.size());
   const int group_blocks = static_cast<int>((groups + 127) / 128);
-  const dim3 grid(num_chunks, static_cast<unsigned>((T + kTasksPerBlock - 1) / kTasksPerBlock));
-  constexpr int kShift[3] = {20, 10, 0}, kBits[3] = {11, 10, 10};
+  const unsigned task_blocks = static_cast<unsigned>((T + kTasksPerBlock - 1) / kTasksPerBlock);
+  const dim3 grid(num_chunks, task_blocks);
   // Runs launch(scalar_t{}, dtype code) for every storage dtype of the list.
   auto for_each_dtype = [&](auto&& launch) {
     for (const at::ScalarType dtype : dtypes)
       dispatch_storage(dtype, "magnitude_threshold", [&](auto tag) { launch(tag, static_cast<int32_t>(dtype)); });
   };
-  for (int pass = 0; pass < 3 && num_chunks > 0; ++pass) {
+  // One histogram pass of the given mode over the chunk table, for the groups with running[g].
+  auto pass = [&](auto mode, const Chunk* table, dim3 blocks, const int32_t* running, int shift) {
+    constexpr Mode M = decltype(mode)::value;
     for_each_dtype([&](auto tag, int32_t code) {
       using scalar_t = decltype(tag);
-      histogram_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(chunk_ptr, code, static_cast<int>(T), prefix_ptr,
-                                                                active_ptr, kShift[pass], kBits[pass], hist_ptr);
+      histogram_kernel<scalar_t, M == kPrefix ? kLowBins : kTopBins, M><<<blocks, kThreads, 0, stream>>>(
+          table, code, static_cast<int>(T), prefix_ptr, lo_ptr, hi_ptr, running, shift, hist_ptr, above_ptr);
       NK_CUDA_CHECK_LAUNCH();
     });
-    select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining.data_ptr<int64_t>(),
-                                                    active_ptr, kBits[pass], ties_ptr, static_cast<int>(groups));
+  };
+  using Dense = std::integral_constant<Mode, kDense>;
+  using Prefix = std::integral_constant<Mode, kPrefix>;
+  using Window = std::integral_constant<Mode, kWindow>;
+  const int32_t* active_ptr = active_d.data_ptr<int32_t>();
+  if (num_chunks > 0) {
+    pass(Dense{}, sample_ptr, dim3(static_cast<unsigned>(sample.size()), task_blocks), active_ptr, 20);
+    window_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, rank_hi_d.data_ptr<int64_t>(), rank_lo_d.data_ptr<int64_t>(),
+                                                    active_ptr, lo_ptr, hi_ptr, failed_ptr, static_cast<int>(groups));
+    NK_CUDA_CHECK_LAUNCH();
+    const at::Tensor windowed = active_d * (1 - failed);  // groups that take the window pass
+    pass(Window{}, chunk_ptr, grid, windowed.data_ptr<int32_t>(), 20);
+    window_select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, above_ptr, k_d.data_ptr<int64_t>(),
+                                                           windowed.data_ptr<int32_t>(), lo_ptr, hi_ptr, prefix_ptr,
+                                                           remaining_ptr, ties_ptr, failed_ptr, static_cast<int>(groups));
+    NK_CUDA_CHECK_LAUNCH();
+    const at::Tensor redo = active_d * failed;
+    if (redo.any().item<bool>()) {  // the digits 1 and 2 over every key, for the groups that missed
+      const int32_t* redo_ptr = redo.data_ptr<int32_t>();
+      prefix.mul_(1 - redo);
+      remaining.copy_(at::where(redo != 0, k_d, remaining));
+      pass(Dense{}, chunk_ptr, grid, redo_ptr, 20);
+      select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 11, ties_ptr,
+                                                      static_cast<int>(groups));
+      NK_CUDA_CHECK_LAUNCH();
+      pass(Prefix{}, chunk_ptr, grid, redo_ptr, 10);
+      select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 10, ties_ptr,
+                                                      static_cast<int>(groups));
+      NK_CUDA_CHECK_LAUNCH();
+    }
+    pass(Prefix{}, chunk_ptr, grid, active_ptr, 0);
+    select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, active_ptr, 10, ties_ptr,
+                                                    static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
   }
   finish_kernel<<<group_blocks, 128, 0, stream>>>(prefix_ptr, k_d.data_ptr<int64_t>(), threshold.data_ptr<float>(),
@@ -297,8 +522,8 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   const at::Tensor first_d = to_device(first_chunk.data(), (n + 1) * sizeof(int64_t)).narrow(0, 0, (n + 1) * 8).view(at::kLong);
   for_each_dtype([&](auto tag, int32_t code) {
     using scalar_t = decltype(tag);
-    tie_count_kernel<scalar_t><<<dim3(num_chunks, static_cast<unsigned>(T)), kThreads, 0, stream>>>(
-        chunk_ptr, code, prefix_ptr, exact.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
+    tie_count_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(chunk_ptr, code, static_cast<int>(T), prefix_ptr,
+                                                              exact.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
     NK_CUDA_CHECK_LAUNCH();
   });
   const at::Tensor cum = counts.view({T, num_chunks}).cumsum(1);

@@ -53,6 +53,22 @@ def test_magnitude_threshold_real_shapes(keep_ties):
     check_thresholds(REAL_SHAPES, torch.bfloat16, 4, keep_ties)
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("keep_ties", [True, False])
+def test_magnitude_threshold_unrepresentative_sample(per_tensor, keep_ties):
+    """The sampled chunks (every 32nd block of 16384 elements) hold tiny deltas, the rest large
+    ones: the sample's window misses the k-th key and the full digit passes must take over."""
+    T, rows = 3, 41 * 8  # 41 chunks of 8 rows x 2048
+    base = (torch.randn(rows, 2048, device="cuda") * 0.02).to(torch.bfloat16)
+    scale = torch.full((rows, 1), 1e-2, device="cuda")
+    scale[0:8] = scale[256:264] = 1e-6  # chunks 0 and 32
+    fts = [(base.float() + scale * torch.randn(rows, 2048, device="cuda")).to(torch.bfloat16) for _ in range(T)]
+    k = [base.numel() // 5] * T
+    got = ops.magnitude_threshold([base], fts, k, keep_ties, per_tensor=per_tensor)
+    want = ops.magnitude_threshold([base.cpu()], [f.cpu() for f in fts], k, keep_ties, per_tensor=per_tensor)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
 @pytest.mark.parametrize("T", [1, 3, 5])
 @pytest.mark.parametrize("keep_ties", [True, False])
 def test_magnitude_threshold_mixed_dtypes(T, keep_ties):

@@ -20,8 +20,8 @@ Design (each input element read once per pass, each output written once):
   the base pointer) with T a tl.constexpr: the task loop is unrolled at compile time and per-task
   values stay in registers. Per-task scalars (weights, scale, divisors, DARE keys and factors) come
   from one small float64 tensor, thresholds / tie limits from their float32 / int64 [T] tensors.
-- Element-wise kernels: 1-D grid of BLOCK = 1024-element programs, 4 warps (512 for the election
-  kernels when T > 4; DARE works on [BLOCK / 4, 4] tiles so that one Philox call serves 4
+- Element-wise kernels: 1-D grid of BLOCK = 1024-element programs, 4 warps (256 for the election
+  kernels, whose float64 vote and sums spill at larger blocks); DARE works on [BLOCK / 4, 4] tiles so that one Philox call serves 4
   elements); per-row coefficients: one program per (row, column block), the row's coefficients
   are scalars. Positions are int64, so tensors and offsets past 2^31 elements work.
 - Whole-tensor reductions (weighted_sum_backward per tensor, the TIES "majority" vote, the DARE
@@ -85,7 +85,7 @@ LAUNCH = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
 # lane accumulators and reduce across lanes once at the end.
 RED_BLOCK = 4096 if _interpreting() else 512
 CHUNK = 4096 if _interpreting() else 8192
-ELECTION_BLOCKS = (4096, 4096) if _interpreting() else (1024, 512)  # T <= 4, T > 4
+ELECTION_BLOCKS = (4096, 4096) if _interpreting() else (256, 256)  # T <= 4, T > 4 (larger blocks spill on H100)
 
 
 def _election_block(T: int) -> int:
