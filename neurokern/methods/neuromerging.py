@@ -3,9 +3,11 @@ neuron, then one coefficient-weighted sum per matrix (neuromerging.md, "The fast
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
+
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
-from neurokern.methods._common import Method, Precomputed, each, group, thresholds
+from neurokern.methods._common import Method, Precomputed, batches, group, thresholds
 
 WHERE = "method 'neuromerging'"
 
@@ -54,19 +56,31 @@ def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
     # Point parameters: lambda (lite) or the mean of both (full), as the reference does.
     point_scale = lam_orth if lam_par == 0 else (lam_par + lam_orth) / 2
     out = {}
-    for name in each(names, progress, "neuromerging"):
-        base, finetuned = group(models, name)
-        trim, offset = trims.of(name)
-        if base.dim() == 2:
-            gram, dots, sqnorm = ops.neuron_stats(base, finetuned, trim, offset)
+    for batch in batches(models, names, progress, "neuromerging"):
+        matrices = [n for n in batch if models.base[n].dim() == 2]
+        stats = []
+        for name in matrices:
+            base, finetuned = group(models, name)
+            trim, offset = trims.of(name)
+            stats.append(ops.neuron_stats(base, finetuned, trim, offset))
+        if matrices:  # one solve for the neurons of every matrix of the batch (rows are independent)
+            gram, dots, sqnorm = (torch.cat(parts) for parts in zip(*stats))
             coeffs = ops.neuromerge_coeffs(gram, dots, sqnorm, lam_par, lam_orth, p.parallel_basis, p.gamma)
-            out[name] = ops.weighted_sum(base, finetuned, coeffs, trim, offset)
-        else:
+            rows = [models.base[n].shape[0] for n in matrices]
+            for name, part in zip(matrices, coeffs.split(rows, dim=1)):
+                base, finetuned = group(models, name)
+                trim, offset = trims.of(name)
+                out[name] = ops.weighted_sum(base, finetuned, part.contiguous(), trim, offset)
+        for name in batch:
+            if models.base[name].dim() == 2:
+                continue
+            base, finetuned = group(models, name)
+            trim, offset = trims.of(name)
             out[name] = ops.ties_merge(
                 base, finetuned, [1.0] * len(finetuned), trim, offset, consensus="sum",
                 normalize="count", elect_weighted=False, zero_sign="majority", scale=point_scale,
             )
-    return out
+    return {name: out[name] for name in names}
 
 
 DEFAULTS = {
