@@ -26,9 +26,10 @@ def merge_command(args: argparse.Namespace) -> int:
     result = merge_models(args.config, args.out_dir, resume=args.resume, **kwargs)
     if not args.quiet and _is_main():
         plan = result.plan
-        gb = plan.total_in_bytes / 1e9
+        size = plan.total_in_bytes
         print(f"merged {len(plan.tensors)} tensors into {args.out_dir} in {result.seconds:.1f} s "
-              f"({gb:.2f} GB read, {gb / max(result.seconds, 1e-9):.2f} GB/s; passes: {' -> '.join(result.passes)})")
+              f"({human_bytes(size)} read, {human_bytes(size / max(result.seconds, 1e-9))}/s; "
+              f"passes: {' -> '.join(result.passes) or 'none left'})")
     return 0
 
 
