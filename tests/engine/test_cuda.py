@@ -1,0 +1,97 @@
+"""The streaming engine on a GPU (pinned slots, H2D on a side stream, device cache of the first
+pass, D2H into pinned output slots): equal to nk.merge on the GPU, whatever the unit split and the
+budget; resumable; a write error ends the merge instead of leaving it waiting for a buffer."""
+import errno
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import neurokern as nk
+from neurokern.checkpoint import load_model
+from neurokern.config import load_config
+from neurokern.engine import merge_models, plan, writer
+
+from engine_helpers import read_dir, write_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+CASES = {
+    "ties": ("ties", {"normalize": True}, {"weight": [1.0, 0.7, 0.5], "density": 0.3}),
+    "ties_global": ("ties", {"trim_scope": "global"}, {"weight": 1.0, "density": [0.2, 0.3, 0.25]}),
+    "dare_ties": ("dare_ties", {"seed": 3}, {"weight": 0.5, "density": 0.4}),
+    "neuromerging": ("neuromerging", {"density": 0.2}, None),
+    "neuromerging_f32": ("neuromerging", {"density": 0.2}, None),
+}
+
+
+def _within(seconds, fn, *args, **kwargs):
+    out, err = [], []
+
+    def target():
+        try:
+            out.append(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001
+            err.append(exc)
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(seconds)
+    if t.is_alive():
+        pytest.fail(f"did not finish in {seconds} s (deadlock?)")
+    if err:
+        raise err[0]
+    return out[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_gpu_streamed_equals_gpu_in_memory(models, tmp_path, monkeypatch, case):
+    method, params, per_model = CASES[case]
+    extra = {"out_shard_size": "30KB", **({"dtype": "float32"} if case.endswith("f32") else {})}
+    cfg_path = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra=extra)
+    monkeypatch.setattr(plan, "MAX_UNIT", 20_000)
+    # a budget that caches only part of the first pass on the device: cached and re-read units mix
+    result = _within(120, merge_models, cfg_path, tmp_path / "small", device="cuda", memory_budget="600KB")
+    assert len(result.plan.units) > 3
+    cfg = load_config(cfg_path)
+    dtype = torch.float32 if cfg.dtype == "float32" else None
+    expected = nk.merge(load_model(cfg.base_model, dtype), [load_model(p, dtype) for p in cfg.models],
+                        method=cfg.method, device="cuda", **cfg.params)
+    got = load_model(tmp_path / "small")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(got[name], expected[name].cpu()), name
+    monkeypatch.setattr(plan, "MAX_UNIT", 1 << 30)
+    _within(120, merge_models, cfg_path, tmp_path / "big", device="cuda")  # one unit per shard, all cached
+    assert read_dir(tmp_path / "small") == read_dir(tmp_path / "big")
+
+
+def test_gpu_resume_after_kill(models, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", "neuromerging", models, {"density": 0.2}, None,
+                       extra={"out_shard_size": "20KB"})
+    merge_models(cfg, tmp_path / "ref", device="cuda")
+    env = dict(os.environ, NEUROKERN_TEST_CRASH="shards:1", NEUROKERN_MAX_UNIT_BYTES="20000")
+    run = subprocess.run([sys.executable, "-m", "neurokern", "merge", str(cfg), str(tmp_path / "out"), "--device",
+                          "cuda", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 137, run.stderr[-2000:]
+    merge_models(cfg, tmp_path / "out", device="cuda", resume=True)
+    assert read_dir(tmp_path / "out") == read_dir(tmp_path / "ref")
+
+
+def test_gpu_write_error_ends_the_merge(models, tmp_path, monkeypatch):
+    cfg = write_config(tmp_path / "c.yaml", "ties", models, None, {"density": 0.3}, extra={"out_shard_size": "20KB"})
+    monkeypatch.setattr(plan, "MAX_UNIT", 20_000)
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writer.os, "pwrite", pwrite)
+    with pytest.raises(nk.NeurokernError, match="No space left on device"):
+        _within(120, merge_models, cfg, tmp_path / "out", device="cuda")
+    assert not (tmp_path / "out").exists()
