@@ -178,7 +178,9 @@ class _Engine:
                 raise NeurokernError(f"cannot create {partial.parent}: {exc.strerror or exc}") from exc
             prepare_partial(partial, self.digest, resume)
         ranks.barrier()
-        if is_published(partial, self.digest):  # stopped just before the rename: only that is left
+        published = is_published(partial, self.digest)  # stopped just before the rename: only that is left
+        ranks.barrier()  # every rank has looked before rank 0 renames
+        if published:
             if ranks.is_main:
                 rename(partial, self.out_dir)
             return Result(self.out_dir, self.plan, time.perf_counter() - start, [])
