@@ -29,7 +29,7 @@ def example(tmp_path_factory):
 @pytest.mark.parametrize("config", ["ties.yaml", "neuromerging.yaml"])
 def test_example_configs_match_in_memory_merge(example, tmp_path, config):
     out = tmp_path / "merged"
-    assert main(["merge", str(example / config), str(out), "--device", "cpu"]) == 0  # tests/engine/test_cuda.py: GPU
+    assert main(["merge", str(example / config), str(out), "--device", "cpu"]) == 0  # tests/engine/test_engine_cuda.py: GPU
     cfg = load_config(example / config)
     base = load_model(cfg.base_model)
     fts = [load_model(p) for p in cfg.models]
