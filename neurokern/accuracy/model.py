@@ -86,8 +86,9 @@ def save_encoder(encoder: nn.Module, out_dir, tokenizer_dir=None, dtype: Optiona
 
 
 def encoder_state(encoder: nn.Module) -> dict[str, Tensor]:
-    """The mergeable tensors of an encoder (float parameters and buffers), detached."""
-    return {k: v.detach() for k, v in _encoder_tensors(encoder.state_dict()).items()}
+    """The mergeable tensors of an encoder (float parameters and buffers), detached copies: the
+    evaluation loads merged weights into encoders in place, which must not change these."""
+    return {k: v.detach().clone() for k, v in _encoder_tensors(encoder.state_dict()).items()}
 
 
 def load_tokenizer(model_dir, max_len: int = 128):

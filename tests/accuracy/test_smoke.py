@@ -90,3 +90,16 @@ def test_dedupe_and_baselines():
     assert rule["token"] in ("great", "dull", "boring", "fine") and rule["train_accuracy"] >= 0.8
     assert D.majority_baseline(train, test) == ("pos", pytest.approx(2 / 3))
     assert D.naive_bayes_baseline(train, test) >= 2 / 3
+
+
+def test_encoder_state_is_a_copy(tmp_path):
+    """The suite loads merged weights into the base encoder to evaluate them; the base state it
+    merges from must not follow (it did once: every λ of a search then scored the same)."""
+    from neurokern.accuracy.model import encoder_state, load_encoder
+
+    encoder = load_encoder(tiny_bert_dir(tmp_path / "model", ["a", "b", "c"], hidden=32, layers=2, heads=2))
+    base = encoder_state(encoder)
+    before = {k: v.clone() for k, v in base.items()}
+    encoder.load_state_dict({k: v + 1 for k, v in base.items()}, strict=False)
+    assert all(torch.equal(base[k], before[k]) for k in base)
+    assert any(not torch.equal(v, encoder.state_dict()[k]) for k, v in base.items())
