@@ -172,28 +172,59 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(const Chunk* chunks
   }
 }
 
-// The top-digit bin where the cumulative count from the top reaches rank (>= 1).
-__device__ int bin_of_rank(const uint32_t* h, int bins, int64_t rank) {
-  int b = bins - 1;
-  for (; b > 0 && rank > h[b]; --b) rank -= h[b];
-  return b;
+// The select kernels: one warp per group, kGroupsPerBlock groups in a block of 32 * kGroupsPerBlock.
+constexpr int kGroupsPerBlock = 4;
+
+struct Found {
+  int bin;        // the bin, counting from the top, where the cumulative count reaches rank
+  int64_t need;   // rank minus the counts of the bins above it
+  int64_t total;  // all counts of the histogram
+};
+
+// The bin of rank (>= 1; bin 0 when rank exceeds the total) in h[0..bins), bins a multiple of 32,
+// largest keys in the top bin. Lane l owns bins [bins - (l+1) * per, bins - l * per).
+__device__ Found warp_find(const uint32_t* h, int bins, int64_t rank) {
+  const unsigned full = 0xFFFFFFFFu;
+  const int lane = threadIdx.x & 31, per = bins / 32, top = bins - lane * per;
+  int64_t mine = 0;
+  for (int b = top - per; b < top; ++b) mine += h[b];
+  int64_t incl = mine;
+  for (int o = 1; o < 32; o <<= 1) {
+    const int64_t v = __shfl_up_sync(full, incl, o);
+    if (lane >= o) incl += v;
+  }
+  const unsigned reached = __ballot_sync(full, incl >= rank);
+  const int owner = reached ? __ffs(reached) - 1 : 31;
+  int64_t need = rank - (incl - mine);
+  int bin = top - 1;
+  if (lane == owner)
+    for (; bin > top - per && need > h[bin]; --bin) need -= h[bin];
+  return {__shfl_sync(full, bin, owner), __shfl_sync(full, need, owner), __shfl_sync(full, incl, 31)};
 }
+
+__device__ void warp_clear(uint32_t* h, int bins) {
+  __syncwarp();
+  for (int b = threadIdx.x & 31; b < bins; b += 32) h[b] = 0;
+}
+
+__device__ __forceinline__ int warp_group() { return blockIdx.x * kGroupsPerBlock + threadIdx.x / 32; }
+__device__ __forceinline__ bool leader() { return (threadIdx.x & 31) == 0; }
 
 // Per group, from the sample's histogram: the window [lo, hi] of top-digit bins between the bins
 // of ranks rank_hi <= rank_lo (counted from the largest). Wider than two bins: the group redoes
 // the full digits (failed = 1).
 __global__ void window_kernel(uint32_t* hist, const int64_t* rank_hi, const int64_t* rank_lo, const int32_t* running,
                               uint32_t* window_lo, uint32_t* window_hi, int32_t* failed, int groups) {
-  const int g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= groups) return;
+  const int g = warp_group();
+  if (g >= groups || !running[g]) return;
   uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
-  if (running[g]) {
-    const int hi = bin_of_rank(h, kTopBins, rank_hi[g]), lo = bin_of_rank(h, kTopBins, rank_lo[g]);
+  const int hi = warp_find(h, kTopBins, rank_hi[g]).bin, lo = warp_find(h, kTopBins, rank_lo[g]).bin;
+  if (leader()) {
     window_hi[g] = hi;
     window_lo[g] = hi - lo <= 1 ? lo : hi;
     failed[g] = hi - lo > 1;
   }
-  for (int j = 0; j < kTopBins; ++j) h[j] = 0;
+  warp_clear(h, kTopBins);
 }
 
 // Per group, after the window pass: the 21-bit prefix of the k-th key when it lies in the window
@@ -202,40 +233,37 @@ __global__ void window_select_kernel(uint32_t* hist, const unsigned long long* a
                                      const int32_t* running, const uint32_t* window_lo, const uint32_t* window_hi,
                                      uint32_t* prefix, int64_t* remaining, uint32_t* ties, int32_t* failed,
                                      int groups) {
-  const int g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= groups) return;
-  uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
-  if (running[g] && !failed[g]) {
-    const int bins = static_cast<int>(window_hi[g] - window_lo[g] + 1) * kLowBins;
-    int64_t inside = 0;
-    for (int j = 0; j < bins; ++j) inside += h[j];
-    int64_t need = k[g] - static_cast<int64_t>(above[g]);
-    if (need < 1 || need > inside) {
-      failed[g] = 1;
-    } else {
-      int b = bins - 1;
-      for (; b > 0 && need > h[b]; --b) need -= h[b];
-      prefix[g] = ((window_lo[g] + b / kLowBins) << 10) | static_cast<uint32_t>(b % kLowBins);
-      remaining[g] = need;
-      ties[g] = h[b];
-    }
-  }
-  for (int j = 0; j < kTopBins; ++j) h[j] = 0;
-}
-
-// Per group: walk the digit's bins from the top to the one holding the remaining k-th key.
-__global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaining, const int32_t* running,
-                              int bits, uint32_t* ties, int groups) {
-  const int g = blockIdx.x * blockDim.x + threadIdx.x;
+  const int g = warp_group();
   if (g >= groups || !running[g]) return;
   uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
-  int64_t need = remaining[g];
-  int b = (1 << bits) - 1;
-  for (; b > 0 && need > h[b]; --b) need -= h[b];
-  prefix[g] = (prefix[g] << bits) | static_cast<uint32_t>(b);
-  remaining[g] = need;
-  ties[g] = h[b];
-  for (int j = 0; j < (1 << bits); ++j) h[j] = 0;
+  const int bins = static_cast<int>(window_hi[g] - window_lo[g] + 1) * kLowBins;
+  const int64_t need = k[g] - static_cast<int64_t>(above[g]);
+  const Found f = warp_find(h, bins, need < 1 ? 1 : need);
+  if (leader()) {
+    if (need < 1 || need > f.total) {
+      failed[g] = 1;
+    } else {
+      prefix[g] = ((window_lo[g] + f.bin / kLowBins) << 10) | static_cast<uint32_t>(f.bin % kLowBins);
+      remaining[g] = f.need;
+      ties[g] = h[f.bin];
+    }
+  }
+  warp_clear(h, bins);
+}
+
+// Per group: the digit's bin holding the remaining k-th key, appended to the prefix.
+__global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaining, const int32_t* running,
+                              int bits, uint32_t* ties, int groups) {
+  const int g = warp_group();
+  if (g >= groups || !running[g]) return;
+  uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
+  const Found f = warp_find(h, 1 << bits, remaining[g]);
+  if (leader()) {
+    prefix[g] = (prefix[g] << bits) | static_cast<uint32_t>(f.bin);
+    remaining[g] = f.need;
+    ties[g] = h[f.bin];
+  }
+  warp_clear(h, 1 << bits);
 }
 
 // Exact-k ties: per (chunk, task), how many keys equal the group's threshold key.
@@ -460,6 +488,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int num_chunks = static_cast<int>(chunks.size());
   const int group_blocks = static_cast<int>((groups + 127) / 128);
+  const int warp_blocks = static_cast<int>((groups + kGroupsPerBlock - 1) / kGroupsPerBlock);
   const unsigned task_blocks = static_cast<unsigned>((T + kTasksPerBlock - 1) / kTasksPerBlock);
   const dim3 grid(num_chunks, task_blocks);
   // Runs launch(scalar_t{}, dtype code) for every storage dtype of the list.
@@ -483,12 +512,12 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   const int32_t* active_ptr = active_d.data_ptr<int32_t>();
   if (num_chunks > 0) {
     pass(Dense{}, sample_ptr, dim3(static_cast<unsigned>(sample.size()), task_blocks), active_ptr, 20);
-    window_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, rank_hi_d.data_ptr<int64_t>(), rank_lo_d.data_ptr<int64_t>(),
+    window_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, rank_hi_d.data_ptr<int64_t>(), rank_lo_d.data_ptr<int64_t>(),
                                                     active_ptr, lo_ptr, hi_ptr, failed_ptr, static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
     const at::Tensor windowed = active_d * (1 - failed);  // groups that take the window pass
     pass(Window{}, chunk_ptr, grid, windowed.data_ptr<int32_t>(), 20);
-    window_select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, above_ptr, k_d.data_ptr<int64_t>(),
+    window_select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, above_ptr, k_d.data_ptr<int64_t>(),
                                                            windowed.data_ptr<int32_t>(), lo_ptr, hi_ptr, prefix_ptr,
                                                            remaining_ptr, ties_ptr, failed_ptr, static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
@@ -498,16 +527,16 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
       prefix.mul_(1 - redo);
       remaining.copy_(at::where(redo != 0, k_d, remaining));
       pass(Dense{}, chunk_ptr, grid, redo_ptr, 20);
-      select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 11, ties_ptr,
+      select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 11, ties_ptr,
                                                       static_cast<int>(groups));
       NK_CUDA_CHECK_LAUNCH();
       pass(Prefix{}, chunk_ptr, grid, redo_ptr, 10);
-      select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 10, ties_ptr,
+      select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 10, ties_ptr,
                                                       static_cast<int>(groups));
       NK_CUDA_CHECK_LAUNCH();
     }
     pass(Prefix{}, chunk_ptr, grid, active_ptr, 0);
-    select_kernel<<<group_blocks, 128, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, active_ptr, 10, ties_ptr,
+    select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, active_ptr, 10, ties_ptr,
                                                     static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
   }
