@@ -1,8 +1,10 @@
 """Helpers for the engine tests. Small HF-style models on disk for the engine tests: a sharded base (index + 2 files) and three
 fine-tuned copies (one single-file, two sharded), bf16 with an integer buffer."""
 import json
+import threading
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -80,3 +82,23 @@ def write_config(path: Path, method: str, root: Path, params: dict = None, per_m
 
 def read_dir(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def within(seconds: float, fn, *args, **kwargs):
+    """fn(*args, **kwargs) on a thread; fails the test if it has not returned after `seconds`."""
+    result, error = [], []
+
+    def target():
+        try:
+            result.append(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 (re-raised below)
+            error.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{getattr(fn, '__name__', fn)} did not finish in {seconds} s (deadlock?)")
+    if error:
+        raise error[0]
+    return result[0] if result else None

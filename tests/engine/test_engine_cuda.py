@@ -5,7 +5,6 @@ import errno
 import os
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from neurokern.checkpoint import load_model
 from neurokern.config import load_config
 from neurokern.engine import merge_models, plan, writer
 
-from engine_helpers import read_dir, write_config
+from engine_helpers import read_dir, within, write_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,24 +27,6 @@ CASES = {
 }
 
 
-def _within(seconds, fn, *args, **kwargs):
-    out, err = [], []
-
-    def target():
-        try:
-            out.append(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001
-            err.append(exc)
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(seconds)
-    if t.is_alive():
-        pytest.fail(f"did not finish in {seconds} s (deadlock?)")
-    if err:
-        raise err[0]
-    return out[0]
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_gpu_streamed_equals_gpu_in_memory(models, tmp_path, monkeypatch, case):
     method, params, per_model = CASES[case]
@@ -53,7 +34,7 @@ def test_gpu_streamed_equals_gpu_in_memory(models, tmp_path, monkeypatch, case):
     cfg_path = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra=extra)
     monkeypatch.setattr(plan, "MAX_UNIT", 20_000)
     # a budget that caches only part of the first pass on the device: cached and re-read units mix
-    result = _within(120, merge_models, cfg_path, tmp_path / "small", device="cuda", memory_budget="600KB")
+    result = within(120, merge_models, cfg_path, tmp_path / "small", device="cuda", memory_budget="600KB")
     assert len(result.plan.units) > 3
     cfg = load_config(cfg_path)
     dtype = torch.float32 if cfg.dtype == "float32" else None
@@ -64,7 +45,7 @@ def test_gpu_streamed_equals_gpu_in_memory(models, tmp_path, monkeypatch, case):
     for name in expected:
         assert torch.equal(got[name], expected[name].cpu()), name
     monkeypatch.setattr(plan, "MAX_UNIT", 1 << 30)
-    _within(120, merge_models, cfg_path, tmp_path / "big", device="cuda")  # one unit per shard, all cached
+    within(120, merge_models, cfg_path, tmp_path / "big", device="cuda")  # one unit per shard, all cached
     assert read_dir(tmp_path / "small") == read_dir(tmp_path / "big")
 
 
@@ -93,5 +74,5 @@ def test_gpu_write_error_ends_the_merge(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer.os, "pwrite", pwrite)
     with pytest.raises(nk.NeurokernError, match="No space left on device"):
-        _within(120, merge_models, cfg, tmp_path / "out", device="cuda")
+        within(120, merge_models, cfg, tmp_path / "out", device="cuda")
     assert not (tmp_path / "out").exists()

@@ -1,8 +1,6 @@
 """The read-ahead pipeline gives every host slot back, however an iteration ends: abandoned
 iterations, later passes and many small units under a tiny budget never wait forever. Each test
 runs under a watchdog, so a deadlock fails the test instead of hanging the suite."""
-import threading
-
 import pytest
 import torch
 
@@ -13,29 +11,9 @@ from neurokern.engine.plan import HOST_SLOTS, make_plan
 from neurokern.engine.sources import Model
 from neurokern.engine.thresholds import tied_position
 
-from engine_helpers import read_dir, write_config
+from engine_helpers import read_dir, within, write_config
 
 WATCHDOG_S = 60
-
-
-def within(seconds: float, fn, *args, **kwargs):
-    """fn(*args, **kwargs) on a thread; fails the test if it has not returned after `seconds`."""
-    result, error = [], []
-
-    def target():
-        try:
-            result.append(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 (re-raised below)
-            error.append(exc)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} did not finish in {seconds} s (deadlock?)")
-    if error:
-        raise error[0]
-    return result[0] if result else None
 
 
 def _setup(models, monkeypatch):
