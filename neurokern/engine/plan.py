@@ -145,7 +145,7 @@ def make_plan(base: Model, num_models: int, out_dtype: Optional[torch.dtype], ou
             offsets[name] = pos
             pos += info.numel
 
-    # Output shards: greedy in the base's order, as checkpoint.shard does.
+    # Output shards: greedy in the base's order; a tensor larger than the shard size gets a shard alone.
     groups, current, size = [], [], 0
     for name, t in tensors.items():
         if current and size + t.nbytes > out_shard_size:
