@@ -57,25 +57,20 @@ def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
     point_scale = lam_orth if lam_par == 0 else (lam_par + lam_orth) / 2
     out = {}
     for batch in batches(models, names, progress, "neuromerging"):
-        matrices = [n for n in batch if models.base[n].dim() == 2]
-        stats = []
-        for name in matrices:
-            base, finetuned = group(models, name)
-            trim, offset = trims.of(name)
-            stats.append(ops.neuron_stats(base, finetuned, trim, offset))
+        inputs = {name: (*group(models, name), *trims.of(name)) for name in batch}  # base, fts, trim, offset
+        matrices = [n for n in batch if inputs[n][0].dim() == 2]
         if matrices:  # one solve for the neurons of every matrix of the batch (rows are independent)
+            stats = [ops.neuron_stats(*inputs[name]) for name in matrices]
             gram, dots, sqnorm = (torch.cat(parts) for parts in zip(*stats))
             coeffs = ops.neuromerge_coeffs(gram, dots, sqnorm, lam_par, lam_orth, p.parallel_basis, p.gamma)
-            rows = [models.base[n].shape[0] for n in matrices]
+            rows = [inputs[n][0].shape[0] for n in matrices]
             for name, part in zip(matrices, coeffs.split(rows, dim=1)):
-                base, finetuned = group(models, name)
-                trim, offset = trims.of(name)
+                base, finetuned, trim, offset = inputs[name]
                 out[name] = ops.weighted_sum(base, finetuned, part.contiguous(), trim, offset)
         for name in batch:
-            if models.base[name].dim() == 2:
+            base, finetuned, trim, offset = inputs[name]
+            if base.dim() == 2:
                 continue
-            base, finetuned = group(models, name)
-            trim, offset = trims.of(name)
             out[name] = ops.ties_merge(
                 base, finetuned, [1.0] * len(finetuned), trim, offset, consensus="sum",
                 normalize="count", elect_weighted=False, zero_sign="majority", scale=point_scale,
