@@ -25,7 +25,7 @@ from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS
 from neurokern.methods._common import Precomputed, Trims, keep_count, thresholds
 from neurokern.methods.neuromerging import default_scale
-from neurokern.models import ModelSet
+from neurokern.models import ModelSet, nonfinite
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GPU_SHARE = 0.7  # default device budget: this share of the GPU memory free at the start
@@ -42,18 +42,14 @@ class Result:
 
 
 def _check_finite(batch: Batch, names: list[str], models: list[Model]) -> None:
-    """NaN / Inf is an error naming tensor, model and file: the float32 L1 norms of the unit's
-    tensors (torch's multi-tensor norm: a few launches on a GPU) and one sync; a non-finite norm is
-    confirmed element-wise, since a sum of large finite values can overflow."""
+    """NaN / Inf is an error naming tensor, model and file: one pass over the unit's tensors and
+    one sync (neurokern.models.nonfinite)."""
     items = [(name, i, sd[name]) for name in names for i, sd in enumerate([batch.base] + batch.finetuned)]
-    if not items:
-        return
-    sums = torch.stack(torch._foreach_norm([t for _, _, t in items], 1, dtype=torch.float32))
-    for j in torch.nonzero(~torch.isfinite(sums)).flatten().tolist():
-        name, i, t = items[j]
-        if not bool(torch.isfinite(t).all()):
-            m = models[i]
-            raise NeurokernError(f"tensor {name!r} of {m.label} ({m.tensors[name].file}) has non-finite values (NaN or Inf)")
+    bad = nonfinite([t for _, _, t in items])
+    if bad:
+        name, i, _ = items[bad[0]]
+        m = models[i]
+        raise NeurokernError(f"tensor {name!r} of {m.label} ({m.tensors[name].file}) has non-finite values (NaN or Inf)")
 
 
 class _Engine:

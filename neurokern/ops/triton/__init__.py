@@ -10,4 +10,4 @@ import importlib.util
 AVAILABLE = importlib.util.find_spec("triton") is not None
 
 if AVAILABLE:
-    from neurokern.ops.triton import elementwise, multi, neuron_stats, subspace_split, tinted_linear  # noqa: F401
+    from neurokern.ops.triton import elementwise, finite, multi, neuron_stats, subspace_split, tinted_linear  # noqa: F401

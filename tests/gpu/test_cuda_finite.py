@@ -1,0 +1,54 @@
+"""The compiled multi-tensor finite check (neurokern/ops/triton/finite.py) against torch.isfinite
+on the GPU, at a real model's shapes, and nk.merge's input check through it. Skipped without a GPU."""
+import math
+
+import pytest
+import torch
+
+import neurokern as nk
+from neurokern.models import nonfinite
+from neurokern.ops.triton import finite
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# A TinyLlama layer, odd sizes, an empty tensor and a 0-d one.
+SHAPES = [(2048, 2048), (256, 2048), (5632, 2048), (2048, 5632), (2048,), (1001, 3), (4097,), (0, 7), ()]
+DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+
+def want(tensors):
+    return [int(not bool(torch.isfinite(t).all())) for t in tensors]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_cuda_flags_match_isfinite(seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    tensors = [torch.randn(s, generator=g, device="cuda").to(DTYPES[(i + seed) % 3]) for i, s in enumerate(SHAPES * 3)]
+    assert finite.nonfinite_flags(tensors).tolist() == [0] * len(tensors)
+    for i, t in enumerate(tensors):
+        if t.numel() and (i + seed) % 3 == 0:
+            flat = t.view(-1)
+            pos = int(torch.randint(0, flat.numel(), (1,), generator=g, device="cuda"))
+            flat[(pos, 0, flat.numel() - 1)[i % 3]] = (math.nan, math.inf, -math.inf)[i % 3]
+    got = finite.nonfinite_flags(tensors)
+    assert got.is_cuda and got.tolist() == want(tensors)
+    assert nonfinite(tensors) == [i for i, bad in enumerate(want(tensors)) if bad]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_misaligned_views(dtype):
+    storage = torch.randn(5 * 8192 + 3, device="cuda").to(dtype)
+    views = [storage[1:], storage[1:9000], storage[3:20]]
+    assert all(v.data_ptr() % 16 for v in views)
+    assert finite.nonfinite_flags(views + [storage]).tolist() == [0, 0, 0, 0]
+    storage[8192] = math.inf
+    assert finite.nonfinite_flags(views + [storage]).tolist() == [1, 1, 0, 1]
+
+
+def test_cuda_merge_names_the_tensor():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    base = {"w": torch.randn(512, 300, generator=g, device="cuda").bfloat16(), "b": torch.zeros(300, device="cuda")}
+    fts = [{k: v + 0.01 for k, v in base.items()} for _ in range(3)]
+    fts[1]["w"][511, 299] = math.nan
+    with pytest.raises(nk.NeurokernError, match=r"tensor 'w' of finetuned\[1\] has non-finite values"):
+        nk.merge(base, fts, method="ties", density=0.2)
