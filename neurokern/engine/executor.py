@@ -6,17 +6,21 @@ units of the first pass may stay on the device (within the budget) for the later
 import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
+from neurokern.engine import timing
 from neurokern.engine.plan import HOST_SLOTS, Plan, Unit
-from neurokern.engine.sources import Model, read_into
+from neurokern.engine.sources import Model, TensorInfo, read_into
 
-READ_THREADS = int(os.environ.get("NEUROKERN_READ_THREADS", "8"))
+READ_THREADS = int(os.environ.get("NEUROKERN_READ_THREADS", "16"))
+# Every tensor is read in pieces of at most this many bytes, each a job of its own: a large tensor
+# is read by many threads at once, and the disk queue stays full up to the last bytes of a unit.
+READ_PIECE = int(os.environ.get("NEUROKERN_READ_PIECE_BYTES", 16 * 2**20))
 
 
 @dataclass
@@ -30,17 +34,28 @@ class Batch:
 
 
 class _Slots:
-    """A fixed set of reusable host buffers (pinned for fast, asynchronous copies)."""
+    """Up to `count` reusable host buffers (pinned for fast, asynchronous copies). Each is allocated
+    when first asked for and none is free: pinning takes time, so the first unit is read while the
+    next buffers are being pinned, and a pass that needs fewer pins fewer."""
 
-    def __init__(self, count: int, nbytes: int, pin: bool):
+    def __init__(self, count: int, nbytes: int, pin: bool, what: str):
+        self.count, self.nbytes, self.pin, self.what = count, max(nbytes, 1), pin, what
+        self.made = 0
         self.free: queue.Queue = queue.Queue()
-        for _ in range(count):
-            self.free.put(torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin))
 
     def get(self, stop: threading.Event, check=None) -> Optional[Tensor]:
         """A free buffer; None once `stop` is set. `check` runs while waiting (it raises the error
-        of the thread that should give buffers back, so a failed consumer is no deadlock)."""
+        of the thread that should give buffers back, so a failed consumer is no deadlock). One
+        thread at a time asks."""
         while not stop.is_set():
+            try:
+                return self.free.get_nowait()
+            except queue.Empty:
+                pass
+            if self.made < self.count:
+                self.made += 1
+                with timing.span(f"allocate {self.what}" + (" (pinned)" if self.pin else "")):
+                    return torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
             try:
                 return self.free.get(timeout=0.1)
             except queue.Empty:
@@ -52,96 +67,127 @@ class _Slots:
         self.free.put(slot)
 
 
+class Loading:
+    """A unit whose reads were submitted: its batch views the slot; `wait` returns once every read
+    is done (raising the first error). `release` gives the slot back exactly once, after the reads
+    still running end (those not started are cancelled): nothing writes into a reused slot."""
+
+    def __init__(self, batch: Batch, slot: Tensor, jobs: list[Future], slots: _Slots):
+        self.batch, self.slot, self.jobs, self._slots = batch, slot, jobs, slots
+
+    def done(self) -> bool:
+        return all(job.done() for job in self.jobs)
+
+    def wait(self) -> None:
+        for job in self.jobs:
+            job.result()
+
+    def release(self) -> None:
+        slot, self.slot = self.slot, None
+        if slot is None:
+            return
+        for job in self.jobs:
+            job.cancel()
+        wait(self.jobs)
+        self._slots.put(slot)
+
+
 class Reader:
-    """Reads units, in order, into host slots on a background thread (parallel preads)."""
+    """Reads units, in order, into host slots: every tensor in pieces, by a pool of threads."""
 
     def __init__(self, plan: Plan, models: list[Model], pin: bool):
         self.plan, self.models = plan, models
         padding = 16 * len(models) * max((len(u.names) for u in plan.units), default=0)
-        self.slots = _Slots(HOST_SLOTS, plan.unit_cap + padding, pin)
+        self.slots = _Slots(HOST_SLOTS, plan.unit_cap + padding, pin, "input buffers")
         self.pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="neurokern-read")
-        self.fds: list[dict] = []
-        self._local = threading.local()
 
-    def _fds(self) -> dict:
-        if not hasattr(self._local, "fds"):
-            self._local.fds = {}
-            self.fds.append(self._local.fds)
-        return self._local.fds
+    @staticmethod
+    def _read(info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
+        with timing.busy("read", end - begin):
+            read_into(info, dest, begin=begin, end=end)
 
-    def _read(self, info, dest):
-        read_into(info, dest, self._fds())
-
-    def _load(self, unit: Unit, slot: Tensor) -> tuple[list[dict[str, Tensor]], int]:
-        views, jobs, offset = [], [], 0
+    def _load(self, unit: Unit, slot: Tensor) -> Loading:
+        """Submit the reads of a unit into a slot (in file order per model)."""
+        tensors, jobs, offset = [], [], 0
         for m in self.models:
-            per_model = {}
+            typed = {}
             for name in unit.names:
                 info = m.tensors[name]
                 dest = slot[offset:offset + info.nbytes]
                 offset += info.nbytes
                 offset += -offset % 16  # keep every tensor view aligned
-                per_model[name] = dest
-                jobs.append(self.pool.submit(self._read, info, dest))
-            views.append(per_model)
-        for job in jobs:
-            job.result()
-        typed = [{n: v.view(m.tensors[n].dtype).view(m.tensors[n].shape) if m.tensors[n].nbytes else
-                  torch.empty(m.tensors[n].shape, dtype=m.tensors[n].dtype)
-                  for n, v in per_model.items()} for m, per_model in zip(self.models, views)]
-        return typed, offset
+                if info.start < 0:  # pickled: one copy from the loaded checkpoint
+                    jobs.append(self.pool.submit(self._read, info, dest, 0, info.nbytes))
+                else:  # pieces end at multiples of READ_PIECE in the file
+                    at, stop = info.start, info.start + info.nbytes
+                    while at < stop:
+                        end = min(stop, (at // READ_PIECE + 1) * READ_PIECE)
+                        jobs.append(self.pool.submit(self._read, info, dest, at - info.start, end - info.start))
+                        at = end
+                typed[name] = (dest.view(info.dtype).view(info.shape) if info.nbytes else
+                               torch.empty(info.shape, dtype=info.dtype))
+            tensors.append(typed)
+        return Loading(Batch(unit, tensors[0], tensors[1:], unit.in_bytes), slot, jobs, self.slots)
 
-    def iterate(self, units: list[Unit]) -> Iterator[tuple[Batch, Tensor]]:
-        ready: queue.Queue = queue.Queue(maxsize=HOST_SLOTS)
-        stop = threading.Event()
-
-        def work():
-            try:
-                for unit in units:
-                    slot = self.slots.get(stop)
-                    if slot is None:
-                        return
-                    tensors, nbytes = self._load(unit, slot)
-                    ready.put((Batch(unit, tensors[0], tensors[1:], unit.in_bytes), slot))
-                ready.put(None)
-            except BaseException as exc:  # noqa: BLE001 (handed to the consumer)
-                ready.put(exc)
-
-        thread = threading.Thread(target=work, name="neurokern-reader", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = ready.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            # Closed early (an error, or the consumer stopped): stop the worker and take back the
-            # slots of the units it read ahead, including any it queued just before it ended.
-            stop.set()
-            while thread.is_alive():
-                try:
-                    self._give_back(ready.get(timeout=0.05))
-                except queue.Empty:
-                    pass
-            while True:
-                try:
-                    self._give_back(ready.get_nowait())
-                except queue.Empty:
-                    break
-
-    def _give_back(self, item) -> None:
-        if isinstance(item, tuple):
-            self.slots.put(item[1])
+    def iterate(self, units: list[Unit]) -> "ReadAhead":
+        return ReadAhead(self, units)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
-        for fds in self.fds:
-            for fd in fds.values():
-                os.close(fd)
-            fds.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ReadAhead:
+    """The units of one iteration, read ahead: a thread takes each free slot (HOST_SLOTS in all)
+    and submits the next unit's reads into it at once, so reads of up to HOST_SLOTS units are in
+    flight while the consumer works. `close` ends it early or not; every slot comes back."""
+
+    def __init__(self, reader: Reader, units: list[Unit]):
+        self.ready: queue.Queue = queue.Queue()  # Loading, then None (the end) or an exception
+        self.head = None  # taken from `ready`, not handed out yet
+        self.stop = threading.Event()
+
+        def produce():
+            try:
+                for unit in units:
+                    slot = reader.slots.get(self.stop)
+                    if slot is None:
+                        return
+                    self.ready.put(reader._load(unit, slot))
+                self.ready.put(None)
+            except BaseException as exc:  # noqa: BLE001 (handed to the consumer)
+                self.ready.put(exc)
+
+        self.thread = threading.Thread(target=produce, name="neurokern-reader", daemon=True)
+        self.thread.start()
+
+    def next(self, block: bool = True) -> Optional[Loading]:
+        """The next unit, None at the end; with block=False also None unless the producer has
+        submitted it and all its reads are done (nothing is waited for)."""
+        if self.head is None:
+            try:
+                self.head = self.ready.get(block)
+            except queue.Empty:
+                return None
+        item = self.head
+        if isinstance(item, BaseException):
+            raise item
+        if item is None or (not block and not item.done()):
+            return None
+        self.head = None
+        return item
+
+    def close(self) -> None:
+        # The producer stops at its next wait for a slot; then every unit it queued (read or
+        # not) gives its slot back, including any queued just before it ended.
+        self.stop.set()
+        self.thread.join()
+        items = [self.head]
+        while not self.ready.empty():
+            items.append(self.ready.get_nowait())
+        self.head = None
+        for item in items:
+            if isinstance(item, Loading):
+                item.release()
 
 
 class Stager:
@@ -160,13 +206,15 @@ class Stager:
             return sd
         return {n: t.to(self.out_dtype) if t.is_floating_point() else t for n, t in sd.items()}
 
-    def stage(self, batch: Batch, slot: Tensor, reader: Reader) -> "Staged":
+    def stage(self, loading: Loading) -> "Staged":
+        """A unit whose reads are done, on its way to the device."""
+        batch = loading.batch
         if not self.cuda:
             # On the CPU the slot is the working memory: the batch views it (tensors whose dtype
             # the config changes are converted copies) until the unit is done with.
             staged = Batch(batch.unit, self._convert(batch.base), [self._convert(sd) for sd in batch.finetuned],
                            batch.nbytes)
-            return Staged(staged, None, lambda: reader.slots.put(slot), early=False)
+            return Staged(staged, None, loading.release, early=False)
         with torch.cuda.stream(self.stream):
             def move(sd):
                 return {n: t.to(self.device, non_blocking=True) for n, t in sd.items()}
@@ -180,8 +228,9 @@ class Stager:
         staged = Batch(batch.unit, base, fts, batch.nbytes)
 
         def release():
-            event.synchronize()  # the H2D copy has read the slot
-            reader.slots.put(slot)
+            with timing.span("wait for H2D"):
+                event.synchronize()  # the H2D copy has read the slot
+            loading.release()
         return Staged(staged, event, release, early=True)
 
     def ready(self, staged: "Staged", keep: bool) -> Batch:
@@ -220,19 +269,24 @@ class Staged:
 
 def batches(plan: Plan, units: list[Unit], reader: Reader, stager: Stager, keep: bool = False,
             progress=None) -> Iterator[Batch]:
-    """Every unit's batch on the device, in order: cached ones directly, the others read ahead and
-    staged one unit ahead of the one being merged (so H2D overlaps the kernels). Closing the
+    """Every unit's batch on the device, in order: cached ones directly, the others read ahead.
+    On a GPU the next unit is staged (its H2D overlapping this one's kernels) when its reads are
+    already done: the consumer only ever waits for the reads of the unit it needs now. Closing the
     generator early (break, an exception, garbage collection) gives every slot back."""
-    to_read = [u for u in units if u.index not in stager.cache]
-    stream = reader.iterate(to_read)
+    ahead = reader.iterate([u for u in units if u.index not in stager.cache])
+    taken: Optional[Loading] = None  # handed out by the reader, not staged yet
     current: Optional[Staged] = None
     pending: Optional[Staged] = None
 
-    def next_staged() -> Optional[Staged]:
-        item = next(stream, None)
-        if item is None:
-            return None
-        return stager.stage(item[0], item[1], reader)
+    def stage(block: bool) -> Optional[Staged]:
+        nonlocal taken
+        with timing.span("wait for reads"):
+            taken = ahead.next(block)
+            if taken is None:
+                return None
+            taken.wait()
+        staged, taken = stager.stage(taken), None
+        return staged
 
     try:
         for unit in units:
@@ -240,17 +294,17 @@ def batches(plan: Plan, units: list[Unit], reader: Reader, stager: Stager, keep:
                 batch = stager.cache[unit.index]
                 yield batch
             else:
-                current, pending = (pending or next_staged()), None
+                current, pending = (pending or stage(block=True)), None
                 batch = stager.ready(current, keep)
                 if stager.cuda:
-                    pending = next_staged()  # the next unit's H2D overlaps this one's kernels
+                    pending = stage(block=False)
                 yield batch
                 current.release()
                 current = None
             if progress is not None:
                 progress(batch)
     finally:
-        for staged in (current, pending):
-            if staged is not None:
-                staged.release()
-        stream.close()
+        for held in (taken, current, pending):
+            if held is not None:
+                held.release()
+        ahead.close()

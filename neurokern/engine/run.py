@@ -1,10 +1,11 @@
 """merge_models: a whole-model merge from a config, streamed from disk to disk."""
 import json
 import os
-from contextlib import closing
 import shutil
 import sys
+import threading
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -14,6 +15,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from neurokern.config import MergeConfig, load_config, parse_size
+from neurokern.engine import timing
 from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
@@ -94,12 +96,17 @@ class _Engine:
             self.batches_seen += 1
             crash_hook("batches", self.batches_seen)
 
+        timing.section(desc)
+        start = time.perf_counter()
         for batch in batches(self.plan, units, self.reader, self.stager, keep=keep, progress=tick):
             if batch.unit.index not in self.checked:
-                _check_finite(batch, [n for n in batch.unit.names if self.plan.tensors[n].merge], self.models)
+                with timing.span("finite check"):
+                    _check_finite(batch, [n for n in batch.unit.names if self.plan.tensors[n].merge], self.models)
                 self.checked.add(batch.unit.index)
-            yield batch
+            with timing.span("consumer work (between batches)"):
+                yield batch
         bar.close()
+        timing.add("pass (wall)", time.perf_counter() - start)
 
     def _merge_names(self, batch: Batch) -> list[str]:
         return [n for n in batch.unit.names if self.plan.tensors[n].merge]
@@ -224,7 +231,9 @@ class _Engine:
             ranks.barrier()
             writer = ShardWriter(partial, plan, sorted(todo_shards))
             self._merge(todo, ranks, pre, writer)
-            writer.close()
+            timing.section("end")
+            with timing.span("writer drain (last units, last fsync)"):
+                writer.close()
             writer = None
         except NeurokernError as exc:
             if "--resume" in str(exc):
@@ -244,24 +253,32 @@ class _Engine:
                         "parameters": json.loads(json.dumps(self.cfg.params, default=str)),
                         "inputs_digest": self.digest, "tensors": len(plan.tensors),
                         "total_size": plan.total_out_bytes}
-            publish(partial, self.out_dir, plan, side, echo, manifest)
+            with timing.span("publish"):
+                publish(partial, self.out_dir, plan, side, echo, manifest)
         return Result(self.out_dir, plan, time.perf_counter() - start, self.passes, peak)
 
     def _merge(self, units, ranks: Ranks, pre: Precomputed, writer: ShardWriter) -> None:
         out_slots = None
         if self.cuda:
             cap = max((u.out_bytes for u in units), default=0) + 16 * max((len(u.names) for u in units), default=0)
-            out_slots = _Slots(OUT_SLOTS + 1, cap, pin=True)
-        stop = __import__("threading").Event()
+            out_slots = _Slots(OUT_SLOTS + 1, cap, pin=True, what="output buffers")
+        stop = threading.Event()
+        kernels = "kernels, first unit (incl. Triton compiling or loading)"
         for batch in self._pass("merge", units, ranks, keep=False):
             names = self._merge_names(batch)
-            merged = self.spec.run(ModelSet(batch.base, batch.finetuned, names), self.params, False, pre) if names else {}
+            with timing.span(kernels):
+                merged = self.spec.run(ModelSet(batch.base, batch.finetuned, names), self.params, False, pre) if names else {}
+                if timing.ENABLED and self.cuda:
+                    torch.cuda.synchronize(self.device)  # the kernels' time, not their launches'
+            kernels = "kernels, other units"
             outputs = {n: merged[n] if n in merged else batch.base[n] for n in batch.unit.names}
             self.stager.cache.pop(batch.unit.index, None)
             if not self.cuda:
-                writer.put({n: t if n in merged else t.clone() for n, t in outputs.items()})
+                with timing.span("wait for writer"):
+                    writer.put({n: t if n in merged else t.clone() for n, t in outputs.items()})
                 continue
-            slot = out_slots.get(stop, check=writer.check)
+            with timing.span("wait for writer"):
+                slot = out_slots.get(stop, check=writer.check)
             views, offset = {}, 0
             for n, t in outputs.items():
                 nbytes = t.numel() * t.element_size()
@@ -271,7 +288,8 @@ class _Engine:
                 views[n].copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            writer.put(views, wait=event.synchronize, release=lambda s=slot: out_slots.put(s))
+            with timing.span("wait for writer"):
+                writer.put(views, wait=event.synchronize, release=lambda s=slot: out_slots.put(s))
 
 
 def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, Path], *,
@@ -282,26 +300,36 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
     sharded safetensors in and out, host and device memory within memory_budget (default 8 GiB),
     resumable (resume=True finishes an interrupted run byte-identically), one shard set per rank
     under torchrun. dry_run returns the plan without touching out_dir."""
-    cfg = load_config(config)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = local_device(device)
-    budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else None
-    host = parse_size(host_memory_budget, "host_memory_budget") if host_memory_budget is not None else None
-    if dev.type != "cpu":
-        from neurokern.merge import _check_device_supported
-        _check_device_supported(dev)
-    if host is None:
-        host = budget or DEFAULT_BUDGET
-    if budget is None and dev.type == "cuda":  # default: most of the GPU memory free now
-        budget = int(DEFAULT_GPU_SHARE * torch.cuda.mem_get_info(dev)[0])
-    engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress)
-    if dry_run:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        return Result(Path(out_dir), engine.plan, 0.0, engine.passes,
-                      stats={"description": describe(engine.plan, cfg.method, engine.passes, dev.type == "cuda", world)})
-    ranks = Ranks.setup(dev)
+    timing.section("start-up")
+    timing.add_process_age("process age at merge_models")
     try:
-        return engine.run(ranks, resume)
+        with timing.span("config"):
+            cfg = load_config(config)
+        with timing.span("device init"):
+            if device is None:
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            dev = local_device(device)
+            budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else None
+            host = parse_size(host_memory_budget, "host_memory_budget") if host_memory_budget is not None else None
+            if dev.type != "cpu":
+                from neurokern.merge import _check_device_supported
+                _check_device_supported(dev)
+            if host is None:
+                host = budget or DEFAULT_BUDGET
+            if budget is None and dev.type == "cuda":  # default: most of the GPU memory free now
+                budget = int(DEFAULT_GPU_SHARE * torch.cuda.mem_get_info(dev)[0])
+        with timing.span("headers + plan"):
+            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress)
+        if dry_run:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            return Result(Path(out_dir), engine.plan, 0.0, engine.passes,
+                          stats={"description": describe(engine.plan, cfg.method, engine.passes, dev.type == "cuda", world)})
+        ranks = Ranks.setup(dev)
+        try:
+            return engine.run(ranks, resume)
+        finally:
+            ranks.close()
     finally:
-        ranks.close()
+        timing.section("end")
+        timing.add_process_age("process age at the end")
+        timing.report()

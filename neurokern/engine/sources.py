@@ -27,7 +27,6 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER = 100 * 2**20
-READ_CHUNK = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -179,25 +178,26 @@ def validate(base: Model, finetuned: list[Model]) -> None:
                                      f"{NAMES.get(b.dtype)}; save the models in one dtype")
 
 
-def read_into(info: TensorInfo, out: torch.Tensor, fds: Optional[dict] = None) -> None:
-    """Read one tensor's bytes into `out` (a contiguous uint8 CPU tensor of info.nbytes)."""
+def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+    """Read bytes [begin, end) of one tensor's data (default: all of it) into the same bytes of
+    `out`, a contiguous uint8 CPU tensor of info.nbytes. Any thread may read any piece: each call
+    opens the file (pread takes the offset)."""
     if info.start < 0:
         src = _PICKLED[info.file][info.name].contiguous()
         out.copy_(src.view(-1).view(torch.uint8))
         return
+    end = info.nbytes if end is None else end
     view = memoryview(out.numpy())
-    fd = os.open(info.file, os.O_RDONLY) if fds is None else fds.get(info.file)
-    if fd is None:
-        fd = fds[info.file] = os.open(info.file, os.O_RDONLY)
     try:
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:done + READ_CHUNK]], info.start + done)
-            if n <= 0:
-                raise NeurokernError(f"{info.file}: tensor {info.name!r} ends early (file truncated while reading?)")
-            done += n
+        fd = os.open(info.file, os.O_RDONLY)
+        try:
+            done = begin
+            while done < end:
+                n = os.preadv(fd, [view[done:end]], info.start + done)
+                if n <= 0:
+                    raise NeurokernError(f"{info.file}: tensor {info.name!r} ends early (file truncated while reading?)")
+                done += n
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise NeurokernError(f"cannot read tensor {info.name!r} from {info.file}: {exc.strerror or exc}") from exc
-    finally:
-        if fds is None:
-            os.close(fd)

@@ -1,10 +1,12 @@
 """Output: shards written into OUT_DIR.partial/ next to OUT_DIR, renamed there once complete.
 
 Each shard file is laid out up front from the plan (header first), filled by pwrite as merged
-tensors arrive on the writer thread, fsync'ed, renamed from `<file>.tmp` to `<file>`, and recorded
-(bytes, sha256) in `.neurokern/done/<file>.json`. A resumed run skips the recorded shards. At the
-end rank 0 adds the index, the side files (config.json, tokenizer files), the config echo and the
-manifest, removes `.neurokern/`, and renames the folder to OUT_DIR: output appears only complete.
+tensors arrive on the writer thread (the writeback of each tensor to disk starts at once, so that
+the shard's fsync finds little left to write), fsync'ed, renamed from `<file>.tmp` to `<file>`,
+and recorded (bytes, sha256) in `.neurokern/done/<file>.json`. A resumed run skips the recorded
+shards. At the end rank 0 adds the index, the side files (config.json, tokenizer files), the config
+echo and the manifest, removes `.neurokern/`, and renames the folder to OUT_DIR: output appears
+only complete.
 """
 import hashlib
 import json
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from neurokern.checkpoint import INDEX, SIDE_FILES
+from neurokern.engine import timing
 from neurokern.engine.plan import OUT_SLOTS, Plan, Shard
 from neurokern.errors import NeurokernError
 
@@ -118,12 +121,18 @@ class ShardWriter:
                     return
                 tensors, wait, release = item
                 if wait is not None:
-                    wait()
-                for name, t in tensors.items():
-                    self._where = (self.partial / (self.plan.shards[self.shard_of[name]].file + ".tmp"), name)
-                    self._write(name, t)
+                    with timing.span("writer: wait for D2H"):
+                        wait()
+                finished = []
+                with timing.span("writer: write"):
+                    for name, t in tensors.items():
+                        self._where = (self.partial / (self.plan.shards[self.shard_of[name]].file + ".tmp"), name)
+                        if self._write(name, t):
+                            finished.append(self.shard_of[name])
                 if release is not None:
-                    release()
+                    release()  # before the shards' fsync: the buffer goes back to the merge loop
+                for index in finished:
+                    self._finish(self.shards[index], self.open.pop(index))
         except OSError as exc:
             file, name = self._where
             self.error = NeurokernError(
@@ -139,7 +148,8 @@ class ShardWriter:
         h = hashlib.sha256(shard.header)
         return {"fd": fd, "tmp": tmp, "left": len(shard.names), "hash": h, "next": len(shard.header), "late": False}
 
-    def _write(self, name: str, tensor: Tensor) -> None:
+    def _write(self, name: str, tensor: Tensor) -> bool:
+        """pwrite one tensor into its shard; True when that was the shard's last tensor."""
         index = self.shard_of[name]
         shard = self.shards[index]
         entry = self.open.get(index)
@@ -150,6 +160,11 @@ class ShardWriter:
         done = 0
         while done < len(data):
             done += os.pwrite(entry["fd"], data[done:], start + done)
+        if data and hasattr(os, "posix_fadvise"):
+            # Start writing these pages back now (DONTNEED writes dirty pages back without waiting
+            # for them, then drops the clean ones): the shard's fsync is left little to do, and
+            # the output does not fill the page cache.
+            os.posix_fadvise(entry["fd"], start, len(data), os.POSIX_FADV_DONTNEED)
         if start == entry["next"]:  # in file order: hash as we go
             entry["hash"].update(data)
             entry["next"] = end
@@ -158,14 +173,15 @@ class ShardWriter:
         entry["left"] -= 1
         self.tensors_written += 1
         crash_hook("tensors", self.tensors_written)
-        if entry["left"] == 0:
-            self._finish(shard, entry)
-            del self.open[index]
+        return entry["left"] == 0
 
     def _finish(self, shard: Shard, entry: dict) -> None:
         fd = entry["fd"]
-        os.fsync(fd)
-        os.close(fd)
+        try:
+            with timing.span("writer: fsync"):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
         if entry["late"]:  # tensors arrived out of file order (mixed dtypes): hash the file
             h = hashlib.sha256()
             with open(entry["tmp"], "rb") as f:

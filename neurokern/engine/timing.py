@@ -1,0 +1,107 @@
+"""NEUROKERN_PROFILE=1: where the time of a merge goes, printed to stderr when merge_models ends.
+
+Seconds are summed per key within a section (start-up, then one section per pass, then the end).
+`span(key)` times a block on any thread; `busy(key, nbytes)` also tracks overlapping blocks (the
+reader's parallel reads) as the wall time during which at least one was running, the thread-seconds
+and the bytes. Off (the default), every call returns at once."""
+import os
+import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
+
+ENABLED = os.environ.get("NEUROKERN_PROFILE", "") not in ("", "0")
+_OFF = nullcontext()
+
+
+class _Busy:
+    def __init__(self):
+        self.running, self.since, self.wall, self.thread_s, self.nbytes = 0, 0.0, 0.0, 0.0, 0
+
+
+_lock = threading.Lock()
+_sections: dict[str, dict[str, float]] = {}
+_busy: dict[tuple[str, str], _Busy] = {}
+_section = "start-up"
+
+
+def section(name: str) -> None:
+    """Later figures go to section `name` (a pass, or "end")."""
+    global _section
+    _section = name
+
+
+def add(key: str, seconds: float) -> None:
+    if ENABLED:
+        with _lock:
+            figures = _sections.setdefault(_section, {})
+            figures[key] = figures.get(key, 0.0) + seconds
+
+
+def span(key: str):
+    return _span(key) if ENABLED else _OFF
+
+
+@contextmanager
+def _span(key: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        add(key, time.perf_counter() - start)
+
+
+def busy(key: str, nbytes: int):
+    return _busy_span(key, nbytes) if ENABLED else _OFF
+
+
+@contextmanager
+def _busy_span(key: str, nbytes: int):
+    start = time.perf_counter()
+    with _lock:
+        b = _busy.setdefault((_section, key), _Busy())
+        if b.running == 0:
+            b.since = start
+        b.running += 1
+    try:
+        yield
+    finally:
+        end = time.perf_counter()
+        with _lock:
+            b.running -= 1
+            b.thread_s += end - start
+            b.nbytes += nbytes
+            if b.running == 0:
+                b.wall += end - b.since
+
+
+def add_process_age(key: str) -> None:
+    """Seconds since this process started (Linux): at the start of merge_models from the command
+    line, the interpreter's start-up and the imports; at its end, what is left is the exit."""
+    if not ENABLED:
+        return
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        add(key, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+
+
+def report(file=None) -> None:
+    """Print every section's figures, then forget them (the next merge starts afresh)."""
+    if not ENABLED:
+        return
+    lines = ["neurokern profile (NEUROKERN_PROFILE=1), seconds:"]
+    with _lock:
+        for name in dict.fromkeys([*_sections, *(where for where, _ in _busy)]):
+            lines.append(f"  [{name}]")
+            lines += [f"    {key:<56} {s:8.3f}" for key, s in _sections.get(name, {}).items()]
+            for (where, key), b in _busy.items():
+                if where == name:
+                    rate = b.nbytes / b.wall / 1e9 if b.wall else 0.0
+                    lines.append(f"    {key + ' busy (any in flight)':<56} {b.wall:8.3f}   {b.nbytes / 1e9:.2f} GB, "
+                                 f"{rate:.2f} GB/s while busy, {b.thread_s:.1f} thread-s")
+        _sections.clear()
+        _busy.clear()
+    print("\n".join(lines), file=file or sys.stderr)
