@@ -1,18 +1,24 @@
-// Exact magnitude threshold on the GPU: radix select on the float32 bit pattern of |tau| (bit 31
-// is 0 for magnitudes), for many selection groups at once (one per task over the whole list, or
-// one per (tensor, task)). Each block reads a chunk of the base once for up to 4 tasks, 16 bytes
-// per load. Three digits: bits 30..20 (11), 19..10 (10), 9..0 (10).
-//  1. sample: an 11-bit histogram of every kSampleEvery-th chunk (warp-aggregated shared-memory
-//     atomics: magnitudes crowd into few bins) gives each group a window of at most two top-digit
-//     bins that holds its k-th key with overwhelming probability (ranks k_s +- 6 sigma + 16);
-//  2. window pass over everything: counts keys above the window (registers) and a 2x10-bit
-//     histogram of the keys inside it; if the k-th key is inside, the first 21 bits are exact;
-//     groups whose window missed (one host sync tells) redo digits 1 and 2 over all keys;
-//  3. the last digit over the keys under the 21-bit prefix.
-// So a select reads the weights twice, plus a sample. Tensors of different storage dtypes may
-// share a scope: each kernel is launched once per dtype present and its blocks skip the chunks of
-// other dtypes. With exact-k ties, one more pass finds the flat position of the last tie to keep
-// (one host sync to know it is needed).
+// Exact magnitude threshold on the GPU: select on the float32 bit pattern of |tau| (bit 31 is 0
+// for magnitudes), for many selection groups at once (one per task over the whole list, or one per
+// (tensor, task)). Each block reads a chunk of the base once for up to 4 tasks, 16 bytes per load.
+//  1. sample (every kSampleEvery-th chunk): an 11-bit histogram of the top digit (bits 30..20,
+//     warp-aggregated shared atomics) gives each group a window of at most two top bins holding
+//     sample ranks k_s +- (6 sigma + 16); a second sample pass histograms the window's next two
+//     digits, which narrows it to a key range of 21-bit prefixes and counts its sample keys; where
+//     that is one prefix, a third gives the exact keys. bf16 task vectors take few distinct
+//     values, so often both sample ranks hold one key: a single-key group;
+//  2. one host sync sizes a candidate buffer from those counts; one pass over everything counts
+//     each group's keys above its range and appends the keys inside it with their flat positions
+//     (staged in shared memory) or, for a single-key group, counts its ties per chunk;
+//  3. a block per group radix-selects its candidates: the k-th key exactly and, with exact-k ties,
+//     the position of the last tie kept (the tied keys are all candidates); a single-key group
+//     checks its count and finds that position from its per-chunk tie counts (one chunk read).
+// So a select reads the weights once, plus up to three times a 1/32 sample, with one host sync.
+// Groups whose window or candidates miss (a sample that does not represent the group, a range
+// crowded past the buffer's bound) redo three histogram digits (11, 10, 10 bits) over all keys and,
+// with exact-k ties, count ties per chunk to find the position; those passes are always launched
+// and cost only their launch when no group needs them. Tensors of different storage dtypes may share a
+// scope: each kernel is launched once per dtype present and its blocks skip the other dtypes' chunks.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -33,6 +39,13 @@ constexpr int kTopBins = 2048;      // first digit: 11 bits
 constexpr int kLowBins = 1024;      // later digits: 10 bits
 constexpr int kTasksPerBlock = 4;   // shared histograms of up to 4 tasks: 32 KB
 constexpr int kSampleEvery = 32;    // chunk j of a tensor is in the sample when j % 32 == 0
+// A group's slice of the candidate buffer: kCandidateSlack x its sample count scaled to the whole
+// group, plus kCandidateExtra; the buffer holds at most max(kMinCandidates, elements / kCandidateShare)
+// (12 bytes each).
+constexpr double kCandidateSlack = 1.5;
+constexpr int64_t kCandidateExtra = 1024;
+constexpr int64_t kMinCandidates = int64_t{1} << 22;
+constexpr int64_t kCandidateShare = 64;
 
 enum Mode { kDense, kPrefix, kWindow };
 
@@ -66,9 +79,10 @@ __device__ __forceinline__ void load_vec(const scalar_t* p, float (&vals)[kVec<s
   for (int v = 0; v < kVec<scalar_t>; ++v) vals[v] = to_float(x[v]);
 }
 
-// Walks a chunk's elements: visit(j, key) for every live task slot j of the block and every
-// element, with whole warps in step (the dense pass's __match_any_sync needs them); keys of
-// elements past the end are 0xFFFFFFFF (visit must ignore them).
+// Walks a chunk's elements: visit(j, key, i) for every live task slot j of the block and every
+// element i of the tensor, with whole warps in step (the dense pass's __match_any_sync needs them);
+// keys of elements past the end are 0xFFFFFFFF (visit must ignore them; a magnitude's key has bit
+// 31 clear, so no real key takes that value).
 template <typename scalar_t, typename Visit>
 __device__ __forceinline__ void for_each_key(const Chunk& c, int t0, const bool (&live)[kTasksPerBlock],
                                              Visit&& visit) {
@@ -86,7 +100,7 @@ __device__ __forceinline__ void for_each_key(const Chunk& c, int t0, const bool 
     for (int j = 0; j < kTasksPerBlock; ++j) {
       if (!live[j]) continue;  // uniform across the block
 #pragma unroll
-      for (int v = 0; v < V; ++v) visit(j, __float_as_uint(fabsf(f[j][v] - w[v])));
+      for (int v = 0; v < V; ++v) visit(j, __float_as_uint(fabsf(f[j][v] - w[v])), i + v);
     }
   }
   for (int64_t first = vec_end; first < c.end; first += blockDim.x) {  // the rest, one element a thread
@@ -97,7 +111,7 @@ __device__ __forceinline__ void for_each_key(const Chunk& c, int t0, const bool 
     for (int j = 0; j < kTasksPerBlock; ++j) {
       if (!live[j]) continue;
       visit(j, in_range ? __float_as_uint(fabsf(to_float(static_cast<const scalar_t*>(c.ft[t0 + j])[i]) - w))
-                        : 0xFFFFFFFFu);
+                        : 0xFFFFFFFFu, i);
     }
   }
 }
@@ -137,7 +151,7 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(const Chunk* chunks
   if (threadIdx.x < kTasksPerBlock) above_block[threadIdx.x] = 0;
   __syncthreads();
   const unsigned lane = threadIdx.x & 31;
-  for_each_key<scalar_t>(c, t0, live, [&](int j, uint32_t key) {
+  for_each_key<scalar_t>(c, t0, live, [&](int j, uint32_t key, int64_t) {
     if (MODE == kDense) {
       const uint32_t bin = key == 0xFFFFFFFFu ? key : (key >> shift) & (BINS - 1);
       const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);
@@ -227,30 +241,6 @@ __global__ void window_kernel(uint32_t* hist, const int64_t* rank_hi, const int6
   warp_clear(h, kTopBins);
 }
 
-// Per group, after the window pass: the 21-bit prefix of the k-th key when it lies in the window
-// (need = k - above in 1..in-window count), else failed = 1.
-__global__ void window_select_kernel(uint32_t* hist, const unsigned long long* above, const int64_t* k,
-                                     const int32_t* running, const uint32_t* window_lo, const uint32_t* window_hi,
-                                     uint32_t* prefix, int64_t* remaining, uint32_t* ties, int32_t* failed,
-                                     int groups) {
-  const int g = warp_group();
-  if (g >= groups || !running[g]) return;
-  uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
-  const int bins = static_cast<int>(window_hi[g] - window_lo[g] + 1) * kLowBins;
-  const int64_t need = k[g] - static_cast<int64_t>(above[g]);
-  const Found f = warp_find(h, bins, need < 1 ? 1 : need);
-  if (leader()) {
-    if (need < 1 || need > f.total) {
-      failed[g] = 1;
-    } else {
-      prefix[g] = ((window_lo[g] + f.bin / kLowBins) << 10) | static_cast<uint32_t>(f.bin % kLowBins);
-      remaining[g] = f.need;
-      ties[g] = h[f.bin];
-    }
-  }
-  warp_clear(h, bins);
-}
-
 // Per group: the digit's bin holding the remaining k-th key, appended to the prefix.
 __global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaining, const int32_t* running,
                               int bits, uint32_t* ties, int groups) {
@@ -264,6 +254,270 @@ __global__ void select_kernel(uint32_t* hist, uint32_t* prefix, int64_t* remaini
     ties[g] = h[f.bin];
   }
   warp_clear(h, 1 << bits);
+}
+
+// Per group, from the sample's window histogram (2 x 10-bit digits under the window's top bins)
+// and the count of sample keys above the window: the key range [key_lo, key_hi] of the 21-bit
+// prefixes holding sample ranks rank_hi <= rank_lo, and how many sample keys it holds. When both
+// ranks share one prefix (narrow), the prefix and their ranks inside it go to the third digit.
+__global__ void candidate_window_kernel(uint32_t* hist, unsigned long long* above, const int64_t* rank_hi,
+                                        const int64_t* rank_lo, const int32_t* running, const uint32_t* window_lo,
+                                        const uint32_t* window_hi, uint32_t* key_lo, uint32_t* key_hi,
+                                        int64_t* sample_count, uint32_t* prefix, int64_t* need_hi, int64_t* need_lo,
+                                        int32_t* narrow, int groups) {
+  const int g = warp_group();
+  if (g >= groups || !running[g]) return;
+  uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
+  const int bins = static_cast<int>(window_hi[g] - window_lo[g] + 1) * kLowBins;
+  const int64_t a = static_cast<int64_t>(above[g]);
+  const int64_t r_hi = rank_hi[g] - a > 1 ? rank_hi[g] - a : 1, r_lo = rank_lo[g] - a > 1 ? rank_lo[g] - a : 1;
+  const Found fh = warp_find(h, bins, r_hi), fl = warp_find(h, bins, r_lo);
+  if (leader()) {
+    auto prefix_of = [&](int bin) { return ((window_lo[g] + bin / kLowBins) << 10) | static_cast<uint32_t>(bin % kLowBins); };
+    key_hi[g] = (prefix_of(fh.bin) << 10) | 1023u;
+    key_lo[g] = prefix_of(fl.bin) << 10;
+    // keys in bins fl.bin..fh.bin: (all through fl.bin) - (all above fh.bin); rank - need counts
+    // the keys of the bins above a rank's bin
+    sample_count[g] = (r_lo - fl.need + h[fl.bin]) - (r_hi - fh.need);
+    above[g] = 0;
+    if (fh.bin == fl.bin) {
+      prefix[g] = prefix_of(fh.bin);
+      need_hi[g] = fh.need;
+      need_lo[g] = fl.need;
+      narrow[g] = 1;
+    }
+  }
+  warp_clear(h, bins);
+}
+
+// Narrow groups, from the sample's last digit under their prefix: the exact keys of the two
+// sample ranks as the range, how many sample keys it holds, and whether it is a single key
+// (heavily tied data: bf16 task vectors take few distinct values).
+__global__ void sample_keys_kernel(uint32_t* hist, const int32_t* running, const uint32_t* prefix,
+                                   const int64_t* need_hi, const int64_t* need_lo, uint32_t* key_lo,
+                                   uint32_t* key_hi, int64_t* sample_count, int32_t* single, int groups) {
+  const int g = warp_group();
+  if (g >= groups || !running[g]) return;
+  uint32_t* h = hist + static_cast<int64_t>(g) * kTopBins;
+  const Found fh = warp_find(h, kLowBins, need_hi[g]), fl = warp_find(h, kLowBins, need_lo[g]);
+  if (leader()) {
+    key_hi[g] = (prefix[g] << 10) | static_cast<uint32_t>(fh.bin);
+    key_lo[g] = (prefix[g] << 10) | static_cast<uint32_t>(fl.bin);
+    sample_count[g] = (need_lo[g] - fl.need + h[fl.bin]) - (need_hi[g] - fh.need);
+    single[g] = fh.bin == fl.bin;
+  }
+  warp_clear(h, kLowBins);
+}
+
+constexpr int kStage = 1024;  // candidates a block stages per task slot before one global append
+
+// The candidate pass over everything: per group, the keys above [key_lo, key_hi] are counted
+// (registers), the keys inside it are appended with their flat positions to the group's slice of
+// the candidate buffer (staged in shared memory, one global atomic per block and task). Appends
+// past a group's capacity are dropped; fill[] still counts them, so the select sees the overflow.
+// A single-key group only counts its ties: fill[] in total, tie_counts[t * chunks + chunk] per
+// chunk (the tie position search takes it from there).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunks, int32_t dtype, int T,
+                                                           const uint32_t* key_lo, const uint32_t* key_hi,
+                                                           const int32_t* running, const int32_t* single,
+                                                           const int64_t* cand_offset, const int64_t* cand_cap,
+                                                           unsigned long long* fill, unsigned long long* above,
+                                                           uint32_t* cand_key, int64_t* cand_pos,
+                                                           int64_t* tie_counts) {
+  __shared__ uint32_t stage_key[kTasksPerBlock][kStage];
+  __shared__ uint16_t stage_index[kTasksPerBlock][kStage];  // index in the chunk: < kChunk
+  __shared__ unsigned int staged[kTasksPerBlock], above_block[kTasksPerBlock], tied_block[kTasksPerBlock];
+  __shared__ unsigned long long start[kTasksPerBlock];
+  static_assert(kChunk <= 65536, "stage_index is 16 bits");
+  const Chunk c = chunks[blockIdx.x];
+  if (c.dtype != dtype) return;
+  const int t0 = blockIdx.y * kTasksPerBlock;
+  const int tasks = min(kTasksPerBlock, T - t0);
+  bool live[kTasksPerBlock], one[kTasksPerBlock], any = false;
+  uint32_t lo[kTasksPerBlock], hi[kTasksPerBlock];
+  unsigned int above_mine[kTasksPerBlock], tied_mine[kTasksPerBlock];
+#pragma unroll
+  for (int j = 0; j < kTasksPerBlock; ++j) {
+    const int g = c.group0 + t0 + j;
+    live[j] = j < tasks && running[g];
+    one[j] = live[j] && single[g];
+    lo[j] = live[j] ? key_lo[g] : 1u;
+    hi[j] = live[j] ? key_hi[g] : 0u;
+    above_mine[j] = tied_mine[j] = 0;
+    any |= live[j];
+  }
+  if (!any) return;
+  if (threadIdx.x < kTasksPerBlock) staged[threadIdx.x] = above_block[threadIdx.x] = tied_block[threadIdx.x] = 0;
+  __syncthreads();
+  for_each_key<scalar_t>(c, t0, live, [&](int j, uint32_t key, int64_t i) {
+    if (key == 0xFFFFFFFFu) return;
+    if (key > hi[j]) {
+      ++above_mine[j];
+    } else if (one[j]) {
+      tied_mine[j] += key == lo[j];
+    } else if (key >= lo[j]) {
+      const unsigned int s = atomicAdd(&staged[j], 1u);
+      if (s < kStage) {
+        stage_key[j][s] = key;
+        stage_index[j][s] = static_cast<uint16_t>(i - c.begin);
+      } else {  // a crowded chunk: straight to the global buffer
+        const int64_t g = c.group0 + t0 + j;
+        const unsigned long long at = atomicAdd(&fill[g], 1ull);
+        if (at < static_cast<unsigned long long>(cand_cap[g])) {
+          cand_key[cand_offset[g] + at] = key;
+          cand_pos[cand_offset[g] + at] = c.position + i;
+        }
+      }
+    }
+  });
+  const unsigned lane = threadIdx.x & 31;
+#pragma unroll
+  for (int j = 0; j < kTasksPerBlock; ++j) {
+    if (!live[j]) continue;
+    unsigned int v = above_mine[j], u = tied_mine[j];
+    for (int o = 16; o > 0; o >>= 1) {
+      v += __shfl_down_sync(0xFFFFFFFFu, v, o);
+      u += __shfl_down_sync(0xFFFFFFFFu, u, o);
+    }
+    if (lane == 0 && v) atomicAdd(&above_block[j], v);
+    if (lane == 0 && u) atomicAdd(&tied_block[j], u);
+  }
+  __syncthreads();
+  if (threadIdx.x < tasks) {
+    const int j = threadIdx.x;
+    const int64_t g = c.group0 + t0 + j;
+    if (running[g]) {
+      const unsigned int n = single[g] ? tied_block[j] : min(staged[j], static_cast<unsigned int>(kStage));
+      start[j] = n ? atomicAdd(&fill[g], static_cast<unsigned long long>(n)) : 0ull;
+      if (above_block[j]) atomicAdd(&above[g], static_cast<unsigned long long>(above_block[j]));
+      if (single[g]) tie_counts[static_cast<int64_t>(t0 + j) * gridDim.x + blockIdx.x] = tied_block[j];
+    }
+  }
+  __syncthreads();
+  for (int j = 0; j < tasks; ++j) {
+    if (!live[j] || one[j]) continue;
+    const int64_t g = c.group0 + t0 + j;
+    const unsigned int n = min(staged[j], static_cast<unsigned int>(kStage));
+    const unsigned long long cap = static_cast<unsigned long long>(cand_cap[g]);
+    for (unsigned int e = threadIdx.x; e < n; e += blockDim.x) {
+      const unsigned long long at = start[j] + e;
+      if (at < cap) {
+        cand_key[cand_offset[g] + at] = stage_key[j][e];
+        cand_pos[cand_offset[g] + at] = c.position + c.begin + stage_index[j][e];
+      }
+    }
+  }
+}
+
+constexpr int kSelectThreads = 512;
+
+// One radix digit over a group's candidates, by one block: hist[d] counts the values v (key or
+// position, as a 64-bit word) with (v >> (shift + bits)) == prefix and digit d = (v >> shift) &
+// (2^bits - 1), among those that pass `take`; then warp 0 finds the bin of `rank` (from the top).
+// The values are below 2^(shift + bits + prefix bits) < 2^64.
+// The block's threads all get the result.
+struct Digit {
+  int bin;        // the digit holding rank
+  int64_t need;   // rank left inside the bin
+  int64_t count;  // values in the bin
+};
+
+template <typename Value, typename Take>
+__device__ Digit block_digit(uint32_t* hist, int64_t n, int shift, int bits, uint64_t prefix, int64_t rank,
+                             Value&& value, Take&& take) {
+  __shared__ int s_bin;
+  __shared__ int64_t s_need, s_count;
+  for (int b = threadIdx.x; b < kTopBins; b += blockDim.x) hist[b] = 0;
+  __syncthreads();
+  const unsigned lane = threadIdx.x & 31;
+  const int64_t rounds = (n + blockDim.x - 1) / blockDim.x * blockDim.x;  // whole warps in step
+  for (int64_t e = threadIdx.x; e < rounds; e += blockDim.x) {
+    uint32_t bin = 0xFFFFFFFFu;
+    if (e < n && take(e)) {
+      const uint64_t v = value(e);
+      if ((v >> (shift + bits)) == prefix) bin = static_cast<uint32_t>((v >> shift) & ((1ull << bits) - 1));
+    }
+    const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);  // candidates crowd into few bins
+    if (bin != 0xFFFFFFFFu && lane == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&hist[bin], __popc(peers));
+  }
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    const Found f = warp_find(hist, max(32, 1 << bits), rank);  // bins past 2^bits stay empty
+    if (threadIdx.x == 0) {
+      s_bin = f.bin;
+      s_need = f.need;
+      s_count = hist[f.bin];
+    }
+  }
+  __syncthreads();
+  const Digit out{s_bin, s_need, s_count};
+  __syncthreads();  // every thread has read the result before the next digit reuses the shared state
+  return out;
+}
+
+// Per group (one block): the exact threshold from its candidates, when they hold its k-th key
+// (need = k - above in 1..count, nothing dropped); else failed = 1 (the group takes the full
+// digit passes). A single-key group only checks its count and, with exact-k ties and part of the
+// ties kept, leaves the rank among them for the tie position search (exact = 1). Three key digits (11, 11, 10 bits); with exact-k ties and only part of the tied
+// keys kept, the position of the last one kept: digits of 11 bits over pos_bits bits of the tied
+// candidates' positions, the need-th smallest = the (count - need + 1)-th from the top.
+__global__ void __launch_bounds__(kSelectThreads) candidate_select_kernel(
+    const uint32_t* cand_key, const int64_t* cand_pos, const int64_t* cand_offset, const int64_t* cand_cap,
+    const unsigned long long* fill, const unsigned long long* above, const int64_t* k, const int32_t* running,
+    const int32_t* single, const uint32_t* key_lo, bool keep_ties, int pos_bits, float* threshold,
+    int64_t* tie_limit, int32_t* failed, uint32_t* prefix, int64_t* remaining, int32_t* exact) {
+  __shared__ uint32_t hist[kTopBins];
+  const int g = blockIdx.x;
+  if (!running[g]) return;
+  const int64_t n = static_cast<int64_t>(fill[g]);
+  const int64_t need0 = k[g] - static_cast<int64_t>(above[g]);
+  if ((!single[g] && n > cand_cap[g]) || need0 < 1 || need0 > n) {
+    if (threadIdx.x == 0) failed[g] = 1;
+    return;
+  }
+  if (single[g]) {  // the k-th key is the group's single key; n keys tie with it
+    if (threadIdx.x == 0) {
+      threshold[g] = __uint_as_float(key_lo[g]);
+      tie_limit[g] = INT64_MAX;
+      prefix[g] = key_lo[g];
+      remaining[g] = need0;
+      exact[g] = !keep_ties && need0 < n;  // its position comes from the per-chunk tie counts
+    }
+    return;
+  }
+  const uint32_t* keys = cand_key + cand_offset[g];
+  const int64_t* pos = cand_pos + cand_offset[g];
+  auto key_of_e = [&](int64_t e) { return static_cast<uint64_t>(keys[e]); };
+  auto all = [](int64_t) { return true; };
+  uint64_t found = 0;  // the key's digits so far
+  int64_t need = need0, ties = 0;
+  const int key_shift[3] = {21, 10, 0}, key_bits[3] = {11, 11, 10};
+  for (int d = 0; d < 3; ++d) {
+    const Digit f = block_digit(hist, n, key_shift[d], key_bits[d], found, need, key_of_e, all);
+    found = (found << key_bits[d]) | static_cast<uint64_t>(f.bin);
+    need = f.need;
+    ties = f.count;
+  }
+  const uint32_t key = static_cast<uint32_t>(found);
+  int64_t limit = INT64_MAX;
+  if (!keep_ties && need < ties) {
+    auto tied = [&](int64_t e) { return keys[e] == key; };
+    auto pos_of_e = [&](int64_t e) { return static_cast<uint64_t>(pos[e]); };
+    int64_t rank = ties - need + 1;
+    uint64_t p = 0;
+    for (int top = pos_bits; top > 0; top -= 11) {
+      const int shift = max(0, top - 11), bits = top - shift;
+      const Digit f = block_digit(hist, n, shift, bits, p, rank, pos_of_e, tied);
+      p = (p << bits) | static_cast<uint64_t>(f.bin);
+      rank = f.need;
+    }
+    limit = static_cast<int64_t>(p) + 1;
+  }
+  if (threadIdx.x == 0) {
+    threshold[g] = __uint_as_float(key);
+    tie_limit[g] = limit;
+  }
 }
 
 // Exact-k ties: per (chunk, task), how many keys equal the group's threshold key.
@@ -289,7 +543,7 @@ __global__ void __launch_bounds__(kThreads) tie_count_kernel(const Chunk* chunks
   if (!any) return;
   if (threadIdx.x < kTasksPerBlock) total[threadIdx.x] = 0;
   __syncthreads();
-  for_each_key<scalar_t>(c, t0, live, [&](int j, uint32_t k) { mine[j] += k == want[j]; });
+  for_each_key<scalar_t>(c, t0, live, [&](int j, uint32_t k, int64_t) { mine[j] += k == want[j]; });
 #pragma unroll
   for (int j = 0; j < kTasksPerBlock; ++j) {
     if (!live[j]) continue;
@@ -359,14 +613,15 @@ __global__ void tie_position_kernel(const Chunk* chunks, int32_t dtype, const ui
   }
 }
 
-__global__ void finish_kernel(const uint32_t* prefix, const int64_t* k, float* threshold, int64_t* tie_limit,
-                              int groups) {
+// Groups that keep nothing (k = 0) and, where running, the groups that took the full digits.
+__global__ void finish_kernel(const uint32_t* prefix, const int64_t* k, const int32_t* running, float* threshold,
+                              int64_t* tie_limit, int groups) {
   const int g = blockIdx.x * blockDim.x + threadIdx.x;
   if (g >= groups) return;
   if (k[g] <= 0) {
     threshold[g] = __int_as_float(0x7f800000);  // +inf: nothing kept
     tie_limit[g] = 0;
-  } else {
+  } else if (running[g]) {
     threshold[g] = __uint_as_float(prefix[g]);
     tie_limit[g] = INT64_MAX;
   }
@@ -396,10 +651,12 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     }
   }
   const c10::cuda::CUDAGuard guard(device);
+  // Host tables go up from pinned memory, asynchronously: a copy from pageable memory would wait
+  // for the stream to drain (the pinned block is reused only once its copy is done).
   auto to_device = [&](const void* data, int64_t bytes) {
-    at::Tensor host = at::empty({std::max<int64_t>(bytes, 1)}, at::kByte);
+    at::Tensor host = at::empty({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
     if (bytes) std::memcpy(host.data_ptr(), data, bytes);
-    return host.to(device);
+    return host.to(device, /*non_blocking=*/true);
   };
   // Pointer table: ptrs[i * T + t] = task t's version of tensor i.
   std::vector<const void*> ptrs(n * T);
@@ -510,52 +767,142 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   using Prefix = std::integral_constant<Mode, kPrefix>;
   using Window = std::integral_constant<Mode, kWindow>;
   const int32_t* active_ptr = active_d.data_ptr<int32_t>();
+  // k = 0 groups keep nothing; every other group is written by the candidate select or, where
+  // that misses, by the full digits below. exact: groups that keep part of their ties and need the
+  // position of the last one kept; tie_counts: their ties per (task, chunk).
+  at::Tensor redo = at::zeros({groups}, opts.dtype(at::kInt));
+  at::Tensor exact = at::zeros({groups}, opts.dtype(at::kInt));
+  at::Tensor tie_counts = at::zeros({T * std::max(num_chunks, 1)}, opts.dtype(at::kLong));
   if (num_chunks > 0) {
-    pass(Dense{}, sample_ptr, dim3(static_cast<unsigned>(sample.size()), task_blocks), active_ptr, 20);
+    // 1. The sample: the top digit gives a window of top bins, the window's lower two digits a
+    //    range of 21-bit prefixes per group; where it is one prefix, the last digit gives the exact
+    //    keys of the sample ranks (one key: a single-key group).
+    const dim3 sample_grid(static_cast<unsigned>(sample.size()), task_blocks);
+    pass(Dense{}, sample_ptr, sample_grid, active_ptr, 20);
     window_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, rank_hi_d.data_ptr<int64_t>(), rank_lo_d.data_ptr<int64_t>(),
                                                     active_ptr, lo_ptr, hi_ptr, failed_ptr, static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
-    const at::Tensor windowed = active_d * (1 - failed);  // groups that take the window pass
-    pass(Window{}, chunk_ptr, grid, windowed.data_ptr<int32_t>(), 20);
-    window_select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, above_ptr, k_d.data_ptr<int64_t>(),
-                                                           windowed.data_ptr<int32_t>(), lo_ptr, hi_ptr, prefix_ptr,
-                                                           remaining_ptr, ties_ptr, failed_ptr, static_cast<int>(groups));
+    const at::Tensor windowed = active_d * (1 - failed);
+    pass(Window{}, sample_ptr, sample_grid, windowed.data_ptr<int32_t>(), 20);
+    at::Tensor key_range = at::zeros({2, groups}, opts.dtype(at::kInt));
+    at::Tensor sample_count = at::zeros({groups}, opts.dtype(at::kLong));
+    at::Tensor sample_need = at::zeros({2, groups}, opts.dtype(at::kLong));
+    at::Tensor flags = at::zeros({2, groups}, opts.dtype(at::kInt));  // narrow, single
+    auto* key_lo_ptr = reinterpret_cast<uint32_t*>(key_range[0].data_ptr());
+    auto* key_hi_ptr = reinterpret_cast<uint32_t*>(key_range[1].data_ptr());
+    int64_t* need_hi_ptr = sample_need[0].data_ptr<int64_t>();
+    int64_t* need_lo_ptr = sample_need[1].data_ptr<int64_t>();
+    int32_t* narrow_ptr = flags[0].data_ptr<int32_t>();
+    int32_t* single_ptr = flags[1].data_ptr<int32_t>();
+    candidate_window_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(
+        hist_ptr, above_ptr, rank_hi_d.data_ptr<int64_t>(), rank_lo_d.data_ptr<int64_t>(), windowed.data_ptr<int32_t>(),
+        lo_ptr, hi_ptr, key_lo_ptr, key_hi_ptr, sample_count.data_ptr<int64_t>(), prefix_ptr, need_hi_ptr, need_lo_ptr,
+        narrow_ptr, static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
-    const at::Tensor redo = active_d * failed;
-    if (redo.any().item<bool>()) {  // the digits 1 and 2 over every key, for the groups that missed
-      const int32_t* redo_ptr = redo.data_ptr<int32_t>();
-      prefix.mul_(1 - redo);
-      remaining.copy_(at::where(redo != 0, k_d, remaining));
-      pass(Dense{}, chunk_ptr, grid, redo_ptr, 20);
-      select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 11, ties_ptr,
-                                                      static_cast<int>(groups));
-      NK_CUDA_CHECK_LAUNCH();
-      pass(Prefix{}, chunk_ptr, grid, redo_ptr, 10);
-      select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 10, ties_ptr,
-                                                      static_cast<int>(groups));
-      NK_CUDA_CHECK_LAUNCH();
+    pass(Prefix{}, sample_ptr, sample_grid, narrow_ptr, 0);
+    sample_keys_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(
+        hist_ptr, narrow_ptr, prefix_ptr, need_hi_ptr, need_lo_ptr, key_lo_ptr, key_hi_ptr,
+        sample_count.data_ptr<int64_t>(), single_ptr, static_cast<int>(groups));
+    NK_CUDA_CHECK_LAUNCH();
+    // 2. Host sync: the sample counts, scaled to the whole group with room to spare, size each
+    //    range group's slice of the candidate buffer (single-key groups only count); the largest
+    //    slices go to the full digits when the buffer would pass its bound.
+    const at::Tensor sample_host = at::cat({windowed.to(at::kLong), sample_count, flags[1].to(at::kLong)}).cpu();
+    const int64_t* windowed_host = sample_host.data_ptr<int64_t>();
+    const int64_t* count_host = windowed_host + groups;
+    const int64_t* single_host = windowed_host + 2 * groups;
+    std::vector<int64_t> cap(groups, 0), offset(groups, 0);
+    std::vector<int32_t> collecting(groups, 0);
+    int64_t total_cap = 0, elements = 0;
+    for (int64_t g = 0; g < groups; ++g) {
+      elements += totals[g];
+      if (!windowed_host[g]) continue;
+      collecting[g] = 1;
+      if (single_host[g]) continue;
+      const double scale = static_cast<double>(totals[g]) / static_cast<double>(sampled[g]);
+      const double want = std::ceil(kCandidateSlack * scale * static_cast<double>(count_host[g]));
+      cap[g] = std::min<int64_t>(totals[g], static_cast<int64_t>(want) + kCandidateExtra);
+      total_cap += cap[g];
     }
-    pass(Prefix{}, chunk_ptr, grid, active_ptr, 0);
-    select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, active_ptr, 10, ties_ptr,
+    const int64_t bound = std::max<int64_t>(kMinCandidates, elements / kCandidateShare);
+    if (total_cap > bound) {
+      std::vector<int64_t> order(groups);
+      for (int64_t g = 0; g < groups; ++g) order[g] = g;
+      std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cap[a] > cap[b]; });
+      for (int64_t i = 0; i < groups && total_cap > bound && cap[order[i]] > 0; ++i) {
+        total_cap -= cap[order[i]];
+        cap[order[i]] = 0;
+        collecting[order[i]] = 0;
+      }
+    }
+    for (int64_t g = 0, at_ = 0; g < groups; ++g) {
+      offset[g] = at_;
+      at_ += cap[g];
+    }
+    int64_t max_position = 1;
+    for (int64_t g = 0; g < groups; ++g) max_position = std::max(max_position, totals[g]);
+    int pos_bits = 0;
+    while ((int64_t{1} << pos_bits) < max_position) ++pos_bits;
+    // 3. The candidate pass over everything, then the exact select (and tie position) per group.
+    const at::Tensor collecting_d = ints(collecting), offset_d = ints(offset), cap_d = ints(cap);
+    const at::Tensor cand_key = at::empty({std::max<int64_t>(total_cap, 1)}, opts.dtype(at::kInt));
+    const at::Tensor cand_pos = at::empty({std::max<int64_t>(total_cap, 1)}, opts.dtype(at::kLong));
+    at::Tensor fill = at::zeros({groups}, opts.dtype(at::kLong));
+    for_each_dtype([&](auto tag, int32_t code) {
+      using scalar_t = decltype(tag);
+      collect_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
+          chunk_ptr, code, static_cast<int>(T), key_lo_ptr, key_hi_ptr, collecting_d.data_ptr<int32_t>(), single_ptr,
+          offset_d.data_ptr<int64_t>(), cap_d.data_ptr<int64_t>(),
+          reinterpret_cast<unsigned long long*>(fill.data_ptr()), above_ptr,
+          reinterpret_cast<uint32_t*>(cand_key.data_ptr()), cand_pos.data_ptr<int64_t>(), tie_counts.data_ptr<int64_t>());
+      NK_CUDA_CHECK_LAUNCH();
+    });
+    candidate_select_kernel<<<static_cast<unsigned>(groups), kSelectThreads, 0, stream>>>(
+        reinterpret_cast<const uint32_t*>(cand_key.data_ptr()), cand_pos.data_ptr<int64_t>(), offset_d.data_ptr<int64_t>(),
+        cap_d.data_ptr<int64_t>(), reinterpret_cast<const unsigned long long*>(fill.data_ptr()), above_ptr,
+        k_d.data_ptr<int64_t>(), collecting_d.data_ptr<int32_t>(), single_ptr, key_lo_ptr, keep_ties, pos_bits,
+        threshold.data_ptr<float>(), tie_limit.data_ptr<int64_t>(), failed_ptr, prefix_ptr, remaining_ptr,
+        exact.data_ptr<int32_t>());
+    NK_CUDA_CHECK_LAUNCH();
+    // 4. Groups whose window or candidates missed redo all three digits over every key. The
+    //    passes are launched whether or not any group needs them (a block with no group to redo
+    //    returns at once), so no host sync stalls the stream here.
+    redo.copy_(active_d * ((failed != 0) | (collecting_d == 0)).to(at::kInt));
+    exact.mul_(1 - redo);  // a single-key group that missed is redone from scratch
+    prefix.mul_(1 - redo);
+    remaining.copy_(at::where(redo != 0, k_d, remaining));
+    const int32_t* redo_ptr = redo.data_ptr<int32_t>();
+    pass(Dense{}, chunk_ptr, grid, redo_ptr, 20);
+    select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 11, ties_ptr,
+                                                    static_cast<int>(groups));
+    NK_CUDA_CHECK_LAUNCH();
+    pass(Prefix{}, chunk_ptr, grid, redo_ptr, 10);
+    select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 10, ties_ptr,
+                                                    static_cast<int>(groups));
+    NK_CUDA_CHECK_LAUNCH();
+    pass(Prefix{}, chunk_ptr, grid, redo_ptr, 0);
+    select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 10, ties_ptr,
                                                     static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
   }
-  finish_kernel<<<group_blocks, 128, 0, stream>>>(prefix_ptr, k_d.data_ptr<int64_t>(), threshold.data_ptr<float>(),
-                                                  tie_limit.data_ptr<int64_t>(), static_cast<int>(groups));
+  finish_kernel<<<group_blocks, 128, 0, stream>>>(prefix_ptr, k_d.data_ptr<int64_t>(), redo.data_ptr<int32_t>(),
+                                                  threshold.data_ptr<float>(), tie_limit.data_ptr<int64_t>(),
+                                                  static_cast<int>(groups));
   NK_CUDA_CHECK_LAUNCH();
   if (keep_ties || num_chunks == 0) return {threshold, tie_limit};
-  // Groups that keep only part of their ties need the position of the last one kept.
-  const at::Tensor exact = ((active_d != 0) & (remaining < ties.to(at::kLong))).to(at::kInt);
-  if (!exact.any().item<bool>()) return {threshold, tie_limit};
-  at::Tensor counts = at::zeros({T * num_chunks}, opts.dtype(at::kLong));
+  // Full-digit groups that keep only part of their ties count them per chunk here (single-key
+  // groups did in the candidate pass); then the position of the last tie kept. Launched always,
+  // like the redo passes: kernels with no exact group return at once.
+  const at::Tensor exact_redo = ((redo != 0) & (remaining < ties.to(at::kLong))).to(at::kInt);
+  exact.add_(exact_redo);
   const at::Tensor first_d = to_device(first_chunk.data(), (n + 1) * sizeof(int64_t)).narrow(0, 0, (n + 1) * 8).view(at::kLong);
   for_each_dtype([&](auto tag, int32_t code) {
     using scalar_t = decltype(tag);
     tie_count_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(chunk_ptr, code, static_cast<int>(T), prefix_ptr,
-                                                              exact.data_ptr<int32_t>(), counts.data_ptr<int64_t>());
+                                                              exact_redo.data_ptr<int32_t>(), tie_counts.data_ptr<int64_t>());
     NK_CUDA_CHECK_LAUNCH();
   });
-  const at::Tensor cum = counts.view({T, num_chunks}).cumsum(1);
+  const at::Tensor cum = tie_counts.view({T, num_chunks}).cumsum(1);
   at::Tensor chunk_of = at::zeros({groups}, opts.dtype(at::kLong));
   at::Tensor need_in_chunk = at::zeros({groups}, opts.dtype(at::kLong));
   tie_chunk_kernel<<<group_blocks, 128, 0, stream>>>(

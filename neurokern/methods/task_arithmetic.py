@@ -6,6 +6,7 @@ import torch
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
 from neurokern.methods._common import Method, batches, columns
+from neurokern.ops._common import to_device
 
 WHERE = "method 'task_arithmetic'"
 
@@ -33,7 +34,7 @@ def run(models, p: Params, progress: bool, pre=None):
     for names in batches(models, models.names, progress, "task_arithmetic"):
         base, finetuned = columns(models, names)
         rows = torch.tensor(coeffs, dtype=torch.float32).expand(len(names), -1)  # one row per tensor
-        out.update(zip(names, ops.weighted_sum_multi(base, finetuned, rows.to(base[0].device))))
+        out.update(zip(names, ops.weighted_sum_multi(base, finetuned, to_device(rows, base[0].device))))
     return out
 
 

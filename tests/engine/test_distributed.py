@@ -1,11 +1,13 @@
-"""`torchrun --nproc-per-node 2 -m neurokern merge ...` on the CPU (gloo): the ranks split the
-shards, sum their histograms and L1 rows, and the output is byte-identical to one process. An
-interrupted two-rank merge resumes in one process (or the other way round) to the same bytes."""
+"""`torchrun --nproc-per-node 2 -m neurokern merge ...` on the CPU (gloo) and, on a machine with two
+GPUs, on both GPUs (NCCL): the ranks split the shards, sum their histograms and L1 rows, and the
+output is byte-identical to one process. An interrupted two-rank merge resumes in one process (or
+the other way round) to the same bytes."""
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
 from neurokern.engine import merge_models, plan
 
@@ -20,13 +22,13 @@ CASES = {
 }
 
 
-def torchrun(*args, nproc=2, crash=None):
+def torchrun(*args, nproc=2, crash=None, device="cpu"):
     env = {k: v for k, v in os.environ.items() if k not in ("NEUROKERN_TEST_CRASH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), OMP_NUM_THREADS="1")
     if crash:
         env["NEUROKERN_TEST_CRASH"] = crash
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "neurokern", "merge", *map(str, args), "--device", "cpu", "--quiet"]
+           "-m", "neurokern", "merge", *map(str, args), "--device", device, "--quiet"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -56,3 +58,18 @@ def test_interrupted_two_ranks_resume_in_one_process(models, tmp_path, unit):
     assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
     merge_models(cfg, tmp_path / "out", device="cpu", resume=True)
     assert read_dir(tmp_path / "out") == read_dir(tmp_path / "ref")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_gpus_byte_identical_to_one_gpu(models, tmp_path, unit, case):
+    """Each rank merges its shards on its own GPU (LOCAL_RANK), the global thresholds and the
+    NeuroMerging lambda are summed over NCCL; the output equals a one-GPU run byte for byte."""
+    method, params, per_model = CASES[case]
+    cfg = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra={"out_shard_size": "20KB"})
+    result = merge_models(cfg, tmp_path / "one", device="cuda")
+    assert all(result.plan.rank_shards(2))
+    run = torchrun(cfg, tmp_path / "two", device="cuda")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert read_dir(tmp_path / "two") == read_dir(tmp_path / "one")
+    assert not (tmp_path / "two.partial").exists()

@@ -69,6 +69,24 @@ def test_magnitude_threshold_unrepresentative_sample(per_tensor, keep_ties):
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("keep_ties", [True, False])
+def test_magnitude_threshold_frozen_tensors(per_tensor, keep_ties):
+    """Tensors a fine-tuning left untouched: every key of theirs is 0, so the k-th key is tied with
+    millions (more candidates than the buffer takes: the full digits and the tie count take over),
+    next to tensors with small, coarse deltas (many ties, within the buffer)."""
+    T = 3
+    frozen = (torch.randn(2048, 2048, device="cuda") * 0.02).to(torch.bfloat16)
+    moved, moved_fts = group((1000, 513), T, torch.bfloat16, seed=5, quantize=True)
+    base = [frozen, moved]
+    fts = [x for t in range(T) for x in (frozen.clone(), moved_fts[t])]
+    N = frozen.numel() + moved.numel()
+    k = [max(1, b.numel() // 5) for b in base for _ in range(T)] if per_tensor else [N // 5, N // 2, N - 7][:T]
+    got = ops.magnitude_threshold(base, fts, k, keep_ties, per_tensor=per_tensor)
+    want = ops.magnitude_threshold([b.cpu() for b in base], [f.cpu() for f in fts], k, keep_ties, per_tensor=per_tensor)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
 @pytest.mark.parametrize("T", [1, 3, 5])
 @pytest.mark.parametrize("keep_ties", [True, False])
 def test_magnitude_threshold_mixed_dtypes(T, keep_ties):

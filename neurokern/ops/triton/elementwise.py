@@ -55,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from neurokern.ops._common import to_device
 from neurokern.ops.triton import registry
 
 MAX_TASKS = 8
@@ -152,9 +153,14 @@ def _slots(base: torch.Tensor, tensors: Sequence[torch.Tensor]) -> list[torch.Te
     return list(tensors) + [base] * (MAX_TASKS - len(tensors))
 
 
+def upload(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small host table (nested lists) on `device`, without a host sync (ops._common.to_device)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
 def _params(device, values) -> torch.Tensor:
     """Per-call float64 scalars (weights, scale, divisors, keys, factors): one small copy."""
-    return torch.tensor([float(v) for v in values] or [0.0], dtype=torch.float64, device=device)
+    return upload([float(v) for v in values] or [0.0], torch.float64, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,6 +180,14 @@ def _to_out(x, DT: tl.constexpr):
     else:
         y = x.to(DT)
     return y
+
+
+@triton.jit
+def _everywhere(BLOCK: tl.constexpr):
+    """An all-true mask: loads under it need no per-element predicate, so a block whose pointers
+    are known 16-byte aligned compiles to 16-byte vector loads (a mask `offs < n` with n unknown
+    keeps them scalar)."""
+    return tl.full([BLOCK], True, tl.int1)
 
 
 @triton.jit
@@ -405,10 +419,12 @@ def _dot_acc(acc, g, f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t: tl.constexp
 
 @triton.jit
 def _ws_dots(grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, out_ptr,
-             row, R, C, n, offset, T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr):
+             row, R, C, n, offset, T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr,
+             FULL: tl.constexpr = False):
     """out[i * R + row] = sum over "row" row (elements [row C, (row + 1) C) of the flat tensor, the
     last one cut at n) of grad * x_i: float64 lane accumulators over its BLOCK-wide chunks, one
-    reduction per input at the end."""
+    reduction per input at the end. FULL: the caller knows the row is whole (C a multiple of
+    BLOCK, inside n), so the loads go unmasked (and vectorize)."""
     cols = tl.arange(0, BLOCK)
     a0 = tl.zeros([BLOCK], dtype=tl.float64)
     a1 = tl.zeros([BLOCK], dtype=tl.float64)
@@ -422,7 +438,10 @@ def _ws_dots(grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_pt
     for c0 in range(0, C, BLOCK):
         c = c0 + cols
         offs = row * C + c
-        mask = (c < C) & (offs < n)
+        if FULL:
+            mask = _everywhere(BLOCK)
+        else:
+            mask = (c < C) & (offs < n)
         g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32).to(tl.float64)
         w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         pos = offs + offset
@@ -826,13 +845,18 @@ def _dare_mix_add(v, s, d, CONSENSUS: tl.constexpr):
 def _dare_block(
     base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, par_ptr, fac_ptr, out_ptr, grp, n, keep_below,
     T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, G: tl.constexpr,
+    FULL: tl.constexpr = False,
 ):
     """A tile of [G, 4] consecutive elements (G Philox counters grp, one Philox call per 4
     elements): out = base + float(scale * merged), merged = sum_t d_t / divisor (consensus "none")
-    or elect_and_mix(d, d) with a zero vote electing + (election.h)."""
+    or elect_and_mix(d, d) with a zero vote electing + (election.h). FULL: the whole tile lies
+    inside n (unmasked loads, which vectorize)."""
     lane = tl.arange(0, 4)[None, :]
     offs = grp[:, None] * 4 + lane
-    mask = offs < n
+    if FULL:
+        mask = tl.full([G, 4], True, tl.int1)
+    else:
+        mask = offs < n
     w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if CONSENSUS == 1:
         v = tl.zeros([G, 4], dtype=tl.float64)

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from neurokern.ops.triton.elementwise import upload
 from neurokern.ops.triton.multi import _locate
 
 # Per program 16 KiB: with 4 warps, eight 16-byte loads per thread in flight.
@@ -64,7 +65,7 @@ def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int32)
     device = tensors[0].device
     flags = torch.zeros(len(tensors), dtype=torch.int32, device=device)
-    dense = [t if _dense(t) else t.contiguous() for t in tensors]
+    dense = [t if t.is_contiguous() or _dense(t) else t.contiguous() for t in tensors]  # is_contiguous: cheap
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(dense):
         if t.dtype not in _NONFINITE_BITS:
@@ -79,7 +80,7 @@ def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             starts.append(programs)
             programs += triton.cdiv(dense[i].numel(), block)
         rows = [starts, [dense[i].numel() for i in idx], [dense[i].data_ptr() for i in idx], idx]
-        table = torch.tensor(rows, dtype=torch.int64).to(device)
+        table = upload(rows, torch.int64, device)
         _nonfinite_kernel[(programs,)](
             table, flags, dense[idx[0]].view(as_int), len(idx), BITS=bits, BLOCK=block,
             LOG_NT=max(1, (len(idx) - 1).bit_length()), ALIGNED=aligned, num_warps=NUM_WARPS,

@@ -4,9 +4,13 @@ launch of their own.
 
 A launch covers the tensors of one storage dtype. Its table (int64, one host-to-device copy) holds,
 per tensor, the first program of the tensor, its numel, its flat-position offset, and the addresses
-of base, the output and the T fine-tuned tensors; a program finds its tensor by binary search over
-the first-program column, casts the addresses to pointers, and runs the same block function as the
-single-tensor kernel (elementwise.py), so the outputs are bitwise those of the single-tensor ops.
+of base, the output and the T fine-tuned tensors; a program reads its tensor from a per-program
+owner array (built on the device), casts the addresses to pointers, and runs the same block function
+as the single-tensor kernel (elementwise.py), so the outputs are bitwise those of the single-tensor
+ops.
+A program whose block lies wholly inside its tensor loads without a mask, and when every address of
+the table is 16-byte aligned (ALIGNED) the pointers carry that hint: together they let Triton emit
+16-byte vector loads, which a pointer read from memory and a mask `offs < n` would both prevent.
 
 Options whose per-tensor pre-pass the single-tensor kernels do (ties_merge zero_sign="majority",
 dare rescale="l1"), T > MAX_TASKS and output dtypes the kernels do not store directly run the
@@ -40,15 +44,19 @@ def _locate(table, nt, pid, LOG_NT: tl.constexpr):
 
 
 @triton.jit
-def _ptr(table, row, nt, j, like):
-    """Address row `row` of tensor j as a pointer to like's element type."""
-    return tl.load(table + row * nt + j).to(tl.pointer_type(like.dtype.element_ty))
+def _ptr(table, row, nt, j, like, ALIGNED: tl.constexpr):
+    """Address row `row` of tensor j as a pointer to like's element type; ALIGNED: every address
+    of the table is 16-byte aligned, which lets unmasked loads vectorize."""
+    p = tl.load(table + row * nt + j).to(tl.pointer_type(like.dtype.element_ty))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
 
 
 @triton.jit
-def _inputs(table, nt, j, like, T: tl.constexpr):
+def _inputs(table, nt, j, like, T: tl.constexpr, ALIGNED: tl.constexpr):
     """base, then the fine-tuned pointers f0..f7 of tensor j (unused slots point at base)."""
-    b = _ptr(table, 3, nt, j, like)
+    b = _ptr(table, 3, nt, j, like, ALIGNED)
     f0 = b
     f1 = b
     f2 = b
@@ -58,29 +66,31 @@ def _inputs(table, nt, j, like, T: tl.constexpr):
     f6 = b
     f7 = b
     if T > 0:
-        f0 = _ptr(table, 5, nt, j, like)
+        f0 = _ptr(table, 5, nt, j, like, ALIGNED)
     if T > 1:
-        f1 = _ptr(table, 6, nt, j, like)
+        f1 = _ptr(table, 6, nt, j, like, ALIGNED)
     if T > 2:
-        f2 = _ptr(table, 7, nt, j, like)
+        f2 = _ptr(table, 7, nt, j, like, ALIGNED)
     if T > 3:
-        f3 = _ptr(table, 8, nt, j, like)
+        f3 = _ptr(table, 8, nt, j, like, ALIGNED)
     if T > 4:
-        f4 = _ptr(table, 9, nt, j, like)
+        f4 = _ptr(table, 9, nt, j, like, ALIGNED)
     if T > 5:
-        f5 = _ptr(table, 10, nt, j, like)
+        f5 = _ptr(table, 10, nt, j, like, ALIGNED)
     if T > 6:
-        f6 = _ptr(table, 11, nt, j, like)
+        f6 = _ptr(table, 11, nt, j, like, ALIGNED)
     if T > 7:
-        f7 = _ptr(table, 12, nt, j, like)
+        f7 = _ptr(table, 12, nt, j, like, ALIGNED)
     return b, f0, f1, f2, f3, f4, f5, f6, f7
 
 
 @triton.jit
-def _where(table, nt, LOG_NT: tl.constexpr):
-    """(program id, tensor j, program index inside tensor j, numel, offset) of this program."""
+def _where(table, owner, nt):
+    """(program id, tensor j, program index inside tensor j, numel, offset) of this program; owner
+    holds each program's tensor (one load, where a binary search over the table would chain
+    log2(n) dependent loads before the program's first data load)."""
     pid = tl.program_id(0).to(tl.int64)
-    j = _locate(table, nt, pid, LOG_NT)
+    j = tl.load(owner + pid).to(tl.int64)
     local = pid - tl.load(table + j)
     return pid, j, local, tl.load(table + nt + j), tl.load(table + 2 * nt + j)
 
@@ -95,32 +105,42 @@ def _trim_row(thr_ptr, lim_ptr, j, T: tl.constexpr, TRIM_ROWS: tl.constexpr):
 
 @triton.jit
 def _ws_multi_kernel(
-    table, coef_ptr, thr_ptr, lim_ptr, like_in, like_out, nt,
+    table, owner, coef_ptr, thr_ptr, lim_ptr, like_in, like_out, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    LOG_NT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    pid, j, local, n, offset = _where(table, nt, LOG_NT)
-    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T)
-    out_ptr = _ptr(table, 4, nt, j, like_out)
+    pid, j, local, n, offset = _where(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
+    out_ptr = _ptr(table, 4, nt, j, like_out, ALIGNED)
     thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    coef_ptr += j * (T + 1)
     offs = local * BLOCK + tl.arange(0, BLOCK)
-    ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr + j * (T + 1), thr_ptr, lim_ptr, out_ptr,
-                 offs, offs < n, 0, 1, offset, T, TRIM, 0)
+    if (local + 1) * BLOCK <= n:  # a whole block: unmasked
+        ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+                     offs, ew._everywhere(BLOCK), 0, 1, offset, T, TRIM, 0)
+    else:
+        ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+                     offs, offs < n, 0, 1, offset, T, TRIM, 0)
 
 
 @triton.jit
 def _ws_multi_backward_kernel(
-    table, grad_table, thr_ptr, lim_ptr, part_ptr, like_in, like_grad, nt, P,
+    table, owner, grad_table, thr_ptr, lim_ptr, part_ptr, like_in, like_grad, nt, P,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    CHUNK: tl.constexpr, LOG_NT: tl.constexpr,
+    CHUNK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """part[i, pid] = <grad, x_i> over chunk `local` (CHUNK elements) of tensor j, float64."""
-    pid, j, local, n, offset = _where(table, nt, LOG_NT)
-    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T)
-    grad_ptr = tl.load(grad_table + j).to(tl.pointer_type(like_grad.dtype.element_ty))
+    pid, j, local, n, offset = _where(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
+    grad_ptr = _ptr(grad_table, 0, nt, j, like_grad, ALIGNED)
     thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
-    ew._ws_dots(grad_ptr, b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_ptr + pid - local,
-                local, P, CHUNK, n, offset, T, TRIM, BLOCK)
+    part_ptr += pid - local
+    if (local + 1) * CHUNK <= n:  # a whole chunk: unmasked
+        ew._ws_dots(grad_ptr, b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_ptr,
+                    local, P, CHUNK, n, offset, T, TRIM, BLOCK, True)
+    else:
+        ew._ws_dots(grad_ptr, b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_ptr,
+                    local, P, CHUNK, n, offset, T, TRIM, BLOCK, False)
 
 
 @triton.jit
@@ -142,31 +162,40 @@ def _segment_sum_kernel(part_ptr, table, out_ptr, nt, P, W: tl.constexpr, BW: tl
 
 @triton.jit
 def _ties_multi_kernel(
-    table, thr_ptr, lim_ptr, par_ptr, like_in, nt,
+    table, owner, thr_ptr, lim_ptr, par_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
-    NORMALIZE: tl.constexpr, ELECT_W: tl.constexpr, BLOCK: tl.constexpr, LOG_NT: tl.constexpr,
+    NORMALIZE: tl.constexpr, ELECT_W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    pid, j, local, n, offset = _where(table, nt, LOG_NT)
-    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T)
-    out_ptr = _ptr(table, 4, nt, j, like_in)
+    pid, j, local, n, offset = _where(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
+    out_ptr = _ptr(table, 4, nt, j, like_in, ALIGNED)
     thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
     offs = local * BLOCK + tl.arange(0, BLOCK)
-    ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, out_ptr, offs,
-                   offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, False, 1, BLOCK)
+    if (local + 1) * BLOCK <= n:  # a whole block: unmasked
+        ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, out_ptr, offs,
+                       ew._everywhere(BLOCK), offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, False, 1, BLOCK)
+    else:
+        ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, out_ptr, offs,
+                       offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, False, 1, BLOCK)
 
 
 @triton.jit
 def _dare_multi_kernel(
-    table, par_ptr, like_in, nt, keep_below, PAR: tl.constexpr,
+    table, owner, par_ptr, like_in, nt, keep_below, PAR: tl.constexpr,
     T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, G: tl.constexpr,
-    LOG_NT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    pid, j, local, n, offset = _where(table, nt, LOG_NT)
-    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T)
-    out_ptr = _ptr(table, 4, nt, j, like_in)
+    pid, j, local, n, offset = _where(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
+    out_ptr = _ptr(table, 4, nt, j, like_in, ALIGNED)
     par = par_ptr + j * PAR
-    ew._dare_block(b, f0, f1, f2, f3, f4, f5, f6, f7, par, par + (T + 2 + 2 * T), out_ptr,
-                   local * G + tl.arange(0, G), n, keep_below, T, CONSENSUS, NORMALIZE, G)
+    grp = local * G + tl.arange(0, G)
+    if (local + 1) * G * 4 <= n:  # a whole tile: unmasked
+        ew._dare_block(b, f0, f1, f2, f3, f4, f5, f6, f7, par, par + (T + 2 + 2 * T), out_ptr,
+                       grp, n, keep_below, T, CONSENSUS, NORMALIZE, G, True)
+    else:
+        ew._dare_block(b, f0, f1, f2, f3, f4, f5, f6, f7, par, par + (T + 2 + 2 * T), out_ptr,
+                       grp, n, keep_below, T, CONSENSUS, NORMALIZE, G, False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,18 +251,24 @@ def _by_dtype(base: Sequence[torch.Tensor]) -> list[list[int]]:
 
 
 def _table(idx, base, columns, outs, offsets, per_program: int, device, extra=()):
-    """The launch table of tensors idx (see the module docstring) and the number of programs."""
+    """The launch table of tensors idx (see the module docstring; its last row holds each tensor's
+    program count), each program's tensor, the number of programs, and whether every address in
+    the table is 16-byte aligned."""
+    programs = [triton.cdiv(base[i].numel(), per_program) for i in idx]
     starts, total = [], 0
-    for i in idx:
+    for count in programs:
         starts.append(total)
-        total += triton.cdiv(base[i].numel(), per_program)
+        total += count
     rows = [starts, [base[i].numel() for i in idx], [offsets[i] for i in idx],
             [base[i].data_ptr() for i in idx], [outs[i].data_ptr() for i in idx]]
     T = len(columns[idx[0]])
     rows += [[columns[i][t].data_ptr() for i in idx] for t in range(T)]
     rows += [list(r) for r in extra]
-    table = torch.tensor(rows, dtype=torch.int64).to(device)
-    return table, total, max(1, (len(idx) - 1).bit_length())
+    aligned = all(address % 16 == 0 for row in rows[_BASE:] for address in row)
+    table = ew.upload(rows + [programs], torch.int64, device)
+    owner = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32, device=device), table[-1],
+                                    output_size=total)
+    return table, owner, total, aligned
 
 
 def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
@@ -256,16 +291,16 @@ def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, 
             outs[i] = ew.weighted_sum(base[i], columns[i], coeffs[i], t_i, l_i, offsets[i], out_dtype)
         return outs
     for idx in _by_dtype(base):
-        table, programs, log_nt = _table(idx, base, columns, outs, offsets, ew.BLOCK, device)
+        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets, ew.BLOCK, device)
         if programs == 0:
             continue
         sub = coeffs[idx] if len(idx) < n else coeffs
         sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
         first = base[idx[0]]
         _ws_multi_kernel[(programs,)](
-            table, sub, sub_thr if thr is not None else first, sub_lim if lim is not None else first,
+            table, owner, sub, sub_thr if thr is not None else first, sub_lim if lim is not None else first,
             first, outs[idx[0]], len(idx),
-            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=ew.BLOCK, LOG_NT=log_nt, **ew.LAUNCH,
+            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=ew.BLOCK, ALIGNED=aligned, **ew.LAUNCH,
         )
     return outs
 
@@ -299,7 +334,7 @@ def weighted_sum_multi_backward(grad, base, finetuned, coeffs, threshold=None, t
         groups.setdefault((base[i].dtype, grad[i].dtype), []).append(i)
     chunk = ew.CHUNK
     for idx in groups.values():
-        table, programs, log_nt = _table(idx, base, columns, base, offsets, chunk, device,
+        table, owner, programs, aligned = _table(idx, base, columns, base, offsets, chunk, device,
                                          extra=[[grad[i].data_ptr() for i in idx]])
         if programs == 0:
             continue
@@ -307,10 +342,10 @@ def weighted_sum_multi_backward(grad, base, finetuned, coeffs, threshold=None, t
         sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
         first = base[idx[0]]
         _ws_multi_backward_kernel[(programs,)](
-            table, table[(_FT + T):], sub_thr if thr is not None else first,
+            table, owner, table[(_FT + T):], sub_thr if thr is not None else first,
             sub_lim if lim is not None else first, part, first, grad[idx[0]], len(idx), programs,
             T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=min(ew.RED_BLOCK, chunk), CHUNK=chunk,
-            LOG_NT=log_nt, **ew.LAUNCH,
+            ALIGNED=aligned, **ew.LAUNCH,
         )
         sums = torch.empty((len(idx), T + 1), dtype=torch.float32, device=device)
         _segment_sum_kernel[(len(idx),)](part, table, sums, len(idx), programs, W=T + 1,
@@ -341,16 +376,16 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
     par = ew._params(device, list(weights) + [scale])
     block = ew._election_block(T)
     for idx in _by_dtype(base):
-        table, programs, log_nt = _table(idx, base, columns, outs, offsets, block, device)
+        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets, block, device)
         if programs == 0:
             continue
         sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
         first = base[idx[0]]
         _ties_multi_kernel[(programs,)](
-            table, sub_thr if thr is not None else first, sub_lim if lim is not None else first, par,
+            table, owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, par,
             first, len(idx),
             T=T, TRIM=thr is not None, TRIM_ROWS=rows, CONSENSUS=cons, NORMALIZE=norm,
-            ELECT_W=bool(elect_weighted), BLOCK=block, LOG_NT=log_nt, **ew.LAUNCH,
+            ELECT_W=bool(elect_weighted), BLOCK=block, ALIGNED=aligned, **ew.LAUNCH,
         )
     return outs
 
@@ -375,13 +410,13 @@ def dare_multi(base, finetuned, weights, density, keys, rescale="density", conse
     block = ew._election_block(T)
     keep_below = ew.dare_threshold24(density)
     for idx in _by_dtype(base):
-        table, programs, log_nt = _table(idx, base, columns, outs, [0] * n, block, device)
+        table, owner, programs, aligned = _table(idx, base, columns, outs, [0] * n, block, device)
         if programs == 0:
             continue
-        par = torch.tensor([rows[i] for i in idx], dtype=torch.float64).to(device)
+        par = ew.upload([rows[i] for i in idx], torch.float64, device)
         _dare_multi_kernel[(programs,)](
-            table, par, base[idx[0]], len(idx), keep_below, PAR=width,
-            T=T, CONSENSUS=cons, NORMALIZE=norm, G=block // 4, LOG_NT=log_nt, **ew.LAUNCH,
+            table, owner, par, base[idx[0]], len(idx), keep_below, PAR=width,
+            T=T, CONSENSUS=cons, NORMALIZE=norm, G=block // 4, ALIGNED=aligned, **ew.LAUNCH,
         )
     return outs
 

@@ -1,0 +1,104 @@
+"""Block-size sweep of the multi-tensor Triton kernels on the TinyLlama-1.1B-shaped set (bf16,
+base + T fine-tuned, on the GPU): weighted_sum_multi forward and backward, ties_merge_multi and
+dare_multi, each over its launch constants (elements per program, warps). Prints a table and writes
+bench/results/tune-triton-<gpu>.json; the winners go into neurokern/ops/triton/elementwise.py by
+hand.
+
+    python bench/tune_triton.py [--tasks 4] [--layers 22]
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from bench.kernels import bench, copy_bandwidth, make_models, tinyllama_shapes
+from neurokern import ops
+from neurokern.ops.triton import elementwise as ew
+
+WARPS = (4, 8)
+FORWARD_BLOCKS = (1024, 2048, 4096)
+BACKWARD = [(512, 8192), (1024, 8192), (1024, 16384), (2048, 16384)]  # (RED_BLOCK, CHUNK)
+ELECTION_BLOCKS = (256, 512, 1024, 2048)
+
+
+def sweep(name, nbytes, copy, configs, apply, fn, results):
+    for config in configs:
+        restore = apply(*config)
+        try:
+            ms = bench(fn, warmup=2, reps=7)
+        except Exception as exc:  # noqa: BLE001 (a config that does not compile or fit is reported)
+            print(f"{name:14s} {config}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+            continue
+        finally:
+            restore()
+        gbps = nbytes / ms / 1e6
+        results.setdefault(name, []).append({"config": list(config), "ms": round(ms, 3), "GBps": round(gbps, 1),
+                                             "fraction_of_copy": round(gbps / copy, 3)})
+        print(f"{name:14s} {str(config):16s} {ms:8.3f} ms {gbps:7.0f} GB/s {gbps / copy:6.1%}")
+
+
+def setter(**names):
+    """apply(*values): set the module constants of ew named by `names` (in order), return undo."""
+    def apply(*values):
+        old = {k: getattr(ew, k) for k in names}
+        old_launch = dict(ew.LAUNCH)
+        for key, value in zip(names, values):
+            if key == "NUM_WARPS":
+                ew.LAUNCH["num_warps"] = value
+            else:
+                setattr(ew, key, value)
+
+        def restore():
+            for k, v in old.items():
+                setattr(ew, k, v)
+            ew.LAUNCH.clear()
+            ew.LAUNCH.update(old_launch)
+        return restore
+    return apply
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    T = args.tasks
+    base, fts = make_models(tinyllama_shapes(args.layers), T, device)
+    names = list(base)
+    base_list = [base[n] for n in names]
+    ft_list = [fts[t][n] for t in range(T) for n in names]
+    N = sum(b.numel() for b in base_list)
+    copy = copy_bandwidth(device)
+    print(f"{torch.cuda.get_device_name(device)}: {N / 1e9:.3f} B params x (1 + {T}); copy {copy:.0f} GB/s")
+    merge_bytes = (T + 2) * N * 2
+    rows = torch.tensor([1.0] + [0.3] * T, device=device).expand(len(names), -1).contiguous()
+    grads = [torch.randn_like(b) for b in base_list]
+    k = [max(1, int(0.2 * b.numel())) for b in base_list for _ in range(T)]
+    trim = ops.magnitude_threshold(base_list, ft_list, k, False, per_tensor=True)
+    keys = list(range(len(names) * T))
+    results = {}
+    sweep("ws_forward", merge_bytes, copy, [(b, w) for b in FORWARD_BLOCKS for w in WARPS],
+          setter(BLOCK=None, NUM_WARPS=None), lambda: ops.weighted_sum_multi(base_list, ft_list, rows), results)
+    sweep("ws_backward", merge_bytes, copy, [(r, c, w) for r, c in BACKWARD for w in WARPS],
+          setter(RED_BLOCK=None, CHUNK=None, NUM_WARPS=None),
+          lambda: torch.ops.neurokern.weighted_sum_multi_backward(grads, base_list, ft_list, rows), results)
+    election = [((b, b), w) for b in ELECTION_BLOCKS for w in (2,) + WARPS]
+    sweep("ties_merge", merge_bytes, copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
+          lambda: ops.ties_merge_multi(base_list, ft_list, [1.0] * T, trim), results)
+    sweep("dare", merge_bytes, copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
+          lambda: torch.ops.neurokern.dare_multi(base_list, ft_list, [0.3] * T, 0.5, keys), results)
+    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "copy_GBps": round(copy, 1),
+              "tasks": T, "params": N, "date": time.strftime("%Y-%m-%d"), "sweeps": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = report["device"].lower().replace("nvidia ", "").replace(" ", "-")
+    path = args.out / f"tune-triton-{tag}.json"
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
