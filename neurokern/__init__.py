@@ -4,19 +4,22 @@
     merged = nk.merge(base, [ft_a, ft_b], method="ties", density=0.2)
     model = nk.tint.TintedModel(net, base, [ft_a, ft_b], tint_layers=["classifier"])
 """
-from neurokern import ops, tint
+import importlib
+
 from neurokern.errors import NeurokernError
-from neurokern.merge import merge
-from neurokern.methods import METHODS
-
-
-def merge_models(config, out_dir, **options):
-    """Whole models on disk, streamed: see neurokern.engine.merge_models."""
-    from neurokern.engine import merge_models as run
-
-    return run(config, out_dir, **options)
-
 
 __version__ = "0.1.0"
 
 __all__ = ["METHODS", "NeurokernError", "merge", "merge_models", "ops", "tint", "__version__"]
+
+# name -> module holding it; imported when first used, so that `neurokern merge` can start reading
+# its inputs before torch and the kernels are imported
+_LAZY = {"METHODS": "neurokern.methods", "merge": "neurokern.merging", "merge_models": "neurokern.engine",
+         "ops": "neurokern.ops", "tint": "neurokern.tint"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    return module if module.__name__ == f"{__name__}.{name}" else getattr(module, name)

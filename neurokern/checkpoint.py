@@ -7,9 +7,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from neurokern.engine.files import INDEX
 from neurokern.errors import NeurokernError
 
-INDEX = "model.safetensors.index.json"
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt",

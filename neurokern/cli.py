@@ -8,6 +8,10 @@ from neurokern.errors import NeurokernError
 
 def merge_command(args: argparse.Namespace) -> int:
     from neurokern.config import load_config
+    from neurokern.engine import prefetch
+
+    if not args.dry_run:  # the inputs are read while torch and the kernels are imported
+        prefetch.start(load_config(args.config), args.resume)
     from neurokern.engine import merge_models
     from neurokern.engine.plan import human_bytes
 
@@ -39,6 +43,7 @@ def _is_main() -> bool:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="neurokern", description="Merge fine-tuned models.")
     sub = parser.add_subparsers(dest="command", required=True)
     merge_p = sub.add_parser("merge", help="merge the models a YAML config names into OUT_DIR, streamed from disk")
@@ -59,9 +64,10 @@ def main(argv=None) -> int:
     merge_p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     merge_p.set_defaults(run=merge_command)
     bench_p = sub.add_parser("bench", help="benchmarks: `neurokern bench accuracy --help`")
-    bench_sub = bench_p.add_subparsers(dest="bench", required=True)
-    from neurokern.accuracy.cli import add_parser as add_accuracy
-    add_accuracy(bench_sub)
+    if argv[:1] == ["bench"]:  # its options' defaults import torch: not for the other commands
+        from neurokern.accuracy.cli import add_parser as add_accuracy
+
+        add_accuracy(bench_p.add_subparsers(dest="bench", required=True))
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -15,7 +15,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from neurokern.config import MergeConfig, load_config, parse_size
-from neurokern.engine import timing
+from neurokern.engine import prefetch, timing
 from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
@@ -305,6 +305,8 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
     try:
         with timing.span("config"):
             cfg = load_config(config)
+        if not dry_run:
+            prefetch.start(cfg, resume)  # already under way when started by the command line
         with timing.span("device init"):
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -312,7 +314,7 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
             budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else None
             host = parse_size(host_memory_budget, "host_memory_budget") if host_memory_budget is not None else None
             if dev.type != "cpu":
-                from neurokern.merge import _check_device_supported
+                from neurokern.merging import _check_device_supported
                 _check_device_supported(dev)
             if host is None:
                 host = budget or DEFAULT_BUDGET
@@ -330,6 +332,7 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
         finally:
             ranks.close()
     finally:
+        prefetch.stop()
         timing.section("end")
         timing.add_process_age("process age at the end")
         timing.report()

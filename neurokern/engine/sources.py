@@ -7,16 +7,14 @@ file exactly marks a truncated or corrupt file. Tensor bytes are read later with
 into the caller's (pinned) buffer. Pickled checkpoints (.bin / .pt) are refused unless
 allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
 """
-import json
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from neurokern.checkpoint import INDEX
+from neurokern.engine.files import INDEX, PICKLE_SUFFIXES, read_json_header, weight_files
 from neurokern.errors import NeurokernError
 
 DTYPES = {
@@ -25,8 +23,6 @@ DTYPES = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
-MAX_HEADER = 100 * 2**20
 
 
 @dataclass(frozen=True)
@@ -51,25 +47,7 @@ class TensorInfo:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """The tensors of one .safetensors file, from its header alone, in the header's order."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise NeurokernError(f"{path}: not a safetensors file (only {size} bytes)")
-            (length,) = struct.unpack("<Q", head)
-            if length > MAX_HEADER or 8 + length > size:
-                raise NeurokernError(f"{path}: not a safetensors file, or truncated (header of {length} bytes in a file of {size})")
-            raw = f.read(length)
-    except OSError as exc:
-        raise NeurokernError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise NeurokernError(f"{path}: not a safetensors file (header is not valid JSON: {exc})") from exc
-    data_start = 8 + length
+    header, data_start, size = read_json_header(path)
     tensors, end = {}, 0
     for name, entry in header.items():
         if name == "__metadata__":
@@ -104,37 +82,6 @@ def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
 
 
 _PICKLED: dict[Path, dict] = {}
-
-
-def weight_files(path: Path, allow_pickle: bool) -> list[Path]:
-    """The weight files of a model: a file, or a folder's index shards / single file."""
-    if path.is_file():
-        if path.suffix == ".safetensors" or (allow_pickle and path.suffix in PICKLE_SUFFIXES):
-            return [path]
-        if path.suffix in PICKLE_SUFFIXES:
-            raise NeurokernError(f"{path}: pickled checkpoints can run code when loaded; convert to safetensors or pass --allow-pickle")
-        raise NeurokernError(f"{path}: expected a .safetensors file or a model folder")
-    if not path.exists():
-        raise NeurokernError(f"model path {path} does not exist")
-    if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
-        raise NeurokernError(f"model path {path} is not a readable folder")
-    for index_name, suffix in ((INDEX, ".safetensors"), ("pytorch_model.bin.index.json", ".bin")):
-        index = path / index_name
-        if index.is_file() and (suffix == ".safetensors" or allow_pickle):
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise NeurokernError(f"{index}: not a valid index ({exc})") from exc
-            return [path / f for f in dict.fromkeys(weight_map.values())]
-    files = sorted(path.glob("*.safetensors"))
-    if files:
-        return files
-    pickled = sorted(p for s in PICKLE_SUFFIXES for p in path.glob(f"*{s}"))
-    if pickled and allow_pickle:
-        return pickled
-    if pickled:
-        raise NeurokernError(f"{path}: only pickled weights ({pickled[0].name}); convert to safetensors or pass --allow-pickle")
-    raise NeurokernError(f"{path}: no .safetensors weights found")
 
 
 class Model:
