@@ -160,11 +160,8 @@ class ShardWriter:
         done = 0
         while done < len(data):
             done += os.pwrite(entry["fd"], data[done:], start + done)
-        if data and hasattr(os, "posix_fadvise"):
-            # Start writing these pages back now (DONTNEED writes dirty pages back without waiting
-            # for them, then drops the clean ones): the shard's fsync is left little to do, and
-            # the output does not fill the page cache.
-            os.posix_fadvise(entry["fd"], start, len(data), os.POSIX_FADV_DONTNEED)
+        if data:
+            _start_writeback(entry["fd"], start, len(data))
         if start == entry["next"]:  # in file order: hash as we go
             entry["hash"].update(data)
             entry["next"] = end
@@ -198,6 +195,16 @@ class ShardWriter:
         os.replace(tmp, done / (shard.file + ".json"))
         self.shards_written += 1
         crash_hook("shards", self.shards_written)
+
+
+def _start_writeback(fd: int, start: int, nbytes: int) -> None:
+    """Start writing these bytes to disk now (DONTNEED writes dirty pages back without waiting for
+    them, then drops the clean ones): the shard's fsync is left little to do, and the output does
+    not fill the page cache. Only a hint: where it is not supported, nothing happens."""
+    try:
+        os.posix_fadvise(fd, start, nbytes, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
 
 
 def _read_json(path: Path) -> Optional[dict]:
