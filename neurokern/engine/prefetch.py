@@ -72,6 +72,7 @@ def start(cfg: MergeConfig, resume: bool = False) -> None:
     except (NeurokernError, KeyError, TypeError, ValueError):
         return  # bad inputs: the engine says what is wrong with them
     if limit > 0:
+        timing.add_process_age("process age at the warm-up start")
         _current = _Warmup(key, _pieces(inputs, limit))
 
 

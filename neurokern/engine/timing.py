@@ -104,4 +104,11 @@ def report(file=None) -> None:
                                  f"{rate:.2f} GB/s while busy, {b.thread_s:.1f} thread-s")
         _sections.clear()
         _busy.clear()
+    try:  # bytes this process made the kernel fetch from or send to storage (page cache misses)
+        with open("/proc/self/io") as f:
+            io = dict(line.split(": ") for line in f.read().splitlines())
+        lines.append(f"  disk I/O of the process so far: read {int(io['read_bytes']) / 1e9:.2f} GB, "
+                     f"written {int(io['write_bytes']) / 1e9:.2f} GB")
+    except (OSError, ValueError, KeyError):
+        pass
     print("\n".join(lines), file=file or sys.stderr)
