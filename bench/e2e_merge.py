@@ -294,6 +294,8 @@ def neurokern_merge(cfg: Path, out: Path, env: dict, device: str, extra: list[st
                peak_gpu_GB=round(stats.get("peak_gpu_reserved", 0) / GB, 2),
                peak_gpu_allocated_GB=round(stats.get("peak_gpu_alloc", 0) / GB, 2),
                summary=summary.group(0) if summary else None)
+    if env.get("NEUROKERN_PROFILE"):  # the engine's timing breakdown (stderr)
+        res["profile"] = (r.get("stderr") or "")[-4000:]
     return res
 
 
