@@ -3,7 +3,7 @@ finite checks of nk.merge and the streaming engine (neurokern.models.nonfinite).
 
 A launch covers the tensors of one storage dtype whose addresses are all 16-byte aligned, or all
 not. Its table (int64, one host-to-device copy) holds, per tensor, its first program, numel,
-address and position in the list; a program finds its tensor by binary search (multi._locate),
+address and position in the list; a program reads its tensor from an owner array (multi.owners),
 reads BLOCK_BYTES of it as integers and, if one has all of its dtype's NaN/Inf bits set (every
 exponent bit), stores 1 into the tensor's flag: nothing is written while all values are finite.
 Full blocks load without a mask, from a pointer declared 16-byte aligned where it is (16-byte
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from neurokern.ops.triton.elementwise import upload
-from neurokern.ops.triton.multi import _locate
+from neurokern.ops.triton.multi import owners, program_layout
 
 # Per program 16 KiB: with 4 warps, eight 16-byte loads per thread in flight.
 BLOCK_BYTES = 16384
@@ -34,10 +34,10 @@ _NONFINITE_BITS = {
 
 
 @triton.jit
-def _nonfinite_kernel(table, flags, like, nt, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                      LOG_NT: tl.constexpr, ALIGNED: tl.constexpr):
+def _nonfinite_kernel(table, owner, flags, like, nt, BITS: tl.constexpr, BLOCK: tl.constexpr,
+                      ALIGNED: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    j = _locate(table, nt, pid, LOG_NT)
+    j = tl.load(owner + pid).to(tl.int64)
     local = pid - tl.load(table + j)
     n = tl.load(table + nt + j)
     p = tl.load(table + 2 * nt + j).to(tl.pointer_type(like.dtype.element_ty))
@@ -54,8 +54,9 @@ def _nonfinite_kernel(table, flags, like, nt, BITS: tl.constexpr, BLOCK: tl.cons
 
 def _dense(t: torch.Tensor) -> bool:
     """t's elements fill numel slots from data_ptr() on (contiguous, up to a permutation of its
-    dims): read in place, in any order."""
-    return t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d))).is_contiguous()
+    dims): read in place, in any order. is_contiguous first: the permuted check costs microseconds
+    per tensor, milliseconds over a model."""
+    return t.is_contiguous() or t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d))).is_contiguous()
 
 
 def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -65,7 +66,7 @@ def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int32)
     device = tensors[0].device
     flags = torch.zeros(len(tensors), dtype=torch.int32, device=device)
-    dense = [t if t.is_contiguous() or _dense(t) else t.contiguous() for t in tensors]  # is_contiguous: cheap
+    dense = [t if _dense(t) else t.contiguous() for t in tensors]
     groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(dense):
         if t.dtype not in _NONFINITE_BITS:
@@ -75,14 +76,11 @@ def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     for (dtype, aligned), idx in groups.items():
         as_int, bits = _NONFINITE_BITS[dtype]
         block = BLOCK_BYTES // dtype.itemsize
-        starts, programs = [], 0
-        for i in idx:
-            starts.append(programs)
-            programs += triton.cdiv(dense[i].numel(), block)
-        rows = [starts, [dense[i].numel() for i in idx], [dense[i].data_ptr() for i in idx], idx]
-        table = upload(rows, torch.int64, device)
+        numels = [dense[i].numel() for i in idx]
+        counts, starts, programs = program_layout(numels, block)
+        table = upload([starts, numels, [dense[i].data_ptr() for i in idx], idx, counts], torch.int64, device)
         _nonfinite_kernel[(programs,)](
-            table, flags, dense[idx[0]].view(as_int), len(idx), BITS=bits, BLOCK=block,
-            LOG_NT=max(1, (len(idx) - 1).bit_length()), ALIGNED=aligned, num_warps=NUM_WARPS,
+            table, owners(table[4], programs), flags, dense[idx[0]].view(as_int), len(idx), BITS=bits,
+            BLOCK=block, ALIGNED=aligned, num_warps=NUM_WARPS,
         )
     return flags

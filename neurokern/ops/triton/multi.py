@@ -30,20 +30,6 @@ _START, _NUMEL, _OFFSET, _BASE, _OUT, _FT = range(6)
 
 
 @triton.jit
-def _locate(table, nt, pid, LOG_NT: tl.constexpr):
-    """The tensor j of program pid: the last j with first_program[j] <= pid (empty tensors share
-    their successor's first program, so they are skipped)."""
-    lo = pid * 0
-    hi = lo + nt
-    for _ in tl.static_range(LOG_NT):
-        mid = (lo + hi) // 2
-        go_right = tl.load(table + mid) <= pid
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid)
-    return lo
-
-
-@triton.jit
 def _ptr(table, row, nt, j, like, ALIGNED: tl.constexpr):
     """Address row `row` of tensor j as a pointer to like's element type; ALIGNED: every address
     of the table is 16-byte aligned, which lets unmasked loads vectorize."""
@@ -250,15 +236,29 @@ def _by_dtype(base: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
-def _table(idx, base, columns, outs, offsets, per_program: int, device, extra=()):
-    """The launch table of tensors idx (see the module docstring; its last row holds each tensor's
-    program count), each program's tensor, the number of programs, and whether every address in
-    the table is 16-byte aligned."""
-    programs = [triton.cdiv(base[i].numel(), per_program) for i in idx]
+def program_layout(numels: Sequence[int], per_program: int) -> tuple[list[int], list[int], int]:
+    """Programs of per_program elements per tensor: each tensor's program count, its first
+    program, and the total."""
+    programs = [triton.cdiv(n, per_program) for n in numels]
     starts, total = [], 0
     for count in programs:
         starts.append(total)
         total += count
+    return programs, starts, total
+
+
+def owners(programs: torch.Tensor, total: int) -> torch.Tensor:
+    """int32 [total] on programs' device: the tensor of each program, from the per-tensor program
+    counts (one load per program in the kernel instead of a binary search over the tensors)."""
+    index = torch.arange(len(programs), dtype=torch.int32, device=programs.device)
+    return torch.repeat_interleave(index, programs, output_size=total)
+
+
+def _table(idx, base, columns, outs, offsets, per_program: int, device, extra=()):
+    """The launch table of tensors idx (see the module docstring; its last row holds each tensor's
+    program count), each program's tensor, the number of programs, and whether every address in
+    the table is 16-byte aligned."""
+    programs, starts, total = program_layout([base[i].numel() for i in idx], per_program)
     rows = [starts, [base[i].numel() for i in idx], [offsets[i] for i in idx],
             [base[i].data_ptr() for i in idx], [outs[i].data_ptr() for i in idx]]
     T = len(columns[idx[0]])
@@ -266,9 +266,7 @@ def _table(idx, base, columns, outs, offsets, per_program: int, device, extra=()
     rows += [list(r) for r in extra]
     aligned = all(address % 16 == 0 for row in rows[_BASE:] for address in row)
     table = ew.upload(rows + [programs], torch.int64, device)
-    owner = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32, device=device), table[-1],
-                                    output_size=total)
-    return table, owner, total, aligned
+    return table, owners(table[-1], total), total, aligned
 
 
 def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
