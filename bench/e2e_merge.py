@@ -10,8 +10,11 @@ What it does, in order (each step prints a line; the JSON is rewritten after eve
  2. the cold read floor: page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`, else
     posix_fadvise(DONTNEED) on every file), then every input byte read by 16 threads;
  3. `neurokern merge` of a mergekit TIES config and of NeuroMerging (global trim, default lambda),
-    each from a cold cache, as subprocesses (wall time including start-up; the engine's own time
-    too), with peak host RSS and peak GPU memory;
+    as subprocesses (wall time including start-up; the engine's own time too), with peak host RSS
+    and peak GPU memory: first once with the inputs in the page cache (on a fresh machine that run
+    also compiles the Triton kernels into Triton's cache, as any first use does; recorded), then
+    timed with the input files evicted from the page cache (sync + posix_fadvise(DONTNEED) on each:
+    cold inputs, while the libraries stay as warm as on a machine where Python ran before);
  4. `mergekit-yaml --gpu-rich` on the same files and config, if mergekit imports (wheels in .whl/
     at the repo root are installed into --work when it does not), and how far its output is from
     neurokern's;
@@ -153,18 +156,21 @@ def drop_caches(files: list[Path]) -> str:
         return "posix_fadvise(DONTNEED)"
 
 
-WARM = {"neurokern": "import torch, yaml, tqdm, safetensors, neurokern, neurokern.engine, neurokern.cli\n"
-                      "if torch.cuda.is_available(): torch.zeros(1, device='cuda')",
-        "mergekit": "import torch, mergekit.merge, mergekit.scripts.run_yaml, transformers\n"
-                    "if torch.cuda.is_available(): torch.zeros(1, device='cuda')"}
+def evict(files: list[Path]) -> None:
+    """The files' pages out of the page cache (written back first), nothing else."""
+    os.sync()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
-def cold(files: list[Path], env: dict, tool: str) -> str:
-    """Model files out of the page cache, the tool's libraries back in: after drop_caches a first
-    import re-reads torch's and CUDA's libraries from disk, which is not what is measured here."""
-    how = drop_caches(files)
-    subprocess.run([sys.executable, "-c", WARM[tool]], env=env, capture_output=True)
-    return f"{how}, then the {tool} libraries warmed up by an import (model files not read)"
+WARM_MERGEKIT = ("import torch, mergekit.merge, mergekit.scripts.run_yaml, transformers\n"
+                 "if torch.cuda.is_available(): torch.zeros(1, device='cuda')")
+COLD = ("input files evicted from the page cache (sync, then posix_fadvise(DONTNEED) on each); the libraries "
+        "(and Triton's kernel cache) warm from an earlier run, as on a machine where the tool ran before")
 
 
 def read_all(files: list[Path], threads: int = 16, chunk: int = 64 * 2**20) -> tuple[float, int]:
@@ -261,11 +267,12 @@ def run(cmd: list[str], env: dict, timeout: float) -> dict:
 
 # neurokern's CLI in-process, then its own peak figures (exact, from inside)
 NK_WRAPPER = """
-import json, sys, time, torch
-from neurokern.cli import main
+import json, sys, time
+from neurokern.cli import main  # imports no torch: the command line starts its reads first
 t = time.perf_counter()
 rc = main(sys.argv[1:])
 seconds = time.perf_counter() - t
+import torch
 hwm = 0
 for line in open("/proc/self/status"):
     if line.startswith("VmHWM:"):
@@ -401,13 +408,17 @@ def main() -> int:
         res["model"]["generate_and_write_s"] = round(gen_s, 1)
         log(f"wrote base + 4 fine-tuned: {in_bytes / GB:.2f} GB in {gen_s:.1f} s ({write_bw / GB:.2f} GB/s with sync)")
 
-        # 2. cold read floor
+        # 2. cold read floor; the same after evicting only the inputs (how the merges start)
         how = drop_caches(files)
         read_s, n = read_all(files)
         read_bw = n / read_s
         res["read_floor_s"] = round(read_s, 2)
         res["read_floor_GBps"] = round(read_bw / GB, 2)
         log(f"cold read floor ({how}): {n / GB:.2f} GB in {read_s:.2f} s = {read_bw / GB:.2f} GB/s")
+        evict(files)
+        evicted_s, _ = read_all(files)
+        res["read_floor_evicted_inputs_s"] = round(evicted_s, 2)
+        log(f"read after evicting the inputs only: {evicted_s:.2f} s")
         save()
 
         # 3. neurokern
@@ -424,9 +435,15 @@ def main() -> int:
             cfgs[key].write_text(yaml.safe_dump(cfg, sort_keys=False))
         timeout = max(60.0, left())
         peaks_rss, peaks_gpu = [], []
+        res["cold_cache"] = COLD
         for key in ("ties", "neuromerging"):
             out = work / f"nk-{key}"
-            res["cold_cache"] = cold(files, env, "neurokern")
+            first = neurokern_merge(cfgs[key], out, env, device.type, [], timeout=max(60.0, left()))
+            res["neurokern"][f"{key}_first_run_s"] = first["wall_s"] if first["rc"] == 0 else None
+            log(f"neurokern {key}, first run (inputs in the page cache, Triton compiling on a fresh machine): "
+                f"{first['wall_s']:.1f} s")
+            shutil.rmtree(out, ignore_errors=True)
+            evict(files)
             r = neurokern_merge(cfgs[key], out, env, device.type, [], timeout=max(60.0, left()))
             res["neurokern"][f"{key}_s"] = r["wall_s"] if r["rc"] == 0 else None
             res["neurokern"][f"{key}_detail"] = r
@@ -457,7 +474,8 @@ def main() -> int:
                 log(f"mergekit: {version}")
             else:
                 mk["version"] = version
-                cold(files, mk_env, "mergekit")
+                evict(files)
+                subprocess.run([sys.executable, "-c", WARM_MERGEKIT], env=mk_env, capture_output=True)
                 flags = ["--gpu-rich"] if device.type == "cuda" else []
                 cmd = [sys.executable, "-m", "mergekit.scripts.run_yaml", str(cfgs["ties"]), str(work / "mk-ties"),
                        *flags, "--no-write-model-card"]
@@ -551,7 +569,7 @@ def seven_b(args, arch: dict, work: Path, device: torch.device, env: dict, write
             continue
         path = work / f"7b-{key}.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        cold(files, env, "neurokern")
+        evict(files)
         r = neurokern_merge(path, work / f"7b-out-{key}", env, device.type, extra, timeout=max(60.0, left() + 60))
         info[f"{key}_s"] = r["wall_s"] if r["rc"] == 0 else None
         info[f"{key}_detail"] = r

@@ -16,7 +16,7 @@ def merge_command(args: argparse.Namespace) -> int:
     from neurokern.engine.plan import human_bytes
 
     kwargs = dict(device=args.device, memory_budget=args.memory_budget, host_memory_budget=args.host_memory_budget,
-                  allow_pickle=args.allow_pickle, progress=False if args.quiet else None)
+                  allow_pickle=args.allow_pickle, progress=False if args.quiet else None, fsync=args.fsync)
     if args.dry_run:
         config = load_config(args.config)
         result = merge_models(args.config, args.out_dir, dry_run=True, **kwargs)
@@ -58,6 +58,9 @@ def main(argv=None) -> int:
                          help="host memory budget when it differs from --memory-budget")
     merge_p.add_argument("--resume", action="store_true",
                          help="finish an interrupted merge from OUT_DIR.partial (same config and inputs)")
+    merge_p.add_argument("--fsync", action="store_true",
+                         help="write the output to disk before returning (durable across a power loss); by default "
+                              "it is left to the page cache, whole or absent after a crash of the process")
     merge_p.add_argument("--dry-run", action="store_true", help="print the plan and the memory estimate, write nothing")
     merge_p.add_argument("--allow-pickle", action="store_true",
                          help="also read pickled .bin/.pt checkpoints (they can run code when loaded)")

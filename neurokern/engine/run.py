@@ -56,8 +56,8 @@ def _check_finite(batch: Batch, names: list[str], models: list[Model]) -> None:
 
 class _Engine:
     def __init__(self, cfg: MergeConfig, out_dir: Path, device: torch.device, budget: Optional[int],
-                 host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool]):
-        self.cfg, self.out_dir, self.device = cfg, Path(out_dir), device
+                 host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool], durable: bool = False):
+        self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
         self.cuda = device.type == "cuda"
         self.spec = METHODS[cfg.method]
         self.base = Model(cfg.base_model, "base_model", allow_pickle)
@@ -188,17 +188,17 @@ class _Engine:
                 rename(partial, self.out_dir)
             return Result(self.out_dir, self.plan, time.perf_counter() - start, [])
         try:
-            return self._run(ranks, partial, start)
+            return self._run(ranks, partial, start, resume)
         except NeurokernError as exc:
             if created and not getattr(exc, "keep_partial", False):
                 shutil.rmtree(partial, ignore_errors=True)
             raise
 
-    def _run(self, ranks: Ranks, partial: Path, start: float) -> Result:
+    def _run(self, ranks: Ranks, partial: Path, start: float, resume: bool) -> Result:
         plan = self.plan
         my_shards = set(plan.rank_shards(ranks.world)[ranks.rank])
         all_mine = [u for u in plan.units if u.shard in my_shards]
-        todo_shards = {s for s in my_shards if done_record(partial, plan.shards[s]) is None}
+        todo_shards = {s for s in my_shards if done_record(partial, plan.shards[s], verify=resume) is None}
         todo = [u for u in all_mine if u.shard in todo_shards]
 
         est = plan.estimate(self.cuda)
@@ -229,7 +229,7 @@ class _Engine:
                         crash_hook("saved")
                 pre = Precomputed(self._trims(gt), scale)
             ranks.barrier()
-            writer = ShardWriter(partial, plan, sorted(todo_shards))
+            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable)
             self._merge(todo, ranks, pre, writer)
             timing.section("end")
             with timing.span("writer drain (last units, last fsync)"):
@@ -254,7 +254,7 @@ class _Engine:
                         "inputs_digest": self.digest, "tensors": len(plan.tensors),
                         "total_size": plan.total_out_bytes}
             with timing.span("publish"):
-                publish(partial, self.out_dir, plan, side, echo, manifest)
+                publish(partial, self.out_dir, plan, side, echo, manifest, self.durable)
         return Result(self.out_dir, plan, time.perf_counter() - start, self.passes, peak)
 
     def _merge(self, units, ranks: Ranks, pre: Precomputed, writer: ShardWriter) -> None:
@@ -295,11 +295,14 @@ class _Engine:
 def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, Path], *,
                  device: Optional[str] = None, memory_budget: Union[int, str, None] = None,
                  host_memory_budget: Union[int, str, None] = None, resume: bool = False,
-                 dry_run: bool = False, allow_pickle: bool = False, progress: Optional[bool] = None) -> Result:
+                 dry_run: bool = False, allow_pickle: bool = False, progress: Optional[bool] = None,
+                 fsync: bool = False) -> Result:
     """Merge the models a config names (YAML path or dict, mergekit keys) into out_dir, streamed:
     sharded safetensors in and out, host and device memory within memory_budget (default 8 GiB),
     resumable (resume=True finishes an interrupted run byte-identically), one shard set per rank
-    under torchrun. dry_run returns the plan without touching out_dir."""
+    under torchrun. The output appears whole by an atomic rename; fsync=True also writes it to
+    disk before returning (durable across a power loss). dry_run returns the plan without touching
+    out_dir."""
     timing.section("start-up")
     timing.add_process_age("process age at merge_models")
     try:
@@ -321,7 +324,7 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
             if budget is None and dev.type == "cuda":  # default: most of the GPU memory free now
                 budget = int(DEFAULT_GPU_SHARE * torch.cuda.mem_get_info(dev)[0])
         with timing.span("headers + plan"):
-            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress)
+            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync)
         if dry_run:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return Result(Path(out_dir), engine.plan, 0.0, engine.passes,

@@ -1,12 +1,17 @@
 """Output: shards written into OUT_DIR.partial/ next to OUT_DIR, renamed there once complete.
 
 Each shard file is laid out up front from the plan (header first), filled by pwrite as merged
-tensors arrive on the writer thread (the writeback of each tensor to disk starts at once, so that
-the shard's fsync finds little left to write), fsync'ed, renamed from `<file>.tmp` to `<file>`,
-and recorded (bytes, sha256) in `.neurokern/done/<file>.json`. A resumed run skips the recorded
-shards. At the end rank 0 adds the index, the side files (config.json, tokenizer files), the config
-echo and the manifest, removes `.neurokern/`, and renames the folder to OUT_DIR: output appears
-only complete.
+tensors arrive on the writer thread, renamed from `<file>.tmp` to `<file>`, and recorded (bytes,
+sha256) in `.neurokern/done/<file>.json`. A resumed run checks the recorded shards against their
+sha256 and skips those that match. At the end rank 0 adds the index, the side files (config.json,
+tokenizer files), the config echo and the manifest, removes `.neurokern/`, and renames the folder
+to OUT_DIR: output appears only complete.
+
+Durability: by default the bytes are left to the page cache (as mergekit and save_pretrained do):
+the output is whole or absent after a crash of the process, and the disk is not kept busy writing
+the output while the merge still reads its inputs. `durable` (--fsync) also survives a power loss: the writeback of
+each tensor starts at once, every shard is fsync'ed before it is recorded, and so is the folder
+before the rename.
 """
 import hashlib
 import json
@@ -47,22 +52,34 @@ def crash_hook(kind: str, count: int = 0) -> None:
         os._exit(137)
 
 
-def done_record(partial: Path, shard: Shard) -> Optional[dict]:
+def done_record(partial: Path, shard: Shard, verify: bool = False) -> Optional[dict]:
+    """The record of a finished shard, if its file has the planned size; verify: and its sha256
+    (a resumed run: without fsync a power loss can leave a record whose bytes never reached the
+    disk)."""
     path = partial / STATE / "done" / (shard.file + ".json")
     try:
         record = json.loads(path.read_text())
         if (partial / shard.file).stat().st_size == record["bytes"] == shard.nbytes:
-            return record
+            if not verify or _sha256(partial / shard.file) == record["sha256"]:
+                return record
     except (OSError, ValueError, KeyError):
         pass
     return None
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 class ShardWriter:
     """Writes the given shards; `put` hands it merged host tensors in plan order."""
 
-    def __init__(self, partial: Path, plan: Plan, shards: list[int]):
-        self.partial, self.plan = partial, plan
+    def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False):
+        self.partial, self.plan, self.durable = partial, plan, durable
         self.shards = {i: plan.shards[i] for i in shards}
         self.shard_of = plan.shard_of()
         self.queue: queue.Queue = queue.Queue(maxsize=OUT_SLOTS)
@@ -160,7 +177,7 @@ class ShardWriter:
         done = 0
         while done < len(data):
             done += os.pwrite(entry["fd"], data[done:], start + done)
-        if data:
+        if data and self.durable:
             _start_writeback(entry["fd"], start, len(data))
         if start == entry["next"]:  # in file order: hash as we go
             entry["hash"].update(data)
@@ -175,18 +192,13 @@ class ShardWriter:
     def _finish(self, shard: Shard, entry: dict) -> None:
         fd = entry["fd"]
         try:
-            with timing.span("writer: fsync"):
-                os.fsync(fd)
+            if self.durable:
+                with timing.span("writer: fsync"):
+                    os.fsync(fd)
         finally:
             os.close(fd)
-        if entry["late"]:  # tensors arrived out of file order (mixed dtypes): hash the file
-            h = hashlib.sha256()
-            with open(entry["tmp"], "rb") as f:
-                for block in iter(lambda: f.read(2**24), b""):
-                    h.update(block)
-            digest = h.hexdigest()
-        else:
-            digest = entry["hash"].hexdigest()
+        # tensors that arrived out of file order (mixed dtypes): hash the file
+        digest = _sha256(entry["tmp"]) if entry["late"] else entry["hash"].hexdigest()
         os.replace(entry["tmp"], self.partial / shard.file)
         record = {"file": shard.file, "bytes": shard.nbytes, "sha256": digest}
         done = self.partial / STATE / "done"
@@ -256,8 +268,9 @@ def prepare_partial(partial: Path, digest: str, resume: bool) -> None:
 
 
 def publish(partial: Path, out_dir: Path, plan: Plan, side_sources: list[Path], extra_files: dict[str, str],
-            manifest: dict) -> None:
-    """Index, side files, config echo and manifest, then the atomic rename to out_dir."""
+            manifest: dict, durable: bool = False) -> None:
+    """Index, side files, config echo and manifest (the folder fsync'ed when durable), then the
+    atomic rename to out_dir."""
     records = {}
     for shard in plan.shards:
         record = done_record(partial, shard)
@@ -278,11 +291,12 @@ def publish(partial: Path, out_dir: Path, plan: Plan, side_sources: list[Path], 
         for name, text in extra_files.items():
             (partial / name).write_text(text)
         (partial / MANIFEST).write_text(json.dumps({**manifest, "shards": records}, indent=2) + "\n")
-        fd = os.open(partial, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(partial, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     except OSError as exc:
         raise NeurokernError(f"cannot write {exc.filename or partial}: {exc.strerror or exc}; "
                              f"the merged shards are kept in {partial} (rerun with --resume)") from exc

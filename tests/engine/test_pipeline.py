@@ -90,7 +90,7 @@ def test_profile_report(models, tmp_path, monkeypatch, capsys):
     merge_models(cfg, tmp_path / "off", device="cpu")
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(timing, "ENABLED", True)
-    merge_models(cfg, tmp_path / "on", device="cpu")
+    merge_models(cfg, tmp_path / "on", device="cpu", fsync=True)  # durable: the same bytes, fsync timed
     err = capsys.readouterr().err
     sections = [line.strip() for line in err.splitlines() if line.strip().startswith("[")]
     assert sections == ["[start-up]", "[histogram]", "[boundary]", "[l1]", "[merge]", "[end]"], err

@@ -104,3 +104,27 @@ def test_rerun_without_resume_or_with_other_config_is_refused(configs, tmp_path,
     assert main(["merge", str(other), str(out), "--device", "cpu", "--quiet", "--resume"]) == 2
     assert "different config or different inputs" in capsys.readouterr().err
     assert not out.exists() and (tmp_path / "merged.partial").is_dir()
+
+
+def test_resume_redoes_a_recorded_shard_whose_bytes_differ(configs, tmp_path, monkeypatch):
+    """Without --fsync a power loss can keep a shard's done record but lose its bytes: --resume
+    checks every recorded shard against its sha256 and writes again the ones that differ."""
+    cfg, expected = configs["neuromerging"]
+    out = tmp_path / "merged"
+    killed = cli(cfg, out, crash="shards:1")
+    assert killed.returncode == 137, killed.stderr
+    partial = tmp_path / "merged.partial"
+    (done,) = [p for p in partial.glob("*.safetensors")]
+    data = bytearray(done.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    done.write_bytes(bytes(data))
+    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
+    assert read_dir(out) == expected
+
+
+def test_fsync_output_is_the_same(configs, tmp_path, monkeypatch):
+    cfg, expected = configs["ties_global"]
+    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    assert main(["merge", str(cfg), str(tmp_path / "merged"), "--device", "cpu", "--quiet", "--fsync"]) == 0
+    assert read_dir(tmp_path / "merged") == expected
