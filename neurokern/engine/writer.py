@@ -19,6 +19,7 @@ import os
 import queue
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -30,6 +31,10 @@ from neurokern.engine import timing
 from neurokern.engine.plan import OUT_SLOTS, Plan, Shard
 from neurokern.errors import NeurokernError
 
+# A unit's tensors are written by a pool of threads in pieces while the writer thread hashes them
+# in file order: writing and hashing overlap, and neither is one thread's copy speed.
+WRITE_THREADS = 8
+WRITE_PIECE = 8 * 2**20
 STATE = ".neurokern"
 MANIFEST = "neurokern_manifest.json"
 CONFIG_ECHO = "neurokern_config.yml"
@@ -89,6 +94,7 @@ class ShardWriter:
         self.shards_written = 0
         self._where: tuple = (partial, "")
         self.stopping = False
+        self.pool = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="neurokern-write")
         self.thread = threading.Thread(target=self._run, name="neurokern-writer", daemon=True)
         self.thread.start()
 
@@ -107,6 +113,7 @@ class ShardWriter:
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join()
+        self.pool.shutdown(wait=True)
         self.check()
 
     def abort(self) -> None:
@@ -122,6 +129,7 @@ class ShardWriter:
                 item[2]()  # give the unit's host buffer back
         self.queue.put(None)
         self.thread.join()
+        self.pool.shutdown(wait=True, cancel_futures=True)
         for entry in self.open.values():
             os.close(entry["fd"])
         self.open.clear()
@@ -140,12 +148,14 @@ class ShardWriter:
                 if wait is not None:
                     with timing.span("writer: wait for D2H"):
                         wait()
-                finished = []
-                with timing.span("writer: write"):
-                    for name, t in tensors.items():
-                        self._where = (self.partial / (self.plan.shards[self.shard_of[name]].file + ".tmp"), name)
-                        if self._write(name, t):
-                            finished.append(self.shard_of[name])
+                finished, jobs = [], []
+                for name, t in tensors.items():
+                    self._where = (self.partial / (self.plan.shards[self.shard_of[name]].file + ".tmp"), name)
+                    if self._write(name, t, jobs):
+                        finished.append(self.shard_of[name])
+                with timing.span("writer: wait for writes"):
+                    for job in jobs:
+                        job.result()
                 if release is not None:
                     release()  # before the shards' fsync: the buffer goes back to the merge loop
                 for index in finished:
@@ -165,8 +175,9 @@ class ShardWriter:
         h = hashlib.sha256(shard.header)
         return {"fd": fd, "tmp": tmp, "left": len(shard.names), "hash": h, "next": len(shard.header), "late": False}
 
-    def _write(self, name: str, tensor: Tensor) -> bool:
-        """pwrite one tensor into its shard; True when that was the shard's last tensor."""
+    def _write(self, name: str, tensor: Tensor, jobs: list) -> bool:
+        """Queue the pwrites of one tensor into its shard (pieces, on the pool's threads) and hash
+        it here meanwhile; True when that was the shard's last tensor."""
         index = self.shard_of[name]
         shard = self.shards[index]
         entry = self.open.get(index)
@@ -174,13 +185,12 @@ class ShardWriter:
             entry = self.open[index] = self._begin(shard)
         start, end = shard.layout[name]
         data = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if end > start else memoryview(b"")
-        done = 0
-        while done < len(data):
-            done += os.pwrite(entry["fd"], data[done:], start + done)
-        if data and self.durable:
-            _start_writeback(entry["fd"], start, len(data))
+        for at in range(0, len(data), WRITE_PIECE):
+            jobs.append(self.pool.submit(self._pwrite, entry["fd"], data[at:at + WRITE_PIECE], start + at, name,
+                                         entry["tmp"]))
         if start == entry["next"]:  # in file order: hash as we go
-            entry["hash"].update(data)
+            with timing.span("writer: hash"):
+                entry["hash"].update(data)
             entry["next"] = end
         else:
             entry["late"] = True
@@ -188,6 +198,19 @@ class ShardWriter:
         self.tensors_written += 1
         crash_hook("tensors", self.tensors_written)
         return entry["left"] == 0
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int, name: str, file: Path) -> None:
+        try:
+            with timing.busy("writer: pwrite", len(data)):
+                done = 0
+                while done < len(data):
+                    done += os.pwrite(fd, data[done:], offset + done)
+            if self.durable:
+                _start_writeback(fd, offset, len(data))
+        except OSError as exc:
+            raise NeurokernError(
+                f"cannot write tensor {name!r} to {exc.filename or file}: {exc.strerror or exc}; the finished shards "
+                f"are kept in {self.partial} (rerun with --resume once fixed)") from exc
 
     def _finish(self, shard: Shard, entry: dict) -> None:
         fd = entry["fd"]
