@@ -95,6 +95,11 @@ TORCH_LIBRARY(neurokern, m) {
       "dare_multi(Tensor[] base, Tensor[] finetuned, float[] weights, float density, int[] keys, "
       "str rescale=\"density\", str consensus=\"none\", str normalize=\"none\", float scale=1.0) "
       "-> Tensor[]");
+  // neuron_stats of every 2-D base[i] in one call, one launch per storage dtype on the GPU: the rows
+  // of all tensors concatenated in list order (gram [sum R, T, T], dots [sum R, T], sqnorm [sum R]).
+  m.def(
+      "neuron_stats_multi(Tensor[] base, Tensor[] finetuned, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int[] offsets=[]) -> (Tensor gram, Tensor dots, Tensor sqnorm)");
   // Task-routed linear layer: y[b] = x[b] @ weight[task_ids[b]]^T + bias[task_ids[b]].
   m.def("tinted_linear(Tensor x, Tensor weight, Tensor? bias, Tensor task_ids) -> Tensor");
   // Its weight gradient: dW[t] = sum over rows b of task t of grad[b]^T x[b], [T, out, in].

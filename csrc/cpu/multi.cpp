@@ -108,6 +108,40 @@ std::vector<at::Tensor> dare_multi_cpu(at::TensorList base, at::TensorList finet
   return out;
 }
 
+// Every base of a per-row op must be 2-D (rows are neurons); returns the total row count.
+int64_t total_rows(const char* op, at::TensorList base) {
+  int64_t rows = 0;
+  for (size_t i = 0; i < base.size(); ++i) {
+    TORCH_CHECK(base[i].dim() == 2, "neurokern.", op, ": base[", i,
+                "] must be 2-D (rows are neurons), got ", base[i].dim(), "-D");
+    rows += base[i].size(0);
+  }
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> neuron_stats_multi_cpu(
+    at::TensorList base, at::TensorList finetuned, const OptTensor& threshold,
+    const OptTensor& tie_limit, at::IntArrayRef offsets) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neurokern::neuron_stats", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                           const at::Tensor&, at::TensorList, const OptTensor&, const OptTensor&,
+                           int64_t)>();
+  const int64_t n = static_cast<int64_t>(base.size());
+  const int64_t T = list_tasks("neuron_stats_multi", base, finetuned);
+  check_multi_args("neuron_stats_multi", n, T, offsets, threshold, tie_limit);
+  total_rows("neuron_stats_multi", base);
+  std::vector<at::Tensor> gram, dots, sqnorm;
+  for (int64_t i = 0; i < n; ++i) {
+    auto [g, d, q] = op.call(base[i], column_of(finetuned, n, i), trim_of(threshold, i),
+                             trim_of(tie_limit, i), offset_of(offsets, i));
+    gram.push_back(g);
+    dots.push_back(d);
+    sqnorm.push_back(q);
+  }
+  return {at::cat(gram), at::cat(dots), at::cat(sqnorm)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neurokern, CPU, m) {
@@ -115,6 +149,7 @@ TORCH_LIBRARY_IMPL(neurokern, CPU, m) {
   m.impl("weighted_sum_multi_backward", &weighted_sum_multi_backward_cpu);
   m.impl("ties_merge_multi", &ties_merge_multi_cpu);
   m.impl("dare_multi", &dare_multi_cpu);
+  m.impl("neuron_stats_multi", &neuron_stats_multi_cpu);
 }
 
 }  // namespace neurokern::cpu

@@ -7,7 +7,7 @@ from neurokern import _C  # noqa: F401,E402  (registers torch.ops.neurokern.*)
 from neurokern.ops.dare import dare, dare_keys, dare_multi
 from neurokern.ops.magnitude_threshold import magnitude_threshold
 from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs
-from neurokern.ops.neuron_stats import neuron_stats
+from neurokern.ops.neuron_stats import neuron_stats, neuron_stats_multi
 from neurokern.ops.subspace_split import subspace_split
 from neurokern.ops.ties_merge import ties_merge, ties_merge_multi
 from neurokern.ops.tinted_linear import tinted_linear
@@ -21,6 +21,7 @@ __all__ = [
     "magnitude_threshold",
     "neuromerge_coeffs",
     "neuron_stats",
+    "neuron_stats_multi",
     "subspace_split",
     "ties_merge",
     "ties_merge_multi",

@@ -1,4 +1,5 @@
-"""Per-neuron projection statistics (NeuroMerging's streaming reduction)."""
+"""Per-neuron projection statistics (NeuroMerging's streaming reduction), of one 2-D tensor or of a
+list of them at once."""
 from typing import Optional, Sequence
 
 import torch
@@ -27,3 +28,29 @@ def _(base, finetuned, threshold=None, tie_limit=None, offset=0):
     R, T = base.shape[0], len(finetuned)
     f64 = torch.float64
     return base.new_empty((R, T, T), dtype=f64), base.new_empty((R, T), dtype=f64), base.new_empty((R,), dtype=f64)
+
+
+def neuron_stats_multi(
+    base: Sequence[Tensor],
+    finetuned: Sequence[Tensor],
+    trim: Optional[tuple[Tensor, Tensor]] = None,
+    offsets: Optional[Sequence[int]] = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """neuron_stats of every 2-D tensor of a list in one call (one launch per storage dtype on a GPU),
+    the rows of all tensors concatenated in list order: Gram [sum R, T, T], dots [sum R, T] and
+    |w|^2 [sum R], float64, equal to torch.cat of the per-tensor results. finetuned is task-major
+    (finetuned[t * n + i] belongs to base[i]). trim: [T] pairs (one scope, tensor i's positions
+    start at offsets[i]) or [n, T] pairs (row i trims tensor i)."""
+    threshold, tie_limit = trim_args(trim)
+    return torch.ops.neurokern.neuron_stats_multi.default(
+        contiguous(base), contiguous(finetuned), threshold, tie_limit, list(offsets or [])
+    )
+
+
+@torch.library.register_fake("neurokern::neuron_stats_multi")
+def _(base, finetuned, threshold=None, tie_limit=None, offsets=()):
+    for i, b in enumerate(base):
+        torch._check(b.dim() == 2, lambda: f"neuron_stats_multi: base[{i}] must be 2-D")
+    R, T = sum(b.shape[0] for b in base), len(finetuned) // len(base)
+    f64, like = torch.float64, base[0]
+    return like.new_empty((R, T, T), dtype=f64), like.new_empty((R, T), dtype=f64), like.new_empty((R,), dtype=f64)

@@ -328,6 +328,15 @@ def ties_merge_multi(base, finetuned, weights, trim=None, offsets=None, **option
     return out
 
 
+def neuron_stats_multi(base, finetuned, trim=None, offsets=None):
+    """The rows of every tensor's neuron_stats, concatenated in list order."""
+    parts = []
+    for i, b in enumerate(base):
+        column, trim_i, offset = _multi_args(base, finetuned, trim, offsets, i)
+        parts.append(neuron_stats(b, column, trim_i, offset))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
 def dare_multi(base, finetuned, weights, density, keys, **options):
     T = _tasks(finetuned, len(base))
     return [dare(b, list(finetuned[i::len(base)]), weights, density, keys[i * T:(i + 1) * T], **options)

@@ -130,3 +130,61 @@ def test_merge_on_gpu_matches_cpu(method, params):
         assert got[name].is_cuda
         # bf16 outputs: float32 sums in another order may round to the neighbouring bf16 value.
         torch.testing.assert_close(got[name].cpu().float(), want[name].float(), rtol=2**-7, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-tensor NeuroMerging ops at a TinyLlama layer's shapes: one launch per storage dtype, bitwise
+# the per-tensor CUDA ops, and the CPU ops' results up to the order of float64 sums.
+
+LAYER = [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632)]
+ODD = [(1001, 3), (0, 7), (3, 1), (17, 33)]  # float32 / float16 matrices of odd sizes
+
+
+def layer_list(T, seed=0):
+    """The layer's bf16 matrices and odd float32 / float16 ones, fine-tuned versions task-major."""
+    groups = [group(s, T, torch.bfloat16, seed=seed + i) for i, s in enumerate(LAYER)]
+    groups += [group(s, T, (torch.float32, torch.float16)[i % 2], seed=seed + 50 + i) for i, s in enumerate(ODD)]
+    return [b for b, _ in groups], [groups[i][1][t] for t in range(T) for i in range(len(groups))]
+
+
+def list_trim(base, fts, T, scope):
+    """(trim pair on the GPU, offsets): one [T] scope over the list, or [n, T] per tensor."""
+    b32, f32 = [b.float() for b in base], [f.float() for f in fts]
+    if scope == "global":
+        N = sum(b.numel() for b in base)
+        trim = ops.magnitude_threshold(b32, f32, [N // 10] * T, keep_ties=False)
+        sizes = [b.numel() for b in base]
+        return trim, [sum(sizes[:i]) for i in range(len(base))]
+    trim = ops.magnitude_threshold(b32, f32, [max(1, b.numel() // 10) for b in base for _ in range(T)],
+                                   keep_ties=False, per_tensor=True)
+    return trim, None
+
+
+def per_tensor(op, base, fts, trim, offsets, *args):
+    """op(base[i], its fine-tuned versions, *args_i, trim of i, offset of i) for every tensor i."""
+    n = len(base)
+    out = []
+    for i, b in enumerate(base):
+        trim_i = trim if trim is None or trim[0].dim() == 1 else (trim[0][i], trim[1][i])
+        out.append(op(b, list(fts[i::n]), *(a[i] for a in args), trim_i, offsets[i] if offsets else 0))
+    return out
+
+
+def cpu_list(xs):
+    return [x.cpu() for x in xs]
+
+
+@pytest.mark.parametrize("T", [1, 4, 8])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_neuron_stats_multi_matches_per_tensor(T, scope):
+    base, fts = layer_list(T, seed=T)
+    trim, offsets = list_trim(base, fts, T, scope)
+    got = ops.neuron_stats_multi(base, fts, trim, offsets)
+    assert all(x.is_cuda for x in got)
+    single = [torch.cat(p) for p in zip(*per_tensor(ops.neuron_stats, base, fts, trim, offsets))]
+    assert all(torch.equal(a, b) for a, b in zip(got, single))
+    cpu_trim = tuple(x.cpu() for x in trim)
+    want = ops.neuron_stats_multi(cpu_list(base), cpu_list(fts), cpu_trim, offsets)
+    for a, b in zip(got, want):  # float64 sums in another order
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
+

@@ -64,6 +64,40 @@ def make_group(
     return base.to(dtype), fts
 
 
+# A list of tensors for the multi-tensor ops: mixed ranks, odd sizes, an empty tensor, a single element.
+LIST_SHAPES = [(33, 65), (0, 4), (17,), (3, 2, 5), (1,), (4, 7)]
+
+
+def make_list(T, dtypes=(torch.float32,), seed=0, shapes=LIST_SHAPES):
+    """n tensors (dtype cycling through dtypes) and their T fine-tuned versions, task-major."""
+    bases, columns = [], []
+    for i, shape in enumerate(shapes):
+        b, fts = make_group(shape, T, dtypes[i % len(dtypes)], seed=seed_of(seed, i))
+        bases.append(b)
+        columns.append(fts)
+    return bases, [columns[i][t] for t in range(T) for i in range(len(bases))]
+
+
+def list_trims(bases, fts, T, scope, density=0.3):
+    """(trim pair, offsets) for a list: scope "global" (one [T] scope over the list, each tensor's
+    flat offset), "tensor" ([n, T], offsets None) or "none" (None, None). The threshold op takes one
+    dtype: float32 copies give the same float32 task vectors."""
+    if scope == "none":
+        return None, None
+    bases, fts = [b.float() for b in bases], [f.float() for f in fts]
+    if scope == "global":
+        N = sum(b.numel() for b in bases)
+        thr, lim = nk.magnitude_threshold(bases, fts, [max(1, int(density * N))] * T, keep_ties=False)
+        offsets, acc = [], 0
+        for b in bases:
+            offsets.append(acc)
+            acc += b.numel()
+        return (thr, lim), offsets
+    k = [max(1, int(density * b.numel())) for b in bases for _ in range(T)]
+    thr, lim = nk.magnitude_threshold(bases, fts, k, keep_ties=False, per_tensor=True)
+    return (thr, lim), None
+
+
 def taus32(base: torch.Tensor, fts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The float32 task vectors every op forms."""
     return [f.float() - base.float() for f in fts]

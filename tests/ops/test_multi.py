@@ -11,39 +11,10 @@ import torch
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
 
-from .conftest import TASKS, make_group, opcheck, seed_of
+from .conftest import TASKS, list_trims, make_list, opcheck
 
 OPS = torch.ops.neurokern
-# A list mixing ranks, odd sizes, an empty tensor and a single element.
-SHAPES = [(33, 65), (0, 4), (17,), (3, 2, 5), (1,), (4, 7)]
 WEIGHTS = [0.8371, 1.2193, 0.5561, -0.3117, 0.9437, 0.6889, 1.4041, 0.7723]
-
-
-def make_list(T, dtypes=(torch.float32,), seed=0, shapes=SHAPES):
-    """n tensors (dtype cycling through dtypes) and their T fine-tuned versions, task-major."""
-    bases, columns = [], []
-    for i, shape in enumerate(shapes):
-        b, fts = make_group(shape, T, dtypes[i % len(dtypes)], seed=seed_of(seed, i))
-        bases.append(b)
-        columns.append(fts)
-    return bases, [columns[i][t] for t in range(T) for i in range(len(bases))]
-
-
-def trims(bases, fts, T, scope, density=0.3):
-    """(threshold, tie_limit, offsets) for one scope over the list or per tensor. (The threshold op
-    takes one dtype: float32 copies give the same float32 task vectors.)"""
-    bases, fts = [b.float() for b in bases], [f.float() for f in fts]
-    if scope == "global":
-        N = sum(b.numel() for b in bases)
-        thr, lim = nk.magnitude_threshold(bases, fts, [max(1, int(density * N))] * T, keep_ties=False)
-        offsets, acc = [], 0
-        for b in bases:
-            offsets.append(acc)
-            acc += b.numel()
-        return (thr, lim), offsets
-    k = [max(1, int(density * b.numel())) for b in bases for _ in range(T)]
-    thr, lim = nk.magnitude_threshold(bases, fts, k, keep_ties=False, per_tensor=True)
-    return (thr, lim), None
 
 
 def assert_lists_equal(actual, expected):
@@ -59,7 +30,7 @@ def test_weighted_sum_multi(T, scope):
     bases, fts = make_list(T, (torch.float32, torch.bfloat16, torch.float16), seed=T)
     n = len(bases)
     coeffs = torch.rand(n, T + 1, generator=torch.Generator().manual_seed(T))
-    trim, offsets = trims(bases, fts, T, scope) if scope != "none" else (None, None)
+    trim, offsets = list_trims(bases, fts, T, scope)
     out = nk.weighted_sum_multi(bases, fts, coeffs, trim, offsets)
     assert_lists_equal(out, ref.weighted_sum_multi(bases, fts, coeffs, trim, offsets))
     for i, b in enumerate(bases):  # the single-tensor op, bitwise
@@ -77,7 +48,7 @@ def test_weighted_sum_multi_backward_and_autograd(T, scope):
     g = torch.Generator().manual_seed(T)
     coeffs = torch.rand(n, T + 1, generator=g)
     grads = [torch.randn(b.shape, generator=g) for b in bases]
-    trim, offsets = trims(bases, fts, T, scope) if scope != "none" else (None, None)
+    trim, offsets = list_trims(bases, fts, T, scope)
     expected = ref.weighted_sum_multi_backward(grads, bases, fts, coeffs, trim, offsets)
     thr, lim = trim if trim else (None, None)
     got = OPS.weighted_sum_multi_backward(grads, bases, fts, coeffs, thr, lim, offsets or [])
@@ -101,7 +72,7 @@ def test_weighted_sum_multi_backward_and_autograd(T, scope):
 ], ids=["mergekit", "count", "majority"])
 def test_ties_merge_multi(T, scope, options):
     bases, fts = make_list(T, (torch.bfloat16, torch.float32, torch.float16), seed=20 + T)
-    trim, offsets = trims(bases, fts, T, scope) if scope != "none" else (None, None)
+    trim, offsets = list_trims(bases, fts, T, scope)
     weights = WEIGHTS[:T]
     out = nk.ties_merge_multi(bases, fts, weights, trim, offsets, **options)
     assert_lists_equal(out, ref.ties_merge_multi(bases, fts, weights, trim, offsets, **options))
@@ -135,7 +106,7 @@ def test_opcheck():
     bases, fts = make_list(T, (torch.float32, torch.bfloat16), shapes=[(5, 3), (4,), (0, 2)])
     n = len(bases)
     coeffs = torch.rand(n, T + 1)
-    (thr, lim), _ = trims(bases, fts, T, "tensor")
+    (thr, lim), _ = list_trims(bases, fts, T, "tensor")
     opcheck(OPS.weighted_sum_multi.default, (bases, fts, coeffs.requires_grad_(), thr, lim, [0, 2, 5]))
     opcheck(OPS.ties_merge_multi.default, (bases, fts, [1.0, 0.5], thr, lim, []))
     keys = [k for i in range(n) for k in nk.dare_keys(0, str(i), T)]

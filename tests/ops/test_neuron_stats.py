@@ -6,7 +6,8 @@ import torch
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
 
-from .conftest import DTYPE_IDS, DTYPES, INT64_MAX, SHAPES_2D, TASKS, make_group, opcheck, seed_of
+from .conftest import (DTYPE_IDS, DTYPES, INT64_MAX, SHAPES_2D, TASKS, list_trims, make_group, make_list, opcheck,
+                       seed_of)
 
 # Products of float32 values are exact in float64; only the summation order differs between the
 # kernel and the reference (einsum): relative 1e-12, absolute 1e-12 for entries that cancel.
@@ -120,3 +121,74 @@ def test_opcheck():
     thr, lim = nk.magnitude_threshold([base], fts, [10, 10, 10], keep_ties=False)
     opcheck(torch.ops.neurokern.neuron_stats.default, (base, fts, thr, lim, 2))
     opcheck(torch.ops.neurokern.neuron_stats.default, (base, fts))
+
+
+# ---------------------------------------------------------------------------------------------
+# neuron_stats_multi: a list of matrices in one call, rows concatenated in list order
+
+# Odd sizes, zero-row and zero-column matrices, single rows and columns.
+MATRICES = [(33, 65), (0, 5), (1, 17), (17, 1), (4, 0), (9, 32), (1, 1)]
+DTYPE_LISTS = [(torch.float32,), (torch.bfloat16,), (torch.float16,), tuple(DTYPES)]
+DTYPE_LIST_IDS = DTYPE_IDS + ["mixed"]
+
+
+def per_tensor_stats(bases, fts, trim, offsets):
+    """torch.cat of the single-tensor op over the list (what the multi op must equal bitwise)."""
+    parts = []
+    for i, b in enumerate(bases):
+        column, trim_i, offset = ref._multi_args(bases, fts, trim, offsets, i)
+        parts.append(nk.neuron_stats(b, column, trim_i, offset))
+    return [torch.cat(p) for p in zip(*parts)]
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_LISTS, ids=DTYPE_LIST_IDS)
+@pytest.mark.parametrize("T", range(1, 9))
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_multi_equals_per_tensor(scope, T, dtypes):
+    bases, fts = make_list(T, dtypes, seed_of("nsm", T, dtypes), shapes=MATRICES)
+    trim, offsets = list_trims(bases, fts, T, scope)
+    got = nk.neuron_stats_multi(bases, fts, trim, offsets)
+    R = sum(b.shape[0] for b in bases)
+    assert [x.shape for x in got] == [(R, T, T), (R, T), (R,)]
+    for a, b in zip(got, per_tensor_stats(bases, fts, trim, offsets)):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
+    for a, b in zip(got, ref.neuron_stats_multi(bases, fts, trim, offsets)):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_multi_trim_did_something():
+    """The trims reach each tensor: [T] with offsets, [n, T] per row (different results)."""
+    T = 3
+    bases, fts = make_list(T, (torch.float32,), seed_of("nsm_trim"), shapes=[(6, 40), (5, 33)])
+    plain = nk.neuron_stats_multi(bases, fts)[0]
+    for scope in ("global", "tensor"):
+        trim, offsets = list_trims(bases, fts, T, scope)
+        gram = nk.neuron_stats_multi(bases, fts, trim, offsets)[0]
+        assert not torch.equal(gram[:6], plain[:6]) and not torch.equal(gram[6:], plain[6:])
+
+
+def test_multi_bad_arguments():
+    bases, fts = make_list(2, (torch.float32,), 0, shapes=[(3, 4), (5, 2)])
+    ops = torch.ops.neurokern
+    with pytest.raises(RuntimeError, match=r"base\[1\] must be 2-D"):
+        ops.neuron_stats_multi([bases[0], bases[1].flatten()], [fts[0], fts[1].flatten(), fts[2], fts[3].flatten()])
+    with pytest.raises(RuntimeError, match="empty list"):
+        ops.neuron_stats_multi([], [])
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        ops.neuron_stats_multi(bases, fts[:3])
+    with pytest.raises(RuntimeError, match="offsets must be empty or hold one entry per tensor"):
+        ops.neuron_stats_multi(bases, fts, None, None, [0])
+    with pytest.raises(RuntimeError, match=r"threshold and tie_limit must be \[2\] or \[2, 2\]"):
+        ops.neuron_stats_multi(bases, fts, torch.zeros(3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="given together"):
+        ops.neuron_stats_multi(bases, fts, torch.zeros(2), None)
+
+
+def test_multi_opcheck():
+    T = 2
+    bases, fts = make_list(T, (torch.float32, torch.bfloat16), 3, shapes=[(5, 3), (0, 2), (4, 6)])
+    (thr, lim), _ = list_trims(bases, fts, T, "tensor")
+    opcheck(torch.ops.neurokern.neuron_stats_multi.default, (bases, fts, thr, lim, []))
+    (thr, lim), offsets = list_trims(bases, fts, T, "global")
+    opcheck(torch.ops.neurokern.neuron_stats_multi.default, (bases, fts, thr, lim, offsets))
+    opcheck(torch.ops.neurokern.neuron_stats_multi.default, (bases, fts))

@@ -223,6 +223,14 @@ def _trims(op: str, threshold, tie_limit, n: int, T: int, device):
             tie_limit.to(device=device, dtype=torch.int64).contiguous(), rows)
 
 
+def matrix_rows(op: str, base: Sequence[torch.Tensor]) -> list[int]:
+    """The rows of each tensor of a per-row op's list; every base must be 2-D."""
+    for i, b in enumerate(base):
+        if b.dim() != 2:
+            ew._fail(op, f"base[{i}] must be 2-D (rows are neurons), got {b.dim()}-D")
+    return [b.shape[0] for b in base]
+
+
 def _trim_of(thr, lim, rows: bool, i: int):
     if thr is None:
         return None, None
@@ -254,18 +262,27 @@ def owners(programs: torch.Tensor, total: int) -> torch.Tensor:
     return torch.repeat_interleave(index, programs, output_size=total)
 
 
-def _table(idx, base, columns, outs, offsets, per_program: int, device, extra=()):
-    """The launch table of tensors idx (see the module docstring; its last row holds each tensor's
-    program count), each program's tensor, the number of programs, and whether every address in
-    the table is 16-byte aligned."""
-    programs, starts, total = program_layout([base[i].numel() for i in idx], per_program)
+def blocks(idx, base, per_program: int) -> list[int]:
+    """Programs of per_program elements each tensor of idx takes."""
+    return [triton.cdiv(base[i].numel(), per_program) for i in idx]
+
+
+def _table(idx, base, columns, outs, offsets, programs: Sequence[int], device, extra=(), values=()):
+    """The launch table of tensors idx (see the module docstring), given each tensor's program count:
+    the fine-tuned rows are followed by the `extra` rows (addresses) and the `values` rows (plain
+    numbers), and the last row holds the program counts. Returns the table, each program's tensor,
+    the number of programs, and whether every address in the table is 16-byte aligned."""
+    starts, total = [], 0
+    for count in programs:
+        starts.append(total)
+        total += count
     rows = [starts, [base[i].numel() for i in idx], [offsets[i] for i in idx],
             [base[i].data_ptr() for i in idx], [outs[i].data_ptr() for i in idx]]
     T = len(columns[idx[0]])
     rows += [[columns[i][t].data_ptr() for i in idx] for t in range(T)]
     rows += [list(r) for r in extra]
     aligned = all(address % 16 == 0 for row in rows[_BASE:] for address in row)
-    table = ew.upload(rows + [programs], torch.int64, device)
+    table = ew.upload(rows + [list(r) for r in values] + [list(programs)], torch.int64, device)
     return table, owners(table[-1], total), total, aligned
 
 
@@ -289,7 +306,8 @@ def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, 
             outs[i] = ew.weighted_sum(base[i], columns[i], coeffs[i], t_i, l_i, offsets[i], out_dtype)
         return outs
     for idx in _by_dtype(base):
-        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets, ew.BLOCK, device)
+        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets, blocks(idx, base, ew.BLOCK),
+                                                 device)
         if programs == 0:
             continue
         sub = coeffs[idx] if len(idx) < n else coeffs
@@ -332,8 +350,8 @@ def weighted_sum_multi_backward(grad, base, finetuned, coeffs, threshold=None, t
         groups.setdefault((base[i].dtype, grad[i].dtype), []).append(i)
     chunk = ew.CHUNK
     for idx in groups.values():
-        table, owner, programs, aligned = _table(idx, base, columns, base, offsets, chunk, device,
-                                         extra=[[grad[i].data_ptr() for i in idx]])
+        table, owner, programs, aligned = _table(idx, base, columns, base, offsets, blocks(idx, base, chunk),
+                                                 device, extra=[[grad[i].data_ptr() for i in idx]])
         if programs == 0:
             continue
         part = torch.empty((T + 1, programs), dtype=torch.float64, device=device)
@@ -374,7 +392,8 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
     par = ew._params(device, list(weights) + [scale])
     block = ew._election_block(T)
     for idx in _by_dtype(base):
-        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets, block, device)
+        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets, blocks(idx, base, block),
+                                                 device)
         if programs == 0:
             continue
         sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
@@ -408,7 +427,8 @@ def dare_multi(base, finetuned, weights, density, keys, rescale="density", conse
     block = ew._election_block(T)
     keep_below = ew.dare_threshold24(density)
     for idx in _by_dtype(base):
-        table, owner, programs, aligned = _table(idx, base, columns, outs, [0] * n, block, device)
+        table, owner, programs, aligned = _table(idx, base, columns, outs, [0] * n, blocks(idx, base, block),
+                                                 device)
         if programs == 0:
             continue
         par = ew.upload([rows[i] for i in idx], torch.float64, device)

@@ -31,7 +31,14 @@ TB/s (bf16), 2.41 (f32); T <= 2 unchanged.
 
 T <= MAX_TASKS (8) runs the kernel; larger T falls back to neurokern.ops.reference on the same
 device, in chunks of rows (float64 throughout, same results up to summation order).
+
+neuron_stats_multi runs the same body over a list of 2-D tensors, one launch per storage dtype: the
+launch table of multi.py (plus each tensor's rows, row length and first output row) gives every
+program its tensor, and the program works on ROWS rows of it. On a GPU the launch configuration
+depends only on the dtype and T, so each tensor's rows are bitwise the single-tensor launch's; the
+interpreter's configuration (few, wide programs) follows the largest tensor of the list.
 """
+import itertools
 import os
 from typing import Optional, Sequence
 
@@ -39,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from neurokern.ops.triton import registry
+from neurokern.ops.triton import multi, registry
 
 MAX_TASKS = 8
 _STORAGE = (torch.float32, torch.bfloat16, torch.float16)
@@ -141,16 +148,17 @@ def store_pair(gram, s: tl.constexpr, k: tl.constexpr, T: tl.constexpr, value, r
         tl.store(gram + k * T + s, value, mask=rmask)
 
 
-@triton.jit(do_not_specialize=["offset"])
-def _neuron_stats_kernel(
+@triton.jit
+def stats_rows(
     base_ptr, f0, f1, f2, f3, f4, f5, f6, f7,
-    thr_ptr, lim_ptr, gram_ptr, dots_ptr, sq_ptr, R, C, offset,
+    thr_ptr, lim_ptr, gram_ptr, dots_ptr, sq_ptr, row, rmask, C, offset,
     T: tl.constexpr, HAS_TRIM: tl.constexpr, ROWS: tl.constexpr, NT: tl.constexpr, VPT: tl.constexpr,
 ):
+    """The statistics of rows `row` (int64 [ROWS], rmask: the rows that exist) of a tensor of C
+    columns, stored at gram_ptr / dots_ptr / sq_ptr + their row index (the single- and the
+    multi-tensor kernel both run this body, so their results are bitwise the same)."""
     # Task k (k < T <= 8): pointer f<k>, trim (thr<k>, lim<k>), float64 lanes t<k>; the
     # accumulators d<k> (<t_k, w>) and g<s><k> (<t_s, t_k>, s <= k) are [ROWS, NT] float64, one per thread and row.
-    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
-    rmask = row < R
     row_off = (row * C)[:, None, None]
     cols = (tl.arange(0, NT)[:, None] * VPT + tl.arange(0, VPT)[None, :])[None, :, :]  # VPT per thread
     zero = tl.zeros([ROWS, NT], dtype=tl.float64)
@@ -294,6 +302,38 @@ def _neuron_stats_kernel(
         store_pair(gram, 7, 7, T, tl.sum(g77, axis=1), rmask)
 
 
+@triton.jit(do_not_specialize=["offset"])
+def _neuron_stats_kernel(
+    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7,
+    thr_ptr, lim_ptr, gram_ptr, dots_ptr, sq_ptr, R, C, offset,
+    T: tl.constexpr, HAS_TRIM: tl.constexpr, ROWS: tl.constexpr, NT: tl.constexpr, VPT: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # [ROWS]
+    stats_rows(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, gram_ptr, dots_ptr, sq_ptr,
+               row, row < R, C, offset, T, HAS_TRIM, ROWS, NT, VPT)
+
+
+@triton.jit
+def _neuron_stats_multi_kernel(
+    table, owner, thr_ptr, lim_ptr, gram_ptr, dots_ptr, sq_ptr, like, nt,
+    T: tl.constexpr, HAS_TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, ROWS: tl.constexpr,
+    NT: tl.constexpr, VPT: tl.constexpr, ALIGNED: tl.constexpr, C16: tl.constexpr,
+):
+    """ROWS rows of one tensor of the list (table rows 5 + T .. 7 + T: its rows R, row length C and
+    first row in the concatenated outputs). C16: every C is a multiple of 16, as the single-tensor
+    kernel's specialization on C would tell the compiler (it lets the loads vectorize)."""
+    pid, j, local, numel, offset = multi._where(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = multi._inputs(table, nt, j, like, T, ALIGNED)
+    R = tl.load(table + (5 + T) * nt + j)
+    C = tl.load(table + (6 + T) * nt + j)
+    if C16:
+        C = tl.multiple_of(C, 16)
+    first = tl.load(table + (7 + T) * nt + j)
+    thr_ptr, lim_ptr = multi._trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    row = local * ROWS + tl.arange(0, ROWS)
+    stats_rows(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, gram_ptr + first * (T * T),
+               dots_ptr + first * T, sq_ptr + first, row, row < R, C, offset, T, HAS_TRIM, ROWS, NT, VPT)
+
 
 def launch_neuron_stats(base, fts, thr, lim, offset, gram, dots, sq, config=None):
     """Runs the kernel on T <= MAX_TASKS fine-tuned tensors into the given outputs."""
@@ -345,4 +385,58 @@ def neuron_stats(
     return gram, dots, sq
 
 
+def launch_neuron_stats_multi(idx, base, columns, thr, lim, trim_rows, offsets, firsts, gram, dots, sq,
+                              config=None):
+    """Runs the multi-tensor kernel on tensors idx (one storage dtype, T <= MAX_TASKS) into the
+    concatenated outputs; firsts[i]: tensor i's first row there. thr / lim: [T], or [len(idx), T]
+    rows in idx's order (trim_rows)."""
+    first = base[idx[0]]
+    R, C = [base[i].shape[0] for i in idx], [base[i].shape[1] for i in idx]
+    T = len(columns[idx[0]])
+    cfg = dict(config or _config(max(R), max(C), first.element_size(), T))
+    table, owner, programs, aligned = multi._table(
+        idx, base, columns, base, offsets, [triton.cdiv(r, cfg["ROWS"]) for r in R], first.device,
+        values=[R, C, [firsts[i] for i in idx]])
+    if programs == 0:
+        return
+    has_trim = thr is not None
+    _neuron_stats_multi_kernel[(programs,)](
+        table, owner, thr if has_trim else first, lim if has_trim else first, gram, dots, sq, first, len(idx),
+        T=T, HAS_TRIM=has_trim, TRIM_ROWS=trim_rows, ALIGNED=aligned, C16=all(c % 16 == 0 for c in C), **cfg,
+    )
+
+
+def neuron_stats_multi(
+    base: Sequence[torch.Tensor],
+    finetuned: Sequence[torch.Tensor],
+    threshold: Optional[torch.Tensor] = None,
+    tie_limit: Optional[torch.Tensor] = None,
+    offsets: Sequence[int] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.ops.neurokern.neuron_stats_multi: the rows of every tensor, concatenated in list order,
+    in one launch per storage dtype (T > MAX_TASKS: the reference per tensor, as neuron_stats)."""
+    op = "neuron_stats_multi"
+    T, columns = multi._columns(op, base, finetuned)
+    rows = multi.matrix_rows(op, base)
+    n = len(base)
+    offsets = multi._offsets(op, offsets, n)
+    device = base[0].device
+    thr, lim, trim_rows = multi._trims(op, threshold, tie_limit, n, T, device)
+    firsts = list(itertools.accumulate(rows, initial=0))
+    gram = torch.empty((firsts[-1], T, T), dtype=torch.float64, device=device)
+    dots = torch.empty((firsts[-1], T), dtype=torch.float64, device=device)
+    sq = torch.empty((firsts[-1],), dtype=torch.float64, device=device)
+    if T > MAX_TASKS:
+        for i in range(n):
+            r0, r1 = firsts[i], firsts[i + 1]
+            t_i, l_i = multi._trim_of(thr, lim, trim_rows, i)
+            _reference_chunked(base[i], columns[i], t_i, l_i, offsets[i], gram[r0:r1], dots[r0:r1], sq[r0:r1])
+        return gram, dots, sq
+    for idx in multi._by_dtype(base):
+        sub_thr, sub_lim = (thr[idx], lim[idx]) if trim_rows and len(idx) < n else (thr, lim)
+        launch_neuron_stats_multi(idx, base, columns, sub_thr, sub_lim, trim_rows, offsets, firsts, gram, dots, sq)
+    return gram, dots, sq
+
+
 registry.register("neuron_stats", neuron_stats)
+registry.register("neuron_stats_multi", neuron_stats_multi)

@@ -17,6 +17,7 @@ import torch
 
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
+from neurokern.ops.triton import multi as M
 from neurokern.ops.triton import neuron_stats as tns
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -197,6 +198,116 @@ def test_bad_arguments():
         tns.neuron_stats(base, fts, torch.zeros(3), torch.zeros(3, dtype=torch.long))
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         tns.neuron_stats(base.double(), [f.double() for f in fts])
+
+
+# ---------------------------------------------------------------------------------------------
+# neuron_stats_multi: one launch per storage dtype over a list of matrices
+
+MATRICES = [(33, 65), (0, 5), (1, 17), (17, 1), (4, 0), (9, 32), (1, 1)]
+# The interpreter's launch shape (few, wide programs; ragged row blocks) and the GPU's (one row per
+# program, several column steps with a ragged tail), on fewer rows: the interpreter pays per step.
+WIDE = dict(ROWS=8, NT=16, VPT=1, num_warps=1)
+GPU_LIKE = dict(ROWS=1, NT=4, VPT=4, num_warps=1)
+SMALL = [(5, 37), (0, 5), (1, 17), (3, 1), (2, 0), (2, 32), (1, 1)]
+
+
+def make_matrices(T, dtype, seed, shapes=MATRICES):
+    groups = [make_group(s, T, dtype, seed=seed + i, base_zero_rows=(0,) if s[0] > 1 else (), quantize=i % 2 == 1)
+              for i, s in enumerate(shapes)]
+    return [b for b, _ in groups], [groups[i][1][t] for t in range(T) for i in range(len(shapes))]
+
+
+def list_trim(bases, fts, T, scope):
+    """(threshold, tie_limit, offsets): one [T] scope over the list with offsets, or [n, T]."""
+    if scope == "none":
+        return None, None, []
+    b32, f32 = [b.float() for b in bases], [f.float() for f in fts]
+    if scope == "global":
+        N = sum(b.numel() for b in bases)
+        thr, lim = nk.magnitude_threshold(b32, f32, [N // 3 + t for t in range(T)], keep_ties=False)
+        sizes = [b.numel() for b in bases]
+        return thr, lim, [sum(sizes[:i]) for i in range(len(bases))]
+    k = [max(1, b.numel() // 3) + t for b in bases for t in range(T)]
+    thr, lim = nk.magnitude_threshold(b32, f32, k, keep_ties=False, per_tensor=True)
+    return thr, lim, []
+
+
+def single_launches(bases, fts, thr, lim, offsets, config):
+    """torch.cat of the single-tensor kernel's results, launched with `config`."""
+    n, T = len(bases), len(fts) // len(bases)
+    parts = []
+    for i, base in enumerate(bases):
+        R = base.shape[0]
+        out = (torch.empty(R, T, T, dtype=torch.float64), torch.empty(R, T, dtype=torch.float64),
+               torch.empty(R, dtype=torch.float64))
+        t_i, l_i = (thr[i], lim[i]) if thr is not None and thr.dim() == 2 else (thr, lim)
+        if R:
+            tns.launch_neuron_stats(base, list(fts[i::n]), t_i, l_i, offsets[i] if offsets else 0, *out, config=config)
+        parts.append(out)
+    return [torch.cat(p) for p in zip(*parts)]
+
+
+def check_bitwise_single_kernel(bases, fts, T, scope, config):
+    """Each tensor's rows are bitwise the single-tensor kernel's under the same launch configuration
+    (on a GPU the configuration depends on dtype and T only: the op's results are bitwise too)."""
+    thr, lim, offsets = list_trim(bases, fts, T, scope)
+    columns = [list(fts[i::len(bases)]) for i in range(len(bases))]
+    R = sum(b.shape[0] for b in bases)
+    firsts = [sum(b.shape[0] for b in bases[:i]) for i in range(len(bases))]
+    out = (torch.empty(R, T, T, dtype=torch.float64), torch.empty(R, T, dtype=torch.float64),
+           torch.empty(R, dtype=torch.float64))
+    thr_d, lim_d, rows = M._trims("neuron_stats_multi", thr, lim, len(bases), T, "cpu")
+    tns.launch_neuron_stats_multi(list(range(len(bases))), bases, columns, thr_d, lim_d, rows,
+                                  offsets or [0] * len(bases), firsts, *out, config=config)
+    for a, b in zip(out, single_launches(bases, fts, thr, lim, offsets, config)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_multi_bitwise_single_kernel(scope, T, dtype):
+    check_bitwise_single_kernel(*make_matrices(T, dtype, seed=10 * T), T, scope, WIDE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_multi_bitwise_single_kernel_gpu_shape(T, dtype):
+    check_bitwise_single_kernel(*make_matrices(T, dtype, seed=20 * T, shapes=SMALL), T, "global", GPU_LIKE)
+
+
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_multi_vs_cpp(scope, T):
+    """A list mixing storage dtypes (one launch each) against the C++ op and the reference."""
+    groups = [make_matrices(T, dtype, seed=T + i, shapes=MATRICES[i::3]) for i, dtype in enumerate(DTYPES)]
+    bases = [b for g in groups for b in g[0]]
+    cols = [list(g[1][i::len(g[0])]) for g in groups for i in range(len(g[0]))]
+    fts = [cols[i][t] for t in range(T) for i in range(len(bases))]
+    thr, lim, offsets = list_trim(bases, fts, T, scope)
+    got = tns.neuron_stats_multi(bases, fts, thr, lim, offsets)
+    want = torch.ops.neurokern.neuron_stats_multi.default(bases, fts, thr, lim, offsets)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.float64 and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    r0 = 0
+    for i, base in enumerate(bases):  # each block of rows against the reference's error bound
+        r1 = r0 + base.shape[0]
+        trim = None if thr is None else ((thr[i], lim[i]) if thr.dim() == 2 else (thr, lim))
+        check(base, cols[i], trim, offsets[i] if offsets else 0, got=tuple(x[r0:r1] for x in got))
+        r0 = r1
+
+
+def test_multi_many_tasks_and_errors():
+    T = 9
+    bases, fts = make_matrices(T, torch.bfloat16, seed=3, shapes=[(5, 21), (0, 3), (2, 7)])
+    got = tns.neuron_stats_multi(bases, fts)
+    want = [torch.cat(p) for p in zip(*(tns.neuron_stats(b, list(fts[i::3])) for i, b in enumerate(bases)))]
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(RuntimeError, match=r"base\[1\] must be 2-D"):
+        tns.neuron_stats_multi([bases[0], bases[2].flatten()], [fts[0], fts[2].flatten()])
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        tns.neuron_stats_multi([bases[0].double()], [fts[0].double()])
 
 
 # ---------------------------------------------------------------------------------------------
