@@ -100,6 +100,13 @@ TORCH_LIBRARY(neurokern, m) {
   m.def(
       "neuron_stats_multi(Tensor[] base, Tensor[] finetuned, Tensor? threshold=None, "
       "Tensor? tie_limit=None, int[] offsets=[]) -> (Tensor gram, Tensor dots, Tensor sqnorm)");
+  // weighted_sum with per-row coefficients of every 2-D base[i] in one call (one launch per storage
+  // dtype on the GPU): coeffs are float32 [T+1, sum R], tensor i's rows at its first row in list
+  // order (neuron_stats_multi's rows, as neuromerge_coeffs returns them). Not differentiable.
+  m.def(
+      "weighted_sum_rows_multi(Tensor[] base, Tensor[] finetuned, Tensor coeffs, "
+      "Tensor? threshold=None, Tensor? tie_limit=None, int[] offsets=[], ScalarType? out_dtype=None) "
+      "-> Tensor[]");
   // Task-routed linear layer: y[b] = x[b] @ weight[task_ids[b]]^T + bias[task_ids[b]].
   m.def("tinted_linear(Tensor x, Tensor weight, Tensor? bias, Tensor task_ids) -> Tensor");
   // Its weight gradient: dW[t] = sum over rows b of task t of grad[b]^T x[b], [T, out, in].

@@ -142,6 +142,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neuron_stats_multi_cpu(
   return {at::cat(gram), at::cat(dots), at::cat(sqnorm)};
 }
 
+std::vector<at::Tensor> weighted_sum_rows_multi_cpu(at::TensorList base, at::TensorList finetuned,
+                                                    const at::Tensor& coeffs, const OptTensor& threshold,
+                                                    const OptTensor& tie_limit, at::IntArrayRef offsets,
+                                                    std::optional<at::ScalarType> out_dtype) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("neurokern::weighted_sum", "")
+                       .typed<at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&,
+                                         const OptTensor&, const OptTensor&, int64_t,
+                                         std::optional<at::ScalarType>)>();
+  const int64_t n = static_cast<int64_t>(base.size());
+  const int64_t T = list_tasks("weighted_sum_rows_multi", base, finetuned);
+  check_multi_args("weighted_sum_rows_multi", n, T, offsets, threshold, tie_limit);
+  const int64_t rows = total_rows("weighted_sum_rows_multi", base);
+  TORCH_CHECK(coeffs.scalar_type() == at::kFloat,
+              "neurokern.weighted_sum_rows_multi: coeffs must be float32, got ", coeffs.scalar_type());
+  TORCH_CHECK(coeffs.dim() == 2 && coeffs.size(0) == T + 1 && coeffs.size(1) == rows,
+              "neurokern.weighted_sum_rows_multi: coeffs must be [T+1, sum of rows] = [", T + 1, ", ",
+              rows, "] (tensor i's rows at its first row in list order), got ", coeffs.sizes());
+  std::vector<at::Tensor> out;
+  int64_t first = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t R = base[i].size(0);
+    out.push_back(op.call(base[i], column_of(finetuned, n, i), coeffs.narrow(1, first, R),
+                          trim_of(threshold, i), trim_of(tie_limit, i), offset_of(offsets, i),
+                          out_dtype));
+    first += R;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neurokern, CPU, m) {
@@ -150,6 +180,7 @@ TORCH_LIBRARY_IMPL(neurokern, CPU, m) {
   m.impl("ties_merge_multi", &ties_merge_multi_cpu);
   m.impl("dare_multi", &dare_multi_cpu);
   m.impl("neuron_stats_multi", &neuron_stats_multi_cpu);
+  m.impl("weighted_sum_rows_multi", &weighted_sum_rows_multi_cpu);
 }
 
 }  // namespace neurokern::cpu

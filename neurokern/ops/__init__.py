@@ -12,7 +12,7 @@ from neurokern.ops.subspace_split import subspace_split
 from neurokern.ops.ties_merge import ties_merge, ties_merge_multi
 from neurokern.ops.tinted_linear import tinted_linear
 from neurokern.ops.trim_l1 import trim_l1
-from neurokern.ops.weighted_sum import weighted_sum, weighted_sum_multi
+from neurokern.ops.weighted_sum import weighted_sum, weighted_sum_multi, weighted_sum_rows_multi
 
 __all__ = [
     "dare",
@@ -29,6 +29,7 @@ __all__ = [
     "trim_l1",
     "weighted_sum",
     "weighted_sum_multi",
+    "weighted_sum_rows_multi",
 ]
 
 from neurokern.ops import triton as _triton  # noqa: E402,F401  (registers Triton kernels for CUDA)

@@ -312,6 +312,17 @@ def weighted_sum_multi(base, finetuned, coeffs, trim=None, offsets=None, out_dty
     return out
 
 
+def weighted_sum_rows_multi(base, finetuned, coeffs, trim=None, offsets=None, out_dtype=None):
+    """Per-row weighted_sum of each matrix, its coefficients the columns of coeffs [T+1, sum of rows]
+    at its rows in list order."""
+    out, first = [], 0
+    for i, b in enumerate(base):
+        column, trim_i, offset = _multi_args(base, finetuned, trim, offsets, i)
+        out.append(weighted_sum(b, column, coeffs[:, first:first + b.shape[0]], trim_i, offset, out_dtype))
+        first += b.shape[0]
+    return out
+
+
 def weighted_sum_multi_backward(grad, base, finetuned, coeffs, trim=None, offsets=None):
     rows = []
     for i, b in enumerate(base):

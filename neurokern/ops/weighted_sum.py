@@ -1,5 +1,6 @@
 """Coefficient-weighted sum of the pre-trained tensor and trimmed task vectors, differentiable
-with respect to the coefficients (the merged forward of AdaMerging and Tinting)."""
+with respect to the coefficients (the merged forward of AdaMerging and Tinting), and its per-row
+form over a list of matrices (NeuroMerging's merged rows, not differentiable)."""
 from typing import Optional, Sequence
 
 import torch
@@ -127,3 +128,38 @@ def _backward_multi(ctx, grads):
 torch.library.register_autograd(
     "neurokern::weighted_sum_multi", _backward_multi, setup_context=_setup_context_multi
 )
+
+
+def weighted_sum_rows_multi(
+    base: Sequence[Tensor],
+    finetuned: Sequence[Tensor],
+    coeffs: Tensor,
+    trim: Optional[tuple[Tensor, Tensor]] = None,
+    offsets: Optional[Sequence[int]] = None,
+    out_dtype: Optional[torch.dtype] = None,
+) -> list[Tensor]:
+    """weighted_sum with per-row coefficients of every 2-D tensor of a list in one call (one launch
+    per storage dtype on a GPU): with s_i the first row of tensor i in list order,
+    out[i][r] = coeffs[0, s_i + r] * base[i][r] + sum_t coeffs[t+1, s_i + r] * trim(tau_t)[r],
+    tau_t = finetuned[t * n + i] - base[i] (task-major), bitwise weighted_sum(base[i], its column,
+    coeffs[:, s_i : s_i + R_i], ...).
+
+    coeffs: float32 [T+1, sum of rows], e.g. neuromerge_coeffs of neuron_stats_multi's rows. trim:
+    [T] pairs (one scope, tensor i's positions start at offsets[i]) or [n, T] pairs (row i trims
+    tensor i). Not differentiable (the NeuroMerging coefficients are computed, not learned):
+    weighted_sum and weighted_sum_multi carry gradients."""
+    if coeffs.requires_grad or any(b.requires_grad for b in base) or any(f.requires_grad for f in finetuned):
+        raise ValueError(
+            "neurokern.weighted_sum_rows_multi is not differentiable; use weighted_sum or "
+            "weighted_sum_multi for gradients with respect to the coefficients"
+        )
+    threshold, tie_limit = trim_args(trim)
+    return torch.ops.neurokern.weighted_sum_rows_multi.default(
+        contiguous(base), contiguous(finetuned), coeffs.to(torch.float32).contiguous(),
+        threshold, tie_limit, list(offsets or []), out_dtype,
+    )
+
+
+@torch.library.register_fake("neurokern::weighted_sum_rows_multi")
+def _(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
+    return [b.new_empty(b.shape, dtype=out_dtype or b.dtype) for b in base]

@@ -188,3 +188,19 @@ def test_neuron_stats_multi_matches_per_tensor(T, scope):
     for a, b in zip(got, want):  # float64 sums in another order
         torch.testing.assert_close(a.cpu(), b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
 
+
+@pytest.mark.parametrize("T", [1, 4, 8])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_weighted_sum_rows_multi_matches_per_tensor(T, scope):
+    base, fts = layer_list(T, seed=10 + T)
+    trim, offsets = list_trim(base, fts, T, scope)
+    rows = [b.shape[0] for b in base]
+    coeffs = torch.rand(T + 1, sum(rows), device="cuda")
+    got = ops.weighted_sum_rows_multi(base, fts, coeffs, trim, offsets)
+    assert all(x.is_cuda and x.dtype == b.dtype for x, b in zip(got, base))
+    single = per_tensor(ops.weighted_sum, base, fts, trim, offsets, coeffs.split(rows, dim=1))
+    assert all(torch.equal(a, b) for a, b in zip(got, single))
+    # Element-wise float32 arithmetic in the C++ op's order: bitwise the CPU op too.
+    want = ops.weighted_sum_rows_multi(cpu_list(base), cpu_list(fts), coeffs.cpu(), tuple(x.cpu() for x in trim),
+                                       offsets)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))

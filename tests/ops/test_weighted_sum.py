@@ -1,5 +1,6 @@
 """neurokern.weighted_sum: out = a[0] * base + sum_t a[t+1] * trim(tau_t), per-tensor / per-row /
-per-element coefficients, out_dtype, and its autograd with respect to the coefficients."""
+per-element coefficients, out_dtype, and its autograd with respect to the coefficients; and
+weighted_sum_rows_multi (per-row coefficients over a list of matrices, bitwise the single op)."""
 import warnings
 
 import pytest
@@ -9,7 +10,7 @@ import neurokern.ops as nk
 from neurokern.ops import reference as ref
 
 from .conftest import (DTYPE_IDS, DTYPES, INT64_MAX, SHAPES_ND, TASKS, assert_matches_f64,
-                      f64_group, make_group, opcheck, seed_of)
+                      f64_group, list_trims, make_group, make_list, opcheck, seed_of)
 
 LAYOUTS = ["tensor", "row", "element"]
 
@@ -241,3 +242,87 @@ def test_opcheck(layout):
     opcheck(op, (base, fts, a))
     opcheck(op, (base, fts, a, thr, lim, 3, torch.bfloat16))
     opcheck(torch.ops.neurokern.weighted_sum_backward.default, (torch.randn(5, 6), base, fts, a.detach(), thr, lim, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted_sum_rows_multi: per-row coefficients [T+1, sum of rows] over a list of matrices
+
+# Odd sizes, zero-row and zero-column matrices, single rows and columns.
+MATRICES = [(33, 65), (0, 5), (1, 17), (17, 1), (4, 0), (9, 32), (1, 1)]
+DTYPE_LISTS = [(torch.float32,), (torch.bfloat16,), (torch.float16,), tuple(DTYPES)]
+
+
+def _row_coeffs(bases, T, seed):
+    return _coeffs("row", (sum(b.shape[0] for b in bases),), T, seed)
+
+
+def _per_tensor_rows(bases, fts, coeffs, trim, offsets, out_dtype=None):
+    """The single op per matrix, with its columns of coeffs (what the multi op equals bitwise)."""
+    out, first = [], 0
+    for i, b in enumerate(bases):
+        column, trim_i, offset = ref._multi_args(bases, fts, trim, offsets, i)
+        rows = coeffs[:, first:first + b.shape[0]]
+        out.append(nk.weighted_sum(b, column, rows, trim_i, offset, out_dtype))
+        first += b.shape[0]
+    return out
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_LISTS, ids=DTYPE_IDS + ["mixed"])
+@pytest.mark.parametrize("T", range(1, 9))
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+@pytest.mark.parametrize("out_dtype", [None, torch.float32], ids=["storage", "f32"])
+def test_rows_multi_equals_per_tensor(out_dtype, scope, T, dtypes):
+    bases, fts = make_list(T, dtypes, seed_of("wsrm", T, dtypes), shapes=MATRICES)
+    coeffs = _row_coeffs(bases, T, seed_of("wsrm_c", T))
+    trim, offsets = list_trims(bases, fts, T, scope)
+    got = nk.weighted_sum_rows_multi(bases, fts, coeffs, trim, offsets, out_dtype)
+    for expected in (_per_tensor_rows(bases, fts, coeffs, trim, offsets, out_dtype),
+                     ref.weighted_sum_rows_multi(bases, fts, coeffs, trim, offsets, out_dtype)):
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_rows_multi_uses_each_tensors_rows():
+    """Tensor i reads coeffs[:, s_i + r]: a coefficient set only on tensor 1's first row."""
+    T = 2
+    bases, fts = make_list(T, (torch.float32,), 7, shapes=[(3, 4), (2, 5)])
+    coeffs = torch.zeros(T + 1, 5)
+    coeffs[0, 3] = 1.0
+    out = nk.weighted_sum_rows_multi(bases, fts, coeffs)
+    assert not out[0].any() and torch.equal(out[1][0], bases[1][0]) and not out[1][1].any()
+
+
+def test_rows_multi_is_not_differentiable():
+    bases, fts = make_list(1, (torch.float32,), 0, shapes=[(3, 4)])
+    with pytest.raises(ValueError, match="not differentiable"):
+        nk.weighted_sum_rows_multi(bases, fts, torch.ones(2, 3, requires_grad=True))
+
+
+def test_rows_multi_bad_arguments():
+    bases, fts = make_list(2, (torch.float32,), 0, shapes=[(3, 4), (5, 2)])
+    coeffs = torch.ones(3, 8)
+    ops = torch.ops.neurokern
+    with pytest.raises(RuntimeError, match=r"base\[1\] must be 2-D"):
+        ops.weighted_sum_rows_multi([bases[0], bases[1].flatten()],
+                                    [fts[0], fts[1].flatten(), fts[2], fts[3].flatten()], coeffs)
+    with pytest.raises(RuntimeError, match=r"coeffs must be \[T\+1, sum of rows\] = \[3, 8\]"):
+        ops.weighted_sum_rows_multi(bases, fts, torch.ones(3, 7))
+    with pytest.raises(RuntimeError, match="coeffs must be float32"):
+        ops.weighted_sum_rows_multi(bases, fts, coeffs.double())
+    with pytest.raises(RuntimeError, match="offsets must be empty or hold one entry per tensor"):
+        ops.weighted_sum_rows_multi(bases, fts, coeffs, None, None, [0, 1, 2])
+    with pytest.raises(RuntimeError, match=r"threshold and tie_limit must be \[2\] or \[2, 2\]"):
+        ops.weighted_sum_rows_multi(bases, fts, coeffs, torch.zeros(1, 2), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="not a multiple"):
+        ops.weighted_sum_rows_multi(bases, fts[:3], coeffs)
+
+
+def test_rows_multi_opcheck():
+    T = 2
+    bases, fts = make_list(T, (torch.float32, torch.bfloat16), 3, shapes=[(5, 3), (0, 2), (4, 6)])
+    coeffs = _row_coeffs(bases, T, 1)
+    (thr, lim), _ = list_trims(bases, fts, T, "tensor")
+    opcheck(torch.ops.neurokern.weighted_sum_rows_multi.default, (bases, fts, coeffs, thr, lim, []))
+    (thr, lim), offsets = list_trims(bases, fts, T, "global")
+    opcheck(torch.ops.neurokern.weighted_sum_rows_multi.default, (bases, fts, coeffs, thr, lim, offsets, torch.float32))

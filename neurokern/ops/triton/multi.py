@@ -16,6 +16,7 @@ Options whose per-tensor pre-pass the single-tensor kernels do (ties_merge zero_
 dare rescale="l1"), T > MAX_TASKS and output dtypes the kernels do not store directly run the
 single-tensor launcher per tensor.
 """
+import itertools
 from typing import Sequence
 
 import torch
@@ -107,6 +108,37 @@ def _ws_multi_kernel(
     else:
         ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
                      offs, offs < n, 0, 1, offset, T, TRIM, 0)
+
+
+@triton.jit
+def _ws_rows_multi_kernel(
+    table, owner, coef_ptr, thr_ptr, lim_ptr, like_in, like_out, nt, count,
+    T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr, C16: tl.constexpr,
+):
+    """Per-row coefficients: program (row, block of BLOCK columns) of tensor j, as the single-tensor
+    per-row kernel's. Table rows 5 + T, 6 + T: the row length C and the first row s_j of tensor j,
+    whose coefficients are coeffs[:, s_j + row] of coeffs [T+1, count]. C16: every C is a multiple
+    of 16 (whole rows start 16-element aligned, so unmasked blocks vectorize)."""
+    pid, j, local, n, offset = _where(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
+    out_ptr = _ptr(table, 4, nt, j, like_out, ALIGNED)
+    thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    C = tl.load(table + (5 + T) * nt + j)
+    if C16:
+        C = tl.multiple_of(C, 16)
+    coef_ptr += tl.load(table + (6 + T) * nt + j)
+    blocks = tl.cdiv(C, BLOCK)
+    row = local // blocks
+    block = local - row * blocks
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    offs = row * C + cols
+    if (block + 1) * BLOCK <= C:  # a whole block: unmasked
+        ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+                     offs, ew._everywhere(BLOCK), row, count, offset, T, TRIM, 1)
+    else:
+        ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+                     offs, cols < C, row, count, offset, T, TRIM, 1)
 
 
 @triton.jit
@@ -321,6 +353,46 @@ def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, 
     return outs
 
 
+def weighted_sum_rows_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
+    """torch.ops.neurokern.weighted_sum_rows_multi: one launch per storage dtype of the list."""
+    op = "weighted_sum_rows_multi"
+    T, columns = _columns(op, base, finetuned)
+    rows = matrix_rows(op, base)
+    firsts = list(itertools.accumulate(rows, initial=0))
+    if coeffs.dtype != torch.float32 or tuple(coeffs.shape) != (T + 1, firsts[-1]):
+        ew._fail(op, f"coeffs must be float32 [T+1, sum of rows] = [{T + 1}, {firsts[-1]}] (tensor i's rows at "
+                     f"its first row in list order), got {ew._name(coeffs.dtype)} {ew._shape(coeffs)}")
+    n = len(base)
+    offsets = _offsets(op, offsets, n)
+    device = base[0].device
+    thr, lim, trim_rows = _trims(op, threshold, tie_limit, n, T, device)
+    coeffs = coeffs.to(device).contiguous()
+    outs = [torch.empty(b.shape, dtype=out_dtype or b.dtype, device=b.device) for b in base]
+    direct = (out_dtype or torch.float32) in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    if T > ew.MAX_TASKS or not direct:
+        for i in range(n):
+            t_i, l_i = _trim_of(thr, lim, trim_rows, i)
+            outs[i] = ew.weighted_sum(base[i], columns[i], coeffs[:, firsts[i]:firsts[i + 1]], t_i, l_i, offsets[i],
+                                      out_dtype)
+        return outs
+    for idx in _by_dtype(base):
+        C = [base[i].shape[1] for i in idx]
+        programs = [rows[i] * triton.cdiv(c, ew.BLOCK) for i, c in zip(idx, C)]
+        table, owner, total, aligned = _table(idx, base, columns, outs, offsets, programs, device,
+                                              values=[C, [firsts[i] for i in idx]])
+        if total == 0:
+            continue
+        sub_thr, sub_lim = (thr[idx], lim[idx]) if trim_rows and len(idx) < n else (thr, lim)
+        first = base[idx[0]]
+        _ws_rows_multi_kernel[(total,)](
+            table, owner, coeffs, sub_thr if thr is not None else first, sub_lim if lim is not None else first,
+            first, outs[idx[0]], len(idx), firsts[-1],
+            T=T, TRIM=thr is not None, TRIM_ROWS=trim_rows, BLOCK=ew.BLOCK, ALIGNED=aligned,
+            C16=all(c % 16 == 0 for c in C), **ew.LAUNCH,
+        )
+    return outs
+
+
 def weighted_sum_multi_backward(grad, base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=()):
     """torch.ops.neurokern.weighted_sum_multi_backward: per storage dtype, one launch of float64
     partial sums over CHUNK-element chunks and one launch summing each tensor's partials."""
@@ -441,5 +513,6 @@ def dare_multi(base, finetuned, weights, density, keys, rescale="density", conse
 
 registry.register("weighted_sum_multi", weighted_sum_multi)
 registry.register("weighted_sum_multi_backward", weighted_sum_multi_backward)
+registry.register("weighted_sum_rows_multi", weighted_sum_rows_multi)
 registry.register("ties_merge_multi", ties_merge_multi)
 registry.register("dare_multi", dare_multi)

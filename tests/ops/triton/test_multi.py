@@ -1,4 +1,5 @@
-"""Triton launchers of the multi-tensor ops (neurokern/ops/triton/multi.py) against the C++ CPU ops.
+"""Triton launchers of the multi-tensor ops (neurokern/ops/triton/multi.py: weighted_sum_multi (+
+backward), weighted_sum_rows_multi, ties_merge_multi, dare_multi) against the C++ CPU ops.
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors; on a GPU the test_cuda_*
 tests run the compiled kernels through torch.ops.neurokern on CUDA tensors, at the shapes of a
@@ -79,6 +80,23 @@ def test_weighted_sum_multi(T, scope):
     assert_lists_bitwise(got, OPS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32))
 
 
+# Matrices for the per-row ops: odd sizes, zero rows / columns, a single element, and rows longer
+# than one interpreter block (whole and ragged column blocks).
+MATRICES = [(33, 65), (0, 4), (17, 1), (4, 7), (1, 1), (2, 4100), (3, 0)]
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_weighted_sum_rows_multi(T, scope):
+    bases, fts = make_list(T, MIXED, seed=7, shapes=MATRICES)
+    coeffs = torch.rand(T + 1, sum(b.shape[0] for b in bases), generator=torch.Generator().manual_seed(T))
+    thr, lim, offsets = trims(bases, fts, T, scope)
+    got = M.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets)
+    assert_lists_bitwise(got, OPS.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets))
+    got = M.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32)
+    assert_lists_bitwise(got, OPS.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32))
+
+
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("scope", ["none", "global", "tensor"])
 def test_weighted_sum_multi_backward(T, scope):
@@ -129,6 +147,9 @@ def test_more_tasks_than_kernel_slots():
     got = M.ties_merge_multi(bases, fts, [1.0] * T)
     for a, b in zip(got, OPS.ties_merge_multi(bases, fts, [1.0] * T)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    bases, fts = make_list(T, (torch.float32,), seed=5, shapes=[(3, 4), (0, 2), (5, 1)])
+    coeffs = torch.rand(T + 1, 8)
+    assert_lists_bitwise(M.weighted_sum_rows_multi(bases, fts, coeffs), OPS.weighted_sum_rows_multi(bases, fts, coeffs))
 
 
 # ---------------------------------------------------------------------------------------------
