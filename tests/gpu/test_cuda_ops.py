@@ -204,3 +204,15 @@ def test_weighted_sum_rows_multi_matches_per_tensor(T, scope):
     want = ops.weighted_sum_rows_multi(cpu_list(base), cpu_list(fts), coeffs.cpu(), tuple(x.cpu() for x in trim),
                                        offsets)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))
+
+
+@pytest.mark.parametrize("T", [1, 4, 10])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_trim_l1_list_matches_cpu(T, scope):
+    """One launch per storage dtype (and chunk of 8 tasks) over the layer's list."""
+    base, fts = layer_list(T, seed=20 + T)
+    trim, _ = list_trim(base, fts, T, scope)
+    got = ops.trim_l1(base, fts, trim)
+    assert got.is_cuda and got.shape == (T, 2)
+    want = ops.trim_l1(cpu_list(base), cpu_list(fts), tuple(x.cpu() for x in trim))
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0)

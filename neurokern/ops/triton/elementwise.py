@@ -1,4 +1,5 @@
-"""Triton kernels of the element-wise ops: weighted_sum (+ backward), ties_merge, dare, trim_l1.
+"""Triton kernels of the element-wise ops: weighted_sum (+ backward), ties_merge, dare (trim_l1, a
+reduction over a list of tensors in one launch, lives in multi.py and follows the rules below).
 
 Every launcher takes the op's arguments in schema order (csrc/ops.cpp) and is registered for the
 CUDA dispatch key; under TRITON_INTERPRET=1 the same launchers run on CPU tensors, which is how the
@@ -25,9 +26,9 @@ Design (each input element read once per pass, each output written once):
   elements); per-row coefficients: one program per (row, column block), the row's coefficients
   are scalars. Positions are int64, so tensors and offsets past 2^31 elements work.
 - Whole-tensor reductions (weighted_sum_backward per tensor, the TIES "majority" vote, the DARE
-  "l1" norms, trim_l1) are deterministic two-stage reductions: each program sums a CHUNK of 8192
-  elements in float64 lane accumulators, reduces them once and writes its partial to a buffer;
-  torch sums the buffer in float64. No atomics, no host sync (the majority sign and the l1 factors
+  "l1" norms, multi.py's trim_l1) are deterministic two-stage reductions: each program sums a
+  CHUNK of 8192 elements in float64 lane accumulators, reduces them once and writes its partial
+  to a buffer; torch sums the buffer in float64. No atomics, no host sync (the majority sign and the l1 factors
   stay on the device and are read by the second pass). Per-row gradients: one program per row.
 
 Bytes moved per call (E = element size of the storage dtype, N = numel, T tasks):
@@ -46,7 +47,8 @@ bytes above, T = 1 / T = 8): weighted_sum 1.00 / 1.05 (every layout); backward p
 Larger T: weighted_sum and weighted_sum_backward fall back to neurokern.ops.reference on the same
 device; ties_merge and dare fall back to neurokern.ops.reference on CPU copies (the reference's
 weight / mask tensors are built on the CPU, so it does not run on CUDA tensors), the result moved
-back to the input's device; trim_l1 processes the tasks in chunks of 8 (no fallback needed).
+back to the input's device; trim_l1 (multi.py) processes the tasks in chunks of 8 (no fallback
+needed).
 """
 import os
 from typing import Optional, Sequence
@@ -1093,143 +1095,7 @@ def dare(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# trim_l1
-
-
-@triton.jit
-def _l1_add(sb, sk, f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t: tl.constexpr, TRIM: tl.constexpr):
-    tau = _tau(f_ptr, offs, mask, w)
-    kept = _trimmed(tau, pos, thr_ptr, lim_ptr, t, TRIM)
-    return sb + tl.abs(tau).to(tl.float64), sk + tl.abs(kept).to(tl.float64)
-
-
-@triton.jit
-def _l1_store(part_ptr, sb, sk, t: tl.constexpr):
-    tl.store(part_ptr + 2 * t, tl.sum(sb, axis=0))
-    tl.store(part_ptr + 2 * t + 1, tl.sum(sk, axis=0))
-
-
-@triton.jit(do_not_specialize=["offset"])
-def _trim_l1_kernel(
-    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_ptr,
-    n, offset,
-    T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-):
-    """part[pid, t] = (sum |tau_t|, sum |trim(tau_t)|) over ITERS blocks, float64 lane accumulators
-    reduced once at the end."""
-    pid = tl.program_id(0).to(tl.int64)
-    b0 = tl.zeros([BLOCK], dtype=tl.float64)
-    b1 = tl.zeros([BLOCK], dtype=tl.float64)
-    b2 = tl.zeros([BLOCK], dtype=tl.float64)
-    b3 = tl.zeros([BLOCK], dtype=tl.float64)
-    b4 = tl.zeros([BLOCK], dtype=tl.float64)
-    b5 = tl.zeros([BLOCK], dtype=tl.float64)
-    b6 = tl.zeros([BLOCK], dtype=tl.float64)
-    b7 = tl.zeros([BLOCK], dtype=tl.float64)
-    k0 = tl.zeros([BLOCK], dtype=tl.float64)
-    k1 = tl.zeros([BLOCK], dtype=tl.float64)
-    k2 = tl.zeros([BLOCK], dtype=tl.float64)
-    k3 = tl.zeros([BLOCK], dtype=tl.float64)
-    k4 = tl.zeros([BLOCK], dtype=tl.float64)
-    k5 = tl.zeros([BLOCK], dtype=tl.float64)
-    k6 = tl.zeros([BLOCK], dtype=tl.float64)
-    k7 = tl.zeros([BLOCK], dtype=tl.float64)
-    for it in range(ITERS):
-        offs = (pid * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        pos = offs + offset
-        if T > 0:
-            b0, k0 = _l1_add(b0, k0, f0, offs, mask, w, pos, thr_ptr, lim_ptr, 0, TRIM)
-        if T > 1:
-            b1, k1 = _l1_add(b1, k1, f1, offs, mask, w, pos, thr_ptr, lim_ptr, 1, TRIM)
-        if T > 2:
-            b2, k2 = _l1_add(b2, k2, f2, offs, mask, w, pos, thr_ptr, lim_ptr, 2, TRIM)
-        if T > 3:
-            b3, k3 = _l1_add(b3, k3, f3, offs, mask, w, pos, thr_ptr, lim_ptr, 3, TRIM)
-        if T > 4:
-            b4, k4 = _l1_add(b4, k4, f4, offs, mask, w, pos, thr_ptr, lim_ptr, 4, TRIM)
-        if T > 5:
-            b5, k5 = _l1_add(b5, k5, f5, offs, mask, w, pos, thr_ptr, lim_ptr, 5, TRIM)
-        if T > 6:
-            b6, k6 = _l1_add(b6, k6, f6, offs, mask, w, pos, thr_ptr, lim_ptr, 6, TRIM)
-        if T > 7:
-            b7, k7 = _l1_add(b7, k7, f7, offs, mask, w, pos, thr_ptr, lim_ptr, 7, TRIM)
-    part = part_ptr + pid * (2 * T)
-    if T > 0:
-        _l1_store(part, b0, k0, 0)
-    if T > 1:
-        _l1_store(part, b1, k1, 1)
-    if T > 2:
-        _l1_store(part, b2, k2, 2)
-    if T > 3:
-        _l1_store(part, b3, k3, 3)
-    if T > 4:
-        _l1_store(part, b4, k4, 4)
-    if T > 5:
-        _l1_store(part, b5, k5, 5)
-    if T > 6:
-        _l1_store(part, b6, k6, 6)
-    if T > 7:
-        _l1_store(part, b7, k7, 7)
-
-
-def trim_l1(
-    base: Sequence[torch.Tensor],
-    finetuned: Sequence[torch.Tensor],
-    threshold: Optional[torch.Tensor] = None,
-    tie_limit: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """torch.ops.neurokern.trim_l1: float64 [T, 2] of (sum |tau_t|, sum |trim(tau_t)|) over the list.
-
-    One launch per tensor and chunk of up to MAX_TASKS tasks (any T); each program writes float64
-    partials, torch sums them in float64. Thresholds [T]: one scope over the list (flat positions
-    continue from tensor to tensor); [n, T]: each tensor on its own (positions from 0)."""
-    op = "trim_l1"
-    n = len(base)
-    if n == 0:
-        _fail(op, "base is an empty list")
-    if len(finetuned) % n:
-        _fail(op, f"{len(finetuned)} fine-tuned tensors is not a multiple of {n} base tensors")
-    T = len(finetuned) // n
-    device = base[0].device
-    if (threshold is None) != (tie_limit is None):
-        _fail(op, "threshold and tie_limit must be given together")
-    per_tensor = threshold is not None and threshold.dim() == 2
-    if per_tensor and (threshold.shape[0] != n or tie_limit.dim() != 2 or tie_limit.shape[0] != n):
-        _fail(op, f"per-tensor threshold and tie_limit must be [{n}, {T}], got {_shape(threshold)} "
-                  f"and {_shape(tie_limit)}")
-    out = torch.zeros((T, 2), dtype=torch.float64, device=device)
-    offset = 0
-    for i in range(n):
-        column = [finetuned[t * n + i] for t in range(T)]
-        _check_group(op, base[i], column)
-        if per_tensor:
-            thr, lim = _trim(op, threshold[i], tie_limit[i], T, device)
-        else:
-            thr, lim = _trim(op, threshold, tie_limit, T, device)
-        _check_storage(op, base[i].dtype)
-        numel = base[i].numel()
-        for t0 in range(0, T if numel else 0, MAX_TASKS):
-            t1 = min(T, t0 + MAX_TASKS)
-            block = _red_block(2 * (t1 - t0))
-            iters = max(1, CHUNK // block)
-            grid = _grid_1d(numel, block * iters)
-            part = torch.empty((grid[0], t1 - t0, 2), dtype=torch.float64, device=device)
-            _trim_l1_kernel[grid](
-                base[i], *_slots(base[i], column[t0:t1]),
-                thr[t0:] if thr is not None else base[i], lim[t0:] if lim is not None else base[i], part,
-                numel, 0 if per_tensor else offset,
-                T=t1 - t0, TRIM=thr is not None, BLOCK=block, ITERS=iters, **LAUNCH,
-            )
-            out[t0:t1] += part.sum(0)
-        offset += numel
-    return out
-
-
 registry.register("weighted_sum", weighted_sum)
 registry.register("weighted_sum_backward", weighted_sum_backward)
 registry.register("ties_merge", ties_merge)
 registry.register("dare", dare)
-registry.register("trim_l1", trim_l1)

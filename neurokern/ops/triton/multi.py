@@ -1,6 +1,6 @@
-"""Triton kernels of the multi-tensor ops (weighted_sum_multi (+ backward), ties_merge_multi,
-dare_multi): a whole list of tensors in one launch, so that small tensors (norms, biases) cost no
-launch of their own.
+"""Triton kernels of the multi-tensor ops (weighted_sum_multi (+ backward), weighted_sum_rows_multi,
+ties_merge_multi, dare_multi, trim_l1): a whole list of tensors in one launch, so that small tensors
+(norms, biases) cost no launch of their own and a model's hundreds of tensors cost a few launches.
 
 A launch covers the tensors of one storage dtype. Its table (int64, one host-to-device copy) holds,
 per tensor, the first program of the tensor, its numel, its flat-position offset, and the addresses
@@ -11,6 +11,17 @@ ops.
 A program whose block lies wholly inside its tensor loads without a mask, and when every address of
 the table is 16-byte aligned (ALIGNED) the pointers carry that hint: together they let Triton emit
 16-byte vector loads, which a pointer read from memory and a mask `offs < n` would both prevent.
+
+Per-row kernels (weighted_sum_rows_multi here, neuron_stats_multi in neuron_stats.py) append rows
+of plain numbers to the table: each matrix's row length C and its first row in the list's
+concatenated rows; where every C of the launch is a multiple of 16 (C16) the kernel says so, as the
+single-tensor kernel's specialization on C would, so that whole rows keep their vector loads.
+
+trim_l1 is a two-stage float64 reduction over the list: one launch per storage dtype (and chunk of
+MAX_TASKS tasks) whose programs each sum one CHUNK of one tensor (the chunks and partials a launch
+per tensor would have), then one torch float64 sum of each launch's partials: bitwise a per-tensor
+launch's result for a single tensor, within float64 rounding of the per-tensor sums added up for a
+list.
 
 Options whose per-tensor pre-pass the single-tensor kernels do (ties_merge zero_sign="majority",
 dare rescale="l1"), T > MAX_TASKS and output dtypes the kernels do not store directly run the
@@ -216,6 +227,103 @@ def _dare_multi_kernel(
                        grp, n, keep_below, T, CONSENSUS, NORMALIZE, G, False)
 
 
+@triton.jit
+def _l1_add(sb, sk, f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t: tl.constexpr, TRIM: tl.constexpr):
+    tau = ew._tau(f_ptr, offs, mask, w)
+    kept = ew._trimmed(tau, pos, thr_ptr, lim_ptr, t, TRIM)
+    return sb + tl.abs(tau).to(tl.float64), sk + tl.abs(kept).to(tl.float64)
+
+
+@triton.jit
+def _l1_store(part_ptr, sb, sk, t: tl.constexpr):
+    tl.store(part_ptr + 2 * t, tl.sum(sb, axis=0))
+    tl.store(part_ptr + 2 * t + 1, tl.sum(sk, axis=0))
+
+
+@triton.jit
+def _l1_chunk(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_ptr, local, n, offset,
+              T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+              FULL: tl.constexpr):
+    """part[t] = (sum |tau_t|, sum |trim(tau_t)|) over chunk `local` (ITERS blocks) of a tensor of n
+    elements: float64 lane accumulators reduced once at the end. FULL: the chunk lies inside the
+    tensor, so the loads go unmasked."""
+    b0 = tl.zeros([BLOCK], dtype=tl.float64)
+    b1 = tl.zeros([BLOCK], dtype=tl.float64)
+    b2 = tl.zeros([BLOCK], dtype=tl.float64)
+    b3 = tl.zeros([BLOCK], dtype=tl.float64)
+    b4 = tl.zeros([BLOCK], dtype=tl.float64)
+    b5 = tl.zeros([BLOCK], dtype=tl.float64)
+    b6 = tl.zeros([BLOCK], dtype=tl.float64)
+    b7 = tl.zeros([BLOCK], dtype=tl.float64)
+    k0 = tl.zeros([BLOCK], dtype=tl.float64)
+    k1 = tl.zeros([BLOCK], dtype=tl.float64)
+    k2 = tl.zeros([BLOCK], dtype=tl.float64)
+    k3 = tl.zeros([BLOCK], dtype=tl.float64)
+    k4 = tl.zeros([BLOCK], dtype=tl.float64)
+    k5 = tl.zeros([BLOCK], dtype=tl.float64)
+    k6 = tl.zeros([BLOCK], dtype=tl.float64)
+    k7 = tl.zeros([BLOCK], dtype=tl.float64)
+    for it in range(ITERS):
+        offs = (local * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        if FULL:
+            mask = ew._everywhere(BLOCK)
+        else:
+            mask = offs < n
+        w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        pos = offs + offset
+        if T > 0:
+            b0, k0 = _l1_add(b0, k0, f0, offs, mask, w, pos, thr_ptr, lim_ptr, 0, TRIM)
+        if T > 1:
+            b1, k1 = _l1_add(b1, k1, f1, offs, mask, w, pos, thr_ptr, lim_ptr, 1, TRIM)
+        if T > 2:
+            b2, k2 = _l1_add(b2, k2, f2, offs, mask, w, pos, thr_ptr, lim_ptr, 2, TRIM)
+        if T > 3:
+            b3, k3 = _l1_add(b3, k3, f3, offs, mask, w, pos, thr_ptr, lim_ptr, 3, TRIM)
+        if T > 4:
+            b4, k4 = _l1_add(b4, k4, f4, offs, mask, w, pos, thr_ptr, lim_ptr, 4, TRIM)
+        if T > 5:
+            b5, k5 = _l1_add(b5, k5, f5, offs, mask, w, pos, thr_ptr, lim_ptr, 5, TRIM)
+        if T > 6:
+            b6, k6 = _l1_add(b6, k6, f6, offs, mask, w, pos, thr_ptr, lim_ptr, 6, TRIM)
+        if T > 7:
+            b7, k7 = _l1_add(b7, k7, f7, offs, mask, w, pos, thr_ptr, lim_ptr, 7, TRIM)
+    if T > 0:
+        _l1_store(part_ptr, b0, k0, 0)
+    if T > 1:
+        _l1_store(part_ptr, b1, k1, 1)
+    if T > 2:
+        _l1_store(part_ptr, b2, k2, 2)
+    if T > 3:
+        _l1_store(part_ptr, b3, k3, 3)
+    if T > 4:
+        _l1_store(part_ptr, b4, k4, 4)
+    if T > 5:
+        _l1_store(part_ptr, b5, k5, 5)
+    if T > 6:
+        _l1_store(part_ptr, b6, k6, 6)
+    if T > 7:
+        _l1_store(part_ptr, b7, k7, 7)
+
+
+@triton.jit
+def _trim_l1_kernel(
+    table, owner, thr_ptr, lim_ptr, part_ptr, like_in, nt,
+    T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """part[pid, t] = (sum |tau_t|, sum |trim(tau_t)|) over chunk `local` of tensor j, float64."""
+    pid, j, local, n, offset = _where(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
+    thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    part_ptr += pid * (2 * T)
+    if (local + 1) * ITERS * BLOCK <= n:  # a whole chunk: unmasked
+        _l1_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_ptr, local, n, offset,
+                  T, TRIM, BLOCK, ITERS, True)
+    else:
+        _l1_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_ptr, local, n, offset,
+                  T, TRIM, BLOCK, ITERS, False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 
@@ -267,6 +375,17 @@ def _trim_of(thr, lim, rows: bool, i: int):
     if thr is None:
         return None, None
     return (thr[i], lim[i]) if rows else (thr, lim)
+
+
+def _task_trims(thr, lim, rows: bool, idx, n: int, t0: int, t1: int):
+    """The trims of tensors idx for tasks t0 .. t1 - 1: [t1 - t0], or [len(idx), t1 - t0] rows."""
+    if thr is None or not rows:
+        return (None, None) if thr is None else (thr[t0:t1], lim[t0:t1])
+    if len(idx) < n:
+        thr, lim = thr[idx], lim[idx]
+    if t1 - t0 < thr.shape[1]:
+        thr, lim = thr[:, t0:t1].contiguous(), lim[:, t0:t1].contiguous()
+    return thr, lim
 
 
 def _by_dtype(base: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -511,8 +630,47 @@ def dare_multi(base, finetuned, weights, density, keys, rescale="density", conse
     return outs
 
 
+def trim_l1(base, finetuned, threshold=None, tie_limit=None):
+    """torch.ops.neurokern.trim_l1: float64 [T, 2] of (sum |tau_t|, sum |trim(tau_t)|) over the list.
+
+    One launch per storage dtype and chunk of up to MAX_TASKS tasks (any T): each program sums one
+    CHUNK-element chunk of one tensor into float64 partials (the chunks and the partial sums of one
+    launch per tensor, bit for bit), torch sums the launch's partials in float64. Thresholds [T]:
+    one scope over the list (flat positions continue from tensor to tensor); [n, T]: each tensor on
+    its own (positions from 0)."""
+    op = "trim_l1"
+    T, columns = _columns(op, base, finetuned)
+    n = len(base)
+    device = base[0].device
+    thr, lim, trim_rows = _trims(op, threshold, tie_limit, n, T, device)
+    offsets = [0] * n if trim_rows else list(itertools.accumulate((b.numel() for b in base[:-1]), initial=0))
+    out = torch.zeros((T, 2), dtype=torch.float64, device=device)
+    for t0 in range(0, T, ew.MAX_TASKS):
+        t1 = min(T, t0 + ew.MAX_TASKS)
+        block = ew._red_block(2 * (t1 - t0))
+        iters = max(1, ew.CHUNK // block)
+        chunk = [column[t0:t1] for column in columns]
+        for idx in _by_dtype(base):
+            table, owner, programs, aligned = _table(idx, base, chunk, base, offsets, blocks(idx, base, block * iters),
+                                                     device)
+            if programs == 0:
+                continue
+            sub_thr, sub_lim = _task_trims(thr, lim, trim_rows, idx, n, t0, t1)
+            part = torch.empty((programs, t1 - t0, 2), dtype=torch.float64, device=device)
+            first = base[idx[0]]
+            _trim_l1_kernel[(programs,)](
+                table, owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, part,
+                first, len(idx),
+                T=t1 - t0, TRIM=thr is not None, TRIM_ROWS=trim_rows, BLOCK=block, ITERS=iters, ALIGNED=aligned,
+                **ew.LAUNCH,
+            )
+            out[t0:t1] += part.sum(0)
+    return out
+
+
 registry.register("weighted_sum_multi", weighted_sum_multi)
 registry.register("weighted_sum_multi_backward", weighted_sum_multi_backward)
 registry.register("weighted_sum_rows_multi", weighted_sum_rows_multi)
 registry.register("ties_merge_multi", ties_merge_multi)
 registry.register("dare_multi", dare_multi)
+registry.register("trim_l1", trim_l1)

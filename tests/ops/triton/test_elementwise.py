@@ -1,5 +1,5 @@
-"""Triton launchers of weighted_sum (+ backward), ties_merge, dare and trim_l1
-(neurokern/ops/triton/elementwise.py) against the float64 reference and the C++ CPU op.
+"""Triton launchers of weighted_sum (+ backward), ties_merge, dare (neurokern/ops/triton/elementwise.py)
+and trim_l1 (multi.py: one launch over the list) against the float64 reference and the C++ CPU op.
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1); with one, the same tests run the compiled kernels on CUDA tensors, and the
@@ -26,6 +26,7 @@ import triton.language as tl
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
 from neurokern.ops.triton import elementwise as E
+from neurokern.ops.triton import multi as M
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -469,7 +470,7 @@ def test_trim_l1(scope, T):
         k = [b.numel() // 3 + t for b in bases for t in range(T)]
         trim = nk.magnitude_threshold(bases, fts, k, keep_ties=False, per_tensor=True)
     thr, lim = trim if trim is not None else (None, None)
-    got = E.trim_l1(dev(bases), dev(fts), dev(thr), dev(lim))
+    got = M.trim_l1(dev(bases), dev(fts), dev(thr), dev(lim))
     assert got.dtype == torch.float64 and got.shape == (T, 2) and got.device.type == DEV
     torch.testing.assert_close(got.cpu(), ref.trim_l1(bases, fts, trim), rtol=1e-12, atol=0)
     torch.testing.assert_close(got.cpu(), OPS.trim_l1.default(bases, fts, thr, lim), rtol=1e-12, atol=0)
@@ -479,8 +480,8 @@ def test_trim_l1_hand():
     base = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     tau = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
     thr = torch.tensor([3.0])
-    assert E.trim_l1([dev(base)], [dev(base + tau)], dev(thr), dev(torch.tensor([INT64_MAX]))).tolist() == [[21.0, 18.0]]
-    assert E.trim_l1([dev(base)], [dev(base + tau)], dev(thr), dev(torch.tensor([2]))).tolist() == [[21.0, 15.0]]
+    assert M.trim_l1([dev(base)], [dev(base + tau)], dev(thr), dev(torch.tensor([INT64_MAX]))).tolist() == [[21.0, 18.0]]
+    assert M.trim_l1([dev(base)], [dev(base + tau)], dev(thr), dev(torch.tensor([2]))).tolist() == [[21.0, 15.0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +526,7 @@ def test_gpu_launch_configuration(gpu_blocks):
             _check_ws(base, fts, _coeffs(layout, (3, 1100), T, T), thr, lim, 3)
         _check_ties(base, fts, WEIGHTS[:T], thr, lim, 3, zero_sign="majority", consensus="count")
         _check_dare(base, fts, WEIGHTS[:T], 0.5, nk.dare_keys(1, "g", T), rescale="l1", consensus="sum")
-        got = E.trim_l1([dev(base)], dev(fts), dev(thr), dev(lim))
+        got = M.trim_l1([dev(base)], dev(fts), dev(thr), dev(lim))
         torch.testing.assert_close(got.cpu(), ref.trim_l1([base], fts, (thr, lim)), rtol=1e-12, atol=0)
 
 
@@ -555,9 +556,10 @@ def test_bad_arguments():
         (lambda: E.dare(base, fts, [1.0, 1.0], 0.5, [1, 2], rescale="l2"), "rescale must be"),
         (lambda: E.dare(base, fts, [1.0, 1.0], 0.5, [1, 2], consensus="median"),
          'consensus must be "none", "sum" or "count", got "median"'),
-        (lambda: E.trim_l1([], fts), "base is an empty list"),
-        (lambda: E.trim_l1([base, base], fts[:1]), "not a multiple of 2 base tensors"),
-        (lambda: E.trim_l1([base], fts, dev(torch.ones(2, 2)), dev(torch.ones(2, 2, dtype=torch.long))), r"must be \[1, 2\]"),
+        (lambda: M.trim_l1([], fts), "base is an empty list"),
+        (lambda: M.trim_l1([base, base], fts[:1]), "not a multiple of 2 base tensors"),
+        (lambda: M.trim_l1([base], fts, dev(torch.ones(2, 2)), dev(torch.ones(2, 2, dtype=torch.long))),
+         r"must be \[2\] or \[1, 2\]"),
     ]
     for fn, match in cases:
         with pytest.raises(RuntimeError, match=match):
@@ -567,8 +569,9 @@ def test_bad_arguments():
 def test_registered_for_cuda():
     from neurokern.ops.triton import registry
 
-    for op in ("weighted_sum", "weighted_sum_backward", "ties_merge", "dare", "trim_l1"):
+    for op in ("weighted_sum", "weighted_sum_backward", "ties_merge", "dare"):
         assert registry._REGISTERED[op] is getattr(E, op)
+    assert registry._REGISTERED["trim_l1"] is M.trim_l1
 
 
 # ---------------------------------------------------------------------------------------------

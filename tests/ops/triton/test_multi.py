@@ -1,5 +1,5 @@
 """Triton launchers of the multi-tensor ops (neurokern/ops/triton/multi.py: weighted_sum_multi (+
-backward), weighted_sum_rows_multi, ties_merge_multi, dare_multi) against the C++ CPU ops.
+backward), weighted_sum_rows_multi, ties_merge_multi, dare_multi, trim_l1) against the C++ CPU ops.
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors; on a GPU the test_cuda_*
 tests run the compiled kernels through torch.ops.neurokern on CUDA tensors, at the shapes of a
@@ -150,6 +150,55 @@ def test_more_tasks_than_kernel_slots():
     bases, fts = make_list(T, (torch.float32,), seed=5, shapes=[(3, 4), (0, 2), (5, 1)])
     coeffs = torch.rand(T + 1, 8)
     assert_lists_bitwise(M.weighted_sum_rows_multi(bases, fts, coeffs), OPS.weighted_sum_rows_multi(bases, fts, coeffs))
+
+
+class CountLaunches:
+    """Stands in for a Triton kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("T", [1, 3, 8, 10])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+def test_trim_l1_one_launch_per_dtype(T, scope, monkeypatch):
+    """One launch per storage dtype and chunk of 8 tasks; the C++ op's sums up to float64 order."""
+    kernel = CountLaunches(M._trim_l1_kernel)
+    monkeypatch.setattr(M, "_trim_l1_kernel", kernel)
+    bases, fts = make_list(T, MIXED, seed=8)
+    thr, lim, offsets = trims(bases, fts, T, scope)
+    got = M.trim_l1(bases, fts, thr, lim)
+    assert got.dtype == torch.float64 and got.shape == (T, 2)
+    torch.testing.assert_close(got, OPS.trim_l1(bases, fts, thr, lim), rtol=1e-12, atol=0)
+    assert kernel.launches == len(MIXED) * (1 if T <= 8 else 2)
+
+
+def test_trim_l1_gpu_chunks(monkeypatch):
+    """The GPU's chunk size: many programs per tensor, whole chunks unmasked, a ragged last one."""
+    monkeypatch.setattr(M.ew, "RED_BLOCK", 512)
+    monkeypatch.setattr(M.ew, "CHUNK", 2048)
+    T = 3
+    bases, fts = make_list(T, (torch.bfloat16, torch.float32), seed=9, shapes=[(3, 1100), (4096,), (7, 5)])
+    thr, lim, _ = trims(bases, fts, T, "global")
+    got = M.trim_l1(bases, fts, thr, lim)
+    torch.testing.assert_close(got, OPS.trim_l1(bases, fts, thr, lim), rtol=1e-12, atol=0)
+
+
+def test_new_ops_launch_once_per_dtype(monkeypatch):
+    from neurokern.ops.triton import neuron_stats as tns
+
+    T = 2
+    bases, fts = make_list(T, MIXED, seed=10, shapes=MATRICES)
+    kernels = {"ns": CountLaunches(tns._neuron_stats_multi_kernel), "ws": CountLaunches(M._ws_rows_multi_kernel)}
+    monkeypatch.setattr(tns, "_neuron_stats_multi_kernel", kernels["ns"])
+    monkeypatch.setattr(M, "_ws_rows_multi_kernel", kernels["ws"])
+    tns.neuron_stats_multi(bases, fts)
+    M.weighted_sum_rows_multi(bases, fts, torch.rand(T + 1, sum(b.shape[0] for b in bases)))
+    assert kernels["ns"].launches == kernels["ws"].launches == len(MIXED)
 
 
 # ---------------------------------------------------------------------------------------------
