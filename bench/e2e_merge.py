@@ -267,7 +267,7 @@ def run(cmd: list[str], env: dict, timeout: float) -> dict:
 
 # neurokern's CLI in-process, then its own peak figures (exact, from inside)
 NK_WRAPPER = """
-import json, sys, time
+import json, os, sys, time
 from neurokern.cli import main  # imports no torch: the command line starts its reads first
 t = time.perf_counter()
 rc = main(sys.argv[1:])
@@ -281,7 +281,8 @@ cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
 print("NK_STATS " + json.dumps({"rc": rc, "seconds": seconds, "peak_rss": hwm,
       "peak_gpu_alloc": torch.cuda.max_memory_allocated() if cuda else 0,
       "peak_gpu_reserved": torch.cuda.max_memory_reserved() if cuda else 0}), flush=True)
-sys.exit(rc)
+sys.stderr.flush()
+os._exit(rc)  # as the neurokern command ends (neurokern.cli.entry)
 """
 
 

@@ -1,6 +1,4 @@
 """`python -m neurokern ...` (and `torchrun --nproc-per-node N -m neurokern merge ...`)."""
-import sys
+from neurokern.cli import entry
 
-from neurokern.cli import main
-
-sys.exit(main())
+entry()

@@ -1,5 +1,6 @@
 """The `neurokern` command line (also `python -m neurokern`, and under `torchrun ... -m neurokern`)."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,6 @@ def merge_command(args: argparse.Namespace) -> int:
 
 
 def _is_main() -> bool:
-    import os
     return os.environ.get("RANK", "0") == "0"
 
 
@@ -85,5 +85,15 @@ def main(argv=None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The `neurokern` command (and `python -m neurokern`): main(), then exit at once. Everything
+    main() wrote is closed or renamed by then; the interpreter's teardown (CUDA context, pinned
+    buffers, thread pools, modules) would only add a second or more."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,7 +1,7 @@
 """Turning user inputs (state dicts or nn.Modules) into checked tensor groups."""
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -58,6 +58,26 @@ def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
     sums = torch.stack(torch._foreach_norm(list(tensors), 1, dtype=torch.float32))
     suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
     return [i for i in suspects if not bool(torch.isfinite(tensors[i]).all())]
+
+
+def nonfinite_later(tensors: Sequence[Tensor]) -> Callable[[], list[int]]:
+    """nonfinite without the host sync where it can: on a GPU the flags are computed and copied to
+    pinned host memory on the current stream, and the returned function waits for that copy (by
+    then the stream has usually passed it) and gives the positions. Elsewhere it checks now."""
+    if not (tensors and tensors[0].is_cuda and triton_kernels.AVAILABLE):
+        bad = nonfinite(tensors)
+        return lambda: bad
+    with torch.cuda.device(tensors[0].device):
+        flags = triton_kernels.finite.nonfinite_flags(tensors)
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        host.copy_(flags, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+
+    def positions() -> list[int]:
+        done.synchronize()
+        return [i for i, flag in enumerate(host.tolist()) if flag]
+    return positions
 
 
 def _check_finite(names: list[str], base: dict[str, Tensor], finetuned: list[dict[str, Tensor]]) -> None:

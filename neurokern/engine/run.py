@@ -8,7 +8,7 @@ import time
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import yaml
@@ -27,7 +27,7 @@ from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS
 from neurokern.methods._common import Precomputed, Trims, keep_count, thresholds
 from neurokern.methods.neuromerging import default_scale
-from neurokern.models import ModelSet, nonfinite
+from neurokern.models import ModelSet, nonfinite_later
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GPU_SHARE = 0.7  # default device budget: this share of the GPU memory free at the start
@@ -43,15 +43,22 @@ class Result:
     stats: dict = field(default_factory=dict)
 
 
-def _check_finite(batch: Batch, names: list[str], models: list[Model]) -> None:
-    """NaN / Inf is an error naming tensor, model and file: one pass over the unit's tensors and
-    one sync (neurokern.models.nonfinite)."""
+def _finite_check(batch: Batch, names: list[str], models: list[Model]) -> Callable[[], None]:
+    """NaN / Inf is an error naming tensor, model and file. One pass over the unit's tensors, read
+    without a host sync on a GPU (neurokern.models.nonfinite_later): the returned function raises
+    the error; the writer calls it before it writes the unit, and every pass before its results
+    are used."""
     items = [(name, i, sd[name]) for name in names for i, sd in enumerate([batch.base] + batch.finetuned)]
-    bad = nonfinite([t for _, _, t in items])
-    if bad:
-        name, i, _ = items[bad[0]]
-        m = models[i]
-        raise NeurokernError(f"tensor {name!r} of {m.label} ({m.tensors[name].file}) has non-finite values (NaN or Inf)")
+    positions = nonfinite_later([t for _, _, t in items])
+
+    def check() -> None:
+        bad = positions()
+        if bad:
+            name, i, _ = items[bad[0]]
+            m = models[i]
+            raise NeurokernError(f"tensor {name!r} of {m.label} ({m.tensors[name].file}) has non-finite values "
+                                 "(NaN or Inf)")
+    return check
 
 
 class _Engine:
@@ -76,6 +83,7 @@ class _Engine:
         self.passes = (["histogram", "boundary"] if self.global_trim else []) + (["l1"] if self.needs_scale else []) + ["merge"]
         self.progress = progress
         self.checked: set[int] = set()
+        self.finite_checks: dict[int, Callable[[], None]] = {}  # unit index -> raises on NaN / Inf
         self.batches_seen = 0
 
     # ------------------------------------------------------------------------------------------
@@ -101,10 +109,18 @@ class _Engine:
         for batch in batches(self.plan, units, self.reader, self.stager, keep=keep, progress=tick):
             if batch.unit.index not in self.checked:
                 with timing.span("finite check"):
-                    _check_finite(batch, [n for n in batch.unit.names if self.plan.tensors[n].merge], self.models)
+                    check = _finite_check(batch, self._merge_names(batch), self.models)
+                    if self.cuda:
+                        self.finite_checks[batch.unit.index] = check
+                    else:  # known already: before any work on the unit
+                        check()
                 self.checked.add(batch.unit.index)
             with timing.span("consumer work (between batches)"):
                 yield batch
+        with timing.span("finite check"):  # what the writer has not checked
+            for check in self.finite_checks.values():
+                check()
+            self.finite_checks.clear()
         bar.close()
         timing.add("pass (wall)", time.perf_counter() - start)
 
@@ -273,9 +289,10 @@ class _Engine:
             kernels = "kernels, other units"
             outputs = {n: merged[n] if n in merged else batch.base[n] for n in batch.unit.names}
             self.stager.cache.pop(batch.unit.index, None)
+            check = self.finite_checks.pop(batch.unit.index, None)
             if not self.cuda:
                 with timing.span("wait for writer"):
-                    writer.put({n: t if n in merged else t.clone() for n, t in outputs.items()})
+                    writer.put({n: t if n in merged else t.clone() for n, t in outputs.items()}, check=check)
                 continue
             with timing.span("wait for writer"):
                 slot = out_slots.get(stop, check=writer.check)
@@ -289,7 +306,7 @@ class _Engine:
             event = torch.cuda.Event()
             event.record()
             with timing.span("wait for writer"):
-                writer.put(views, wait=event.synchronize, release=lambda s=slot: out_slots.put(s))
+                writer.put(views, wait=event.synchronize, release=lambda s=slot: out_slots.put(s), check=check)
 
 
 def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, Path], *,

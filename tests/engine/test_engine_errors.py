@@ -21,8 +21,8 @@ def inputs(tmp_path):
                               extra={"out_shard_size": "30KB"})
 
 
-def fails(capsys, cfg, out, *extra) -> str:
-    assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", *extra]) == 2
+def fails(capsys, cfg, out, *extra, device="cpu") -> str:
+    assert main(["merge", str(cfg), str(out), "--device", device, "--quiet", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("neurokern: error: ") and err.count("\n") == 1, err
     assert not out.exists() or out.is_file() or not any(out.iterdir())
@@ -201,15 +201,19 @@ def test_disk_full_keeps_finished_shards_for_resume(inputs, tmp_path, capsys, mo
     assert read_dir(out) == read_dir(tmp_path / "ref")
 
 
-def test_error_after_output_started_removes_partial(inputs, tmp_path, capsys):
-    """A bad tensor found late (in the merge pass, after shards were written) leaves nothing."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("name", ["lm_head.weight", "model.layers.1.mlp.gate_proj.weight"])
+def test_error_after_output_started_removes_partial(inputs, tmp_path, capsys, device, name):
+    """A bad tensor found late (in the merge pass, after shards were written; on a GPU the check
+    is read without a sync, by the writer before it writes the unit) leaves nothing."""
     root, cfg = inputs
-    last = "lm_head.weight"  # the base's last tensor: in the last shard, merged last
-    file = shard_of(root / "task_0", last)
+    file = shard_of(root / "task_0", name)
 
     def poison(s):
-        s[last] = s[last].clone()
-        s[last].view(-1)[0] = float("inf")
+        s[name] = s[name].clone()
+        s[name].view(-1)[0] = float("inf")
     _edit(file, poison)
-    assert f"tensor {last!r} of models[0] ({file}) has non-finite values" in fails(capsys, cfg, tmp_path / "out")
+    err = fails(capsys, cfg, tmp_path / "out", device=device)
+    assert f"tensor {name!r} of models[0] ({file}) has non-finite values" in err
     no_partial(tmp_path / "out")

@@ -98,3 +98,18 @@ def test_profile_report(models, tmp_path, monkeypatch, capsys):
                 "writer: fsync", "writer drain", "process age at the end"):
         assert key in err, (key, err)
     assert read_dir(tmp_path / "on") == read_dir(tmp_path / "off")
+
+
+def test_manifest_digests_match_the_files(models, tmp_path, monkeypatch):
+    """The digests recorded while writing (pieces hashed in parallel, several per tensor here)
+    equal the ones read back."""
+    import json
+    from neurokern.engine import writer
+    from neurokern.engine.writer import DIGEST, MANIFEST, file_digest
+    monkeypatch.setattr(writer, "WRITE_PIECE", 1000)
+    cfg = write_config(tmp_path / "c.yaml", "ties", models, {"density": 0.3}, None, extra={"out_shard_size": "20KB"})
+    result = merge_models(cfg, tmp_path / "out", device="cpu")
+    shards = json.loads((tmp_path / "out" / MANIFEST).read_text())["shards"]
+    assert len(shards) == len(result.plan.shards) > 1
+    for shard in result.plan.shards:
+        assert shards[shard.file][DIGEST] == file_digest(tmp_path / "out" / shard.file, shard)
