@@ -1,5 +1,7 @@
 """NeuroMerging (Fang et al. 2025) in Gram form: trim, per-neuron statistics, a T x T solve per
-neuron, then one coefficient-weighted sum per matrix (neuromerging.md, "The fast form")."""
+neuron, then the coefficient-weighted sums of the rows (neuromerging.md, "The fast form"). Each
+batch of tensors costs one call per step: the statistics and the weighted sums of all its
+matrices, one solve for all their rows, and one TIES merge of its point parameters."""
 from dataclasses import dataclass
 from typing import Optional
 
@@ -7,7 +9,7 @@ import torch
 
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
-from neurokern.methods._common import Method, Precomputed, batches, group, thresholds
+from neurokern.methods._common import Method, Precomputed, batches, columns, thresholds
 
 WHERE = "method 'neuromerging'"
 
@@ -48,33 +50,27 @@ def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
     trims = pre.trims or thresholds(models, names, p.density, "keep", p.trim_scope)
     lam_orth = p.scale if p.scale is not None else pre.scale
     if lam_orth is None:
-        T = models.num_tasks
-        base = [models.base[n] for n in names]
-        finetuned = [models.finetuned[t][n] for t in range(T) for n in names]
-        lam_orth = default_scale(ops.trim_l1(base, finetuned, trims.pair))
+        lam_orth = default_scale(ops.trim_l1(*columns(models, names), trims.pair))
     lam_par = p.scale_parallel
     # Point parameters: lambda (lite) or the mean of both (full), as the reference does.
     point_scale = lam_orth if lam_par == 0 else (lam_par + lam_orth) / 2
     out = {}
     for batch in batches(models, names, progress, "neuromerging"):
-        inputs = {name: (*group(models, name), *trims.of(name)) for name in batch}  # base, fts, trim, offset
-        matrices = [n for n in batch if inputs[n][0].dim() == 2]
+        matrices = [n for n in batch if models.base[n].dim() == 2]
+        points = [n for n in batch if models.base[n].dim() != 2]
         if matrices:  # one solve for the neurons of every matrix of the batch (rows are independent)
-            stats = [ops.neuron_stats(*inputs[name]) for name in matrices]
-            gram, dots, sqnorm = (torch.cat(parts) for parts in zip(*stats))
+            base, finetuned = columns(models, matrices)
+            trim, offsets = trims.of_batch(matrices)
+            gram, dots, sqnorm = ops.neuron_stats_multi(base, finetuned, trim, offsets)
             coeffs = ops.neuromerge_coeffs(gram, dots, sqnorm, lam_par, lam_orth, p.parallel_basis, p.gamma)
-            rows = [inputs[n][0].shape[0] for n in matrices]
-            for name, part in zip(matrices, coeffs.split(rows, dim=1)):
-                base, finetuned, trim, offset = inputs[name]
-                out[name] = ops.weighted_sum(base, finetuned, part.contiguous(), trim, offset)
-        for name in batch:
-            base, finetuned, trim, offset = inputs[name]
-            if base.dim() == 2:
-                continue
-            out[name] = ops.ties_merge(
-                base, finetuned, [1.0] * len(finetuned), trim, offset, consensus="sum",
-                normalize="count", elect_weighted=False, zero_sign="majority", scale=point_scale,
-            )
+            out.update(zip(matrices, ops.weighted_sum_rows_multi(base, finetuned, coeffs, trim, offsets)))
+        if points:
+            base, finetuned = columns(models, points)
+            trim, offsets = trims.of_batch(points)
+            out.update(zip(points, ops.ties_merge_multi(
+                base, finetuned, [1.0] * models.num_tasks, trim, offsets, consensus="sum", normalize="count",
+                elect_weighted=False, zero_sign="majority", scale=point_scale,
+            )))
     return {name: out[name] for name in names}
 
 

@@ -216,3 +216,23 @@ def test_trim_l1_list_matches_cpu(T, scope):
     assert got.is_cuda and got.shape == (T, 2)
     want = ops.trim_l1(cpu_list(base), cpu_list(fts), tuple(x.cpu() for x in trim))
     torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("T", [1, 4, 8])
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_ties_merge_multi_majority_matches_per_tensor(T, scope):
+    """NeuroMerging's point parameters: 45 bf16 norms of 2048 (TinyLlama) and odd 1-D tensors, the
+    per-tensor majority signs from one pre-pass per dtype; bitwise the per-tensor ops and the CPU."""
+    groups = [group((2048,), T, torch.bfloat16, seed=30 + i) for i in range(45)]
+    groups += [group(s, T, torch.float32, seed=90 + i) for i, s in enumerate([(7,), (0,), (100003,)])]
+    base = [b for b, _ in groups]
+    fts = [groups[i][1][t] for t in range(T) for i in range(len(groups))]
+    trim, offsets = list_trim(base, fts, T, scope)
+    options = dict(consensus="sum", normalize="count", elect_weighted=False, zero_sign="majority", scale=1.3)
+    got = ops.ties_merge_multi(base, fts, [1.0] * T, trim, offsets, **options)
+    single = per_tensor(lambda b, f, tr, off: ops.ties_merge(b, f, [1.0] * T, tr, off, **options),
+                        base, fts, trim, offsets)
+    assert all(torch.equal(a, b) for a, b in zip(got, single))
+    want = ops.ties_merge_multi(cpu_list(base), cpu_list(fts), [1.0] * T, tuple(x.cpu() for x in trim), offsets,
+                                **options)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(got, want))

@@ -3,7 +3,11 @@ import pytest
 import torch
 
 import neurokern as nk
+from neurokern import ops
+from neurokern.methods import neuromerging as NM
 from neurokern.methods import reference as R
+from neurokern.methods._common import columns, group, thresholds
+from neurokern.models import ModelSet
 
 from conftest import delta_error, make_models
 
@@ -82,3 +86,45 @@ def test_single_task_density_one_returns_finetuned():
     w, tau = base["w"].double(), (fts[0]["w"] - base["w"]).double()
     c = (tau * w).sum(1, keepdim=True) / (w * w).sum(1, keepdim=True)
     torch.testing.assert_close(out, w + tau - c * w, rtol=0, atol=1e-6)
+
+
+def per_tensor_merge(models, p):
+    """NeuroMerging with one single-tensor op call per tensor (neuron_stats, weighted_sum,
+    ties_merge), the statistics of all matrices solved at once: what run()'s multi-tensor calls
+    must reproduce bit for bit."""
+    trims = thresholds(models, models.names, p.density, "keep", p.trim_scope)
+    base, finetuned = columns(models, models.names)
+    lam_orth = p.scale if p.scale is not None else NM.default_scale(ops.trim_l1(base, finetuned, trims.pair))
+    point_scale = lam_orth if p.scale_parallel == 0 else (p.scale_parallel + lam_orth) / 2
+    inputs = {n: (*group(models, n), *trims.of(n)) for n in models.names}
+    matrices = [n for n in models.names if inputs[n][0].dim() == 2]
+    stats = [ops.neuron_stats(*inputs[n]) for n in matrices]
+    gram, dots, sqnorm = (torch.cat(parts) for parts in zip(*stats))
+    coeffs = ops.neuromerge_coeffs(gram, dots, sqnorm, p.scale_parallel, lam_orth, p.parallel_basis, p.gamma)
+    out = {}
+    for name, part in zip(matrices, coeffs.split([inputs[n][0].shape[0] for n in matrices], dim=1)):
+        out[name] = ops.weighted_sum(inputs[name][0], inputs[name][1], part.contiguous(), *inputs[name][2:])
+    for name in models.names:
+        b, fts, trim, offset = inputs[name]
+        if b.dim() != 2:
+            out[name] = ops.ties_merge(b, fts, [1.0] * len(fts), trim, offset, consensus="sum", normalize="count",
+                                       elect_weighted=False, zero_sign="majority", scale=point_scale)
+    return out
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+@pytest.mark.parametrize("T", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("params", VARIANTS, ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "default")
+def test_multi_tensor_calls_equal_per_tensor_calls(params, dtype, T, device):
+    """On a GPU the multi-tensor Triton kernels against the single-tensor ones."""
+    base, fts = make_models(T, dtype=dtype, seed=20 + T)
+    base = {k: v.to(device) for k, v in base.items()}
+    fts = [{k: v.to(device) for k, v in ft.items()} for ft in fts]
+    models = ModelSet(base, fts, list(base))
+    p = NM.METHOD.params(params, T)
+    got = NM.run(models, p, progress=False)
+    want = per_tensor_merge(models, p)
+    for name in base:
+        assert got[name].dtype == dtype and torch.equal(got[name], want[name]), name

@@ -29,6 +29,25 @@ def test_merge_ops_compile_without_graph_breaks():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_neuromerging_list_ops_compile_without_graph_breaks():
+    """NeuroMerging's calls over a list of tensors (neurokern/methods/neuromerging.py)."""
+    (b0, f0), (b1, f1), (b2, f2) = _group(2, (6, 5)), _group(2, (0, 3)), _group(2, (4,))
+
+    def merge(b0, b1, b2, x0, x1, y0, y1, z0, z1):
+        base, fts = [b0, b1], [x0, y0, x1, y1]
+        trim = ops.magnitude_threshold(base, fts, [10, 10])
+        gram, dots, sq = ops.neuron_stats_multi(base, fts, trim, [0, 30])
+        coeffs = ops.neuromerge_coeffs(gram, dots, sq, 0.0, 1.0)
+        merged = ops.weighted_sum_rows_multi(base, fts, coeffs, trim, [0, 30])
+        points = ops.ties_merge_multi([b2], [z0, z1], [1.0, 1.0], zero_sign="majority")
+        return *merged, *points, ops.trim_l1(base, fts, trim)
+
+    args = (b0, b1, b2, *f0, *f1, *f2)
+    compiled = torch.compile(merge, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), merge(*args)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_weighted_sum_backward_compiles():
     base, fts = _group()
     coeffs = torch.tensor([1.0, 0.3, 0.3, 0.3], requires_grad=True)

@@ -23,8 +23,9 @@ per tensor would have), then one torch float64 sum of each launch's partials: bi
 launch's result for a single tensor, within float64 rounding of the per-tensor sums added up for a
 list.
 
-Options whose per-tensor pre-pass the single-tensor kernels do (ties_merge zero_sign="majority",
-dare rescale="l1"), T > MAX_TASKS and output dtypes the kernels do not store directly run the
+ties_merge_multi's zero_sign="majority" pre-pass (each tensor's majority sign) is one more launch
+of chunk partials and a segmented sum over them, per storage dtype. dare_multi's rescale="l1"
+(per-tensor norms), T > MAX_TASKS and output dtypes the kernels do not store directly run the
 single-tensor launcher per tensor.
 """
 import itertools
@@ -175,37 +176,60 @@ def _ws_multi_backward_kernel(
 @triton.jit
 def _segment_sum_kernel(part_ptr, table, out_ptr, nt, P, W: tl.constexpr, BW: tl.constexpr,
                         ROWS: tl.constexpr):
-    """out[j, i] = float32(sum of part[i, s_j : s_j+1]) for tensor j's chunk range, float64 sums in
-    a fixed order (deterministic)."""
+    """out[j, i] = sum of part[i, s_j : s_j+1] over tensor j's chunk range, in part's dtype (float64
+    or int64) and a fixed order (deterministic), stored in out's dtype."""
     j = tl.program_id(0).to(tl.int64)
     first = tl.load(table + j)
     last = tl.where(j + 1 < nt, tl.load(table + tl.minimum(j + 1, nt - 1)), P)
     inputs = tl.arange(0, BW)
-    acc = tl.zeros([ROWS, BW], dtype=tl.float64)
+    acc = tl.zeros([ROWS, BW], dtype=part_ptr.dtype.element_ty)
     for r0 in range(first, last, ROWS):
         r = r0 + tl.arange(0, ROWS)
         mask = (r[:, None] < last) & (inputs[None, :] < W)
-        acc += tl.load(part_ptr + inputs[None, :] * P + r[:, None], mask=mask, other=0.0)
-    tl.store(out_ptr + j * W + inputs, tl.sum(acc, axis=0).to(tl.float32), mask=inputs < W)
+        acc += tl.load(part_ptr + inputs[None, :] * P + r[:, None], mask=mask, other=0)
+    tl.store(out_ptr + j * W + inputs, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=inputs < W)
+
+
+@triton.jit
+def _ties_vote_multi_kernel(
+    table, owner, thr_ptr, lim_ptr, par_ptr, part_ptr, like_in, nt,
+    T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
+    ELECT_W: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    """The zero_sign="majority" pre-pass: part[pid] = the sum of the elected signs sign(vote) over
+    chunk `local` (ITERS blocks) of tensor j, as the single-tensor kernel's PASS 0 (int64, exact)."""
+    pid, j, local, n, offset = _where(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
+    thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    for it in range(ITERS):
+        offs = (local * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+        acc += ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, b, offs,
+                              offs < n, offset, T, TRIM, CONSENSUS, 0, ELECT_W, False, 0, BLOCK)
+    tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
 
 
 @triton.jit
 def _ties_multi_kernel(
-    table, owner, thr_ptr, lim_ptr, par_ptr, like_in, nt,
+    table, owner, thr_ptr, lim_ptr, par_ptr, fb_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
-    NORMALIZE: tl.constexpr, ELECT_W: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+    NORMALIZE: tl.constexpr, ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    """The merge of one block of tensor j; MAJORITY: a zero vote elects fb[j], the tensor's majority
+    sign (int32 [n])."""
     pid, j, local, n, offset = _where(table, owner, nt)
     b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
     out_ptr = _ptr(table, 4, nt, j, like_in, ALIGNED)
     thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    fb_ptr += j
     offs = local * BLOCK + tl.arange(0, BLOCK)
     if (local + 1) * BLOCK <= n:  # a whole block: unmasked
-        ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, out_ptr, offs,
-                       ew._everywhere(BLOCK), offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, False, 1, BLOCK)
+        ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
+                       ew._everywhere(BLOCK), offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK)
     else:
-        ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, out_ptr, offs,
-                       offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, False, 1, BLOCK)
+        ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
+                       offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK)
 
 
 @triton.jit
@@ -564,7 +588,8 @@ def weighted_sum_multi_backward(grad, base, finetuned, coeffs, threshold=None, t
 def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(),
                      consensus="sum", normalize="weights", elect_weighted=True, zero_sign="positive",
                      scale=1.0):
-    """torch.ops.neurokern.ties_merge_multi: one launch per storage dtype of the list."""
+    """torch.ops.neurokern.ties_merge_multi: one launch per storage dtype of the list;
+    zero_sign="majority" adds two (_majority)."""
     op = "ties_merge_multi"
     T, columns = _columns(op, base, finetuned)
     n = len(base)
@@ -572,7 +597,7 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
     offsets = _offsets(op, offsets, n)
     device = base[0].device
     thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
-    if T > ew.MAX_TASKS or zero_sign == "majority":
+    if T > ew.MAX_TASKS:
         outs = []
         for i in range(n):
             t_i, l_i = _trim_of(thr, lim, rows, i)
@@ -589,13 +614,33 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
             continue
         sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
         first = base[idx[0]]
+        trims = (sub_thr if thr is not None else first, sub_lim if lim is not None else first)
+        meta = dict(T=T, TRIM=thr is not None, TRIM_ROWS=rows, CONSENSUS=cons, ELECT_W=bool(elect_weighted),
+                    BLOCK=block, **ew.LAUNCH)
+        fb = par
+        if zero_sign == "majority":
+            fb = _majority(idx, base, columns, offsets, trims, par, meta)
         _ties_multi_kernel[(programs,)](
-            table, owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, par,
-            first, len(idx),
-            T=T, TRIM=thr is not None, TRIM_ROWS=rows, CONSENSUS=cons, NORMALIZE=norm,
-            ELECT_W=bool(elect_weighted), BLOCK=block, ALIGNED=aligned, **ew.LAUNCH,
+            table, owner, *trims, par, fb, first, len(idx),
+            NORMALIZE=norm, MAJORITY=zero_sign == "majority", ALIGNED=aligned, **meta,
         )
     return outs
+
+
+def _majority(idx, base, columns, offsets, trims, par, meta) -> torch.Tensor:
+    """int32 [len(idx)]: each tensor's majority sign, the sign of the sum of its elected signs (a
+    zero vote's fallback), from one pre-pass launch (CHUNK elements per program, int64 partials)
+    and one segmented sum over each tensor's partials; no host sync."""
+    first = base[idx[0]]
+    per_program = meta["BLOCK"] * max(1, ew.CHUNK // meta["BLOCK"])
+    table, owner, programs, aligned = _table(idx, base, columns, base, offsets, blocks(idx, base, per_program),
+                                             first.device)
+    part = torch.empty(programs, dtype=torch.int64, device=first.device)
+    _ties_vote_multi_kernel[(programs,)](table, owner, *trims, par, part, first, len(idx),
+                                         ITERS=per_program // meta["BLOCK"], ALIGNED=aligned, **meta)
+    sums = torch.empty(len(idx), dtype=torch.int64, device=first.device)
+    _segment_sum_kernel[(len(idx),)](part, table, sums, len(idx), programs, W=1, BW=1, ROWS=64, num_warps=4)
+    return torch.sign(sums).to(torch.int32)
 
 
 def dare_multi(base, finetuned, weights, density, keys, rescale="density", consensus="none",

@@ -201,6 +201,41 @@ def test_new_ops_launch_once_per_dtype(monkeypatch):
     assert kernels["ns"].launches == kernels["ws"].launches == len(MIXED)
 
 
+def biased_list(T, dtypes, seed, shapes):
+    """Tensors whose task vectors lean negative (even i) or positive (odd i): the majority signs
+    differ between tensors, and trimmed-away entries leave zero votes that take them."""
+    bases, fts = make_list(T, dtypes, seed, shapes)
+    n = len(bases)
+    for k, f in enumerate(fts):
+        lean = 0.03 if k % n % 2 else -0.03
+        fts[k] = (f.float() + lean).to(f.dtype)
+    return bases, fts
+
+
+@pytest.mark.parametrize("T", [1, 2, 5])
+@pytest.mark.parametrize("gpu_chunks", [False, True])
+def test_ties_merge_multi_majority(T, gpu_chunks, monkeypatch):
+    """Per-tensor majority signs from one pre-pass launch per dtype (with the GPU's block and chunk
+    sizes too: several partials per tensor), bitwise the C++ op; one merge launch per dtype."""
+    if gpu_chunks:
+        monkeypatch.setattr(M.ew, "CHUNK", 2048)
+        monkeypatch.setattr(M.ew, "ELECTION_BLOCKS", (1024, 512))
+    kernels = {"vote": CountLaunches(M._ties_vote_multi_kernel), "merge": CountLaunches(M._ties_multi_kernel)}
+    monkeypatch.setattr(M, "_ties_vote_multi_kernel", kernels["vote"])
+    monkeypatch.setattr(M, "_ties_multi_kernel", kernels["merge"])
+    bases, fts = biased_list(T, (torch.bfloat16, torch.float32), seed=11,
+                             shapes=[(3, 1100), (5000,), (0, 3), (7,), (64, 33), (1,)])
+    for scope in ("global", "tensor"):
+        thr, lim, offsets = trims(bases, fts, T, scope)
+        options = ("sum", "count", False, "majority", 0.7)
+        got = M.ties_merge_multi(bases, fts, [1.0] * T, thr, lim, offsets, *options)
+        assert_lists_bitwise(got, OPS.ties_merge_multi(bases, fts, [1.0] * T, thr, lim, offsets, *options))
+        positive = OPS.ties_merge_multi(bases, fts, [1.0] * T, thr, lim, offsets, "sum", "count", False, "positive", 0.7)
+        if T > 1:  # votes that cancel exactly follow tensor 0's negative majority (T = 1: nothing to elect)
+            assert not torch.equal(got[0].cpu(), positive[0])
+    assert kernels["vote"].launches == kernels["merge"].launches == 2 * 2
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU: torch.ops dispatch to these launchers, at a real model's shapes (a TinyLlama layer).
 
