@@ -60,16 +60,18 @@ def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
     return [i for i in suspects if not bool(torch.isfinite(tensors[i]).all())]
 
 
-def nonfinite_later(tensors: Sequence[Tensor]) -> Callable[[], list[int]]:
+def nonfinite_later(tensors: Sequence[Tensor], host: Optional[Tensor] = None) -> Callable[[], list[int]]:
     """nonfinite without the host sync where it can: on a GPU the flags are computed and copied to
-    pinned host memory on the current stream, and the returned function waits for that copy (by
-    then the stream has usually passed it) and gives the positions. Elsewhere it checks now."""
+    pinned host memory (`host`: int32 [len(tensors)], pinned, else one is allocated) on the current
+    stream, and the returned function waits for that copy (by then the stream has usually passed
+    it) and gives the positions. Elsewhere it checks now. The function holds no tensor but `host`."""
     if not (tensors and tensors[0].is_cuda and triton_kernels.AVAILABLE):
         bad = nonfinite(tensors)
         return lambda: bad
     with torch.cuda.device(tensors[0].device):
         flags = triton_kernels.finite.nonfinite_flags(tensors)
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        if host is None:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
         host.copy_(flags, non_blocking=True)
         done = torch.cuda.Event()
         done.record()

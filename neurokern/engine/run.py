@@ -43,18 +43,18 @@ class Result:
     stats: dict = field(default_factory=dict)
 
 
-def _finite_check(batch: Batch, names: list[str], models: list[Model]) -> Callable[[], None]:
+def _finite_check(batch: Batch, names: list[str], models: list[Model], host=None) -> Callable[[], None]:
     """NaN / Inf is an error naming tensor, model and file. One pass over the unit's tensors, read
-    without a host sync on a GPU (neurokern.models.nonfinite_later): the returned function raises
-    the error; the writer calls it before it writes the unit, and every pass before its results
-    are used."""
-    items = [(name, i, sd[name]) for name in names for i, sd in enumerate([batch.base] + batch.finetuned)]
-    positions = nonfinite_later([t for _, _, t in items])
+    without a host sync on a GPU (neurokern.models.nonfinite_later, flags into `host`): the returned
+    function raises the error; the writer calls it before it writes the unit, and every pass
+    before its results are used. It keeps no tensor of the unit alive."""
+    items = [(name, i) for name in names for i in range(len(models))]
+    positions = nonfinite_later([sd[name] for name in names for sd in [batch.base] + batch.finetuned], host)
 
     def check() -> None:
         bad = positions()
         if bad:
-            name, i, _ = items[bad[0]]
+            name, i = items[bad[0]]
             m = models[i]
             raise NeurokernError(f"tensor {name!r} of {m.label} ({m.tensors[name].file}) has non-finite values "
                                  "(NaN or Inf)")
@@ -109,7 +109,12 @@ class _Engine:
         for batch in batches(self.plan, units, self.reader, self.stager, keep=keep, progress=tick):
             if batch.unit.index not in self.checked:
                 with timing.span("finite check"):
-                    check = _finite_check(batch, self._merge_names(batch), self.models)
+                    names = self._merge_names(batch)
+                    host = None
+                    if self.cuda:  # a piece of one pinned buffer: no pinning per unit
+                        count = len(names) * len(self.models)
+                        host, self.finite_host = self.finite_host[:count], self.finite_host[count:]
+                    check = _finite_check(batch, names, self.models, host)
                     if self.cuda:
                         self.finite_checks[batch.unit.index] = check
                     else:  # known already: before any work on the unit
@@ -220,6 +225,9 @@ class _Engine:
         est = plan.estimate(self.cuda)
         cache = max(0, plan.device_budget - est["device"]) if (self.cuda and len(self.passes) > 1) else 0
         self.reader = Reader(plan, self.models, pin=self.cuda)
+        # every unit is checked once: one flag per (merged tensor, model), pinned up front
+        count = len(plan.merge_names) * len(self.models)
+        self.finite_host = torch.zeros(count, dtype=torch.int32, pin_memory=self.cuda)
         self.stager = Stager(self.device, self.out_dtype, cache)
         writer = None
         try:
