@@ -419,10 +419,15 @@ def _by_dtype(base: Sequence[torch.Tensor]) -> list[list[int]]:
     return list(groups.values())
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host integers (triton.cdiv costs microseconds a call, counted per tensor)."""
+    return -(-a // b)
+
+
 def program_layout(numels: Sequence[int], per_program: int) -> tuple[list[int], list[int], int]:
     """Programs of per_program elements per tensor: each tensor's program count, its first
     program, and the total."""
-    programs = [triton.cdiv(n, per_program) for n in numels]
+    programs = [cdiv(n, per_program) for n in numels]
     starts, total = [], 0
     for count in programs:
         starts.append(total)
@@ -439,7 +444,7 @@ def owners(programs: torch.Tensor, total: int) -> torch.Tensor:
 
 def blocks(idx, base, per_program: int) -> list[int]:
     """Programs of per_program elements each tensor of idx takes."""
-    return [triton.cdiv(base[i].numel(), per_program) for i in idx]
+    return [cdiv(base[i].numel(), per_program) for i in idx]
 
 
 def _table(idx, base, columns, outs, offsets, programs: Sequence[int], device, extra=(), values=()):
@@ -520,7 +525,7 @@ def weighted_sum_rows_multi(base, finetuned, coeffs, threshold=None, tie_limit=N
         return outs
     for idx in _by_dtype(base):
         C = [base[i].shape[1] for i in idx]
-        programs = [rows[i] * triton.cdiv(c, ew.BLOCK) for i, c in zip(idx, C)]
+        programs = [rows[i] * cdiv(c, ew.BLOCK) for i, c in zip(idx, C)]
         table, owner, total, aligned = _table(idx, base, columns, outs, offsets, programs, device,
                                               values=[C, [firsts[i] for i in idx]])
         if total == 0:

@@ -395,7 +395,7 @@ def launch_neuron_stats_multi(idx, base, columns, thr, lim, trim_rows, offsets, 
     T = len(columns[idx[0]])
     cfg = dict(config or _config(max(R), max(C), first.element_size(), T))
     table, owner, programs, aligned = multi._table(
-        idx, base, columns, base, offsets, [triton.cdiv(r, cfg["ROWS"]) for r in R], first.device,
+        idx, base, columns, base, offsets, [multi.cdiv(r, cfg["ROWS"]) for r in R], first.device,
         values=[R, C, [firsts[i] for i in idx]])
     if programs == 0:
         return
