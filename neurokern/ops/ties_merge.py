@@ -50,9 +50,11 @@ def ties_merge_multi(
     zero_sign: str = "positive",
     scale: float = 1.0,
 ) -> list[Tensor]:
-    """ties_merge of every tensor of a list in one call (one launch per storage dtype on a GPU);
-    finetuned is task-major (finetuned[t * n + i] belongs to base[i]). trim: [T] pairs (one scope,
-    tensor i's positions start at offsets[i]) or [n, T] pairs (row i trims tensor i)."""
+    """ties_merge of every tensor of a list in one call (one launch per storage dtype on a GPU, and
+    for zero_sign="majority" a pre-pass launch and a segmented sum giving each tensor its own
+    majority sign); finetuned is task-major (finetuned[t * n + i] belongs to base[i]). trim: [T]
+    pairs (one scope, tensor i's positions start at offsets[i]) or [n, T] pairs (row i trims
+    tensor i)."""
     threshold, tie_limit = trim_args(trim)
     return torch.ops.neurokern.ties_merge_multi.default(
         contiguous(base), contiguous(finetuned), [float(w) for w in weights], threshold, tie_limit,
