@@ -112,8 +112,8 @@ class _Engine:
                     names = self._merge_names(batch)
                     host = None
                     if self.cuda:  # a piece of one pinned buffer: no pinning per unit
-                        count = len(names) * len(self.models)
-                        host, self.finite_host = self.finite_host[:count], self.finite_host[count:]
+                        flags = len(names) * len(self.models)
+                        host, self.finite_host = self.finite_host[:flags], self.finite_host[flags:]
                     check = _finite_check(batch, names, self.models, host)
                     if self.cuda:
                         self.finite_checks[batch.unit.index] = check
@@ -226,8 +226,8 @@ class _Engine:
         cache = max(0, plan.device_budget - est["device"]) if (self.cuda and len(self.passes) > 1) else 0
         self.reader = Reader(plan, self.models, pin=self.cuda)
         # every unit is checked once: one flag per (merged tensor, model), pinned up front
-        count = len(plan.merge_names) * len(self.models)
-        self.finite_host = torch.zeros(count, dtype=torch.int32, pin_memory=self.cuda)
+        self.finite_host = torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32,
+                                       pin_memory=self.cuda)
         self.stager = Stager(self.device, self.out_dtype, cache)
         writer = None
         try:
