@@ -140,22 +140,6 @@ def files_of(folders: list[Path]) -> list[Path]:
 
 
 # ---- page cache and reading ----------------------------------------------------------------------
-def drop_caches(files: list[Path]) -> str:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return "drop_caches"
-    except OSError:
-        for path in files:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-        return "posix_fadvise(DONTNEED)"
-
-
 def evict(files: list[Path]) -> None:
     """The files' pages out of the page cache (written back first), nothing else."""
     os.sync()
@@ -165,6 +149,18 @@ def evict(files: list[Path]) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def drop_caches(files: list[Path]) -> str:
+    """The whole page cache dropped where allowed, else the files evicted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return "drop_caches"
+    except OSError:
+        evict(files)
+        return "posix_fadvise(DONTNEED)"
 
 
 WARM_MERGEKIT = ("import torch, mergekit.merge, mergekit.scripts.run_yaml, transformers\n"

@@ -45,28 +45,25 @@ def _name_list(keys: Sequence[str], limit: int = 5) -> str:
 
 
 def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
-    """Positions of the tensors (all on one device) that hold a NaN or Inf, with one host sync. On
-    a GPU one Triton pass reads every tensor once (neurokern/ops/triton/finite.py). Elsewhere the
-    float32 L1 norms (torch's multi-tensor norm: one read, no temporaries), and a non-finite norm
-    is confirmed element-wise, since a sum of large finite values can overflow."""
-    if not tensors:
-        return []
-    if tensors[0].is_cuda and triton_kernels.AVAILABLE:
-        with torch.cuda.device(tensors[0].device):
-            flags = triton_kernels.finite.nonfinite_flags(tensors)
-        return [i for i, bad in enumerate(flags.tolist()) if bad]
-    sums = torch.stack(torch._foreach_norm(list(tensors), 1, dtype=torch.float32))
-    suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
-    return [i for i in suspects if not bool(torch.isfinite(tensors[i]).all())]
+    """Positions of the tensors (all on one device) that hold a NaN or Inf, with one host sync
+    (nonfinite_later, waited for at once)."""
+    return nonfinite_later(tensors)()
 
 
 def nonfinite_later(tensors: Sequence[Tensor], host: Optional[Tensor] = None) -> Callable[[], list[int]]:
-    """nonfinite without the host sync where it can: on a GPU the flags are computed and copied to
-    pinned host memory (`host`: int32 [len(tensors)], pinned, else one is allocated) on the current
-    stream, and the returned function waits for that copy (by then the stream has usually passed
-    it) and gives the positions. Elsewhere it checks now. The function holds no tensor but `host`."""
+    """nonfinite without the host sync where it can. On a GPU one Triton pass reads every tensor
+    once (neurokern/ops/triton/finite.py); its flags are copied to pinned host memory (`host`:
+    int32 [len(tensors)], pinned, else one is allocated) on the current stream, and the returned
+    function waits for that copy (by then the stream has usually passed it) and gives the
+    positions; it holds no tensor but `host`. Elsewhere the check runs now: the float32 L1 norms
+    (torch's multi-tensor norm: one read, no temporaries), and a non-finite norm is confirmed
+    element-wise, since a sum of large finite values can overflow."""
     if not (tensors and tensors[0].is_cuda and triton_kernels.AVAILABLE):
-        bad = nonfinite(tensors)
+        bad = []
+        if tensors:
+            sums = torch.stack(torch._foreach_norm(list(tensors), 1, dtype=torch.float32))
+            suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+            bad = [i for i in suspects if not bool(torch.isfinite(tensors[i]).all())]
         return lambda: bad
     with torch.cuda.device(tensors[0].device):
         flags = triton_kernels.finite.nonfinite_flags(tensors)

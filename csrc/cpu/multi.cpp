@@ -12,15 +12,21 @@ using OptTensor = std::optional<at::Tensor>;
 
 int64_t offset_of(at::IntArrayRef offsets, int64_t i) { return offsets.empty() ? 0 : offsets[i]; }
 
+using WeightedSum = at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&, const OptTensor&,
+                               const OptTensor&, int64_t, std::optional<at::ScalarType>);
+
+// The single-tensor weighted_sum, which both list forms (per-tensor and per-row coefficients) run.
+const c10::TypedOperatorHandle<WeightedSum>& weighted_sum_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("neurokern::weighted_sum", "").typed<WeightedSum>();
+  return op;
+}
+
 std::vector<at::Tensor> weighted_sum_multi_cpu(at::TensorList base, at::TensorList finetuned,
                                                const at::Tensor& coeffs, const OptTensor& threshold,
                                                const OptTensor& tie_limit, at::IntArrayRef offsets,
                                                std::optional<at::ScalarType> out_dtype) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("neurokern::weighted_sum", "")
-                       .typed<at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&,
-                                         const OptTensor&, const OptTensor&, int64_t,
-                                         std::optional<at::ScalarType>)>();
+  const auto& op = weighted_sum_op();
   const int64_t n = static_cast<int64_t>(base.size());
   const int64_t T = list_tasks("weighted_sum_multi", base, finetuned);
   check_multi_args("weighted_sum_multi", n, T, offsets, threshold, tie_limit);
@@ -146,11 +152,7 @@ std::vector<at::Tensor> weighted_sum_rows_multi_cpu(at::TensorList base, at::Ten
                                                     const at::Tensor& coeffs, const OptTensor& threshold,
                                                     const OptTensor& tie_limit, at::IntArrayRef offsets,
                                                     std::optional<at::ScalarType> out_dtype) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("neurokern::weighted_sum", "")
-                       .typed<at::Tensor(const at::Tensor&, at::TensorList, const at::Tensor&,
-                                         const OptTensor&, const OptTensor&, int64_t,
-                                         std::optional<at::ScalarType>)>();
+  const auto& op = weighted_sum_op();
   const int64_t n = static_cast<int64_t>(base.size());
   const int64_t T = list_tasks("weighted_sum_rows_multi", base, finetuned);
   check_multi_args("weighted_sum_rows_multi", n, T, offsets, threshold, tie_limit);

@@ -110,15 +110,12 @@ class _Engine:
             if batch.unit.index not in self.checked:
                 with timing.span("finite check"):
                     names = self._merge_names(batch)
-                    host = None
-                    if self.cuda:  # a piece of one pinned buffer: no pinning per unit
+                    if self.cuda:  # flags into a piece of one pinned buffer: no pinning per unit
                         flags = len(names) * len(self.models)
                         host, self.finite_host = self.finite_host[:flags], self.finite_host[flags:]
-                    check = _finite_check(batch, names, self.models, host)
-                    if self.cuda:
-                        self.finite_checks[batch.unit.index] = check
-                    else:  # known already: before any work on the unit
-                        check()
+                        self.finite_checks[batch.unit.index] = _finite_check(batch, names, self.models, host)
+                    else:  # known already: raised before any work on the unit
+                        _finite_check(batch, names, self.models)()
                 self.checked.add(batch.unit.index)
             with timing.span("consumer work (between batches)"):
                 yield batch
@@ -225,9 +222,9 @@ class _Engine:
         est = plan.estimate(self.cuda)
         cache = max(0, plan.device_budget - est["device"]) if (self.cuda and len(self.passes) > 1) else 0
         self.reader = Reader(plan, self.models, pin=self.cuda)
-        # every unit is checked once: one flag per (merged tensor, model), pinned up front
-        self.finite_host = torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32,
-                                       pin_memory=self.cuda)
+        # every unit is checked once: one flag per (merged tensor, model), pinned up front (GPU)
+        self.finite_host = (torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32, pin_memory=True)
+                            if self.cuda else None)
         self.stager = Stager(self.device, self.out_dtype, cache)
         writer = None
         try:

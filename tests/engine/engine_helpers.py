@@ -102,3 +102,15 @@ def within(seconds: float, fn, *args, **kwargs):
     if error:
         raise error[0]
     return result[0] if result else None
+
+
+def write_matrix_models(root: Path) -> dict:
+    """base and t0..t2 under root: 24 bf16 matrices of 1024 x 1024 each (48 MB a model), for
+    memory-budget tests; returns the base state."""
+    g = torch.Generator().manual_seed(0)
+    base = {f"layer.{i}.weight": (0.02 * torch.randn(1024, 1024, generator=g)).to(torch.bfloat16) for i in range(24)}
+    write_model(root / "base", base)
+    for t in range(3):
+        write_model(root / f"t{t}", {n: (w.float() + 0.01 * torch.randn(w.shape, generator=g)).to(w.dtype)
+                                     for n, w in base.items()})
+    return base

@@ -13,7 +13,7 @@ import torch
 from neurokern.cli import main
 from neurokern.engine import merge_models
 
-from engine_helpers import write_config, write_model
+from engine_helpers import write_config, write_matrix_models, write_model
 
 
 @pytest.mark.parametrize("method,params,per_model", [
@@ -96,12 +96,7 @@ RSS_SCRIPT = textwrap.dedent("""
 def test_peak_memory_stays_near_budget(tmp_path):
     """4 models of 48 MB (192 MB of input) under a 64 MiB budget: the peak RSS grows by less than
     the budget (an in-memory merge holds all 192 MB plus the output)."""
-    g = torch.Generator().manual_seed(0)
-    base = {f"layer.{i}.weight": (0.02 * torch.randn(1024, 1024, generator=g)).to(torch.bfloat16) for i in range(24)}
-    write_model(tmp_path / "base", base)
-    for t in range(3):
-        write_model(tmp_path / f"t{t}", {n: (w.float() + 0.01 * torch.randn(w.shape, generator=g)).to(w.dtype)
-                                         for n, w in base.items()})
+    base = write_matrix_models(tmp_path)
     tiny = {n: w[:8, :8].contiguous() for n, w in list(base.items())[:2]}
     write_model(tmp_path / "small" / "base", tiny)
     for t in range(3):

@@ -14,7 +14,7 @@ from neurokern.checkpoint import load_model
 from neurokern.config import load_config
 from neurokern.engine import merge_models, plan, writer
 
-from engine_helpers import read_dir, within, write_config, write_model
+from engine_helpers import read_dir, within, write_config, write_matrix_models
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -83,12 +83,7 @@ def test_gpu_peak_memory_within_budget(tmp_path, method):
     """24 matrices of 2 MB x 4 models (192 MB of input) under a 48 MiB device budget: the GPU
     memory the merge allocates at its peak stays within the budget (NeuroMerging's first pass
     caches units on the device only as far as the budget allows)."""
-    g = torch.Generator().manual_seed(0)
-    base = {f"layer.{i}.weight": (0.02 * torch.randn(1024, 1024, generator=g)).to(torch.bfloat16) for i in range(24)}
-    write_model(tmp_path / "base", base)
-    for t in range(3):
-        write_model(tmp_path / f"t{t}", {n: (w.float() + 0.01 * torch.randn(w.shape, generator=g)).to(w.dtype)
-                                         for n, w in base.items()})
+    write_matrix_models(tmp_path)
     cfg = {"merge_method": method, "base_model": str(tmp_path / "base"),
            "models": [{"model": str(tmp_path / f"t{t}"), "parameters": {"density": 0.2}} for t in range(3)],
            "dtype": "bfloat16"}
