@@ -214,22 +214,27 @@ def _ties_multi_kernel(
     table, owner, thr_ptr, lim_ptr, par_ptr, fb_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
     NORMALIZE: tl.constexpr, ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, BLOCK: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ITERS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """The merge of one block of tensor j; MAJORITY: a zero vote elects fb[j], the tensor's majority
-    sign (int32 [n])."""
+    """The merge of chunk `local` (ITERS blocks) of tensor j; MAJORITY: a zero vote elects fb[j],
+    the tensor's majority sign (int32 [n]). Several blocks a program spread the table lookups over
+    more bytes: with one small election block a program, they bounded the bandwidth."""
     pid, j, local, n, offset = _where(table, owner, nt)
     b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
     out_ptr = _ptr(table, 4, nt, j, like_in, ALIGNED)
     thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
     fb_ptr += j
-    offs = local * BLOCK + tl.arange(0, BLOCK)
-    if (local + 1) * BLOCK <= n:  # a whole block: unmasked
-        ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
-                       ew._everywhere(BLOCK), offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK)
+    if (local + 1) * ITERS * BLOCK <= n:  # a whole chunk: unmasked
+        for it in tl.static_range(ITERS):
+            offs = (local * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+            ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
+                           ew._everywhere(BLOCK), offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1,
+                           BLOCK)
     else:
-        ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
-                       offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK)
+        for it in range(ITERS):
+            offs = (local * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
+            ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
+                           offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK)
 
 
 @triton.jit
@@ -613,8 +618,8 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
     par = ew._params(device, list(weights) + [scale])
     block = ew._election_block(T)
     for idx in _by_dtype(base):
-        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets, blocks(idx, base, block),
-                                                 device)
+        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets,
+                                                 blocks(idx, base, block * ew.TIES_ITERS), device)
         if programs == 0:
             continue
         sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
@@ -627,7 +632,7 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
             fb = _majority(idx, base, columns, offsets, trims, par, meta)
         _ties_multi_kernel[(programs,)](
             table, owner, *trims, par, fb, first, len(idx),
-            NORMALIZE=norm, MAJORITY=zero_sign == "majority", ALIGNED=aligned, **meta,
+            NORMALIZE=norm, MAJORITY=zero_sign == "majority", ITERS=ew.TIES_ITERS, ALIGNED=aligned, **meta,
         )
     return outs
 

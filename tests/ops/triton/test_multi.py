@@ -216,10 +216,12 @@ def biased_list(T, dtypes, seed, shapes):
 @pytest.mark.parametrize("gpu_chunks", [False, True])
 def test_ties_merge_multi_majority(T, gpu_chunks, monkeypatch):
     """Per-tensor majority signs from one pre-pass launch per dtype (with the GPU's block and chunk
-    sizes too: several partials per tensor), bitwise the C++ op; one merge launch per dtype."""
+    sizes too: several partials per tensor, several election blocks per merge program, a tensor
+    ending inside a program's chunk), bitwise the C++ op; one merge launch per dtype."""
     if gpu_chunks:
         monkeypatch.setattr(M.ew, "CHUNK", 2048)
         monkeypatch.setattr(M.ew, "ELECTION_BLOCKS", (1024, 512))
+        monkeypatch.setattr(M.ew, "TIES_ITERS", 3)
     kernels = {"vote": CountLaunches(M._ties_vote_multi_kernel), "merge": CountLaunches(M._ties_multi_kernel)}
     monkeypatch.setattr(M, "_ties_vote_multi_kernel", kernels["vote"])
     monkeypatch.setattr(M, "_ties_multi_kernel", kernels["merge"])
