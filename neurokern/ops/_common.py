@@ -6,7 +6,9 @@ from torch import Tensor
 
 
 def contiguous(tensors: Sequence[Tensor]) -> list[Tensor]:
-    return [t.contiguous() for t in tensors]
+    # is_contiguous first: .contiguous() goes through the dispatcher (about a microsecond a
+    # tensor, a millisecond over a model's list of tensors) even when it returns the tensor itself
+    return [t if t.is_contiguous() else t.contiguous() for t in tensors]
 
 
 def trim_args(trim: Optional[tuple[Tensor, Tensor]]) -> tuple[Optional[Tensor], Optional[Tensor]]:

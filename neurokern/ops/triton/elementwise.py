@@ -90,7 +90,7 @@ RED_BLOCK = 4096 if _interpreting() else 512
 CHUNK = 4096 if _interpreting() else 8192
 ELECTION_BLOCKS = (4096, 4096) if _interpreting() else (256, 256)  # T <= 4, T > 4 (larger blocks spill on H100)
 # Election blocks per program of the multi-tensor TIES merge (ties_merge_multi)
-TIES_ITERS = 1 if _interpreting() else 8
+TIES_ITERS = 1 if _interpreting() else 4
 
 
 def _election_block(T: int) -> int:

@@ -225,7 +225,7 @@ def _ties_multi_kernel(
     thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
     fb_ptr += j
     if (local + 1) * ITERS * BLOCK <= n:  # a whole chunk: unmasked
-        for it in tl.static_range(ITERS):
+        for it in range(ITERS):
             offs = (local * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
             ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
                            ew._everywhere(BLOCK), offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1,
