@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -60,6 +61,34 @@ struct Chunk {
   int16_t dtype;          // the tensor's at::ScalarType
   int16_t aligned;        // every pointer of the tensor is 16-byte aligned: vector loads
 };
+
+// The host's per-tensor record, from which expand_chunks_kernel writes the chunk tables on the
+// device (a model has tens of thousands of chunks: building them on the host cost milliseconds).
+struct TensorEntry {
+  const void* base;
+  int64_t numel;
+  int64_t position;      // Chunk::position of the tensor's chunks
+  int64_t first_chunk;   // its first chunk in the chunk table
+  int64_t first_sample;  // its first chunk in the sample table
+  int32_t group0;
+  int16_t dtype, aligned;
+};
+
+// One block per tensor: its chunks, and every kSampleEvery-th of them into the sample table.
+// ptrs[i * T + t] is task t's version of tensor i.
+__global__ void expand_chunks_kernel(const TensorEntry* tensors, const void* const* ptrs, int T, Chunk* chunks,
+                                     Chunk* sample) {
+  const int64_t i = blockIdx.x;
+  const TensorEntry e = tensors[i];
+  const int64_t count = (e.numel + kChunk - 1) / kChunk;
+  for (int64_t j = threadIdx.x; j < count; j += blockDim.x) {
+    const int64_t begin = j * kChunk;
+    const Chunk c{e.base, ptrs + i * T, begin, min(begin + kChunk, e.numel), e.position, e.group0, e.dtype,
+                  e.aligned};
+    chunks[e.first_chunk + j] = c;
+    if (j % kSampleEvery == 0) sample[e.first_sample + j / kSampleEvery] = c;
+  }
+}
 
 template <typename scalar_t>
 __device__ __forceinline__ uint32_t key_of(const scalar_t* base, const void* ft, int64_t i) {
@@ -122,14 +151,11 @@ __device__ __forceinline__ void for_each_key(const Chunk& c, int t0, const bool 
 //  kWindow: keys whose top digit (key >> 20) lies in [lo, hi] count in bin (top - lo) * 1024 +
 //           ((key >> 10) & 1023); keys above hi only add to above[group].
 template <typename scalar_t, int BINS, Mode MODE>
-__global__ void __launch_bounds__(kThreads) histogram_kernel(const Chunk* chunks, int32_t dtype, int T,
-                                                             const uint32_t* prefix, const uint32_t* window_lo,
-                                                             const uint32_t* window_hi, const int32_t* running,
-                                                             int shift, uint32_t* hist,
-                                                             unsigned long long* above) {
-  __shared__ uint32_t count[kTasksPerBlock][BINS];
-  __shared__ unsigned int above_block[kTasksPerBlock];
-  const Chunk c = chunks[blockIdx.x];
+__device__ __forceinline__ void histogram_chunk(const Chunk& c, uint32_t (&count)[kTasksPerBlock][BINS],
+                                                unsigned int (&above_block)[kTasksPerBlock], int32_t dtype, int T,
+                                                const uint32_t* prefix, const uint32_t* window_lo,
+                                                const uint32_t* window_hi, const int32_t* running, int shift,
+                                                uint32_t* hist, unsigned long long* above) {
   if (c.dtype != dtype) return;  // another launch's dtype (uniform across the block)
   const int t0 = blockIdx.y * kTasksPerBlock;
   const int tasks = min(kTasksPerBlock, T - t0);
@@ -183,6 +209,26 @@ __global__ void __launch_bounds__(kThreads) histogram_kernel(const Chunk* chunks
     for (int b = threadIdx.x; b < BINS; b += blockDim.x)
       if (count[j][b]) atomicAdd(&hist[g * kTopBins + b], count[j][b]);
     if (MODE == kWindow && threadIdx.x == 0 && above_block[j]) atomicAdd(&above[g], above_block[j]);
+  }
+}
+
+// histogram_chunk over chunks blockIdx.x, blockIdx.x + gridDim.x, ...: a grid of one block per chunk,
+// or, for the passes that rarely have work (gate: a device flag, 0 when no group needs the pass), a
+// grid of a few blocks per multiprocessor, which costs only its launch when the gate is closed.
+template <typename scalar_t, int BINS, Mode MODE>
+__global__ void __launch_bounds__(kThreads) histogram_kernel(const Chunk* chunks, int64_t num_chunks,
+                                                             const int32_t* gate, int32_t dtype, int T,
+                                                             const uint32_t* prefix, const uint32_t* window_lo,
+                                                             const uint32_t* window_hi, const int32_t* running,
+                                                             int shift, uint32_t* hist,
+                                                             unsigned long long* above) {
+  __shared__ uint32_t count[kTasksPerBlock][BINS];
+  __shared__ unsigned int above_block[kTasksPerBlock];
+  if (gate != nullptr && *gate == 0) return;
+  for (int64_t ci = blockIdx.x; ci < num_chunks; ci += gridDim.x) {
+    histogram_chunk<scalar_t, BINS, MODE>(chunks[ci], count, above_block, dtype, T, prefix, window_lo, window_hi,
+                                          running, shift, hist, above);
+    __syncthreads();  // the chunk's counts are flushed before the next chunk clears them
   }
 }
 
@@ -522,11 +568,9 @@ __global__ void __launch_bounds__(kSelectThreads) candidate_select_kernel(
 
 // Exact-k ties: per (chunk, task), how many keys equal the group's threshold key.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) tie_count_kernel(const Chunk* chunks, int32_t dtype, int T,
-                                                             const uint32_t* key, const int32_t* exact,
-                                                             int64_t* counts) {
-  __shared__ unsigned int total[kTasksPerBlock];
-  const Chunk c = chunks[blockIdx.x];
+__device__ __forceinline__ void tie_count_chunk(const Chunk& c, int64_t ci, int64_t num_chunks,
+                                                unsigned int (&total)[kTasksPerBlock], int32_t dtype, int T,
+                                                const uint32_t* key, const int32_t* exact, int64_t* counts) {
   if (c.dtype != dtype) return;
   const int t0 = blockIdx.y * kTasksPerBlock;
   const int tasks = min(kTasksPerBlock, T - t0);
@@ -553,27 +597,62 @@ __global__ void __launch_bounds__(kThreads) tie_count_kernel(const Chunk* chunks
   }
   __syncthreads();
   if (threadIdx.x < tasks && live[threadIdx.x])
-    counts[static_cast<int64_t>(t0 + threadIdx.x) * gridDim.x + blockIdx.x] = static_cast<int64_t>(total[threadIdx.x]);
+    counts[static_cast<int64_t>(t0 + threadIdx.x) * num_chunks + ci] = static_cast<int64_t>(total[threadIdx.x]);
 }
 
-// Per group (one thread): binary search of the inclusive prefix sums of tie counts (row t, the
-// group's chunk range) for the chunk holding the need-th tie; leaves the chunk and the count left.
-__global__ void tie_chunk_kernel(const int64_t* cum, int64_t num_chunks, const int64_t* first_chunk,
-                                 const int32_t* exact, const int64_t* remaining, int64_t* chunk_of,
-                                 int64_t* need_in_chunk, int groups, int T, bool per_tensor) {
-  const int g = blockIdx.x * blockDim.x + threadIdx.x;
-  if (g >= groups || !exact[g]) return;
-  const int t = per_tensor ? g % T : g;
-  const int64_t* row = cum + static_cast<int64_t>(t) * num_chunks;
-  int64_t lo = per_tensor ? first_chunk[g / T] : 0, hi = per_tensor ? first_chunk[g / T + 1] : num_chunks;
-  const int64_t before = lo > 0 ? row[lo - 1] : 0;
-  const int64_t need = remaining[g];
-  while (lo < hi) {  // first chunk j with row[j] - before >= need
-    const int64_t mid = (lo + hi) / 2;
-    if (row[mid] - before >= need) hi = mid; else lo = mid + 1;
+// tie_count_chunk over a grid-stride loop of chunks, behind a gate (see histogram_kernel).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads) tie_count_kernel(const Chunk* chunks, int64_t num_chunks,
+                                                             const int32_t* gate, int32_t dtype, int T,
+                                                             const uint32_t* key, const int32_t* exact,
+                                                             int64_t* counts) {
+  __shared__ unsigned int total[kTasksPerBlock];
+  if (*gate == 0) return;
+  for (int64_t ci = blockIdx.x; ci < num_chunks; ci += gridDim.x) {
+    tie_count_chunk<scalar_t>(chunks[ci], ci, num_chunks, total, dtype, T, key, exact, counts);
+    __syncthreads();  // total[] is read before the next chunk clears it
   }
-  chunk_of[g] = lo;
-  need_in_chunk[g] = need - ((lo > 0 ? row[lo - 1] : 0) - before);
+}
+
+// Per group (one block): the chunk of its row of tie counts (row t, the group's chunk range) holding
+// the need-th tie, by a block-wide running scan; leaves the chunk and the count left in it.
+constexpr int kScanThreads = 256;
+
+__global__ void __launch_bounds__(kScanThreads) tie_chunk_kernel(const int64_t* counts, int64_t num_chunks,
+                                                                 const int64_t* first_chunk, const int32_t* exact,
+                                                                 const int64_t* remaining, int64_t* chunk_of,
+                                                                 int64_t* need_in_chunk, int T, bool per_tensor) {
+  __shared__ int64_t scan[kScanThreads];
+  __shared__ int found;
+  const int g = blockIdx.x;
+  if (!exact[g]) return;
+  const int t = per_tensor ? g % T : g;
+  const int64_t* row = counts + static_cast<int64_t>(t) * num_chunks;
+  const int64_t lo = per_tensor ? first_chunk[g / T] : 0, hi = per_tensor ? first_chunk[g / T + 1] : num_chunks;
+  int64_t need = remaining[g];
+  for (int64_t c0 = lo; c0 < hi; c0 += kScanThreads) {
+    const int64_t c = c0 + threadIdx.x;
+    scan[threadIdx.x] = c < hi ? row[c] : 0;
+    if (threadIdx.x == 0) found = kScanThreads;
+    __syncthreads();
+    for (int o = 1; o < kScanThreads; o <<= 1) {  // inclusive scan of the tile
+      const int64_t v = threadIdx.x >= o ? scan[threadIdx.x - o] : 0;
+      __syncthreads();
+      scan[threadIdx.x] += v;
+      __syncthreads();
+    }
+    if (scan[threadIdx.x] >= need) atomicMin(&found, static_cast<int>(threadIdx.x));
+    __syncthreads();
+    if (found < kScanThreads) {  // uniform: the tile holds the need-th tie
+      if (threadIdx.x == 0) {
+        chunk_of[g] = c0 + found;
+        need_in_chunk[g] = need - (found ? scan[found - 1] : 0);
+      }
+      return;
+    }
+    need -= scan[kScanThreads - 1];
+    __syncthreads();  // every thread has read the tile before the next one overwrites it
+  }
 }
 
 // Per group (one block): the exact flat position of the need-th tie inside its chunk. Each thread
@@ -627,6 +706,61 @@ __global__ void finish_kernel(const uint32_t* prefix, const int64_t* k, const in
   }
 }
 
+// A piece of a device buffer: its byte range and element type.
+struct Part {
+  int64_t at, nbytes;
+  at::ScalarType dtype;
+};
+
+at::Tensor part_of(const at::Tensor& buffer, const Part& p) { return buffer.narrow(0, p.at, p.nbytes).view(p.dtype); }
+
+// Host vectors bound for the device in one copy from pinned memory (asynchronous: a copy from
+// pageable memory would wait for the stream to drain). int32 / int64 vectors come back typed,
+// others as bytes.
+class Upload {
+ public:
+  template <typename V>
+  int add(const std::vector<V>& v) {
+    const int64_t at = (static_cast<int64_t>(bytes_.size()) + 15) / 16 * 16;
+    const int64_t nbytes = static_cast<int64_t>(v.size() * sizeof(V));
+    bytes_.resize(at + nbytes);
+    if (nbytes) std::memcpy(bytes_.data() + at, v.data(), nbytes);
+    const at::ScalarType dtype = std::is_same_v<V, int32_t> ? at::kInt : std::is_same_v<V, int64_t> ? at::kLong : at::kByte;
+    parts_.push_back({at, nbytes, dtype});
+    return static_cast<int>(parts_.size()) - 1;
+  }
+  void send(const at::Device& device) {
+    const int64_t size = static_cast<int64_t>(bytes_.size());
+    at::Tensor host = at::empty({std::max<int64_t>(size, 1)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    if (size) std::memcpy(host.data_ptr(), bytes_.data(), size);
+    device_ = host.to(device, /*non_blocking=*/true);
+  }
+  at::Tensor get(int i) const { return part_of(device_, parts_[i]); }
+
+ private:
+  std::vector<uint8_t> bytes_;
+  std::vector<Part> parts_;
+  at::Tensor device_;
+};
+
+// Device scratch that starts at zero: one allocation and one memset for all of it.
+class Slab {
+ public:
+  int add(int64_t count, at::ScalarType dtype) {
+    const int64_t at = (total_ + 15) / 16 * 16;
+    parts_.push_back({at, count * static_cast<int64_t>(c10::elementSize(dtype)), dtype});
+    total_ = at + parts_.back().nbytes;
+    return static_cast<int>(parts_.size()) - 1;
+  }
+  void allocate(const at::TensorOptions& opts) { buffer_ = at::zeros({std::max<int64_t>(total_, 1)}, opts.dtype(at::kByte)); }
+  at::Tensor get(int i) const { return part_of(buffer_, parts_[i]); }
+
+ private:
+  int64_t total_ = 0;
+  std::vector<Part> parts_;
+  at::Tensor buffer_;
+};
+
 std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base, at::TensorList finetuned,
                                                             at::IntArrayRef k, bool keep_ties,
                                                             bool per_tensor) {
@@ -651,38 +785,30 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     }
   }
   const c10::cuda::CUDAGuard guard(device);
-  // Host tables go up from pinned memory, asynchronously: a copy from pageable memory would wait
-  // for the stream to drain (the pinned block is reused only once its copy is done).
-  auto to_device = [&](const void* data, int64_t bytes) {
-    at::Tensor host = at::empty({std::max<int64_t>(bytes, 1)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    if (bytes) std::memcpy(host.data_ptr(), data, bytes);
-    return host.to(device, /*non_blocking=*/true);
-  };
-  // Pointer table: ptrs[i * T + t] = task t's version of tensor i.
-  std::vector<const void*> ptrs(n * T);
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t t = 0; t < T; ++t) ptrs[i * T + t] = finetuned[t * n + i].data_ptr();
-  const at::Tensor ptr_table = to_device(ptrs.data(), static_cast<int64_t>(ptrs.size() * sizeof(void*)));
-  const auto* ptr_dev = reinterpret_cast<const void* const*>(ptr_table.data_ptr());
-  // Chunk table in flat order (tensor by tensor); first_chunk[i] is tensor i's first chunk.
-  std::vector<Chunk> chunks, sample;  // sample: every kSampleEvery-th chunk of each tensor
+  // Per-tensor records (the chunk tables are expanded from them on the device); first_chunk[i] is
+  // tensor i's first chunk, in flat order.
+  std::vector<const void*> ptrs(n * T);  // ptrs[i * T + t] = task t's version of tensor i
+  std::vector<TensorEntry> entries(n);
   std::vector<int64_t> first_chunk(n + 1, 0), kk(groups), totals(groups, 0), sampled(groups, 0);
-  int64_t position = 0, sampled_all = 0;
+  int64_t position = 0, sampled_all = 0, num_samples = 0;
   for (int64_t i = 0; i < n; ++i) {
-    first_chunk[i] = static_cast<int64_t>(chunks.size());
     const int64_t numel = base[i].numel();
-    bool aligned = reinterpret_cast<uintptr_t>(base[i].data_ptr()) % 16 == 0;
-    for (int64_t t = 0; t < T; ++t) aligned &= reinterpret_cast<uintptr_t>(ptrs[i * T + t]) % 16 == 0;
-    int64_t in_sample = 0;
-    for (int64_t b = 0, j = 0; b < numel; b += kChunk, ++j) {
-      chunks.push_back({base[i].data_ptr(), ptr_dev + i * T, b, std::min(b + kChunk, numel),
-                        per_tensor ? 0 : position, static_cast<int32_t>(per_tensor ? i * T : 0),
-                        static_cast<int16_t>(base[i].scalar_type()), static_cast<int16_t>(aligned)});
-      if (j % kSampleEvery == 0) {
-        sample.push_back(chunks.back());
-        in_sample += chunks.back().end - b;
-      }
+    const void* base_ptr = base[i].data_ptr();
+    bool aligned = reinterpret_cast<uintptr_t>(base_ptr) % 16 == 0;
+    for (int64_t t = 0; t < T; ++t) {
+      ptrs[i * T + t] = finetuned[t * n + i].data_ptr();
+      aligned &= reinterpret_cast<uintptr_t>(ptrs[i * T + t]) % 16 == 0;
     }
+    const int64_t count = (numel + kChunk - 1) / kChunk;
+    const int64_t in_sample_chunks = (count + kSampleEvery - 1) / kSampleEvery;
+    // every sampled chunk is whole but perhaps the tensor's last one
+    const int64_t last = (in_sample_chunks - 1) * kSampleEvery;
+    const int64_t in_sample = count ? (in_sample_chunks - 1) * kChunk + std::min(kChunk, numel - last * kChunk) : 0;
+    entries[i] = {base_ptr, numel, per_tensor ? 0 : position, first_chunk[i], num_samples,
+                  static_cast<int32_t>(per_tensor ? i * T : 0), static_cast<int16_t>(base[i].scalar_type()),
+                  static_cast<int16_t>(aligned)};
+    first_chunk[i + 1] = first_chunk[i] + count;
+    num_samples += in_sample_chunks;
     position += numel;
     sampled_all += in_sample;
     if (per_tensor)
@@ -691,7 +817,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
         sampled[i * T + t] = in_sample;
       }
   }
-  first_chunk[n] = static_cast<int64_t>(chunks.size());
+  const int64_t total_chunks = first_chunk[n];
   if (!per_tensor) {
     std::fill(totals.begin(), totals.end(), position);
     std::fill(sampled.begin(), sampled.end(), sampled_all);
@@ -713,23 +839,33 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     rank_lo[g] = std::min<int64_t>(sampled[g], std::max<int64_t>(1, static_cast<int64_t>(std::ceil(ks + margin))));
   }
   const auto opts = at::TensorOptions().device(device);
-  auto ints = [&](const auto& v) {  // a host vector of int32 / int64 as a device tensor
-    using T_ = typename std::decay_t<decltype(v)>::value_type;
-    const int64_t len = static_cast<int64_t>(v.size());
-    return to_device(v.data(), len * static_cast<int64_t>(sizeof(T_)))
-        .narrow(0, 0, len * static_cast<int64_t>(sizeof(T_)))
-        .view(sizeof(T_) == 4 ? at::kInt : at::kLong);
-  };
-  const at::Tensor chunk_table = to_device(chunks.data(), static_cast<int64_t>(chunks.size() * sizeof(Chunk)));
-  const at::Tensor sample_table = to_device(sample.data(), static_cast<int64_t>(sample.size() * sizeof(Chunk)));
-  const at::Tensor active_d = ints(active), k_d = ints(kk), rank_hi_d = ints(rank_hi), rank_lo_d = ints(rank_lo);
+  const int num_chunks = static_cast<int>(total_chunks);
+  // The host tables go up in one copy from pinned memory (asynchronous: a copy from pageable
+  // memory would wait for the stream to drain); the scratch that starts at zero is one allocation.
+  Upload up;
+  const int ptrs_at = up.add(ptrs), entries_at = up.add(entries), active_at = up.add(active), k_at = up.add(kk),
+            rank_hi_at = up.add(rank_hi), rank_lo_at = up.add(rank_lo), first_at = up.add(first_chunk);
+  up.send(device);
+  Slab zero;
+  const int prefix_at = zero.add(groups, at::kInt), ties_at = zero.add(groups, at::kInt),
+            hist_at = zero.add(groups * kTopBins, at::kInt), window_at = zero.add(2 * groups, at::kInt),
+            above_at = zero.add(groups, at::kLong), failed_at = zero.add(groups, at::kInt),
+            redo_at = zero.add(groups, at::kInt), exact_at = zero.add(groups, at::kInt),
+            tie_counts_at = zero.add(T * std::max(num_chunks, 1), at::kLong),
+            key_range_at = zero.add(2 * groups, at::kInt), sample_count_at = zero.add(groups, at::kLong),
+            sample_need_at = zero.add(2 * groups, at::kLong), flags_at = zero.add(2 * groups, at::kInt),
+            fill_at = zero.add(groups, at::kLong), chunk_of_at = zero.add(groups, at::kLong),
+            need_in_chunk_at = zero.add(groups, at::kLong);
+  zero.allocate(opts);
+  const at::Tensor active_d = up.get(active_at), k_d = up.get(k_at), rank_hi_d = up.get(rank_hi_at),
+                   rank_lo_d = up.get(rank_lo_at);
+  const at::Tensor chunk_table = at::empty({std::max<int64_t>(total_chunks, 1) * static_cast<int64_t>(sizeof(Chunk))},
+                                           opts.dtype(at::kByte));
+  const at::Tensor sample_table = at::empty({std::max<int64_t>(num_samples, 1) * static_cast<int64_t>(sizeof(Chunk))},
+                                            opts.dtype(at::kByte));
   at::Tensor remaining = k_d.clone();
-  at::Tensor prefix = at::zeros({groups}, opts.dtype(at::kInt));
-  at::Tensor ties = at::zeros({groups}, opts.dtype(at::kInt));
-  at::Tensor hist = at::zeros({groups, kTopBins}, opts.dtype(at::kInt));
-  at::Tensor window = at::zeros({2, groups}, opts.dtype(at::kInt));
-  at::Tensor above = at::zeros({groups}, opts.dtype(at::kLong));
-  at::Tensor failed = at::zeros({groups}, opts.dtype(at::kInt));
+  at::Tensor prefix = zero.get(prefix_at), ties = zero.get(ties_at), hist = zero.get(hist_at),
+             window = zero.get(window_at).view({2, groups}), above = zero.get(above_at), failed = zero.get(failed_at);
   at::Tensor threshold = at::empty(per_tensor ? std::vector<int64_t>{n, T} : std::vector<int64_t>{T}, opts.dtype(at::kFloat));
   at::Tensor tie_limit = at::empty(threshold.sizes(), opts.dtype(at::kLong));
   const auto* chunk_ptr = reinterpret_cast<const Chunk*>(chunk_table.data_ptr());
@@ -743,7 +879,6 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   auto* failed_ptr = failed.data_ptr<int32_t>();
   int64_t* remaining_ptr = remaining.data_ptr<int64_t>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const int num_chunks = static_cast<int>(chunks.size());
   const int group_blocks = static_cast<int>((groups + 127) / 128);
   const int warp_blocks = static_cast<int>((groups + kGroupsPerBlock - 1) / kGroupsPerBlock);
   const unsigned task_blocks = static_cast<unsigned>((T + kTasksPerBlock - 1) / kTasksPerBlock);
@@ -753,13 +888,19 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     for (const at::ScalarType dtype : dtypes)
       dispatch_storage(dtype, "magnitude_threshold", [&](auto tag) { launch(tag, static_cast<int32_t>(dtype)); });
   };
-  // One histogram pass of the given mode over the chunk table, for the groups with running[g].
-  auto pass = [&](auto mode, const Chunk* table, dim3 blocks, const int32_t* running, int shift) {
+  // The grid of the passes that rarely have work (behind a gate): a few blocks per multiprocessor.
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+  const dim3 gated_grid(static_cast<unsigned>(std::min<int64_t>(total_chunks, 8 * sms)), task_blocks);
+  // One histogram pass of the given mode over a chunk table, for the groups with running[g].
+  auto pass = [&](auto mode, const Chunk* table, int64_t count, dim3 blocks, const int32_t* gate,
+                  const int32_t* running, int shift) {
     constexpr Mode M = decltype(mode)::value;
     for_each_dtype([&](auto tag, int32_t code) {
       using scalar_t = decltype(tag);
       histogram_kernel<scalar_t, M == kPrefix ? kLowBins : kTopBins, M><<<blocks, kThreads, 0, stream>>>(
-          table, code, static_cast<int>(T), prefix_ptr, lo_ptr, hi_ptr, running, shift, hist_ptr, above_ptr);
+          table, count, gate, code, static_cast<int>(T), prefix_ptr, lo_ptr, hi_ptr, running, shift, hist_ptr,
+          above_ptr);
       NK_CUDA_CHECK_LAUNCH();
     });
   };
@@ -770,24 +911,27 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   // k = 0 groups keep nothing; every other group is written by the candidate select or, where
   // that misses, by the full digits below. exact: groups that keep part of their ties and need the
   // position of the last one kept; tie_counts: their ties per (task, chunk).
-  at::Tensor redo = at::zeros({groups}, opts.dtype(at::kInt));
-  at::Tensor exact = at::zeros({groups}, opts.dtype(at::kInt));
-  at::Tensor tie_counts = at::zeros({T * std::max(num_chunks, 1)}, opts.dtype(at::kLong));
+  at::Tensor redo = zero.get(redo_at), exact = zero.get(exact_at), tie_counts = zero.get(tie_counts_at);
   if (num_chunks > 0) {
+    expand_chunks_kernel<<<static_cast<unsigned>(n), 256, 0, stream>>>(
+        reinterpret_cast<const TensorEntry*>(up.get(entries_at).data_ptr()),
+        reinterpret_cast<const void* const*>(up.get(ptrs_at).data_ptr()), static_cast<int>(T),
+        reinterpret_cast<Chunk*>(chunk_table.data_ptr()), reinterpret_cast<Chunk*>(sample_table.data_ptr()));
+    NK_CUDA_CHECK_LAUNCH();
     // 1. The sample: the top digit gives a window of top bins, the window's lower two digits a
     //    range of 21-bit prefixes per group; where it is one prefix, the last digit gives the exact
     //    keys of the sample ranks (one key: a single-key group).
-    const dim3 sample_grid(static_cast<unsigned>(sample.size()), task_blocks);
-    pass(Dense{}, sample_ptr, sample_grid, active_ptr, 20);
+    const dim3 sample_grid(static_cast<unsigned>(num_samples), task_blocks);
+    pass(Dense{}, sample_ptr, num_samples, sample_grid, nullptr, active_ptr, 20);
     window_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, rank_hi_d.data_ptr<int64_t>(), rank_lo_d.data_ptr<int64_t>(),
                                                     active_ptr, lo_ptr, hi_ptr, failed_ptr, static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
     const at::Tensor windowed = active_d * (1 - failed);
-    pass(Window{}, sample_ptr, sample_grid, windowed.data_ptr<int32_t>(), 20);
-    at::Tensor key_range = at::zeros({2, groups}, opts.dtype(at::kInt));
-    at::Tensor sample_count = at::zeros({groups}, opts.dtype(at::kLong));
-    at::Tensor sample_need = at::zeros({2, groups}, opts.dtype(at::kLong));
-    at::Tensor flags = at::zeros({2, groups}, opts.dtype(at::kInt));  // narrow, single
+    pass(Window{}, sample_ptr, num_samples, sample_grid, nullptr, windowed.data_ptr<int32_t>(), 20);
+    at::Tensor key_range = zero.get(key_range_at).view({2, groups});
+    at::Tensor sample_count = zero.get(sample_count_at);
+    at::Tensor sample_need = zero.get(sample_need_at).view({2, groups});
+    at::Tensor flags = zero.get(flags_at).view({2, groups});  // narrow, single
     auto* key_lo_ptr = reinterpret_cast<uint32_t*>(key_range[0].data_ptr());
     auto* key_hi_ptr = reinterpret_cast<uint32_t*>(key_range[1].data_ptr());
     int64_t* need_hi_ptr = sample_need[0].data_ptr<int64_t>();
@@ -799,7 +943,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
         lo_ptr, hi_ptr, key_lo_ptr, key_hi_ptr, sample_count.data_ptr<int64_t>(), prefix_ptr, need_hi_ptr, need_lo_ptr,
         narrow_ptr, static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
-    pass(Prefix{}, sample_ptr, sample_grid, narrow_ptr, 0);
+    pass(Prefix{}, sample_ptr, num_samples, sample_grid, nullptr, narrow_ptr, 0);
     sample_keys_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(
         hist_ptr, narrow_ptr, prefix_ptr, need_hi_ptr, need_lo_ptr, key_lo_ptr, key_hi_ptr,
         sample_count.data_ptr<int64_t>(), single_ptr, static_cast<int>(groups));
@@ -844,10 +988,13 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     int pos_bits = 0;
     while ((int64_t{1} << pos_bits) < max_position) ++pos_bits;
     // 3. The candidate pass over everything, then the exact select (and tie position) per group.
-    const at::Tensor collecting_d = ints(collecting), offset_d = ints(offset), cap_d = ints(cap);
+    Upload sizes;
+    const int collecting_at = sizes.add(collecting), offset_at = sizes.add(offset), cap_at = sizes.add(cap);
+    sizes.send(device);
+    const at::Tensor collecting_d = sizes.get(collecting_at), offset_d = sizes.get(offset_at), cap_d = sizes.get(cap_at);
     const at::Tensor cand_key = at::empty({std::max<int64_t>(total_cap, 1)}, opts.dtype(at::kInt));
     const at::Tensor cand_pos = at::empty({std::max<int64_t>(total_cap, 1)}, opts.dtype(at::kLong));
-    at::Tensor fill = at::zeros({groups}, opts.dtype(at::kLong));
+    at::Tensor fill = zero.get(fill_at);
     for_each_dtype([&](auto tag, int32_t code) {
       using scalar_t = decltype(tag);
       collect_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
@@ -865,22 +1012,24 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
         exact.data_ptr<int32_t>());
     NK_CUDA_CHECK_LAUNCH();
     // 4. Groups whose window or candidates missed redo all three digits over every key. The
-    //    passes are launched whether or not any group needs them (a block with no group to redo
-    //    returns at once), so no host sync stalls the stream here.
+    //    passes are launched whether or not any group needs them, behind a device flag (any group
+    //    to redo), so no host sync stalls the stream here.
     redo.copy_(active_d * ((failed != 0) | (collecting_d == 0)).to(at::kInt));
     exact.mul_(1 - redo);  // a single-key group that missed is redone from scratch
     prefix.mul_(1 - redo);
     remaining.copy_(at::where(redo != 0, k_d, remaining));
     const int32_t* redo_ptr = redo.data_ptr<int32_t>();
-    pass(Dense{}, chunk_ptr, grid, redo_ptr, 20);
+    const at::Tensor redo_any = redo.amax();
+    const int32_t* gate = redo_any.data_ptr<int32_t>();
+    pass(Dense{}, chunk_ptr, total_chunks, gated_grid, gate, redo_ptr, 20);
     select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 11, ties_ptr,
                                                     static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
-    pass(Prefix{}, chunk_ptr, grid, redo_ptr, 10);
+    pass(Prefix{}, chunk_ptr, total_chunks, gated_grid, gate, redo_ptr, 10);
     select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 10, ties_ptr,
                                                     static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
-    pass(Prefix{}, chunk_ptr, grid, redo_ptr, 0);
+    pass(Prefix{}, chunk_ptr, total_chunks, gated_grid, gate, redo_ptr, 0);
     select_kernel<<<warp_blocks, 32 * kGroupsPerBlock, 0, stream>>>(hist_ptr, prefix_ptr, remaining_ptr, redo_ptr, 10, ties_ptr,
                                                     static_cast<int>(groups));
     NK_CUDA_CHECK_LAUNCH();
@@ -892,23 +1041,23 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
   if (keep_ties || num_chunks == 0) return {threshold, tie_limit};
   // Full-digit groups that keep only part of their ties count them per chunk here (single-key
   // groups did in the candidate pass); then the position of the last tie kept. Launched always,
-  // like the redo passes: kernels with no exact group return at once.
+  // like the redo passes: behind a gate, or with a block per group that returns at once.
   const at::Tensor exact_redo = ((redo != 0) & (remaining < ties.to(at::kLong))).to(at::kInt);
+  const at::Tensor exact_redo_any = exact_redo.amax();
   exact.add_(exact_redo);
-  const at::Tensor first_d = to_device(first_chunk.data(), (n + 1) * sizeof(int64_t)).narrow(0, 0, (n + 1) * 8).view(at::kLong);
+  const at::Tensor first_d = up.get(first_at);
   for_each_dtype([&](auto tag, int32_t code) {
     using scalar_t = decltype(tag);
-    tie_count_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(chunk_ptr, code, static_cast<int>(T), prefix_ptr,
-                                                              exact_redo.data_ptr<int32_t>(), tie_counts.data_ptr<int64_t>());
+    tie_count_kernel<scalar_t><<<gated_grid, kThreads, 0, stream>>>(
+        chunk_ptr, total_chunks, exact_redo_any.data_ptr<int32_t>(), code, static_cast<int>(T), prefix_ptr,
+        exact_redo.data_ptr<int32_t>(), tie_counts.data_ptr<int64_t>());
     NK_CUDA_CHECK_LAUNCH();
   });
-  const at::Tensor cum = tie_counts.view({T, num_chunks}).cumsum(1);
-  at::Tensor chunk_of = at::zeros({groups}, opts.dtype(at::kLong));
-  at::Tensor need_in_chunk = at::zeros({groups}, opts.dtype(at::kLong));
-  tie_chunk_kernel<<<group_blocks, 128, 0, stream>>>(
-      cum.data_ptr<int64_t>(), num_chunks, first_d.data_ptr<int64_t>(), exact.data_ptr<int32_t>(),
+  at::Tensor chunk_of = zero.get(chunk_of_at), need_in_chunk = zero.get(need_in_chunk_at);
+  tie_chunk_kernel<<<static_cast<unsigned>(groups), kScanThreads, 0, stream>>>(
+      tie_counts.data_ptr<int64_t>(), total_chunks, first_d.data_ptr<int64_t>(), exact.data_ptr<int32_t>(),
       remaining.data_ptr<int64_t>(), chunk_of.data_ptr<int64_t>(), need_in_chunk.data_ptr<int64_t>(),
-      static_cast<int>(groups), static_cast<int>(T), per_tensor);
+      static_cast<int>(T), per_tensor);
   NK_CUDA_CHECK_LAUNCH();
   for_each_dtype([&](auto tag, int32_t code) {
     using scalar_t = decltype(tag);
