@@ -25,7 +25,7 @@ from neurokern.engine.writer import (CONFIG_ECHO, STATE, ShardWriter, crash_hook
                                      prepare_partial, publish, rename)
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS
-from neurokern.methods._common import Precomputed, Trims, keep_count, thresholds
+from neurokern.methods._common import Precomputed, Trims, columns, keep_count, thresholds
 from neurokern.methods.neuromerging import default_scale
 from neurokern.models import ModelSet, nonfinite_later
 
@@ -135,13 +135,15 @@ class _Engine:
         rule = "keep" if self.cfg.method == "neuromerging" else self.params.ties
         gt = GlobalTrim([keep_count(total, d, rule) for d in self.params.density], rule == "keep", self.device)
         for batch in self._pass("histogram", units, ranks, keep):
-            for name in self._merge_names(batch):
-                gt.add_hist(batch.base[name], [sd[name] for sd in batch.finetuned])
+            names = self._merge_names(batch)
+            if names:
+                gt.add_hist(*columns(ModelSet(batch.base, batch.finetuned, names), names))
         hist = gt.hist if gt.hist is not None else torch.zeros(self.T, 1 << 15, dtype=torch.int64, device=self.device)
         gt.finish_hist(ranks.sum_(hist))
         for batch in self._pass("boundary", units, ranks, keep):
-            for name in self._merge_names(batch):
-                gt.add_low(name, batch.base[name], [sd[name] for sd in batch.finetuned])
+            names = self._merge_names(batch)
+            if names:
+                gt.add_low(names, *columns(ModelSet(batch.base, batch.finetuned, names), names))
         low = gt.low if gt.low is not None else torch.zeros(self.T, 1 << 16, dtype=torch.int64, device=self.device)
         pending = gt.finish_low(ranks.sum_(low))
         if pending:
@@ -168,7 +170,8 @@ class _Engine:
 
     def _scale(self, units, ranks: Ranks, trims: Optional[Trims], keep: bool) -> float:
         index = {n: i for i, n in enumerate(self.plan.merge_names)}
-        rows = torch.zeros(len(index), self.T, 2, dtype=torch.float64)
+        # Each tensor's sums stay on the device (no host sync per tensor) until the pass is over.
+        rows = torch.zeros(len(index), self.T, 2, dtype=torch.float64, device=self.device)
         for batch in self._pass("l1", units, ranks, keep):
             names = self._merge_names(batch)
             if not names:
@@ -177,8 +180,8 @@ class _Engine:
             unit_trims = trims or thresholds(ms, names, self.params.density, "keep", "tensor")
             for name in names:
                 trim, offset = unit_trims.of(name)
-                rows[index[name]] = tensor_l1(batch.base[name], [sd[name] for sd in batch.finetuned], trim, offset).cpu()
-        ranks.sum_(rows)
+                rows[index[name]] = tensor_l1(batch.base[name], [sd[name] for sd in batch.finetuned], trim, offset)
+        rows = ranks.sum_(rows).cpu()
         total = torch.zeros(self.T, 2, dtype=torch.float64)
         for row in rows:  # in the model's order, as one trim_l1 over the whole list adds them
             total += row

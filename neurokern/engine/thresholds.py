@@ -8,14 +8,24 @@ bits: that gives the exact threshold value, and how many entries equal to it are
 are broken by position (exact_k) and only some tied entries are kept, pass 2 also kept, per tensor,
 the counts of the boundary bin's values, so the tensor holding the last kept tied entry is known and
 that one tensor is read again to find its position. Histograms are summed across ranks.
-The result equals ops.magnitude_threshold over the whole model (tests/engine check it)."""
+The result equals ops.magnitude_threshold over the whole model (tests/engine check it).
+
+Both passes take a unit's tensors at once. On a GPU they run the Triton kernels of
+neurokern/ops/triton/key_histogram.py (one launch per storage dtype, atomics into the device
+histograms) without a host sync, except in exact_k's pass 2: it reads each unit's per-tensor
+boundary-bin counts (one sync per unit), gathers the low bits of those entries on the device and
+copies them to pinned memory without waiting; they are unpacked once the pass is over. On the CPU
+they run torch's ops per tensor and task.
+"""
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from neurokern import ops
+from neurokern.ops import triton as triton_kernels
+from neurokern.ops._common import to_device
 
 INT64_MAX = torch.iinfo(torch.int64).max
 HI_BINS = 1 << 15
@@ -25,6 +35,11 @@ LO_BINS = 1 << 16
 def magnitude_bits(base: Tensor, finetuned: Tensor) -> Tensor:
     """|float32(ft) - float32(base)| as int32 bits, flat (as the ops form task vectors)."""
     return (finetuned.float() - base.float()).abs_().view(torch.int32).reshape(-1)
+
+
+def _on_kernels(t: Tensor) -> bool:
+    """Whether a unit on t's device takes the Triton kernels (a GPU with Triton)."""
+    return t.is_cuda and triton_kernels.AVAILABLE
 
 
 def _take_top(hist: list[int], k: int) -> tuple[int, int]:
@@ -46,9 +61,11 @@ class GlobalTrim:
     device: torch.device
     hist: Optional[Tensor] = None
     hi_bin: list[int] = field(default_factory=list)  # boundary bin per task (-1: nothing to find)
+    hi_device: Optional[Tensor] = None  # hi_bin, int32 on the device (the kernels read it)
     above: list[int] = field(default_factory=list)
     low: Optional[Tensor] = None
     sparse: dict = field(default_factory=dict)  # (name, t) -> (low values, counts) in the boundary bin
+    gathered: list = field(default_factory=list)  # GPU exact_k: per unit, what fills `sparse` after pass 2
     threshold: list[float] = field(default_factory=list)
     tie_limit: list[int] = field(default_factory=list)
 
@@ -57,12 +74,18 @@ class GlobalTrim:
         return len(self.k)
 
     # pass 1 ---------------------------------------------------------------------------------
-    def add_hist(self, base: Tensor, finetuned: list[Tensor]) -> None:
+    def add_hist(self, base: Sequence[Tensor], finetuned: Sequence[Tensor]) -> None:
+        """Counts a unit's entries: base [n], finetuned task-major (finetuned[t * n + i])."""
         if self.hist is None:
             self.hist = torch.zeros(self.num_tasks, HI_BINS, dtype=torch.int64, device=self.device)
-        for t, f in enumerate(finetuned):
-            hi = magnitude_bits(base, f) >> 16
-            self.hist[t] += torch.bincount(hi, minlength=HI_BINS)
+        if _on_kernels(base[0]):
+            triton_kernels.key_histogram.key_histogram(base, finetuned, self.hist)
+            return
+        n = len(base)
+        for t in range(self.num_tasks):
+            for i, b in enumerate(base):
+                hi = magnitude_bits(b, finetuned[t * n + i]) >> 16
+                self.hist[t] += torch.bincount(hi, minlength=HI_BINS)
 
     def finish_hist(self, hist: Tensor) -> None:
         rows = hist.cpu().tolist()
@@ -75,25 +98,58 @@ class GlobalTrim:
             b, above = _take_top(rows[t], k)
             self.hi_bin.append(b)
             self.above.append(above)
+        self.hi_device = to_device(torch.tensor(self.hi_bin, dtype=torch.int32), self.device)
 
     # pass 2 ---------------------------------------------------------------------------------
-    def add_low(self, name: str, base: Tensor, finetuned: list[Tensor]) -> None:
+    def add_low(self, names: list[str], base: Sequence[Tensor], finetuned: Sequence[Tensor]) -> None:
+        """Counts a unit's boundary-bin entries (names and base [n], finetuned task-major)."""
         if self.low is None:
             self.low = torch.zeros(self.num_tasks, LO_BINS, dtype=torch.int64, device=self.device)
-        for t, f in enumerate(finetuned):
-            if self.hi_bin[t] < 0:
-                continue
-            bits = magnitude_bits(base, f)
-            lo = bits[(bits >> 16) == self.hi_bin[t]] & 0xFFFF
-            if lo.numel() == 0:
-                continue
-            self.low[t] += torch.bincount(lo, minlength=LO_BINS)
-            if not self.keep_ties:
-                values, counts = torch.unique(lo, return_counts=True)
-                self.sparse[(name, t)] = (values.cpu(), counts.cpu())
+        if _on_kernels(base[0]):
+            self._add_low_kernels(names, base, finetuned)
+            return
+        n = len(base)
+        for i, (name, b) in enumerate(zip(names, base)):
+            for t in range(self.num_tasks):
+                if self.hi_bin[t] < 0:
+                    continue
+                bits = magnitude_bits(b, finetuned[t * n + i])
+                lo = bits[(bits >> 16) == self.hi_bin[t]] & 0xFFFF
+                if lo.numel() == 0:
+                    continue
+                self.low[t] += torch.bincount(lo, minlength=LO_BINS)
+                if not self.keep_ties:
+                    values, counts = torch.unique(lo, return_counts=True)
+                    self.sparse[(name, t)] = (values.cpu(), counts.cpu())
+
+    def _add_low_kernels(self, names: list[str], base: Sequence[Tensor], finetuned: Sequence[Tensor]) -> None:
+        kernels = triton_kernels.key_histogram
+        if self.keep_ties:
+            kernels.key_histogram(base, finetuned, self.low, self.hi_device)
+            return
+        counts = torch.zeros(len(base), self.num_tasks, dtype=torch.int64, device=self.device)
+        kernels.key_histogram(base, finetuned, self.low, self.hi_device, counts)
+        counts = counts.view(-1).tolist()  # the unit's one host sync
+        if not any(counts):
+            return
+        values = kernels.boundary_values(base, finetuned, self.hi_device, counts)
+        self.gathered.append((list(names), counts, values.to("cpu", non_blocking=True)))  # pinned, no sync
+
+    def _unpack_gathered(self) -> None:
+        """`sparse` from the values gathered per (tensor, task): (tensor, task) after (tensor, task)
+        in each unit, in any order inside one."""
+        if self.gathered and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies to pinned memory are done
+        T = self.num_tasks
+        for names, counts, host in self.gathered:
+            for pair, values in enumerate(host.split(counts)):
+                if counts[pair]:
+                    self.sparse[(names[pair // T], pair % T)] = torch.unique(values, return_counts=True)
+        self.gathered.clear()
 
     def finish_low(self, low: Tensor) -> list[tuple[int, int]]:
         """Thresholds; returns the (task, rank among tied entries) still needing a tie position."""
+        self._unpack_gathered()
         rows = low.cpu().tolist()
         self.threshold, self.tie_limit, self._value, pending = [], [], [], []
         for t, k in enumerate(self.k):

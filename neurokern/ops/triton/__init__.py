@@ -10,4 +10,5 @@ import importlib.util
 AVAILABLE = importlib.util.find_spec("triton") is not None
 
 if AVAILABLE:
-    from neurokern.ops.triton import elementwise, finite, multi, neuron_stats, subspace_split, tinted_linear  # noqa: F401
+    from neurokern.ops.triton import (elementwise, finite, key_histogram, multi, neuron_stats,  # noqa: F401
+                                      subspace_split, tinted_linear)
