@@ -5,7 +5,7 @@ import shutil
 import sys
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -15,7 +15,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from neurokern.config import MergeConfig, load_config, parse_size
-from neurokern.engine import prefetch, timing
+from neurokern.engine import kernel_warmup, prefetch, timing
 from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
@@ -317,6 +317,24 @@ class _Engine:
                 writer.put(views, wait=event.synchronize, release=lambda s=slot: out_slots.put(s), check=check)
 
 
+@contextmanager
+def _gpu_memory_cap(device: torch.device, budget: int):
+    """Holds the caching allocator of a GPU to what it had reserved plus the budget while the merge
+    runs (it gives cached blocks back before passing that): the plan keeps the merge's live
+    tensors within the budget, this keeps the allocator's cache there too."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.cuda.get_per_process_memory_fraction(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = (torch.cuda.memory_reserved(device) + budget) / total
+    torch.cuda.set_per_process_memory_fraction(min(before, cap), device)
+    try:
+        yield
+    finally:
+        torch.cuda.set_per_process_memory_fraction(before, device)
+
+
 def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, Path], *,
                  device: Optional[str] = None, memory_budget: Union[int, str, None] = None,
                  host_memory_budget: Union[int, str, None] = None, resume: bool = False,
@@ -354,9 +372,11 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return Result(Path(out_dir), engine.plan, 0.0, engine.passes,
                           stats={"description": describe(engine.plan, cfg.method, engine.passes, dev.type == "cuda", world)})
+        kernel_warmup.start(dev, {info.dtype for info in engine.base.tensors.values()})
         ranks = Ranks.setup(dev)
         try:
-            return engine.run(ranks, resume)
+            with _gpu_memory_cap(dev, engine.plan.device_budget):
+                return engine.run(ranks, resume)
         finally:
             ranks.close()
     finally:
