@@ -112,4 +112,14 @@ TORCH_LIBRARY(neurokern, m) {
   // Its weight gradient: dW[t] = sum over rows b of task t of grad[b]^T x[b], [T, out, in].
   m.def(
       "tinted_linear_weight_grad(Tensor grad, Tensor x, Tensor task_ids, int num_tasks) -> Tensor");
+  // Internal (csrc/launch_table.cpp): the host side of the Triton launches over a list of tensors
+  // (neurokern/ops/triton/multi.py, neuron_stats.py, finite.py) in one call: argument checks,
+  // grouping by storage dtype, each group's launch table and owner array on the device, outputs.
+  m.def(
+      "_launch_table(str op, Tensor[] base, Tensor[] finetuned, Tensor[]? grad, int[]? offsets, "
+      "int per_program, str layout, bool outputs, ScalarType? out_dtype) "
+      "-> (Tensor[] outputs, Tensor[] grad, Tensor[] tables, int[] info)");
+  m.def(
+      "_finite_table(Tensor[] tensors, int block_bytes) "
+      "-> (Tensor[] tables, Tensor[] copies, int[] info, int[] others)");
 }

@@ -2,12 +2,18 @@
 ties_merge_multi, dare_multi, trim_l1): a whole list of tensors in one launch, so that small tensors
 (norms, biases) cost no launch of their own and a model's hundreds of tensors cost a few launches.
 
-A launch covers the tensors of one storage dtype. Its table (int64, one host-to-device copy) holds,
-per tensor, the first program of the tensor, its numel, its flat-position offset, and the addresses
-of base, the output and the T fine-tuned tensors; a program reads its tensor from a per-program
-owner array (built on the device), casts the addresses to pointers, and runs the same block function
-as the single-tensor kernel (elementwise.py), so the outputs are bitwise those of the single-tensor
-ops.
+A launch covers the tensors of one storage dtype. Its table (int64, [rows, nt] for nt tensors)
+holds, per tensor, the first program of the tensor, its numel, its flat-position offset, and the
+addresses of base, the output and the T fine-tuned tensors, then the op's own rows, the tensor's
+position in the list and its program count; a program reads its tensor from a per-program owner
+array, casts the addresses to pointers, and runs the same block function as the single-tensor
+kernel (elementwise.py), so the outputs are bitwise those of the single-tensor ops.
+The host side of a call is one C++ call (prepare: neurokern::_launch_table, csrc/launch_table.cpp):
+the checks of every tensor, the grouping by storage dtype, every launch's table (one host-to-device
+copy from pinned memory) and owner array (built on the device: no host sync), and the outputs. For
+a 1.1B model's 201 tensors x 5 it takes about 0.3 ms where the same work in Python took 2-3 ms
+(CPU timings); what is left is the argument conversion of the op call (about 0.1 us a tensor) and
+one allocation per output.
 A program whose block lies wholly inside its tensor loads without a mask, and when every address of
 the table is 16-byte aligned (ALIGNED) the pointers carry that hint: together they let Triton emit
 16-byte vector loads, which a pointer read from memory and a mask `offs < n` would both prevent.
@@ -29,16 +35,17 @@ of chunk partials and a segmented sum over them, per storage dtype. dare_multi's
 single-tensor launcher per tensor.
 """
 import itertools
-from typing import Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from neurokern.ops._common import to_device
 from neurokern.ops.triton import elementwise as ew
 from neurokern.ops.triton import registry
 
-# Rows of the table (each n long): first program, numel, offset, base, out, then finetuned[0..T-1].
+# Rows of the table (each nt long): first program, numel, offset, base, out, then finetuned[0..T-1].
 _START, _NUMEL, _OFFSET, _BASE, _OUT, _FT = range(6)
 
 
@@ -357,25 +364,65 @@ def _trim_l1_kernel(
 # Launchers
 
 
-def _columns(op: str, base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tensor]):
-    """T and each tensor's fine-tuned versions (finetuned is task-major), checked."""
-    n = len(base)
-    if n == 0:
-        ew._fail(op, "base is an empty list")
-    if len(finetuned) % n:
-        ew._fail(op, f"{len(finetuned)} fine-tuned tensors is not a multiple of {n} base tensors")
-    T = len(finetuned) // n
-    columns = [list(finetuned[i::n]) for i in range(n)]
-    for b, column in zip(base, columns):
-        ew._check_group(op, b, column)
-        ew._check_storage(op, b.dtype)
-    return T, columns
+class Launch(NamedTuple):
+    """One launch of a list op, from neurokern::_launch_table (csrc/launch_table.cpp): the table and
+    owner array (on the device) of the tensors of one storage dtype, the list position of its first
+    tensor, its tensor count and program count, ALIGNED, and for the per-row layouts C16 (every row
+    length a multiple of 16)."""
+    table: torch.Tensor
+    owner: torch.Tensor
+    first: int
+    nt: int
+    programs: int
+    aligned: bool
+    c16: bool
+
+    def rows_of(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """The rows of this launch's tensors out of x (one row per tensor of the list, on the
+        device), gathered on the device by the table's row of list positions."""
+        return x if self.nt == n else x.index_select(0, self.table[-2])
+
+    def trims(self, thr, lim, rows: bool, n: int):
+        """thr / lim for this launch's tensors: [T] as they are, [n, T] rows gathered."""
+        return (self.rows_of(thr, n), self.rows_of(lim, n)) if rows else (thr, lim)
 
 
-def _offsets(op: str, offsets: Sequence[int], n: int) -> list[int]:
-    if len(offsets) not in (0, n):
-        ew._fail(op, f"offsets must be empty or hold one entry per tensor ({n}), got {len(offsets)}")
-    return list(offsets) or [0] * n
+_LAUNCH_TABLE = torch.ops.neurokern._launch_table.default
+
+
+def tasks(base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tensor]) -> int:
+    """T of a list op (prepare checks that finetuned holds T versions of each base)."""
+    return len(finetuned) // len(base) if len(base) else 0
+
+
+def prepare(op: str, base, finetuned, per_program: int = 0, layout: str = "elements", outputs: bool = False,
+            out_dtype=None, offsets: Optional[Sequence[int]] = (), grad=None):
+    """Checks a list op's tensors (each base[i] and its fine-tuned versions: shape, dtype, device,
+    contiguity, storage dtype; the per-row layouts: 2-D; offsets; grad) with the C++ kernels'
+    messages and, for per_program > 0, lays out its launches, in one C++ call. layout: programs of
+    per_program elements ("elements"), one per row and per_program-column block ("row_blocks",
+    value rows C and first row), of per_program rows ("rows", value rows R, C and first row).
+    outputs: one new output per tensor (out_dtype or base's dtype), else the output row holds
+    base's addresses. offsets: one per tensor, empty (all 0), or None (the list's flat positions).
+    grad (weighted_sum_multi_backward): one per tensor, returned on the device, contiguous, float32
+    unless a floating dtype, and grouped by too. Returns (outputs, grad, launches, the total row
+    count of a per-row layout)."""
+    outs, grad, tables, info = _LAUNCH_TABLE(op, base, finetuned, grad, offsets, per_program, layout, outputs,
+                                             out_dtype)
+    launches = []
+    for k in range(len(tables) // 2):
+        first, nt, programs, aligned, c16 = info[2 + 5 * k:7 + 5 * k]
+        launches.append(Launch(tables[2 * k], tables[2 * k + 1], first, nt, programs, bool(aligned), bool(c16)))
+    return outs, grad, launches, info[1]
+
+
+def columns(finetuned: Sequence[torch.Tensor], n: int) -> list[list[torch.Tensor]]:
+    """Each tensor's fine-tuned versions (finetuned is task-major), for the per-tensor fallbacks."""
+    return [list(finetuned[i::n]) for i in range(n)]
+
+
+def offset_of(offsets: Sequence[int], i: int) -> int:
+    return offsets[i] if offsets else 0
 
 
 def _trims(op: str, threshold, tie_limit, n: int, T: int, device):
@@ -392,29 +439,255 @@ def _trims(op: str, threshold, tie_limit, n: int, T: int, device):
             tie_limit.to(device=device, dtype=torch.int64).contiguous(), rows)
 
 
-def matrix_rows(op: str, base: Sequence[torch.Tensor]) -> list[int]:
-    """The rows of each tensor of a per-row op's list; every base must be 2-D."""
-    for i, b in enumerate(base):
-        if b.dim() != 2:
-            ew._fail(op, f"base[{i}] must be 2-D (rows are neurons), got {b.dim()}-D")
-    return [b.shape[0] for b in base]
-
-
 def _trim_of(thr, lim, rows: bool, i: int):
     if thr is None:
         return None, None
     return (thr[i], lim[i]) if rows else (thr, lim)
 
 
-def _task_trims(thr, lim, rows: bool, idx, n: int, t0: int, t1: int):
-    """The trims of tensors idx for tasks t0 .. t1 - 1: [t1 - t0], or [len(idx), t1 - t0] rows."""
+def _task_trims(thr, lim, rows: bool, launch: Launch, n: int, t0: int, t1: int):
+    """The trims of the launch's tensors for tasks t0 .. t1 - 1: [t1 - t0], or [nt, t1 - t0] rows."""
     if thr is None or not rows:
         return (None, None) if thr is None else (thr[t0:t1], lim[t0:t1])
-    if len(idx) < n:
-        thr, lim = thr[idx], lim[idx]
+    thr, lim = launch.trims(thr, lim, rows, n)
     if t1 - t0 < thr.shape[1]:
         thr, lim = thr[:, t0:t1].contiguous(), lim[:, t0:t1].contiguous()
     return thr, lim
+
+
+# Output dtypes the kernels store directly (others: the single-tensor launcher per tensor).
+_DIRECT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
+    """torch.ops.neurokern.weighted_sum_multi: one launch per storage dtype of the list."""
+    op = "weighted_sum_multi"
+    n, T = len(base), tasks(base, finetuned)
+    fused = T <= ew.MAX_TASKS and (out_dtype or torch.float32) in _DIRECT
+    outs, _, launches, _ = prepare(op, base, finetuned, ew.BLOCK if fused else 0, outputs=fused,
+                                   out_dtype=out_dtype, offsets=offsets)
+    if coeffs.dtype != torch.float32 or tuple(coeffs.shape) != (n, T + 1):
+        ew._fail(op, f"coeffs must be float32 [n, T+1] = [{n}, {T + 1}] (one row per tensor), got "
+                     f"{ew._name(coeffs.dtype)} {ew._shape(coeffs)}")
+    device = base[0].device
+    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
+    coeffs = coeffs.to(device).contiguous()
+    if not fused:
+        return [ew.weighted_sum(base[i], column, coeffs[i], *_trim_of(thr, lim, rows, i), offset_of(offsets, i),
+                                out_dtype) for i, column in enumerate(columns(finetuned, n))]
+    for g in launches:
+        sub_thr, sub_lim = g.trims(thr, lim, rows, n)
+        first = base[g.first]
+        _ws_multi_kernel[(g.programs,)](
+            g.table, g.owner, g.rows_of(coeffs, n), sub_thr if thr is not None else first,
+            sub_lim if lim is not None else first, first, outs[g.first], g.nt,
+            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=ew.BLOCK, ALIGNED=g.aligned, **ew.LAUNCH,
+        )
+    return outs
+
+
+def weighted_sum_rows_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
+    """torch.ops.neurokern.weighted_sum_rows_multi: one launch per storage dtype of the list."""
+    op = "weighted_sum_rows_multi"
+    n, T = len(base), tasks(base, finetuned)
+    fused = T <= ew.MAX_TASKS and (out_dtype or torch.float32) in _DIRECT
+    outs, _, launches, total = prepare(op, base, finetuned, ew.BLOCK if fused else 0, "row_blocks", fused,
+                                       out_dtype, offsets)
+    if coeffs.dtype != torch.float32 or tuple(coeffs.shape) != (T + 1, total):
+        ew._fail(op, f"coeffs must be float32 [T+1, sum of rows] = [{T + 1}, {total}] (tensor i's rows at "
+                     f"its first row in list order), got {ew._name(coeffs.dtype)} {ew._shape(coeffs)}")
+    device = base[0].device
+    thr, lim, trim_rows = _trims(op, threshold, tie_limit, n, T, device)
+    coeffs = coeffs.to(device).contiguous()
+    if not fused:
+        firsts = list(itertools.accumulate((b.shape[0] for b in base), initial=0))
+        return [ew.weighted_sum(base[i], column, coeffs[:, firsts[i]:firsts[i + 1]], *_trim_of(thr, lim, trim_rows, i),
+                                offset_of(offsets, i), out_dtype) for i, column in enumerate(columns(finetuned, n))]
+    for g in launches:
+        sub_thr, sub_lim = g.trims(thr, lim, trim_rows, n)
+        first = base[g.first]
+        _ws_rows_multi_kernel[(g.programs,)](
+            g.table, g.owner, coeffs, sub_thr if thr is not None else first, sub_lim if lim is not None else first,
+            first, outs[g.first], g.nt, total,
+            T=T, TRIM=thr is not None, TRIM_ROWS=trim_rows, BLOCK=ew.BLOCK, ALIGNED=g.aligned, C16=g.c16,
+            **ew.LAUNCH,
+        )
+    return outs
+
+
+def weighted_sum_multi_backward(grad, base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=()):
+    """torch.ops.neurokern.weighted_sum_multi_backward: per storage dtype (of base and of grad), one
+    launch of float64 partial sums over CHUNK-element chunks and one launch summing each tensor's
+    partials."""
+    op = "weighted_sum_multi_backward"
+    n, T = len(base), tasks(base, finetuned)
+    chunk = ew.CHUNK if T <= ew.MAX_TASKS else 0
+    _, grad, launches, _ = prepare(op, base, finetuned, chunk, offsets=offsets, grad=grad)
+    if tuple(coeffs.shape) != (n, T + 1):
+        ew._fail(op, f"coeffs must be [n, T+1] = [{n}, {T + 1}], got {ew._shape(coeffs)}")
+    device = base[0].device
+    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
+    out = torch.zeros((n, T + 1), dtype=torch.float32, device=device)
+    if not chunk:
+        for i, column in enumerate(columns(finetuned, n)):
+            out[i] = ew.weighted_sum_backward(grad[i], base[i], column, coeffs[i], *_trim_of(thr, lim, rows, i),
+                                              offset_of(offsets, i))
+        return out
+    for g in launches:
+        part = torch.empty((T + 1, g.programs), dtype=torch.float64, device=device)
+        sub_thr, sub_lim = g.trims(thr, lim, rows, n)
+        first = base[g.first]
+        _ws_multi_backward_kernel[(g.programs,)](
+            g.table, g.owner, g.table[(_FT + T):], sub_thr if thr is not None else first,
+            sub_lim if lim is not None else first, part, first, grad[g.first], g.nt, g.programs,
+            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=min(ew.RED_BLOCK, chunk), CHUNK=chunk,
+            ALIGNED=g.aligned, **ew.LAUNCH,
+        )
+        sums = torch.empty((g.nt, T + 1), dtype=torch.float32, device=device)
+        _segment_sum_kernel[(g.nt,)](part, g.table, sums, g.nt, g.programs, W=T + 1,
+                                     BW=triton.next_power_of_2(T + 1), ROWS=64, num_warps=4)
+        out.index_copy_(0, g.table[-2], sums)
+    return out
+
+
+def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(),
+                     consensus="sum", normalize="weights", elect_weighted=True, zero_sign="positive",
+                     scale=1.0):
+    """torch.ops.neurokern.ties_merge_multi: one launch per storage dtype of the list;
+    zero_sign="majority" adds two (_majority)."""
+    op = "ties_merge_multi"
+    n, T = len(base), tasks(base, finetuned)
+    block = ew._election_block(T)
+    fused = T <= ew.MAX_TASKS
+    outs, _, launches, _ = prepare(op, base, finetuned, block * ew.TIES_ITERS if fused else 0, outputs=fused,
+                                   offsets=offsets)
+    cons, norm = ew.ties_options(op, T, weights, consensus, normalize, zero_sign)
+    device = base[0].device
+    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
+    if not fused:
+        return [ew.ties_merge(base[i], column, weights, *_trim_of(thr, lim, rows, i), offset_of(offsets, i),
+                              consensus, normalize, elect_weighted, zero_sign, scale)
+                for i, column in enumerate(columns(finetuned, n))]
+    par = ew._params(device, list(weights) + [scale])
+    meta = dict(T=T, TRIM=thr is not None, TRIM_ROWS=rows, CONSENSUS=cons, ELECT_W=bool(elect_weighted),
+                BLOCK=block, **ew.LAUNCH)
+    votes = _majority(op, base, finetuned, offsets, thr, lim, par, meta) if zero_sign == "majority" else {}
+    for g in launches:
+        first = base[g.first]
+        sub_thr, sub_lim = g.trims(thr, lim, rows, n)
+        _ties_multi_kernel[(g.programs,)](
+            g.table, g.owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, par,
+            votes.get(g.first, par), first, g.nt,
+            NORMALIZE=norm, MAJORITY=zero_sign == "majority", ITERS=ew.TIES_ITERS, ALIGNED=g.aligned, **meta,
+        )
+    return outs
+
+
+def _majority(op, base, finetuned, offsets, thr, lim, par, meta) -> dict[int, torch.Tensor]:
+    """Per launch (keyed by its first tensor), int32 [nt]: each tensor's majority sign, the sign of
+    the sum of its elected signs (a zero vote's fallback), from one pre-pass launch per storage dtype
+    (CHUNK elements per program, int64 partials) and one segmented sum over each tensor's partials;
+    no host sync."""
+    n = len(base)
+    per_program = meta["BLOCK"] * max(1, ew.CHUNK // meta["BLOCK"])
+    _, _, launches, _ = prepare(op, base, finetuned, per_program, offsets=offsets)
+    signs = {}
+    for g in launches:
+        first = base[g.first]
+        sub_thr, sub_lim = g.trims(thr, lim, meta["TRIM_ROWS"], n)
+        part = torch.empty(g.programs, dtype=torch.int64, device=first.device)
+        _ties_vote_multi_kernel[(g.programs,)](
+            g.table, g.owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, par,
+            part, first, g.nt, ITERS=per_program // meta["BLOCK"], ALIGNED=g.aligned, **meta)
+        sums = torch.empty(g.nt, dtype=torch.int64, device=first.device)
+        _segment_sum_kernel[(g.nt,)](part, g.table, sums, g.nt, g.programs, W=1, BW=1, ROWS=64, num_warps=4)
+        signs[g.first] = torch.sign(sums).to(torch.int32)
+    return signs
+
+
+def dare_multi(base, finetuned, weights, density, keys, rescale="density", consensus="none",
+               normalize="none", scale=1.0):
+    """torch.ops.neurokern.dare_multi: one launch per storage dtype of the list; tensor i's row of
+    per-call scalars carries its keys."""
+    op = "dare_multi"
+    n, T = len(base), tasks(base, finetuned)
+    block = ew._election_block(T)
+    fused = T <= ew.MAX_TASKS and rescale != "l1"
+    outs, _, launches, _ = prepare(op, base, finetuned, block if fused else 0, outputs=fused)
+    if len(keys) != n * T:
+        ew._fail(op, f"keys must hold n * T = {n * T} entries (keys[i * T + t]), got {len(keys)}")
+    cons, norm = ew.dare_options(op, T, weights, density, rescale, consensus, normalize)
+    if not fused:
+        return [ew.dare(base[i], column, weights, density, keys[i * T:(i + 1) * T], rescale, consensus, normalize,
+                        scale) for i, column in enumerate(columns(finetuned, n))]
+    # ew.dare_params per tensor: the same numbers but each tensor's keys as (low, high) 32-bit words.
+    row = ew.dare_params(weights, density, [0] * T, rescale, norm, scale)
+    key = torch.tensor(keys, dtype=torch.int64).view(n, T)
+    words = torch.stack([key & 0xFFFFFFFF, (key >> 32) & 0xFFFFFFFF], dim=2).view(n, 2 * T)
+    host = torch.tensor(row, dtype=torch.float64).repeat(n, 1)
+    host[:, T + 2:3 * T + 2] = words
+    par = to_device(host, base[0].device)
+    keep_below = ew.dare_threshold24(density)
+    for g in launches:
+        _dare_multi_kernel[(g.programs,)](
+            g.table, g.owner, g.rows_of(par, n), base[g.first], g.nt, keep_below, PAR=len(row),
+            T=T, CONSENSUS=cons, NORMALIZE=norm, G=block // 4, ALIGNED=g.aligned, **ew.LAUNCH,
+        )
+    return outs
+
+
+def trim_l1(base, finetuned, threshold=None, tie_limit=None):
+    """torch.ops.neurokern.trim_l1: float64 [T, 2] of (sum |tau_t|, sum |trim(tau_t)|) over the list.
+
+    One launch per storage dtype and chunk of up to MAX_TASKS tasks (any T): each program sums one
+    CHUNK-element chunk of one tensor into float64 partials (the chunks and the partial sums of one
+    launch per tensor, bit for bit), torch sums the launch's partials in float64. Thresholds [T]:
+    one scope over the list (flat positions continue from tensor to tensor); [n, T]: each tensor on
+    its own (positions from 0)."""
+    op = "trim_l1"
+    n, T = len(base), tasks(base, finetuned)
+    if not 0 < T <= ew.MAX_TASKS:  # checked at once: a chunk of tasks would number its tasks from 0
+        prepare(op, base, finetuned)
+    device = base[0].device
+    thr, lim, trim_rows = _trims(op, threshold, tie_limit, n, T, device)
+    offsets = () if trim_rows else None  # [T]: the list's flat positions
+    out = torch.zeros((T, 2), dtype=torch.float64, device=device)
+    for t0 in range(0, T, ew.MAX_TASKS):
+        t1 = min(T, t0 + ew.MAX_TASKS)
+        block = ew._red_block(2 * (t1 - t0))
+        iters = max(1, ew.CHUNK // block)
+        chunk = finetuned if T <= ew.MAX_TASKS else finetuned[t0 * n:t1 * n]
+        _, _, launches, _ = prepare(op, base, chunk, block * iters, offsets=offsets)
+        for g in launches:
+            sub_thr, sub_lim = _task_trims(thr, lim, trim_rows, g, n, t0, t1)
+            part = torch.empty((g.programs, t1 - t0, 2), dtype=torch.float64, device=device)
+            first = base[g.first]
+            _trim_l1_kernel[(g.programs,)](
+                g.table, g.owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, part,
+                first, g.nt,
+                T=t1 - t0, TRIM=thr is not None, TRIM_ROWS=trim_rows, BLOCK=block, ITERS=iters, ALIGNED=g.aligned,
+                **ew.LAUNCH,
+            )
+            out[t0:t1] += part.sum(0)
+    return out
+
+
+# The launch table built in Python, for launches over a subset of a list's tensors (key_histogram.py).
+
+
+def _columns(op: str, base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tensor]):
+    """T and each tensor's fine-tuned versions (finetuned is task-major), checked."""
+    n = len(base)
+    if n == 0:
+        ew._fail(op, "base is an empty list")
+    if len(finetuned) % n:
+        ew._fail(op, f"{len(finetuned)} fine-tuned tensors is not a multiple of {n} base tensors")
+    T = len(finetuned) // n
+    columns = [list(finetuned[i::n]) for i in range(n)]
+    for b, column in zip(base, columns):
+        ew._check_group(op, b, column)
+        ew._check_storage(op, b.dtype)
+    return T, columns
 
 
 def _by_dtype(base: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -427,17 +700,6 @@ def _by_dtype(base: Sequence[torch.Tensor]) -> list[list[int]]:
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host integers (triton.cdiv costs microseconds a call, counted per tensor)."""
     return -(-a // b)
-
-
-def program_layout(numels: Sequence[int], per_program: int) -> tuple[list[int], list[int], int]:
-    """Programs of per_program elements per tensor: each tensor's program count, its first
-    program, and the total."""
-    programs = [cdiv(n, per_program) for n in numels]
-    starts, total = [], 0
-    for count in programs:
-        starts.append(total)
-        total += count
-    return programs, starts, total
 
 
 def owners(programs: torch.Tensor, total: int) -> torch.Tensor:
@@ -469,258 +731,6 @@ def _table(idx, base, columns, outs, offsets, programs: Sequence[int], device, e
     aligned = all(address % 16 == 0 for row in rows[_BASE:] for address in row)
     table = ew.upload(rows + [list(r) for r in values] + [list(programs)], torch.int64, device)
     return table, owners(table[-1], total), total, aligned
-
-
-def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
-    """torch.ops.neurokern.weighted_sum_multi: one launch per storage dtype of the list."""
-    op = "weighted_sum_multi"
-    T, columns = _columns(op, base, finetuned)
-    n = len(base)
-    if coeffs.dtype != torch.float32 or tuple(coeffs.shape) != (n, T + 1):
-        ew._fail(op, f"coeffs must be float32 [n, T+1] = [{n}, {T + 1}] (one row per tensor), got "
-                     f"{ew._name(coeffs.dtype)} {ew._shape(coeffs)}")
-    offsets = _offsets(op, offsets, n)
-    device = base[0].device
-    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
-    coeffs = coeffs.to(device).contiguous()
-    outs = [torch.empty(b.shape, dtype=out_dtype or b.dtype, device=b.device) for b in base]
-    direct = (out_dtype or torch.float32) in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    if T > ew.MAX_TASKS or not direct:
-        for i in range(n):
-            t_i, l_i = _trim_of(thr, lim, rows, i)
-            outs[i] = ew.weighted_sum(base[i], columns[i], coeffs[i], t_i, l_i, offsets[i], out_dtype)
-        return outs
-    for idx in _by_dtype(base):
-        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets, blocks(idx, base, ew.BLOCK),
-                                                 device)
-        if programs == 0:
-            continue
-        sub = coeffs[idx] if len(idx) < n else coeffs
-        sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
-        first = base[idx[0]]
-        _ws_multi_kernel[(programs,)](
-            table, owner, sub, sub_thr if thr is not None else first, sub_lim if lim is not None else first,
-            first, outs[idx[0]], len(idx),
-            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=ew.BLOCK, ALIGNED=aligned, **ew.LAUNCH,
-        )
-    return outs
-
-
-def weighted_sum_rows_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
-    """torch.ops.neurokern.weighted_sum_rows_multi: one launch per storage dtype of the list."""
-    op = "weighted_sum_rows_multi"
-    T, columns = _columns(op, base, finetuned)
-    rows = matrix_rows(op, base)
-    firsts = list(itertools.accumulate(rows, initial=0))
-    if coeffs.dtype != torch.float32 or tuple(coeffs.shape) != (T + 1, firsts[-1]):
-        ew._fail(op, f"coeffs must be float32 [T+1, sum of rows] = [{T + 1}, {firsts[-1]}] (tensor i's rows at "
-                     f"its first row in list order), got {ew._name(coeffs.dtype)} {ew._shape(coeffs)}")
-    n = len(base)
-    offsets = _offsets(op, offsets, n)
-    device = base[0].device
-    thr, lim, trim_rows = _trims(op, threshold, tie_limit, n, T, device)
-    coeffs = coeffs.to(device).contiguous()
-    outs = [torch.empty(b.shape, dtype=out_dtype or b.dtype, device=b.device) for b in base]
-    direct = (out_dtype or torch.float32) in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    if T > ew.MAX_TASKS or not direct:
-        for i in range(n):
-            t_i, l_i = _trim_of(thr, lim, trim_rows, i)
-            outs[i] = ew.weighted_sum(base[i], columns[i], coeffs[:, firsts[i]:firsts[i + 1]], t_i, l_i, offsets[i],
-                                      out_dtype)
-        return outs
-    for idx in _by_dtype(base):
-        C = [base[i].shape[1] for i in idx]
-        programs = [rows[i] * cdiv(c, ew.BLOCK) for i, c in zip(idx, C)]
-        table, owner, total, aligned = _table(idx, base, columns, outs, offsets, programs, device,
-                                              values=[C, [firsts[i] for i in idx]])
-        if total == 0:
-            continue
-        sub_thr, sub_lim = (thr[idx], lim[idx]) if trim_rows and len(idx) < n else (thr, lim)
-        first = base[idx[0]]
-        _ws_rows_multi_kernel[(total,)](
-            table, owner, coeffs, sub_thr if thr is not None else first, sub_lim if lim is not None else first,
-            first, outs[idx[0]], len(idx), firsts[-1],
-            T=T, TRIM=thr is not None, TRIM_ROWS=trim_rows, BLOCK=ew.BLOCK, ALIGNED=aligned,
-            C16=all(c % 16 == 0 for c in C), **ew.LAUNCH,
-        )
-    return outs
-
-
-def weighted_sum_multi_backward(grad, base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=()):
-    """torch.ops.neurokern.weighted_sum_multi_backward: per storage dtype, one launch of float64
-    partial sums over CHUNK-element chunks and one launch summing each tensor's partials."""
-    op = "weighted_sum_multi_backward"
-    T, columns = _columns(op, base, finetuned)
-    n = len(base)
-    if len(grad) != n:
-        ew._fail(op, f"{len(grad)} gradients for {n} tensors")
-    if tuple(coeffs.shape) != (n, T + 1):
-        ew._fail(op, f"coeffs must be [n, T+1] = [{n}, {T + 1}], got {ew._shape(coeffs)}")
-    for i, (g, b) in enumerate(zip(grad, base)):
-        if g.shape != b.shape:
-            ew._fail(op, f"grad[{i}] has shape {ew._shape(g)}, base[{i}] has {ew._shape(b)}")
-    offsets = _offsets(op, offsets, n)
-    device = base[0].device
-    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
-    grad = [(g if g.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-             else g.to(torch.float32)).to(device).contiguous() for g in grad]
-    out = torch.zeros((n, T + 1), dtype=torch.float32, device=device)
-    if T > ew.MAX_TASKS:
-        for i in range(n):
-            t_i, l_i = _trim_of(thr, lim, rows, i)
-            out[i] = ew.weighted_sum_backward(grad[i], base[i], columns[i], coeffs[i], t_i, l_i, offsets[i])
-        return out
-    groups: dict[tuple, list[int]] = {}
-    for i in range(n):
-        groups.setdefault((base[i].dtype, grad[i].dtype), []).append(i)
-    chunk = ew.CHUNK
-    for idx in groups.values():
-        table, owner, programs, aligned = _table(idx, base, columns, base, offsets, blocks(idx, base, chunk),
-                                                 device, extra=[[grad[i].data_ptr() for i in idx]])
-        if programs == 0:
-            continue
-        part = torch.empty((T + 1, programs), dtype=torch.float64, device=device)
-        sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
-        first = base[idx[0]]
-        _ws_multi_backward_kernel[(programs,)](
-            table, owner, table[(_FT + T):], sub_thr if thr is not None else first,
-            sub_lim if lim is not None else first, part, first, grad[idx[0]], len(idx), programs,
-            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=min(ew.RED_BLOCK, chunk), CHUNK=chunk,
-            ALIGNED=aligned, **ew.LAUNCH,
-        )
-        sums = torch.empty((len(idx), T + 1), dtype=torch.float32, device=device)
-        _segment_sum_kernel[(len(idx),)](part, table, sums, len(idx), programs, W=T + 1,
-                                         BW=triton.next_power_of_2(T + 1), ROWS=64, num_warps=4)
-        out[idx] = sums
-    return out
-
-
-def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(),
-                     consensus="sum", normalize="weights", elect_weighted=True, zero_sign="positive",
-                     scale=1.0):
-    """torch.ops.neurokern.ties_merge_multi: one launch per storage dtype of the list;
-    zero_sign="majority" adds two (_majority)."""
-    op = "ties_merge_multi"
-    T, columns = _columns(op, base, finetuned)
-    n = len(base)
-    cons, norm = ew.ties_options(op, T, weights, consensus, normalize, zero_sign)
-    offsets = _offsets(op, offsets, n)
-    device = base[0].device
-    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
-    if T > ew.MAX_TASKS:
-        outs = []
-        for i in range(n):
-            t_i, l_i = _trim_of(thr, lim, rows, i)
-            outs.append(ew.ties_merge(base[i], columns[i], weights, t_i, l_i, offsets[i], consensus,
-                                      normalize, elect_weighted, zero_sign, scale))
-        return outs
-    outs = [torch.empty_like(b) for b in base]
-    par = ew._params(device, list(weights) + [scale])
-    block = ew._election_block(T)
-    for idx in _by_dtype(base):
-        table, owner, programs, aligned = _table(idx, base, columns, outs, offsets,
-                                                 blocks(idx, base, block * ew.TIES_ITERS), device)
-        if programs == 0:
-            continue
-        sub_thr, sub_lim = (thr[idx], lim[idx]) if rows and len(idx) < n else (thr, lim)
-        first = base[idx[0]]
-        trims = (sub_thr if thr is not None else first, sub_lim if lim is not None else first)
-        meta = dict(T=T, TRIM=thr is not None, TRIM_ROWS=rows, CONSENSUS=cons, ELECT_W=bool(elect_weighted),
-                    BLOCK=block, **ew.LAUNCH)
-        fb = par
-        if zero_sign == "majority":
-            fb = _majority(idx, base, columns, offsets, trims, par, meta)
-        _ties_multi_kernel[(programs,)](
-            table, owner, *trims, par, fb, first, len(idx),
-            NORMALIZE=norm, MAJORITY=zero_sign == "majority", ITERS=ew.TIES_ITERS, ALIGNED=aligned, **meta,
-        )
-    return outs
-
-
-def _majority(idx, base, columns, offsets, trims, par, meta) -> torch.Tensor:
-    """int32 [len(idx)]: each tensor's majority sign, the sign of the sum of its elected signs (a
-    zero vote's fallback), from one pre-pass launch (CHUNK elements per program, int64 partials)
-    and one segmented sum over each tensor's partials; no host sync."""
-    first = base[idx[0]]
-    per_program = meta["BLOCK"] * max(1, ew.CHUNK // meta["BLOCK"])
-    table, owner, programs, aligned = _table(idx, base, columns, base, offsets, blocks(idx, base, per_program),
-                                             first.device)
-    part = torch.empty(programs, dtype=torch.int64, device=first.device)
-    _ties_vote_multi_kernel[(programs,)](table, owner, *trims, par, part, first, len(idx),
-                                         ITERS=per_program // meta["BLOCK"], ALIGNED=aligned, **meta)
-    sums = torch.empty(len(idx), dtype=torch.int64, device=first.device)
-    _segment_sum_kernel[(len(idx),)](part, table, sums, len(idx), programs, W=1, BW=1, ROWS=64, num_warps=4)
-    return torch.sign(sums).to(torch.int32)
-
-
-def dare_multi(base, finetuned, weights, density, keys, rescale="density", consensus="none",
-               normalize="none", scale=1.0):
-    """torch.ops.neurokern.dare_multi: one launch per storage dtype of the list; tensor i's row of
-    per-call scalars carries its keys."""
-    op = "dare_multi"
-    T, columns = _columns(op, base, finetuned)
-    n = len(base)
-    if len(keys) != n * T:
-        ew._fail(op, f"keys must hold n * T = {n * T} entries (keys[i * T + t]), got {len(keys)}")
-    cons, norm = ew.dare_options(op, T, weights, density, rescale, consensus, normalize)
-    if T > ew.MAX_TASKS or rescale == "l1":
-        return [ew.dare(base[i], columns[i], weights, density, keys[i * T:(i + 1) * T], rescale,
-                        consensus, normalize, scale) for i in range(n)]
-    device = base[0].device
-    outs = [torch.empty_like(b) for b in base]
-    rows = [ew.dare_params(weights, density, keys[i * T:(i + 1) * T], rescale, norm, scale) for i in range(n)]
-    width = len(rows[0])
-    block = ew._election_block(T)
-    keep_below = ew.dare_threshold24(density)
-    for idx in _by_dtype(base):
-        table, owner, programs, aligned = _table(idx, base, columns, outs, [0] * n, blocks(idx, base, block),
-                                                 device)
-        if programs == 0:
-            continue
-        par = ew.upload([rows[i] for i in idx], torch.float64, device)
-        _dare_multi_kernel[(programs,)](
-            table, owner, par, base[idx[0]], len(idx), keep_below, PAR=width,
-            T=T, CONSENSUS=cons, NORMALIZE=norm, G=block // 4, ALIGNED=aligned, **ew.LAUNCH,
-        )
-    return outs
-
-
-def trim_l1(base, finetuned, threshold=None, tie_limit=None):
-    """torch.ops.neurokern.trim_l1: float64 [T, 2] of (sum |tau_t|, sum |trim(tau_t)|) over the list.
-
-    One launch per storage dtype and chunk of up to MAX_TASKS tasks (any T): each program sums one
-    CHUNK-element chunk of one tensor into float64 partials (the chunks and the partial sums of one
-    launch per tensor, bit for bit), torch sums the launch's partials in float64. Thresholds [T]:
-    one scope over the list (flat positions continue from tensor to tensor); [n, T]: each tensor on
-    its own (positions from 0)."""
-    op = "trim_l1"
-    T, columns = _columns(op, base, finetuned)
-    n = len(base)
-    device = base[0].device
-    thr, lim, trim_rows = _trims(op, threshold, tie_limit, n, T, device)
-    offsets = [0] * n if trim_rows else list(itertools.accumulate((b.numel() for b in base[:-1]), initial=0))
-    out = torch.zeros((T, 2), dtype=torch.float64, device=device)
-    for t0 in range(0, T, ew.MAX_TASKS):
-        t1 = min(T, t0 + ew.MAX_TASKS)
-        block = ew._red_block(2 * (t1 - t0))
-        iters = max(1, ew.CHUNK // block)
-        chunk = [column[t0:t1] for column in columns]
-        for idx in _by_dtype(base):
-            table, owner, programs, aligned = _table(idx, base, chunk, base, offsets, blocks(idx, base, block * iters),
-                                                     device)
-            if programs == 0:
-                continue
-            sub_thr, sub_lim = _task_trims(thr, lim, trim_rows, idx, n, t0, t1)
-            part = torch.empty((programs, t1 - t0, 2), dtype=torch.float64, device=device)
-            first = base[idx[0]]
-            _trim_l1_kernel[(programs,)](
-                table, owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, part,
-                first, len(idx),
-                T=t1 - t0, TRIM=thr is not None, TRIM_ROWS=trim_rows, BLOCK=block, ITERS=iters, ALIGNED=aligned,
-                **ew.LAUNCH,
-            )
-            out[t0:t1] += part.sum(0)
-    return out
 
 
 registry.register("weighted_sum_multi", weighted_sum_multi)

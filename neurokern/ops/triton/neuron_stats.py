@@ -385,56 +385,46 @@ def neuron_stats(
     return gram, dots, sq
 
 
-def launch_neuron_stats_multi(idx, base, columns, thr, lim, trim_rows, offsets, firsts, gram, dots, sq,
-                              config=None):
-    """Runs the multi-tensor kernel on tensors idx (one storage dtype, T <= MAX_TASKS) into the
-    concatenated outputs; firsts[i]: tensor i's first row there. thr / lim: [T], or [len(idx), T]
-    rows in idx's order (trim_rows)."""
-    first = base[idx[0]]
-    R, C = [base[i].shape[0] for i in idx], [base[i].shape[1] for i in idx]
-    T = len(columns[idx[0]])
-    cfg = dict(config or _config(max(R), max(C), first.element_size(), T))
-    table, owner, programs, aligned = multi._table(
-        idx, base, columns, base, offsets, [multi.cdiv(r, cfg["ROWS"]) for r in R], first.device,
-        values=[R, C, [firsts[i] for i in idx]])
-    if programs == 0:
-        return
-    has_trim = thr is not None
-    _neuron_stats_multi_kernel[(programs,)](
-        table, owner, thr if has_trim else first, lim if has_trim else first, gram, dots, sq, first, len(idx),
-        T=T, HAS_TRIM=has_trim, TRIM_ROWS=trim_rows, ALIGNED=aligned, C16=all(c % 16 == 0 for c in C), **cfg,
-    )
-
-
 def neuron_stats_multi(
     base: Sequence[torch.Tensor],
     finetuned: Sequence[torch.Tensor],
     threshold: Optional[torch.Tensor] = None,
     tie_limit: Optional[torch.Tensor] = None,
     offsets: Sequence[int] = (),
+    config: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.ops.neurokern.neuron_stats_multi: the rows of every tensor, concatenated in list order,
-    in one launch per storage dtype (T > MAX_TASKS: the reference per tensor, as neuron_stats)."""
+    in one launch per storage dtype (T > MAX_TASKS: the reference per tensor, as neuron_stats).
+    config: the launch configuration (tests); by default the single-tensor launch's on a GPU (it
+    depends on the dtype and T only), under the interpreter the list's largest tensor's."""
     op = "neuron_stats_multi"
-    T, columns = multi._columns(op, base, finetuned)
-    rows = multi.matrix_rows(op, base)
-    n = len(base)
-    offsets = multi._offsets(op, offsets, n)
+    n, T = len(base), multi.tasks(base, finetuned)
+    if config is None and _interpreting():
+        shapes = [b.shape for b in base if b.dim() == 2]
+        config = interpreter_config(max((s[0] for s in shapes), default=0), max((s[1] for s in shapes), default=0))
+    per_program = (config["ROWS"] if config else 1) if T <= MAX_TASKS else 0  # a GPU: one row per program
+    _, _, launches, total = multi.prepare(op, base, finetuned, per_program, "rows", offsets=offsets)
     device = base[0].device
     thr, lim, trim_rows = multi._trims(op, threshold, tie_limit, n, T, device)
-    firsts = list(itertools.accumulate(rows, initial=0))
-    gram = torch.empty((firsts[-1], T, T), dtype=torch.float64, device=device)
-    dots = torch.empty((firsts[-1], T), dtype=torch.float64, device=device)
-    sq = torch.empty((firsts[-1],), dtype=torch.float64, device=device)
+    gram = torch.empty((total, T, T), dtype=torch.float64, device=device)
+    dots = torch.empty((total, T), dtype=torch.float64, device=device)
+    sq = torch.empty((total,), dtype=torch.float64, device=device)
     if T > MAX_TASKS:
-        for i in range(n):
+        firsts = list(itertools.accumulate((b.shape[0] for b in base), initial=0))
+        for i, column in enumerate(multi.columns(finetuned, n)):
             r0, r1 = firsts[i], firsts[i + 1]
-            t_i, l_i = multi._trim_of(thr, lim, trim_rows, i)
-            _reference_chunked(base[i], columns[i], t_i, l_i, offsets[i], gram[r0:r1], dots[r0:r1], sq[r0:r1])
+            _reference_chunked(base[i], column, *multi._trim_of(thr, lim, trim_rows, i), multi.offset_of(offsets, i),
+                               gram[r0:r1], dots[r0:r1], sq[r0:r1])
         return gram, dots, sq
-    for idx in multi._by_dtype(base):
-        sub_thr, sub_lim = (thr[idx], lim[idx]) if trim_rows and len(idx) < n else (thr, lim)
-        launch_neuron_stats_multi(idx, base, columns, sub_thr, sub_lim, trim_rows, offsets, firsts, gram, dots, sq)
+    has_trim = thr is not None
+    for g in launches:
+        first = base[g.first]
+        sub_thr, sub_lim = g.trims(thr, lim, trim_rows, n)
+        _neuron_stats_multi_kernel[(g.programs,)](
+            g.table, g.owner, sub_thr if has_trim else first, sub_lim if has_trim else first, gram, dots, sq, first,
+            g.nt, T=T, HAS_TRIM=has_trim, TRIM_ROWS=trim_rows, ALIGNED=g.aligned, C16=g.c16,
+            **(config or _config(0, 0, first.element_size(), T)),
+        )
     return gram, dots, sq
 
 

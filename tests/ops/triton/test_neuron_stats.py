@@ -17,7 +17,6 @@ import torch
 
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
-from neurokern.ops.triton import multi as M
 from neurokern.ops.triton import neuron_stats as tns
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -251,14 +250,7 @@ def check_bitwise_single_kernel(bases, fts, T, scope, config):
     """Each tensor's rows are bitwise the single-tensor kernel's under the same launch configuration
     (on a GPU the configuration depends on dtype and T only: the op's results are bitwise too)."""
     thr, lim, offsets = list_trim(bases, fts, T, scope)
-    columns = [list(fts[i::len(bases)]) for i in range(len(bases))]
-    R = sum(b.shape[0] for b in bases)
-    firsts = [sum(b.shape[0] for b in bases[:i]) for i in range(len(bases))]
-    out = (torch.empty(R, T, T, dtype=torch.float64), torch.empty(R, T, dtype=torch.float64),
-           torch.empty(R, dtype=torch.float64))
-    thr_d, lim_d, rows = M._trims("neuron_stats_multi", thr, lim, len(bases), T, "cpu")
-    tns.launch_neuron_stats_multi(list(range(len(bases))), bases, columns, thr_d, lim_d, rows,
-                                  offsets or [0] * len(bases), firsts, *out, config=config)
+    out = tns.neuron_stats_multi(bases, fts, thr, lim, offsets, config=config)
     for a, b in zip(out, single_launches(bases, fts, thr, lim, offsets, config)):
         assert torch.equal(a, b)
 
