@@ -223,11 +223,12 @@ class _Engine:
         todo = [u for u in all_mine if u.shard in todo_shards]
 
         est = plan.estimate(self.cuda)
-        cache = max(0, plan.device_budget - est["device"]) if (self.cuda and len(self.passes) > 1) else 0
-        self.reader = Reader(plan, self.models, pin=self.cuda)
-        # every unit is checked once: one flag per (merged tensor, model), pinned up front (GPU)
+        cache = max(0, plan.device_budget - est["device"] - DEVICE_HEADROOM) if (self.cuda and len(self.passes) > 1) else 0
+        # every unit is checked once: one flag per (merged tensor, model), pinned up front (GPU),
+        # before the reader pins its buffers (a pinning call waits for the others)
         self.finite_host = (torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32, pin_memory=True)
                             if self.cuda else None)
+        self.reader = Reader(plan, self.models, pin=self.cuda)
         self.stager = Stager(self.device, self.out_dtype, cache)
         writer = None
         try:
@@ -317,17 +318,24 @@ class _Engine:
                 writer.put(views, wait=event.synchronize, release=lambda s=slot: out_slots.put(s), check=check)
 
 
+# Device memory the plan's estimate leaves out (trim histograms, launch tables, the allocator's
+# rounding): the cache of device batches for later passes leaves it free.
+DEVICE_HEADROOM = 256 * 2**20
+
+
 @contextmanager
-def _gpu_memory_cap(device: torch.device, budget: int):
+def _gpu_memory_cap(device: torch.device, plan: Plan):
     """Holds the caching allocator of a GPU to what it had reserved plus the budget while the merge
     runs (it gives cached blocks back before passing that): the plan keeps the merge's live
-    tensors within the budget, this keeps the allocator's cache there too."""
+    tensors within the budget, this keeps the allocator's cache there too. A budget too small for
+    the largest tensor is exceeded by the plan's estimate (and the headroom), as before."""
     if device.type != "cuda":
         yield
         return
     before = torch.cuda.get_per_process_memory_fraction(device)
     total = torch.cuda.get_device_properties(device).total_memory
-    cap = (torch.cuda.memory_reserved(device) + budget) / total
+    need = plan.estimate(cuda=True)["device"] + DEVICE_HEADROOM
+    cap = (torch.cuda.memory_reserved(device) + max(plan.device_budget, need)) / total
     torch.cuda.set_per_process_memory_fraction(min(before, cap), device)
     try:
         yield
@@ -357,6 +365,8 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             dev = local_device(device)
+            if not dry_run:
+                kernel_warmup.start(dev)
             budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else None
             host = parse_size(host_memory_budget, "host_memory_budget") if host_memory_budget is not None else None
             if dev.type != "cpu":
@@ -372,10 +382,9 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return Result(Path(out_dir), engine.plan, 0.0, engine.passes,
                           stats={"description": describe(engine.plan, cfg.method, engine.passes, dev.type == "cuda", world)})
-        kernel_warmup.start(dev, {info.dtype for info in engine.base.tensors.values()})
         ranks = Ranks.setup(dev)
         try:
-            with _gpu_memory_cap(dev, engine.plan.device_budget):
+            with _gpu_memory_cap(dev, engine.plan):
                 return engine.run(ranks, resume)
         finally:
             ranks.close()
