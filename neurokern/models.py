@@ -79,17 +79,23 @@ def nonfinite_later(tensors: Sequence[Tensor], host: Optional[Tensor] = None) ->
     return positions
 
 
-def _check_finite(names: list[str], base: dict[str, Tensor], finetuned: list[dict[str, Tensor]]) -> None:
-    """NaN / Inf anywhere is an error naming the tensor and model (the first in the base's order)."""
+def _check_finite_later(names: list[str], base: dict[str, Tensor],
+                        finetuned: list[dict[str, Tensor]]) -> Callable[[], None]:
+    """NaN / Inf anywhere is an error naming the tensor and model (the first in the base's order),
+    raised by the returned function; on a GPU the check runs meanwhile (nonfinite_later)."""
     items = [(name, label, t) for name in names
              for label, t in [("base", base[name])] + [(f"finetuned[{i}]", sd[name]) for i, sd in enumerate(finetuned)]]
     by_device: dict[torch.device, list[int]] = {}
     for index, (_, _, t) in enumerate(items):
         by_device.setdefault(t.device, []).append(index)
-    bad = [indices[j] for indices in by_device.values() for j in nonfinite([items[i][2] for i in indices])]
-    if bad:
-        name, label, _ = items[min(bad)]
-        raise NeurokernError(f"tensor {name!r} of {label} has non-finite values (NaN or Inf)")
+    pending = [(indices, nonfinite_later([items[i][2] for i in indices])) for indices in by_device.values()]
+
+    def check() -> None:
+        bad = [indices[j] for indices, positions in pending for j in positions()]
+        if bad:
+            name, label, _ = items[min(bad)]
+            raise NeurokernError(f"tensor {name!r} of {label} has non-finite values (NaN or Inf)")
+    return check
 
 
 def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None) -> ModelSet:
@@ -110,6 +116,10 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
         if extra:
             raise NeurokernError(f"finetuned[{i}] has tensor(s) {_name_list(extra)} that base lacks")
 
+    # the finite check of the mergeable tensors runs on the GPU while the host checks the pairs
+    check_finite = _check_finite_later(
+        [name for name, b in base_sd.items() if b.is_floating_point() and b.dtype in MERGEABLE_DTYPES],
+        base_sd, ft_sds)
     names = []
     for name, b in base_sd.items():
         for i, sd in enumerate(ft_sds):
@@ -135,7 +145,7 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
                 f"tensor {name!r} is {b.dtype}; neurokern merges float32, bfloat16 and float16 tensors"
             )
         names.append(name)
-    _check_finite(names, base_sd, ft_sds)
+    check_finite()
 
     if device is not None:
         base_sd = {k: v.to(device) for k, v in base_sd.items()}
