@@ -152,18 +152,8 @@ def test_misaligned_views():
         check(bases, [s[v] for s in storage[1:] for v in views])
 
 
-class CountLaunches:
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
-def test_one_launch_per_dtype(monkeypatch):
-    kernel = CountLaunches(K._key_histogram_kernel)
-    monkeypatch.setattr(K, "_key_histogram_kernel", kernel)
+def test_one_launch_per_dtype(count_launches):
+    kernel = count_launches(K, "_key_histogram_kernel")
     bases, fts = make_list(3, DTYPES, seed=6)
     K.key_histogram(bases, fts, torch.zeros(3, K.HI_BINS, dtype=torch.int64))
     assert kernel.launches == 3

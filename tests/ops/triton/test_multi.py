@@ -152,23 +152,11 @@ def test_more_tasks_than_kernel_slots():
     assert_lists_bitwise(M.weighted_sum_rows_multi(bases, fts, coeffs), OPS.weighted_sum_rows_multi(bases, fts, coeffs))
 
 
-class CountLaunches:
-    """Stands in for a Triton kernel and counts its launches."""
-
-    def __init__(self, kernel):
-        self.kernel, self.launches = kernel, 0
-
-    def __getitem__(self, grid):
-        self.launches += 1
-        return self.kernel[grid]
-
-
 @pytest.mark.parametrize("T", [1, 3, 8, 10])
 @pytest.mark.parametrize("scope", ["none", "global", "tensor"])
-def test_trim_l1_one_launch_per_dtype(T, scope, monkeypatch):
+def test_trim_l1_one_launch_per_dtype(T, scope, count_launches):
     """One launch per storage dtype and chunk of 8 tasks; the C++ op's sums up to float64 order."""
-    kernel = CountLaunches(M._trim_l1_kernel)
-    monkeypatch.setattr(M, "_trim_l1_kernel", kernel)
+    kernel = count_launches(M, "_trim_l1_kernel")
     bases, fts = make_list(T, MIXED, seed=8)
     thr, lim, offsets = trims(bases, fts, T, scope)
     got = M.trim_l1(bases, fts, thr, lim)
@@ -188,14 +176,12 @@ def test_trim_l1_gpu_chunks(monkeypatch):
     torch.testing.assert_close(got, OPS.trim_l1(bases, fts, thr, lim), rtol=1e-12, atol=0)
 
 
-def test_new_ops_launch_once_per_dtype(monkeypatch):
+def test_new_ops_launch_once_per_dtype(count_launches):
     from neurokern.ops.triton import neuron_stats as tns
 
     T = 2
     bases, fts = make_list(T, MIXED, seed=10, shapes=MATRICES)
-    kernels = {"ns": CountLaunches(tns._neuron_stats_multi_kernel), "ws": CountLaunches(M._ws_rows_multi_kernel)}
-    monkeypatch.setattr(tns, "_neuron_stats_multi_kernel", kernels["ns"])
-    monkeypatch.setattr(M, "_ws_rows_multi_kernel", kernels["ws"])
+    kernels = {"ns": count_launches(tns, "_neuron_stats_multi_kernel"), "ws": count_launches(M, "_ws_rows_multi_kernel")}
     tns.neuron_stats_multi(bases, fts)
     M.weighted_sum_rows_multi(bases, fts, torch.rand(T + 1, sum(b.shape[0] for b in bases)))
     assert kernels["ns"].launches == kernels["ws"].launches == len(MIXED)
@@ -214,7 +200,7 @@ def biased_list(T, dtypes, seed, shapes):
 
 @pytest.mark.parametrize("T", [1, 2, 5])
 @pytest.mark.parametrize("gpu_chunks", [False, True])
-def test_ties_merge_multi_majority(T, gpu_chunks, monkeypatch):
+def test_ties_merge_multi_majority(T, gpu_chunks, count_launches, monkeypatch):
     """Per-tensor majority signs from one pre-pass launch per dtype (with the GPU's block and chunk
     sizes too: several partials per tensor, several election blocks per merge program, a tensor
     ending inside a program's chunk), bitwise the C++ op; one merge launch per dtype."""
@@ -222,9 +208,7 @@ def test_ties_merge_multi_majority(T, gpu_chunks, monkeypatch):
         monkeypatch.setattr(M.ew, "CHUNK", 2048)
         monkeypatch.setattr(M.ew, "ELECTION_BLOCKS", (1024, 512))
         monkeypatch.setattr(M.ew, "TIES_ITERS", 3)
-    kernels = {"vote": CountLaunches(M._ties_vote_multi_kernel), "merge": CountLaunches(M._ties_multi_kernel)}
-    monkeypatch.setattr(M, "_ties_vote_multi_kernel", kernels["vote"])
-    monkeypatch.setattr(M, "_ties_multi_kernel", kernels["merge"])
+    kernels = {"vote": count_launches(M, "_ties_vote_multi_kernel"), "merge": count_launches(M, "_ties_multi_kernel")}
     bases, fts = biased_list(T, (torch.bfloat16, torch.float32), seed=11,
                              shapes=[(3, 1100), (5000,), (0, 3), (7,), (64, 33), (1,)])
     for scope in ("global", "tensor"):
