@@ -12,11 +12,13 @@ boundary_values then gathers those entries' low 16 bits per (tensor, task), for 
 path.
 
 A launch covers the tensors of one storage dtype and up to MAX_TASKS tasks (more tasks: one launch
-per chunk of MAX_TASKS), with the launch table of multi.py (multi._table, plus each tensor's
-position in the list): a program reads BLOCK entries of one tensor from base and each fine-tuned
-tensor (base once), full blocks without a mask and with the 16-byte alignment hint where every
-address is aligned, and adds one per entry into its bin with a relaxed atomic (int64: no count can
-overflow). The counts and the gather take one atomic per program and task.
+per chunk of MAX_TASKS), with the launch table and owner array of multi.prepare (one C++ call per
+chunk, neurokern::_launch_table; its row 5 + T holds each tensor's position in the list prepared):
+a program reads BLOCK entries of one tensor from base and each fine-tuned tensor (base once), full
+blocks without a mask and with the 16-byte alignment hint where every address is aligned, and adds
+one per entry into its bin with a relaxed atomic (int64: no count can overflow). The counts and the
+gather take one atomic per program and task. boundary_values prepares the sub-list of the tensors
+with entries, and uploads their cursors in sub-list order.
 """
 import itertools
 from typing import Optional, Sequence
@@ -96,8 +98,8 @@ def _key_histogram_kernel(
     T: tl.constexpr, BINS: tl.constexpr, LOW: tl.constexpr, COUNT: tl.constexpr, GATHER: tl.constexpr,
     BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
 ):
-    """One block of tensor j for tasks 0 .. T-1; table row 5 + T: j's position i in the list, whose
-    counts / cursors are cnt[i * stride + t]."""
+    """One block of tensor j for tasks 0 .. T-1; table row 5 + T: j's position i in the list
+    prepared (boundary_values: its sub-list), whose counts / cursors are cnt[i * stride + t]."""
     pid, j, local, n, _ = multi._where(table, owner, nt)
     b, f0, f1, f2, f3, f4, f5, f6, f7 = multi._inputs(table, nt, j, like, T, ALIGNED)
     pair = tl.load(table + (5 + T) * nt + j) * stride
@@ -110,23 +112,19 @@ def _key_histogram_kernel(
                pair, T, BINS, LOW, COUNT, GATHER)
 
 
-def _launches(base, columns, keep=None):
-    """[(t0, t1, idx, table, owner, programs, aligned)]: one launch per storage dtype and chunk of
-    MAX_TASKS tasks (t0 .. t1 - 1), over the tensors idx that `keep` allows (all by default)."""
-    n, T = len(base), len(columns[0])
+def _launches(op: str, base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tensor], T: int,
+              checked: bool = False):
+    """[(t0, t1, launch)]: multi.prepare's launches (one per storage dtype with entries) for each
+    chunk of MAX_TASKS tasks (t0 .. t1 - 1) of the list base [n], finetuned task-major, checked
+    (checked: already)."""
+    n = len(base)
+    if not checked and not 0 < T <= ew.MAX_TASKS:  # at once: a chunk of tasks would number its tasks from 0
+        multi.prepare(op, base, finetuned)
     out = []
     for t0 in range(0, T, ew.MAX_TASKS):
         t1 = min(T, t0 + ew.MAX_TASKS)
-        chunk = [column[t0:t1] for column in columns]
-        for idx in multi._by_dtype(base):
-            idx = [i for i in idx if keep is None or keep(i)]
-            if not idx:
-                continue
-            table, owner, programs, aligned = multi._table(idx, base, chunk, base, [0] * n,
-                                                           multi.blocks(idx, base, ew.BLOCK), base[0].device,
-                                                           values=[idx])
-            if programs:
-                out.append((t0, t1, idx, table, owner, programs, aligned))
+        chunk = finetuned if T <= ew.MAX_TASKS else finetuned[t0 * n:t1 * n]
+        out += [(t0, t1, g) for g in multi.prepare(op, base, chunk, ew.BLOCK)[2]]
     return out
 
 
@@ -138,7 +136,8 @@ def key_histogram(base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tensor
     when given. Contiguous tensors of one device; no host sync."""
     op = "key_histogram"
     low = hi_bin is not None
-    T, columns = multi._columns(op, base, finetuned)
+    T = multi.tasks(base, finetuned)
+    launches = _launches(op, base, finetuned, T)
     bins = LO_BINS if low else HI_BINS
     if hist.dtype != torch.int64 or tuple(hist.shape) != (T, bins) or not hist.is_contiguous():
         ew._fail(op, f"hist must be contiguous int64 [{T}, {bins}], got {ew._name(hist.dtype)} {ew._shape(hist)}")
@@ -146,11 +145,11 @@ def key_histogram(base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tensor
                                or not counts.is_contiguous()):
         ew._fail(op, f"counts (low mode only) must be contiguous int64 [{len(base)}, {T}]")
     flat = counts.view(-1) if counts is not None else hist
-    for t0, t1, idx, table, owner, programs, aligned in _launches(base, columns):
-        _key_histogram_kernel[(programs,)](
-            table, owner, hist[t0:t1], hi_bin[t0:t1] if low else hist, flat[t0:], hist, base[idx[0]], len(idx), T,
+    for t0, t1, g in launches:
+        _key_histogram_kernel[(g.programs,)](
+            g.table, g.owner, hist[t0:t1], hi_bin[t0:t1] if low else hist, flat[t0:], hist, base[g.first], g.nt, T,
             T=t1 - t0, BINS=bins, LOW=low, COUNT=counts is not None, GATHER=False, BLOCK=ew.BLOCK,
-            ALIGNED=aligned, **ew.LAUNCH,
+            ALIGNED=g.aligned, **ew.LAUNCH,
         )
 
 
@@ -160,17 +159,24 @@ def boundary_values(base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tens
     mode counts, (tensor, task) after (tensor, task) in the order of counts (key_histogram's counts,
     flat: counts[i * T + t]); in any order inside one (tensor, task). Tensors without entries are
     not read."""
-    T, columns = multi._columns("boundary_values", base, finetuned)
+    op = "boundary_values"
+    n, T = len(base), multi.tasks(base, finetuned)
+    multi.prepare(op, base, finetuned)  # the whole list's checks (only the sub-list is laid out)
     starts = list(itertools.accumulate(counts, initial=0))
     values = torch.empty(starts[-1], dtype=torch.int32, device=base[0].device)
-    launches = _launches(base, columns, keep=lambda i: any(counts[i * T:(i + 1) * T]))
+    keep = [i for i in range(n) if any(counts[i * T:(i + 1) * T])]
+    if not keep:
+        return values
+    sub = [base[i] for i in keep]
+    launches = _launches(op, sub, [finetuned[t * n + i] for t in range(T) for i in keep], T, checked=True)
     if not launches:
         return values
-    cursor = ew.upload(starts[:-1], torch.int64, base[0].device)
-    for t0, t1, idx, table, owner, programs, aligned in launches:
-        _key_histogram_kernel[(programs,)](
-            table, owner, values, hi_bin[t0:t1], cursor[t0:], values, base[idx[0]], len(idx), T,
+    # The sub-list's cursors, in its order: cursor[s * T + t] for its s-th tensor.
+    cursor = ew.upload([starts[i * T + t] for i in keep for t in range(T)], torch.int64, base[0].device)
+    for t0, t1, g in launches:
+        _key_histogram_kernel[(g.programs,)](
+            g.table, g.owner, values, hi_bin[t0:t1], cursor[t0:], values, sub[g.first], g.nt, T,
             T=t1 - t0, BINS=LO_BINS, LOW=True, COUNT=False, GATHER=True, BLOCK=ew.BLOCK,
-            ALIGNED=aligned, **ew.LAUNCH,
+            ALIGNED=g.aligned, **ew.LAUNCH,
         )
     return values
