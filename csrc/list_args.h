@@ -34,6 +34,15 @@ inline void check_multi_args(const char* op, int64_t n, int64_t T, at::IntArrayR
   }
 }
 
+// magnitude_threshold's optional nonfinite flags: int32 [n], contiguous, on the inputs' device.
+inline void check_nonfinite_flags(const std::optional<at::Tensor>& flags, int64_t n, const at::Device& device) {
+  if (!flags) return;
+  TORCH_CHECK(flags->scalar_type() == at::kInt && flags->dim() == 1 && flags->size(0) == n &&
+                  flags->is_contiguous() && flags->device() == device,
+              "neurokern.magnitude_threshold: nonfinite must be a contiguous int32 tensor [", n, "] on ", device,
+              ", got ", flags->scalar_type(), " ", flags->sizes(), " on ", flags->device());
+}
+
 // Row i of a [n, T] trim tensor, or the shared [T] one.
 inline std::optional<at::Tensor> trim_of(const std::optional<at::Tensor>& t, int64_t i) {
   if (!t || t->dim() == 1) return t;

@@ -25,9 +25,11 @@ TORCH_LIBRARY(neurokern, m) {
   // tensor (per_tensor: k has n*T entries, k[i*T+t], outputs are [n, T]). keep_ties keeps every
   // entry equal to the threshold; otherwise tie_limit keeps exactly k entries, ties broken by
   // lowest flat position. k <= 0 keeps nothing (threshold +inf); k >= N keeps everything.
+  // nonfinite (int32 [n], on the inputs' device), when given, is set to 1 where some tau_t of
+  // tensor i holds a NaN or Inf and to 0 elsewhere (on a GPU in the pass that reads everything).
   m.def(
       "magnitude_threshold(Tensor[] base, Tensor[] finetuned, int[] k, bool keep_ties=True, "
-      "bool per_tensor=False) -> (Tensor threshold, Tensor tie_limit)");
+      "bool per_tensor=False, Tensor(a!)? nonfinite=None) -> (Tensor threshold, Tensor tie_limit)");
   // Per task: (sum |tau_t|, sum |trim(tau_t)|) over all tensors, float64 [T, 2].
   m.def(
       "trim_l1(Tensor[] base, Tensor[] finetuned, Tensor? threshold=None, Tensor? tie_limit=None) "

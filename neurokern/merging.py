@@ -53,7 +53,8 @@ def merge(
         raise NeurokernError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     spec = METHODS[method]
     target = None if device is None else torch.device(device)
-    models = load_models(base, finetuned, target)
+    # ties / neuromerging look for NaN / Inf in their trim's pass over every entry
+    models = load_models(base, finetuned, target, check_finite=not spec.checks_finite)
     checked = spec.params(params, models.num_tasks)
     if models.names:
         _check_device_supported(models.base[models.names[0]].device)

@@ -33,6 +33,7 @@ class ModelSet:
     base: dict[str, Tensor]
     finetuned: list[dict[str, Tensor]]
     names: list[str]  # floating-point tensors to merge, in the base's order
+    finite_checked: bool = True  # False: NaN / Inf not looked for yet (the method's trim will)
 
     @property
     def num_tasks(self) -> int:
@@ -98,7 +99,19 @@ def _check_finite_later(names: list[str], base: dict[str, Tensor],
     return check
 
 
-def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None) -> ModelSet:
+def raise_if_nonfinite(models: ModelSet, names: list[str], flags: Tensor) -> None:
+    """flags[i] != 0 (int32 [len(names)], from magnitude_threshold's nonfinite): a task vector of
+    names[i] holds NaN or Inf. Raises, as load_models' check does, for the first of them whose
+    inputs do (a float32 difference of finite values may overflow: that is no input error)."""
+    for i in torch.nonzero(flags).flatten().tolist():
+        _check_finite_later([names[i]], models.base, models.finetuned)()
+
+
+def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None,
+                check_finite: bool = True) -> ModelSet:
+    """The checked ModelSet of the inputs, on `device` if given. check_finite=False leaves the
+    NaN / Inf check to the caller (finite_checked False): a method whose trim reads every entry
+    looks for them there (raise_if_nonfinite) instead of in a pass of its own."""
     base_sd = as_state_dict(base, "base")
     if isinstance(finetuned, (Mapping, torch.nn.Module)) or not isinstance(finetuned, Sequence):
         raise NeurokernError("finetuned must be a list of state dicts or nn.Modules (one per task)")
@@ -117,9 +130,9 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
             raise NeurokernError(f"finetuned[{i}] has tensor(s) {_name_list(extra)} that base lacks")
 
     # the finite check of the mergeable tensors runs on the GPU while the host checks the pairs
-    check_finite = _check_finite_later(
+    finite_check = _check_finite_later(
         [name for name, b in base_sd.items() if b.is_floating_point() and b.dtype in MERGEABLE_DTYPES],
-        base_sd, ft_sds)
+        base_sd, ft_sds) if check_finite else lambda: None
     names = []
     for name, b in base_sd.items():
         for i, sd in enumerate(ft_sds):
@@ -145,9 +158,9 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
                 f"tensor {name!r} is {b.dtype}; neurokern merges float32, bfloat16 and float16 tensors"
             )
         names.append(name)
-    check_finite()
+    finite_check()
 
     if device is not None:
         base_sd = {k: v.to(device) for k, v in base_sd.items()}
         ft_sds = [{k: sd[k].to(device) for k in names} for sd in ft_sds]
-    return ModelSet(base_sd, ft_sds, names)
+    return ModelSet(base_sd, ft_sds, names, check_finite)

@@ -114,10 +114,29 @@ void select_one(const std::vector<Segment>& segs, int64_t total, int64_t k, bool
                                               : tie_position(segs, key, need);
 }
 
+// 1 where a task vector entry of base / ft is NaN or Inf (one read; the select may skip a group).
+bool nonfinite_pair(const at::Tensor& base, const at::Tensor& ft) {
+  bool bad = false;
+  dispatch_storage(base.scalar_type(), "magnitude_threshold", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    const auto* b = base.const_data_ptr<scalar_t>();
+    const auto* f = ft.const_data_ptr<scalar_t>();
+    bad = at::parallel_reduce(
+        0, base.numel(), kGrain, false,
+        [&](int64_t begin, int64_t end, bool acc) {
+          for (int64_t i = begin; i < end && !acc; ++i) acc = key_at(b, f, i) >= 0x7F800000u;
+          return acc;
+        },
+        [](bool a, bool b) { return a || b; });
+  });
+  return bad;
+}
+
 std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList base,
                                                            at::TensorList finetuned,
                                                            at::IntArrayRef k, bool keep_ties,
-                                                           bool per_tensor) {
+                                                           bool per_tensor,
+                                                           const std::optional<at::Tensor>& nonfinite) {
   const int64_t n = static_cast<int64_t>(base.size());
   const int64_t T = list_tasks("magnitude_threshold", base, finetuned);
   TORCH_CHECK(static_cast<int64_t>(k.size()) == (per_tensor ? n * T : T),
@@ -128,6 +147,14 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList base,
     for (int64_t t = 0; t < T; ++t) column.push_back(finetuned[t * n + i]);
     check_group("magnitude_threshold", base[i], column);
     dispatch_storage(base[i].scalar_type(), "magnitude_threshold", [](auto) {});
+  }
+  check_nonfinite_flags(nonfinite, n, base[0].device());
+  if (nonfinite) {
+    int32_t* flag = nonfinite->data_ptr<int32_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      flag[i] = 0;
+      for (int64_t t = 0; t < T && !flag[i]; ++t) flag[i] = nonfinite_pair(base[i], finetuned[t * n + i]);
+    }
   }
   const auto out_shape = per_tensor ? std::vector<int64_t>{n, T} : std::vector<int64_t>{T};
   at::Tensor threshold = at::empty(out_shape, at::kFloat);

@@ -58,6 +58,7 @@ struct Chunk {
   int64_t begin, end;     // element range inside the tensor
   int64_t position;       // flat position of element 0 of the tensor in the group's scope
   int32_t group0;
+  int32_t tensor;         // the tensor's index in the list
   int16_t dtype;          // the tensor's at::ScalarType
   int16_t aligned;        // every pointer of the tensor is 16-byte aligned: vector loads
 };
@@ -83,8 +84,8 @@ __global__ void expand_chunks_kernel(const TensorEntry* tensors, const void* con
   const int64_t count = (e.numel + kChunk - 1) / kChunk;
   for (int64_t j = threadIdx.x; j < count; j += blockDim.x) {
     const int64_t begin = j * kChunk;
-    const Chunk c{e.base, ptrs + i * T, begin, min(begin + kChunk, e.numel), e.position, e.group0, e.dtype,
-                  e.aligned};
+    const Chunk c{e.base, ptrs + i * T, begin, min(begin + kChunk, e.numel), e.position, e.group0,
+                  static_cast<int32_t>(i), e.dtype, e.aligned};
     chunks[e.first_chunk + j] = c;
     if (j % kSampleEvery == 0) sample[e.first_sample + j / kSampleEvery] = c;
   }
@@ -363,6 +364,8 @@ constexpr int kStage = 1024;  // candidates a block stages per task slot before 
 // past a group's capacity are dropped; fill[] still counts them, so the select sees the overflow.
 // A single-key group only counts its ties: fill[] in total, tie_counts[t * chunks + chunk] per
 // chunk (the tie position search takes it from there).
+// nonfinite (or null): set to 1 for the chunk's tensor when a key of any task is NaN or Inf; then
+// every task of the chunk is read, whether its group collects or not.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunks, int32_t dtype, int T,
                                                            const uint32_t* key_lo, const uint32_t* key_hi,
@@ -370,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunk
                                                            const int64_t* cand_offset, const int64_t* cand_cap,
                                                            unsigned long long* fill, unsigned long long* above,
                                                            uint32_t* cand_key, int64_t* cand_pos,
-                                                           int64_t* tie_counts) {
+                                                           int64_t* tie_counts, int32_t* nonfinite) {
   __shared__ uint32_t stage_key[kTasksPerBlock][kStage];
   __shared__ uint16_t stage_index[kTasksPerBlock][kStage];  // index in the chunk: < kChunk
   __shared__ unsigned int staged[kTasksPerBlock], above_block[kTasksPerBlock], tied_block[kTasksPerBlock];
@@ -380,26 +383,31 @@ __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunk
   if (c.dtype != dtype) return;
   const int t0 = blockIdx.y * kTasksPerBlock;
   const int tasks = min(kTasksPerBlock, T - t0);
-  bool live[kTasksPerBlock], one[kTasksPerBlock], any = false;
+  bool live[kTasksPerBlock], read[kTasksPerBlock], one[kTasksPerBlock], any = false;
   uint32_t lo[kTasksPerBlock], hi[kTasksPerBlock];
   unsigned int above_mine[kTasksPerBlock], tied_mine[kTasksPerBlock];
 #pragma unroll
   for (int j = 0; j < kTasksPerBlock; ++j) {
     const int g = c.group0 + t0 + j;
     live[j] = j < tasks && running[g];
+    read[j] = live[j] || (nonfinite && j < tasks);
     one[j] = live[j] && single[g];
     lo[j] = live[j] ? key_lo[g] : 1u;
     hi[j] = live[j] ? key_hi[g] : 0u;
     above_mine[j] = tied_mine[j] = 0;
-    any |= live[j];
+    any |= read[j];
   }
   if (!any) return;
   if (threadIdx.x < kTasksPerBlock) staged[threadIdx.x] = above_block[threadIdx.x] = tied_block[threadIdx.x] = 0;
   __syncthreads();
   // Counting without branches (a fifth of the keys lie above the range, at random: branches on
-  // them split the warps); only the rare keys inside the range take the append's branch.
-  for_each_key<scalar_t>(c, t0, live, [&](int j, uint32_t key, int64_t i) {
+  // them split the warps); only the rare keys inside the range take the append's branch. A NaN /
+  // Inf magnitude's key is >= 0x7F800000 (and the padding's 0xFFFFFFFF is not a key).
+  bool bad = false;
+  for_each_key<scalar_t>(c, t0, read, [&](int j, uint32_t key, int64_t i) {
     const bool valid = key != 0xFFFFFFFFu;
+    bad |= valid & (key >= 0x7F800000u);
+    if (!live[j]) return;  // uniform across the block: read for the check only
     above_mine[j] += valid & (key > hi[j]);
     if (one[j]) {  // uniform across the block
       tied_mine[j] += valid & (key == lo[j]);
@@ -418,6 +426,7 @@ __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunk
       }
     }
   });
+  if (nonfinite && __syncthreads_or(bad) && threadIdx.x == 0) nonfinite[c.tensor] = 1;
   const unsigned lane = threadIdx.x & 31;
 #pragma unroll
   for (int j = 0; j < kTasksPerBlock; ++j) {
@@ -763,8 +772,8 @@ class Slab {
 };
 
 std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base, at::TensorList finetuned,
-                                                            at::IntArrayRef k, bool keep_ties,
-                                                            bool per_tensor) {
+                                                            at::IntArrayRef k, bool keep_ties, bool per_tensor,
+                                                            const std::optional<at::Tensor>& nonfinite) {
   const int64_t n = static_cast<int64_t>(base.size());
   const int64_t T = list_tasks("magnitude_threshold", base, finetuned);
   const int64_t groups = per_tensor ? n * T : T;
@@ -785,7 +794,9 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
                   "neurokern.magnitude_threshold: tensors must be contiguous and on ", device);
     }
   }
+  check_nonfinite_flags(nonfinite, n, device);
   const c10::cuda::CUDAGuard guard(device);
+  if (nonfinite) nonfinite->zero_();  // the candidate pass sets the flags
   // Per-tensor records (the chunk tables are expanded from them on the device); first_chunk[i] is
   // tensor i's first chunk, in flat order.
   std::vector<const void*> ptrs(n * T);  // ptrs[i * T + t] = task t's version of tensor i
@@ -1002,7 +1013,8 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
           chunk_ptr, code, static_cast<int>(T), key_lo_ptr, key_hi_ptr, collecting_d.data_ptr<int32_t>(), single_ptr,
           offset_d.data_ptr<int64_t>(), cap_d.data_ptr<int64_t>(),
           reinterpret_cast<unsigned long long*>(fill.data_ptr()), above_ptr,
-          reinterpret_cast<uint32_t*>(cand_key.data_ptr()), cand_pos.data_ptr<int64_t>(), tie_counts.data_ptr<int64_t>());
+          reinterpret_cast<uint32_t*>(cand_key.data_ptr()), cand_pos.data_ptr<int64_t>(), tie_counts.data_ptr<int64_t>(),
+          nonfinite ? nonfinite->data_ptr<int32_t>() : nullptr);
       NK_CUDA_CHECK_LAUNCH();
     });
     candidate_select_kernel<<<static_cast<unsigned>(groups), kSelectThreads, 0, stream>>>(

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from neurokern import ops
 from neurokern.errors import NeurokernError
-from neurokern.models import ModelSet
+from neurokern.models import ModelSet, raise_if_nonfinite
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class Method:
     resolve: Callable[[dict[str, Any], int], Any]  # (params with defaults filled, T) -> checked params
     # (models, params, progress, precomputed or None) -> merged
     run: Callable[..., dict[str, Tensor]]
+    # run checks NaN / Inf itself when models.finite_checked is False (its trims read every entry)
+    checks_finite: bool = False
 
     def params(self, given: dict[str, Any], num_tasks: int) -> Any:
         unknown = sorted(set(given) - set(self.defaults))
@@ -73,6 +75,13 @@ class Trims:
     tie_limit: Tensor
     row: dict[str, int]  # per-tensor scope: the tensor's row
     offset: dict[str, int]  # global scope: the tensor's first flat position
+    nonfinite: Optional[Tensor] = None  # int32 flags per tensor (in row / offset order), if looked for
+
+    def check_finite(self, models: ModelSet) -> None:
+        """Raises for the first tensor whose inputs hold NaN / Inf, where the select looked for
+        them (one host sync; call it after the merge's launches)."""
+        if self.nonfinite is not None:
+            raise_if_nonfinite(models, list(self.row or self.offset), self.nonfinite)
 
     @property
     def pair(self) -> tuple[Tensor, Tensor]:
@@ -125,22 +134,25 @@ def keep_count(numel: int, density: float, rule: str) -> int:
 
 def thresholds(models: ModelSet, names: list[str], densities: list[float], rule: str, scope: str) -> Trims:
     """Exact trims for `names`, over each tensor alone (scope "tensor") or all of them ("global");
-    densities holds one density per task."""
+    densities holds one density per task. Where models.finite_checked is False the select also
+    flags NaN / Inf (Trims.check_finite raises for them)."""
     T = models.num_tasks
     base = [models.base[n] for n in names]
     finetuned = [models.finetuned[t][n] for t in range(T) for n in names]
     keep_ties = rule == "keep"
+    flags = None if models.finite_checked else torch.empty(len(names), dtype=torch.int32, device=base[0].device)
     if scope == "global":
         total = sum(b.numel() for b in base)
-        threshold, tie_limit = ops.magnitude_threshold(base, finetuned, [keep_count(total, d, rule) for d in densities], keep_ties)
+        threshold, tie_limit = ops.magnitude_threshold(
+            base, finetuned, [keep_count(total, d, rule) for d in densities], keep_ties, nonfinite=flags)
         offsets, offset = {}, 0
         for n, b in zip(names, base):
             offsets[n] = offset
             offset += b.numel()
-        return Trims(threshold, tie_limit, {}, offsets)
+        return Trims(threshold, tie_limit, {}, offsets, flags)
     k = [keep_count(b.numel(), d, rule) for b in base for d in densities]
-    threshold, tie_limit = ops.magnitude_threshold(base, finetuned, k, keep_ties, per_tensor=True)
-    return Trims(threshold, tie_limit, {n: i for i, n in enumerate(names)}, {})
+    threshold, tie_limit = ops.magnitude_threshold(base, finetuned, k, keep_ties, per_tensor=True, nonfinite=flags)
+    return Trims(threshold, tie_limit, {n: i for i, n in enumerate(names)}, {}, flags)
 
 
 def group(models: ModelSet, name: str) -> tuple[Tensor, list[Tensor]]:

@@ -71,6 +71,7 @@ def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
                 base, finetuned, [1.0] * models.num_tasks, trim, offsets, consensus="sum", normalize="count",
                 elect_weighted=False, zero_sign="majority", scale=point_scale,
             )))
+    trims.check_finite(models)
     return {name: out[name] for name in names}
 
 
@@ -82,4 +83,4 @@ DEFAULTS = {
     "parallel_basis": "unit",
     "gamma": 1.0,
 }
-METHOD = Method("neuromerging", DEFAULTS, resolve, run)
+METHOD = Method("neuromerging", DEFAULTS, resolve, run, checks_finite=True)

@@ -47,6 +47,7 @@ def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
             scale=p.scale,
         )
         out.update(zip(names, merged))
+    trims.check_finite(models)
     return out
 
 
@@ -61,4 +62,4 @@ DEFAULTS = {
     "elect_on": "weighted",
     "zero_sign": "positive",
 }
-METHOD = Method("ties", DEFAULTS, resolve, run)
+METHOD = Method("ties", DEFAULTS, resolve, run, checks_finite=True)

@@ -1,5 +1,5 @@
 """Exact magnitude threshold of task vectors (radix select, no sort)."""
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -13,6 +13,7 @@ def magnitude_threshold(
     k: Sequence[int],
     keep_ties: bool = True,
     per_tensor: bool = False,
+    nonfinite: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Threshold and tie limit that keep the k[t] largest |finetuned - base| entries of each task.
 
@@ -20,14 +21,17 @@ def magnitude_threshold(
     (global scope) the outputs are [T]; with per_tensor=True, k has n*T entries (k[i*T + t]) and
     the outputs are [n, T]. keep_ties=True keeps every entry equal to the threshold; False keeps
     exactly k, ties broken by lowest flat position. Feed the pair to the other ops as their trim.
+    nonfinite (int32 [n] on the inputs' device), when given, is set to 1 where some task vector
+    entry of tensor i is NaN or Inf, 0 elsewhere: on a GPU the select's pass over all entries
+    checks them, with no read of its own.
     """
     return torch.ops.neurokern.magnitude_threshold.default(
-        contiguous(base), contiguous(finetuned), list(k), keep_ties, per_tensor
+        contiguous(base), contiguous(finetuned), list(k), keep_ties, per_tensor, nonfinite
     )
 
 
 @torch.library.register_fake("neurokern::magnitude_threshold")
-def _(base, finetuned, k, keep_ties=True, per_tensor=False):
+def _(base, finetuned, k, keep_ties=True, per_tensor=False, nonfinite=None):
     n = len(base)
     T = len(finetuned) // n
     shape = (n, T) if per_tensor else (T,)

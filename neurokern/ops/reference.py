@@ -56,10 +56,13 @@ def _select(mags: Tensor, k: int, keep_ties: bool) -> tuple[float, int]:
     return float(thr), int(tied[need - 1]) + 1
 
 
-def magnitude_threshold(base, finetuned, k, keep_ties=True, per_tensor=False):
+def magnitude_threshold(base, finetuned, k, keep_ties=True, per_tensor=False, nonfinite=None):
     n = len(base)
     T = _tasks(finetuned, n)
     mags = [[task_vector(base[i], finetuned[t * n + i]).float().abs().flatten() for i in range(n)] for t in range(T)]
+    if nonfinite is not None:
+        nonfinite.copy_(torch.tensor([any(not bool(torch.isfinite(mags[t][i]).all()) for t in range(T))
+                                      for i in range(n)], dtype=torch.int32))
     if per_tensor:
         pairs = [[_select(mags[t][i], k[i * T + t], keep_ties) for t in range(T)] for i in range(n)]
     else:

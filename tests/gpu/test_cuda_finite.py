@@ -45,10 +45,23 @@ def test_cuda_misaligned_views(dtype):
     assert finite.nonfinite_flags(views + [storage]).tolist() == [1, 1, 0, 1]
 
 
-def test_cuda_merge_names_the_tensor():
+@pytest.mark.parametrize("method,params", [("ties", {}), ("ties", {"trim_scope": "global"}), ("neuromerging", {}),
+                                           ("neuromerging", {"trim_scope": "tensor"}), ("task_arithmetic", {})])
+def test_cuda_merge_names_the_tensor(method, params):
+    """ties / neuromerging find NaN / Inf in their select's candidate pass (no finite pass of their
+    own), the others in the finite pass: the same message either way."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    base = {"w": torch.randn(512, 300, generator=g, device="cuda").bfloat16(), "b": torch.zeros(300, device="cuda")}
+    base = {"w": torch.randn(512, 300, generator=g, device="cuda").bfloat16(), "b": torch.zeros(300, device="cuda"),
+            "v": torch.randn(70000, generator=g, device="cuda").half()}
     fts = [{k: v + 0.01 for k, v in base.items()} for _ in range(3)]
     fts[1]["w"][511, 299] = math.nan
+    fts[2]["v"][40000] = -math.inf
     with pytest.raises(nk.NeurokernError, match=r"tensor 'w' of finetuned\[1\] has non-finite values"):
-        nk.merge(base, fts, method="ties", density=0.2)
+        nk.merge(base, fts, method=method, **params)
+    fts[1]["w"][511, 299] = 0.0
+    with pytest.raises(nk.NeurokernError, match=r"tensor 'v' of finetuned\[2\] has non-finite values"):
+        nk.merge(base, fts, method=method, **params)
+    fts[2]["v"][40000] = 0.0
+    base["b"][3] = math.inf
+    with pytest.raises(nk.NeurokernError, match=r"tensor 'b' of base has non-finite values"):
+        nk.merge(base, fts, method=method, **params)

@@ -1,5 +1,7 @@
 """CUDA kernels against the CPU kernels and nk.merge on the GPU against the CPU, at the shapes of
 real models. Skipped without a GPU."""
+import math
+
 import pytest
 import torch
 
@@ -51,6 +53,34 @@ def test_magnitude_threshold_matches_cpu(dtype, T, keep_ties):
 @pytest.mark.parametrize("keep_ties", [True, False])
 def test_magnitude_threshold_real_shapes(keep_ties):
     check_thresholds(REAL_SHAPES, torch.bfloat16, 4, keep_ties)
+
+
+@pytest.mark.parametrize("T", [1, 4, 5, 8])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_magnitude_threshold_nonfinite_flags(T, per_tensor):
+    """The candidate pass flags the tensors with a NaN / Inf task vector entry (in the base or any
+    task, in a vector-loaded body or a tail, in a group that keeps nothing), as the CPU op does,
+    and the thresholds stay those of the CPU op."""
+    shapes = REAL_SHAPES[1:] + SHAPES
+    dtypes = [torch.bfloat16, torch.float32, torch.float16]
+    groups = [group(s, T, dtypes[i % 3], seed=i) for i, s in enumerate(shapes)]
+    base = [b for b, _ in groups]
+    fts = [groups[i][1][t] for t in range(T) for i in range(len(groups))]
+    n = len(base)
+    plant = {0: (0, -1, math.nan), 2: (T, 5, math.inf), 4: (T // 2, 0, -math.inf), 5: (1 % (T + 1), 699 * 300, math.nan)}
+    for i, (slot, pos, bad) in plant.items():  # slot 0: the base, else task slot - 1
+        x = base[i] if slot == 0 else fts[(slot - 1) * n + i]
+        x.view(-1)[pos] = bad
+    k = [0 if (i + t) % 3 == 0 else max(1, base[i].numel() // 5) for i in range(n) for t in range(T)] if per_tensor \
+        else [0] + [sum(b.numel() for b in base) // 5] * (T - 1)
+    flags = torch.full((n,), 9, dtype=torch.int32, device="cuda")
+    got = ops.magnitude_threshold(base, fts, k, False, per_tensor, nonfinite=flags)
+    cpu_flags = torch.zeros(n, dtype=torch.int32)
+    want = ops.magnitude_threshold([b.cpu() for b in base], [f.cpu() for f in fts], k, False, per_tensor,
+                                   nonfinite=cpu_flags)
+    assert flags.tolist() == cpu_flags.tolist() == [int(i in plant) for i in range(n)]
+    assert torch.equal(got[0].cpu().view(torch.int32), want[0].view(torch.int32))  # bits: a NaN threshold is one
+    assert torch.equal(got[1].cpu(), want[1])
 
 
 @pytest.mark.parametrize("per_tensor", [False, True])

@@ -60,13 +60,30 @@ def test_bad_models():
     expect_error("'w' is torch.float64", f64, [{k: v.double() for k, v in f.items()} for f in fts])
 
 
+METHOD_CASES = [("task_arithmetic", {}), ("dare", {}), ("dare_ties", {}), ("ties", {}),
+                ("ties", {"trim_scope": "global"}), ("neuromerging", {}), ("neuromerging", {"trim_scope": "tensor"})]
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_values_are_named(bad):
+@pytest.mark.parametrize("method,params", METHOD_CASES)
+def test_non_finite_values_are_named(bad, method, params):
+    """Every method names the first tensor in the base's order and the model holding NaN / Inf
+    (ties and neuromerging find them in their trim's pass, the others before merging)."""
     base, fts = make_models(3, shapes={"w": (3, 4), "b": (4,)})
     fts[2]["b"][1] = bad
-    expect_error(r"tensor 'b' of finetuned\[2\] has non-finite values", base, fts)
+    expect_error(r"tensor 'b' of finetuned\[2\] has non-finite values", base, fts, method=method, **params)
     base["w"][0, 0] = bad
-    expect_error(r"tensor 'w' of base has non-finite values", base, fts)
+    expect_error(r"tensor 'w' of base has non-finite values", base, fts, method=method, **params)
+
+
+@pytest.mark.parametrize("method,params", METHOD_CASES)
+def test_overflowing_task_vector_is_no_input_error(method, params):
+    """float32 inputs that are all finite merge, even where a task vector entry overflows to Inf
+    (the trim's check flags it; the inputs are confirmed finite)."""
+    base, fts = make_models(2, shapes={"w": (3, 4)})
+    base["w"][0, 0] = -3e38
+    fts[0]["w"][0, 0] = 3e38
+    nk.merge(base, fts, method=method, **params)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare", "dare_ties", "neuromerging"])

@@ -299,6 +299,55 @@ def test_bf16_exact_threshold_bits():
 # Argument checks and opcheck
 
 
+def _with_nonfinite(seed, T, dtypes):
+    """A scope of odd shapes (one empty) with NaN / +-Inf planted in the base of one tensor and
+    in some task's version of others; returns (bases, fts task-major, expected flags)."""
+    shapes = [(33, 65), (7,), (0, 4), (3, 2, 5), (1, 1), (129,)]
+    groups = [make_group(s, T, dtypes[i % len(dtypes)], seed_of(seed, i)) for i, s in enumerate(shapes)]
+    bases = [b for b, _ in groups]
+    fts = [groups[i][1][t] for t in range(T) for i in range(len(groups))]
+    g = torch.Generator().manual_seed(seed)
+    want = [0] * len(shapes)
+    for i, bad in [(0, math.nan), (3, INF), (5, -INF)]:
+        slot = int(torch.randint(0, T + 1, (1,), generator=g))  # 0: the base, else task slot - 1
+        x = bases[i] if slot == 0 else fts[(slot - 1) * len(shapes) + i]
+        x.view(-1)[int(torch.randint(0, x.numel(), (1,), generator=g))] = bad
+        want[i] = 1
+    return bases, fts, want
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("seed", range(3))
+def test_nonfinite_flags(T, per_tensor, seed):
+    """The flags name the tensors with a NaN / Inf task vector entry (base or any task), whatever
+    each group's k (0 keeps nothing: the select skips it, the check does not); the thresholds are
+    those of the same call without flags."""
+    bases, fts, want = _with_nonfinite(seed, T, DTYPES[seed:] + DTYPES[:seed])
+    n = len(bases)
+    k = [(i * T + t) % 4 for i in range(n) for t in range(T)] if per_tensor else [t % 3 * 50 for t in range(T)]
+    flags = torch.full((n,), 7, dtype=torch.int32)
+    got = nk.magnitude_threshold(bases, fts, k, False, per_tensor, nonfinite=flags)
+    assert flags.tolist() == want
+    ref_flags = torch.zeros(n, dtype=torch.int32)
+    ref.magnitude_threshold(bases, fts, [0] * len(k), False, per_tensor, nonfinite=ref_flags)  # its sort: no NaN
+    assert ref_flags.tolist() == want
+    plain = nk.magnitude_threshold(bases, fts, k, False, per_tensor)
+    assert torch.equal(got[0].view(torch.int32), plain[0].view(torch.int32))  # bits: a NaN threshold is one
+    assert torch.equal(got[1], plain[1])
+
+
+def test_nonfinite_flags_overflowing_difference():
+    """float32 inputs that are finite but whose difference overflows give an Inf task vector entry:
+    flagged too (callers confirm on the inputs, neurokern.models.raise_if_nonfinite)."""
+    base = torch.tensor([-3e38, 0.0])
+    flags = torch.zeros(1, dtype=torch.int32)
+    nk.magnitude_threshold([base], [torch.tensor([3e38, 0.0])], [1], nonfinite=flags)
+    assert flags.tolist() == [1]
+    nk.magnitude_threshold([base], [base + 1], [1], nonfinite=flags)
+    assert flags.tolist() == [0]
+
+
 def test_bad_arguments():
     base, fts = make_group((3, 4), 2, torch.float32, 0)
     with pytest.raises(RuntimeError, match="empty list"):
@@ -318,6 +367,9 @@ def test_bad_arguments():
     b2 = torch.zeros(2, dtype=torch.float16)  # another dtype in the scope is fine, its own versions must match it
     with pytest.raises(RuntimeError, match=r"finetuned\[0\] is Float, base is Half"):
         nk.magnitude_threshold([base, b2], [fts[0], b2.float(), fts[1], b2], [1, 1])
+    for flags in torch.zeros(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32):
+        with pytest.raises(RuntimeError, match=r"nonfinite must be a contiguous int32 tensor \[2\]"):
+            nk.magnitude_threshold([base, base], fts + fts, [1, 1], nonfinite=flags)
 
 
 @pytest.mark.parametrize("keep_ties,per_tensor", [(True, False), (False, False), (False, True)])
@@ -327,3 +379,5 @@ def test_opcheck(keep_ties, per_tensor):
     k = [4, 9, 3, 1] if per_tensor else [4, 9]
     opcheck(torch.ops.neurokern.magnitude_threshold.default,
             ([b1, b2], [f1[0], f2[0], f1[1], f2[1]], k, keep_ties, per_tensor))
+    opcheck(torch.ops.neurokern.magnitude_threshold.default,
+            ([b1, b2], [f1[0], f2[0], f1[1], f2[1]], k, keep_ties, per_tensor, torch.zeros(2, dtype=torch.int32)))
