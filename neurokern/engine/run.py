@@ -228,7 +228,8 @@ class _Engine:
         # before the reader pins its buffers (a pinning call waits for the others)
         self.finite_host = (torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32, pin_memory=True)
                             if self.cuda else None)
-        self.reader = Reader(plan, self.models, pin=self.cuda)
+        self.reader = Reader(plan, self.models, self.device)
+        self.out_slots: Optional[_Slots] = None  # the merge pass's D2H buffers (GPU)
         self.stager = Stager(self.device, self.out_dtype, cache)
         writer = None
         try:
@@ -268,6 +269,8 @@ class _Engine:
             if writer is not None:
                 writer.abort()
             self.reader.close()
+            if self.out_slots is not None:  # the writer is done with them
+                self.out_slots.close()
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
         ranks.barrier()
         if ranks.is_main:
@@ -286,7 +289,7 @@ class _Engine:
         out_slots = None
         if self.cuda:
             cap = max((u.out_bytes for u in units), default=0) + 16 * max((len(u.names) for u in units), default=0)
-            out_slots = _Slots(OUT_SLOTS + 1, cap, pin=True, what="output buffers")
+            out_slots = self.out_slots = _Slots(OUT_SLOTS + 1, cap, "output buffers", self.device)
         stop = threading.Event()
         kernels = "kernels, first unit (incl. Triton compiling or loading)"
         for batch in self._pass("merge", units, ranks, keep=False):

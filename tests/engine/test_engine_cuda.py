@@ -5,6 +5,7 @@ import errno
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -94,3 +95,23 @@ def test_gpu_peak_memory_within_budget(tmp_path, method):
     result = merge_models(cfg, tmp_path / "out", device="cuda", memory_budget=budget)
     assert result.plan.total_in_bytes >= 3 * budget and len(result.plan.units) > 1
     assert torch.cuda.max_memory_allocated() - before <= budget
+
+
+def test_gpu_pinned_slots_exact_size_and_unpinned_on_close():
+    """Slots are page-locked at their exact size (cudaHostRegister of a plain buffer), serve
+    asynchronous copies both ways, and close() unpins them once the device is idle; a slot made
+    after close (a late pinning thread) is a plain buffer."""
+    from neurokern.engine.executor import _Slots
+
+    slots = _Slots(2, 3 * 2**20 + 5, "test buffers", torch.device("cuda"))
+    stop = threading.Event()
+    a, b = slots.get(stop), slots.get(stop)
+    assert a.numel() == b.numel() == 3 * 2**20 + 5 and a.is_pinned() and b.is_pinned()
+    a.copy_(torch.arange(a.numel(), dtype=torch.int64).to(torch.uint8))
+    dev = a.to("cuda", non_blocking=True)
+    b.copy_(dev, non_blocking=True)
+    slots.close()  # synchronizes the device first
+    assert torch.equal(a, b) and not a.is_pinned() and not b.is_pinned()
+    late = _Slots(1, 1000, "late", torch.device("cuda"))
+    late.close()
+    assert late._make() is None

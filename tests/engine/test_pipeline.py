@@ -22,7 +22,7 @@ def _setup(models, monkeypatch):
     fts = [Model(models / f"task_{t}", f"models[{t}]") for t in range(3)]
     p = make_plan(base, 4, None, 40_000)
     assert len(p.units) > 2 * HOST_SLOTS
-    return p, Reader(p, [base] + fts, pin=False), Stager(torch.device("cpu"), None)
+    return p, Reader(p, [base] + fts, torch.device("cpu")), Stager(torch.device("cpu"), None)
 
 
 def test_abandoned_iterations_give_their_slots_back(models, monkeypatch):

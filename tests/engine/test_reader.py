@@ -27,7 +27,7 @@ def _setup(root, monkeypatch, piece=1000):
     models = [Model(root / "base", "base_model")] + [Model(root / f"task_{t}", f"models[{t}]") for t in range(3)]
     p = make_plan(models[0], 4, None, 40_000)
     assert len(p.units) > 2 * HOST_SLOTS
-    return p, models, Reader(p, models, pin=False)
+    return p, models, Reader(p, models, torch.device("cpu"))
 
 
 def _on_disk(model: Model) -> dict[str, torch.Tensor]:
