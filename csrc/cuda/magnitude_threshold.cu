@@ -364,9 +364,9 @@ constexpr int kStage = 1024;  // candidates a block stages per task slot before 
 // past a group's capacity are dropped; fill[] still counts them, so the select sees the overflow.
 // A single-key group only counts its ties: fill[] in total, tie_counts[t * chunks + chunk] per
 // chunk (the tie position search takes it from there).
-// nonfinite (or null): set to 1 for the chunk's tensor when a key of any task is NaN or Inf; then
-// every task of the chunk is read, whether its group collects or not.
-template <typename scalar_t>
+// kCheck: nonfinite[tensor] = 1 when a key of any task of the chunk is NaN or Inf; then every task
+// of the chunk is read, whether its group collects or not.
+template <typename scalar_t, bool kCheck>
 __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunks, int32_t dtype, int T,
                                                            const uint32_t* key_lo, const uint32_t* key_hi,
                                                            const int32_t* running, const int32_t* single,
@@ -390,7 +390,7 @@ __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunk
   for (int j = 0; j < kTasksPerBlock; ++j) {
     const int g = c.group0 + t0 + j;
     live[j] = j < tasks && running[g];
-    read[j] = live[j] || (nonfinite && j < tasks);
+    read[j] = kCheck ? j < tasks : live[j];
     one[j] = live[j] && single[g];
     lo[j] = live[j] ? key_lo[g] : 1u;
     hi[j] = live[j] ? key_hi[g] : 0u;
@@ -402,12 +402,15 @@ __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunk
   __syncthreads();
   // Counting without branches (a fifth of the keys lie above the range, at random: branches on
   // them split the warps); only the rare keys inside the range take the append's branch. A NaN /
-  // Inf magnitude's key is >= 0x7F800000 (and the padding's 0xFFFFFFFF is not a key).
-  bool bad = false;
+  // Inf magnitude's key is >= 0x7F800000: the check keeps the largest key + 1 (one VIADDMNMX;
+  // the padding's 0xFFFFFFFF wraps to 0).
+  uint32_t top = 0;
   for_each_key<scalar_t>(c, t0, read, [&](int j, uint32_t key, int64_t i) {
     const bool valid = key != 0xFFFFFFFFu;
-    bad |= valid & (key >= 0x7F800000u);
-    if (!live[j]) return;  // uniform across the block: read for the check only
+    if (kCheck) {
+      top = max(top, key + 1u);
+      if (!live[j]) return;  // uniform across the block: read for the check only
+    }
     above_mine[j] += valid & (key > hi[j]);
     if (one[j]) {  // uniform across the block
       tied_mine[j] += valid & (key == lo[j]);
@@ -426,7 +429,7 @@ __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunk
       }
     }
   });
-  if (nonfinite && __syncthreads_or(bad) && threadIdx.x == 0) nonfinite[c.tensor] = 1;
+  if (kCheck && __syncthreads_or(top > 0x7F800000u) && threadIdx.x == 0) nonfinite[c.tensor] = 1;
   const unsigned lane = threadIdx.x & 31;
 #pragma unroll
   for (int j = 0; j < kTasksPerBlock; ++j) {
@@ -1009,13 +1012,19 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     at::Tensor fill = zero.get(fill_at);
     for_each_dtype([&](auto tag, int32_t code) {
       using scalar_t = decltype(tag);
-      collect_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          chunk_ptr, code, static_cast<int>(T), key_lo_ptr, key_hi_ptr, collecting_d.data_ptr<int32_t>(), single_ptr,
-          offset_d.data_ptr<int64_t>(), cap_d.data_ptr<int64_t>(),
-          reinterpret_cast<unsigned long long*>(fill.data_ptr()), above_ptr,
-          reinterpret_cast<uint32_t*>(cand_key.data_ptr()), cand_pos.data_ptr<int64_t>(), tie_counts.data_ptr<int64_t>(),
-          nonfinite ? nonfinite->data_ptr<int32_t>() : nullptr);
-      NK_CUDA_CHECK_LAUNCH();
+      auto launch = [&](auto kernel) {
+        kernel<<<grid, kThreads, 0, stream>>>(
+            chunk_ptr, code, static_cast<int>(T), key_lo_ptr, key_hi_ptr, collecting_d.data_ptr<int32_t>(), single_ptr,
+            offset_d.data_ptr<int64_t>(), cap_d.data_ptr<int64_t>(),
+            reinterpret_cast<unsigned long long*>(fill.data_ptr()), above_ptr,
+            reinterpret_cast<uint32_t*>(cand_key.data_ptr()), cand_pos.data_ptr<int64_t>(),
+            tie_counts.data_ptr<int64_t>(), nonfinite ? nonfinite->data_ptr<int32_t>() : nullptr);
+        NK_CUDA_CHECK_LAUNCH();
+      };
+      if (nonfinite)
+        launch(collect_kernel<scalar_t, true>);
+      else
+        launch(collect_kernel<scalar_t, false>);
     });
     candidate_select_kernel<<<static_cast<unsigned>(groups), kSelectThreads, 0, stream>>>(
         reinterpret_cast<const uint32_t*>(cand_key.data_ptr()), cand_pos.data_ptr<int64_t>(), offset_d.data_ptr<int64_t>(),
