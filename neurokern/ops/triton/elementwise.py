@@ -89,7 +89,7 @@ LAUNCH = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
 RED_BLOCK = 4096 if _interpreting() else 512
 CHUNK = 4096 if _interpreting() else 8192
 ELECTION_BLOCKS = (4096, 4096) if _interpreting() else (256, 256)  # T <= 4, T > 4 (larger blocks spill on H100)
-# Election blocks per program of the multi-tensor TIES merge (ties_merge_multi)
+# Election blocks per program of the TIES merges (ties_merge, ties_merge_multi)
 TIES_ITERS = 1 if _interpreting() else 4
 
 
@@ -162,6 +162,14 @@ def upload(values, dtype: torch.dtype, device) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
+def _sum_in_order(values) -> float:
+    """float64 sum in list order, as the C++ loops (Python 3.12's sum() compensates)."""
+    total = 0.0
+    for v in values:
+        total += float(v)
+    return total
+
+
 def _params(device, values) -> torch.Tensor:
     """Per-call float64 scalars (weights, scale, divisors, keys, factors): one small copy."""
     return upload([float(v) for v in values] or [0.0], torch.float64, device)
@@ -177,9 +185,8 @@ def _to_out(x, DT: tl.constexpr):
     Triton's interpreter truncates float32 -> bfloat16 casts, the GPU's cvt.rn rounds; this
     agrees with both the GPU and torch."""
     if DT == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
+        bits = tl.where(x != x, 0x7FC00000, x.to(tl.uint32, bitcast=True))  # NaN: torch's 0x7FC0
         bits = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
-        bits = tl.where(x != x, 0x7FC0, bits)
         y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         y = x.to(DT)
@@ -192,6 +199,20 @@ def _everywhere(BLOCK: tl.constexpr):
     are known 16-byte aligned compiles to 16-byte vector loads (a mask `offs < n` with n unknown
     keeps them scalar)."""
     return tl.full([BLOCK], True, tl.int1)
+
+
+@triton.jit
+def _load_f32(ptr, offs, mask):
+    """float32(x[offs]). bfloat16 widens by a 16-bit shift (exact, as the cast): written out, two
+    elements packed in a 32-bit load widen in one integer op each, where the cast's conversion
+    takes two for the upper one (the TIES merge's loads; the other kernels keep the cast, which
+    needs fewer registers there)."""
+    x = tl.load(ptr + offs, mask=mask, other=0.0)
+    if x.dtype == tl.bfloat16:
+        y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
@@ -243,16 +264,21 @@ def _sign(v):
 
 
 @triton.jit
-def _div_rn(a, b):
-    """a / b correctly rounded (float64), as the C++ kernel's division: the reciprocal (correctly
-    rounded) times a, then Markstein's correction with an exact FMA residual, which yields the
-    correctly rounded quotient (no overflow / underflow here: b is a sum of weights, a count or a
-    divisor). A plain float64 division compiles to a slow subroutine on the GPU (2.5x slower
-    kernels, measured on an H100)."""
-    y = 1.0 / b
+def _markstein(a, b, y):
+    """a / b correctly rounded (float64), as the C++ kernel's division, from y = 1 / b correctly
+    rounded: q = a * y, then Markstein's correction with the exact FMA residual r = a - q * b,
+    which yields the correctly rounded quotient (no overflow / underflow here: b is a sum of
+    weights, a count or a divisor). r == 0 needs no case of its own: fma(r, y, q) is q then,
+    signed zeros included, as long as a is not -0.0 (the kernels' sums start from +0.0)."""
     q = a * y
-    r = tl.fma(-q, b, a)
-    return tl.where(r == 0.0, q, tl.fma(r, y, q))
+    return tl.fma(tl.fma(-q, b, a), y, q)
+
+
+@triton.jit
+def _div_rn(a, b):
+    """a / b correctly rounded (_markstein). A plain float64 division compiles to a slow
+    subroutine on the GPU (2.5x slower kernels, measured on an H100)."""
+    return _markstein(a, b, 1.0 / b)
 
 
 @triton.jit
@@ -606,87 +632,157 @@ def weighted_sum_backward(
 # ties_merge
 
 
+def ties_params(weights, scale: float, normalize: int) -> list[float]:
+    """The TIES kernels' par: weights (T), scale, then (normalize "weights" or "count") the divisor
+    of each agreement mask m (bit t: task t agrees with the elected sign), 2^T of them, and their
+    reciprocals. The divisors are election.h's: the agreeing weights summed in task order (1 if
+    that is 0) or their count (at least 1), so the kernels gather them per element instead of
+    summing weights; the reciprocals are correctly rounded, as _markstein needs."""
+    w = [float(x) for x in weights]
+    div = []
+    if normalize:
+        # Mask m's sum is that of m without its top task t, plus weights[t] (count: plus 1).
+        div = [0.0]
+        for x in w:
+            div += [d + (x if normalize == 1 else 1.0) for d in div]
+        div = [1.0 if d == 0.0 else d for d in div]
+    return w + [float(scale)] + div + [1.0 / d for d in div]
+
+
 @triton.jit
-def _ties_de(f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, t: tl.constexpr,
-             TRIM: tl.constexpr, ELECT_W: tl.constexpr):
-    """(d_t, e_t) = (float(weights[t]) * trim(tau_t), d_t or trim(tau_t)), float32."""
-    tau = _task(f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t, TRIM)
-    d = tl.load(par_ptr + t).to(tl.float32) * tau
-    if ELECT_W:
-        e = d
-    else:
-        e = tau
-    return d, e
+def _tie_limits(thr_ptr, lim_ptr, first, T: tl.constexpr, TRIM: tl.constexpr, SPAN: tl.constexpr):
+    """The trim rule over the SPAN elements from flat position `first` on, per task: (thr, up, L).
+    Element i of the span (position first + i) keeps tau iff |tau| >= (i < L ? thr : up): up is
+    the next float32 above |thr| (|tau| > thr <=> |tau| >= up; +inf: NaN, nothing is above), or
+    thr itself when thr < 0 or NaN; L = clamp(lim - first, 0, SPAN) (no int64 compare per element)."""
+    thr = ()
+    up = ()
+    lim = ()
+    if TRIM:
+        for t in tl.static_range(T):
+            x = tl.load(thr_ptr + t)
+            nxt = (tl.abs(x).to(tl.uint32, bitcast=True) + 1).to(tl.float32, bitcast=True)
+            thr = thr + (x,)
+            up = up + (tl.where(x >= 0, nxt, x),)
+            lim = lim + ((tl.minimum(tl.maximum(tl.load(lim_ptr + t), first), first + SPAN) - first).to(tl.int32),)
+    return thr, up, lim
+
+
+@triton.jit
+def _tie_cuts(limits, i, T: tl.constexpr, TRIM: tl.constexpr):
+    """Per task, the least |tau| kept at span index i (a block of them, or 0 for a span where
+    _ties_uniform holds: then scalars)."""
+    thr, up, lim = limits
+    cut = ()
+    if TRIM:
+        for t in tl.static_range(T):
+            cut = cut + (tl.where(i < lim[t], thr[t], up[t]),)
+    return cut
+
+
+@triton.jit
+def _ties_uniform(limits, T: tl.constexpr, TRIM: tl.constexpr, SPAN: tl.constexpr):
+    """Whether every task keeps all or none of its ties |tau| == thr over the span (L = SPAN or 0)."""
+    thr, up, lim = limits
+    uniform = True
+    if TRIM:
+        for t in tl.static_range(T):
+            uniform = uniform & ((lim[t] == 0) | (lim[t] == SPAN))
+    return uniform
 
 
 @triton.jit
 def _ties_block(
-    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs, mask, offset,
+    acc, base_ptr, fs, out_ptr, offs, mask, cut, wt, scale, zero_pos, par_ptr,
+    T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+    ELECT_W: tl.constexpr, PASS: tl.constexpr,
+):
+    """One block of elements. PASS 0 (the "majority" pre-pass) returns acc + sign(vote); PASS 1
+    stores out = base + float(scale * elect_and_mix(d, e)) (csrc/cpu/election.h) and returns acc.
+    fs: the T fine-tuned pointers; cut: _tie_cuts; wt: float32 weights; zero_pos: a zero vote
+    elects +; par: ties_params."""
+    w = _load_f32(base_ptr, offs, mask)
+    ds = ()
+    es = ()
+    for t in tl.static_range(T):
+        tau = _load_f32(fs[t], offs, mask) - w  # tau_t = float32(finetuned[t]) - float32(base)
+        if TRIM:
+            tau = tl.where(tl.abs(tau) >= cut[t], tau, 0.0)
+        d = wt[t] * tau  # d_t = float(weights[t]) * trim(tau_t), e_t = d_t or trim(tau_t)
+        e = d if ELECT_W else tau
+        ds = ds + (d,)
+        es = es + (e,)
+        # The vote: the sum of the values (float64) or of their signs. It starts at e_0, not
+        # 0.0 + e_0: that changes only the sign of a zero sum, which elects nothing.
+        x = e.to(tl.float64) if CONSENSUS == 1 else (e > 0).to(tl.int32) - (e < 0).to(tl.int32)
+        v = x if t == 0 else v + x
+    if PASS == 0:
+        acc += tl.where(mask, _sign(v), 0)
+    else:
+        # sign_of(v) with the fallback for 0 (a NaN vote is 0 too); agree_t: e_t has the elected sign.
+        sgn = tl.where((v > 0) | (~(v < 0) & zero_pos), 1.0, -1.0)
+        m = 0
+        for t in tl.static_range(T):
+            agree = es[t] * sgn > 0
+            m = m | (agree.to(tl.int32) << t)
+            x = tl.where(agree, ds[t].to(tl.float64), 0.0)
+            # The sum in task order from 0.0: its first term is x itself unless x is -0.0, which
+            # an agreeing d_t (= e_t, nonzero) never is when the vote is weighted.
+            if t == 0:
+                s = x if ELECT_W else 0.0 + x
+            else:
+                s = s + x
+        if NORMALIZE:
+            tab = par_ptr + (T + 1) + m
+            s = _markstein(s, tl.load(tab), tl.load(tab + (1 << T)))
+        delta = (scale * s).to(tl.float32)
+        tl.store(out_ptr + offs, _to_out(w + delta, out_ptr.dtype.element_ty), mask=mask)
+    return acc
+
+
+@triton.jit
+def _ties_chunk(
+    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, start, n, offset,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
 ):
-    """One block of elements: the votes and their signs (returned); PASS 1 also elects, mixes and
-    stores out = base + float(scale * elect_and_mix(d, e)) (csrc/cpu/election.h)."""
-    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    pos = offs + offset
-    if CONSENSUS == 1:
-        v = tl.zeros([BLOCK], dtype=tl.float64)
+    """ITERS blocks of the tensor from element `start` on (n elements, flat positions from
+    offset): PASS 0 returns the elected signs summed per lane, PASS 1 merges them (_ties_block).
+    The per-program scalars are loaded once; the pointers move to `start` and the blocks index
+    them with int32 offsets. A chunk inside the tensor where every task keeps all or none of its
+    ties (all but the few that hold a tie limit) goes unmasked, with one cut per task; others
+    are masked and cut per element. MAJORITY: a zero vote elects fb[0] (a sign), else +."""
+    SPAN: tl.constexpr = ITERS * BLOCK
+    base_ptr += start
+    out_ptr += start
+    fs = ()
+    for t in tl.static_range(T):
+        fs = fs + ((f0, f1, f2, f3, f4, f5, f6, f7)[t] + start,)
+    wt = ()
+    for t in tl.static_range(T):
+        wt = wt + (tl.load(par_ptr + t).to(tl.float32),)
+    scale = tl.load(par_ptr + T)
+    zero_pos = True
+    if MAJORITY:
+        zero_pos = tl.load(fb_ptr) > 0
+    limits = _tie_limits(thr_ptr, lim_ptr, offset + start, T, TRIM, SPAN)
+    acc = tl.zeros([BLOCK], dtype=tl.int32)
+    if (start + SPAN <= n) & _ties_uniform(limits, T, TRIM, SPAN):
+        cut = _tie_cuts(limits, 0, T, TRIM)
+        # The merge's few blocks unrolled: their loads and stores take immediate offsets from the
+        # chunk's pointers (no address arithmetic); the pre-pass's 32 stay a loop.
+        for it in tl.range(ITERS, loop_unroll_factor=ITERS if PASS == 1 else 1):
+            offs = it * BLOCK + tl.arange(0, BLOCK)
+            acc = _ties_block(acc, base_ptr, fs, out_ptr, offs, _everywhere(BLOCK), cut, wt, scale, zero_pos,
+                              par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
     else:
-        v = tl.zeros([BLOCK], dtype=tl.int32)
-    if T > 0:
-        d0, e0 = _ties_de(f0, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, 0, TRIM, ELECT_W)
-        v = _vote_add(v, e0, CONSENSUS)
-    if T > 1:
-        d1, e1 = _ties_de(f1, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, 1, TRIM, ELECT_W)
-        v = _vote_add(v, e1, CONSENSUS)
-    if T > 2:
-        d2, e2 = _ties_de(f2, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, 2, TRIM, ELECT_W)
-        v = _vote_add(v, e2, CONSENSUS)
-    if T > 3:
-        d3, e3 = _ties_de(f3, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, 3, TRIM, ELECT_W)
-        v = _vote_add(v, e3, CONSENSUS)
-    if T > 4:
-        d4, e4 = _ties_de(f4, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, 4, TRIM, ELECT_W)
-        v = _vote_add(v, e4, CONSENSUS)
-    if T > 5:
-        d5, e5 = _ties_de(f5, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, 5, TRIM, ELECT_W)
-        v = _vote_add(v, e5, CONSENSUS)
-    if T > 6:
-        d6, e6 = _ties_de(f6, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, 6, TRIM, ELECT_W)
-        v = _vote_add(v, e6, CONSENSUS)
-    if T > 7:
-        d7, e7 = _ties_de(f7, offs, mask, w, pos, thr_ptr, lim_ptr, par_ptr, 7, TRIM, ELECT_W)
-        v = _vote_add(v, e7, CONSENSUS)
-    sgn = _sign(v)
-    if PASS == 1:
-        if MAJORITY:
-            sgn = tl.where(sgn == 0, tl.load(fb_ptr), sgn)
-        else:
-            sgn = tl.where(sgn == 0, 1, sgn)
-        positive = sgn > 0
-        s = tl.zeros([BLOCK], dtype=tl.float64)
-        ws = tl.zeros([BLOCK], dtype=tl.float64)
-        cnt = tl.zeros([BLOCK], dtype=tl.int32)
-        if T > 0:
-            s, ws, cnt = _agree_add(s, ws, cnt, d0, e0, tl.load(par_ptr + 0), positive)
-        if T > 1:
-            s, ws, cnt = _agree_add(s, ws, cnt, d1, e1, tl.load(par_ptr + 1), positive)
-        if T > 2:
-            s, ws, cnt = _agree_add(s, ws, cnt, d2, e2, tl.load(par_ptr + 2), positive)
-        if T > 3:
-            s, ws, cnt = _agree_add(s, ws, cnt, d3, e3, tl.load(par_ptr + 3), positive)
-        if T > 4:
-            s, ws, cnt = _agree_add(s, ws, cnt, d4, e4, tl.load(par_ptr + 4), positive)
-        if T > 5:
-            s, ws, cnt = _agree_add(s, ws, cnt, d5, e5, tl.load(par_ptr + 5), positive)
-        if T > 6:
-            s, ws, cnt = _agree_add(s, ws, cnt, d6, e6, tl.load(par_ptr + 6), positive)
-        if T > 7:
-            s, ws, cnt = _agree_add(s, ws, cnt, d7, e7, tl.load(par_ptr + 7), positive)
-        merged = _divide(s, ws, cnt, NORMALIZE)
-        delta = (tl.load(par_ptr + T) * merged).to(tl.float32)
-        tl.store(out_ptr + offs, _to_out(w + delta, out_ptr.dtype.element_ty), mask=mask)
-    return tl.where(mask, sgn, 0)
+        rem = tl.minimum(n - start, SPAN).to(tl.int32)
+        for it in range(ITERS):
+            offs = it * BLOCK + tl.arange(0, BLOCK)
+            acc = _ties_block(acc, base_ptr, fs, out_ptr, offs, offs < rem, _tie_cuts(limits, offs, T, TRIM), wt,
+                              scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
+    return acc
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -697,23 +793,15 @@ def _ties_kernel(
     ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
     ITERS: tl.constexpr,
 ):
-    """PASS 0 (the "majority" pre-pass): part[pid] = sum of sign(vote) over ITERS blocks.
-    PASS 1: the merge of one block. par: weights[0..T-1] (float64), then scale; fb: the fallback
-    sign (int32 [1]) that PASS 0's total gives."""
+    """ITERS blocks a program (_ties_chunk). PASS 0 (the "majority" pre-pass): part[pid] = the
+    sum of their sign(vote). PASS 1: their merge. par: ties_params; fb: the fallback sign (int32
+    [1]) that PASS 0's total gives."""
     pid = tl.program_id(0).to(tl.int64)
+    acc = _ties_chunk(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr,
+                      pid * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, PASS,
+                      BLOCK, ITERS)
     if PASS == 0:
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for it in range(ITERS):
-            offs = (pid * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
-            acc += _ties_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr,
-                               out_ptr, offs, offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W,
-                               MAJORITY, PASS, BLOCK)
         tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
-    else:
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        _ties_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr,
-                    out_ptr, offs, offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W,
-                    MAJORITY, PASS, BLOCK)
 
 
 def _parse(op: str, name: str, table: dict, what: str, allow_none: bool = True):
@@ -770,8 +858,7 @@ def ties_merge(
     if n == 0:
         return out
     block = _election_block(T)
-    grid = _grid_1d(n, block)
-    par = _params(base.device, list(weights) + [scale])
+    par = _params(base.device, ties_params(weights, scale, norm))
     majority = zero_sign == "majority"
     args = [base, *_slots(base, finetuned), thr if thr is not None else base,
             lim if lim is not None else base, par]
@@ -784,7 +871,8 @@ def ties_merge(
         part = torch.empty(pgrid[0], dtype=torch.int64, device=base.device)
         _ties_kernel[pgrid](*args, par, part, out, n, offset, PASS=0, ITERS=iters, **meta)
         fb = torch.sign(part.sum()).to(torch.int32).reshape(1)
-    _ties_kernel[grid](*args, fb, par, out, n, offset, PASS=1, ITERS=1, **meta)
+    _ties_kernel[_grid_1d(n, block * TIES_ITERS)](*args, fb, par, out, n, offset, PASS=1, ITERS=TIES_ITERS,
+                                                  **meta)
     return out
 
 
@@ -1019,7 +1107,7 @@ def dare_params(weights, density: float, keys, rescale: str, norm: int, scale: f
     high) 32-bit words, then the rescale factor of each task."""
     T = len(weights)
     # consensus "none" divides the plain sum by one number (election.h).
-    wsum = sum(float(w) for w in weights)
+    wsum = _sum_in_order(weights)
     divisor = 1.0
     if norm == 1:
         divisor = 1.0 if abs(wsum) < 1e-8 else wsum

@@ -47,7 +47,7 @@ from neurokern.ops.triton import elementwise as ew
 from neurokern.ops.triton import registry
 
 # Rows of the table (each nt long): first program, numel, offset, base, out, then finetuned[0..T-1].
-_START, _NUMEL, _OFFSET, _BASE, _OUT, _FT = range(6)
+_FT = 5
 
 
 @triton.jit
@@ -209,11 +209,8 @@ def _ties_vote_multi_kernel(
     pid, j, local, n, offset = _where(table, owner, nt)
     b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
     thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
-    for it in range(ITERS):
-        offs = (local * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
-        acc += ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, b, offs,
-                              offs < n, offset, T, TRIM, CONSENSUS, 0, ELECT_W, False, 0, BLOCK)
+    acc = ew._ties_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, b,
+                         local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, 0, ELECT_W, False, 0, BLOCK, ITERS)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
 
 
@@ -225,24 +222,16 @@ def _ties_multi_kernel(
     ITERS: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """The merge of chunk `local` (ITERS blocks) of tensor j; MAJORITY: a zero vote elects fb[j],
-    the tensor's majority sign (int32 [n]). Several blocks a program spread the table lookups over
-    more bytes: with one small election block a program, they bounded the bandwidth."""
+    the tensor's majority sign (int32 [n]). Several blocks a program spread the table lookups and
+    the per-program scalars over more bytes: with one small election block a program, they
+    bounded the bandwidth."""
     pid, j, local, n, offset = _where(table, owner, nt)
     b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
     out_ptr = _ptr(table, 4, nt, j, like_in, ALIGNED)
     thr_ptr, lim_ptr = _trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
-    fb_ptr += j
-    if (local + 1) * ITERS * BLOCK <= n:  # a whole chunk: unmasked
-        for it in range(ITERS):
-            offs = (local * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
-            ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
-                           ew._everywhere(BLOCK), offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1,
-                           BLOCK)
-    else:
-        for it in range(ITERS):
-            offs = (local * ITERS + it) * BLOCK + tl.arange(0, BLOCK)
-            ew._ties_block(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, offs,
-                           offs < n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK)
+    ew._ties_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr + j, out_ptr,
+                   local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK,
+                   ITERS)
 
 
 @triton.jit
@@ -569,7 +558,7 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
         return [ew.ties_merge(base[i], column, weights, *_trim_of(thr, lim, rows, i), offset_of(offsets, i),
                               consensus, normalize, elect_weighted, zero_sign, scale)
                 for i, column in enumerate(columns(finetuned, n))]
-    par = ew._params(device, list(weights) + [scale])
+    par = ew._params(device, ew.ties_params(weights, scale, norm))
     meta = dict(T=T, TRIM=thr is not None, TRIM_ROWS=rows, CONSENSUS=cons, ELECT_W=bool(elect_weighted),
                 BLOCK=block, **ew.LAUNCH)
     votes = _majority(op, base, finetuned, offsets, thr, lim, par, meta) if zero_sign == "majority" else {}
@@ -671,67 +660,6 @@ def trim_l1(base, finetuned, threshold=None, tie_limit=None):
             )
             out[t0:t1] += part.sum(0)
     return out
-
-
-# The launch table built in Python, for launches over a subset of a list's tensors (key_histogram.py).
-
-
-def _columns(op: str, base: Sequence[torch.Tensor], finetuned: Sequence[torch.Tensor]):
-    """T and each tensor's fine-tuned versions (finetuned is task-major), checked."""
-    n = len(base)
-    if n == 0:
-        ew._fail(op, "base is an empty list")
-    if len(finetuned) % n:
-        ew._fail(op, f"{len(finetuned)} fine-tuned tensors is not a multiple of {n} base tensors")
-    T = len(finetuned) // n
-    columns = [list(finetuned[i::n]) for i in range(n)]
-    for b, column in zip(base, columns):
-        ew._check_group(op, b, column)
-        ew._check_storage(op, b.dtype)
-    return T, columns
-
-
-def _by_dtype(base: Sequence[torch.Tensor]) -> list[list[int]]:
-    groups: dict[torch.dtype, list[int]] = {}
-    for i, b in enumerate(base):
-        groups.setdefault(b.dtype, []).append(i)
-    return list(groups.values())
-
-
-def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for host integers (triton.cdiv costs microseconds a call, counted per tensor)."""
-    return -(-a // b)
-
-
-def owners(programs: torch.Tensor, total: int) -> torch.Tensor:
-    """int32 [total] on programs' device: the tensor of each program, from the per-tensor program
-    counts (one load per program in the kernel instead of a binary search over the tensors)."""
-    index = torch.arange(len(programs), dtype=torch.int32, device=programs.device)
-    return torch.repeat_interleave(index, programs, output_size=total)
-
-
-def blocks(idx, base, per_program: int) -> list[int]:
-    """Programs of per_program elements each tensor of idx takes."""
-    return [cdiv(base[i].numel(), per_program) for i in idx]
-
-
-def _table(idx, base, columns, outs, offsets, programs: Sequence[int], device, extra=(), values=()):
-    """The launch table of tensors idx (see the module docstring), given each tensor's program count:
-    the fine-tuned rows are followed by the `extra` rows (addresses) and the `values` rows (plain
-    numbers), and the last row holds the program counts. Returns the table, each program's tensor,
-    the number of programs, and whether every address in the table is 16-byte aligned."""
-    starts, total = [], 0
-    for count in programs:
-        starts.append(total)
-        total += count
-    rows = [starts, [base[i].numel() for i in idx], [offsets[i] for i in idx],
-            [base[i].data_ptr() for i in idx], [outs[i].data_ptr() for i in idx]]
-    T = len(columns[idx[0]])
-    rows += [[columns[i][t].data_ptr() for i in idx] for t in range(T)]
-    rows += [list(r) for r in extra]
-    aligned = all(address % 16 == 0 for row in rows[_BASE:] for address in row)
-    table = ew.upload(rows + [list(r) for r in values] + [list(programs)], torch.int64, device)
-    return table, owners(table[-1], total), total, aligned
 
 
 registry.register("weighted_sum_multi", weighted_sum_multi)
