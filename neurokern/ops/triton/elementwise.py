@@ -186,8 +186,9 @@ def _to_out(x, DT: tl.constexpr):
     Triton's interpreter truncates float32 -> bfloat16 casts, the GPU's cvt.rn rounds; this
     agrees with both the GPU and torch."""
     if DT == tl.bfloat16:
-        bits = tl.where(x != x, 0x7FC00000, x.to(tl.uint32, bitcast=True))  # NaN: torch's 0x7FC0
+        bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + ((bits >> 16) & 1) + 0x7FFF) >> 16
+        bits = tl.where(x != x, 0x7FC0, bits)
         y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         y = x.to(DT)
