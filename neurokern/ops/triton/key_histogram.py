@@ -74,22 +74,9 @@ def _task_keys(f_ptr, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair,
 def _block(b, f0, f1, f2, f3, f4, f5, f6, f7, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair,
            T: tl.constexpr, BINS: tl.constexpr, LOW: tl.constexpr, COUNT: tl.constexpr, GATHER: tl.constexpr):
     w = _load(b, offs, mask)
-    if T > 0:
-        _task_keys(f0, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair, 0, BINS, LOW, COUNT, GATHER)
-    if T > 1:
-        _task_keys(f1, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair, 1, BINS, LOW, COUNT, GATHER)
-    if T > 2:
-        _task_keys(f2, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair, 2, BINS, LOW, COUNT, GATHER)
-    if T > 3:
-        _task_keys(f3, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair, 3, BINS, LOW, COUNT, GATHER)
-    if T > 4:
-        _task_keys(f4, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair, 4, BINS, LOW, COUNT, GATHER)
-    if T > 5:
-        _task_keys(f5, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair, 5, BINS, LOW, COUNT, GATHER)
-    if T > 6:
-        _task_keys(f6, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair, 6, BINS, LOW, COUNT, GATHER)
-    if T > 7:
-        _task_keys(f7, w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair, 7, BINS, LOW, COUNT, GATHER)
+    for t in tl.static_range(T):
+        _task_keys((f0, f1, f2, f3, f4, f5, f6, f7)[t], w, offs, mask, hist_ptr, hi_ptr, cnt_ptr, val_ptr, pair,
+                   t, BINS, LOW, COUNT, GATHER)
 
 
 @triton.jit
