@@ -58,5 +58,5 @@ def merge(
     checked = spec.params(params, models.num_tasks)
     if models.names:
         _check_device_supported(models.base[models.names[0]].device)
-    merged = spec.run(models, checked, progress)
+    merged = spec.run(models, checked, progress) if models.names else {}  # nothing to merge: base's entries
     return {name: merged.get(name, tensor) for name, tensor in models.base.items()}

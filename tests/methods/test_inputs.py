@@ -36,6 +36,15 @@ def test_integer_buffers_are_copied_from_base():
     assert torch.equal(out["position_ids"], base["position_ids"])
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "dare_ties", "neuromerging"])
+def test_models_without_float_tensors_are_copied(method):
+    """Nothing to merge (integer buffers only): every method returns base's entries (ties and
+    neuromerging used to fail in their threshold over an empty list)."""
+    base = {"position_ids": torch.arange(7)}
+    out = nk.merge(base, [{"position_ids": torch.arange(7)} for _ in range(2)], method=method)
+    assert list(out) == ["position_ids"] and torch.equal(out["position_ids"], base["position_ids"])
+
+
 def expect_error(match, base, fts, **kwargs):
     with pytest.raises(NeurokernError, match=match):
         nk.merge(base, fts, **kwargs)
