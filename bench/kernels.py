@@ -47,7 +47,7 @@ def make_models(shapes, T, device, dtype=torch.bfloat16, seed=0):
     return base, fts
 
 
-def bench(fn, warmup=1, reps=5) -> float:
+def bench(fn, warmup=2, reps=10) -> float:
     """Median milliseconds of fn() over reps runs (CUDA events), after warm-up runs."""
     for _ in range(warmup):
         fn()

@@ -109,31 +109,46 @@ __device__ __forceinline__ void load_vec(const scalar_t* p, float (&vals)[kVec<s
   for (int v = 0; v < kVec<scalar_t>; ++v) vals[v] = to_float(x[v]);
 }
 
-// Walks a chunk's elements: visit(j, key, i) for every live task slot j of the block and every
-// element i of the tensor, with whole warps in step (the dense pass's __match_any_sync needs them);
-// keys of elements past the end are 0xFFFFFFFF (visit must ignore them; a magnitude's key has bit
-// 31 clear, so no real key takes that value).
-template <typename scalar_t, typename Visit>
-__device__ __forceinline__ void for_each_key(const Chunk& c, int t0, const bool (&live)[kTasksPerBlock],
-                                             Visit&& visit) {
+// Walks the 16-byte-vector part of a chunk (all of it when its pointers are aligned, but a rest
+// shorter than a block's step): visit(j, keys, i) gets the kVec keys of elements i, i + 1, ... of
+// every live task slot j, all loads of a step issued before the first visit.
+template <typename scalar_t, typename VisitVector>
+__device__ __forceinline__ int64_t for_each_key_vector(const Chunk& c, int t0, const bool (&live)[kTasksPerBlock],
+                                                       VisitVector&& visit) {
   constexpr int V = kVec<scalar_t>;
   const scalar_t* base = static_cast<const scalar_t*>(c.base);
   const int64_t step = static_cast<int64_t>(blockDim.x) * V;
   const int64_t vec_end = c.begin + (c.aligned ? (c.end - c.begin) / step * step : 0);
   for (int64_t i = c.begin + threadIdx.x * V; i < vec_end; i += step) {
-    float w[V], f[kTasksPerBlock][V];
+    // the loads stay packed until used: five 16-byte vectors, not 40 floats, in registers
+    uint4 raw[kTasksPerBlock];
+    float w[V];
     load_vec<scalar_t>(base + i, w);
 #pragma unroll
     for (int j = 0; j < kTasksPerBlock; ++j)
-      if (live[j]) load_vec<scalar_t>(static_cast<const scalar_t*>(c.ft[t0 + j]) + i, f[j]);
+      if (live[j]) raw[j] = __ldg(reinterpret_cast<const uint4*>(static_cast<const scalar_t*>(c.ft[t0 + j]) + i));
 #pragma unroll
     for (int j = 0; j < kTasksPerBlock; ++j) {
       if (!live[j]) continue;  // uniform across the block
+      const scalar_t* f = reinterpret_cast<const scalar_t*>(&raw[j]);
+      uint32_t keys[V];
 #pragma unroll
-      for (int v = 0; v < V; ++v) visit(j, __float_as_uint(fabsf(f[j][v] - w[v])), i + v);
+      for (int v = 0; v < V; ++v) keys[v] = __float_as_uint(fabsf(to_float(f[v]) - w[v]));
+      visit(j, keys, i);
     }
   }
-  for (int64_t first = vec_end; first < c.end; first += blockDim.x) {  // the rest, one element a thread
+  return vec_end;
+}
+
+// The rest of a chunk from vec_end, one element a thread: visit(j, key, i) for every live task
+// slot j, with whole warps in step (the dense pass's __match_any_sync needs them); keys of elements
+// past the end are 0xFFFFFFFF (visit must ignore them; a magnitude's key has bit 31 clear, so no
+// real key takes that value).
+template <typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_key_rest(const Chunk& c, int t0, const bool (&live)[kTasksPerBlock],
+                                                  int64_t vec_end, Visit&& visit) {
+  const scalar_t* base = static_cast<const scalar_t*>(c.base);
+  for (int64_t first = vec_end; first < c.end; first += blockDim.x) {
     const int64_t i = first + threadIdx.x;
     const bool in_range = i < c.end;
     const float w = in_range ? to_float(base[i]) : 0.0f;
@@ -144,6 +159,19 @@ __device__ __forceinline__ void for_each_key(const Chunk& c, int t0, const bool 
                         : 0xFFFFFFFFu, i);
     }
   }
+}
+
+// Walks a chunk's elements: visit(j, key, i) for every live task slot j of the block and every
+// element i of the tensor (keys past the end as in for_each_key_rest).
+template <typename scalar_t, typename Visit>
+__device__ __forceinline__ void for_each_key(const Chunk& c, int t0, const bool (&live)[kTasksPerBlock],
+                                             Visit&& visit) {
+  const int64_t vec_end =
+      for_each_key_vector<scalar_t>(c, t0, live, [&](int j, const uint32_t (&keys)[kVec<scalar_t>], int64_t i) {
+#pragma unroll
+        for (int v = 0; v < kVec<scalar_t>; ++v) visit(j, keys[v], i + v);
+      });
+  for_each_key_rest<scalar_t>(c, t0, live, vec_end, visit);
 }
 
 // Per block and task slot: a shared histogram of BINS bins fed by the chunk's keys.
@@ -400,33 +428,67 @@ __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunk
   if (!any) return;
   if (threadIdx.x < kTasksPerBlock) staged[threadIdx.x] = above_block[threadIdx.x] = tied_block[threadIdx.x] = 0;
   __syncthreads();
+  // One in-range key (rare): staged in shared memory, or straight to the global buffer when the
+  // chunk is crowded.
+  auto append = [&](int j, uint32_t key, int64_t i) {
+    const unsigned int s = atomicAdd(&staged[j], 1u);
+    if (s < kStage) {
+      stage_key[j][s] = key;
+      stage_index[j][s] = static_cast<uint16_t>(i - c.begin);
+    } else {
+      const int64_t g = c.group0 + t0 + j;
+      const unsigned long long at = atomicAdd(&fill[g], 1ull);
+      if (at < static_cast<unsigned long long>(cand_cap[g])) {
+        cand_key[cand_offset[g] + at] = key;
+        cand_pos[cand_offset[g] + at] = c.position + i;
+      }
+    }
+  };
   // Counting without branches (a fifth of the keys lie above the range, at random: branches on
-  // them split the warps); only the rare keys inside the range take the append's branch. A NaN /
-  // Inf magnitude's key is >= 0x7F800000: the check keeps the largest key + 1 (one VIADDMNMX;
-  // the padding's 0xFFFFFFFF wraps to 0).
+  // them split the warps); a step's in-range keys of a task become a bit mask, and only a nonzero
+  // mask (rare) takes the append's branch. A NaN / Inf magnitude's key is >= 0x7F800000: the check
+  // keeps the largest key + 1 (one VIADDMNMX; the rest's padding 0xFFFFFFFF wraps to 0).
   uint32_t top = 0;
-  for_each_key<scalar_t>(c, t0, read, [&](int j, uint32_t key, int64_t i) {
+  const int64_t vec_end = for_each_key_vector<scalar_t>(
+      c, t0, read, [&](int j, const uint32_t (&keys)[kVec<scalar_t>], int64_t i) {
+        constexpr int V = kVec<scalar_t>;
+        if (kCheck) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) top = max(top, keys[v] + 1u);
+          if (!live[j]) return;  // uniform across the block: read for the check only
+        }
+        if (one[j]) {  // uniform across the block
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            above_mine[j] += keys[v] > hi[j];
+            tied_mine[j] += keys[v] == lo[j];
+          }
+          return;
+        }
+        const uint32_t span = hi[j] - lo[j];
+        unsigned int inside = 0;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          above_mine[j] += keys[v] > hi[j];
+          inside |= static_cast<unsigned int>(keys[v] - lo[j] <= span) << v;  // lo <= key <= hi
+        }
+        if (inside) {
+#pragma unroll
+          for (int v = 0; v < V; ++v)
+            if ((inside >> v) & 1u) append(j, keys[v], i + v);
+        }
+      });
+  for_each_key_rest<scalar_t>(c, t0, read, vec_end, [&](int j, uint32_t key, int64_t i) {
     const bool valid = key != 0xFFFFFFFFu;
     if (kCheck) {
       top = max(top, key + 1u);
-      if (!live[j]) return;  // uniform across the block: read for the check only
+      if (!live[j]) return;
     }
     above_mine[j] += valid & (key > hi[j]);
-    if (one[j]) {  // uniform across the block
+    if (one[j]) {
       tied_mine[j] += valid & (key == lo[j]);
     } else if (valid & (key >= lo[j]) & (key <= hi[j])) {
-      const unsigned int s = atomicAdd(&staged[j], 1u);
-      if (s < kStage) {
-        stage_key[j][s] = key;
-        stage_index[j][s] = static_cast<uint16_t>(i - c.begin);
-      } else {  // a crowded chunk: straight to the global buffer
-        const int64_t g = c.group0 + t0 + j;
-        const unsigned long long at = atomicAdd(&fill[g], 1ull);
-        if (at < static_cast<unsigned long long>(cand_cap[g])) {
-          cand_key[cand_offset[g] + at] = key;
-          cand_pos[cand_offset[g] + at] = c.position + i;
-        }
-      }
+      append(j, key, i);
     }
   });
   if (kCheck && __syncthreads_or(top > 0x7F800000u) && threadIdx.x == 0) nonfinite[c.tensor] = 1;
@@ -482,6 +544,8 @@ struct Digit {
   int64_t count;  // values in the bin
 };
 
+constexpr int kSelectUnroll = 8;  // values a thread loads before binning them: loads in flight
+
 template <typename Value, typename Take>
 __device__ Digit block_digit(uint32_t* hist, int64_t n, int shift, int bits, uint64_t prefix, int64_t rank,
                              Value&& value, Take&& take) {
@@ -490,15 +554,25 @@ __device__ Digit block_digit(uint32_t* hist, int64_t n, int shift, int bits, uin
   for (int b = threadIdx.x; b < kTopBins; b += blockDim.x) hist[b] = 0;
   __syncthreads();
   const unsigned lane = threadIdx.x & 31;
-  const int64_t rounds = (n + blockDim.x - 1) / blockDim.x * blockDim.x;  // whole warps in step
-  for (int64_t e = threadIdx.x; e < rounds; e += blockDim.x) {
-    uint32_t bin = 0xFFFFFFFFu;
-    if (e < n && take(e)) {
-      const uint64_t v = value(e);
-      if ((v >> (shift + bits)) == prefix) bin = static_cast<uint32_t>((v >> shift) & ((1ull << bits) - 1));
+  const int64_t tile = static_cast<int64_t>(blockDim.x) * kSelectUnroll;
+  const int64_t rounds = (n + tile - 1) / tile * tile;  // whole warps in step
+  for (int64_t e0 = threadIdx.x; e0 < rounds; e0 += tile) {
+    uint32_t bin[kSelectUnroll];
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {  // all loads first: one latency per tile, not per value
+      const int64_t e = e0 + static_cast<int64_t>(u) * blockDim.x;
+      bin[u] = 0xFFFFFFFFu;
+      if (e < n && take(e)) {
+        const uint64_t v = value(e);
+        if ((v >> (shift + bits)) == prefix) bin[u] = static_cast<uint32_t>((v >> shift) & ((1ull << bits) - 1));
+      }
     }
-    const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);  // candidates crowd into few bins
-    if (bin != 0xFFFFFFFFu && lane == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&hist[bin], __popc(peers));
+#pragma unroll
+    for (int u = 0; u < kSelectUnroll; ++u) {
+      const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin[u]);  // candidates crowd into few bins
+      if (bin[u] != 0xFFFFFFFFu && lane == static_cast<unsigned>(__ffs(peers) - 1))
+        atomicAdd(&hist[bin[u]], __popc(peers));
+    }
   }
   __syncthreads();
   if (threadIdx.x < 32) {
@@ -524,7 +598,8 @@ __device__ Digit block_digit(uint32_t* hist, int64_t n, int shift, int bits, uin
 __global__ void __launch_bounds__(kSelectThreads) candidate_select_kernel(
     const uint32_t* cand_key, const int64_t* cand_pos, const int64_t* cand_offset, const int64_t* cand_cap,
     const unsigned long long* fill, const unsigned long long* above, const int64_t* k, const int32_t* running,
-    const int32_t* single, const uint32_t* key_lo, bool keep_ties, int pos_bits, float* threshold,
+    const int32_t* single, const uint32_t* key_lo, const uint32_t* key_hi, bool keep_ties, int pos_bits,
+    float* threshold,
     int64_t* tie_limit, int32_t* failed, uint32_t* prefix, int64_t* remaining, int32_t* exact) {
   __shared__ uint32_t hist[kTopBins];
   const int g = blockIdx.x;
@@ -553,7 +628,12 @@ __global__ void __launch_bounds__(kSelectThreads) candidate_select_kernel(
   int64_t need = need0, ties = 0;
   const int key_shift[3] = {21, 10, 0}, key_bits[3] = {11, 11, 10};
   for (int d = 0; d < 3; ++d) {
-    const Digit f = block_digit(hist, n, key_shift[d], key_bits[d], found, need, key_of_e, all);
+    // Every candidate lies in [key_lo, key_hi]: where both ends share the bits down to this digit,
+    // so do all candidates, and the digit needs no pass (most groups skip the first).
+    const uint32_t lo = key_lo[g], hi = key_hi[g];
+    const Digit f = (lo >> key_shift[d]) == (hi >> key_shift[d])
+                        ? Digit{static_cast<int>((lo >> key_shift[d]) & ((1u << key_bits[d]) - 1)), need, n}
+                        : block_digit(hist, n, key_shift[d], key_bits[d], found, need, key_of_e, all);
     found = (found << key_bits[d]) | static_cast<uint64_t>(f.bin);
     need = f.need;
     ties = f.count;
@@ -1029,7 +1109,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
     candidate_select_kernel<<<static_cast<unsigned>(groups), kSelectThreads, 0, stream>>>(
         reinterpret_cast<const uint32_t*>(cand_key.data_ptr()), cand_pos.data_ptr<int64_t>(), offset_d.data_ptr<int64_t>(),
         cap_d.data_ptr<int64_t>(), reinterpret_cast<const unsigned long long*>(fill.data_ptr()), above_ptr,
-        k_d.data_ptr<int64_t>(), collecting_d.data_ptr<int32_t>(), single_ptr, key_lo_ptr, keep_ties, pos_bits,
+        k_d.data_ptr<int64_t>(), collecting_d.data_ptr<int32_t>(), single_ptr, key_lo_ptr, key_hi_ptr, keep_ties, pos_bits,
         threshold.data_ptr<float>(), tie_limit.data_ptr<int64_t>(), failed_ptr, prefix_ptr, remaining_ptr,
         exact.data_ptr<int32_t>());
     NK_CUDA_CHECK_LAUNCH();
