@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""How fast can one output shard be put into the page cache? The engine's writer (8 threads,
+8 MiB pwrites into one file, each piece hashed) against other ways of writing the same bytes.
+
+    python3 bench/write_paths.py [--dir /tmp] [--gb 2.2] [--rounds 3] [--out results.json]
+
+Each variant writes the same random bytes to a new file in --dir; the file is evicted from the
+page cache (sync + fadvise DONTNEED) and deleted between runs; variants are interleaved over the
+rounds and the median is reported. Buffered writes to one ext4 file take the inode lock, so
+parallel pwrites to one file serialize; writes through a shared mapping, or into several files,
+do not.
+"""
+import argparse
+import hashlib
+import json
+import mmap
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+PIECE = 8 * 2**20
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+def pwrite_pool(path, src, threads, hashed, size_first=""):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    if size_first == "ftruncate":
+        os.ftruncate(fd, len(src))
+    elif size_first == "fallocate":
+        os.posix_fallocate(fd, 0, len(src))
+    view = memoryview(src)
+
+    def piece(at):
+        data = view[at:at + PIECE]
+        _pwrite_all(fd, data, at)
+        if hashed:
+            hashlib.sha256(data).digest()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(piece, range(0, len(src), PIECE)))
+    os.close(fd)
+
+
+def mmap_pool(path, src, threads, hashed, size_first="ftruncate"):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    if size_first == "fallocate":
+        os.posix_fallocate(fd, 0, len(src))
+    else:
+        os.ftruncate(fd, len(src))
+    mapped = mmap.mmap(fd, len(src))
+    dst = np.frombuffer(mapped, dtype=np.uint8)
+
+    def piece(at):
+        dst[at:at + PIECE] = src[at:at + PIECE]  # numpy drops the GIL for the copy
+        if hashed:
+            hashlib.sha256(src[at:at + PIECE]).digest()
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(piece, range(0, len(src), PIECE)))
+    del dst
+    mapped.close()
+    os.close(fd)
+
+
+def files_pool(path, src, threads, hashed, files=4):
+    per = -(-len(src) // files)
+    fds = [os.open(f"{path}.{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for i in range(files)]
+    view = memoryview(src)
+
+    def piece(at):
+        data = view[at:at + PIECE]
+        _pwrite_all(fds[at // per], data, at % per)
+        if hashed:
+            hashlib.sha256(data).digest()
+
+    starts = [f * per + o for o in range(0, per, PIECE) for f in range(files) if f * per + o < len(src)]
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(piece, starts))
+    for fd in fds:
+        os.close(fd)
+
+
+VARIANTS = {
+    "engine: pwrite 8 threads + sha256": lambda p, s: pwrite_pool(p, s, 8, True),
+    "pwrite 8 threads, no hash": lambda p, s: pwrite_pool(p, s, 8, False),
+    "pwrite 1 thread, no hash": lambda p, s: pwrite_pool(p, s, 1, False),
+    "pwrite 8 threads + sha256, ftruncate first": lambda p, s: pwrite_pool(p, s, 8, True, "ftruncate"),
+    "mmap 8 threads + sha256 (ftruncate)": lambda p, s: mmap_pool(p, s, 8, True),
+    "mmap 8 threads + sha256 (fallocate)": lambda p, s: mmap_pool(p, s, 8, True, "fallocate"),
+    "mmap 16 threads + sha256 (fallocate)": lambda p, s: mmap_pool(p, s, 16, True, "fallocate"),
+    "4 files, pwrite 8 threads + sha256": lambda p, s: files_pool(p, s, 8, True),
+}
+
+
+def _cleanup(path):
+    for p in [path] + [f"{path}.{i}" for i in range(4)]:
+        if os.path.exists(p):
+            fd = os.open(p, os.O_RDONLY)
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+            os.unlink(p)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="/tmp")
+    ap.add_argument("--gb", type=float, default=2.2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    src = np.random.default_rng(0).integers(0, 256, int(args.gb * 1e9), dtype=np.uint8)
+    path = os.path.join(args.dir, "neurokern-write-bench.bin")
+    times = {name: [] for name in VARIANTS}
+    for _ in range(args.rounds):
+        for name, fn in VARIANTS.items():
+            _cleanup(path)
+            os.sync()
+            t = time.perf_counter()
+            fn(path, src)
+            times[name].append(time.perf_counter() - t)
+    _cleanup(path)
+    res = {"dir": args.dir, "GB": len(src) / 1e9, "cpus": os.cpu_count(), "variants": {}}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        res["variants"][name] = {"s": round(med, 3), "GBps": round(len(src) / med / 1e9, 2), "runs": [round(t, 3) for t in ts]}
+        print(f"{name:46s} {len(src) / med / 1e9:6.2f} GB/s  {[round(t, 2) for t in ts]}", flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
