@@ -470,7 +470,8 @@ __global__ void __launch_bounds__(kThreads, 4) collect_kernel(const Chunk* chunk
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           above_mine[j] += keys[v] > hi[j];
-          inside |= static_cast<unsigned int>(keys[v] - lo[j] <= span) << v;  // lo <= key <= hi
+          // lo <= key <= hi in one compare: a collecting group has lo <= hi (its sample ranks)
+          inside |= static_cast<unsigned int>(keys[v] - lo[j] <= span) << v;
         }
         if (inside) {
 #pragma unroll
