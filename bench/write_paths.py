@@ -6,9 +6,9 @@
 
 Each variant writes the same random bytes to a new file in --dir; the file is evicted from the
 page cache (sync + fadvise DONTNEED) and deleted between runs; variants are interleaved over the
-rounds and the median is reported. Buffered writes to one ext4 file take the inode lock, so
-parallel pwrites to one file serialize; writes through a shared mapping, or into several files,
-do not.
+rounds and the median is reported. Buffered writes to one ext4 file take its inode lock, so
+parallel pwrites to one file serialize, and several files are the control; a shared mapping
+avoids the lock but pays a page fault per page.
 """
 import argparse
 import hashlib
@@ -21,7 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-PIECE = 8 * 2**20
+from neurokern.engine.writer import WRITE_PIECE as PIECE, WRITE_THREADS
+
+FILES = 4  # the several-files variant: the bytes split into this many files
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -30,26 +32,31 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done:], offset + done)
 
 
-def pwrite_pool(path, src, threads, hashed, size_first=""):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+def pwrite_pool(path, src, threads, hashed, size_first="", files=1):
+    """PIECE-byte pwrites from a pool of threads, into one file or split into `files` files
+    (pieces handed out round-robin across them)."""
+    per = -(-len(src) // files)
+    paths = [path] if files == 1 else [f"{path}.{i}" for i in range(files)]
+    fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for p in paths]
     if size_first == "ftruncate":
-        os.ftruncate(fd, len(src))
-    elif size_first == "fallocate":
-        os.posix_fallocate(fd, 0, len(src))
+        os.ftruncate(fds[0], len(src))
     view = memoryview(src)
 
     def piece(at):
         data = view[at:at + PIECE]
-        _pwrite_all(fd, data, at)
+        _pwrite_all(fds[at // per], data, at % per)
         if hashed:
             hashlib.sha256(data).digest()
 
+    starts = [f * per + o for o in range(0, per, PIECE) for f in range(files) if f * per + o < len(src)]
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(piece, range(0, len(src), PIECE)))
-    os.close(fd)
+        list(pool.map(piece, starts))
+    for fd in fds:
+        os.close(fd)
 
 
 def mmap_pool(path, src, threads, hashed, size_first="ftruncate"):
+    """The same pieces copied into a shared mapping of the file (sized by ftruncate or fallocate)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     if size_first == "fallocate":
         os.posix_fallocate(fd, 0, len(src))
@@ -70,38 +77,21 @@ def mmap_pool(path, src, threads, hashed, size_first="ftruncate"):
     os.close(fd)
 
 
-def files_pool(path, src, threads, hashed, files=4):
-    per = -(-len(src) // files)
-    fds = [os.open(f"{path}.{i}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for i in range(files)]
-    view = memoryview(src)
-
-    def piece(at):
-        data = view[at:at + PIECE]
-        _pwrite_all(fds[at // per], data, at % per)
-        if hashed:
-            hashlib.sha256(data).digest()
-
-    starts = [f * per + o for o in range(0, per, PIECE) for f in range(files) if f * per + o < len(src)]
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(piece, starts))
-    for fd in fds:
-        os.close(fd)
-
-
+W = WRITE_THREADS
 VARIANTS = {
-    "engine: pwrite 8 threads + sha256": lambda p, s: pwrite_pool(p, s, 8, True),
-    "pwrite 8 threads, no hash": lambda p, s: pwrite_pool(p, s, 8, False),
+    f"engine: pwrite {W} threads + sha256": lambda p, s: pwrite_pool(p, s, W, True),
+    f"pwrite {W} threads, no hash": lambda p, s: pwrite_pool(p, s, W, False),
     "pwrite 1 thread, no hash": lambda p, s: pwrite_pool(p, s, 1, False),
-    "pwrite 8 threads + sha256, ftruncate first": lambda p, s: pwrite_pool(p, s, 8, True, "ftruncate"),
-    "mmap 8 threads + sha256 (ftruncate)": lambda p, s: mmap_pool(p, s, 8, True),
-    "mmap 8 threads + sha256 (fallocate)": lambda p, s: mmap_pool(p, s, 8, True, "fallocate"),
-    "mmap 16 threads + sha256 (fallocate)": lambda p, s: mmap_pool(p, s, 16, True, "fallocate"),
-    "4 files, pwrite 8 threads + sha256": lambda p, s: files_pool(p, s, 8, True),
+    f"pwrite {W} threads + sha256, ftruncate first": lambda p, s: pwrite_pool(p, s, W, True, "ftruncate"),
+    f"mmap {W} threads + sha256 (ftruncate)": lambda p, s: mmap_pool(p, s, W, True),
+    f"mmap {W} threads + sha256 (fallocate)": lambda p, s: mmap_pool(p, s, W, True, "fallocate"),
+    f"mmap {2 * W} threads + sha256 (fallocate)": lambda p, s: mmap_pool(p, s, 2 * W, True, "fallocate"),
+    f"{FILES} files, pwrite {W} threads + sha256": lambda p, s: pwrite_pool(p, s, W, True, files=FILES),
 }
 
 
 def _cleanup(path):
-    for p in [path] + [f"{path}.{i}" for i in range(4)]:
+    for p in [path] + [f"{path}.{i}" for i in range(FILES)]:
         if os.path.exists(p):
             fd = os.open(p, os.O_RDONLY)
             os.fdatasync(fd)
@@ -132,7 +122,7 @@ def main():
     for name, ts in times.items():
         med = statistics.median(ts)
         res["variants"][name] = {"s": round(med, 3), "GBps": round(len(src) / med / 1e9, 2), "runs": [round(t, 3) for t in ts]}
-        print(f"{name:46s} {len(src) / med / 1e9:6.2f} GB/s  {[round(t, 2) for t in ts]}", flush=True)
+        print(f"{name:48s} {len(src) / med / 1e9:6.2f} GB/s  {[round(t, 2) for t in ts]}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=2)
