@@ -9,10 +9,11 @@ from neurokern.errors import NeurokernError
 
 def merge_command(args: argparse.Namespace) -> int:
     from neurokern.config import load_config
-    from neurokern.engine import prefetch
+    from neurokern.engine import kernel_warmup, prefetch
 
-    if not args.dry_run:  # the inputs are read while torch and the kernels are imported
+    if not args.dry_run:  # the inputs are read and Triton's runtime warmed while torch is imported
         prefetch.start(load_config(args.config), args.resume)
+        kernel_warmup.start_runtime(args.device)
     from neurokern.engine import merge_models
     from neurokern.engine.plan import human_bytes
 

@@ -115,3 +115,26 @@ def test_gpu_pinned_slots_exact_size_and_unpinned_on_close():
     late = _Slots(1, 1000, "late", torch.device("cuda"))
     late.close()
     assert late._make() is None
+
+
+def test_gpu_prepared_slots_plain_stand_in_then_pinned():
+    """prepare: the first buffer is free at once and plain (no wait for a pinning), the others are
+    pinned one after another; the stand-in, given back, is pinned in place and served again."""
+    from neurokern.engine.executor import _Slots
+
+    slots = _Slots(3, 2**20 + 3, "test buffers", torch.device("cuda"))
+    slots.prepare()
+    stop = threading.Event()
+    first = slots.get(stop)
+    assert first.numel() == 2**20 + 3 and not first.is_pinned()
+    others = [slots.get(stop), slots.get(stop)]
+    assert all(o.is_pinned() for o in others) and slots.made == 3
+    first.fill_(7)
+    dev = first.to("cuda", non_blocking=True)  # a copy from the plain buffer: synchronous, correct
+    for slot in [first, *others]:
+        slots.put(slot)
+    again = [slots.get(stop) for _ in range(3)]
+    assert sorted(s.data_ptr() for s in again) == sorted(s.data_ptr() for s in [first, *others])
+    assert all(s.is_pinned() for s in again) and torch.equal(dev.cpu(), torch.full_like(first, 7))
+    slots.close()
+    assert not any(s.is_pinned() for s in again)

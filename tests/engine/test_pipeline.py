@@ -90,6 +90,7 @@ def test_profile_report(models, tmp_path, monkeypatch, capsys):
     merge_models(cfg, tmp_path / "off", device="cpu")
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(timing, "ENABLED", True)
+    monkeypatch.setattr(timing, "PROFILE", True)
     merge_models(cfg, tmp_path / "on", device="cpu", fsync=True)  # durable: the same bytes, fsync timed
     err = capsys.readouterr().err
     sections = [line.strip() for line in err.splitlines() if line.strip().startswith("[")]
@@ -98,6 +99,35 @@ def test_profile_report(models, tmp_path, monkeypatch, capsys):
                 "writer: fsync", "writer drain", "process age at the end"):
         assert key in err, (key, err)
     assert read_dir(tmp_path / "on") == read_dir(tmp_path / "off")
+
+
+def test_trace_timeline(models, tmp_path, monkeypatch, capsys):
+    """NEUROKERN_TRACE=FILE: every timed block lands in a Chrome trace, one row per thread, inside
+    the process's lifetime; the profile table stays off."""
+    import json
+    import time
+    from neurokern.engine import timing
+    cfg = write_config(tmp_path / "c.yaml", "neuromerging", models, {"density": 0.2}, None)
+    trace = tmp_path / "trace.json"
+    monkeypatch.setattr(timing, "ENABLED", True)
+    monkeypatch.setattr(timing, "TRACE", str(trace))
+    merge_models(cfg, tmp_path / "out", device="cpu")
+    assert capsys.readouterr().err == ""
+    events = json.loads(trace.read_text())["traceEvents"]
+    age = timing._process_age() * 1e6
+    blocks = [e for e in events if e["ph"] == "X"]
+    assert {e["name"] for e in blocks} >= {"headers + plan", "read", "wait for reads", "writer: pwrite + hash"}
+    assert all(0 < e["ts"] and e["dur"] >= 0 and e["ts"] + e["dur"] <= age for e in blocks)
+    passes = [e["name"] for e in events if e["ph"] == "i"]
+    assert passes == ["section start-up", "section histogram", "section boundary", "section l1",
+                      "section merge", "section end"]
+    threads = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert "MainThread" in threads and len(threads) > 2  # readers and the writer's pool too
+    written = sum(e["args"].get("bytes", 0) for e in blocks if e["name"] == "writer: pwrite + hash")
+    shards = list((tmp_path / "out").glob("*.safetensors"))
+    data = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in shards)
+    assert shards and written == data  # every tensor byte, headers aside
+    assert not timing._events and not list(tmp_path.glob("*.tmp"))
 
 
 def test_manifest_digests_match_the_files(models, tmp_path, monkeypatch):
