@@ -363,6 +363,8 @@ def main() -> int:
     ap.add_argument("--skip-mergekit", action="store_true")
     ap.add_argument("--skip-7b", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    ap.add_argument("--trace", default="", help="folder for a timeline of each timed neurokern run "
+                    "(NEUROKERN_TRACE: trace-<method>.json, Chrome trace format)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script on any machine")
     args = ap.parse_args()
 
@@ -442,7 +444,8 @@ def main() -> int:
             shutil.rmtree(out, ignore_errors=True)
             shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # a failed first run
             evict(files)
-            r = neurokern_merge(cfgs[key], out, env, device.type, [], timeout=max(60.0, left()))
+            timed_env = {**env, "NEUROKERN_TRACE": str(Path(args.trace) / f"trace-{key}.json")} if args.trace else env
+            r = neurokern_merge(cfgs[key], out, timed_env, device.type, [], timeout=max(60.0, left()))
             res["neurokern"][f"{key}_s"] = r["wall_s"] if r["rc"] == 0 else None
             res["neurokern"][f"{key}_detail"] = r
             if r["rc"] == 0:

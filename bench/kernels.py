@@ -100,6 +100,31 @@ def eager_threshold(base, fts, density):
     return out
 
 
+def flat_reference(record, base_list, ft_list, coeffs, nbytes):
+    """What the same bytes reach as one flat tensor per model: weighted_sum (one program grid, no
+    pointer table) and torch.compile's fused kernel for the same formula (inductor's Triton), the
+    ceiling a (T+1)-read, 1-write stream reaches on this GPU."""
+    T = len(ft_list) // len(base_list)
+    n = len(base_list)
+    flat_base = torch.cat([b.reshape(-1) for b in base_list])
+    flat_fts = [torch.cat([f.reshape(-1) for f in ft_list[t * n:(t + 1) * n]]) for t in range(T)]
+    record("weighted_sum_forward_flat", bench(lambda: ops.weighted_sum(flat_base, flat_fts, coeffs)), nbytes)
+    a = coeffs.tolist()
+
+    def formula(b, *fs):
+        w = b.float()
+        acc = a[0] * w
+        for t, f in enumerate(fs):
+            acc = acc + a[t + 1] * (f.float() - w)
+        return acc.to(b.dtype)
+    try:
+        fused = torch.compile(formula, dynamic=False)
+        fused(flat_base, *flat_fts)
+        record("inductor_fused_flat", bench(lambda: fused(flat_base, *flat_fts)), nbytes)
+    except Exception as exc:  # noqa: BLE001 (no compiler on this machine: the entry is left out)
+        print(f"inductor reference skipped: {type(exc).__name__}: {str(exc)[:200]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tasks", type=int, default=4)
@@ -158,6 +183,7 @@ def main():
     record("weighted_sum_forward", bench(lambda: ops.weighted_sum_multi(base_list, ft_list, rows)), merge_bytes)
     record("weighted_sum_forward_per_tensor_calls",
            bench(lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names]), merge_bytes)
+    flat_reference(record, base_list, ft_list, coeffs, merge_bytes)
     record("weighted_sum_backward",
            bench(lambda: torch.ops.neurokern.weighted_sum_multi_backward(grad_list, base_list, ft_list, rows)),
            (T + 2) * N * esize)

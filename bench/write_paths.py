@@ -8,7 +8,8 @@ Each variant writes the same random bytes to a new file in --dir; the file is ev
 page cache (sync + fadvise DONTNEED) and deleted between runs; variants are interleaved over the
 rounds and the median is reported. Buffered writes to one ext4 file take its inode lock, so
 parallel pwrites to one file serialize, and several files are the control; a shared mapping
-avoids the lock but pays a page fault per page.
+avoids the lock but pays a page fault per page. The "over a written file" variants write over a
+file of zeros written just before (untimed): its pages are in the page cache already.
 """
 import argparse
 import hashlib
@@ -34,10 +35,11 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 def pwrite_pool(path, src, threads, hashed, size_first="", files=1):
     """PIECE-byte pwrites from a pool of threads, into one file or split into `files` files
-    (pieces handed out round-robin across them)."""
+    (pieces handed out round-robin across them); size_first "keep" writes over a file written
+    before (its pages in the page cache, dirty)."""
     per = -(-len(src) // files)
     paths = [path] if files == 1 else [f"{path}.{i}" for i in range(files)]
-    fds = [os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) for p in paths]
+    fds = [os.open(p, os.O_WRONLY | os.O_CREAT | (0 if size_first == "keep" else os.O_TRUNC), 0o644) for p in paths]
     if size_first == "ftruncate":
         os.ftruncate(fds[0], len(src))
     view = memoryview(src)
@@ -56,11 +58,12 @@ def pwrite_pool(path, src, threads, hashed, size_first="", files=1):
 
 
 def mmap_pool(path, src, threads, hashed, size_first="ftruncate"):
-    """The same pieces copied into a shared mapping of the file (sized by ftruncate or fallocate)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    """The same pieces copied into a shared mapping of the file (sized by ftruncate or fallocate;
+    "keep": a file written before, whose size it has)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | (0 if size_first == "keep" else os.O_TRUNC), 0o644)
     if size_first == "fallocate":
         os.posix_fallocate(fd, 0, len(src))
-    else:
+    elif size_first == "ftruncate":
         os.ftruncate(fd, len(src))
     mapped = mmap.mmap(fd, len(src))
     dst = np.frombuffer(mapped, dtype=np.uint8)
@@ -87,7 +90,11 @@ VARIANTS = {
     f"mmap {W} threads + sha256 (fallocate)": lambda p, s: mmap_pool(p, s, W, True, "fallocate"),
     f"mmap {2 * W} threads + sha256 (fallocate)": lambda p, s: mmap_pool(p, s, 2 * W, True, "fallocate"),
     f"{FILES} files, pwrite {W} threads + sha256": lambda p, s: pwrite_pool(p, s, W, True, files=FILES),
+    f"over a written file: pwrite {W} threads + sha256": lambda p, s: pwrite_pool(p, s, W, True, "keep"),
+    f"over a written file: mmap {W} threads + sha256": lambda p, s: mmap_pool(p, s, W, True, "keep"),
 }
+# Untimed, before a variant: the file it writes over (zeros, left dirty in the page cache)
+PREPARE = {name: (lambda p, s: pwrite_pool(p, np.zeros_like(s), W, False)) for name in VARIANTS if name.startswith("over")}
 
 
 def _cleanup(path):
@@ -114,6 +121,8 @@ def main():
         for name, fn in VARIANTS.items():
             _cleanup(path)
             os.sync()
+            if name in PREPARE:
+                PREPARE[name](path, src)
             t = time.perf_counter()
             fn(path, src)
             times[name].append(time.perf_counter() - t)
