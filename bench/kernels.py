@@ -47,6 +47,25 @@ def make_models(shapes, T, device, dtype=torch.bfloat16, seed=0):
     return base, fts
 
 
+def set_arguments(parser) -> None:
+    """--tasks, --layers and --out, the options of every script on this set."""
+    parser.add_argument("--tasks", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=22)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+
+
+def lists(base, fts):
+    """(names, base list, fine-tuned list task-major) of a set, as the list ops take them."""
+    names = list(base)
+    return names, [base[n] for n in names], [f[n] for f in fts for n in names]
+
+
+def results_path(out: Path, prefix: str, device_name: str, suffix: str = ".json") -> Path:
+    """out/<prefix>-<gpu><suffix>, the folder made if missing ("NVIDIA H200" -> h200)."""
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{prefix}-{device_name.lower().replace('nvidia ', '').replace(' ', '-')}{suffix}"
+
+
 def bench(fn, warmup=2, reps=10) -> float:
     """Median milliseconds of fn() over reps runs (CUDA events), after warm-up runs."""
     for _ in range(warmup):
@@ -127,10 +146,8 @@ def flat_reference(record, base_list, ft_list, coeffs, nbytes):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=22)
+    set_arguments(parser)
     parser.add_argument("--skip-eager", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
@@ -142,9 +159,7 @@ def main():
     copy = copy_bandwidth(device)
     print(f"{name}: {len(base)} tensors, {N / 1e9:.3f} B params x (1 + {T}) bf16; copy {copy:.0f} GB/s")
 
-    names = list(base)
-    base_list = [base[n] for n in names]
-    ft_list = [fts[t][n] for t in range(T) for n in names]
+    names, base_list, ft_list = lists(base, fts)
     weights = [0.3] * T
     merge_bytes = (T + 2) * N * esize  # read base + T fine-tuned, write the merged model
     results = {}
@@ -196,12 +211,10 @@ def main():
         "tensors": len(base), "params": N, "tasks": T, "dtype": "bfloat16", "copy_GBps": round(copy, 1),
         "ops": results, "date": time.strftime("%Y-%m-%d"),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = name.lower().replace("nvidia ", "").replace(" ", "-")
-    path = args.out / f"kernels-{tag}.json"
+    path = results_path(args.out, "kernels", name)
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
-    _plot(report, args.out / f"kernels-{tag}.png")
+    _plot(report, results_path(args.out, "kernels", name, ".png"))
 
 
 def _triton_version():

@@ -12,12 +12,11 @@ of the measured copy bandwidth each time reaches. Writes bench/results/list-over
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.kernels import bench, copy_bandwidth, make_models, tinyllama_shapes
+from bench.kernels import bench, copy_bandwidth, lists, make_models, results_path, set_arguments, tinyllama_shapes
 from neurokern import ops
 
 CALLS = 5  # profiled calls per op
@@ -46,16 +45,12 @@ def host_ms(fn, calls: int = 20) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    set_arguments(parser)
     args = parser.parse_args()
     device = torch.device("cuda")
     T = args.tasks
     base, fts = make_models(tinyllama_shapes(args.layers), T, device)
-    names = list(base)
-    base_list = [base[n] for n in names]
-    ft_list = [fts[t][n] for t in range(T) for n in names]
+    names, base_list, ft_list = lists(base, fts)
     N = sum(b.numel() for b in base_list)
     copy = copy_bandwidth(device)
     coeffs = torch.tensor([1.0] + [0.3] * T, device=device)
@@ -88,9 +83,7 @@ def main():
               f"({r['gpu_fraction_of_copy']:6.1%})  host {host:6.3f} ms", flush=True)
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "copy_GBps": round(copy, 1),
               "tasks": T, "tensors": len(names), "params": N, "date": time.strftime("%Y-%m-%d"), "ops": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = report["device"].lower().replace("nvidia ", "").replace(" ", "-")
-    path = args.out / f"list-overhead-{tag}.json"
+    path = results_path(args.out, "list-overhead", report["device"])
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 

@@ -1,13 +1,11 @@
 """Kernel-level profile of magnitude_threshold and the TIES pieces on the 1.1B-shaped set."""
 import torch
-from bench.kernels import make_models, tinyllama_shapes, bench
+from bench.kernels import bench, lists, make_models, tinyllama_shapes
 from neurokern import ops
 import neurokern as nk
 T = 4
 base, fts = make_models(tinyllama_shapes(22), T, torch.device("cuda"))
-names = list(base)
-bl = [base[n] for n in names]
-fl = [fts[t][n] for t in range(T) for n in names]
+names, bl, fl = lists(base, fts)
 N = sum(b.numel() for b in bl)
 kg = [max(1, int(0.2 * N))] * T
 kt = [max(1, int(0.2 * b.numel())) for b in bl for _ in range(T)]

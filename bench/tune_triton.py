@@ -9,11 +9,10 @@ hand.
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from bench.kernels import bench, copy_bandwidth, make_models, tinyllama_shapes
+from bench.kernels import bench, copy_bandwidth, lists, make_models, results_path, set_arguments, tinyllama_shapes
 from neurokern import ops
 from neurokern.ops.triton import elementwise as ew
 
@@ -61,16 +60,12 @@ def setter(**names):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    set_arguments(parser)
     args = parser.parse_args()
     device = torch.device("cuda")
     T = args.tasks
     base, fts = make_models(tinyllama_shapes(args.layers), T, device)
-    names = list(base)
-    base_list = [base[n] for n in names]
-    ft_list = [fts[t][n] for t in range(T) for n in names]
+    names, base_list, ft_list = lists(base, fts)
     N = sum(b.numel() for b in base_list)
     copy = copy_bandwidth(device)
     print(f"{torch.cuda.get_device_name(device)}: {N / 1e9:.3f} B params x (1 + {T}); copy {copy:.0f} GB/s")
@@ -93,9 +88,7 @@ def main():
           lambda: torch.ops.neurokern.dare_multi(base_list, ft_list, [0.3] * T, 0.5, keys), results)
     report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "copy_GBps": round(copy, 1),
               "tasks": T, "params": N, "date": time.strftime("%Y-%m-%d"), "sweeps": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    tag = report["device"].lower().replace("nvidia ", "").replace(" ", "-")
-    path = args.out / f"tune-triton-{tag}.json"
+    path = results_path(args.out, "tune-triton", report["device"])
     path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}")
 
