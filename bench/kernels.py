@@ -60,6 +60,14 @@ def lists(base, fts):
     return names, [base[n] for n in names], [f[n] for f in fts for n in names]
 
 
+def flat(base_list, ft_list):
+    """The lists as one flat tensor per model: (base, [fine-tuned of each task])."""
+    def cat(tensors):
+        return torch.cat([t.reshape(-1) for t in tensors])
+    n = len(base_list)
+    return cat(base_list), [cat(ft_list[t * n:(t + 1) * n]) for t in range(len(ft_list) // n)]
+
+
 def results_path(out: Path, prefix: str, device_name: str, suffix: str = ".json") -> Path:
     """out/<prefix>-<gpu><suffix>, the folder made if missing ("NVIDIA H200" -> h200)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -123,10 +131,7 @@ def flat_reference(record, base_list, ft_list, coeffs, nbytes):
     """What the same bytes reach as one flat tensor per model: weighted_sum (one program grid, no
     pointer table) and torch.compile's fused kernel for the same formula (inductor's Triton), the
     ceiling a (T+1)-read, 1-write stream reaches on this GPU."""
-    T = len(ft_list) // len(base_list)
-    n = len(base_list)
-    flat_base = torch.cat([b.reshape(-1) for b in base_list])
-    flat_fts = [torch.cat([f.reshape(-1) for f in ft_list[t * n:(t + 1) * n]]) for t in range(T)]
+    flat_base, flat_fts = flat(base_list, ft_list)
     record("weighted_sum_forward_flat", bench(lambda: ops.weighted_sum(flat_base, flat_fts, coeffs)), nbytes)
     a = coeffs.tolist()
 

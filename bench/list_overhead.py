@@ -16,7 +16,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.kernels import bench, copy_bandwidth, lists, make_models, results_path, set_arguments, tinyllama_shapes
+from bench.kernels import bench, copy_bandwidth, flat, lists, make_models, results_path, set_arguments, tinyllama_shapes
 from neurokern import ops
 
 CALLS = 5  # profiled calls per op
@@ -58,8 +58,7 @@ def main():
     grads = [torch.randn_like(b) for b in base_list]
     k = [max(1, int(0.2 * b.numel())) for b in base_list for _ in range(T)]
     trim = ops.magnitude_threshold(base_list, ft_list, k, False, per_tensor=True)
-    flat_base = torch.cat([b.reshape(-1) for b in base_list])
-    flat_fts = [torch.cat([f.reshape(-1) for f in ft_list[t * len(names):(t + 1) * len(names)]]) for t in range(T)]
+    flat_base, flat_fts = flat(base_list, ft_list)
     merge_bytes = (T + 2) * N * 2
     cases = {
         "weighted_sum_multi (201 tensors)": (lambda: ops.weighted_sum_multi(base_list, ft_list, rows), merge_bytes),
