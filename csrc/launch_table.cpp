@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "launch_table.h"
 #include "list_args.h"
 
 namespace neurokern {
@@ -135,6 +136,8 @@ bool is_float(at::ScalarType st) {
   return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble;
 }
 
+}  // namespace
+
 // Checks the lists of a multi-tensor op (the messages of the C++ kernels) and, for per_program > 0,
 // lays out its launches: one per storage dtype of base (and of grad, where given) that has
 // programs, over the tensors of that dtype. Table rows (nt = the launch's tensor count, each row nt
@@ -149,7 +152,7 @@ bool is_float(at::ScalarType st) {
 // 2-D layout, then per launch the list position of its first tensor, its tensor count, its program
 // count, whether every address of its table is 16-byte aligned, and (2-D layouts) whether every
 // row length is a multiple of 16.
-std::tuple<TensorVector, TensorVector, TensorVector, std::vector<int64_t>> launch_table(
+LaunchTables launch_table(
     c10::string_view op_name, at::TensorList base, at::TensorList finetuned,
     std::optional<at::TensorList> grad, std::optional<at::IntArrayRef> offsets, int64_t per_program,
     c10::string_view layout_name, bool outputs, std::optional<at::ScalarType> out_dtype) {
@@ -271,6 +274,8 @@ std::tuple<TensorVector, TensorVector, TensorVector, std::vector<int64_t>> launc
   }
   return {outs, grads, out_tables, info};
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // The finite check (finite.py)

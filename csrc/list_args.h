@@ -16,6 +16,26 @@ inline int64_t list_tasks(const char* op, at::TensorList base, at::TensorList fi
   return static_cast<int64_t>(finetuned.size()) / n;
 }
 
+// weighted_sum_multi differentiates with respect to its coefficients only: a base or fine-tuned
+// tensor that requires grad would get none, silently.
+inline void check_models_need_no_grad(const char* op, at::TensorList base, at::TensorList finetuned) {
+  for (at::TensorList list : {base, finetuned}) {
+    for (const at::Tensor& t : list) {
+      TORCH_CHECK_VALUE(!t.requires_grad(), "neurokern.", op,
+                        " differentiates only with respect to coeffs; detach base and finetuned (they are the "
+                        "models being merged)");
+    }
+  }
+}
+
+// The tensors of a list, each contiguous (a copy where it is not).
+inline std::vector<at::Tensor> contiguous_list(at::TensorList tensors) {
+  std::vector<at::Tensor> out;
+  out.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) out.push_back(t.contiguous());
+  return out;
+}
+
 // The multi-tensor ops' per-tensor arguments: offsets (empty or one per tensor) and trims ([T]
 // shared by every tensor, or [n, T] with row i for tensor i).
 inline void check_multi_args(const char* op, int64_t n, int64_t T, at::IntArrayRef offsets,

@@ -124,4 +124,16 @@ TORCH_LIBRARY(neurokern, m) {
   m.def(
       "_finite_table(Tensor[] tensors, int block_bytes) "
       "-> (Tensor[] tables, Tensor[] copies, int[] info, int[] others)");
+  // Internal (csrc/list_launch.cpp): weighted_sum_multi's CUDA kernel on any device (the CPU tests
+  // run it with Triton interpreted), the Triton launch of one of its tables (implemented in
+  // neurokern/ops/triton/multi.py: table, owner, coeffs rows, trims, the first tensor's base and
+  // output for their dtypes, tensor count, program count, T, per-tensor trims, aligned), and the
+  // Triton side's constants it lays out launches with.
+  m.def(
+      "_weighted_sum_multi_triton(Tensor[] base, Tensor[] finetuned, Tensor coeffs, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int[] offsets=[], ScalarType? out_dtype=None) -> Tensor[]");
+  m.def(
+      "_ws_multi_launch(Tensor table, Tensor owner, Tensor coeffs, Tensor? threshold, Tensor? tie_limit, "
+      "Tensor like_in, Tensor like_out, int nt, int programs, int T, bool trim_rows, bool aligned) -> ()");
+  m.def("_triton_list_config(int block, int max_tasks) -> ()");
 }

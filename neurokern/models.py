@@ -13,14 +13,18 @@ MERGEABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def as_state_dict(model: Any, what: str) -> dict[str, Tensor]:
+    """model's tensors by name, none of them tracking gradients (a merge is no training step)."""
     if isinstance(model, torch.nn.Module):
-        return {k: v.detach() for k, v in model.state_dict().items()}
+        return model.state_dict()  # detached already (keep_vars=False)
     if isinstance(model, Mapping):
-        out = {}
-        for key, value in model.items():
+        out = dict(model)
+        for key, value in out.items():
             if not isinstance(value, Tensor):
                 raise NeurokernError(f"{what}[{key!r}] is a {type(value).__name__}, expected a torch.Tensor")
-            out[key] = value.detach()
+            # detach only where it changes something: a new tensor object costs about a
+            # microsecond, a millisecond or more over a model of several copies
+            if value.requires_grad:
+                out[key] = value.detach()
         return out
     raise NeurokernError(f"{what} must be a state dict (name -> tensor) or an nn.Module; got {type(model).__name__}")
 
@@ -80,6 +84,42 @@ def nonfinite_later(tensors: Sequence[Tensor], host: Optional[Tensor] = None) ->
     return positions
 
 
+def _check_pairs(base: dict[str, Tensor], finetuned: list[dict[str, Tensor]], same_device: bool) -> None:
+    """Every fine-tuned tensor has its base tensor's shape and dtype (and device, same_device).
+    Whole models are compared as lists first (a loop over tensor pairs cost milliseconds on a
+    model of hundreds of tensors); a mismatch is then named by _mismatch."""
+    tensors = list(base.values())
+    shapes, dtypes = [b.shape for b in tensors], [b.dtype for b in tensors]
+    devices = [b.device for b in tensors] if same_device else None
+    for sd in finetuned:
+        column = [sd[name] for name in base]
+        if ([f.shape for f in column] != shapes or [f.dtype for f in column] != dtypes
+                or same_device and [f.device for f in column] != devices):
+            _mismatch(base, finetuned, same_device)
+
+
+def _mismatch(base: dict[str, Tensor], finetuned: list[dict[str, Tensor]], same_device: bool) -> None:
+    """Raises for the first tensor (in base's order, then model order) whose fine-tuned version
+    differs from base in shape, dtype or (same_device) device."""
+    for name, b in base.items():
+        for i, sd in enumerate(finetuned):
+            f = sd[name]
+            if f.shape != b.shape:
+                raise NeurokernError(
+                    f"tensor {name!r}: finetuned[{i}] has shape {tuple(f.shape)}, base has {tuple(b.shape)}"
+                )
+            if f.dtype != b.dtype:
+                raise NeurokernError(
+                    f"tensor {name!r}: finetuned[{i}] is {f.dtype}, base is {b.dtype}; "
+                    "convert the models to one dtype before merging"
+                )
+            if same_device and f.device != b.device:
+                raise NeurokernError(
+                    f"tensor {name!r}: finetuned[{i}] is on {f.device}, base on {b.device}; "
+                    "move them to one device or pass device="
+                )
+
+
 def _check_finite_later(names: list[str], base: dict[str, Tensor],
                         finetuned: list[dict[str, Tensor]]) -> Callable[[], None]:
     """NaN / Inf anywhere is an error naming the tensor and model (the first in the base's order),
@@ -133,24 +173,9 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
     finite_check = _check_finite_later(
         [name for name, b in base_sd.items() if b.is_floating_point() and b.dtype in MERGEABLE_DTYPES],
         base_sd, ft_sds) if check_finite else lambda: None
+    _check_pairs(base_sd, ft_sds, same_device=device is None)
     names = []
     for name, b in base_sd.items():
-        for i, sd in enumerate(ft_sds):
-            f = sd[name]
-            if f.shape != b.shape:
-                raise NeurokernError(
-                    f"tensor {name!r}: finetuned[{i}] has shape {tuple(f.shape)}, base has {tuple(b.shape)}"
-                )
-            if f.dtype != b.dtype:
-                raise NeurokernError(
-                    f"tensor {name!r}: finetuned[{i}] is {f.dtype}, base is {b.dtype}; "
-                    "convert the models to one dtype before merging"
-                )
-            if f.device != b.device and device is None:
-                raise NeurokernError(
-                    f"tensor {name!r}: finetuned[{i}] is on {f.device}, base on {b.device}; "
-                    "move them to one device or pass device="
-                )
         if not b.is_floating_point():
             continue
         if b.dtype not in MERGEABLE_DTYPES:

@@ -3,6 +3,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "cpu/multi.h"
 #include "list_args.h"
 
 namespace neurokern::cpu {
@@ -22,11 +23,15 @@ const c10::TypedOperatorHandle<WeightedSum>& weighted_sum_op() {
   return op;
 }
 
-std::vector<at::Tensor> weighted_sum_multi_cpu(at::TensorList base, at::TensorList finetuned,
-                                               const at::Tensor& coeffs, const OptTensor& threshold,
-                                               const OptTensor& tie_limit, at::IntArrayRef offsets,
-                                               std::optional<at::ScalarType> out_dtype) {
+}  // namespace
+
+std::vector<at::Tensor> weighted_sum_multi_each(at::TensorList base_in, at::TensorList finetuned_in,
+                                                const at::Tensor& coeffs, const OptTensor& threshold,
+                                                const OptTensor& tie_limit, at::IntArrayRef offsets,
+                                                std::optional<at::ScalarType> out_dtype) {
   const auto& op = weighted_sum_op();
+  check_models_need_no_grad("weighted_sum_multi", base_in, finetuned_in);
+  const std::vector<at::Tensor> base = contiguous_list(base_in), finetuned = contiguous_list(finetuned_in);
   const int64_t n = static_cast<int64_t>(base.size());
   const int64_t T = list_tasks("weighted_sum_multi", base, finetuned);
   check_multi_args("weighted_sum_multi", n, T, offsets, threshold, tie_limit);
@@ -41,6 +46,8 @@ std::vector<at::Tensor> weighted_sum_multi_cpu(at::TensorList base, at::TensorLi
   }
   return out;
 }
+
+namespace {
 
 at::Tensor weighted_sum_multi_backward_cpu(at::TensorList grad, at::TensorList base,
                                            at::TensorList finetuned, const at::Tensor& coeffs,
@@ -177,7 +184,7 @@ std::vector<at::Tensor> weighted_sum_rows_multi_cpu(at::TensorList base, at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(neurokern, CPU, m) {
-  m.impl("weighted_sum_multi", &weighted_sum_multi_cpu);
+  m.impl("weighted_sum_multi", &weighted_sum_multi_each);
   m.impl("weighted_sum_multi_backward", &weighted_sum_multi_backward_cpu);
   m.impl("ties_merge_multi", &ties_merge_multi_cpu);
   m.impl("dare_multi", &dare_multi_cpu);

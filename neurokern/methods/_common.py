@@ -150,7 +150,10 @@ def thresholds(models: ModelSet, names: list[str], densities: list[float], rule:
             offsets[n] = offset
             offset += b.numel()
         return Trims(threshold, tie_limit, {}, offsets, flags)
-    k = [keep_count(b.numel(), d, rule) for b in base for d in densities]
+    # a model's tensors come in a few shapes: one row of counts per distinct size
+    numels = [b.numel() for b in base]
+    rows = {m: [keep_count(m, d, rule) for d in densities] for m in set(numels)}
+    k = [count for m in numels for count in rows[m]]
     threshold, tie_limit = ops.magnitude_threshold(base, finetuned, k, keep_ties, per_tensor=True, nonfinite=flags)
     return Trims(threshold, tie_limit, {n: i for i, n in enumerate(names)}, {}, flags)
 

@@ -69,6 +69,24 @@ def test_bad_models():
     expect_error("'w' is torch.float64", f64, [{k: v.double() for k, v in f.items()} for f in fts])
 
 
+def test_first_mismatch_is_named_in_base_order():
+    """Whole models are compared at once; the error still names the first bad tensor in base's
+    order (then model order), whatever kind its mismatch is."""
+    base, fts = make_models(3, shapes={"a": (2,), "w": (3, 4), "b": (4,)})
+    bad = [fts[0], {**fts[1], "b": torch.zeros(5)}, {**fts[2], "w": fts[2]["w"].half()}]
+    expect_error(r"tensor 'w': finetuned\[2\] is torch.float16", base, bad)
+    on_meta = [fts[0], fts[1], {**fts[2], "b": fts[2]["b"].to("meta")}]
+    expect_error(r"tensor 'b': finetuned\[2\] is on meta, base on cpu", base, on_meta)
+
+
+def test_inputs_requiring_grad_are_merged_detached():
+    base, fts = make_models(2, shapes={"w": (3, 4)})
+    want = nk.merge(base, fts, method="task_arithmetic")["w"]
+    leaves = {k: v.clone().requires_grad_() for k, v in base.items()}
+    got = nk.merge(leaves, fts, method="task_arithmetic")["w"]
+    assert not got.requires_grad and torch.equal(got, want)
+
+
 METHOD_CASES = [("task_arithmetic", {}), ("dare", {}), ("dare_ties", {}), ("ties", {}),
                 ("ties", {"trim_scope": "global"}), ("neuromerging", {}), ("neuromerging", {"trim_scope": "tensor"})]
 

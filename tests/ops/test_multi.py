@@ -40,6 +40,25 @@ def test_weighted_sum_multi(T, scope):
     assert all(o.dtype == torch.float64 for o in out64)
 
 
+def test_weighted_sum_multi_checks_in_the_kernel():
+    """The face hands the lists over as they are: the kernels make non-contiguous tensors
+    contiguous and refuse a base or fine-tuned tensor that requires grad, with or without a
+    gradient for coeffs; backward reads the saved non-contiguous inputs too."""
+    T = 2
+    bases, fts = make_list(T, shapes=[(3, 4), (5,), (2, 6)])
+    coeffs = torch.rand(len(bases), T + 1)
+    want = nk.weighted_sum_multi(bases, fts, coeffs)
+    strided = [b.t().contiguous().t() if b.dim() == 2 else b for b in bases]
+    assert_lists_equal(nk.weighted_sum_multi(strided, fts, coeffs), want)
+    leaf = coeffs.clone().requires_grad_()
+    sum(o.sum() for o in nk.weighted_sum_multi(strided, fts, leaf)).backward()
+    torch.testing.assert_close(leaf.grad, OPS.weighted_sum_multi_backward([torch.ones_like(b) for b in bases],
+                                                                          bases, fts, coeffs))
+    for c in (coeffs, coeffs.clone().requires_grad_()):
+        with pytest.raises(ValueError, match="detach base and finetuned"):
+            nk.weighted_sum_multi(bases, [fts[0].clone().requires_grad_()] + fts[1:], c)
+
+
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("scope", ["none", "global", "tensor"])
 def test_weighted_sum_multi_backward_and_autograd(T, scope):

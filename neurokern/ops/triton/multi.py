@@ -11,12 +11,14 @@ function as the single-tensor kernel (elementwise.py), so the outputs are bitwis
 single-tensor ops.
 The host side of a call is one C++ call (prepare: neurokern::_launch_table, csrc/launch_table.cpp):
 the checks of every tensor, the grouping by storage dtype, every launch's table (one host-to-device
-copy from pinned memory) and owner array (built on the device: no host sync), and the outputs. Over
-a 1.1B model's 201 tensors x 5, weighted_sum_multi's host side takes 0.33 ms where the same work
-in Python took 1.9 ms (a CPU test machine, kernel launches left out); most of what is left is the
-op call's argument conversion (about 0.1 us a tensor) and one allocation per output. On the H200
-machines a whole call's host time measured 1.3-2.7 ms against 3.0 ms of GPU time for its kernel
-(bench/list_overhead.py): there the host side is what keeps a call from the bandwidth limit.
+copy from pinned memory) and owner array (built on the device: no host sync), and the outputs.
+On the H200 machines a whole call's host time still measured 1.3-2.7 ms against 3.0 ms of GPU time
+for weighted_sum_multi's kernel (bench/list_overhead.py); of 1.46 ms measured in one such call,
+the Python face's loops over the lists took 0.16 ms, torch.library's autograd layer 0.19 ms, the
+dispatch into this Python launcher 0.18 ms, prepare 0.66 ms (0.40 ms of it the 201 outputs) and
+the launch 0.04 ms. So weighted_sum_multi's CUDA kernel is C++ (csrc/list_launch.cpp): the list
+crosses into C++ once, at the op call, and _ws_multi_launch here only launches its tables; its
+face skips the autograd layer where no gradient can flow.
 A program whose block lies wholly inside its tensor loads without a mask, and when every address of
 the table is 16-byte aligned (ALIGNED) the pointers carry that hint: together they let Triton emit
 16-byte vector loads, which a pointer read from memory and a mask `offs < n` would both prevent.
@@ -452,30 +454,22 @@ _DIRECT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
-    """torch.ops.neurokern.weighted_sum_multi: one launch per storage dtype of the list."""
-    op = "weighted_sum_multi"
-    n, T = len(base), tasks(base, finetuned)
-    fused = T <= ew.MAX_TASKS and (out_dtype or torch.float32) in _DIRECT
-    outs, _, launches, _ = prepare(op, base, finetuned, ew.BLOCK if fused else 0, outputs=fused,
-                                   out_dtype=out_dtype, offsets=offsets)
-    if coeffs.dtype != torch.float32 or tuple(coeffs.shape) != (n, T + 1):
-        ew._fail(op, f"coeffs must be float32 [n, T+1] = [{n}, {T + 1}] (one row per tensor), got "
-                     f"{ew._name(coeffs.dtype)} {ew._shape(coeffs)}")
-    device = base[0].device
-    thr, lim, rows = _trims(op, threshold, tie_limit, n, T, device)
-    coeffs = coeffs.to(device).contiguous()
-    if not fused:
-        return [ew.weighted_sum(base[i], column, coeffs[i], *_trim_of(thr, lim, rows, i), offset_of(offsets, i),
-                                out_dtype) for i, column in enumerate(columns(finetuned, n))]
-    for g in launches:
-        sub_thr, sub_lim = g.trims(thr, lim, rows, n)
-        first = base[g.first]
-        _ws_multi_kernel[(g.programs,)](
-            g.table, g.owner, g.rows_of(coeffs, n), sub_thr if thr is not None else first,
-            sub_lim if lim is not None else first, first, outs[g.first], g.nt,
-            T=T, TRIM=thr is not None, TRIM_ROWS=rows, BLOCK=ew.BLOCK, ALIGNED=g.aligned, **ew.LAUNCH,
-        )
-    return outs
+    """torch.ops.neurokern.weighted_sum_multi as on CUDA tensors, on any device (CPU tensors under
+    TRITON_INTERPRET): its host side runs in C++ (csrc/list_launch.cpp), which calls
+    _ws_multi_launch once per storage dtype of the list."""
+    return torch.ops.neurokern._weighted_sum_multi_triton.default(
+        base, finetuned, coeffs, threshold, tie_limit, list(offsets), out_dtype)
+
+
+def _ws_multi_launch(table, owner, coeffs, threshold, tie_limit, like_in, like_out, nt, programs, T, trim_rows,
+                     aligned):
+    """torch.ops.neurokern._ws_multi_launch: one launch of weighted_sum_multi over a table laid out
+    by csrc/list_launch.cpp (coeffs, and [n, T] trims, already the rows of the table's tensors)."""
+    _ws_multi_kernel[(programs,)](
+        table, owner, coeffs, like_in if threshold is None else threshold, like_in if tie_limit is None else tie_limit,
+        like_in, like_out, nt,
+        T=T, TRIM=threshold is not None, TRIM_ROWS=trim_rows, BLOCK=ew.BLOCK, ALIGNED=aligned, **ew.LAUNCH,
+    )
 
 
 def weighted_sum_rows_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
@@ -664,7 +658,10 @@ def trim_l1(base, finetuned, threshold=None, tie_limit=None):
     return out
 
 
-registry.register("weighted_sum_multi", weighted_sum_multi)
+# weighted_sum_multi's CUDA kernel is C++ (csrc/list_launch.cpp): it needs the launch and the
+# constants its tables are laid out with; the CPU key serves the interpreted test runs.
+torch.library.impl("neurokern::_ws_multi_launch", ("CUDA", "CPU"), _ws_multi_launch)
+torch.ops.neurokern._triton_list_config(ew.BLOCK, ew.MAX_TASKS)
 registry.register("weighted_sum_multi_backward", weighted_sum_multi_backward)
 registry.register("weighted_sum_rows_multi", weighted_sum_rows_multi)
 registry.register("ties_merge_multi", ties_merge_multi)

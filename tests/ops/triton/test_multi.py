@@ -187,6 +187,27 @@ def test_new_ops_launch_once_per_dtype(count_launches):
     assert kernels["ns"].launches == kernels["ws"].launches == len(MIXED)
 
 
+def test_weighted_sum_multi_host_in_cpp(count_launches):
+    """weighted_sum_multi's C++ host side (csrc/list_launch.cpp, the CUDA kernel): one launch per
+    storage dtype; non-contiguous inputs are read as their contiguous copies; a tensor that
+    requires grad is refused (it would silently get no gradient)."""
+    T = 3
+    kernel = count_launches(M, "_ws_multi_kernel")
+    bases, fts = make_list(T, MIXED, seed=11)
+    coeffs = torch.rand(len(bases), T + 1)
+    want = OPS.weighted_sum_multi(bases, fts, coeffs)
+    assert_lists_bitwise(M.weighted_sum_multi(bases, fts, coeffs), want)
+    assert kernel.launches == len(MIXED)
+    strided = [b.t().contiguous().t() if b.dim() == 2 else b for b in bases]
+    assert not all(b.is_contiguous() for b in strided)
+    assert_lists_bitwise(M.weighted_sum_multi(strided, fts, coeffs), want)
+    needs_grad = [bases[0].clone().requires_grad_()] + bases[1:]
+    with pytest.raises(ValueError, match="detach base and finetuned"):
+        M.weighted_sum_multi(needs_grad, fts, coeffs)
+    with pytest.raises(RuntimeError, match=r"coeffs must be float32 \[n, T\+1\] = \[9, 4\]"):
+        M.weighted_sum_multi(bases, fts, coeffs.double())
+
+
 def biased_list(T, dtypes, seed, shapes):
     """Tensors whose task vectors lean negative (even i) or positive (odd i): the majority signs
     differ between tensors, and trimmed-away entries leave zero votes that take them."""
