@@ -12,6 +12,7 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -66,6 +67,50 @@ def flat(base_list, ft_list):
         return torch.cat([t.reshape(-1) for t in tensors])
     n = len(base_list)
     return cat(base_list), [cat(ft_list[t * n:(t + 1) * n]) for t in range(len(ft_list) // n)]
+
+
+class ListSet(NamedTuple):
+    """The set of --tasks / --layers on the GPU as the list ops take it (bench/list_overhead.py,
+    bench/tune_triton.py): names, the base list and the fine-tuned list (task-major), T, the param
+    count N, the bytes a merge moves (read base + T fine-tuned, write one), the copy bandwidth
+    measured beside it; rows: task-arithmetic coefficients, one row per tensor; grads: one gradient
+    per tensor; k and trim: TIES's per-tensor keep counts (density 0.2) and exact trims."""
+    device: torch.device
+    names: list
+    base_list: list
+    ft_list: list
+    T: int
+    N: int
+    merge_bytes: int
+    copy: float
+    rows: torch.Tensor
+    grads: list
+    k: list
+    trim: tuple
+
+
+def list_set(args, device=torch.device("cuda")) -> ListSet:
+    T = args.tasks
+    base, fts = make_models(tinyllama_shapes(args.layers), T, device)
+    names, base_list, ft_list = lists(base, fts)
+    N = sum(b.numel() for b in base_list)
+    copy = copy_bandwidth(device)
+    rows = torch.tensor([1.0] + [0.3] * T, device=device).expand(len(names), -1).contiguous()
+    grads = [torch.randn_like(b) for b in base_list]
+    k = [max(1, int(0.2 * b.numel())) for b in base_list for _ in range(T)]
+    trim = ops.magnitude_threshold(base_list, ft_list, k, False, per_tensor=True)
+    return ListSet(device, names, base_list, ft_list, T, N, (T + 2) * N * 2, copy, rows, grads, k, trim)
+
+
+def write_report(out: Path, prefix: str, s: ListSet, **fields) -> None:
+    """out/<prefix>-<gpu>.json: the device, torch version, copy bandwidth, T, N and date of set s,
+    then fields."""
+    device = torch.cuda.get_device_name(s.device)
+    report = {"device": device, "torch": torch.__version__, "copy_GBps": round(s.copy, 1), "tasks": s.T,
+              "params": s.N, "date": time.strftime("%Y-%m-%d"), **fields}
+    path = results_path(out, prefix, device)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def results_path(out: Path, prefix: str, device_name: str, suffix: str = ".json") -> Path:

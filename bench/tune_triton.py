@@ -7,12 +7,10 @@ hand.
     python bench/tune_triton.py [--tasks 4] [--layers 22]
 """
 import argparse
-import json
-import time
 
 import torch
 
-from bench.kernels import bench, copy_bandwidth, lists, make_models, results_path, set_arguments, tinyllama_shapes
+from bench.kernels import bench, list_set, set_arguments, write_report
 from neurokern import ops
 from neurokern.ops.triton import elementwise as ew
 
@@ -62,35 +60,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     set_arguments(parser)
     args = parser.parse_args()
-    device = torch.device("cuda")
-    T = args.tasks
-    base, fts = make_models(tinyllama_shapes(args.layers), T, device)
-    names, base_list, ft_list = lists(base, fts)
-    N = sum(b.numel() for b in base_list)
-    copy = copy_bandwidth(device)
-    print(f"{torch.cuda.get_device_name(device)}: {N / 1e9:.3f} B params x (1 + {T}); copy {copy:.0f} GB/s")
-    merge_bytes = (T + 2) * N * 2
-    rows = torch.tensor([1.0] + [0.3] * T, device=device).expand(len(names), -1).contiguous()
-    grads = [torch.randn_like(b) for b in base_list]
-    k = [max(1, int(0.2 * b.numel())) for b in base_list for _ in range(T)]
-    trim = ops.magnitude_threshold(base_list, ft_list, k, False, per_tensor=True)
-    keys = list(range(len(names) * T))
+    st = list_set(args)
+    print(f"{torch.cuda.get_device_name(st.device)}: {st.N / 1e9:.3f} B params x (1 + {st.T}); copy {st.copy:.0f} GB/s")
+    keys = list(range(len(st.names) * st.T))
     results = {}
-    sweep("ws_forward", merge_bytes, copy, [(b, w) for b in FORWARD_BLOCKS for w in WARPS],
-          setter(BLOCK=None, NUM_WARPS=None), lambda: ops.weighted_sum_multi(base_list, ft_list, rows), results)
-    sweep("ws_backward", merge_bytes, copy, [(r, c, w) for r, c in BACKWARD for w in WARPS],
+    sweep("ws_forward", st.merge_bytes, st.copy, [(b, w) for b in FORWARD_BLOCKS for w in WARPS],
+          setter(BLOCK=None, NUM_WARPS=None), lambda: ops.weighted_sum_multi(st.base_list, st.ft_list, st.rows), results)
+    sweep("ws_backward", st.merge_bytes, st.copy, [(r, c, w) for r, c in BACKWARD for w in WARPS],
           setter(RED_BLOCK=None, CHUNK=None, NUM_WARPS=None),
-          lambda: torch.ops.neurokern.weighted_sum_multi_backward(grads, base_list, ft_list, rows), results)
+          lambda: torch.ops.neurokern.weighted_sum_multi_backward(st.grads, st.base_list, st.ft_list, st.rows), results)
     election = [((b, b), w) for b in ELECTION_BLOCKS for w in (2,) + WARPS]
-    sweep("ties_merge", merge_bytes, copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
-          lambda: ops.ties_merge_multi(base_list, ft_list, [1.0] * T, trim), results)
-    sweep("dare", merge_bytes, copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
-          lambda: torch.ops.neurokern.dare_multi(base_list, ft_list, [0.3] * T, 0.5, keys), results)
-    report = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "copy_GBps": round(copy, 1),
-              "tasks": T, "params": N, "date": time.strftime("%Y-%m-%d"), "sweeps": results}
-    path = results_path(args.out, "tune-triton", report["device"])
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}")
+    sweep("ties_merge", st.merge_bytes, st.copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
+          lambda: ops.ties_merge_multi(st.base_list, st.ft_list, [1.0] * st.T, st.trim), results)
+    sweep("dare", st.merge_bytes, st.copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
+          lambda: torch.ops.neurokern.dare_multi(st.base_list, st.ft_list, [0.3] * st.T, 0.5, keys), results)
+    write_report(args.out, "tune-triton", st, sweeps=results)
 
 
 if __name__ == "__main__":
