@@ -54,13 +54,15 @@ inline void check_multi_args(const char* op, int64_t n, int64_t T, at::IntArrayR
   }
 }
 
-// magnitude_threshold's optional nonfinite flags: int32 [n], contiguous, on the inputs' device.
-inline void check_nonfinite_flags(const std::optional<at::Tensor>& flags, int64_t n, const at::Device& device) {
+// The optional nonfinite flags of a list op (magnitude_threshold, _weighted_sum_multi_triton):
+// int32 [n], contiguous, on the inputs' device.
+inline void check_nonfinite_flags(const char* op, const std::optional<at::Tensor>& flags, int64_t n,
+                                  const at::Device& device) {
   if (!flags) return;
   TORCH_CHECK(flags->scalar_type() == at::kInt && flags->dim() == 1 && flags->size(0) == n &&
                   flags->is_contiguous() && flags->device() == device,
-              "neurokern.magnitude_threshold: nonfinite must be a contiguous int32 tensor [", n, "] on ", device,
-              ", got ", flags->scalar_type(), " ", flags->sizes(), " on ", flags->device());
+              "neurokern.", op, ": nonfinite must be a contiguous int32 tensor [", n, "] on ", device, ", got ",
+              flags->scalar_type(), " ", flags->sizes(), " on ", flags->device());
 }
 
 // Row i of a [n, T] trim tensor, or the shared [T] one.

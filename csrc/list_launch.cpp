@@ -9,7 +9,9 @@
 // crosses once, at the op call.
 //
 // _weighted_sum_multi_triton is the same function on any device: the CPU test suite runs it on CPU
-// tensors with the Triton kernels interpreted (TRITON_INTERPRET=1).
+// tensors with the Triton kernels interpreted (TRITON_INTERPRET=1). It also takes optional flags
+// of outputs holding NaN / Inf, set in the kernel's own pass (task arithmetic's input check: an
+// untrimmed weighted sum is non-finite wherever one of its inputs is).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -45,7 +47,7 @@ void set_triton_config(int64_t block, int64_t max_tasks) {
 
 using WsMultiLaunch = void(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&,
                            const OptTensor&, const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t,
-                           bool, bool);
+                           bool, bool, const OptTensor&);
 
 const c10::TypedOperatorHandle<WsMultiLaunch>& ws_multi_launch() {
   static const auto op =
@@ -60,10 +62,18 @@ bool stored_directly(std::optional<at::ScalarType> out_dtype) {
   return st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble;
 }
 
-std::vector<at::Tensor> weighted_sum_multi_triton(at::TensorList base_in, at::TensorList finetuned_in,
-                                                  const at::Tensor& coeffs_in, const OptTensor& threshold_in,
-                                                  const OptTensor& tie_limit_in, at::IntArrayRef offsets,
-                                                  std::optional<at::ScalarType> out_dtype) {
+// nonfinite[i] = 1 where outs[i] holds a NaN or Inf, 0 elsewhere (no host sync).
+void flag_nonfinite(const std::vector<at::Tensor>& outs, const at::Tensor& nonfinite) {
+  std::vector<at::Tensor> flags;
+  flags.reserve(outs.size());
+  for (const at::Tensor& out : outs) flags.push_back(at::isfinite(out).all().logical_not());
+  nonfinite.copy_(at::stack(flags));
+}
+
+std::vector<at::Tensor> weighted_sum_multi_checked(at::TensorList base_in, at::TensorList finetuned_in,
+                                                   const at::Tensor& coeffs_in, const OptTensor& threshold_in,
+                                                   const OptTensor& tie_limit_in, at::IntArrayRef offsets,
+                                                   std::optional<at::ScalarType> out_dtype, const OptTensor& nonfinite) {
   const char* op = "weighted_sum_multi";
   const TritonConfig config = triton_config();
   TORCH_CHECK(config.block > 0, "neurokern.", op,
@@ -80,10 +90,15 @@ std::vector<at::Tensor> weighted_sum_multi_triton(at::TensorList base_in, at::Te
               "neurokern.", op, ": coeffs must be float32 [n, T+1] = [", n, ", ", T + 1,
               "] (one row per tensor), got ", coeffs_in.scalar_type(), " ", coeffs_in.sizes());
   check_multi_args(op, n, T, offsets, threshold_in, tie_limit_in);
-  if (!fused) {
-    return cpu::weighted_sum_multi_each(base, finetuned, coeffs_in, threshold_in, tie_limit_in, offsets, out_dtype);
-  }
   const at::Device device = base[0].device();
+  check_nonfinite_flags(op, nonfinite, n, device);
+  if (!fused) {
+    std::vector<at::Tensor> each =
+        cpu::weighted_sum_multi_each(base, finetuned, coeffs_in, threshold_in, tie_limit_in, offsets, out_dtype);
+    if (nonfinite) flag_nonfinite(each, *nonfinite);
+    return each;
+  }
+  if (nonfinite) nonfinite->zero_();  // the kernel sets the flags of outputs with NaN / Inf
   const at::Tensor coeffs = coeffs_in.to(device).contiguous();
   OptTensor threshold, tie_limit;
   if (threshold_in) {
@@ -105,9 +120,17 @@ std::vector<at::Tensor> weighted_sum_multi_triton(at::TensorList base_in, at::Te
       sub_tie_limit = rows_of(*tie_limit);
     }
     ws_multi_launch().call(table, tables[2 * k + 1], rows_of(coeffs), sub_threshold, sub_tie_limit, base[first],
-                           outs[first], nt, programs, T, trim_rows, aligned);
+                           outs[first], nt, programs, T, trim_rows, aligned, nonfinite);
   }
   return outs;
+}
+
+// The public op (no flags: an op with a mutable argument can have no autograd formula).
+std::vector<at::Tensor> weighted_sum_multi_triton(at::TensorList base, at::TensorList finetuned,
+                                                  const at::Tensor& coeffs, const OptTensor& threshold,
+                                                  const OptTensor& tie_limit, at::IntArrayRef offsets,
+                                                  std::optional<at::ScalarType> out_dtype) {
+  return weighted_sum_multi_checked(base, finetuned, coeffs, threshold, tie_limit, offsets, out_dtype, std::nullopt);
 }
 
 }  // namespace
@@ -115,7 +138,7 @@ std::vector<at::Tensor> weighted_sum_multi_triton(at::TensorList base_in, at::Te
 TORCH_LIBRARY_IMPL(neurokern, CUDA, m) { m.impl("weighted_sum_multi", &weighted_sum_multi_triton); }
 
 TORCH_LIBRARY_IMPL(neurokern, CompositeExplicitAutograd, m) {
-  m.impl("_weighted_sum_multi_triton", &weighted_sum_multi_triton);
+  m.impl("_weighted_sum_multi_triton", &weighted_sum_multi_checked);
 }
 
 // No tensor arguments: a composite kernel is the one the dispatcher finds for such a call.

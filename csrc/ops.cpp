@@ -127,13 +127,18 @@ TORCH_LIBRARY(neurokern, m) {
   // Internal (csrc/list_launch.cpp): weighted_sum_multi's CUDA kernel on any device (the CPU tests
   // run it with Triton interpreted), the Triton launch of one of its tables (implemented in
   // neurokern/ops/triton/multi.py: table, owner, coeffs rows, trims, the first tensor's base and
-  // output for their dtypes, tensor count, program count, T, per-tensor trims, aligned), and the
-  // Triton side's constants it lays out launches with.
+  // output for their dtypes, tensor count, program count, T, per-tensor trims, aligned, the flags),
+  // and the Triton side's constants it lays out launches with. nonfinite (int32 [n], on the
+  // inputs' device), when given, is set to 1 where output i holds a NaN or Inf and to 0 elsewhere,
+  // in the kernel's own pass (weighted_sum_multi itself takes no such argument: an op with one
+  // cannot have an autograd formula).
   m.def(
       "_weighted_sum_multi_triton(Tensor[] base, Tensor[] finetuned, Tensor coeffs, Tensor? threshold=None, "
-      "Tensor? tie_limit=None, int[] offsets=[], ScalarType? out_dtype=None) -> Tensor[]");
+      "Tensor? tie_limit=None, int[] offsets=[], ScalarType? out_dtype=None, Tensor(a!)? nonfinite=None) "
+      "-> Tensor[]");
   m.def(
       "_ws_multi_launch(Tensor table, Tensor owner, Tensor coeffs, Tensor? threshold, Tensor? tie_limit, "
-      "Tensor like_in, Tensor like_out, int nt, int programs, int T, bool trim_rows, bool aligned) -> ()");
+      "Tensor like_in, Tensor like_out, int nt, int programs, int T, bool trim_rows, bool aligned, "
+      "Tensor(a!)? nonfinite=None) -> ()");
   m.def("_triton_list_config(int block, int max_tasks) -> ()");
 }

@@ -140,9 +140,10 @@ def _check_finite_later(names: list[str], base: dict[str, Tensor],
 
 
 def raise_if_nonfinite(models: ModelSet, names: list[str], flags: Tensor) -> None:
-    """flags[i] != 0 (int32 [len(names)], from magnitude_threshold's nonfinite): a task vector of
-    names[i] holds NaN or Inf. Raises, as load_models' check does, for the first of them whose
-    inputs do (a float32 difference of finite values may overflow: that is no input error)."""
+    """flags[i] != 0 (int32 [len(names)], from magnitude_threshold's or weighted_sum_multi's
+    nonfinite): a task vector or the merged output of names[i] holds NaN or Inf. Raises, as
+    load_models' check does, for the first of them whose inputs do (float32 arithmetic on finite
+    values may overflow: that is no input error)."""
     for i in torch.nonzero(flags).flatten().tolist():
         _check_finite_later([names[i]], models.base, models.finetuned)()
 

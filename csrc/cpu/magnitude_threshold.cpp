@@ -148,7 +148,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cpu(at::TensorList base,
     check_group("magnitude_threshold", base[i], column);
     dispatch_storage(base[i].scalar_type(), "magnitude_threshold", [](auto) {});
   }
-  check_nonfinite_flags(nonfinite, n, base[0].device());
+  check_nonfinite_flags("magnitude_threshold", nonfinite, n, base[0].device());
   if (nonfinite) {
     int32_t* flag = nonfinite->data_ptr<int32_t>();
     for (int64_t i = 0; i < n; ++i) {

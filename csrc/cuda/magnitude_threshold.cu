@@ -878,7 +878,7 @@ std::tuple<at::Tensor, at::Tensor> magnitude_threshold_cuda(at::TensorList base,
                   "neurokern.magnitude_threshold: tensors must be contiguous and on ", device);
     }
   }
-  check_nonfinite_flags(nonfinite, n, device);
+  check_nonfinite_flags("magnitude_threshold", nonfinite, n, device);
   const c10::cuda::CUDAGuard guard(device);
   if (nonfinite) nonfinite->zero_();  // the candidate pass sets the flags
   // Per-tensor records (the chunk tables are expanded from them on the device); first_chunk[i] is

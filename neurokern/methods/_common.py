@@ -20,7 +20,7 @@ class Method:
     resolve: Callable[[dict[str, Any], int], Any]  # (params with defaults filled, T) -> checked params
     # (models, params, progress, precomputed or None) -> merged
     run: Callable[..., dict[str, Tensor]]
-    # run checks NaN / Inf itself when models.finite_checked is False (its trims read every entry)
+    # run checks NaN / Inf itself when models.finite_checked is False (in a pass that reads every entry)
     checks_finite: bool = False
 
     def params(self, given: dict[str, Any], num_tasks: int) -> Any:

@@ -6,6 +6,7 @@ import torch
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
 from neurokern.methods._common import Method, batches, columns
+from neurokern.models import raise_if_nonfinite
 from neurokern.ops._common import to_device
 
 WHERE = "method 'task_arithmetic'"
@@ -30,12 +31,25 @@ def run(models, p: Params, progress: bool, pre=None):
         total = sum(p.weights)
         factor = p.scale / (1.0 if abs(total) < 1e-8 else total)
     coeffs = [1.0] + [factor * w for w in p.weights]
-    out = {}
+    # NaN / Inf in the inputs: an untrimmed weighted sum holds one wherever an input does (a
+    # non-finite tau_t or base stays non-finite times any coefficient, 0 included), so the merge's
+    # own flags of non-finite outputs find them, with no read of their own; raise_if_nonfinite
+    # confirms on the inputs (finite inputs can overflow).
+    flags = None
+    if not models.finite_checked and models.names:
+        flags = torch.empty(len(models.names), dtype=torch.int32, device=models.base[models.names[0]].device)
+    out, done = {}, 0
     for names in batches(models, models.names, progress, "task_arithmetic"):
         base, finetuned = columns(models, names)
         rows = torch.tensor(coeffs, dtype=torch.float32).expand(len(names), -1)  # one row per tensor
-        out.update(zip(names, ops.weighted_sum_multi(base, finetuned, to_device(rows, base[0].device))))
+        batch_flags = None if flags is None else flags[done:done + len(names)]
+        out.update(zip(names, ops.weighted_sum_multi(base, finetuned, to_device(rows, base[0].device),
+                                                     nonfinite=batch_flags)))
+        done += len(names)
+    if flags is not None:
+        raise_if_nonfinite(models, models.names, flags)
     return out
 
 
-METHOD = Method("task_arithmetic", {"weights": None, "scale": 1.0, "normalize": False}, resolve, run)
+METHOD = Method("task_arithmetic", {"weights": None, "scale": 1.0, "normalize": False}, resolve, run,
+                checks_finite=True)

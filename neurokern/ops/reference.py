@@ -307,11 +307,14 @@ def _multi_args(base, finetuned, trim, offsets, i):
     return column, trim, (offsets[i] if offsets else 0)
 
 
-def weighted_sum_multi(base, finetuned, coeffs, trim=None, offsets=None, out_dtype=None):
+def weighted_sum_multi(base, finetuned, coeffs, trim=None, offsets=None, out_dtype=None, nonfinite=None):
+    """nonfinite (int32 [n]), when given, is set to 1 where out[i] holds a NaN or Inf."""
     out = []
     for i, b in enumerate(base):
         column, trim_i, offset = _multi_args(base, finetuned, trim, offsets, i)
         out.append(weighted_sum(b, column, coeffs[i], trim_i, offset, out_dtype))
+    if nonfinite is not None:
+        nonfinite.copy_(torch.tensor([not bool(torch.isfinite(o).all()) for o in out], dtype=torch.int32))
     return out
 
 

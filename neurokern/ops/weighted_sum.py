@@ -76,21 +76,52 @@ def weighted_sum_multi(
     trim: Optional[tuple[Tensor, Tensor]] = None,
     offsets: Optional[Sequence[int]] = None,
     out_dtype: Optional[torch.dtype] = None,
+    nonfinite: Optional[Tensor] = None,
 ) -> list[Tensor]:
     """weighted_sum of every tensor of a list in one call (one launch per storage dtype on a GPU):
     out[i] = coeffs[i, 0] * base[i] + sum_t coeffs[i, t+1] * trim(finetuned[t * n + i] - base[i]).
 
     coeffs: float32 [n, T+1]. trim: [T] pairs (one scope, tensor i's positions start at
     offsets[i]) or [n, T] pairs (row i trims tensor i). Differentiable with respect to coeffs.
+    nonfinite (int32 [n] on the inputs' device), when given, is set to 1 where out[i] holds a NaN
+    or Inf and 0 elsewhere: on a GPU in the kernel's own pass, with no read of its own; no gradient
+    flows through such a call.
 
     The kernels check the lists (a tensor that requires grad is a ValueError) and make each tensor
     contiguous: a loop over the lists here cost 0.3 ms a call over a model's hundreds of tensors."""
     threshold, tie_limit = trim_args(trim)
     coeffs = coeffs.to(torch.float32).contiguous()
+    if nonfinite is not None:
+        return _weighted_sum_multi_flagged(base, finetuned, coeffs, threshold, tie_limit, list(offsets or []),
+                                           out_dtype, nonfinite)
     with below_autograd(coeffs):
         return torch.ops.neurokern.weighted_sum_multi.default(
             base, finetuned, coeffs, threshold, tie_limit, list(offsets or []), out_dtype,
         )
+
+
+def _weighted_sum_multi_flagged(base, finetuned, coeffs, threshold, tie_limit, offsets, out_dtype, nonfinite):
+    """weighted_sum_multi with its nonfinite flags: on a GPU the kernel's internal op, which sets
+    them in its pass; elsewhere the op, then one isfinite per output."""
+    if coeffs.requires_grad and torch.is_grad_enabled():
+        raise ValueError("neurokern.weighted_sum_multi: no gradient flows through a call with nonfinite flags; "
+                         "detach coeffs or leave nonfinite out")
+    if tuple(nonfinite.shape) != (len(base),) or nonfinite.dtype != torch.int32 or not nonfinite.is_contiguous():
+        raise ValueError(f"neurokern.weighted_sum_multi: nonfinite must be a contiguous int32 tensor "
+                         f"[{len(base)}], got {nonfinite.dtype} {list(nonfinite.shape)}")
+    if base and base[0].is_cuda:
+        return torch.ops.neurokern._weighted_sum_multi_triton.default(
+            base, finetuned, coeffs, threshold, tie_limit, offsets, out_dtype, nonfinite)
+    with torch._C._AutoDispatchBelowAutograd():
+        out = torch.ops.neurokern.weighted_sum_multi.default(
+            base, finetuned, coeffs, threshold, tie_limit, offsets, out_dtype)
+    nonfinite.copy_(torch.stack([~torch.isfinite(o).all() for o in out]))
+    return out
+
+
+@torch.library.register_fake("neurokern::_weighted_sum_multi_triton")
+def _(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None, nonfinite=None):
+    return [b.new_empty(b.shape, dtype=out_dtype or b.dtype) for b in base]
 
 
 @torch.library.register_fake("neurokern::weighted_sum_multi")

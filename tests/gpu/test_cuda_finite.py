@@ -48,8 +48,9 @@ def test_cuda_misaligned_views(dtype):
 @pytest.mark.parametrize("method,params", [("ties", {}), ("ties", {"trim_scope": "global"}), ("neuromerging", {}),
                                            ("neuromerging", {"trim_scope": "tensor"}), ("task_arithmetic", {})])
 def test_cuda_merge_names_the_tensor(method, params):
-    """ties / neuromerging find NaN / Inf in their select's candidate pass (no finite pass of their
-    own), the others in the finite pass: the same message either way."""
+    """ties / neuromerging find NaN / Inf in their select's candidate pass, task_arithmetic in its
+    weighted sum's flags of non-finite outputs (no finite pass of their own): the same message as
+    the finite pass's."""
     g = torch.Generator(device="cuda").manual_seed(0)
     base = {"w": torch.randn(512, 300, generator=g, device="cuda").bfloat16(), "b": torch.zeros(300, device="cuda"),
             "v": torch.randn(70000, generator=g, device="cuda").half()}

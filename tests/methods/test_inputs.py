@@ -95,7 +95,8 @@ METHOD_CASES = [("task_arithmetic", {}), ("dare", {}), ("dare_ties", {}), ("ties
 @pytest.mark.parametrize("method,params", METHOD_CASES)
 def test_non_finite_values_are_named(bad, method, params):
     """Every method names the first tensor in the base's order and the model holding NaN / Inf
-    (ties and neuromerging find them in their trim's pass, the others before merging)."""
+    (ties and neuromerging find them in their trim's pass, task_arithmetic in its merge's flags of
+    non-finite outputs, dare and dare_ties before merging)."""
     base, fts = make_models(3, shapes={"w": (3, 4), "b": (4,)})
     fts[2]["b"][1] = bad
     expect_error(r"tensor 'b' of finetuned\[2\] has non-finite values", base, fts, method=method, **params)

@@ -59,6 +59,34 @@ def test_weighted_sum_multi_checks_in_the_kernel():
             nk.weighted_sum_multi(bases, [fts[0].clone().requires_grad_()] + fts[1:], c)
 
 
+@pytest.mark.parametrize("T", [1, 4, 8])
+def test_weighted_sum_multi_nonfinite_flags(T):
+    """The face's nonfinite flags on CPU tensors (the op, then isfinite per output) match the
+    reference: 1 where an output holds NaN / Inf (a NaN / Inf input, or a float16 overflow of finite
+    inputs), 0 elsewhere; a call with flags carries no gradient and checks their shape."""
+    bases, fts = make_list(T, (torch.float32, torch.bfloat16, torch.float16), seed=T,
+                           shapes=[(3, 4), (5,), (7,), (2, 6), (0, 2)])
+    n = len(bases)
+    bases[0][1, 2] = float("nan")
+    fts[(T - 1) * n + 3][1, 5] = float("-inf")
+    assert bases[2].dtype == torch.float16
+    bases[2][0] = 60000.0  # 60000 + 2 * (65000 - 60000) overflows float16
+    for t in range(T):
+        fts[t * n + 2][0] = 65000.0
+    coeffs = torch.rand(n, T + 1, generator=torch.Generator().manual_seed(T))
+    coeffs[2] = torch.tensor([1.0] + [2.0 / T] * T)
+    flags, want_flags = torch.full((n,), 7, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+    out = nk.weighted_sum_multi(bases, fts, coeffs, nonfinite=flags)
+    want = ref.weighted_sum_multi(bases, fts, coeffs, nonfinite=want_flags)
+    for a, e in zip(out, want):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+    assert flags.tolist() == want_flags.tolist() == [1, 0, 1, 1, 0]
+    with pytest.raises(ValueError, match="no gradient flows through a call with nonfinite flags"):
+        nk.weighted_sum_multi(bases, fts, coeffs.clone().requires_grad_(), nonfinite=flags)
+    with pytest.raises(ValueError, match=r"nonfinite must be a contiguous int32 tensor \[5\], got torch.int32 \[4\]"):
+        nk.weighted_sum_multi(bases, fts, coeffs, nonfinite=flags[:4])
+
+
 @pytest.mark.parametrize("T", [1, 3, 8])
 @pytest.mark.parametrize("scope", ["none", "global", "tensor"])
 def test_weighted_sum_multi_backward_and_autograd(T, scope):

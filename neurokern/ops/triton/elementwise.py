@@ -317,7 +317,8 @@ def _ws_add(acc, f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, c
 @triton.jit
 def _ws_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
               offs, mask, cidx, count, offset, T: tl.constexpr, TRIM: tl.constexpr, LAYOUT: tl.constexpr):
-    """out[offs] = a_0 * base + sum_t a_{t+1} * trim(tau_t) for one block of elements."""
+    """out[offs] = a_0 * base + sum_t a_{t+1} * trim(tau_t) for one block of elements; returns the
+    values stored (masked-off lanes: 0)."""
     w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     pos = offs + offset
     acc = _coeff(coef_ptr, 0, count, cidx, mask, LAYOUT) * w
@@ -337,7 +338,9 @@ def _ws_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_p
         acc = _ws_add(acc, f6, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 6, TRIM, LAYOUT)
     if T > 7:
         acc = _ws_add(acc, f7, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 7, TRIM, LAYOUT)
-    tl.store(out_ptr + offs, _to_out(acc, out_ptr.dtype.element_ty), mask=mask)
+    out = _to_out(acc, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, out, mask=mask)
+    return out
 
 
 @triton.jit(do_not_specialize=["count", "offset"])

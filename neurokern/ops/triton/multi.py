@@ -116,10 +116,12 @@ def _trim_row(thr_ptr, lim_ptr, j, T: tl.constexpr, TRIM_ROWS: tl.constexpr):
 
 @triton.jit
 def _ws_multi_kernel(
-    table, owner, coef_ptr, thr_ptr, lim_ptr, like_in, like_out, nt,
+    table, owner, coef_ptr, thr_ptr, lim_ptr, flag_ptr, like_in, like_out, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, CHECK: tl.constexpr,
 ):
+    """CHECK: flag_ptr[i] = 1 for the list position i (table row 5 + T) of a tensor whose output
+    holds a NaN or Inf (x * 0 is NaN exactly where x is not finite)."""
     pid, j, local, n, offset = _where(table, owner, nt)
     b, f0, f1, f2, f3, f4, f5, f6, f7 = _inputs(table, nt, j, like_in, T, ALIGNED)
     out_ptr = _ptr(table, 4, nt, j, like_out, ALIGNED)
@@ -127,11 +129,15 @@ def _ws_multi_kernel(
     coef_ptr += j * (T + 1)
     offs = local * BLOCK + tl.arange(0, BLOCK)
     if (local + 1) * BLOCK <= n:  # a whole block: unmasked
-        ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
-                     offs, ew._everywhere(BLOCK), 0, 1, offset, T, TRIM, 0)
+        out = ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+                           offs, ew._everywhere(BLOCK), 0, 1, offset, T, TRIM, 0)
     else:
-        ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
-                     offs, offs < n, 0, 1, offset, T, TRIM, 0)
+        out = ew._ws_block(b, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+                           offs, offs < n, 0, 1, offset, T, TRIM, 0)
+    if CHECK:
+        x = out.to(tl.float32)
+        if tl.max((x * 0.0 != 0.0).to(tl.int32), axis=0) != 0:
+            tl.store(flag_ptr + tl.load(table + (5 + T) * nt + j), 1)
 
 
 @triton.jit
@@ -453,22 +459,26 @@ def _task_trims(thr, lim, rows: bool, launch: Launch, n: int, t0: int, t1: int):
 _DIRECT = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None):
+def weighted_sum_multi(base, finetuned, coeffs, threshold=None, tie_limit=None, offsets=(), out_dtype=None,
+                       nonfinite=None):
     """torch.ops.neurokern.weighted_sum_multi as on CUDA tensors, on any device (CPU tensors under
     TRITON_INTERPRET): its host side runs in C++ (csrc/list_launch.cpp), which calls
-    _ws_multi_launch once per storage dtype of the list."""
+    _ws_multi_launch once per storage dtype of the list. nonfinite: int32 [n] flags, set where an
+    output holds NaN / Inf."""
     return torch.ops.neurokern._weighted_sum_multi_triton.default(
-        base, finetuned, coeffs, threshold, tie_limit, list(offsets), out_dtype)
+        base, finetuned, coeffs, threshold, tie_limit, list(offsets), out_dtype, nonfinite)
 
 
 def _ws_multi_launch(table, owner, coeffs, threshold, tie_limit, like_in, like_out, nt, programs, T, trim_rows,
-                     aligned):
+                     aligned, nonfinite=None):
     """torch.ops.neurokern._ws_multi_launch: one launch of weighted_sum_multi over a table laid out
-    by csrc/list_launch.cpp (coeffs, and [n, T] trims, already the rows of the table's tensors)."""
+    by csrc/list_launch.cpp (coeffs, and [n, T] trims, already the rows of the table's tensors;
+    nonfinite: the whole list's flags, zeroed)."""
     _ws_multi_kernel[(programs,)](
         table, owner, coeffs, like_in if threshold is None else threshold, like_in if tie_limit is None else tie_limit,
-        like_in, like_out, nt,
-        T=T, TRIM=threshold is not None, TRIM_ROWS=trim_rows, BLOCK=ew.BLOCK, ALIGNED=aligned, **ew.LAUNCH,
+        like_in if nonfinite is None else nonfinite, like_in, like_out, nt,
+        T=T, TRIM=threshold is not None, TRIM_ROWS=trim_rows, BLOCK=ew.BLOCK, ALIGNED=aligned,
+        CHECK=nonfinite is not None, **ew.LAUNCH,
     )
 
 

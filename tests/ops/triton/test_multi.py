@@ -7,6 +7,7 @@ real model. Tolerances: the element-wise outputs are bitwise the C++ op's (each 
 single-tensor kernel's block function); gradients are float64 sums in another order, within
 rtol 1e-6 (+ 1e-9 absolute) of the C++ op's.
 """
+import math
 import zlib
 
 import pytest
@@ -208,6 +209,54 @@ def test_weighted_sum_multi_host_in_cpp(count_launches):
         M.weighted_sum_multi(bases, fts, coeffs.double())
 
 
+def plant_nonfinite(bases, fts, T):
+    """NaN in base 0, +Inf in the last task of tensor 7 (5000 elements: a later block), -Inf in
+    task 0 of tensor 3, and a float16 output that overflows from finite inputs (tensor 5 is
+    float16 in MIXED: 60000 + 2 * 30000 > 65504); tensors 1 (empty), 2, 4, 6 and 8 stay finite."""
+    n = len(bases)
+    bases[0].view(-1)[40] = math.nan
+    fts[(T - 1) * n + 7].view(-1)[4999] = math.inf
+    fts[3].view(-1)[7] = -math.inf
+    assert bases[5].dtype == torch.float16
+    bases[5].view(-1)[2] = 60000.0
+    for t in range(T):
+        fts[t * n + 5].view(-1)[2] = 65000.0
+
+
+def isfinite_flags(outs):
+    return [int(not bool(torch.isfinite(o).all())) for o in outs]
+
+
+def assert_lists_equal_nan(got, want):
+    """Bitwise equal but for NaN payloads (NaN matches NaN)."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("T", [1, 3, 8, 9])
+@pytest.mark.parametrize("scope", ["none", "tensor"])
+def test_weighted_sum_multi_nonfinite_flags(T, scope, count_launches):
+    """_weighted_sum_multi_triton's flags (task arithmetic's input check): 1 exactly where an output
+    holds NaN / Inf, set in the merge's own launch (one per dtype; T > 8: the per-tensor fallback
+    and torch's isfinite); outputs bitwise the C++ op's; flags left over from before are cleared."""
+    kernel = count_launches(M, "_ws_multi_kernel")
+    bases, fts = make_list(T, MIXED, seed=12)
+    plant_nonfinite(bases, fts, T)
+    coeffs = torch.rand(len(bases), T + 1, generator=torch.Generator().manual_seed(T)) + 0.5
+    coeffs[5] = torch.tensor([1.0] + [2.0 / T] * T)  # 60000 + 2 * (65000 - 60000) overflows float16
+    thr, lim, offsets = trims(bases, fts, T, scope) if scope != "none" else (None, None, [])
+    flags = torch.full((len(bases),), 7, dtype=torch.int32)
+    got = M.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, nonfinite=flags)
+    want = OPS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets)
+    assert_lists_equal_nan(got, want)
+    assert flags.tolist() == isfinite_flags(want)
+    assert flags[[1, 2, 4, 6, 8]].tolist() == [0] * 5 and flags[5] == 1
+    assert kernel.launches == (0 if T > 8 else len(MIXED))
+    with pytest.raises(RuntimeError, match=r"nonfinite must be a contiguous int32 tensor \[9\]"):
+        M.weighted_sum_multi(bases, fts, coeffs, nonfinite=torch.zeros(9, dtype=torch.int64))
+
+
 def biased_list(T, dtypes, seed, shapes):
     """Tensors whose task vectors lean negative (even i) or positive (odd i): the majority signs
     differ between tensors, and trimmed-away entries leave zero votes that take them."""
@@ -269,6 +318,15 @@ def test_cuda_multi_real_shapes(T):
     got = OPS.weighted_sum_multi_backward(grads, bases, fts, coeffs.cuda())
     want = OPS.weighted_sum_multi_backward(cpu(grads), cb, cf, coeffs)
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-9)
+    flags = torch.full((n,), 7, dtype=torch.int32, device="cuda")
+    bases[4].view(-1)[-1] = math.nan  # the last element of a 5632 x 2048 matrix, in its last block
+    fts[(T - 1) * n + 8].view(-1)[5] = math.inf  # a norm vector
+    got = OPS._weighted_sum_multi_triton(bases, fts, coeffs.cuda(), nonfinite=flags)
+    want = OPS.weighted_sum_multi(cpu(bases), cpu(fts), coeffs)
+    assert_lists_equal_nan(got, want)
+    assert flags.tolist() == isfinite_flags(want) == [0, 0, 0, 0, 1, 0, 0, 0, 1, 0]
+    bases[4].view(-1)[-1] = 0.0
+    fts[(T - 1) * n + 8].view(-1)[5] = 0.0
     keys = [k for i in range(n) for k in nk.dare_keys(0, f"layer.{i}", T)]
     got = OPS.dare_multi(bases, fts, WEIGHTS[:T], 0.3, keys, "density", "sum", "weights", 1.0)
     assert_lists_bitwise(got, OPS.dare_multi(cb, cf, WEIGHTS[:T], 0.3, keys, "density", "sum", "weights", 1.0))
