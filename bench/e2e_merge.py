@@ -8,13 +8,15 @@ What it does, in order (each step prints a line; the JSON is rewritten after eve
     11 GB) under --work (default /tmp/nk-e2e; a folder on a disk, not tmpfs, is picked if /tmp is
     in memory);
  2. the cold read floor: page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`, else
-    posix_fadvise(DONTNEED) on every file), then every input byte read by 16 threads;
+    posix_fadvise(DONTNEED) on every file), then every input byte read by 16 threads in file
+    order; the same after evicting only the inputs, and in the order of the engine's warm-up reads;
  3. `neurokern merge` of a mergekit TIES config and of NeuroMerging (global trim, default lambda),
     as subprocesses (wall time including start-up; the engine's own time too), with peak host RSS
     and peak GPU memory: first once with the inputs in the page cache (on a fresh machine that run
     also compiles the Triton kernels into Triton's cache, as any first use does; recorded), then
     timed with the input files evicted from the page cache (sync + posix_fadvise(DONTNEED) on each:
-    cold inputs, while the libraries stay as warm as on a machine where Python ran before);
+    cold inputs, while the libraries stay as warm as on a machine where Python ran before); then
+    NeuroMerging timed again with NEUROKERN_PREFAULT=0 (no zeros written ahead into its output);
  4. `mergekit-yaml --gpu-rich` on the same files and config, if mergekit imports (wheels in .whl/
     at the repo root are installed into --work when it does not), and how far its output is from
     neurokern's;
@@ -190,6 +192,21 @@ def read_all(files: list[Path], threads: int = 16, chunk: int = 64 * 2**20) -> t
     with ThreadPoolExecutor(threads) as pool:
         total = sum(pool.map(read, jobs))
     return time.perf_counter() - t, total
+
+
+def read_in_warmup_order(folders: list[Path]) -> float:
+    """Seconds the engine's warm-up readers (neurokern.engine.prefetch: its threads and pieces, in
+    the work units' order: each window of the base's tensors, then every model's bytes of it) take
+    to bring every input into the page cache; against read_all's file order, whether that order
+    costs the merges read speed."""
+    from neurokern.engine import prefetch
+
+    inputs = [prefetch._byte_ranges(folder) for folder in folders]
+    t = time.perf_counter()
+    warmup = prefetch._Warmup(("e2e",), prefetch._pieces(inputs, 1 << 62))
+    for thread in warmup.threads:
+        thread.join()
+    return time.perf_counter() - t
 
 
 def fs_type(path: Path) -> str:
@@ -418,6 +435,9 @@ def main() -> int:
         evicted_s, _ = read_all(files)
         res["read_floor_evicted_inputs_s"] = round(evicted_s, 2)
         log(f"read after evicting the inputs only: {evicted_s:.2f} s")
+        evict(files)
+        res["read_warmup_order_evicted_s"] = round(read_in_warmup_order(folders), 2)
+        log(f"the same in the engine's warm-up order: {res['read_warmup_order_evicted_s']:.2f} s")
         save()
 
         # 3. neurokern
@@ -456,6 +476,16 @@ def main() -> int:
             else:
                 log(f"neurokern {key} FAILED: {r.get('error', '')[-500:]}")
             save()
+        # NeuroMerging again without the zeros written ahead into its output (writer.Prefault), the
+        # same way: what they save on this machine
+        out = work / "nk-neuromerging"
+        shutil.rmtree(out, ignore_errors=True)
+        evict(files)
+        r = neurokern_merge(cfgs["neuromerging"], out, {**env, "NEUROKERN_PREFAULT": "0"}, device.type, [],
+                            timeout=max(60.0, left()))
+        res["neurokern"]["neuromerging_no_prefault_s"] = r["wall_s"] if r["rc"] == 0 else None
+        log(f"neurokern neuromerging without the output prefault: {r['wall_s']:.1f} s")
+        save()
         res["neurokern"]["flags"] = f"--device {device.type} (default budgets: 8 GiB host, 70% of free GPU memory)"
         res["peak_host_rss_GB"] = max(peaks_rss, default=None)
         res["peak_gpu_GB"] = max(peaks_gpu, default=None)
