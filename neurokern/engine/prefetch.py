@@ -66,7 +66,7 @@ def start(cfg: MergeConfig, resume: bool = False) -> None:
     if not ENABLED or resume or int(os.environ.get("WORLD_SIZE", "1")) > 1 or (_current and _current.key == key):
         return
     stop()
-    limit = memory_available() // 4
+    limit = _memory_available() // 4
     try:
         inputs = [_byte_ranges(path) for path in key]
     except (NeurokernError, KeyError, TypeError, ValueError):
@@ -129,8 +129,7 @@ def _pieces(inputs: list[dict], limit: int) -> Iterator[tuple[Path, int, int]]:
         window, size = [], 0
 
 
-def memory_available() -> int:
-    """MemAvailable of /proc/meminfo in bytes (0 where unknown)."""
+def _memory_available() -> int:
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -21,9 +21,8 @@ from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
 from neurokern.engine.sources import Model, validate
 from neurokern.engine.thresholds import GlobalTrim, tensor_l1, tied_position
-from neurokern.engine import writer as writer_module
-from neurokern.engine.writer import (CONFIG_ECHO, STATE, Prefault, ShardWriter, crash_hook, done_record, is_published,
-                                     partial_dir, prepare_partial, publish, rename)
+from neurokern.engine.writer import (CONFIG_ECHO, STATE, ShardWriter, crash_hook, done_record, is_published, partial_dir,
+                                     prepare_partial, publish, rename)
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS
 from neurokern.methods._common import Precomputed, Trims, columns, keep_count, thresholds
@@ -232,14 +231,11 @@ class _Engine:
         self.reader = Reader(plan, self.models, self.device)
         self.out_slots: Optional[_Slots] = None  # the merge pass's D2H buffers (GPU)
         self.stager = Stager(self.device, self.out_dtype, cache)
-        writer, prefault = None, None
+        writer = None
         try:
             pre = Precomputed()
             saved = partial / STATE / "global.json"
             if len(self.passes) > 1:
-                if writer_module.PREFAULT and not saved.is_file():  # passes that only read come first
-                    limit = int(prefetch.memory_available() * writer_module.PREFAULT_SHARE)
-                    prefault = Prefault(partial, [plan.shards[s] for s in sorted(todo_shards)], limit)
                 if saved.is_file():
                     data = json.loads(saved.read_text())
                     gt = None
@@ -259,8 +255,7 @@ class _Engine:
                         crash_hook("saved")
                 pre = Precomputed(self._trims(gt), scale)
             ranks.barrier()
-            prefaulted = frozenset(prefault.finish()) if prefault else frozenset()
-            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, prefaulted)
+            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable)
             self._merge(todo, ranks, pre, writer)
             timing.section("end")
             with timing.span("writer drain (last units, last fsync)"):
@@ -271,8 +266,6 @@ class _Engine:
                 exc.keep_partial = True
             raise
         finally:
-            if prefault is not None:
-                prefault.finish()  # nothing writes into the partial folder once this returns
             if writer is not None:
                 writer.abort()
             self.reader.close()

@@ -12,12 +12,6 @@ sha256 digests of the header and of every WRITE_PIECE-byte piece of each tensor'
 order: the pieces are hashed in parallel as they are written (one sha256 stream runs at about 1 GB/s,
 slower than the merge).
 
-Where passes that only read come before the merge pass (global trims, NeuroMerging's default
-lambda), Prefault writes zeros into the shard files meanwhile, so that the merge pass's pwrites land
-on pages already in the page cache: on ext4 buffered writes to one file take its inode lock, and
-over new pages they measured 2.6 GB/s, over cached ones 4.3 GB/s (bench/write_paths.py), which is
-most of what NeuroMerging spends after its last input byte.
-
 Durability: by default the bytes are left to the page cache (as mergekit and save_pretrained do):
 the output is whole or absent after a crash of the process, and the disk is not kept busy writing
 the output while the merge still reads its inputs. `durable` (--fsync) also survives a power loss: the writeback of
@@ -46,11 +40,6 @@ from neurokern.errors import NeurokernError
 # in file order: writing and hashing overlap, and neither is one thread's copy speed.
 WRITE_THREADS = 8
 WRITE_PIECE = 8 * 2**20
-# Zeros written ahead (Prefault): at most this share of the memory available, under the kernel's
-# default dirty_background_ratio (10%), so that they alone start no writeback; NEUROKERN_PREFAULT=0
-# turns it off.
-PREFAULT_SHARE = 1 / 20
-PREFAULT = os.environ.get("NEUROKERN_PREFAULT", "1") != "0"
 DIGEST = "sha256_tree"
 STATE = ".neurokern"
 MANIFEST = "neurokern_manifest.json"
@@ -113,55 +102,11 @@ def file_digest(path: Path, shard: Shard) -> str:
     return tree_digest(hashlib.sha256(header).digest(), pieces)
 
 
-class Prefault:
-    """Writes zeros into the `.tmp` files of the given shards, in order, up to `limit` bytes, on a
-    thread of its own, until finish(); the ShardWriter then writes over those pages (it must not be
-    created before finish() returns: a zero written after a tensor's bytes would replace them)."""
-
-    def __init__(self, partial: Path, shards: list[Shard], limit: int):
-        self.files: set[str] = set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(partial, shards, limit), name="neurokern-prefault",
-                                       daemon=True)
-        self.thread.start()
-
-    def _run(self, partial: Path, shards: list[Shard], limit: int) -> None:
-        zeros, total = memoryview(bytes(WRITE_PIECE)), 0
-        try:
-            for shard in shards:
-                if self.stop.is_set() or total >= limit:
-                    return
-                fd = os.open(partial / (shard.file + ".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-                self.files.add(shard.file)
-                try:
-                    for at in _pieces(0, shard.nbytes):
-                        if self.stop.is_set() or total >= limit:
-                            return
-                        n = min(WRITE_PIECE, shard.nbytes - at)
-                        with timing.busy("prefault: zeros written ahead", n):
-                            done = 0
-                            while done < n:
-                                done += os.pwrite(fd, zeros[done:n], at + done)
-                        total += n
-                finally:
-                    os.close(fd)
-        except OSError:
-            return  # a full disk, say: the writer meets it again and names it
-
-    def finish(self) -> set[str]:
-        """Stops the thread (after the piece in flight) and returns the files it began."""
-        self.stop.set()
-        self.thread.join()
-        return self.files
-
-
 class ShardWriter:
-    """Writes the given shards; `put` hands it merged host tensors in plan order. prefaulted: the
-    shard files a finished Prefault began (written over, not truncated)."""
+    """Writes the given shards; `put` hands it merged host tensors in plan order."""
 
-    def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False,
-                 prefaulted: frozenset = frozenset()):
-        self.partial, self.plan, self.durable, self.prefaulted = partial, plan, durable, prefaulted
+    def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False):
+        self.partial, self.plan, self.durable = partial, plan, durable
         self.shards = {i: plan.shards[i] for i in shards}
         self.shard_of = plan.shard_of()
         self.queue: queue.Queue = queue.Queue(maxsize=OUT_SLOTS)
@@ -250,8 +195,7 @@ class ShardWriter:
 
     def _begin(self, shard: Shard) -> dict:
         tmp = self.partial / (shard.file + ".tmp")
-        truncate = 0 if shard.file in self.prefaulted else os.O_TRUNC
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | truncate, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         os.pwrite(fd, shard.header, 0)
         return {"fd": fd, "tmp": tmp, "left": len(shard.names), "header": hashlib.sha256(shard.header).digest(),
                 "pieces": {}}
