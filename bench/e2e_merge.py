@@ -15,8 +15,7 @@ What it does, in order (each step prints a line; the JSON is rewritten after eve
     and peak GPU memory: first once with the inputs in the page cache (on a fresh machine that run
     also compiles the Triton kernels into Triton's cache, as any first use does; recorded), then
     timed with the input files evicted from the page cache (sync + posix_fadvise(DONTNEED) on each:
-    cold inputs, while the libraries stay as warm as on a machine where Python ran before); then
-    NeuroMerging timed again with NEUROKERN_PREFAULT=0 (no zeros written ahead into its output);
+    cold inputs, while the libraries stay as warm as on a machine where Python ran before);
  4. `mergekit-yaml --gpu-rich` on the same files and config, if mergekit imports (wheels in .whl/
     at the repo root are installed into --work when it does not), and how far its output is from
     neurokern's;
@@ -476,16 +475,6 @@ def main() -> int:
             else:
                 log(f"neurokern {key} FAILED: {r.get('error', '')[-500:]}")
             save()
-        # NeuroMerging again without the zeros written ahead into its output (writer.Prefault), the
-        # same way: what they save on this machine
-        out = work / "nk-neuromerging"
-        shutil.rmtree(out, ignore_errors=True)
-        evict(files)
-        r = neurokern_merge(cfgs["neuromerging"], out, {**env, "NEUROKERN_PREFAULT": "0"}, device.type, [],
-                            timeout=max(60.0, left()))
-        res["neurokern"]["neuromerging_no_prefault_s"] = r["wall_s"] if r["rc"] == 0 else None
-        log(f"neurokern neuromerging without the output prefault: {r['wall_s']:.1f} s")
-        save()
         res["neurokern"]["flags"] = f"--device {device.type} (default budgets: 8 GiB host, 70% of free GPU memory)"
         res["peak_host_rss_GB"] = max(peaks_rss, default=None)
         res["peak_gpu_GB"] = max(peaks_gpu, default=None)
