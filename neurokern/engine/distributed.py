@@ -1,5 +1,7 @@
 """Ranks of a `torchrun` job: rank, world size, sums across ranks and barriers. One process
-without torchrun is world 1 and needs no process group. Backend: NCCL on CUDA, gloo on the CPU."""
+without torchrun is world 1 and needs no process group. Backend: NCCL on CUDA, gloo on the CPU;
+NEUROKERN_DIST_BACKEND=gloo runs GPU ranks over gloo too (ranks that share one GPU, which NCCL
+refuses, or a machine without a working NCCL)."""
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -7,6 +9,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from neurokern.errors import NeurokernError
 
 
 @dataclass
@@ -24,8 +28,7 @@ class Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=_backend(device))
         return cls(dist.get_rank(), dist.get_world_size(), _collective_device(device), owns_group=True)
 
     @property
@@ -51,6 +54,14 @@ class Ranks:
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _backend(device: torch.device) -> str:
+    default = "nccl" if device.type == "cuda" else "gloo"
+    backend = os.environ.get("NEUROKERN_DIST_BACKEND", default)
+    if backend not in ("nccl", "gloo") or (backend == "nccl" and device.type != "cuda"):
+        raise NeurokernError(f"NEUROKERN_DIST_BACKEND={backend!r}: expected 'gloo', or 'nccl' with --device cuda")
+    return backend
 
 
 def _collective_device(device: torch.device) -> torch.device:

@@ -22,9 +22,12 @@ CASES = {
 }
 
 
-def torchrun(*args, nproc=2, crash=None, device="cpu"):
-    env = {k: v for k, v in os.environ.items() if k not in ("NEUROKERN_TEST_CRASH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+def torchrun(*args, nproc=2, crash=None, device="cpu", backend=None):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NEUROKERN_TEST_CRASH", "NEUROKERN_DIST_BACKEND", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), OMP_NUM_THREADS="1")
+    if backend:
+        env["NEUROKERN_DIST_BACKEND"] = backend
     if crash:
         env["NEUROKERN_TEST_CRASH"] = crash
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -58,6 +61,29 @@ def test_interrupted_two_ranks_resume_in_one_process(models, tmp_path, unit):
     assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
     merge_models(cfg, tmp_path / "out", device="cpu", resume=True)
     assert read_dir(tmp_path / "out") == read_dir(tmp_path / "ref")
+
+
+def test_unknown_backend_is_a_clear_error(models, tmp_path, unit):
+    cfg = write_config(tmp_path / "c.yaml", "ties", models, {}, {"weight": 1.0, "density": 0.3})
+    run = torchrun(cfg, tmp_path / "out", backend="mpi")
+    assert run.returncode != 0 and "exitcode  : 2" in run.stderr  # each rank's exit code, in torchrun's report
+    assert "NEUROKERN_DIST_BACKEND='mpi': expected 'gloo', or 'nccl' with --device cuda" in run.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_on_one_gpu_over_gloo(models, tmp_path, unit, case):
+    """Both ranks merge on cuda:0 (their histograms and L1 rows on the GPU, summed over gloo): the
+    rank split of the CUDA path, on a machine with one GPU. NCCL itself needs two GPUs (below)."""
+    method, params, per_model = CASES[case]
+    cfg = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra={"out_shard_size": "20KB"})
+    result = merge_models(cfg, tmp_path / "one", device="cuda")
+    assert all(result.plan.rank_shards(2))
+    run = torchrun(cfg, tmp_path / "two", device="cuda:0", backend="gloo")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert read_dir(tmp_path / "two") == read_dir(tmp_path / "one")
+    assert not (tmp_path / "two.partial").exists()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
