@@ -112,7 +112,7 @@ def _weighted_sum_multi_flagged(base, finetuned, coeffs, threshold, tie_limit, o
     if base and base[0].is_cuda:
         return torch.ops.neurokern._weighted_sum_multi_triton.default(
             base, finetuned, coeffs, threshold, tie_limit, offsets, out_dtype, nonfinite)
-    with torch._C._AutoDispatchBelowAutograd():
+    with below_autograd(coeffs):
         out = torch.ops.neurokern.weighted_sum_multi.default(
             base, finetuned, coeffs, threshold, tie_limit, offsets, out_dtype)
     nonfinite.copy_(torch.stack([~torch.isfinite(o).all() for o in out]))

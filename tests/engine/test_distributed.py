@@ -40,16 +40,21 @@ def unit(monkeypatch):
     monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_two_ranks_byte_identical_to_one(models, tmp_path, unit, case):
+def two_ranks_match_one(models, tmp_path, case, device="cpu", rank_device="cpu", backend=None):
+    """One process on `device`, then two torchrun ranks on `rank_device`: the same bytes."""
     method, params, per_model = CASES[case]
     cfg = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra={"out_shard_size": "20KB"})
-    result = merge_models(cfg, tmp_path / "one", device="cpu")
+    result = merge_models(cfg, tmp_path / "one", device=device)
     assert len(result.plan.shards) >= 3 and all(result.plan.rank_shards(2))  # both ranks write shards
-    run = torchrun(cfg, tmp_path / "two")
+    run = torchrun(cfg, tmp_path / "two", device=rank_device, backend=backend)
     assert run.returncode == 0, run.stderr[-3000:]
     assert read_dir(tmp_path / "two") == read_dir(tmp_path / "one")
     assert not (tmp_path / "two.partial").exists()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_two_ranks_byte_identical_to_one(models, tmp_path, unit, case):
+    two_ranks_match_one(models, tmp_path, case)
 
 
 def test_interrupted_two_ranks_resume_in_one_process(models, tmp_path, unit):
@@ -76,14 +81,7 @@ def test_unknown_backend_is_a_clear_error(models, tmp_path, unit):
 def test_two_ranks_on_one_gpu_over_gloo(models, tmp_path, unit, case):
     """Both ranks merge on cuda:0 (their histograms and L1 rows on the GPU, summed over gloo): the
     rank split of the CUDA path, on a machine with one GPU. NCCL itself needs two GPUs (below)."""
-    method, params, per_model = CASES[case]
-    cfg = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra={"out_shard_size": "20KB"})
-    result = merge_models(cfg, tmp_path / "one", device="cuda")
-    assert all(result.plan.rank_shards(2))
-    run = torchrun(cfg, tmp_path / "two", device="cuda:0", backend="gloo")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert read_dir(tmp_path / "two") == read_dir(tmp_path / "one")
-    assert not (tmp_path / "two.partial").exists()
+    two_ranks_match_one(models, tmp_path, case, "cuda", "cuda:0", backend="gloo")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -91,11 +89,4 @@ def test_two_ranks_on_one_gpu_over_gloo(models, tmp_path, unit, case):
 def test_two_gpus_byte_identical_to_one_gpu(models, tmp_path, unit, case):
     """Each rank merges its shards on its own GPU (LOCAL_RANK), the global thresholds and the
     NeuroMerging lambda are summed over NCCL; the output equals a one-GPU run byte for byte."""
-    method, params, per_model = CASES[case]
-    cfg = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra={"out_shard_size": "20KB"})
-    result = merge_models(cfg, tmp_path / "one", device="cuda")
-    assert all(result.plan.rank_shards(2))
-    run = torchrun(cfg, tmp_path / "two", device="cuda")
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert read_dir(tmp_path / "two") == read_dir(tmp_path / "one")
-    assert not (tmp_path / "two.partial").exists()
+    two_ranks_match_one(models, tmp_path, case, "cuda", "cuda")
