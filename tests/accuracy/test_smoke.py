@@ -1,6 +1,7 @@
 """CPU smoke test of the accuracy suite: two tiny tasks, a tiny random BERT, a few steps, every
-method end to end (fine-tune, merge, test-time training, report). The real suite runs on a GPU
-(bench/accuracy/gpu_run.sh)."""
+method end to end (fine-tune, merge, test-time training and its ablation grid, report). The real
+suite runs on a GPU (bench/accuracy/gpu_run.sh)."""
+import dataclasses
 import json
 import random
 
@@ -10,10 +11,12 @@ import torch
 pytest.importorskip("transformers")
 
 from neurokern.accuracy import data as D  # noqa: E402
+from neurokern.accuracy.families import minilm  # noqa: E402
 from neurokern.accuracy.finetune import Recipe  # noqa: E402
-from neurokern.accuracy.methods import METHODS, TTAConfig, tint_available  # noqa: E402
-from neurokern.accuracy.model import tiny_bert_dir  # noqa: E402
-from neurokern.accuracy.run import run_suite  # noqa: E402
+from neurokern.accuracy.methods import METHODS  # noqa: E402
+from neurokern.accuracy.run import load_context, run_suite  # noqa: E402
+from neurokern.accuracy.tta import METHODS as TTA_METHODS  # noqa: E402
+from neurokern.accuracy.tta import GRID, ablations, run_many  # noqa: E402
 
 WORDS = {
     "colour": {"red": ["red", "crimson", "scarlet"], "blue": ["blue", "navy", "azure"]},
@@ -37,32 +40,71 @@ def _tiny_tasks(cache, seed=0):
     return vocab
 
 
+def _tiny_cache(tmp_path):
+    vocab = _tiny_tasks(tmp_path / "cache" / "data")
+    return minilm.tiny_cache(tmp_path / "cache", vocab, hidden=32, layers=2, heads=2)
+
+
+def _short(steps=2):
+    return {n: dataclasses.replace(t, steps=steps, batch_size=8) for n, t in TTA_METHODS.items()}
+
+
 def test_smoke_suite(tmp_path):
     torch.manual_seed(0)
-    vocab = _tiny_tasks(tmp_path / "data")
-    model_dir = tiny_bert_dir(tmp_path / "model", vocab, hidden=32, layers=2, heads=2)
-    recipe = Recipe(lr=5e-3, head_lr=5e-2, epochs=6, batch_size=16, max_len=16)
-    tta = TTAConfig(steps=2, batch_size=8)
-    report = run_suite(tmp_path / "data", model_dir, tmp_path / "out", device="cpu", recipe=recipe, tta=tta,
-                       lambda_grid=(0.5, 1.0), do_investigate=True, eval_batch=64, verbose=False, time_budget=600)
+    cache = _tiny_cache(tmp_path)
+    recipe = Recipe(lr=5e-3, head_lr=5e-2, epochs=6, batch_size=16)
+    report = run_suite("minilm", cache, tmp_path / "out", device="cpu", recipe=recipe, tta=_short(), grid=GRID,
+                       workers=1, curve_every=1, lambda_grid=(0.5, 1.0), do_investigate=True, eval_batch=64,
+                       verbose=False, ckpt_dir=tmp_path / "ckpt")
     methods = report["methods"]
-    assert list(methods) == list(METHODS)
-    for name, res in methods.items():
-        if name in ("adamerging", "tinting", "tinting_conf") and not tint_available():
-            assert res["status"] == "pending"
-            continue
+    assert set(methods) == set(METHODS) | set(TTA_METHODS)
+    for name, res in {**methods, **report["ablations"]}.items():
         assert res["status"] == "ok", (name, res.get("note"), res.get("traceback"))
         assert set(res["test"]) == {"colour", "animal"}
         assert all(0.0 <= a <= 1.0 for a in res["test"].values())
+    assert set(report["ablations"]) == set(ablations(minilm.tint_layers(minilm.load_encoder(cache))))
     ft = methods["finetuned"]["test"]
     assert ft["colour"] > 0.7 and ft["animal"] > 0.6, ft  # the tiny tasks are learnable
+    tinting = methods["tinting"]
+    assert [p["epoch"] for p in tinting["curve"]] == [0, 1, 2] and tinting["curve"][-1]["test"] == tinting["test"]
+    assert tinting["tint_drift"] > 0 and methods["adamerging"]["tint_drift"] is None
+    frozen = report["ablations"]["lambda_frozen"]
+    ta_scale = methods["task_arithmetic"]["params"]["scale"]
+    assert frozen["params"]["prior"] == ta_scale and frozen["lambda_mean"] == pytest.approx(ta_scale)
     saved = json.loads((tmp_path / "out" / "accuracy.json").read_text())
     assert saved["summary"]["finetuned"]["normalized"] == pytest.approx(1.0)
     md = (tmp_path / "out" / "accuracy.md").read_text()
     assert "| TIES (density 0.2, λ on val) |" in md and "Do the papers' orderings hold" in md
-    png = (tmp_path / "out" / "accuracy.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "## Ablations" in md and "| tint last_mlp" in md
+    for png in ("accuracy.png", "accuracy-curves.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(report["investigation"]["task_count"]) == {"2"}
+    # A second run with the same recipe and data reuses the fine-tuned encoders.
+    again = run_suite("minilm", cache, tmp_path / "out2", device="cpu", recipe=recipe, tta=_short(),
+                      methods=["finetuned"], workers=1, verbose=False, ckpt_dir=tmp_path / "ckpt", plot=False)
+    assert again["finetune_reused"] and again["methods"]["finetuned"]["test"] == ft
+
+
+def test_runs_in_worker_processes_match_one_process(tmp_path):
+    """run_many spreads test-time runs over spawned processes that load the fine-tuned encoders
+    from the checkpoint folder: the same results as in this process."""
+    torch.manual_seed(0)
+    cache = _tiny_cache(tmp_path)
+    recipe = Recipe(lr=5e-3, head_lr=5e-2, epochs=2, batch_size=16)
+    run_suite("minilm", cache, tmp_path / "out", device="cpu", recipe=recipe, methods=["finetuned"], workers=1,
+              verbose=False, ckpt_dir=tmp_path / "ckpt", plot=False)
+    args = ("minilm", str(cache), None, str(tmp_path / "ckpt"), "cpu", 64)
+    ctx = load_context(*args)
+    runs = {n: t for n, t in _short(3).items() if n != "tinting_conf"}
+    results = {}
+    for workers in (1, 2):
+        got = {}
+        run_many(runs, ctx, load_context, args, workers, 1, None, lambda n, r, got=got: got.__setitem__(n, r))
+        results[workers] = got
+    for name in runs:
+        one, two = results[1][name], results[2][name]
+        assert one["status"] == two["status"] == "ok", (one.get("note"), two.get("note"))
+        assert one["test"] == two["test"] and one["curve"][-1]["lambda_mean"] == two["curve"][-1]["lambda_mean"]
 
 
 def test_split_is_seeded_stratified_and_grouped():
@@ -95,9 +137,9 @@ def test_dedupe_and_baselines():
 def test_encoder_state_is_a_copy(tmp_path):
     """The suite loads merged weights into the base encoder to evaluate them; the base state it
     merges from must not follow (it did once: every λ of a search then scored the same)."""
-    from neurokern.accuracy.model import encoder_state, load_encoder
+    from neurokern.accuracy.model import encoder_state
 
-    encoder = load_encoder(tiny_bert_dir(tmp_path / "model", ["a", "b", "c"], hidden=32, layers=2, heads=2))
+    encoder = minilm.load_encoder(minilm.tiny_cache(tmp_path, ["a", "b", "c"], hidden=32, layers=2, heads=2))
     base = encoder_state(encoder)
     before = {k: v.clone() for k, v in base.items()}
     encoder.load_state_dict({k: v + 1 for k, v in base.items()}, strict=False)

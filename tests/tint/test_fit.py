@@ -1,7 +1,9 @@
 """fit(): the schedule, determinism, input forms, default teachers."""
+import pytest
 import torch
 from torch.utils.data import TensorDataset
 
+from neurokern.errors import NeurokernError
 from neurokern.tint import TintedModel, fit
 
 
@@ -63,3 +65,73 @@ def test_progress_bar_and_short_inputs(tint_kit, capsys):
     tiny = [x[:5] for x in _inputs(tint_kit)]  # fewer inputs than batch_size: batches of 5
     history = fit(model, tiny, fts, steps=2, batch_size=32, progress=True)
     assert len(history["loss"]) == 6
+
+
+def test_lambda_and_tints_have_their_own_learning_rates(tint_kit):
+    """Adam's first step moves every parameter with a gradient by exactly its group's learning rate
+    (m / sqrt(v) = ±1): lambda by lr_lambda, the tints by lr."""
+    model, fts = _model(tint_kit, tint_layers=["fc2"])
+    lam0 = model.lambdas.detach().clone()
+    tint0 = [p.detach().clone() for p in model.trainable_parameters() if p is not model.lambdas]
+    fit(model, _inputs(tint_kit), fts, loss="pseudo", steps=1, lr=1e-2, lr_lambda=1e-4, schedule="joint",
+        progress=False)
+    steps = [((model.lambdas.detach() - lam0).abs(), 1e-4)]
+    steps += [((p.detach() - before).abs(), 1e-2)
+              for before, p in zip(tint0, [p for p in model.trainable_parameters() if p is not model.lambdas])]
+    for step, lr in steps:
+        # |g| / (|g| + eps) < 1 only for gradients near Adam's eps (1e-8)
+        moved = step[step > 0]
+        assert moved.numel() > step.numel() / 2 and moved.max() <= lr * (1 + 1e-6)
+        assert (moved > 0.999 * lr).float().mean() > 0.95
+
+
+def test_frozen_lambda_trains_only_the_tints(tint_kit):
+    model, fts = _model(tint_kit, tint_layers=["fc2"])
+    model.lambdas.requires_grad_(False)
+    lam0 = model.lambdas.detach().clone()
+    tint0 = model.task_state_dict(0)["fc2.weight"].clone()
+    fit(model, _inputs(tint_kit), fts, loss="pseudo", steps=2, progress=False)
+    assert torch.equal(model.lambdas.detach(), lam0)
+    assert not torch.equal(model.task_state_dict(0)["fc2.weight"], tint0)
+
+
+def test_nothing_to_train_is_a_clear_error(tint_kit):
+    model, fts = _model(tint_kit)
+    model.lambdas.requires_grad_(False)
+    with pytest.raises(NeurokernError, match="nothing to train"):
+        fit(model, _inputs(tint_kit), fts, steps=1, progress=False)
+
+
+def test_teacher_runs_once_per_input_row(tint_kit):
+    """The teacher's outputs are kept after the first pass over a task's inputs: 10 rows in batches
+    of 4 run the teacher on 4 + 4 + 4 rows (the third batch tops up from the second pass) and never
+    again, and the losses equal those of a teacher run every step."""
+    model, fts = _model(tint_kit, tint_layers=["head"])
+    seen = [0, 0, 0]
+
+    def counting(t):
+        def run(x):
+            seen[t] += x.shape[0]
+            return fts[t](x)
+        return run
+
+    inputs = [x[:10] for x in _inputs(tint_kit)]
+    history = fit(model, inputs, [counting(t) for t in range(3)], loss="pseudo", steps=6, batch_size=4, progress=False)
+    assert seen == [12, 12, 12]
+    again, _ = _model(tint_kit, tint_layers=["head"])
+    reference = fit(again, inputs, fts, loss="pseudo", steps=6, batch_size=4, progress=False)
+    torch.testing.assert_close(history["loss"], reference["loss"], rtol=1e-6, atol=1e-7)
+
+
+def test_callback_records_a_learning_curve(tint_kit):
+    model, fts = _model(tint_kit, tint_layers=["head"])
+    calls = []
+
+    def curve(epoch):
+        calls.append(epoch)
+        return {"lambda_mean": float(model.coefficients_now().mean())} if epoch else None
+
+    history = fit(model, _inputs(tint_kit), fts, steps=7, callback=curve, callback_every=3, progress=False)
+    assert calls == [0, 3, 6, 7]
+    assert [r["epoch"] for r in history["callback"]] == [0, 3, 6, 7]
+    assert "lambda_mean" not in history["callback"][0] and "lambda_mean" in history["callback"][-1]

@@ -58,3 +58,25 @@ def test_confidence_filter_keeping_nothing_gives_zero_and_no_gradient():
     assert loss.item() == 0.0
     loss.backward()
     assert torch.all(out.grad == 0)
+
+
+def test_losses_ignore_padded_classes():
+    """Heads with fewer classes are padded with -inf in a mixed batch: the padded classes have
+    probability 0 and must change neither the losses nor their gradients (0 log 0 = 0, not NaN)."""
+    real = torch.tensor([[1.0, 2.0, 0.5], [0.3, -1.0, 2.0]])
+    padded = torch.cat([real, torch.full((2, 2), float("-inf"))], 1).requires_grad_(True)
+    for fn in (entropy,):
+        value = fn(padded)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(padded.grad).all()
+        torch.testing.assert_close(value, fn(real), rtol=0, atol=1e-6)
+        torch.testing.assert_close(padded.grad[:, :3], torch.func.grad(fn)(real), rtol=0, atol=1e-6)
+        assert torch.all(padded.grad[:, 3:] == 0)
+        padded.grad = None
+    teacher = torch.cat([torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]]), torch.full((2, 2), float("-inf"))], 1)
+    for fn in (pseudo, pseudo_conf):
+        value = fn(padded, teacher)
+        value.backward()
+        assert torch.isfinite(value) and torch.isfinite(padded.grad).all()
+        torch.testing.assert_close(value, fn(real, teacher[:, :3]), rtol=0, atol=1e-6)
+        padded.grad = None
