@@ -304,6 +304,13 @@ def write_report(report: dict, out_dir, plot: bool = True, stem: str = "accuracy
             paths.append(out / f"{stem}.png")
             if plot_curves(report, out / f"{stem}-curves.png"):
                 paths.append(out / f"{stem}-curves.png")
-    paths[0].write_text(json.dumps(report, indent=1, ensure_ascii=False, default=str))
-    paths[1].write_text(markdown(report, summary, checks), encoding="utf-8")
+    _replace(paths[0], json.dumps(report, indent=1, ensure_ascii=False, default=str))
+    _replace(paths[1], markdown(report, summary, checks))
     return paths
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write by rename: a run stopped mid-write leaves the previous report whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
