@@ -58,7 +58,7 @@ class Route:
             else:
                 ids, perm, bounds = self.rows(1)
                 positions = torch.arange(per_sample, device=perm.device)
-                self._rows[per_sample] = (ids.repeat_interleave(per_sample),
+                self._rows[per_sample] = (ids[:, None].expand(-1, per_sample).flatten(),
                                           (perm[:, None] * per_sample + positions).flatten(), bounds * per_sample)
         return self._rows[per_sample]
 
