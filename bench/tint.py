@@ -9,8 +9,8 @@ Writes DIR/tint-<gpu>.json (DIR defaults to bench/results; "tint-cpu.json" on a 
 
  step (one test-time step for one task, batch --batch):
    tinted_ms     TintedModel: theta(lambda) by weighted_sum (layer-wise lambda, one call per shape
-                 group), forward through functional_call with the task's tint, cross-entropy,
-                 backward to lambda and the tints (no optimizer step);
+                 group), forward with the task's tint, cross-entropy, backward to lambda and the
+                 tints (no optimizer step);
    plain_ms      forward + cross-entropy + backward of the same model with fixed weights (every
                  parameter requires grad, as in fine-tuning): the target is tinted <= 1.2x plain;
    reference_ms  the step merged the way the reference code does: theta0 + sum_t lambda_t tau_t as
@@ -189,7 +189,9 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
             finetuned.append({n: p + 0.01 * torch.randn_like(p) for n, p in dense.named_parameters()})
     sync(device)
     t_build = time.perf_counter()
-    model = TintedModel(dense, None, finetuned, tint_layers=[tint], coefficients="layer", prior=0.3)
+    # tint_init="finetuned": task t's tint starts at its fine-tuned layer, which step (c) uses too.
+    model = TintedModel(dense, None, finetuned, tint_layers=[tint], coefficients="layer", prior=0.3,
+                        tint_init="finetuned")
     sync(device)
     build_s = time.perf_counter() - t_build
     names = model.merged_names
@@ -197,15 +199,16 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     taus = [[finetuned[t][n] - base[n] for n in names] for t in range(T)]  # the reference's task vectors
     ft_tint = [{n[len(tint) + 1:]: f[n] for n in f if n.startswith(tint + ".")} for f in finetuned]
     del finetuned
-    tint_params = {n: nn.Parameter(v.clone()) for n, v in ft_tint[0].items()}
-    tint_key = tint.replace(".", "__")
-    log(f"{name}: {n_params / 1e6:.1f} M parameters, {len(names)} merged tensors in {len(model._groups)} "
+    task = 3 % T
+    tint_params = {n: nn.Parameter(v.clone()) for n, v in ft_tint[task].items()}
+    with torch.no_grad():  # the public API of any version of nk.tint: shape groups = weighted_sum calls
+        shape_groups = len({(tuple(v.shape), v.dtype) for v in model.shared_parameters().values()})
+    log(f"{name}: {n_params / 1e6:.1f} M parameters, {len(names)} merged tensors in {shape_groups} "
         f"shape groups, tint {tint!r} ({sum(v.numel() for v in ft_tint[0].values()) / 1e6:.2f} M per task); "
         f"TintedModel built in {build_s:.2f} s")
 
     x = make_input(batch, g, kw, seq).to(device=device, dtype=dtype if name == "vit-b32" else torch.long)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
-    task = 3 % T
 
     # (a) the TintedModel step.
     trainable = model.trainable_parameters()
@@ -242,8 +245,9 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         return loss
 
     def merge_forward():
+        model.clear_cache()
         with torch.no_grad():
-            return model._merge()
+            return model.shared_parameters()
 
     merged = None
     merged_grads = None
@@ -252,10 +256,6 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         torch.autograd.backward(list(merged.values()), merged_grads, inputs=[model.lambdas], retain_graph=True)
 
     # The same merged model in (a) and (c): equal losses and lambda gradients up to rounding.
-    with torch.no_grad():
-        for n, v in ft_tint[0].items():
-            model.layers[tint_key].params[n][task].copy_(v)
-            tint_params[n].copy_(v)
     log(f"{name}: first steps (Triton compiles its kernels on first use)")
     check = {"loss_tinted": float(tinted_step().detach()), "loss_reference": float(reference_step().detach())}
     check["lambda_grad_rel_diff"] = float((model.lambdas.grad.float() - lam.grad).norm()
@@ -267,7 +267,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         step[key] = measure(fn)
         log(f"{name}: step {key} = {step[key]:.3f} ms")
     taus.clear()
-    merged = model._merge()  # with grad: the graph the backward timing reruns
+    merged = model.shared_parameters()  # with grad: the graph the backward timing reruns
     merged_grads = [torch.randn_like(v) for v in merged.values()]
     model.lambdas.grad = None
     step["merge_backward_ms"] = measure(lambda: (merge_backward(), setattr(model.lambdas, "grad", None)))
@@ -331,7 +331,7 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
     out = {
         "model": {"name": name, **_defaults(cls), **kw, "parameters": n_params, "tasks": T, "tint_layer": tint,
                   "tint_parameters_per_task": sum(v.numel() for v in ft_tint[0].values()),
-                  "merged_tensors": len(names), "weighted_sum_calls_per_step": len(model._groups),
+                  "merged_tensors": len(names), "weighted_sum_calls_per_step": shape_groups,
                   "build_s": build_s},
         "step": step, "inference": inference, "checks": check,
     }

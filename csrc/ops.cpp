@@ -109,11 +109,23 @@ TORCH_LIBRARY(neurokern, m) {
       "weighted_sum_rows_multi(Tensor[] base, Tensor[] finetuned, Tensor coeffs, "
       "Tensor? threshold=None, Tensor? tie_limit=None, int[] offsets=[], ScalarType? out_dtype=None) "
       "-> Tensor[]");
-  // Task-routed linear layer: y[b] = x[b] @ weight[task_ids[b]]^T + bias[task_ids[b]].
-  m.def("tinted_linear(Tensor x, Tensor weight, Tensor? bias, Tensor task_ids) -> Tensor");
-  // Its weight gradient: dW[t] = sum over rows b of task t of grad[b]^T x[b], [T, out, in].
+  // The routing of a batch that mixes tasks: a stable sort of the rows by task id. perm [B] and
+  // bounds [T+1] (int64, on task_ids' device): the rows of task t are perm[bounds[t]:bounds[t+1]],
+  // in batch order. The ids must lie in [0, num_tasks) (not checked: the result is unspecified
+  // otherwise).
+  m.def("tinted_route(Tensor task_ids, int num_tasks) -> (Tensor perm, Tensor bounds)");
+  // Task-routed linear layer: y[b] = x[b] @ weight[task_ids[b]]^T + bias[task_ids[b]]; weight may
+  // have any strides (its backward reads it transposed, without a copy). Without perm and bounds
+  // the op routes the rows and checks the ids itself; with them (tinted_route of these task_ids,
+  // computed once for many calls) it does neither.
   m.def(
-      "tinted_linear_weight_grad(Tensor grad, Tensor x, Tensor task_ids, int num_tasks) -> Tensor");
+      "tinted_linear(Tensor x, Tensor weight, Tensor? bias, Tensor task_ids, Tensor? perm=None, "
+      "Tensor? bounds=None) -> Tensor");
+  // Its weight gradient: dW[t] = sum over rows b of task t of grad[b]^T x[b], [T, out, in]; perm
+  // and bounds as for tinted_linear.
+  m.def(
+      "tinted_linear_weight_grad(Tensor grad, Tensor x, Tensor task_ids, int num_tasks, "
+      "Tensor? perm=None, Tensor? bounds=None) -> Tensor");
   // Internal (csrc/launch_table.cpp): the host side of the Triton launches over a list of tensors
   // (neurokern/ops/triton/multi.py, neuron_stats.py, finite.py) in one call: argument checks,
   // grouping by storage dtype, each group's launch table and owner array on the device, outputs.

@@ -10,7 +10,7 @@ from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs
 from neurokern.ops.neuron_stats import neuron_stats, neuron_stats_multi
 from neurokern.ops.subspace_split import subspace_split
 from neurokern.ops.ties_merge import ties_merge, ties_merge_multi
-from neurokern.ops.tinted_linear import tinted_linear
+from neurokern.ops.tinted_linear import tinted_linear, tinted_route
 from neurokern.ops.trim_l1 import trim_l1
 from neurokern.ops.weighted_sum import weighted_sum, weighted_sum_multi, weighted_sum_rows_multi
 
@@ -26,6 +26,7 @@ __all__ = [
     "ties_merge",
     "ties_merge_multi",
     "tinted_linear",
+    "tinted_route",
     "trim_l1",
     "weighted_sum",
     "weighted_sum_multi",

@@ -364,6 +364,13 @@ def dare_multi(base, finetuned, weights, density, keys, **options):
 # tinted_linear
 
 
+def tinted_route(task_ids, num_tasks):
+    ids = task_ids.long()
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    bounds = torch.searchsorted(sorted_ids, torch.arange(num_tasks + 1, device=ids.device))
+    return perm, bounds
+
+
 def tinted_linear(x, weight, bias, task_ids):
     y = torch.einsum("bi,boi->bo", x.double(), weight[task_ids].double())
     if bias is not None:

@@ -1,7 +1,9 @@
-"""Choosing layers by module name or glob pattern, and turning models into state dicts."""
+"""Choosing layers by module name or glob pattern, turning models into state dicts, and running a
+module on tensors given by name (Slots)."""
 import fnmatch
 from collections.abc import Mapping
-from typing import Any, Sequence, Union
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -92,3 +94,45 @@ def task_models(finetuned: Any, task_names: Any) -> tuple[list[str], list[Any]]:
 
 def float_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float32
+
+
+class Slots:
+    """Where the named parameters (or buffers) of a module live: for each name, every
+    (owning module's _parameters / _buffers dict, key) that holds it, tied aliases included.
+
+    holding(tensors) puts the tensors there for the duration of a block and the module's own back
+    after it: what torch.func.functional_call does, except that the names are resolved once here,
+    not on every call (functional_call walks the whole module tree each time: most of the host time
+    of a test-time step on a transformer's few hundred tensors)."""
+
+    def __init__(self, module: nn.Module, names: Sequence[str], buffers: bool = False):
+        position = {n: i for i, n in enumerate(names)}
+        named = module.named_buffers if buffers else module.named_parameters
+        first_name: dict[int, str] = {}
+        self.slots: list[tuple[dict, str, int]] = []
+        for name, tensor in named(remove_duplicate=False):
+            canonical = first_name.setdefault(id(tensor), name)
+            if canonical in position:
+                owner, _, key = name.rpartition(".")
+                sub = module.get_submodule(owner)
+                self.slots.append((sub._buffers if buffers else sub._parameters, key, position[canonical]))
+        found = {i for _, _, i in self.slots}
+        missing = [n for i, n in enumerate(names) if i not in found]
+        if missing:
+            raise NeurokernError(f"{type(module).__name__} has no {'buffer' if buffers else 'parameter'} {missing[0]!r}")
+
+    def put(self, tensors: Sequence[Tensor]) -> None:
+        """Replace the module's own tensors for good (tensors in the order of `names`)."""
+        for owner, key, i in self.slots:
+            owner[key] = tensors[i]
+
+    @contextmanager
+    def holding(self, tensors: Sequence[Tensor]) -> Iterator[None]:
+        """The module holds `tensors` (in the order of `names`) inside the block."""
+        own = [owner[key] for owner, key, _ in self.slots]
+        self.put(tensors)
+        try:
+            yield
+        finally:
+            for (owner, key, _), tensor in zip(self.slots, own):
+                owner[key] = tensor

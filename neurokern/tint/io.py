@@ -7,7 +7,8 @@ A saved model is a directory:
                            (keys "buffer:<name>")
     task-<i>.safetensors   task i's tint layers and head, by full parameter name
 The pre-trained and fine-tuned weights are not saved: a loaded model serves and can keep training
-its tints, with the shared weights fixed.
+its tints, with the shared weights fixed (TintedModel.load builds it with the TintedModel
+constructor, given the saved shared weights as a FrozenMerge).
 """
 import json
 import os
@@ -17,6 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from neurokern.errors import NeurokernError
+from neurokern.tint.merged import FrozenMerge
+from neurokern.tint.model import module_device, per_task_layers, shared_names
 
 FORMAT = "neurokern-tinted-model"
 VERSION = 1
@@ -32,11 +35,7 @@ def save(model, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
     with torch.no_grad():
         shared = {n: _host(v) for n, v in model.shared_parameters().items()}
-    if model._loaded:
-        buffers = {n: model._store.get_buffer("buffer__" + n.replace(".", "__")) for n in model._buffer_names}
-    else:
-        buffers = dict(model.module.named_buffers())
-    for n, b in buffers.items():
+    for n, b in model.module.named_buffers():
         shared[_BUFFER + n] = _host(b)
     save_file(shared, os.path.join(directory, "shared.safetensors"), metadata={"format": FORMAT})
     files = []
@@ -69,8 +68,8 @@ def save(model, directory: str) -> None:
 
 
 def load(cls, directory: str, module: torch.nn.Module, device: Optional[Union[str, torch.device]] = None):
-    from neurokern.tint.model import _init_loaded
-
+    """The TintedModel constructor on the saved parts: the shared weights as a FrozenMerge (base),
+    each task's tints and heads as its fine-tuned model (tint_init="finetuned": they start as saved)."""
     path = os.path.join(directory, "tinted.json")
     if not os.path.isfile(path):
         raise NeurokernError(f"{directory!r} holds no tinted.json; expected a directory written by TintedModel.save")
@@ -78,16 +77,19 @@ def load(cls, directory: str, module: torch.nn.Module, device: Optional[Union[st
         meta = json.load(f)
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise NeurokernError(f"{path}: not a neurokern tinted model of version {VERSION}")
-    meta["pad_value"] = float(meta.get("pad_value", "-inf"))
-    if device is None:
-        first = next(iter(module.parameters()), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = module_device(module, device)
+    layer_names = per_task_layers(module, list(meta["tint_layers"]) + list(meta["heads"]))
     stored = load_file(os.path.join(directory, "shared.safetensors"))
     shared = {k: v for k, v in stored.items() if not k.startswith(_BUFFER)}
     buffers = {k[len(_BUFFER):]: v for k, v in stored.items() if k.startswith(_BUFFER)}
+    merged = FrozenMerge(shared_names(module, layer_names), shared, buffers, meta.get("lambdas"), device)
     per_task = [load_file(os.path.join(directory, f)) for f in meta["task_files"]]
-    model = cls.__new__(cls)
-    torch.nn.Module.__init__(model)
-    _init_loaded(model, module, meta, shared, buffers, per_task, device)
-    return model
+    for name, state in zip(meta["tasks"], per_task):
+        for layer in layer_names:
+            missing = [f"{layer}.{n}" for n, _ in module.get_submodule(layer).named_parameters()
+                       if f"{layer}.{n}" not in state]
+            if missing:
+                raise NeurokernError(f"the saved tint of task {name!r} lacks {missing}")
+    return cls(module, merged, per_task, tint_layers=meta["tint_layers"], heads=meta["heads"],
+               coefficients=meta["coefficients"], prior=meta["prior"], tint_init="finetuned",
+               task_names=meta["tasks"], device=device, pad_value=float(meta.get("pad_value", "-inf")))

@@ -1,5 +1,6 @@
 """The ops trace under torch.compile(fullgraph=True): fake implementations and autograd are
 registered, so a graph break is an error."""
+import pytest
 import torch
 
 from neurokern import ops
@@ -61,14 +62,16 @@ def test_weighted_sum_backward_compiles():
     torch.testing.assert_close(g_compiled, g_eager, rtol=1e-6, atol=1e-6)
 
 
-def test_tinted_linear_compiles():
+@pytest.mark.parametrize("routed", [False, True], ids=["own-routing", "tinted_route"])
+def test_tinted_linear_compiles(routed):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(7, 5, generator=g, requires_grad=True)
     w = torch.randn(3, 4, 5, generator=g, requires_grad=True)
     ids = torch.tensor([0, 2, 1, 1, 0, 2, 2])
 
     def f(x, w, ids):
-        return ops.tinted_linear(x, w, None, ids).square().sum()
+        routing = ops.tinted_route(ids, 3) if routed else (None, None)
+        return ops.tinted_linear(x, w, None, ids, *routing).square().sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = torch.autograd.grad(compiled(x, w, ids), (x, w))

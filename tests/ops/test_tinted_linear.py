@@ -3,6 +3,8 @@ through ATen), its weight-gradient op, and autograd for x, weight and bias.
 
 Unlike the merge ops (float32 / bf16 / fp16 storage only), tinted_linear runs ATen mm / addmm on
 whatever dtype it gets, float64 included, so torch.autograd.gradcheck runs in float64."""
+import sys
+
 import pytest
 import torch
 
@@ -139,6 +141,67 @@ def test_weight_grad_op_vs_reference(dtype):
 
 
 # ---------------------------------------------------------------------------------------------
+# Routing given by the caller
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 8, 20])
+def test_tinted_route_is_a_stable_sort(T):
+    g = torch.Generator().manual_seed(T)
+    for B in (0, 1, 9, 300):
+        for dt in (torch.int64, torch.int32, torch.uint8):
+            ids = torch.randint(0, T, (B,), generator=g).to(dt)
+            perm, bounds = nk.tinted_route(ids, T)
+            want = ref.tinted_route(ids, T)
+            assert perm.dtype == bounds.dtype == torch.int64
+            assert torch.equal(perm, want[0]) and torch.equal(bounds, want[1])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["f32", "bf16", "f64"])
+@pytest.mark.parametrize("size", SIZES, ids=str)
+def test_given_routing_and_transposed_weight(size, dtype, bias):
+    """With perm and bounds from tinted_route the op and its weight gradient give bitwise what they
+    give routing the rows themselves; W^T as a view (the backward's dx) is within the forward's
+    bounds of the float64 reference (ATen may pick another GEMM kernel for the transposed view, so
+    not bitwise the contiguous copy's result)."""
+    B, i, o, T = size
+    x, w, b, ids = _inputs(*size, dtype, seed_of("routed", size, dtype), bias)
+    perm, bounds = nk.tinted_route(ids, T)
+    assert torch.equal(nk.tinted_linear(x, w, b, ids, perm, bounds), nk.tinted_linear(x, w, b, ids))
+    g = torch.randn(B, o, generator=torch.Generator().manual_seed(B)).to(dtype)
+    wg = torch.ops.neurokern.tinted_linear_weight_grad
+    assert torch.equal(wg(g, x, ids, T, perm, bounds), wg(g, x, ids, T))
+    wt = w.transpose(1, 2)
+    dx = nk.tinted_linear(g, wt, None, ids, perm, bounds)
+    want = _ref64(g, wt, None, ids)
+    if dtype == torch.float64:
+        torch.testing.assert_close(dx, want, rtol=1e-12, atol=1e-12)
+    elif dtype == torch.float32:
+        _assert_f32_close(dx, want, g, wt, None, ids)
+    else:
+        assert_ulp_close(dx, want, ulps=1)
+
+
+def test_backward_routes_once_or_not_at_all(monkeypatch):
+    """The backward uses the caller's routing as it is; without one it routes once for both of its
+    products (the forward checked the ids), with the same gradients."""
+    tl = sys.modules["neurokern.ops.tinted_linear"]  # the module; neurokern.ops.tinted_linear is its function
+    calls = []
+    route = tl.tinted_route
+    monkeypatch.setattr(tl, "tinted_route", lambda *a: calls.append(1) or route(*a))
+    x, w, b, ids = _inputs(13, 6, 4, 3, torch.float32, seed_of("once"))
+    grads = []
+    for given in (True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        routing = route(ids, 3) if given else (None, None)
+        nk.tinted_linear(*leaves, ids, *routing).backward(torch.ones(13, 4))
+        assert len(calls) == (0 if given else 1)
+        grads.append([t.grad for t in leaves])
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
 # Argument checks and opcheck
 
 
@@ -164,6 +227,15 @@ def test_bad_arguments():
         nk.tinted_linear(x, w, b.half(), ids)
     with pytest.raises(RuntimeError, match="task_ids must be an integer tensor"):
         nk.tinted_linear(x, w, b, ids.float())
+    perm, bounds = nk.tinted_route(ids, 3)
+    with pytest.raises(RuntimeError, match="give both perm and bounds"):
+        nk.tinted_linear(x, w, b, ids, perm, None)
+    with pytest.raises(RuntimeError, match=r"bounds must be int64 \[4\]"):
+        nk.tinted_linear(x, w, b, ids, perm, bounds[:3])
+    with pytest.raises(RuntimeError, match=r"perm must be int64 \[4\]"):
+        torch.ops.neurokern.tinted_linear_weight_grad(torch.ones(4, 2), x, ids, 3, perm.int(), bounds)
+    with pytest.raises(RuntimeError, match="task_ids must be an integer tensor"):
+        nk.tinted_route(ids.float(), 3)
 
 
 def test_opcheck():
@@ -173,3 +245,9 @@ def test_opcheck():
     opcheck(op, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), ids))
     opcheck(op, (x.detach(), w.detach(), None, ids))
     opcheck(torch.ops.neurokern.tinted_linear_weight_grad.default, (torch.randn(7, 3), x.detach(), ids, 4))
+    perm, bounds = nk.tinted_route(ids, 4)
+    opcheck(torch.ops.neurokern.tinted_route.default, (ids, 4))
+    opcheck(op, (x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_(), ids,
+                 perm, bounds))
+    opcheck(torch.ops.neurokern.tinted_linear_weight_grad.default,
+            (torch.randn(7, 3), x.detach(), ids, 4, perm, bounds))

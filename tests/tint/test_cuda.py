@@ -43,8 +43,8 @@ def test_mixed_batch_and_gradients_match_the_cpu(tint_kit, coefficients):
     torch.testing.assert_close(y.cpu(), cpu(x, ids).detach(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gpu.lambdas.grad.cpu(), cpu.lambdas.grad, rtol=1e-3, atol=1e-4)
     for name in ("fc2", "head"):
-        for k, p in cpu.layers[name].params.items():
-            torch.testing.assert_close(gpu.layers[name].params[k].grad.cpu(), p.grad, rtol=1e-3, atol=1e-4)
+        for (k, p), (_, q) in zip(cpu.layers[name].named_parameters(), gpu.layers[name].named_parameters()):
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-3, atol=1e-4, msg=k)
     with torch.no_grad():  # a mixed batch equals per-task runs on the GPU too
         xs, ids_s = x.to(DEV), ids.to(DEV)
         for t in range(4):

@@ -23,7 +23,7 @@ def test_schedule_and_determinism(tint_kit):
         model, fts = _model(tint_kit, tint_layers=["fc2"])
         history = fit(model, _inputs(tint_kit), fts, loss="pseudo_conf", steps=4, batch_size=16, seed=seed,
                       progress=False)
-        runs.append((history, model.lambdas.detach().clone(), model.layers["fc2"].params["weight"].detach().clone()))
+        runs.append((history, model.lambdas.detach().clone(), torch.cat([p.detach().flatten() for p in model.tint_parameters()])))
     (h, lam, w), (h2, lam2, w2), (h3, _, _) = runs
     # One step per task per epoch, every task once per epoch, in a shuffled order.
     assert len(h["loss"]) == 12 and len(h["task"]) == 12
@@ -36,11 +36,11 @@ def test_schedule_and_determinism(tint_kit):
 
 def test_adamerging_task_wise_joint(tint_kit):
     model, _ = _model(tint_kit, coefficients="task", heads=["head"])
-    before = [p.detach().clone() for p in model.layers["head"].params.values()]
+    before = [p.detach().clone() for p in model.layers["head"].parameters()]
     history = fit(model, _inputs(tint_kit), loss="entropy", steps=5, lr=1e-2, schedule="joint", progress=False)
     assert len(history["loss"]) == 5 and history["task"] == [-1] * 5
     assert model.lambdas.shape == (3,) and not torch.equal(model.lambdas.detach(), torch.full((3,), 0.3))
-    for b, p in zip(before, model.layers["head"].params.values()):  # heads stay frozen
+    for b, p in zip(before, model.layers["head"].parameters()):  # heads stay frozen
         assert torch.equal(b, p)
 
 

@@ -37,16 +37,15 @@ def test_gradcheck_lambda_tint_and_input_in_a_mixed_batch(coefficients):
     assert model.layers["b"].linear  # the mixed batch runs the tinted_linear op
     g = torch.Generator().manual_seed(1)
     lam = (0.2 + 0.6 * torch.rand(model.lambdas.shape, generator=g)).requires_grad_()  # inside [0, 1]
-    w = model.layers["b"].params["weight"].detach().clone().requires_grad_()
-    b = model.layers["b"].params["bias"].detach().clone().requires_grad_()
+    tints = dict(model.layers["b"].named_parameters(prefix="layers.b"))  # every task's weight and bias
+    assert len(tints) == 6
     x = torch.randn(7, 5, generator=g).requires_grad_()
     ids = torch.tensor([2, 0, 1, 1, 2, 0, 2])
 
-    def f(lam, w, b, x):
-        return functional_call(model, {"lambdas": lam, "layers.b.params.weight": w, "layers.b.params.bias": b},
-                               (x, ids))
+    def f(lam, x, *values):
+        return functional_call(model, {"lambdas": lam, **dict(zip(tints, values))}, (x, ids))
 
-    assert _gradcheck(f, (lam, w, b, x))
+    assert _gradcheck(f, (lam, x, *(p.detach().clone().requires_grad_() for p in tints.values())))
 
 
 def test_gradcheck_lambda_of_the_merged_weights():
@@ -62,7 +61,7 @@ def test_gradcheck_lambda_of_the_merged_weights():
 
     torch.manual_seed(0)
     model = TintedModel(Wide(), Wide(), [Wide(), Wide()], coefficients="layer")
-    assert max(model._splits) == 4
+    assert max(model.merged.row_splits) == 4
     lam = (0.2 + 0.6 * torch.rand(model.lambdas.shape)).requires_grad_()
     with torch.no_grad():
         probes = {n: torch.randn_like(v) for n, v in model.shared_parameters().items()}

@@ -49,7 +49,7 @@ def test_lambda_gradient_matches_autograd_on_a_pytorch_merge(tint_kit, coefficie
     base, fts = tint_kit.random_models(tasks=3, noise=0.1, hidden=hidden)
     model = TintedModel(tint_kit.Net(hidden=hidden), base, fts, coefficients=coefficients, heads=["head"])
     if coefficients == "layer":
-        assert max(model._splits) == (1 if hidden == 32 else 4)
+        assert max(model.merged.row_splits) == (1 if hidden == 32 else 4)
     g = torch.Generator().manual_seed(1)
     lam = torch.rand(model.lambdas.shape, generator=g)
     lam.view(-1)[0], lam.view(-1)[-1] = -0.1, 1.2  # outside [0, 1]: clamped, no gradient
@@ -91,7 +91,7 @@ def test_tint_initialisation(tint_kit):
     base, fts = tint_kit.random_models(tasks=3)
     merged = TintedModel(tint_kit.Net(), base, fts, tint_layers=["fc2"], prior=0.3)
     layer = merged.layers["fc2"]
-    assert layer.trainable and layer.stacked and layer.linear
+    assert layer.trainable and layer.same_shapes and layer.linear
     want = base.fc2.weight + 0.3 * sum(m.fc2.weight - base.fc2.weight for m in fts)
     for t in range(3):
         torch.testing.assert_close(layer.tensor("weight", t), want.detach(), rtol=1e-6, atol=1e-6)
@@ -100,7 +100,8 @@ def test_tint_initialisation(tint_kit):
         assert torch.equal(own.layers["fc2"].tensor("bias", t), fts[t].fc2.bias.detach())
     # The tint is not merged with lambda: it is neither a merged name nor a lambda row.
     assert "fc2.weight" not in merged.merged_names and merged.lambdas.shape == (6, 3)
-    assert {id(p) for p in merged.trainable_parameters()} == {id(merged.lambdas)} | {id(p) for p in layer.params.values()}
+    assert {id(p) for p in merged.trainable_parameters()} == {id(merged.lambdas)} | {id(p) for p in layer.parameters()}
+    assert {id(p) for p in merged.tint_parameters()} == {id(p) for p in layer.parameters()} and len(layer.param_names) == 2
 
 
 def _mixed(model, x, ids):
@@ -148,7 +149,7 @@ def test_mixed_batch_gradients_equal_the_per_task_loop(tint_kit):
                 (model(xg[rows], task=t) * w[rows]).sum().backward()
         out = {"x": xg.grad, "lambda": model.lambdas.grad}
         for layer in model.layers.values():
-            out.update({f"{layer.name}.{k}": p.grad for k, p in layer.params.items()})
+            out.update({f"{layer.name}.{k}": p.grad for k, p in layer.named_parameters()})
         return out
 
     mixed, loop = grads(True), grads(False)
@@ -168,7 +169,7 @@ def test_heads_with_different_numbers_of_classes(tint_kit):
         m.load_state_dict(state, strict=False)
         fts.append(m)
     model = TintedModel(tint_kit.Net(), base, fts, heads=["head"], tint_layers=["fc2"])
-    assert not model.layers["head"].stacked and not model.layers["head"].trainable
+    assert not model.layers["head"].same_shapes and not model.layers["head"].trainable
     assert model.heads == ["head"] and model.tint_layers == ["fc2"]
     x = torch.randn(9, tint_kit.D)
     ids = torch.tensor([0, 1, 2, 1, 0, 2, 2, 1, 0])
@@ -189,7 +190,8 @@ def test_save_load_round_trip(tmp_path, tint_kit):
                         tint_layers=["fc2"], heads=["head"], coefficients="layer")
     with torch.no_grad():  # move lambda and the tints off their initial values
         model.lambdas.uniform_(0, 1, generator=torch.Generator().manual_seed(5))
-        model.layers["fc2"].params["weight"].add_(0.01 * torch.randn(3, tint_kit.H, tint_kit.H))
+        for t in range(3):
+            model.layers["fc2"].tensor("weight", t).add_(0.01 * torch.randn(tint_kit.H, tint_kit.H))
     model.save(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["shared.safetensors", "task-0.safetensors", "task-1.safetensors",
                                             "task-2.safetensors", "tinted.json"]
@@ -209,7 +211,7 @@ def test_save_load_round_trip(tmp_path, tint_kit):
         assert torch.equal(loaded(x, ids), model(x, ids))
         assert torch.equal(loaded(x, task="b"), model(x, task="b"))
     # A loaded model keeps training its tints, not lambda, and saves again identically.
-    assert {id(p) for p in loaded.trainable_parameters()} == {id(p) for p in loaded.layers["fc2"].params.values()}
+    assert {id(p) for p in loaded.trainable_parameters()} == {id(p) for p in loaded.layers["fc2"].parameters()}
     loaded.save(str(tmp_path / "again"))
     again = TintedModel.load(str(tmp_path / "again"), tint_kit.Net())
     with torch.no_grad():
@@ -287,3 +289,51 @@ def test_named_tasks_and_patterns():
     with torch.no_grad():
         assert torch.equal(model(inp, task="y"), fts[1](inp))  # every layer is a tint: task y's own model
         assert torch.equal(model(inp, "x"), fts[0](inp))
+
+
+def test_the_wrapped_module_is_left_as_it_was(tint_kit):
+    """The TintedModel runs its own copy of the module (parameters and buffers shared): the module
+    computes what it did, keeps its state_dict, and two TintedModels on it do not interfere."""
+    base, fts = tint_kit.random_models(tasks=3, noise=0.1)
+    net = tint_kit.Net()
+    x = torch.randn(9, tint_kit.D)
+    with torch.no_grad():
+        before = net(x)
+    keys = list(net.state_dict())
+    first = TintedModel(net, base, fts, tint_layers=["fc2"], heads=["head"])
+    second = TintedModel(net, base, fts, tint_layers=["fc1", "fc2"], tint_init="finetuned", coefficients="task")
+    assert first.module is not net and first.module.fc1.weight is net.fc1.weight
+    assert "forward" not in vars(net.fc2) and list(net.state_dict()) == keys
+    ids = torch.tensor([0, 1, 2, 2, 1, 0, 0, 1, 2])
+    with torch.no_grad():
+        assert torch.equal(net(x), before)
+        alone = [TintedModel(tint_kit.Net(), base, fts, tint_layers=["fc2"], heads=["head"])(x, ids),
+                 TintedModel(tint_kit.Net(), base, fts, tint_layers=["fc1", "fc2"], tint_init="finetuned",
+                             coefficients="task")(x, ids)]
+        for _ in range(2):
+            assert torch.equal(first(x, ids), alone[0]) and torch.equal(second(x, ids), alone[1])
+
+
+def _host_reads(fn) -> int:
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.name == "aten::_local_scalar_dense" for e in prof.events())
+
+
+def test_a_mixed_batch_is_routed_once_per_forward(tint_kit, monkeypatch):
+    """Every tinted_linear call of a forward and of its backward runs on the one routing the forward
+    computed (one tinted_route call; a sequence input's rows are derived from it), and the only host
+    read is the task-id check; a single-task step reads nothing."""
+    import neurokern.tint.routing as routing
+
+    calls = []
+    route = routing.tinted_route
+    monkeypatch.setattr(routing, "tinted_route", lambda *a: calls.append(1) or route(*a))
+    base, fts = tint_kit.random_models(tasks=4, noise=0.1)
+    model = TintedModel(tint_kit.Net(), base, fts, tint_layers=["fc1", "fc2", "head"], tint_init="finetuned")
+    xs = torch.randn(6, 5, tint_kit.D)
+    ids = torch.tensor([1, 3, 0, 3, 2, 1])
+    assert _host_reads(lambda: model(xs, ids).sum().backward()) == 1
+    assert len(calls) == 1
+    assert _host_reads(lambda: model(xs, task=2).sum().backward()) == 0
+    assert len(calls) == 1

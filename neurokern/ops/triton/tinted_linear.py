@@ -10,13 +10,18 @@ scatter): perm [B] lists task t's rows at perm[bounds[t]:bounds[t + 1]] in batch
 first row with an id outside [0, T) is recorded. The kernels are queued first; then the launcher's
 one device-to-host read (that row index) raises RuntimeError naming the bad id, as the C++ op
 does. T > 16 routes with torch.sort(stable) + searchsorted instead. Measured on an H100: 11 us
-for B = 4096 or 65536 (torch.sort alone: 44 / 91 us).
+for B = 4096 or 65536 (torch.sort alone: 44 / 91 us). The tinted_route op is this routing alone;
+given its perm and bounds, both ops skip their own routing and the read (a TintedModel routes a
+batch once for all its layers, forward and backward).
 
 tinted_linear: grid = (M tiles, N tiles) with at most cdiv(B, BLOCK_M) + T M tiles (each segment
 wastes at most one partial tile). A program finds its task by a scan over the T segment sizes,
 gathers its BLOCK_M rows of x through perm, runs tl.dot over K in BLOCK_K steps with a float32
 accumulator against the [BLOCK_K, BLOCK_N] tiles of its task's W^T, adds the bias and scatters
-its rows of y to their batch positions. Programs past the last tile return at once.
+its rows of y to their batch positions. Programs past the last tile return at once. W is read
+through its three strides, so the backward's dx = grad @ W runs this kernel on the view
+W.transpose(1, 2), without a copy (Triton compiles an argument equal to 1 as a constant: the
+forward's contiguous W gets its own variant, with contiguous loads along K).
 
 tinted_linear_weight_grad: grid = (T, N tiles, K tiles); each program reduces grad_seg^T @ x_seg
 over its task's rows in BLOCK_M steps (float32 accumulator) and writes its [BLOCK_N, BLOCK_K]
@@ -49,7 +54,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @triton.jit
 def _tinted_linear_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, perm_ptr, bounds_ptr,
-    N, K, T, stride_x, stride_wt, stride_wn, stride_y,
+    N, K, T, stride_x, stride_wt, stride_wn, stride_wk, stride_y,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -85,7 +90,8 @@ def _tinted_linear_kernel(
         k = k0 + offs_k
         kmask = k < K
         a = tl.load(x_rows + k[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_cols + k[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)  # W[t]^T tile
+        b = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wk, mask=kmask[:, None] & nmask[None, :],
+                    other=0.0)  # W[t]^T tile
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -224,8 +230,39 @@ def route(task_ids: torch.Tensor, num_tasks: int, device) -> tuple[torch.Tensor,
     return perm, bounds, bad
 
 
-def _raise_if_bad(op: str, bad: torch.Tensor, task_ids: torch.Tensor, num_tasks: int) -> None:
-    """The launcher's one device-to-host read, after its kernels are queued."""
+def tinted_route(task_ids: torch.Tensor, num_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.ops.neurokern.tinted_route for CUDA tensors: route's perm and bounds (ids unchecked)."""
+    _check_ids("tinted_route", task_ids, task_ids.numel())
+    if num_tasks < 0:
+        raise RuntimeError(f"neurokern.tinted_route: num_tasks must be >= 0, got {num_tasks}")
+    if task_ids.shape[0] == 0:
+        return (torch.empty(0, dtype=torch.int64, device=task_ids.device),
+                torch.zeros(num_tasks + 1, dtype=torch.int64, device=task_ids.device))
+    perm, bounds, _ = route(task_ids, num_tasks, task_ids.device)
+    return perm, bounds
+
+
+def _routing(op: str, task_ids: torch.Tensor, num_tasks: int, perm: Optional[torch.Tensor],
+             bounds: Optional[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(perm, bounds, bad): the caller's routing (checked for shape only; bad None) or route's."""
+    if (perm is None) != (bounds is None):
+        raise RuntimeError(f"neurokern.{op}: give both perm and bounds (tinted_route's outputs) or neither")
+    if perm is None:
+        return route(task_ids, num_tasks, device)
+    B = task_ids.shape[0]
+    if perm.dtype != torch.int64 or tuple(perm.shape) != (B,):
+        raise RuntimeError(f"neurokern.{op}: perm must be int64 [{B}], got {perm.dtype} {list(perm.shape)}")
+    if bounds.dtype != torch.int64 or tuple(bounds.shape) != (num_tasks + 1,):
+        raise RuntimeError(
+            f"neurokern.{op}: bounds must be int64 [{num_tasks + 1}], got {bounds.dtype} {list(bounds.shape)}")
+    return perm.contiguous(), bounds.contiguous(), None
+
+
+def _raise_if_bad(op: str, bad: Optional[torch.Tensor], task_ids: torch.Tensor, num_tasks: int) -> None:
+    """The launcher's one device-to-host read, after its kernels are queued (none when the caller
+    routed the rows)."""
+    if bad is None:
+        return
     b = int(bad.item())
     if b < task_ids.shape[0]:
         raise RuntimeError(
@@ -270,14 +307,15 @@ def _grad_config(B: int, N: int, K: int, T: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
-def tinted_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  task_ids: torch.Tensor) -> torch.Tensor:
+def tinted_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], task_ids: torch.Tensor,
+                  perm: Optional[torch.Tensor] = None, bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """torch.ops.neurokern.tinted_linear for CUDA tensors (and CPU tensors under TRITON_INTERPRET)."""
-    return launch_tinted_linear(x, weight, bias, task_ids)
+    return launch_tinted_linear(x, weight, bias, task_ids, perm, bounds)
 
 
-def launch_tinted_linear(x, weight, bias, task_ids, config: Optional[dict] = None) -> torch.Tensor:
-    """tinted_linear with an optional launch configuration (BLOCK_M/N/K, num_warps, num_stages)."""
+def launch_tinted_linear(x, weight, bias, task_ids, perm=None, bounds=None, config: Optional[dict] = None) -> torch.Tensor:
+    """tinted_linear with an optional launch configuration (BLOCK_M/N/K, num_warps, num_stages).
+    weight may have any strides (the backward passes W^T as a transposed view)."""
     op = "tinted_linear"
     if x.dim() != 2:
         raise RuntimeError(f"neurokern.{op}: x must be [B, in], got {list(x.shape)}")
@@ -300,30 +338,30 @@ def launch_tinted_linear(x, weight, bias, task_ids, config: Optional[dict] = Non
     y = torch.empty((B, N), dtype=x.dtype, device=x.device)
     if B == 0:
         return y
-    perm, bounds, bad = route(task_ids, T, x.device)
+    perm, bounds, bad = _routing(op, task_ids, T, perm, bounds, x.device)
     if N > 0 and T > 0:
         x = x.contiguous()
-        weight = weight.contiguous()
         bias = bias.contiguous() if bias is not None else None
         cfg = dict(config or _fwd_config(B, N, K, T, x.dtype))
         grid = (min(B, triton.cdiv(B, cfg["BLOCK_M"]) + T), triton.cdiv(N, cfg["BLOCK_N"]))
         _tinted_linear_kernel[grid](
             x, weight, bias if bias is not None else x, y, perm, bounds,
-            N, K, T, x.stride(0), weight.stride(0), weight.stride(1), y.stride(0),
+            N, K, T, x.stride(0), weight.stride(0), weight.stride(1), weight.stride(2), y.stride(0),
             HAS_BIAS=bias is not None, PRECISION=_precision(x.dtype), UPCAST=_upcast(x.dtype), **cfg,
         )
     _raise_if_bad(op, bad, task_ids, T)
     return y
 
 
-def tinted_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, task_ids: torch.Tensor,
-                              num_tasks: int) -> torch.Tensor:
+def tinted_linear_weight_grad(grad: torch.Tensor, x: torch.Tensor, task_ids: torch.Tensor, num_tasks: int,
+                              perm: Optional[torch.Tensor] = None, bounds: Optional[torch.Tensor] = None) -> torch.Tensor:
     """torch.ops.neurokern.tinted_linear_weight_grad for CUDA tensors (and CPU tensors under
     TRITON_INTERPRET): [T, out, in] in x's dtype."""
-    return launch_weight_grad(grad, x, task_ids, num_tasks)
+    return launch_weight_grad(grad, x, task_ids, num_tasks, perm, bounds)
 
 
-def launch_weight_grad(grad, x, task_ids, num_tasks: int, config: Optional[dict] = None) -> torch.Tensor:
+def launch_weight_grad(grad, x, task_ids, num_tasks: int, perm=None, bounds=None,
+                       config: Optional[dict] = None) -> torch.Tensor:
     """tinted_linear_weight_grad with an optional launch configuration."""
     op = "tinted_linear_weight_grad"
     if grad.dim() != 2 or x.dim() != 2 or grad.shape[0] != x.shape[0]:
@@ -341,7 +379,7 @@ def launch_weight_grad(grad, x, task_ids, num_tasks: int, config: Optional[dict]
     dw = torch.empty((num_tasks, N, K), dtype=x.dtype, device=x.device)
     if B == 0:
         return dw.zero_()
-    perm, bounds, bad = route(task_ids, num_tasks, x.device)
+    perm, bounds, bad = _routing(op, task_ids, num_tasks, perm, bounds, x.device)
     if num_tasks > 0 and N > 0 and K > 0:
         grad = grad.contiguous()
         x = x.contiguous()
@@ -355,5 +393,6 @@ def launch_weight_grad(grad, x, task_ids, num_tasks: int, config: Optional[dict]
     return dw
 
 
+registry.register("tinted_route", tinted_route)
 registry.register("tinted_linear", tinted_linear)
 registry.register("tinted_linear_weight_grad", tinted_linear_weight_grad)

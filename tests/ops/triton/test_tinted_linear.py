@@ -104,8 +104,9 @@ def test_weight_grad_vs_reference(case, dtype):
     assert_gemm_close(dw, want, scale, dtype)
     for t in empty:
         assert not dw[t].any()
-    # The input gradient as the op's autograd forms it: tinted_linear on W^T.
-    dx = ttl.tinted_linear(g, w.transpose(1, 2).contiguous(), None, ids)
+    # The input gradient as the op's autograd forms it: tinted_linear on the view W^T.
+    dx = ttl.tinted_linear(g, w.transpose(1, 2), None, ids)
+    assert torch.equal(dx, ttl.tinted_linear(g, w.transpose(1, 2).contiguous(), None, ids))
     want_dx = torch.stack([g[i].double() @ w[ids[i]].double() for i in range(B)])
     scale_dx = torch.stack([g[i].double().abs() @ w[ids[i]].double().abs() for i in range(B)])
     assert_gemm_close(dx, want_dx, scale_dx, dtype)
@@ -162,6 +163,59 @@ def test_non_contiguous_inputs():
     assert_gemm_close(ttl.tinted_linear(xs, wt, b, ids), want, scale, torch.float32)
 
 
+# (B, in, out): odd sizes, a single row, more rows than one tile.
+ROUTED_SIZES = [(1, 3, 5), (37, 33, 17), (70, 20, 48)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("T", [1, 2, 3, 5, 8, 12, 20])
+@pytest.mark.parametrize("size", ROUTED_SIZES, ids=str)
+def test_given_routing_and_transposed_weight(size, T, dtype):
+    """perm and bounds from tinted_route: both kernels give bitwise what they give routing the rows
+    themselves, with no host read; the input gradient's W^T view (W read through its strides)
+    gives bitwise what a contiguous copy of W^T gives, within the reference's bound."""
+    B, K, N = size
+    x, w, b, ids = make(B, K, N, T, dtype, seed=B * 1000 + T * 10 + K, empty_tasks=(1,) if T > 2 else ())
+    perm, bounds = ttl.tinted_route(ids, T)
+    with torch.profiler.profile() as prof:
+        y = ttl.tinted_linear(x, w, b, ids, perm, bounds)
+        g = torch.randn(B, N, generator=torch.Generator().manual_seed(T)).to(dtype)
+        dw = ttl.tinted_linear_weight_grad(g, x, ids, T, perm, bounds)
+        dx = ttl.tinted_linear(g, w.transpose(1, 2), None, ids, perm, bounds)
+    assert not [e for e in prof.events() if e.name in ("aten::_local_scalar_dense", "aten::item")]
+    assert torch.equal(y, ttl.tinted_linear(x, w, b, ids))
+    assert torch.equal(dw, ttl.tinted_linear_weight_grad(g, x, ids, T))
+    assert torch.equal(dx, ttl.tinted_linear(g, w.transpose(1, 2).contiguous(), None, ids, perm, bounds))
+    want, scale = _ref_fwd(x, w, b, ids)
+    assert_gemm_close(y, want, scale, dtype)
+    want, scale = _ref_fwd(g, w.transpose(1, 2), None, ids)
+    assert_gemm_close(dx, want, scale, dtype)
+    want, scale = _ref_grad(g, x, ids, T)
+    assert_gemm_close(dw, want, scale, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 3, 16, 17, 40])
+def test_tinted_route_launcher(T):
+    """The tinted_route op's CUDA launcher (route without its bad-row read) against the C++ op and
+    the reference, for T on both sides of the routing kernels' limit and an empty batch."""
+    g = torch.Generator().manual_seed(T)
+    for B in (0, 1, 600):
+        ids = torch.randint(0, T, (B,), generator=g)
+        perm, bounds = ttl.tinted_route(ids, T)
+        for other in (torch.ops.neurokern.tinted_route(ids, T), ref.tinted_route(ids, T)):
+            assert torch.equal(perm, other[0]) and torch.equal(bounds, other[1])
+    with pytest.raises(RuntimeError, match="integer"):
+        ttl.tinted_route(ids.float(), T)
+
+
+def test_empty_batch_with_routing():
+    x, w, b, ids = make(0, 5, 3, 4, torch.float32, seed=0)
+    perm, bounds = ttl.tinted_route(ids, 4)
+    assert ttl.tinted_linear(x, w, b, ids, perm, bounds).shape == (0, 3)
+    dw = ttl.tinted_linear_weight_grad(torch.randn(0, 3), x, ids, 4, perm, bounds)
+    assert dw.shape == (4, 3, 5) and not dw.any()
+
+
 def test_bad_ids_and_arguments():
     x, w, b, ids = make(6, 4, 3, 2, torch.float32, seed=0)
     bad = ids.clone()
@@ -185,6 +239,13 @@ def test_bad_ids_and_arguments():
         ttl.tinted_linear(x, w.half(), b, ids)
     with pytest.raises(RuntimeError, match="grad"):
         ttl.tinted_linear_weight_grad(torch.randn(5, 3), x, ids, 2)
+    perm, bounds = ttl.tinted_route(ids, 2)
+    with pytest.raises(RuntimeError, match="give both perm and bounds"):
+        ttl.tinted_linear(x, w, b, ids, perm, None)
+    with pytest.raises(RuntimeError, match=r"bounds must be int64 \[3\]"):
+        ttl.tinted_linear(x, w, b, ids, perm, bounds[:2])
+    with pytest.raises(RuntimeError, match=r"perm must be int64 \[6\]"):
+        ttl.tinted_linear_weight_grad(torch.randn(6, 3), x, ids, 2, perm.int(), bounds)
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (5, 3), (513, 8), (1500, 5), (700, 16), (300, 40)])
