@@ -83,6 +83,18 @@ def test_symlink_out_of_the_model_folder_is_refused(inputs, tmp_path, capsys):
     assert f"{shard} resolves to {outside}, outside the model folder {root / 'task_0'}" in err, err
 
 
+def test_side_file_linking_out_of_the_folder_is_refused(inputs, tmp_path, capsys):
+    """config.json and tokenizer files are copied into the output: a link to elsewhere would copy
+    that file into it (the old code did)."""
+    root, cfg = inputs
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the output")
+    (root / "base" / "tokenizer_config.json").unlink()
+    (root / "base" / "tokenizer_config.json").symlink_to(secret)
+    err = fails(capsys, cfg, tmp_path / "out")
+    assert f"{root / 'base' / 'tokenizer_config.json'} resolves to {secret}, outside the model folder" in err, err
+
+
 def test_links_inside_the_folder_and_into_a_hub_cache_blob_store_are_read(inputs, tmp_path):
     """The layout huggingface_hub makes: REPO/snapshots/REV/<file> -> ../../blobs/<hash>. Also a
     link to another file of the same folder. Both merge, to the same bytes as plain files."""
