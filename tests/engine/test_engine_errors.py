@@ -349,7 +349,7 @@ def test_refused_pickle_is_one_line(inputs, tmp_path, capsys):
     (folder / "model.safetensors").unlink()
     err = fails(capsys, cfg, tmp_path / "out", "--allow-pickle")
     assert f"{folder / 'pytorch_model.bin'}: cannot read pickled checkpoint with torch.load(weights_only=True): " in err
-    assert "GLOBAL" in err and "system" in err, err
+    assert "GLOBAL" in err and "system" in err and "Weights only load failed" not in err, err
     no_partial(tmp_path / "out")
 
 
