@@ -404,8 +404,8 @@ def prepare_partial(partial: Path, digest: str, fingerprints: Callable[[], dict]
                     return False
                 raise NeurokernError(f"{partial} holds a finished merge whose rename was interrupted; pass --resume "
                                      "to put it in place")
-            raise NeurokernError(f"{partial} is not an interrupted neurokern merge of this config (no "
-                                 f"{STATE}/state.json); delete it to start over")
+            raise NeurokernError(f"{partial} is not an interrupted neurokern merge of this config "
+                                 f"({STATE}/state.json is missing or unreadable); delete it to start over")
     elif not resume:
         raise NeurokernError(f"{partial} holds an interrupted merge; pass --resume to finish it, or delete it")
     elif saved.get("digest") != digest:

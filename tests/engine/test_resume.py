@@ -298,3 +298,16 @@ def test_resume_refuses_a_state_without_input_fingerprints(configs, tmp_path, mo
     assert capsys.readouterr().err == (f"neurokern: error: {partial} records no fingerprints of its inputs (made by an "
                                        "older neurokern); delete it to start over\n")
     assert partial.is_dir()
+
+
+def test_resume_refuses_a_garbled_state_file(configs, tmp_path, monkeypatch, capsys):
+    cfg, _ = configs["ties_global"]
+    out, partial = tmp_path / "merged", tmp_path / "merged.partial"
+    assert cli(cfg, out, crash="shards:1").returncode == 137
+    (partial / ".neurokern" / "state.json").write_text('{"digest": ')
+    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 2
+    assert capsys.readouterr().err == (f"neurokern: error: {partial} is not an interrupted neurokern merge of this "
+                                       "config (.neurokern/state.json is missing or unreadable); delete it to start "
+                                       "over\n")
+    assert len(list(partial.glob("*.safetensors"))) == 1
