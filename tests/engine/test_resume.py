@@ -1,6 +1,6 @@
 """A merge killed at any point (SIGKILL-like: os._exit, no cleanup) leaves no OUT_DIR, and
 `--resume` finishes it byte-identically to an uninterrupted run. The kill comes from the
-NEUROKERN_TEST_CRASH hook (neurokern.engine.writer.crash_hook), so the points are deterministic:
+NEUROKERN_TEST_CRASH hook (neurokern.engine.writer.fault_point), so the points are deterministic:
 inside each streaming pass, right after the pre-pass results are saved, mid-shard, after whole
 shards, after the folder is complete, and between removing the state and the rename."""
 import json
