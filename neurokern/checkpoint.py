@@ -1,13 +1,12 @@
 """Reading whole models from disk (HF folders or .safetensors files), and the file names an HF
 model folder holds. Merged models are written by the streaming engine (neurokern.engine.writer)."""
-import json
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from neurokern.engine.files import INDEX
+from neurokern.engine.files import INDEX, weight_files
 from neurokern.errors import NeurokernError
 
 SIDE_FILES = (
@@ -17,30 +16,9 @@ SIDE_FILES = (
 )
 
 
-def safetensors_files(path: Path) -> list[Path]:
-    """The weight files of a model: a .safetensors file, or a folder's index shards / single file."""
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise NeurokernError(f"{path}: expected a .safetensors file (pickled checkpoints are not read)")
-        return [path]
-    if not path.is_dir():
-        raise NeurokernError(f"model path {path} does not exist")
-    index = path / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise NeurokernError(f"{index}: not a valid safetensors index ({exc})") from exc
-        return [path / f for f in dict.fromkeys(weight_map.values())]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise NeurokernError(f"{path}: no .safetensors weights found (pickled .bin checkpoints are not read)")
-    return files
-
-
 def load_model(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(path):
+    for file in weight_files(path, allow_pickle=False):
         try:
             part = load_file(file)
         except (SafetensorError, OSError) as exc:

@@ -1,7 +1,9 @@
 """The `neurokern` command line (also `python -m neurokern`, and under `torchrun ... -m neurokern`)."""
 import argparse
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from neurokern.errors import NeurokernError
@@ -31,16 +33,26 @@ def merge_command(args: argparse.Namespace) -> int:
         return 0
     result = merge_models(args.config, args.out_dir, resume=args.resume, **kwargs)
     if not args.quiet and _is_main():
-        plan = result.plan
-        size = plan.total_in_bytes
-        print(f"merged {len(plan.tensors)} tensors into {args.out_dir} in {result.seconds:.1f} s "
-              f"({human_bytes(size)} read, {human_bytes(size / max(result.seconds, 1e-9))}/s; "
-              f"passes: {' -> '.join(result.passes) or 'none left'})")
+        shards = len(result.plan.shards)
+        resumed = f"resumed, {result.shards_reused} of {shards} shards were done; " if args.resume else ""
+        read = (f"{human_bytes(result.bytes_read)} read, {human_bytes(result.bytes_read / max(result.seconds, 1e-9))}/s"
+                if result.bytes_read else "nothing read")
+        print(f"merged {len(result.plan.tensors)} tensors into {args.out_dir} in {result.seconds:.1f} s "
+              f"({resumed}{read}; passes: {' -> '.join(result.passes) or 'none left'})")
     return 0
 
 
 def _is_main() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the same unwinding as Ctrl-C (the partial output is kept
+    for --resume), then exit code 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 def main(argv=None) -> int:
@@ -73,17 +85,25 @@ def main(argv=None) -> int:
 
         add_accuracy(bench_p.add_subparsers(dest="bench", required=True))
     args = parser.parse_args(argv)
+    handles_sigterm = args.command == "merge" and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
     try:
         return args.run(args)
     except NeurokernError as exc:
-        print(f"neurokern: error: {exc}", file=sys.stderr)
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        print(f"neurokern: error: {'; '.join(lines)}", file=sys.stderr)  # one line, whatever a library said
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.command != "merge":
             raise
-        out = Path(args.out_dir)
-        print(f"neurokern: interrupted; rerun with --resume to finish from {out.name}.partial", file=sys.stderr)
-        return 130
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(exc, Terminated) else ("interrupted", 130)
+        partial = Path(args.out_dir).with_name(Path(args.out_dir).name + ".partial")
+        then = (f"rerun with --resume to finish from {partial}" if partial.is_dir() else "no output was written")
+        print(f"neurokern: {what}; {then}", file=sys.stderr)
+        return code
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:

@@ -5,6 +5,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from neurokern.engine.files import read_file
 from neurokern.errors import NeurokernError
 
 # mergekit method -> (neurokern method, parameter defaults that give mergekit's semantics)
@@ -75,9 +76,9 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
     else:
         path = Path(source)
         try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise NeurokernError(f"cannot read config {path}: {exc.strerror}") from exc
+            raw = yaml.safe_load(read_file(path, "config ").decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise NeurokernError(f"config {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

@@ -117,3 +117,15 @@ def test_dry_run_writes_nothing(example, tmp_path, capsys):
     assert main(["merge", str(example / "ties.yaml"), str(tmp_path / "out"), "--dry-run"]) == 0
     assert "method: ties" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+def test_an_error_is_one_line_whatever_its_text(monkeypatch, tmp_path, capsys):
+    """Messages that quote a library's text may hold line breaks: the command prints one line."""
+    import neurokern.cli as cli
+
+    def merge_command(args):
+        raise nk.NeurokernError("first line\n\n  second line\n")
+
+    monkeypatch.setattr(cli, "merge_command", merge_command)
+    assert main(["merge", str(tmp_path / "c.yaml"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "neurokern: error: first line; second line\n"

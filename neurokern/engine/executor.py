@@ -189,6 +189,7 @@ class Reader:
         if self.slots.pin:
             self.slots.prepare()
         self.pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="neurokern-read")
+        self.bytes_read = 0  # input bytes of the units submitted (one producer thread at a time adds)
 
     @staticmethod
     def _read(info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
@@ -197,6 +198,7 @@ class Reader:
 
     def _load(self, unit: Unit, slot: Tensor) -> Loading:
         """Submit the reads of a unit into a slot (in file order per model)."""
+        self.bytes_read += unit.in_bytes
         tensors, jobs, offset = [], [], 0
         for m in self.models:
             typed = {}

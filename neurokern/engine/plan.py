@@ -129,7 +129,9 @@ def _numel(shape) -> int:
 
 
 def make_plan(base: Model, num_models: int, out_dtype: Optional[torch.dtype], out_shard_size: int,
-              device_budget: Optional[int] = None, host_budget: Optional[int] = None, cuda: bool = False) -> Plan:
+              device_budget: Optional[int] = None, host_budget: Optional[int] = None, cuda: bool = False,
+              host_option: str = "--memory-budget") -> Plan:
+    """host_option: the command-line option that set the host budget (named when it is too small)."""
     device_budget = device_budget or DEFAULT_BUDGET
     host_budget = host_budget or device_budget
     tensors, merge_names, offsets, pos = {}, [], {}, 0
@@ -202,12 +204,13 @@ def make_plan(base: Model, num_models: int, out_dtype: Optional[torch.dtype], ou
             break
         cap //= 2
     if not fits:
-        over = [f"{what} ~{human_bytes(need[what])} > {human_bytes(budget)}" for what, budget in
-                (("host", host_budget), ("device", device_budget)) if need[what] > budget]
+        limits = [(what, budget, option) for what, budget, option in
+                  (("host", host_budget, host_option), ("device", device_budget, "--memory-budget")) if need[what] > budget]
+        over = [f"{what} ~{human_bytes(need[what])} > {human_bytes(budget)}" for what, budget, _ in limits]
         raise NeurokernError(
             f"memory budget too small: the largest tensor, {biggest.name!r} ({biggest.describe()} in {biggest.file}, "
-            f"{num_models} models), needs {' and '.join(over)} with one tensor per work unit; raise --memory-budget"
-            + (" / --host-memory-budget" if cuda else ""))
+            f"{num_models} models), needs {' and '.join(over)} with one tensor per work unit; raise "
+            + " and ".join(dict.fromkeys(option for _, _, option in limits)))
     return plan
 
 

@@ -12,7 +12,7 @@ from typing import Iterator, Optional
 
 from neurokern.config import MergeConfig
 from neurokern.engine import timing
-from neurokern.engine.files import read_json_header, weight_files
+from neurokern.engine.files import read_header, weight_files
 from neurokern.errors import NeurokernError
 
 ENABLED = os.environ.get("NEUROKERN_PREFETCH", "1") != "0"
@@ -40,7 +40,7 @@ class _Warmup:
                     return
                 file, offset, nbytes = piece
                 with timing.busy("warm-up read", nbytes):
-                    fd = os.open(file, os.O_RDONLY)
+                    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # checked regular; never block
                     try:
                         done = 0
                         while done < nbytes:
@@ -69,7 +69,7 @@ def start(cfg: MergeConfig, resume: bool = False) -> None:
     limit = _memory_available() // 4
     try:
         inputs = [_byte_ranges(path) for path in key]
-    except (NeurokernError, KeyError, TypeError, ValueError):
+    except NeurokernError:
         return  # bad inputs: the engine says what is wrong with them
     if limit > 0:
         timing.add_process_age("process age at the warm-up start")
@@ -90,11 +90,9 @@ def _byte_ranges(path: Path) -> dict[str, tuple[Path, int, int]]:
     """name -> (file, start, end) of every tensor of a safetensors model, in the model's order."""
     ranges = {}
     for file in weight_files(path, allow_pickle=False):
-        header, data_start, _ = read_json_header(file)
-        for name, entry in header.items():
-            if name != "__metadata__":
-                begin, end = entry["data_offsets"]
-                ranges[name] = (file, data_start + int(begin), data_start + int(end))
+        entries, _ = read_header(file)
+        for e in entries:
+            ranges[e.name] = (file, e.start, e.start + e.nbytes)
     return ranges
 
 

@@ -5,6 +5,7 @@ import shutil
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,15 +15,18 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from neurokern.checkpoint import SIDE_FILES
 from neurokern.config import MergeConfig, load_config, parse_size
 from neurokern.engine import kernel_warmup, prefetch, timing
 from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
+from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
 from neurokern.engine.sources import Model, validate
 from neurokern.engine.thresholds import GlobalTrim, tensor_l1, tied_position
-from neurokern.engine.writer import (CONFIG_ECHO, STATE, ShardWriter, crash_hook, done_record, is_published, partial_dir,
-                                     prepare_partial, publish, rename)
+from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, done_record, fault_point,
+                                     is_published, load_global, lock_partial, notice, partial_dir, prepare_partial,
+                                     publish, rename, save_global)
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS
 from neurokern.methods._common import Precomputed, Trims, columns, keep_count, thresholds
@@ -38,9 +42,11 @@ class Result:
     out_dir: Path
     plan: Plan
     seconds: float
-    passes: list[str]
+    passes: list[str]  # the passes this run made (a resumed run skips what the interrupted one saved)
     peak_device_bytes: int = 0
     stats: dict = field(default_factory=dict)
+    bytes_read: int = 0  # input bytes this run read (all ranks)
+    shards_reused: int = 0  # finished shards of an interrupted run, kept (all ranks)
 
 
 def _finite_check(batch: Batch, names: list[str], models: list[Model], host=None) -> Callable[[], None]:
@@ -63,7 +69,8 @@ def _finite_check(batch: Batch, names: list[str], models: list[Model], host=None
 
 class _Engine:
     def __init__(self, cfg: MergeConfig, out_dir: Path, device: torch.device, budget: Optional[int],
-                 host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool], durable: bool = False):
+                 host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool], durable: bool = False,
+                 host_option: str = "--memory-budget"):
         self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
         self.cuda = device.type == "cuda"
         self.spec = METHODS[cfg.method]
@@ -75,8 +82,10 @@ class _Engine:
         self.params = self.spec.params(dict(cfg.params), self.T)
         out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
         self.out_dtype = out_dtype
-        self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda)
+        self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda,
+                              host_option)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
+        self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
         scope = getattr(self.params, "trim_scope", "tensor")
         self.global_trim = scope == "global"
         self.needs_scale = cfg.method == "neuromerging" and self.params.scale is None
@@ -102,7 +111,7 @@ class _Engine:
             bar.set_postfix_str(f"{count[0]} tensors", refresh=False)
             bar.update(batch.nbytes)
             self.batches_seen += 1
-            crash_hook("batches", self.batches_seen)
+            fault_point("batches", self.batches_seen)
 
         timing.section(desc)
         start = time.perf_counter()
@@ -188,39 +197,80 @@ class _Engine:
         return default_scale(total)
 
     # ------------------------------------------------------------------------------------------
+    def _fingerprints(self) -> dict[str, list]:
+        """engine.files.fingerprint of every input file (a few small reads each, in parallel)."""
+        with timing.span("input fingerprints"):
+            files = list(dict.fromkeys(f for m in self.models for f in m.files))
+            with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
+                return dict(zip(map(str, files), pool.map(fingerprint, files)))
+
     def run(self, ranks: Ranks, resume: bool) -> Result:
         start = time.perf_counter()
         partial = partial_dir(self.out_dir)
+        if self.out_dir.is_symlink():
+            raise NeurokernError(f"output {self.out_dir} is a symbolic link; give the path of the folder to create")
         if self.out_dir.exists() and (not self.out_dir.is_dir() or any(self.out_dir.iterdir())):
             raise NeurokernError(f"output {self.out_dir} exists and is not an empty folder")
-        created = False
-        if ranks.is_main:
-            created = not partial.exists()
-            try:
-                partial.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise NeurokernError(f"cannot create {partial.parent}: {exc.strerror or exc}") from exc
-            prepare_partial(partial, self.digest, resume)
-        ranks.barrier()
-        published = is_published(partial, self.digest)  # stopped just before the rename: only that is left
-        ranks.barrier()  # every rank has looked before rank 0 renames
-        if published:
-            if ranks.is_main:
-                rename(partial, self.out_dir)
-            return Result(self.out_dir, self.plan, time.perf_counter() - start, [])
+        lock, ours = None, False  # ours: this run made the partial folder (or began it afresh)
         try:
+            if ranks.is_main:
+                try:
+                    partial.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise NeurokernError(f"cannot create {partial.parent}: {exc.strerror or exc}") from exc
+                lock, ours = lock_partial(partial)
+                ours = prepare_partial(partial, self.digest, self._fingerprints, resume) or ours
+            ranks.barrier()
+            published = is_published(partial, self.digest)  # stopped just before the rename: only that is left
+            ranks.barrier()  # every rank has looked before rank 0 renames
+            if published:
+                if ranks.is_main:
+                    rename(partial, self.out_dir)
+                return Result(self.out_dir, self.plan, time.perf_counter() - start, [],
+                              shards_reused=len(self.plan.shards))
             return self._run(ranks, partial, start, resume)
         except NeurokernError as exc:
-            if created and not getattr(exc, "keep_partial", False):
+            if ours and not isinstance(exc, KeptPartialError):  # bad input: nothing is left
                 shutil.rmtree(partial, ignore_errors=True)
             raise
+        finally:
+            if lock is not None:
+                os.close(lock)
+
+    def _saved_prepasses(self, partial: Path, ranks: Ranks) -> Optional[tuple[Optional[GlobalTrim], Optional[float]]]:
+        """The global trim and scale an interrupted run saved for this plan, or None (none saved, or
+        unusable: garbled, or not matching its sha256; a notice says so and they are computed again)."""
+        values, problem = load_global(partial, self.digest)
+        if values is not None:
+            try:
+                gt = None
+                if values["trim"] is not None:
+                    gt = GlobalTrim([0] * self.T, True, self.device)
+                    gt.load_json(values["trim"])
+                scale = float.fromhex(values["scale"]) if values["scale"] is not None else None
+                if (gt is not None) == self.global_trim and (scale is not None) == self.needs_scale and (
+                        gt is None or len(gt.threshold) == len(gt.tie_limit) == self.T):
+                    return gt, scale
+            except (KeyError, TypeError, ValueError):
+                pass
+            problem = f"{partial / STATE / 'global.json'} does not hold this merge's values"
+        if problem and ranks.is_main:
+            notice(f"resume: {problem}; computing the global thresholds again")
+        return None
 
     def _run(self, ranks: Ranks, partial: Path, start: float, resume: bool) -> Result:
         plan = self.plan
         my_shards = set(plan.rank_shards(ranks.world)[ranks.rank])
         all_mine = [u for u in plan.units if u.shard in my_shards]
-        todo_shards = {s for s in my_shards if done_record(partial, plan.shards[s], verify=resume) is None}
+        todo_shards = set()
+        for index in sorted(my_shards):
+            record, problem = done_record(partial, plan.shards[index], verify=resume)
+            if record is None:
+                todo_shards.add(index)
+                if problem:
+                    notice(f"resume: {partial / plan.shards[index].file}: {problem}; writing it again")
         todo = [u for u in all_mine if u.shard in todo_shards]
+        passes = []
 
         est = plan.estimate(self.cuda)
         cache = max(0, plan.device_budget - est["device"] - DEVICE_HEADROOM) if (self.cuda and len(self.passes) > 1) else 0
@@ -234,37 +284,29 @@ class _Engine:
         writer = None
         try:
             pre = Precomputed()
-            saved = partial / STATE / "global.json"
             if len(self.passes) > 1:
-                if saved.is_file():
-                    data = json.loads(saved.read_text())
-                    gt = None
-                    if data.get("trim"):
-                        gt = GlobalTrim([0] * self.T, True, self.device)
-                        gt.load_json(data["trim"])
-                    scale = float.fromhex(data["scale"]) if data.get("scale") else None
+                saved = self._saved_prepasses(partial, ranks)
+                if saved is not None:
+                    gt, scale = saved
                 else:
+                    passes = self.passes[:-1]
                     gt = self._global_trims(all_mine, ranks, keep=True) if self.global_trim else None
                     trims = self._trims(gt)
                     scale = self._scale(all_mine, ranks, trims, keep=True) if self.needs_scale else None
                     if ranks.is_main:
-                        tmp = saved.with_suffix(".tmp")
-                        tmp.write_text(json.dumps({"trim": gt.to_json() if gt else None,
-                                                   "scale": float.hex(scale) if scale is not None else None}))
-                        os.replace(tmp, saved)
-                        crash_hook("saved")
+                        save_global(partial, self.digest, {"trim": gt.to_json() if gt else None,
+                                                           "scale": float.hex(scale) if scale is not None else None})
+                        fault_point("saved")
                 pre = Precomputed(self._trims(gt), scale)
             ranks.barrier()
             writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable)
+            if todo:
+                passes.append("merge")
             self._merge(todo, ranks, pre, writer)
             timing.section("end")
             with timing.span("writer drain (last units, last fsync)"):
                 writer.close()
             writer = None
-        except NeurokernError as exc:
-            if "--resume" in str(exc):
-                exc.keep_partial = True
-            raise
         finally:
             if writer is not None:
                 writer.abort()
@@ -272,9 +314,9 @@ class _Engine:
             if self.out_slots is not None:  # the writer is done with them
                 self.out_slots.close()
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
+        counts = ranks.sum_(torch.tensor([self.reader.bytes_read, len(my_shards - todo_shards)], dtype=torch.int64))
         ranks.barrier()
         if ranks.is_main:
-            side = [self.cfg.tokenizer_source or self.cfg.base_model, self.cfg.base_model]
             echo = {CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
             from neurokern import __version__
             manifest = {"neurokern": __version__, "method": self.cfg.method,
@@ -282,8 +324,10 @@ class _Engine:
                         "inputs_digest": self.digest, "tensors": len(plan.tensors),
                         "total_size": plan.total_out_bytes}
             with timing.span("publish"):
-                publish(partial, self.out_dir, plan, side, echo, manifest, self.durable)
-        return Result(self.out_dir, plan, time.perf_counter() - start, self.passes, peak)
+                publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable)
+        bytes_read, reused = counts.tolist()
+        return Result(self.out_dir, plan, time.perf_counter() - start, passes, peak, bytes_read=bytes_read,
+                      shards_reused=reused)
 
     def _merge(self, units, ranks: Ranks, pre: Precomputed, writer: ShardWriter) -> None:
         out_slots = None
@@ -380,7 +424,8 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
             if budget is None and dev.type == "cuda":  # default: most of the GPU memory free now
                 budget = int(DEFAULT_GPU_SHARE * torch.cuda.mem_get_info(dev)[0])
         with timing.span("headers + plan"):
-            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync)
+            host_option = "--host-memory-budget" if host_memory_budget is not None else "--memory-budget"
+            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync, host_option)
         if dry_run:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return Result(Path(out_dir), engine.plan, 0.0, engine.passes,

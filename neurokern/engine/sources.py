@@ -2,9 +2,10 @@
 
 A model is a Hugging Face folder (config.json + model.safetensors, or *.safetensors shards and
 model.safetensors.index.json) or a bare .safetensors file. Only the headers are read up front: they
-give every tensor's dtype, shape and byte range, and a header whose byte ranges do not fill the
-file exactly marks a truncated or corrupt file. Tensor bytes are read later with os.preadv straight
-into the caller's (pinned) buffer. Pickled checkpoints (.bin / .pt) are refused unless
+give every tensor's dtype, shape and byte range, checked as strictly as the safetensors library
+checks them (engine/files.py: a header whose byte ranges do not tile the file exactly marks a
+truncated or corrupt file). Tensor bytes are read later with os.preadv straight into the caller's
+(pinned) buffer. Pickled checkpoints (.bin / .pt) are refused unless
 allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
 """
 import os
@@ -14,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from neurokern.engine.files import INDEX, PICKLE_SUFFIXES, read_json_header, weight_files
+from neurokern.engine.files import PICKLE_SUFFIXES, weight_files
+from neurokern.engine.files import read_header as header_entries
 from neurokern.errors import NeurokernError
 
 DTYPES = {
@@ -46,34 +48,19 @@ class TensorInfo:
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """The tensors of one .safetensors file, from its header alone, in the header's order."""
-    header, data_start, size = read_json_header(path)
-    tensors, end = {}, 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, stop = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise NeurokernError(f"{path}: tensor {name!r} has a malformed or unsupported header entry ({entry!r})") from exc
-        info = TensorInfo(name, dtype, shape, path, data_start + begin, stop - begin)
-        if info.nbytes != info.numel * dtype.itemsize or begin < 0:
-            raise NeurokernError(f"{path}: tensor {name!r} header says {info.describe()} but spans {stop - begin} bytes")
-        tensors[name] = info
-        end = max(end, stop)
-    if data_start + end != size:
-        what = "truncated" if data_start + end > size else "longer than its header says"
-        raise NeurokernError(f"{path}: file is {what} ({size} bytes, header needs {data_start + end}); re-download or re-save it")
-    return tensors
+    """The tensors of one .safetensors file, from its header alone (checked: engine/files.py), in
+    the header's order."""
+    entries, _ = header_entries(path)
+    return {e.name: TensorInfo(e.name, DTYPES[e.dtype], e.shape, path, e.start, e.nbytes) for e in entries}
 
 
 def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 (any unpickling failure is a bad file)
-        raise NeurokernError(f"{path}: cannot read pickled checkpoint ({exc})") from exc
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = next((line for line in lines if "GLOBAL" in line), lines[0])  # weights_only's refusal
+        raise NeurokernError(f"{path}: cannot read pickled checkpoint with torch.load(weights_only=True): {reason}") from exc
     if not isinstance(state, dict):
         raise NeurokernError(f"{path}: pickled checkpoint is not a state dict")
     _PICKLED[path] = state
@@ -90,9 +77,8 @@ class Model:
     def __init__(self, path: Path, label: str, allow_pickle: bool = False):
         self.path, self.label = Path(path), label
         self.tensors: dict[str, TensorInfo] = {}
-        for file in weight_files(self.path, allow_pickle):
-            if not file.is_file():
-                raise NeurokernError(f"{file}: listed in {self.path / INDEX} but missing")
+        self.files = weight_files(self.path, allow_pickle)
+        for file in self.files:
             part = _pickle_tensors(file) if file.suffix in PICKLE_SUFFIXES else read_header(file)
             for name, info in part.items():
                 if name in self.tensors:
@@ -100,8 +86,9 @@ class Model:
                 self.tensors[name] = info
 
     def header_digest(self) -> list:
+        sizes = {file: file.stat().st_size for file in self.files}
         return [[i.name, NAMES.get(i.dtype, str(i.dtype)), list(i.shape), i.file.name, i.start, i.nbytes,
-                 i.file.stat().st_size] for i in self.tensors.values()]
+                 sizes[i.file]] for i in self.tensors.values()]
 
 
 def validate(base: Model, finetuned: list[Model]) -> None:
@@ -136,7 +123,7 @@ def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional
     end = info.nbytes if end is None else end
     view = memoryview(out.numpy())
     try:
-        fd = os.open(info.file, os.O_RDONLY)
+        fd = os.open(info.file, os.O_RDONLY | os.O_NONBLOCK)  # checked regular; never block on a swapped-in FIFO
         try:
             done = begin
             while done < end:

@@ -7,6 +7,14 @@ digest and skips those that match. At the end rank 0 adds the index, the side fi
 tokenizer files), the config echo and the manifest, removes `.neurokern/`, and renames the folder
 to OUT_DIR: output appears only complete.
 
+Rank 0 holds an exclusive advisory lock (flock) on the OUT_DIR.partial folder from before it
+looks at it until the merge ends: a second merge (with or without --resume) is refused and
+touches nothing. `.neurokern/state.json` binds the folder to the plan digest and to a fingerprint
+of every input file (engine/files.py: size, mtime, sampled bytes), which a resumed run compares;
+`.neurokern/global.json` holds the pre-pass results with a sha256 over them and the plan digest.
+A failure to write (a full disk, the publish step, OUT_DIR taken meanwhile) raises
+KeptPartialError: the folder and its finished shards are kept for --resume.
+
 The digest (`sha256_tree` in the records and the manifest) is the sha256 of the concatenated
 sha256 digests of the header and of every WRITE_PIECE-byte piece of each tensor's bytes, in file
 order: the pieces are hashed in parallel as they are written (one sha256 stream runs at about 1 GB/s,
@@ -18,12 +26,16 @@ the output while the merge still reads its inputs. `durable` (--fsync) also surv
 each tensor starts at once, every shard is fsync'ed before it is recorded, and so is the folder
 before the rename.
 """
+import fcntl
 import hashlib
 import json
 import os
 import queue
 import shutil
+import socket
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
@@ -31,8 +43,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from neurokern.checkpoint import INDEX, SIDE_FILES
+from neurokern.checkpoint import INDEX
 from neurokern.engine import timing
+from neurokern.engine.files import open_regular
 from neurokern.engine.plan import OUT_SLOTS, Plan, Shard
 from neurokern.errors import NeurokernError
 
@@ -44,38 +57,57 @@ DIGEST = "sha256_tree"
 STATE = ".neurokern"
 MANIFEST = "neurokern_manifest.json"
 CONFIG_ECHO = "neurokern_config.yml"
+OWNER = "owner.json"  # in STATE: the process holding the lock
+
+
+class KeptPartialError(NeurokernError):
+    """An error after which OUT_DIR.partial is kept, finished shards and all, for --resume (the
+    message says so): the output could not be written or put in place, the inputs are fine."""
+
+
+def notice(text: str) -> None:
+    """One line on stderr that is no error: what a resumed run redid, a lock that could not be taken."""
+    print(f"neurokern: {text}", file=sys.stderr, flush=True)
 
 
 def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
-def crash_hook(kind: str, count: int = 0) -> None:
+def fault_point(kind: str, count: int = 0) -> None:
     """Tests only: NEUROKERN_TEST_CRASH=KIND:N ends the process at once (os._exit, no cleanup, as a
-    SIGKILL would) at the N-th event of KIND: batches (units read in any pass), saved (the
-    pre-pass results written), tensors (tensors written), shards (shards finished), publish (the
-    folder complete, before its state is removed), rename (state removed, before the rename)."""
-    spec = os.environ.get("NEUROKERN_TEST_CRASH")
-    if not spec:
-        return
-    want, _, n = spec.partition(":")
-    if want == kind and count >= int(n or 0):
-        os._exit(137)
+    SIGKILL would) at the N-th event of KIND; NEUROKERN_TEST_STALL=KIND:N stops it there (sleeps)
+    until a signal ends it. Events: batches (units read in any pass), saved (the pre-pass results
+    written), tensors (tensors written), shards (shards finished), publish (the folder complete,
+    before its state is removed), rename (state removed, before the rename)."""
+    for variable in ("NEUROKERN_TEST_CRASH", "NEUROKERN_TEST_STALL"):
+        want, _, n = os.environ.get(variable, "").partition(":")
+        if want == kind and count >= int(n or 0):
+            if variable == "NEUROKERN_TEST_CRASH":
+                os._exit(137)
+            while True:
+                time.sleep(1)
 
 
-def done_record(partial: Path, shard: Shard, verify: bool = False) -> Optional[dict]:
-    """The record of a finished shard, if its file has the planned size; verify: and its digest
-    (a resumed run: without fsync a power loss can leave a record whose bytes never reached the
-    disk)."""
+def done_record(partial: Path, shard: Shard, verify: bool = False) -> tuple[Optional[dict], str]:
+    """(the record of a finished shard, "") if its file has the planned size, and with verify its
+    recorded digest (a resumed run: without fsync a power loss can leave a record whose bytes never
+    reached the disk); else (None, why not: "" when the shard has no record)."""
     path = partial / STATE / "done" / (shard.file + ".json")
+    record = _read_json(path)
+    if record is None:
+        return None, "its record is unreadable" if path.exists() else ""
+    if record.get("bytes") != shard.nbytes or not isinstance(record.get(DIGEST), str):
+        return None, "its record does not match the plan"
     try:
-        record = json.loads(path.read_text())
-        if (partial / shard.file).stat().st_size == record["bytes"] == shard.nbytes:
-            if not verify or file_digest(partial / shard.file, shard) == record[DIGEST]:
-                return record
-    except (OSError, ValueError, KeyError):
-        pass
-    return None
+        size = (partial / shard.file).stat().st_size
+        if size != shard.nbytes:
+            return None, f"it has {size} bytes, not {shard.nbytes}"
+        if verify and file_digest(partial / shard.file, shard) != record[DIGEST]:
+            return None, "its bytes differ from the recorded digest"
+    except OSError as exc:
+        return None, f"it cannot be read ({exc.strerror or exc})"
+    return record, ""
 
 
 def _pieces(start: int, end: int) -> range:
@@ -187,7 +219,7 @@ class ShardWriter:
                     self._finish(self.shards[index], self.open.pop(index))
         except OSError as exc:
             file, name = self._where
-            self.error = NeurokernError(
+            self.error = KeptPartialError(
                 f"cannot write tensor {name!r} to {exc.filename or file}: {exc.strerror or exc}; the finished shards "
                 f"are kept in {self.partial} (rerun with --resume once fixed)")
         except BaseException as exc:  # noqa: BLE001 (re-raised on the main thread)
@@ -214,7 +246,7 @@ class ShardWriter:
             jobs.append(self.pool.submit(self._pwrite, entry, data[at - start:at - start + WRITE_PIECE], at, name))
         entry["left"] -= 1
         self.tensors_written += 1
-        crash_hook("tensors", self.tensors_written)
+        fault_point("tensors", self.tensors_written)
         return entry["left"] == 0
 
     def _pwrite(self, entry: dict, data: memoryview, offset: int, name: str) -> None:
@@ -229,7 +261,7 @@ class ShardWriter:
             if self.durable:
                 _start_writeback(fd, offset, len(data))
         except OSError as exc:
-            raise NeurokernError(
+            raise KeptPartialError(
                 f"cannot write tensor {name!r} to {exc.filename or entry['tmp']}: {exc.strerror or exc}; the finished "
                 f"shards are kept in {self.partial} (rerun with --resume once fixed)") from exc
 
@@ -244,12 +276,9 @@ class ShardWriter:
         digest = tree_digest(entry["header"], entry["pieces"])
         os.replace(entry["tmp"], self.partial / shard.file)
         record = {"file": shard.file, "bytes": shard.nbytes, DIGEST: digest}
-        done = self.partial / STATE / "done"
-        tmp = done / (shard.file + ".json.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, done / (shard.file + ".json"))
+        write_atomic(self.partial / STATE / "done" / (shard.file + ".json"), json.dumps(record).encode())
         self.shards_written += 1
-        crash_hook("shards", self.shards_written)
+        fault_point("shards", self.shards_written)
 
 
 def _start_writeback(fd: int, start: int, nbytes: int) -> None:
@@ -270,6 +299,34 @@ def _read_json(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """path holds data, or what it held before: written into path.tmp, then renamed over it.
+    An OSError names path (a failed write names no file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    os.replace(tmp, path)
+
+
+def _copy_atomic(source: Path, path: Path) -> None:
+    """write_atomic for a copy of the regular file source."""
+    fd = open_regular(source)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with os.fdopen(fd, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+    os.replace(tmp, path)
+
+
+def _canonical(data: dict) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
 def is_published(partial: Path, digest: str) -> bool:
     """True when OUT_DIR.partial is complete and only its rename is left: a run was stopped between
     removing the state and the rename (the manifest, written before, names the same inputs)."""
@@ -279,61 +336,153 @@ def is_published(partial: Path, digest: str) -> bool:
     return manifest is not None and manifest.get("inputs_digest") == digest
 
 
-def prepare_partial(partial: Path, digest: str, resume: bool) -> None:
-    """Create OUT_DIR.partial (or check it for --resume: same config and inputs)."""
+def _owner(partial: Path) -> str:
+    owner = _read_json(partial / STATE / OWNER)
+    if owner is None:
+        return "its process is not recorded yet"
+    return f"pid {owner.get('pid')} on {owner.get('host')}"
+
+
+def lock_partial(partial: Path) -> tuple[int, bool]:
+    """Create OUT_DIR.partial if it does not exist and lock it (flock, exclusive, on the folder
+    itself: the lock follows it through the final rename). Returns the descriptor that holds the
+    lock until closed or the process ends, and whether this call created the folder. A merge
+    already holding it is an error that names its process. On a file system without locks the
+    merge goes on unlocked, with a notice."""
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        raise NeurokernError(f"{partial} exists and is not a folder; neurokern did not make it, delete it")
+    while True:
+        try:
+            partial.mkdir()
+            created = True
+        except FileExistsError:
+            created = False
+        except OSError as exc:
+            raise NeurokernError(f"cannot create {partial}: {exc.strerror or exc}") from exc
+        try:
+            fd = os.open(partial, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue  # removed since the mkdir: again
+        except OSError as exc:
+            raise NeurokernError(f"cannot open {partial}: {exc.strerror or exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NeurokernError(f"another merge is running in {partial} ({_owner(partial)}); wait for it to end, "
+                                 "or stop it and rerun with --resume") from None
+        except OSError as exc:
+            notice(f"cannot lock {partial} ({exc.strerror or exc}); make sure no other merge writes into it")
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(partial, follow_symlinks=False))
+        except FileNotFoundError:
+            same = False
+        if same:  # the folder at that path still (a merge ending after the mkdir removes or renames it)
+            try:
+                (partial / STATE).mkdir(exist_ok=True)
+                write_atomic(partial / STATE / OWNER, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+            except OSError as exc:
+                os.close(fd)
+                raise NeurokernError(f"cannot write into {partial}: {exc.strerror or exc}") from exc
+            return fd, created
+        os.close(fd)
+
+
+def prepare_partial(partial: Path, digest: str, fingerprints: Callable[[], dict], resume: bool) -> bool:
+    """With the lock held: start OUT_DIR.partial afresh (True), or check an interrupted merge in it
+    for --resume (False): same plan digest, and every input file's fingerprint (fingerprints():
+    path -> engine.files.fingerprint) as recorded when it began."""
     state = partial / STATE / "state.json"
-    if partial.exists():
-        if not resume:
-            raise NeurokernError(f"{partial} holds an interrupted merge; pass --resume to finish it, or delete it")
-        saved = _read_json(state)
-        if saved is None:
+    saved = _read_json(state)
+    if saved is None:
+        contents = [q for q in partial.iterdir() if q.name != STATE]  # a run stopped while it began leaves none
+        contents += [q for q in (partial / STATE).rglob("*")
+                     if q.is_file() and q.name not in (OWNER, OWNER + ".tmp", "state.json.tmp")]
+        if contents:
             if is_published(partial, digest):
-                return
-            leftovers = [q for q in partial.rglob("*") if q.is_file() and not q.name.startswith("state.json")]
-            if leftovers or any(q.name != STATE for q in partial.iterdir()):
-                raise NeurokernError(f"{partial} is not an interrupted neurokern merge of this config (no "
-                                     f"{STATE}/state.json); delete it to start over")
-            shutil.rmtree(partial)  # stopped while it was being created: start afresh
-        elif saved.get("digest") != digest:
-            raise NeurokernError(f"{partial} was made from a different config or different inputs; "
+                if resume:
+                    return False
+                raise NeurokernError(f"{partial} holds a finished merge whose rename was interrupted; pass --resume "
+                                     "to put it in place")
+            raise NeurokernError(f"{partial} is not an interrupted neurokern merge of this config "
+                                 f"({STATE}/state.json is missing or unreadable); delete it to start over")
+    elif not resume:
+        raise NeurokernError(f"{partial} holds an interrupted merge; pass --resume to finish it, or delete it")
+    elif saved.get("digest") != digest:
+        raise NeurokernError(f"{partial} was made from a different config or different inputs; "
+                             "delete it to start over")
+    else:
+        recorded = saved.get("inputs")
+        if not isinstance(recorded, dict):
+            raise NeurokernError(f"{partial} records no fingerprints of its inputs (made by an older neurokern); "
                                  "delete it to start over")
-        else:
-            for stale in partial.glob("*.tmp"):
-                stale.unlink()
-            return
+        for file, now in fingerprints().items():
+            before = recorded.get(file) or [None] * len(now)
+            if before != now:
+                changed = [what for what, b, n in zip(("size", "modification time", "sampled bytes"), before, now) if b != n]
+                raise NeurokernError(f"inputs changed since the interrupted run: {file} ({', '.join(changed)} changed); "
+                                     f"the merge in {partial} cannot be finished with them, delete it to start over")
+        for stale in partial.glob("*.tmp"):
+            stale.unlink()
+        return False
     try:
-        (partial / STATE / "done").mkdir(parents=True)
-        tmp = state.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"digest": digest}))
-        os.replace(tmp, state)
+        (partial / STATE / "done").mkdir(parents=True, exist_ok=True)
+        write_atomic(state, json.dumps({"digest": digest, "inputs": fingerprints()}).encode())
     except OSError as exc:
         raise NeurokernError(f"cannot create {partial}: {exc.strerror or exc}") from exc
+    return True
 
 
-def publish(partial: Path, out_dir: Path, plan: Plan, side_sources: list[Path], extra_files: dict[str, str],
-            manifest: dict, durable: bool = False) -> None:
-    """Index, side files, config echo and manifest (the folder fsync'ed when durable), then the
-    atomic rename to out_dir."""
-    records = {}
-    for shard in plan.shards:
-        record = done_record(partial, shard)
-        if record is None:
-            raise NeurokernError(f"internal error: shard {shard.file} is missing from {partial}")
-        records[shard.file] = {"bytes": record["bytes"], DIGEST: record[DIGEST]}
+def save_global(partial: Path, digest: str, values: dict) -> None:
+    """The pre-pass results (JSON values) for a resumed run, bound to the plan digest by a sha256."""
+    body = {"plan": digest, "values": values}
     try:
+        write_atomic(partial / STATE / "global.json",
+                     json.dumps({**body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}).encode())
+    except OSError as exc:
+        raise KeptPartialError(f"cannot write {partial / STATE / 'global.json'}: {exc.strerror or exc}; "
+                               f"{partial} is kept (rerun with --resume once fixed)") from exc
+
+
+def load_global(partial: Path, digest: str) -> tuple[Optional[dict], str]:
+    """(values, "") as save_global stored them for this plan; (None, "") when there are none;
+    (None, why they cannot be used) when the file is garbled or does not match its sha256."""
+    path = partial / STATE / "global.json"
+    if not path.exists():
+        return None, ""
+    data = _read_json(path)
+    if data is None:
+        return None, f"{path} is not valid JSON"
+    body = {"plan": data.get("plan"), "values": data.get("values")}
+    if data.get("sha256") != hashlib.sha256(_canonical(body)).hexdigest() or not isinstance(body["values"], dict):
+        return None, f"{path} does not match its sha256"
+    if body["plan"] != digest:
+        return None, f"{path} was made for another plan"
+    return body["values"], ""
+
+
+def publish(partial: Path, out_dir: Path, plan: Plan, side_files: dict[str, Path], extra_files: dict[str, str],
+            manifest: dict, durable: bool = False) -> None:
+    """Index, side files (name -> source), config echo and manifest (the folder fsync'ed when
+    durable), then the atomic rename to out_dir. Any failure keeps the folder for --resume, which
+    writes these files again."""
+    try:
+        records = {}
+        for shard in plan.shards:
+            record, _ = done_record(partial, shard)
+            if record is None:
+                raise NeurokernError(f"internal error: shard {shard.file} is missing from {partial}")
+            records[shard.file] = {"bytes": record["bytes"], DIGEST: record[DIGEST]}
         if len(plan.shards) > 1:
             weight_map = {n: s.file for s in plan.shards for n in s.names}
             weight_map = {n: weight_map[n] for n in plan.tensors}
             index = {"metadata": {"total_size": plan.total_out_bytes}, "weight_map": weight_map}
-            (partial / INDEX).write_text(json.dumps(index, indent=2))
-        for folder in side_sources:
-            if folder.is_dir():
-                for side in SIDE_FILES:
-                    if (folder / side).is_file() and not (partial / side).exists():
-                        shutil.copyfile(folder / side, partial / side)
+            write_atomic(partial / INDEX, json.dumps(index, indent=2).encode())
+        for name, source in side_files.items():
+            _copy_atomic(source, partial / name)
         for name, text in extra_files.items():
-            (partial / name).write_text(text)
-        (partial / MANIFEST).write_text(json.dumps({**manifest, "shards": records}, indent=2) + "\n")
+            write_atomic(partial / name, text.encode())
+        write_atomic(partial / MANIFEST, (json.dumps({**manifest, "shards": records}, indent=2) + "\n").encode())
         if durable:
             fd = os.open(partial, os.O_RDONLY)
             try:
@@ -341,18 +490,26 @@ def publish(partial: Path, out_dir: Path, plan: Plan, side_sources: list[Path], 
             finally:
                 os.close(fd)
     except OSError as exc:
-        raise NeurokernError(f"cannot write {exc.filename or partial}: {exc.strerror or exc}; "
-                             f"the merged shards are kept in {partial} (rerun with --resume)") from exc
-    crash_hook("publish")
+        raise KeptPartialError(f"cannot write {exc.filename or partial}: {exc.strerror or exc}; the merged shards are "
+                               f"kept in {partial} (rerun with --resume once fixed)") from exc
+    except NeurokernError as exc:
+        raise KeptPartialError(f"{exc}; the merged shards are kept in {partial} (rerun with --resume once fixed)") from exc
+    fault_point("publish")
     rename(partial, out_dir)
 
 
 def rename(partial: Path, out_dir: Path) -> None:
-    """Remove the resume state and rename the finished folder to out_dir: the output appears whole."""
-    if out_dir.exists():
-        if not out_dir.is_dir() or any(out_dir.iterdir()):
-            raise NeurokernError(f"output {out_dir} exists and is not an empty folder; the result is in {partial}")
-        out_dir.rmdir()
-    shutil.rmtree(partial / STATE, ignore_errors=True)
-    crash_hook("rename")
-    os.replace(partial, out_dir)
+    """Remove the resume state and rename the finished folder to out_dir: the output appears whole.
+    An out_dir that is no empty folder (made while the merge ran) keeps the result in partial."""
+    try:
+        if out_dir.is_symlink() or out_dir.exists():
+            if out_dir.is_symlink() or not out_dir.is_dir() or any(out_dir.iterdir()):
+                raise KeptPartialError(f"output {out_dir} exists and is not an empty folder; the merged model is in "
+                                       f"{partial}: move {out_dir} away, then rerun with --resume to put it in place")
+            out_dir.rmdir()
+        shutil.rmtree(partial / STATE, ignore_errors=True)
+        fault_point("rename")
+        os.replace(partial, out_dir)
+    except OSError as exc:
+        raise KeptPartialError(f"cannot rename {partial} to {out_dir}: {exc.strerror or exc}; the merged model is in "
+                               f"{partial} (rerun with --resume once fixed)") from exc

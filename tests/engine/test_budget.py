@@ -48,6 +48,15 @@ def test_budget_too_small_names_the_largest_tensor(models, tmp_path, capsys):
     assert "expected a size such as 5GB or 500MiB" in capsys.readouterr().err
 
 
+def test_budget_too_small_names_the_option_that_set_it(models, tmp_path, capsys):
+    """--host-memory-budget is the limit: the old message said to raise --memory-budget."""
+    cfg = write_config(tmp_path / "c.yaml", "ties", models, None, {"density": 0.3})
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--device", "cpu", "--memory-budget", "1GB",
+                 "--host-memory-budget", "50KB"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs host ~" in err and err.endswith("; raise --host-memory-budget\n"), err
+
+
 def test_dry_run_prints_plan_and_writes_nothing(models, tmp_path, capsys):
     cfg = write_config(tmp_path / "c.yaml", "neuromerging", models, {"density": 0.2}, None,
                        extra={"out_shard_size": "20KB"})

@@ -1,15 +1,21 @@
 """Bad input through `neurokern merge`: exit code 2, one line on stderr that names the file and the
 tensor (or the config key), and nothing in OUT_DIR (no OUT_DIR.partial either, except after a
 write error, where the finished shards are kept for --resume)."""
+import builtins
 import errno
+import io
+import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from neurokern.cli import main
-from neurokern.engine import writer
+from neurokern.engine import run, writer
 
 from engine_helpers import make_models, read_dir, write_config
 
@@ -40,10 +46,10 @@ def _edit(file, fn):
 
 
 NAME = "model.layers.1.mlp.gate_proj.weight"  # in task_1's second file and the base's first
+INDEX = "model.safetensors.index.json"
 
 
 def shard_of(folder, name):
-    import json
     index = folder / "model.safetensors.index.json"
     if not index.exists():
         return folder / "model.safetensors"
@@ -217,3 +223,141 @@ def test_error_after_output_started_removes_partial(inputs, tmp_path, capsys, de
     err = fails(capsys, cfg, tmp_path / "out", device=device)
     assert f"tensor {name!r} of models[0] ({file}) has non-finite values" in err
     no_partial(tmp_path / "out")
+
+
+def test_disk_full_while_publishing_keeps_the_merged_shards(inputs, tmp_path, capsys, monkeypatch):
+    """ENOSPC on the index, injected at the open() every file write goes through: the old code
+    said the shards were kept and deleted them."""
+    root, cfg = inputs
+    assert main(["merge", str(cfg), str(tmp_path / "ref"), "--device", "cpu", "--quiet"]) == 0
+    real_open = io.open
+
+    def full_open(file, mode="r", *args, **kwargs):
+        if "w" in mode and os.fspath(file).endswith((INDEX, INDEX + ".tmp")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", full_open)
+    monkeypatch.setattr(builtins, "open", full_open)
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    err = fails(capsys, cfg, out)
+    assert f"cannot write {partial / INDEX}" in err and "No space left on device; the merged shards are kept in" in err
+    assert sorted(p.name for p in partial.glob("*.safetensors")) == sorted(
+        p.name for p in (tmp_path / "ref").glob("*.safetensors"))
+    monkeypatch.undo()
+    assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
+    assert read_dir(out) == read_dir(tmp_path / "ref")
+
+
+def test_output_taken_during_the_merge_keeps_the_result(inputs, tmp_path, capsys, monkeypatch):
+    """OUT_DIR made by someone else while the merge ran: the old code said "the result is in
+    OUT.partial" and deleted that folder."""
+    root, cfg = inputs
+    assert main(["merge", str(cfg), str(tmp_path / "ref"), "--device", "cpu", "--quiet"]) == 0
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    real_publish = run.publish
+
+    def publish(*args, **kwargs):
+        (out / "theirs").mkdir(parents=True)
+        return real_publish(*args, **kwargs)
+
+    monkeypatch.setattr(run, "publish", publish)
+    assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"neurokern: error: output {out} exists and is not an empty folder; the merged "
+                                       f"model is in {partial}: move {out} away, then rerun with --resume to put it "
+                                       "in place\n")
+    assert (out / "theirs").is_dir() and (partial / INDEX).is_file()
+    monkeypatch.undo()
+    shutil.rmtree(out)
+    assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
+    assert read_dir(out) == read_dir(tmp_path / "ref")
+
+
+def _namespace_with_tmpfs(mount_point):
+    """The command prefix of a shell in a mount namespace of its own where a tmpfs can be
+    mounted (as root, or through a user namespace), or None where the machine allows neither."""
+    for prefix in (["unshare", "--mount", "--propagation", "private"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        if shutil.which(prefix[0]) is None:
+            return None
+        probe = subprocess.run(prefix + ["sh", "-c", f"mount -t tmpfs -o size=64k tmpfs '{mount_point}'"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def test_full_tmpfs_while_publishing_keeps_the_merged_shards(inputs, tmp_path):
+    """A real full disk: the output on a tmpfs that holds the shards and the resume state, but not
+    the base's 2 MB tokenizer.json that the publish step copies. Exit 2, the shards kept; after
+    the tmpfs is grown (remount), --resume gives the uninterrupted run's bytes."""
+    root, cfg = inputs
+    (root / "base" / "tokenizer.json").write_text(json.dumps({"vocab": ["token"] * 250_000}))
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    prefix = _namespace_with_tmpfs(mount)
+    if prefix is None:
+        pytest.skip("cannot mount a tmpfs here (no root, no user namespaces)")
+    assert main(["merge", str(cfg), str(tmp_path / "ref"), "--device", "cpu", "--quiet"]) == 0
+    pages = sum(-(-p.stat().st_size // 4096) for p in (tmp_path / "ref").glob("*.safetensors"))
+    size_kb = 4 * pages + 256  # the shards, their records and state, the index; not 2 MB more
+    report = tmp_path / "report"
+    report.mkdir()
+    merge = f"'{sys.executable}' -m neurokern merge '{cfg}' '{mount}/out' --device cpu --quiet"
+    script = f"""
+        mount -t tmpfs -o size={size_kb}k tmpfs '{mount}' || exit 99
+        {merge} 2> '{report}/first.err'; echo $? > '{report}/first.rc'
+        ls -a '{mount}/out.partial' > '{report}/partial.ls' 2>&1
+        mount -o remount,size=64m '{mount}'
+        {merge} --resume 2> '{report}/second.err'; echo $? > '{report}/second.rc'
+        cp -r '{mount}/out' '{report}/out'
+    """
+    subprocess.run(prefix + ["sh", "-c", script], check=True, timeout=600)
+    first = (report / "first.err").read_text()
+    assert (report / "first.rc").read_text() == "2\n"
+    assert first.count("\n") == 1 and "tokenizer.json" in first and "No space left on device" in first, first
+    assert f"the merged shards are kept in {mount}/out.partial" in first
+    kept = (report / "partial.ls").read_text().split()
+    assert {p.name for p in (tmp_path / "ref").glob("*.safetensors")} <= set(kept), kept
+    assert (report / "second.rc").read_text() == "0\n", (report / "second.err").read_text()
+    got, ref = read_dir(report / "out"), read_dir(tmp_path / "ref")
+    assert got == ref
+
+
+@pytest.mark.parametrize("target", ["empty_folder", "dangling"])
+def test_output_that_is_a_symlink(inputs, tmp_path, capsys, target):
+    """The old code merged, then raised a traceback at the rename."""
+    root, cfg = inputs
+    out = tmp_path / "out"
+    if target == "empty_folder":
+        (tmp_path / "real").mkdir()
+        out.symlink_to(tmp_path / "real")
+    else:
+        out.symlink_to(tmp_path / "nowhere")
+    assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"neurokern: error: output {out} is a symbolic link; give the path of the folder "
+                                       "to create\n")
+    assert out.is_symlink() and not (tmp_path / "out.partial").exists()
+
+
+def test_refused_pickle_is_one_line(inputs, tmp_path, capsys):
+    """torch.load(weights_only=True)'s refusal is six lines; the old message quoted them all."""
+    root, cfg = inputs
+    folder = root / "task_0"
+    state = load_file(folder / "model.safetensors")
+    state["extra"] = _Runs("echo hello")
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    err = fails(capsys, cfg, tmp_path / "out", "--allow-pickle")
+    assert f"{folder / 'pytorch_model.bin'}: cannot read pickled checkpoint with torch.load(weights_only=True): " in err
+    assert "GLOBAL" in err and "system" in err and "Weights only load failed" not in err, err
+    no_partial(tmp_path / "out")
+
+
+class _Runs:
+    """A pickle that would run a shell command when loaded."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
