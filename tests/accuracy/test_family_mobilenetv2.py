@@ -103,6 +103,7 @@ def test_folding_matches_unfolded_network():
 # --------------------------------------------------------------------------- the package's weights
 @needs_weights
 def test_checkpoint_is_torchvisions_and_folding_reproduces_it(tmp_path):
+    pytest.importorskip("safetensors")
     state = fam.load_torchvision_state()      # raises unless sha256 == torchvision's mobilenet_v2-b0353104.pth
     ref = fam.TorchvisionMobileNetV2().eval()
     ref.load_state_dict(state, strict=True)   # every key and shape of the package's file
@@ -119,7 +120,7 @@ def test_checkpoint_is_torchvisions_and_folding_reproduces_it(tmp_path):
 
     if not _has("scikit-learn"):
         pytest.skip("the photo check needs scikit-learn's sample image (pip install --no-deps scikit-learn)")
-    from PIL import Image
+    Image = pytest.importorskip("PIL.Image", reason="pip install pillow")
 
     im = Image.open(fam._package_file("scikit-learn", "sklearn/datasets/images/china.jpg")).convert("RGB")
     w, h = im.size
@@ -227,6 +228,7 @@ def test_unifont_script_source():
 @pytest.mark.skipif(not (os.path.exists(fam.NOTO_EMOJI) and os.path.exists(fam.EMOJI_TEST)),
                     reason="apt-get install fonts-noto-color-emoji unicode-data")
 def test_emoji_render():
+    pytest.importorskip("PIL", reason="pip install pillow (with raqm, as its wheels ship)")
     font = fam.emoji_font()
     seqs = dict(fam.emoji_sequences())
     assert "\U0001F600" in seqs and seqs["\U0001F600"] == "Smileys & Emotion"
@@ -242,6 +244,7 @@ def test_emoji_render():
 @pytest.mark.skipif(not os.path.isdir(os.path.join(fam.ICON_ROOT, "Tango", "32x32")),
                     reason="apt-get install tango-icon-theme")
 def test_icons_source():
+    pytest.importorskip("PIL", reason="pip install pillow")
     icons = fam.theme_icons("Tango")
     assert len(icons) > 500
     contexts = {c for _, _, c, _ in icons}

@@ -568,19 +568,19 @@ def unifont_script(per_class: int = 400, seed: int = 0):
     with open(_need(UNIFONT_HEX, "unifont"), encoding="ascii") as f:
         for line in f:
             cp_hex, _, bits = line.strip().partition(":")
-            cp = int(cp_hex, 16)
-            script = scripts.get(cp)
-            if script not in UNIFONT_SCRIPTS or len(bits) not in (32, 64):
-                continue
-            width = len(bits) // 4    # hex digits per 16 rows -> bits per row
-            rows = np.array([int(bits[r * width // 4:(r + 1) * width // 4], 16) for r in range(16)], dtype=np.uint32)
-            glyph = ((rows[:, None] >> np.arange(width - 1, -1, -1, dtype=np.uint32)) & 1).astype(np.uint8)
-            cell = np.zeros((16, 16), dtype=np.uint8)
-            off = (16 - width) // 2
-            cell[:, off:off + width] = glyph
-            img = 255 - 255 * np.kron(cell, np.ones((2, 2), dtype=np.uint8))
-            by[script].append((_gray(img.astype(np.uint8)), script, None))
-    return _cap(by, per_class, seed), {
+            script = scripts.get(int(cp_hex, 16))
+            if script in UNIFONT_SCRIPTS and len(bits) in (32, 64):
+                by[script].append((bits, script, None))
+    ex = []
+    for bits, script, _ in _cap(by, per_class, seed):   # decode only the glyphs kept
+        width = len(bits) // 4    # 16 rows of 8 or 16 bits, most significant bit leftmost
+        glyph = np.unpackbits(np.frombuffer(bytes.fromhex(bits), dtype=np.uint8)).reshape(16, width)
+        cell = np.zeros((16, 16), dtype=np.uint8)
+        off = (16 - width) // 2
+        cell[:, off:off + width] = glyph
+        img = 255 - 255 * np.kron(cell, np.ones((2, 2), dtype=np.uint8))
+        ex.append((_gray(img.astype(np.uint8)), script, None))
+    return ex, {
         "package": "unifont + unicode-data (Debian)",
         "version": {"unifont": _deb_version("unifont"), "unicode-data": _deb_version("unicode-data")},
         "files": [UNIFONT_HEX, f"{UNICODE_DIR}/Scripts.txt"],
@@ -809,7 +809,7 @@ def short_finetune(encoder: nn.Module, task, recipe: Recipe = RECIPE, steps: Opt
         nn.utils.clip_grad_norm_(list(enc.parameters()) + list(head.parameters()), recipe.clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     enc.eval()
     with torch.no_grad():
         logits = head(features(enc, _task_x(task)["test"]))
