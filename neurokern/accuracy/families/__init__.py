@@ -13,6 +13,7 @@ import importlib
 
 FAMILIES = {
     "minilm": "neurokern.accuracy.families.minilm",
+    "mobilenetv2": "neurokern.accuracy.families.mobilenetv2",
 }
 
 
