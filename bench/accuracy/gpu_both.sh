@@ -25,6 +25,7 @@ timeout "$left" python3 -m neurokern.accuracy --device cuda --out "$out/text" --
 timeout "$left" python3 -m neurokern.accuracy --family mobilenetv2 --device cuda --out "$out/vision" \
   --ckpt-dir /tmp/nk-ckpt-vision ${VISION_ARGS:-} > "$out/vision/accuracy.log" 2>&1 &
 wait
+pkill -f multiprocessing.spawn || true  # test-time workers of a suite that timeout stopped
 echo "total: $(( $(date +%s) - start )) s" >> "$out/env.txt"
 rm -f "$out"/*/*.tmp
 tar czf "$out/accuracy.tar.gz" -C "$out" env.txt build.log text vision && rm -rf "$out/text" "$out/vision"
