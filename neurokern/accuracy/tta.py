@@ -89,8 +89,12 @@ def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = ME
                 base, loss=loss, label=f"{label}{' ' + tag if tag else ''}", **kw)
 
     if "lr" in groups:
-        for lam in (1e-2, 1e-3, 1e-4):
-            for tint in (1e-2, 1e-3, 1e-4):
+        # The reference's setting first, then the rest of the 3 x 3 grid; base's own pair is the
+        # suite's Tinting row.
+        pairs = [(1e-2, 1e-2)] + [(lam, tint) for lam in (1e-2, 1e-3, 1e-4) for tint in (1e-2, 1e-3, 1e-4)
+                                  if (lam, tint) != (1e-2, 1e-2)]
+        for lam, tint in pairs:
+            if (lam, tint) != (base.lr_lambda, base.lr_tint):
                 both(f"lr_lambda{lam:g}_tint{tint:g}", f"lr λ {lam:g}, tint {tint:g}", lr_lambda=lam, lr_tint=tint)
     if "lambda" in groups:
         both("lambda_frozen", "λ frozen at task arithmetic's λ", train_lambda=False, prior="task_arithmetic")
