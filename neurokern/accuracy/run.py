@@ -202,9 +202,7 @@ def run_suite(family_name: str, cache, out_dir, tasks: Optional[Sequence[str]] =
                   lambda_grid=tuple(lambda_grid), eval_batch=eval_batch)
     from neurokern.accuracy.report import write_report
 
-    sources_file = Path(cache) / "data" / "sources.json"
-    sources = json.loads(sources_file.read_text(encoding="utf-8")) if sources_file.exists() else {}
-    sources = sources.get("tasks", sources)
+    sources, _ = families.task_sources(cache, [t.name for t in task_list])
     report = {
         "suite": "neurokern accuracy",
         "family": family.NAME,

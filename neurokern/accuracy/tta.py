@@ -74,7 +74,8 @@ def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = ME
     """The ablation grid around `base` (the suite's Tinting) and `adamerging`, by group: "lr" (λ's
     and the tints' learning rates, each of 1e-2, 1e-3, 1e-4; 1e-2 for both is the reference code's
     setting), "lambda" (λ frozen at, or trained from, task arithmetic's λ), "layer" (each of the
-    family's other single layers tinted instead of the head), "loss" (entropy with a tint),
+    family's other single layers tinted instead of the head, at each tint learning rate), "loss"
+    (entropy with a tint),
     "precision" (fp32 instead of bf16 autocast), "adamerging" (its λ at lr 1e-2). Every Tinting
     variant runs with both losses (pseudo-labels and the confidence filter), so Tinting++ is
     compared with Tinting in every row. layers: the family's tint_layers()."""
@@ -100,9 +101,13 @@ def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = ME
         both("lambda_frozen", "λ frozen at task arithmetic's λ", train_lambda=False, prior="task_arithmetic")
         both("lambda_from_ta", "λ trained from task arithmetic's λ", prior="task_arithmetic")
     if "layer" in groups:
+        # A layer's weights live on their own scale (a head trained from N(0, 0.02) and a block's
+        # projection differ), and Adam's steps are about lr whatever the gradient: every layer at
+        # every tint learning rate.
         for key, module in layers.items():
             if (key,) != base.tint:
-                both(f"layer_{key}", f"tint {key} ({module})", tint=(key,))
+                for tint in (1e-2, 1e-3, 1e-4):
+                    both(f"layer_{key}_tint{tint:g}", f"tint {key} ({module}), lr {tint:g}", tint=(key,), lr_tint=tint)
     if "loss" in groups:
         runs["entropy_tint"] = dataclasses.replace(base, loss="entropy", label="entropy loss, same tint")
     if "precision" in groups:

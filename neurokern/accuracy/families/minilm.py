@@ -90,13 +90,10 @@ def prepare(cache_dir, tasks: Optional[Sequence[str]] = None, seed: int = 0, max
 
 def load_tasks(cache_dir, names: Optional[Sequence[str]] = None) -> list[Task]:
     from neurokern.accuracy import data as data_mod
+    from neurokern.accuracy.families import task_sources
 
     data_dir = Path(cache_dir) / "data"
-    sources = json.loads((data_dir / "sources.json").read_text(encoding="utf-8"))
-    names = list(names or sources["tasks"])
-    unknown = [n for n in names if n not in sources["tasks"]]
-    if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; the cache at {data_dir} has {list(sources['tasks'])}")
+    _, names = task_sources(cache_dir, names)
     tokenizer = load_tokenizer(model_dir(cache_dir))
     tasks = []
     for name in names:

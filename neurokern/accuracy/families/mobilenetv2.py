@@ -727,15 +727,13 @@ def prepare(cache_dir, tasks: Optional[Sequence[str]] = None, seed: int = 0, ver
 def load_tasks(cache_dir, names: Optional[Sequence[str]] = None, max_train: Optional[int] = None) -> list[Task]:
     """Tasks from <cache_dir>/data: x[split] uint8 [N, 3, 32, 32] (grey images repeated to RGB,
     optdigits' 8x8 resized), y[split] int64 [N]."""
+    from neurokern.accuracy.families import task_sources
+
     data_dir = Path(cache_dir) / "data"
-    sources = json.loads((data_dir / "sources.json").read_text(encoding="utf-8"))
-    names = list(names or sources["tasks"])
-    unknown = [n for n in names if n not in sources["tasks"]]
-    if unknown:
-        raise SystemExit(f"unknown task(s) {unknown}; the cache at {data_dir} has {list(sources['tasks'])}")
+    sources, names = task_sources(cache_dir, names)
     tasks = []
     for name in names:
-        with np.load(data_dir / sources["tasks"][name]["file"], allow_pickle=False) as z:
+        with np.load(data_dir / sources[name]["file"], allow_pickle=False) as z:
             x, y = {}, {}
             for part in ("train", "val", "test"):
                 xs, ys = z[f"x_{part}"], z[f"y_{part}"]
@@ -743,7 +741,7 @@ def load_tasks(cache_dir, names: Optional[Sequence[str]] = None, max_train: Opti
                     xs, ys = xs[:max_train], ys[:max_train]
                 x[part] = to_input_size(torch.from_numpy(np.ascontiguousarray(xs)))
                 y[part] = torch.from_numpy(ys.astype(np.int64))
-        tasks.append(Task(name, list(sources["tasks"][name]["labels"]), x, y))
+        tasks.append(Task(name, list(sources[name]["labels"]), x, y))
     return tasks
 
 
