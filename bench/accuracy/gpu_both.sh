@@ -18,14 +18,18 @@ MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 NEUROKERN_FORCE_CUDA=1 python3 setup.py bui
   || { tail -40 "$out/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s" >> "$out/env.txt"
 left=$(( limit - ($(date +%s) - start) ))
+# Each suite under its own `timeout`, which leads a process group holding the suite's test-time
+# workers: killing the group ends the workers of a suite that the time limit stopped.
 # shellcheck disable=SC2086
 timeout "$left" python3 -m neurokern.accuracy --device cuda --out "$out/text" --ckpt-dir /tmp/nk-ckpt-text \
   ${TEXT_ARGS:-} > "$out/text/accuracy.log" 2>&1 &
+text=$!
 # shellcheck disable=SC2086
 timeout "$left" python3 -m neurokern.accuracy --family mobilenetv2 --device cuda --out "$out/vision" \
   --ckpt-dir /tmp/nk-ckpt-vision ${VISION_ARGS:-} > "$out/vision/accuracy.log" 2>&1 &
+vision=$!
 wait
-pkill -f multiprocessing.spawn || true  # test-time workers of a suite that timeout stopped
+kill -- "-$text" "-$vision" 2>/dev/null
 echo "total: $(( $(date +%s) - start )) s" >> "$out/env.txt"
 rm -f "$out"/*/*.tmp
 tar czf "$out/accuracy.tar.gz" -C "$out" env.txt build.log text vision && rm -rf "$out/text" "$out/vision"

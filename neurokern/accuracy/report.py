@@ -182,7 +182,7 @@ def markdown(report: dict, summary: dict, checks: list) -> str:
         lines += _tta_table(tt, tasks)
     ablations = dict(sorted(report.get("ablations", {}).items(), key=lambda kv: kv[1].get("order", 0)))
     if ablations:
-        lines += ["", "## Ablations (text suite: every row a full run)", "",
+        lines += ["", "## Ablations (every row a full run)", "",
                   "Rows differ from the Tinting row above only in what they name. Tinting++ (confidence filter) "
                   "beside each Tinting row. Steps: test accuracy after 50 and 200 epochs of the same run "
                   "(Adam with a constant learning rate: a shorter run is the same run stopped earlier).", ""]

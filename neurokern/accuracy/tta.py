@@ -78,7 +78,8 @@ def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = ME
     (entropy with a tint),
     "precision" (fp32 instead of bf16 autocast), "adamerging" (its λ at lr 1e-2). Every Tinting
     variant runs with both losses (pseudo-labels and the confidence filter), so Tinting++ is
-    compared with Tinting in every row. layers: the family's tint_layers()."""
+    compared with Tinting in every row. layers: the family's tint_layers(). Runs come group by group
+    in the order of `groups`."""
     unknown = [g for g in groups if g not in GRID]
     if unknown:
         raise ValueError(f"unknown ablation group(s) {unknown}; choose from {GRID}")
@@ -89,32 +90,33 @@ def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = ME
             runs[f"{name}{'_conf' if tag else ''}"] = dataclasses.replace(
                 base, loss=loss, label=f"{label}{' ' + tag if tag else ''}", **kw)
 
-    if "lr" in groups:
-        # The reference's setting first, then the rest of the 3 x 3 grid; base's own pair is the
-        # suite's Tinting row.
-        pairs = [(1e-2, 1e-2)] + [(lam, tint) for lam in (1e-2, 1e-3, 1e-4) for tint in (1e-2, 1e-3, 1e-4)
-                                  if (lam, tint) != (1e-2, 1e-2)]
-        for lam, tint in pairs:
-            if (lam, tint) != (base.lr_lambda, base.lr_tint):
-                both(f"lr_lambda{lam:g}_tint{tint:g}", f"lr λ {lam:g}, tint {tint:g}", lr_lambda=lam, lr_tint=tint)
-    if "lambda" in groups:
-        both("lambda_frozen", "λ frozen at task arithmetic's λ", train_lambda=False, prior="task_arithmetic")
-        both("lambda_from_ta", "λ trained from task arithmetic's λ", prior="task_arithmetic")
-    if "layer" in groups:
-        # A layer's weights live on their own scale (a head trained from N(0, 0.02) and a block's
-        # projection differ), and Adam's steps are about lr whatever the gradient: every layer at
-        # every tint learning rate.
-        for key, module in layers.items():
-            if (key,) != base.tint:
-                for tint in (1e-2, 1e-3, 1e-4):
-                    both(f"layer_{key}_tint{tint:g}", f"tint {key} ({module}), lr {tint:g}", tint=(key,), lr_tint=tint)
-    if "loss" in groups:
-        runs["entropy_tint"] = dataclasses.replace(base, loss="entropy", label="entropy loss, same tint")
-    if "precision" in groups:
-        both("fp32", "fp32 (no autocast)", precision="fp32")
-        runs["adamerging_fp32"] = dataclasses.replace(adamerging, precision="fp32", label="AdaMerging, fp32")
-    if "adamerging" in groups:
-        runs["adamerging_lr1e-2"] = dataclasses.replace(adamerging, lr_lambda=1e-2, label="AdaMerging, lr 1e-2")
+    for group in groups:  # in the order asked for: with fewer workers than runs, the first finish first
+        if group == "lr":
+            # The reference's setting first, then the rest of the 3 x 3 grid; base's own pair is the
+            # suite's Tinting row.
+            pairs = [(1e-2, 1e-2)] + [(lam, tint) for lam in (1e-2, 1e-3, 1e-4) for tint in (1e-2, 1e-3, 1e-4)
+                                      if (lam, tint) != (1e-2, 1e-2)]
+            for lam, tint in pairs:
+                if (lam, tint) != (base.lr_lambda, base.lr_tint):
+                    both(f"lr_lambda{lam:g}_tint{tint:g}", f"lr λ {lam:g}, tint {tint:g}", lr_lambda=lam, lr_tint=tint)
+        elif group == "lambda":
+            both("lambda_frozen", "λ frozen at task arithmetic's λ", train_lambda=False, prior="task_arithmetic")
+            both("lambda_from_ta", "λ trained from task arithmetic's λ", prior="task_arithmetic")
+        elif group == "layer":
+            # A layer's weights live on their own scale (a head trained from N(0, 0.02) and a block's
+            # projection differ), and Adam's steps are about lr whatever the gradient: every layer at
+            # every tint learning rate.
+            for key, module in layers.items():
+                if (key,) != base.tint:
+                    for tint in (1e-2, 1e-3, 1e-4):
+                        both(f"layer_{key}_tint{tint:g}", f"tint {key} ({module}), lr {tint:g}", tint=(key,), lr_tint=tint)
+        elif group == "loss":
+            runs["entropy_tint"] = dataclasses.replace(base, loss="entropy", label="entropy loss, same tint")
+        elif group == "precision":
+            both("fp32", "fp32 (no autocast)", precision="fp32")
+            runs["adamerging_fp32"] = dataclasses.replace(adamerging, precision="fp32", label="AdaMerging, fp32")
+        elif group == "adamerging":
+            runs["adamerging_lr1e-2"] = dataclasses.replace(adamerging, lr_lambda=1e-2, label="AdaMerging, lr 1e-2")
     return runs
 
 
