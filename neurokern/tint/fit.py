@@ -260,6 +260,14 @@ def fit(
     tasks: list[int] = []
     recorded: list[dict] = []
 
+    def take_step() -> None:
+        optimizer.step()
+        # Autocast caches its low-precision copy of every leaf parameter that requires grad until
+        # the autocast region ends; a fit called inside one (`with torch.autocast(...): fit(...)`)
+        # would otherwise run every later forward on the tints' first values while Adam moves
+        # their float32 masters.
+        torch.clear_autocast_cache()
+
     def record(epoch: int) -> None:
         if callback is None:
             return
@@ -267,6 +275,7 @@ def fit(
         recorded.append({"epoch": epoch, **(out or {})})
 
     model.clear_cache()
+    torch.clear_autocast_cache()
     record(0)
     with tqdm(total=steps * per_epoch, disable=not progress, desc=f"fit ({loss})", leave=False) as bar:
         for epoch in range(steps):
@@ -276,7 +285,7 @@ def fit(
                     optimizer.zero_grad(set_to_none=True)
                     value = task_loss(t)
                     value.backward()
-                    optimizer.step()
+                    take_step()
                     losses.append(value.detach())
                     tasks.append(t)
                     bar.update(1)
@@ -284,7 +293,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 value = sum(task_loss(t) for t in order)
                 value.backward()
-                optimizer.step()
+                take_step()
                 losses.append(value.detach())
                 tasks.append(-1)
                 bar.update(1)

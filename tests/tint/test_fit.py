@@ -135,3 +135,29 @@ def test_callback_records_a_learning_curve(tint_kit):
     assert calls == [0, 3, 6, 7]
     assert [r["epoch"] for r in history["callback"]] == [0, 3, 6, 7]
     assert "lambda_mean" not in history["callback"][0] and "lambda_mean" in history["callback"][-1]
+
+
+@pytest.mark.parametrize("tint", ["head", "fc2"])
+def test_fit_inside_autocast_trains_the_tints(tint_kit, tint):
+    """Autocast keeps its bf16 copy of a leaf parameter for the whole region: a fit run inside one
+    must still see its tints move. Its losses follow the float32 run's (to bf16's precision) and
+    the curve's forward sees the trained tints, where a stale copy keeps the loss at its start."""
+    inputs = _inputs(tint_kit, n=64)
+    runs = []
+    for enabled in (False, True):
+        model, fts = _model(tint_kit, tint_layers=[tint])
+        model.lambdas.requires_grad_(False)
+        x = inputs[0][:8]
+        outputs = []
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            history = fit(model, inputs, fts, loss="pseudo", steps=40, lr=1e-2, batch_size=16, progress=False,
+                          callback=lambda epoch: outputs.append(model(x, task=0).detach().float()),
+                          callback_every=20)
+        runs.append((history["loss"], outputs))
+    (fp32_loss, fp32_out), (bf16_loss, bf16_out) = runs
+    first, last = sum(fp32_loss[:6]) / 6, sum(fp32_loss[-6:]) / 6
+    assert last < 0.7 * first  # the tints learn
+    assert abs(sum(bf16_loss[-6:]) / 6 - last) < 0.05 * first
+    for a, b in zip(fp32_out, bf16_out):
+        torch.testing.assert_close(b, a, rtol=0.1, atol=0.15)
+    assert (bf16_out[-1] - bf16_out[0]).abs().max() > 1.0  # the trained tints, not their first values
