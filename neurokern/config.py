@@ -1,4 +1,5 @@
 """Merge configs (YAML or dict) with mergekit's keys where they overlap, checked up front."""
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,6 +29,21 @@ MERGEKIT_DEFAULTS = {
     "dare_ties": {"weight": 1.0, "density": 1.0},
     "dare_linear": {"weight": 1.0, "density": 1.0},
 }
+
+
+def _method(merge_method: Any) -> tuple[str, dict[str, Any]]:
+    """(neurokern method, its parameter defaults) for a mergekit name or a method added by
+    neurokern.methods.register (which imports neurokern.methods, and torch with it: without that
+    import no method can have been registered, and the config is read before torch is imported)."""
+    if merge_method in MERGEKIT_METHODS:
+        return MERGEKIT_METHODS[merge_method]
+    methods = sys.modules.get("neurokern.methods")
+    registered = methods.registered() if methods is not None else []
+    if merge_method in registered:
+        return merge_method, {}
+    raise NeurokernError(
+        f"config key 'merge_method': {merge_method!r} is not one of {', '.join([*MERGEKIT_METHODS, *registered])}"
+    )
 
 
 @dataclass
@@ -91,11 +107,7 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
     for key in ("merge_method", "base_model", "models"):
         if key not in raw:
             raise NeurokernError(f"config: missing key {key!r}")
-    if raw["merge_method"] not in MERGEKIT_METHODS:
-        raise NeurokernError(
-            f"config key 'merge_method': {raw['merge_method']!r} is not one of {', '.join(MERGEKIT_METHODS)}"
-        )
-    method, params = MERGEKIT_METHODS[raw["merge_method"]]
+    method, params = _method(raw["merge_method"])
     params = dict(params)
     resolve = lambda p: Path(p) if Path(p).is_absolute() else Path(root) / p  # noqa: E731
 

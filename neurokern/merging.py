@@ -5,18 +5,8 @@ import torch
 from torch import Tensor
 
 from neurokern.errors import NeurokernError
-from neurokern.methods import METHODS
+from neurokern.methods import METHODS, check_device
 from neurokern.models import load_models
-
-
-def _check_device_supported(device: torch.device) -> None:
-    if device.type == "cpu":
-        return
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("neurokern::weighted_sum", device.type.upper()):
-        raise NeurokernError(
-            f"neurokern has no kernels for {device.type} tensors in this build; pass device='cpu' "
-            "(or build neurokern with CUDA: a CUDA build of torch plus nvcc)"
-        )
 
 
 def merge(
@@ -57,6 +47,6 @@ def merge(
     models = load_models(base, finetuned, target, check_finite=not spec.checks_finite)
     checked = spec.params(params, models.num_tasks)
     if models.names:
-        _check_device_supported(models.base[models.names[0]].device)
+        check_device(models.base[models.names[0]].device)
     merged = spec.run(models, checked, progress) if models.names else {}  # nothing to merge: base's entries
     return {name: merged.get(name, tensor) for name, tensor in models.base.items()}

@@ -1,8 +1,8 @@
 """Whole-model merges streamed from disk to disk: sources (lazy safetensors reading; files: weight
-files and headers, without torch), plan (shards, work units, memory estimate), thresholds (exact
-global trims in streaming passes), executor (the read -> H2D -> kernels -> D2H -> write pipeline),
-writer (partial output, resume, atomic publish), distributed (torchrun ranks), prefetch (warm-up
-reads while the merge starts), timing (NEUROKERN_PROFILE)."""
+files and headers, without torch), plan (shards, work units, memory estimate), run (the method's
+whole-model passes, neurokern.methods.passes, then the merge pass), executor (the read -> H2D ->
+kernels -> D2H -> write pipeline), writer (partial output, resume, atomic publish), distributed
+(torchrun ranks), prefetch (warm-up reads while the merge starts), timing (NEUROKERN_PROFILE)."""
 __all__ = ["Result", "merge_models"]
 
 

@@ -1,4 +1,4 @@
-"""Ranks of a `torchrun` job: rank, world size, sums across ranks and barriers. One process
+"""Ranks of a `torchrun` job: rank, world size, sums and maxima across ranks, barriers. One process
 without torchrun is world 1 and needs no process group. Backend: NCCL on CUDA, gloo on the CPU;
 NEUROKERN_DIST_BACKEND=gloo runs GPU ranks over gloo too (ranks that share one GPU, which NCCL
 refuses, or a machine without a working NCCL)."""
@@ -37,10 +37,17 @@ class Ranks:
 
     def sum_(self, tensor: Tensor) -> Tensor:
         """In-place sum over ranks (exact for integers; float tensors hold disjoint rows)."""
+        return self._all_reduce(tensor, dist.ReduceOp.SUM)
+
+    def max_(self, tensor: Tensor) -> Tensor:
+        """In-place maximum over ranks."""
+        return self._all_reduce(tensor, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, tensor: Tensor, op) -> Tensor:
         if self.world == 1:
             return tensor
         moved = tensor.to(self.device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+        dist.all_reduce(moved, op=op)
         tensor.copy_(moved)
         return tensor
 

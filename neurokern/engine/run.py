@@ -23,14 +23,11 @@ from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
 from neurokern.engine.sources import Model, validate
-from neurokern.engine.thresholds import GlobalTrim, tensor_l1, tied_position
 from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, done_record, fault_point,
                                      is_published, load_global, lock_partial, notice, partial_dir, prepare_partial,
                                      publish, rename, save_global)
 from neurokern.errors import NeurokernError
-from neurokern.methods import METHODS
-from neurokern.methods._common import Precomputed, Trims, columns, keep_count, thresholds
-from neurokern.methods.neuromerging import default_scale
+from neurokern.methods import METHODS, Pass, PassContext, check_device
 from neurokern.models import ModelSet, nonfinite_later
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -86,10 +83,8 @@ class _Engine:
                               host_option)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
-        scope = getattr(self.params, "trim_scope", "tensor")
-        self.global_trim = scope == "global"
-        self.needs_scale = cfg.method == "neuromerging" and self.params.scale is None
-        self.passes = (["histogram", "boundary"] if self.global_trim else []) + (["l1"] if self.needs_scale else []) + ["merge"]
+        self.prepasses: list[Pass] = self.spec.passes(self.params)
+        self.passes = [read for p in self.prepasses for read in p.reads] + ["merge"]
         self.progress = progress
         self.checked: set[int] = set()
         self.finite_checks: dict[int, Callable[[], None]] = {}  # unit index -> raises on NaN / Inf
@@ -139,62 +134,32 @@ class _Engine:
         return [n for n in batch.unit.names if self.plan.tensors[n].merge]
 
     # ------------------------------------------------------------------------------------------
-    def _global_trims(self, units, ranks: Ranks, keep: bool) -> GlobalTrim:
-        total = self.plan.total_merge_numel
-        rule = "keep" if self.cfg.method == "neuromerging" else self.params.ties
-        gt = GlobalTrim([keep_count(total, d, rule) for d in self.params.density], rule == "keep", self.device)
-        for batch in self._pass("histogram", units, ranks, keep):
-            names = self._merge_names(batch)
-            if names:
-                gt.add_hist(*columns(ModelSet(batch.base, batch.finetuned, names), names))
-        hist = gt.hist if gt.hist is not None else torch.zeros(self.T, 1 << 15, dtype=torch.int64, device=self.device)
-        gt.finish_hist(ranks.sum_(hist))
-        for batch in self._pass("boundary", units, ranks, keep):
-            names = self._merge_names(batch)
-            if names:
-                gt.add_low(names, *columns(ModelSet(batch.base, batch.finetuned, names), names))
-        low = gt.low if gt.low is not None else torch.zeros(self.T, 1 << 16, dtype=torch.int64, device=self.device)
-        pending = gt.finish_low(ranks.sum_(low))
-        if pending:
-            names = self.plan.merge_names
-            counts = ranks.sum_(gt.tie_counts(names))
-            mine = {n for u in units for n in u.names}
-            unit_of = {n: u for u in units for n in u.names}
+    def _context(self, units, ranks: Ranks) -> PassContext:
+        unit_of = {n: u for u in units for n in u.names}
 
-            def position(name: str, t: int, r: int) -> Optional[int]:
-                if name not in mine:
-                    return None
-                with closing(batches(self.plan, [unit_of[name]], self.reader, self.stager)) as one:
-                    batch = next(one)
-                    return tied_position(batch.base[name], batch.finetuned[t][name], gt._value[t], r)
+        def visit(name: str, fn: Callable[[ModelSet], Any]) -> Optional[Any]:
+            if name not in unit_of:
+                return None
+            with closing(batches(self.plan, [unit_of[name]], self.reader, self.stager)) as one:
+                batch = next(one)
+                return fn(ModelSet(batch.base, batch.finetuned, [name]))
 
-            gt.set_ties(pending, ranks.sum_(gt.locate_ties(pending, names, counts, self.plan.offsets, position)))
-        return gt
+        return PassContext(self.plan.merge_names, self.plan.offsets, self.plan.total_merge_numel, self.T,
+                           self.device, ranks.sum_, ranks.max_, visit)
 
-    def _trims(self, gt: Optional[GlobalTrim]) -> Optional[Trims]:
-        if gt is None:
-            return None
-        threshold, tie_limit = gt.pair(self.device)
-        return Trims(threshold, tie_limit, {}, self.plan.offsets)
-
-    def _scale(self, units, ranks: Ranks, trims: Optional[Trims], keep: bool) -> float:
-        index = {n: i for i, n in enumerate(self.plan.merge_names)}
-        # Each tensor's sums stay on the device (no host sync per tensor) until the pass is over.
-        rows = torch.zeros(len(index), self.T, 2, dtype=torch.float64, device=self.device)
-        for batch in self._pass("l1", units, ranks, keep):
-            names = self._merge_names(batch)
-            if not names:
-                continue
-            ms = ModelSet(batch.base, batch.finetuned, names)
-            unit_trims = trims or thresholds(ms, names, self.params.density, "keep", "tensor")
-            for name in names:
-                trim, offset = unit_trims.of(name)
-                rows[index[name]] = tensor_l1(batch.base[name], [sd[name] for sd in batch.finetuned], trim, offset)
-        rows = ranks.sum_(rows).cpu()
-        total = torch.zeros(self.T, 2, dtype=torch.float64)
-        for row in rows:  # in the model's order, as one trim_l1 over the whole list adds them
-            total += row
-        return default_scale(total)
+    def _prepasses(self, units, ranks: Ranks, ctx: PassContext) -> dict[str, Any]:
+        """Runs the method's whole-model passes over this rank's units; their results by key."""
+        results = {}
+        for prepass in self.prepasses:
+            prepass.begin(ctx, results)
+            for i, read in enumerate(prepass.reads):
+                for batch in self._pass(read, units, ranks, keep=True):
+                    names = self._merge_names(batch)
+                    if names:
+                        prepass.accumulate(i, ModelSet(batch.base, batch.finetuned, names))
+                prepass.reduce(i, ctx)
+            results[prepass.key] = prepass.result()
+        return results
 
     # ------------------------------------------------------------------------------------------
     def _fingerprints(self) -> dict[str, list]:
@@ -237,22 +202,16 @@ class _Engine:
             if lock is not None:
                 os.close(lock)
 
-    def _saved_prepasses(self, partial: Path, ranks: Ranks) -> Optional[tuple[Optional[GlobalTrim], Optional[float]]]:
-        """The global trim and scale an interrupted run saved for this plan, or None (none saved, or
+    def _saved_prepasses(self, partial: Path, ranks: Ranks, ctx: PassContext) -> Optional[dict[str, Any]]:
+        """The pre-pass results an interrupted run saved for this plan, or None (none saved, or
         unusable: garbled, or not matching its sha256; a notice says so and they are computed again)."""
         values, problem = load_global(partial, self.digest)
         if values is not None:
-            try:
-                gt = None
-                if values["trim"] is not None:
-                    gt = GlobalTrim([0] * self.T, True, self.device)
-                    gt.load_json(values["trim"])
-                scale = float.fromhex(values["scale"]) if values["scale"] is not None else None
-                if (gt is not None) == self.global_trim and (scale is not None) == self.needs_scale and (
-                        gt is None or len(gt.threshold) == len(gt.tie_limit) == self.T):
-                    return gt, scale
-            except (KeyError, TypeError, ValueError):
-                pass
+            if set(values) == {p.key for p in self.prepasses}:
+                try:
+                    return {p.key: p.load(values[p.key], ctx) for p in self.prepasses}
+                except (KeyError, TypeError, ValueError):
+                    pass
             problem = f"{partial / STATE / 'global.json'} does not hold this merge's values"
         if problem and ranks.is_main:
             notice(f"resume: {problem}; computing the global thresholds again")
@@ -273,7 +232,7 @@ class _Engine:
         passes = []
 
         est = plan.estimate(self.cuda)
-        cache = max(0, plan.device_budget - est["device"] - DEVICE_HEADROOM) if (self.cuda and len(self.passes) > 1) else 0
+        cache = max(0, plan.device_budget - est["device"] - DEVICE_HEADROOM) if (self.cuda and self.prepasses) else 0
         # every unit is checked once: one flag per (merged tensor, model), pinned up front (GPU),
         # before the reader pins its buffers (a pinning call waits for the others)
         self.finite_host = (torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32, pin_memory=True)
@@ -283,21 +242,16 @@ class _Engine:
         self.stager = Stager(self.device, self.out_dtype, cache)
         writer = None
         try:
-            pre = Precomputed()
-            if len(self.passes) > 1:
-                saved = self._saved_prepasses(partial, ranks)
-                if saved is not None:
-                    gt, scale = saved
-                else:
+            pre = {}
+            if self.prepasses:
+                ctx = self._context(all_mine, ranks)
+                pre = self._saved_prepasses(partial, ranks, ctx)
+                if pre is None:
                     passes = self.passes[:-1]
-                    gt = self._global_trims(all_mine, ranks, keep=True) if self.global_trim else None
-                    trims = self._trims(gt)
-                    scale = self._scale(all_mine, ranks, trims, keep=True) if self.needs_scale else None
+                    pre = self._prepasses(all_mine, ranks, ctx)
                     if ranks.is_main:
-                        save_global(partial, self.digest, {"trim": gt.to_json() if gt else None,
-                                                           "scale": float.hex(scale) if scale is not None else None})
+                        save_global(partial, self.digest, {p.key: p.dump(pre[p.key]) for p in self.prepasses})
                         fault_point("saved")
-                pre = Precomputed(self._trims(gt), scale)
             ranks.barrier()
             writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable)
             if todo:
@@ -329,7 +283,7 @@ class _Engine:
         return Result(self.out_dir, plan, time.perf_counter() - start, passes, peak, bytes_read=bytes_read,
                       shards_reused=reused)
 
-    def _merge(self, units, ranks: Ranks, pre: Precomputed, writer: ShardWriter) -> None:
+    def _merge(self, units, ranks: Ranks, pre: dict[str, Any], writer: ShardWriter) -> None:
         out_slots = None
         if self.cuda:
             cap = max((u.out_bytes for u in units), default=0) + 16 * max((len(u.names) for u in units), default=0)
@@ -416,9 +370,7 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
                 kernel_warmup.start(dev)
             budget = parse_size(memory_budget, "memory_budget") if memory_budget is not None else None
             host = parse_size(host_memory_budget, "host_memory_budget") if host_memory_budget is not None else None
-            if dev.type != "cpu":
-                from neurokern.merging import _check_device_supported
-                _check_device_supported(dev)
+            check_device(dev)
             if host is None:
                 host = budget or DEFAULT_BUDGET
             if budget is None and dev.type == "cuda":  # default: most of the GPU memory free now

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 
 from neurokern import ops, params
-from neurokern.methods._common import Method, batches, columns
+from neurokern.methods.method import Method, batches, columns
 
 
 @dataclass(frozen=True)

@@ -3,13 +3,17 @@ neuron, then the coefficient-weighted sums of the rows (neuromerging.md, "The fa
 batch of tensors costs one call per step: the statistics and the weighted sums of all its
 matrices, one solve for all their rows, and one TIES merge of its point parameters."""
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
-from neurokern.methods._common import Method, Precomputed, batches, columns, thresholds
+from neurokern.methods.global_trim import GlobalTrimPass
+from neurokern.methods.method import Method, batches, columns
+from neurokern.methods.passes import Pass, PassContext
+from neurokern.methods.trim import tensor_l1, thresholds
+from neurokern.models import ModelSet
 
 WHERE = "method 'neuromerging'"
 
@@ -45,10 +49,56 @@ def default_scale(sums) -> float:
     return 1.0 / (1.0 - sigma)
 
 
-def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
+class DefaultScale(Pass):
+    """default_scale over the whole model: the trim_l1 sums of every tensor, under the global trims
+    of the pass before it or, without one, each tensor's own trims."""
+
+    key = "scale"
+    reads = ("l1",)
+
+    def __init__(self, densities: list[float]):
+        self.densities = densities
+
+    def begin(self, ctx: PassContext, pre: Mapping[str, Any]) -> None:
+        self.trims = pre.get(GlobalTrimPass.key)
+        self.index = {n: i for i, n in enumerate(ctx.names)}
+        # each tensor's sums stay on the device (no host sync per tensor) until the read is over
+        self.rows = torch.zeros(len(ctx.names), ctx.num_tasks, 2, dtype=torch.float64, device=ctx.device)
+
+    def accumulate(self, read: int, models: ModelSet) -> None:
+        trims = self.trims or thresholds(models, models.names, self.densities, "keep", "tensor")
+        for name in models.names:
+            trim, offset = trims.of(name)
+            self.rows[self.index[name]] = tensor_l1(models.base[name], [sd[name] for sd in models.finetuned],
+                                                    trim, offset)
+
+    def reduce(self, read: int, ctx: PassContext) -> None:
+        rows = ctx.sum_(self.rows).cpu()
+        total = torch.zeros(ctx.num_tasks, 2, dtype=torch.float64)
+        for row in rows:  # in the model's order, as one trim_l1 over the whole list adds them
+            total += row
+        self.scale = default_scale(total)
+
+    def result(self) -> float:
+        return self.scale
+
+    def dump(self, result: float) -> str:
+        return float.hex(result)
+
+    def load(self, data: str, ctx: PassContext) -> float:
+        return float.fromhex(data)
+
+
+def passes(p: Params) -> list[Pass]:
+    return ([GlobalTrimPass(p.density, "keep")] if p.trim_scope == "global" else []) + (
+        [DefaultScale(p.density)] if p.scale is None else [])
+
+
+def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = None):
     names = models.names
-    trims = pre.trims or thresholds(models, names, p.density, "keep", p.trim_scope)
-    lam_orth = p.scale if p.scale is not None else pre.scale
+    pre = pre or {}
+    trims = pre.get(GlobalTrimPass.key) or thresholds(models, names, p.density, "keep", p.trim_scope)
+    lam_orth = p.scale if p.scale is not None else pre.get(DefaultScale.key)
     if lam_orth is None:
         lam_orth = default_scale(ops.trim_l1(*columns(models, names), trims.pair))
     lam_par = p.scale_parallel
@@ -83,4 +133,4 @@ DEFAULTS = {
     "parallel_basis": "unit",
     "gamma": 1.0,
 }
-METHOD = Method("neuromerging", DEFAULTS, resolve, run, checks_finite=True)
+METHOD = Method("neuromerging", DEFAULTS, resolve, run, checks_finite=True, passes=passes)

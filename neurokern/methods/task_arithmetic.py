@@ -5,7 +5,7 @@ import torch
 
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
-from neurokern.methods._common import Method, batches, columns
+from neurokern.methods.method import Method, batches, columns
 from neurokern.models import raise_if_nonfinite
 from neurokern.ops._common import to_device
 

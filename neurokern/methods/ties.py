@@ -1,9 +1,13 @@
 """TIES merging (Yadav et al. 2023) with mergekit's semantics by default; every variant of
 classic-methods.md is a parameter."""
 from dataclasses import dataclass
+from typing import Any, Mapping, Optional
 
 from neurokern import ops, params
-from neurokern.methods._common import Method, Precomputed, batches, columns, thresholds
+from neurokern.methods.global_trim import GlobalTrimPass
+from neurokern.methods.method import Method, batches, columns
+from neurokern.methods.passes import Pass
+from neurokern.methods.trim import thresholds
 
 WHERE = "method 'ties'"
 
@@ -35,8 +39,12 @@ def resolve(p, num_tasks):
     )
 
 
-def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
-    trims = pre.trims or thresholds(models, models.names, p.density, p.ties, p.trim_scope)
+def passes(p: Params) -> list[Pass]:
+    return [GlobalTrimPass(p.density, p.ties)] if p.trim_scope == "global" else []
+
+
+def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = None):
+    trims = (pre or {}).get(GlobalTrimPass.key) or thresholds(models, models.names, p.density, p.ties, p.trim_scope)
     out = {}
     for names in batches(models, models.names, progress, "ties"):
         base, finetuned = columns(models, names)
@@ -62,4 +70,4 @@ DEFAULTS = {
     "elect_on": "weighted",
     "zero_sign": "positive",
 }
-METHOD = Method("ties", DEFAULTS, resolve, run, checks_finite=True)
+METHOD = Method("ties", DEFAULTS, resolve, run, checks_finite=True, passes=passes)

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from neurokern.engine import merge_models, plan
-from neurokern.engine import run as engine_run
 from neurokern.engine.executor import Reader, Stager, batches
 from neurokern.engine.plan import HOST_SLOTS, make_plan
 from neurokern.engine.sources import Model
-from neurokern.engine.thresholds import tied_position
+from neurokern.methods import global_trim
+from neurokern.methods.global_trim import tied_position
 
 from engine_helpers import read_dir, within, write_config
 
@@ -73,7 +73,7 @@ def test_error_in_consumer_gives_slots_back(models, monkeypatch):
 ])
 def test_multi_pass_merges_under_tiny_budget(models, tmp_path, monkeypatch, method, params, per_model):
     located = []
-    monkeypatch.setattr(engine_run, "tied_position", lambda *a: located.append(a) or tied_position(*a))
+    monkeypatch.setattr(global_trim, "tied_position", lambda *a: located.append(a) or tied_position(*a))
     cfg = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra={"out_shard_size": "20KB"})
     small = within(WATCHDOG_S, merge_models, cfg, tmp_path / "small", device="cpu", memory_budget="200KB")
     assert len(small.plan.units) > 2 * HOST_SLOTS  # more units than slots, in every pass

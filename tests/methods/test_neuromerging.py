@@ -6,7 +6,8 @@ import neurokern as nk
 from neurokern import ops
 from neurokern.methods import neuromerging as NM
 from neurokern.methods import reference as R
-from neurokern.methods._common import columns, group, thresholds
+from neurokern.methods.method import columns, group
+from neurokern.methods.trim import thresholds
 from neurokern.models import ModelSet
 
 from conftest import delta_error, make_models

@@ -1,5 +1,5 @@
 """Histograms of |tau| keys over a list of tensors, for the streaming engine's exact global trims
-(neurokern/engine/thresholds.py): launches only, no host sync.
+(neurokern/methods/global_trim.py): launches only, no host sync.
 
 The key of an entry is the int32 bit pattern of |float32(finetuned[t]) - float32(base)| (non-
 negative, so the bits order it; thresholds.magnitude_bits). Two modes add into an int64 [T, BINS]

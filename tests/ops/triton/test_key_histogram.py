@@ -10,8 +10,8 @@ import zlib
 import pytest
 import torch
 
-from neurokern.engine import thresholds as th
-from neurokern.engine.thresholds import GlobalTrim, magnitude_bits
+from neurokern.methods import global_trim as th
+from neurokern.methods.global_trim import GlobalTrim, magnitude_bits
 from neurokern.ops.triton import key_histogram as K
 
 CUDA = torch.cuda.is_available()

@@ -1,5 +1,6 @@
 """Exact global trims without holding the model: the k-th largest |tau_t| per task over every
-merged tensor, and the exact-k tie limit by global flat position, from streaming passes.
+merged tensor, and the exact-k tie limit by global flat position, from streaming passes
+(GlobalTrimPass: the whole-model pass of the methods with trim_scope "global").
 
 |tau| is a non-negative float32, so its bit pattern orders it. Pass 1 counts the entries of each
 task per high 16 bits of that pattern (a [T, 32768] histogram: the sign bit is 0); the bin holding
@@ -18,16 +19,18 @@ copies them to pinned memory without waiting; they are unpacked once the pass is
 they run torch's ops per tensor and task.
 """
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from neurokern import ops
+from neurokern.methods.method import columns
+from neurokern.methods.passes import Pass, PassContext
+from neurokern.methods.trim import INT64_MAX, Trims, keep_count
+from neurokern.models import ModelSet
 from neurokern.ops import triton as triton_kernels
 from neurokern.ops._common import to_device
 
-INT64_MAX = torch.iinfo(torch.int64).max
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 
@@ -66,6 +69,7 @@ class GlobalTrim:
     low: Optional[Tensor] = None
     sparse: dict = field(default_factory=dict)  # (name, t) -> (low values, counts) in the boundary bin
     gathered: list = field(default_factory=list)  # GPU exact_k: per unit, what fills `sparse` after pass 2
+    value: list[int] = field(default_factory=list)  # per task: the threshold's bits (-1: keeps nothing)
     threshold: list[float] = field(default_factory=list)
     tie_limit: list[int] = field(default_factory=list)
 
@@ -151,16 +155,16 @@ class GlobalTrim:
         """Thresholds; returns the (task, rank among tied entries) still needing a tie position."""
         self._unpack_gathered()
         rows = low.cpu().tolist()
-        self.threshold, self.tie_limit, self._value, pending = [], [], [], []
+        self.threshold, self.tie_limit, self.value, pending = [], [], [], []
         for t, k in enumerate(self.k):
             if self.hi_bin[t] < 0:
                 self.threshold.append(float("inf"))
                 self.tie_limit.append(0)
-                self._value.append(-1)
+                self.value.append(-1)
                 continue
             lo, above = _take_top(rows[t], k - self.above[t])
             value = (self.hi_bin[t] << 16) | lo
-            self._value.append(value)
+            self.value.append(value)
             self.threshold.append(torch.tensor(value, dtype=torch.int32).view(torch.float32).item())
             need = k - self.above[t] - above  # tied entries kept, 1 .. rows[t][lo]
             if self.keep_ties or need == rows[t][lo]:
@@ -175,9 +179,9 @@ class GlobalTrim:
         out = torch.zeros(len(names), self.num_tasks, dtype=torch.int64)
         for i, name in enumerate(names):
             for t in range(self.num_tasks):
-                if (name, t) in self.sparse and self._value[t] >= 0:
+                if (name, t) in self.sparse and self.value[t] >= 0:
                     values, counts = self.sparse[(name, t)]
-                    hit = values == (self._value[t] & 0xFFFF)
+                    hit = values == (self.value[t] & 0xFFFF)
                     out[i, t] = counts[hit].sum()
         return out
 
@@ -202,18 +206,6 @@ class GlobalTrim:
         for t, _ in pending:
             self.tie_limit[t] = int(found[t])
 
-    def pair(self, device) -> tuple[Tensor, Tensor]:
-        return (torch.tensor(self.threshold, dtype=torch.float32, device=device),
-                torch.tensor(self.tie_limit, dtype=torch.int64, device=device))
-
-    # saved with the partial output so that a resumed run reuses the exact trims
-    def to_json(self) -> dict:
-        return {"threshold": [float.hex(x) for x in self.threshold], "tie_limit": self.tie_limit}
-
-    def load_json(self, data: dict) -> None:
-        self.threshold = [float.fromhex(x) for x in data["threshold"]]
-        self.tie_limit = [int(x) for x in data["tie_limit"]]
-
 
 def tied_position(base: Tensor, finetuned: Tensor, value: int, r: int) -> int:
     """Flat position of the r-th (1-based) entry whose |tau| bits equal `value`."""
@@ -221,11 +213,59 @@ def tied_position(base: Tensor, finetuned: Tensor, value: int, r: int) -> int:
     return int(hits[r - 1])
 
 
-def tensor_l1(base: Tensor, finetuned: list[Tensor], trim: tuple[Tensor, Tensor], offset: int) -> Tensor:
-    """float64 [T, 2] trim_l1 of one tensor under a trim whose tie limits count from `offset`.
-    Summed over tensors in the model's order this equals one ops.trim_l1 over the whole list (the
-    kernel adds per-tensor sums in that order), whatever the split into units or ranks."""
-    threshold, tie_limit = trim
-    if offset:
-        tie_limit = torch.where(tie_limit == INT64_MAX, tie_limit, (tie_limit - offset).clamp_min(0))
-    return ops.trim_l1([base], list(finetuned), (threshold, tie_limit))
+class GlobalTrimPass(Pass):
+    """Trims over every merged tensor (trim.Trims of global scope, offsets in the whole model) for
+    densities (one per task) under a keep_count rule: a histogram read, a boundary read, and a
+    re-read of the one tensor holding a task's last kept tied entry where exact_k needs it."""
+
+    key = "trim"
+    reads = ("histogram", "boundary")
+
+    def __init__(self, densities: list[float], rule: str):
+        self.densities, self.rule = densities, rule
+
+    def begin(self, ctx: PassContext, pre: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.trim = GlobalTrim([keep_count(ctx.numel, d, self.rule) for d in self.densities], self.rule == "keep",
+                               ctx.device)
+
+    def accumulate(self, read: int, models: ModelSet) -> None:
+        if read == 0:
+            self.trim.add_hist(*columns(models, models.names))
+        else:
+            self.trim.add_low(models.names, *columns(models, models.names))
+
+    def reduce(self, read: int, ctx: PassContext) -> None:
+        trim, T = self.trim, ctx.num_tasks
+        if read == 0:
+            hist = trim.hist if trim.hist is not None else torch.zeros(T, HI_BINS, dtype=torch.int64, device=ctx.device)
+            trim.finish_hist(ctx.sum_(hist))
+            return
+        low = trim.low if trim.low is not None else torch.zeros(T, LO_BINS, dtype=torch.int64, device=ctx.device)
+        pending = trim.finish_low(ctx.sum_(low))
+        if pending:
+            counts = ctx.sum_(trim.tie_counts(ctx.names))
+
+            def position(name: str, t: int, r: int) -> Optional[int]:
+                return ctx.visit(name, lambda one: tied_position(one.base[name], one.finetuned[t][name],
+                                                                 trim.value[t], r))
+
+            trim.set_ties(pending, ctx.sum_(trim.locate_ties(pending, ctx.names, counts, ctx.offsets, position)))
+
+    def result(self) -> Trims:
+        return self._trims(self.trim.threshold, self.trim.tie_limit, self.ctx)
+
+    def dump(self, result: Trims) -> dict:
+        return {"threshold": [float.hex(x) for x in result.threshold.tolist()], "tie_limit": result.tie_limit.tolist()}
+
+    def load(self, data: dict, ctx: PassContext) -> Trims:
+        threshold = [float.fromhex(x) for x in data["threshold"]]
+        tie_limit = [int(x) for x in data["tie_limit"]]
+        if not len(threshold) == len(tie_limit) == ctx.num_tasks:
+            raise ValueError("one threshold and tie limit per task expected")
+        return self._trims(threshold, tie_limit, ctx)
+
+    @staticmethod
+    def _trims(threshold: list[float], tie_limit: list[int], ctx: PassContext) -> Trims:
+        return Trims(torch.tensor(threshold, dtype=torch.float32, device=ctx.device),
+                     torch.tensor(tie_limit, dtype=torch.int64, device=ctx.device), {}, ctx.offsets)

@@ -1,69 +1,15 @@
-"""Pieces the merge methods share: the method record, parameter resolution, trim thresholds."""
+"""Magnitude trims of task vectors, as the methods use them: the exact thresholds of a set of
+tensors (each alone or all together), and the L1 sums of what a trim keeps."""
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from neurokern import ops
-from neurokern.errors import NeurokernError
 from neurokern.models import ModelSet, raise_if_nonfinite
 
-
-@dataclass(frozen=True)
-class Method:
-    """A merge method: its parameters with defaults, their checks, and the merge itself."""
-
-    name: str
-    defaults: dict[str, Any]
-    resolve: Callable[[dict[str, Any], int], Any]  # (params with defaults filled, T) -> checked params
-    # (models, params, progress, precomputed or None) -> merged
-    run: Callable[..., dict[str, Tensor]]
-    # run checks NaN / Inf itself when models.finite_checked is False (in a pass that reads every entry)
-    checks_finite: bool = False
-
-    def params(self, given: dict[str, Any], num_tasks: int) -> Any:
-        unknown = sorted(set(given) - set(self.defaults))
-        if unknown:
-            raise NeurokernError(
-                f"method {self.name!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
-                f"it takes {', '.join(sorted(self.defaults))}"
-            )
-        return self.resolve({**self.defaults, **given}, num_tasks)
-
-
-def each(names: list[str], progress: bool, desc: str) -> Iterable[str]:
-    return tqdm(names, desc=desc, unit="tensor", disable=not progress, leave=False)
-
-
-# Tensors per call of a multi-tensor op: a GPU merges each batch in one launch; the bound keeps the
-# progress bar moving on large models.
-BATCH_ELEMENTS = 1 << 28
-
-
-def batches(models: ModelSet, names: list[str], progress: bool, desc: str) -> Iterable[list[str]]:
-    """Consecutive runs of names of at most BATCH_ELEMENTS elements (at least one tensor each)."""
-    bar = tqdm(total=len(names), desc=desc, unit="tensor", disable=not progress, leave=False)
-    batch, size = [], 0
-    for name in names:
-        numel = models.base[name].numel()
-        if batch and size + numel > BATCH_ELEMENTS:
-            yield batch
-            bar.update(len(batch))
-            batch, size = [], 0
-        batch.append(name)
-        size += numel
-    if batch:
-        yield batch
-        bar.update(len(batch))
-    bar.close()
-
-
-def columns(models: ModelSet, names: list[str]) -> tuple[list[Tensor], list[Tensor]]:
-    """The base tensors of names and their fine-tuned versions, task-major (the multi ops' layout)."""
-    return ([models.base[n] for n in names],
-            [sd[n] for sd in models.finetuned for n in names])
+INT64_MAX = torch.iinfo(torch.int64).max
 
 
 @dataclass
@@ -107,16 +53,6 @@ class Trims:
         return self.pair, [self.offset[n] for n in names]
 
 
-@dataclass
-class Precomputed:
-    """What a method needs from the whole model when it runs on a part of it (the streaming
-    engine, neurokern.engine): global-scope trims (offsets of the part's tensors) and
-    NeuroMerging's default lambda_2. None fields are computed from the models given."""
-
-    trims: Optional[Trims] = None
-    scale: Optional[float] = None
-
-
 def keep_count(numel: int, density: float, rule: str) -> int:
     """How many entries a trim keeps (the k of magnitude_threshold).
 
@@ -158,5 +94,11 @@ def thresholds(models: ModelSet, names: list[str], densities: list[float], rule:
     return Trims(threshold, tie_limit, {n: i for i, n in enumerate(names)}, {}, flags)
 
 
-def group(models: ModelSet, name: str) -> tuple[Tensor, list[Tensor]]:
-    return models.base[name], [sd[name] for sd in models.finetuned]
+def tensor_l1(base: Tensor, finetuned: list[Tensor], trim: tuple[Tensor, Tensor], offset: int) -> Tensor:
+    """float64 [T, 2] trim_l1 of one tensor under a trim whose tie limits count from `offset`.
+    Summed over tensors in the model's order this equals one ops.trim_l1 over the whole list (the
+    kernel adds per-tensor sums in that order), whatever the split into units or ranks."""
+    threshold, tie_limit = trim
+    if offset:
+        tie_limit = torch.where(tie_limit == INT64_MAX, tie_limit, (tie_limit - offset).clamp_min(0))
+    return ops.trim_l1([base], list(finetuned), (threshold, tie_limit))
