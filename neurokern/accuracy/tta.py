@@ -43,7 +43,7 @@ class TTA:
     tint: tuple = ()
     steps: int = 500
     lr_tint: float = 1e-2
-    lr_lambda: float = 1e-3
+    lr_lambda: float = 1e-2
     train_lambda: bool = True
     prior: Union[float, str] = 0.3
     schedule: str = "tasks"
@@ -57,7 +57,9 @@ class TTA:
 
 
 # The suite's rows. AdaMerging as its reference runs it (entropy, one step per epoch on the sum of
-# the tasks' losses, λ at lr 1e-3, 500 steps). Model Tinting with the head as its tint, 500 epochs.
+# the tasks' losses, λ at lr 1e-3, 500 steps). Model Tinting as its reference runs it: the head as
+# its tint, λ and the tint at lr 1e-2, 500 epochs (the lr ablation: λ at 1e-3 did worse on both
+# families, bench/results/tinting-diagnosis.md).
 METHODS = {
     "adamerging": TTA("entropy", schedule="joint", lr_lambda=1e-3,
                       label="AdaMerging (layer-wise, entropy)"),
