@@ -162,10 +162,16 @@ def run_tta(ctx, tta: TTA, curve_every: int = 25, ta_lambda: Optional[float] = N
     tints0 = [p.detach().clone() for p in _tints(model)]
     build_seconds = time.perf_counter() - start
 
-    def evaluate(split: str) -> dict:
-        return {t.name: accuracy(predict(lambda x, i=i: model(x, task=i), t.x[split], device, ctx.eval_batch,
-                                         tta.precision), t.y[split])
-                for i, t in enumerate(ctx.tasks)}
+    def evaluate(split: str, shares: Optional[dict] = None) -> dict:
+        """Accuracy per task on `split`; shares, if given, gets each task's share of its most
+        predicted class (a loss that collapses a task onto one class shows there)."""
+        out = {}
+        for i, t in enumerate(ctx.tasks):
+            logits = predict(lambda x, i=i: model(x, task=i), t.x[split], device, ctx.eval_batch, tta.precision)
+            out[t.name] = accuracy(logits, t.y[split])
+            if shares is not None and len(logits):
+                shares[t.name] = float(torch.bincount(logits.argmax(-1)).max()) / len(logits)
+        return out
 
     curve_seconds = [0.0]
 
@@ -178,7 +184,8 @@ def run_tta(ctx, tta: TTA, curve_every: int = 25, ta_lambda: Optional[float] = N
             if tints0:
                 moved = sum(float((p.detach() - p0).float().pow(2).sum()) for p, p0 in zip(_tints(model), tints0))
                 drift = (moved / max(sum(float(p0.float().pow(2).sum()) for p0 in tints0), 1e-30)) ** 0.5
-            out = {"val": evaluate("val"), "test": evaluate("test"),
+            shares: dict = {}
+            out = {"val": evaluate("val"), "test": evaluate("test", shares), "test_top_class_share": shares,
                    "lambda_mean": per_task.clamp(0, 1).mean(0).tolist(),
                    "lambda_at_0": (per_task <= 0).float().mean(0).tolist(),
                    "lambda_at_1": (per_task >= 1).float().mean(0).tolist(),
@@ -209,6 +216,7 @@ def run_tta(ctx, tta: TTA, curve_every: int = 25, ta_lambda: Optional[float] = N
             "val": final["val"], "test": final["test"], "curve": curve,
             "lambda_mean": float(lam.mean()), "lambda_per_task": final["lambda_mean"],
             "lambda_at_0": final["lambda_at_0"], "lambda_at_1": final["lambda_at_1"], "tint_drift": final["tint_drift"],
+            "test_top_class_share": final["test_top_class_share"],
             "tint_rms": _rms(tints0),
             "fit_loss_first": sum(losses[:k]) / k if losses else None,
             "fit_loss_last": sum(losses[-k:]) / k if losses else None,
