@@ -94,13 +94,13 @@ def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = ME
 
     for group in groups:  # in the order asked for: with fewer workers than runs, the first finish first
         if group == "lr":
-            # The reference's setting first, then the rest of the 3 x 3 grid; base's own pair is the
-            # suite's Tinting row.
-            pairs = [(1e-2, 1e-2)] + [(lam, tint) for lam in (1e-2, 1e-3, 1e-4) for tint in (1e-2, 1e-3, 1e-4)
-                                      if (lam, tint) != (1e-2, 1e-2)]
-            for lam, tint in pairs:
-                if (lam, tint) != (base.lr_lambda, base.lr_tint):
-                    both(f"lr_lambda{lam:g}_tint{tint:g}", f"lr λ {lam:g}, tint {tint:g}", lr_lambda=lam, lr_tint=tint)
+            # The 3 x 3 grid from the reference's 1e-2 / 1e-2 down; base's own pair is the suite's
+            # Tinting row.
+            for lam in (1e-2, 1e-3, 1e-4):
+                for tint in (1e-2, 1e-3, 1e-4):
+                    if (lam, tint) != (base.lr_lambda, base.lr_tint):
+                        both(f"lr_lambda{lam:g}_tint{tint:g}", f"lr λ {lam:g}, tint {tint:g}", lr_lambda=lam,
+                             lr_tint=tint)
         elif group == "lambda":
             both("lambda_frozen", "λ frozen at task arithmetic's λ", train_lambda=False, prior="task_arithmetic")
             both("lambda_from_ta", "λ trained from task arithmetic's λ", prior="task_arithmetic")
