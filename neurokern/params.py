@@ -80,41 +80,54 @@ def layer_of(name: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+# Tensors outside the layers that mergekit counts before them (its "pre" weights: embeddings); the
+# others outside the layers (final norm, head) come after them.
+BEFORE_LAYERS = re.compile(r"embed|wte|wpe")
+
+
 @dataclass(frozen=True)
 class Layers:
     """Where each output layer sits in mergekit's output slices, which sets its place t in [0, 1]
     along a gradient: layer i of a slice of n layers has t = i / (n - 1) (1 when n = 1); a tensor
-    outside the layers (embeddings, final norm, head) has t = 0, as in mergekit."""
+    outside the layers (embeddings, final norm, head) has t = 0, as in mergekit, and takes the
+    settings of the first slice (embeddings) or of the last (the others)."""
 
     slices: tuple[tuple[int, int], ...]  # (first output layer, number of layers) of each slice
+
+    def slice_of(self, name: str) -> int:
+        layer = layer_of(name)
+        if layer is None:
+            return 0 if BEFORE_LAYERS.search(name) else len(self.slices) - 1
+        for index, (first, count) in enumerate(self.slices):
+            if first <= layer < first + count:
+                return index
+        return len(self.slices) - 1
 
     def t(self, name: str) -> float:
         layer = layer_of(name)
         if layer is None:
             return 0.0
-        for first, count in self.slices:
-            if first <= layer < first + count:
-                return (layer - first) / (count - 1) if count > 1 else 1.0
-        return 0.0
+        first, count = self.slices[self.slice_of(name)]
+        return (layer - first) / (count - 1) if count > 1 else 1.0
 
 
 @dataclass(frozen=True)
 class PerTensor:
     """A parameter value that depends on the tensor (mergekit's per-layer gradients and filters).
-    `settings` holds the value from the most specific scope to the least (a model's parameters,
-    then the slice's, then the config's top-level ones); each is a number (or other scalar), a
-    gradient (a tuple of numbers interpolated along the layers) or a tuple of (filter, value)
-    conditions, the first whose filter is a substring of the tensor's name applying. The first
+    `settings` holds, for each output slice (Layers), the value from the most specific scope to the
+    least (a model's parameters, then the slice's, then the config's top-level ones); each is a
+    scalar, a gradient (a tuple of numbers interpolated along the slice's layers) or a tuple of
+    Conditions, the first whose filter is a substring of the tensor's name applying. The first
     scope with a value for a tensor gives it; `default` applies when none has one."""
 
     key: str  # the config key, for messages
-    settings: tuple
+    settings: tuple[tuple[Any, ...], ...]
     layers: Layers
     default: Any = None
 
     def at(self, name: str) -> Any:
         t = self.layers.t(name)
-        for setting in self.settings:
+        for setting in self.settings[self.layers.slice_of(name)]:
             value = _evaluate(setting, name, t)
             if value is not None:
                 return value
@@ -124,8 +137,9 @@ class PerTensor:
         """Every value a setting names (the ends a gradient interpolates between), and the default:
         checking these checks every value the parameter can take, for checks of a range."""
         found: list = []
-        for setting in self.settings:
-            _leaves(setting, found)
+        for chain in self.settings:
+            for setting in chain:
+                _leaves(setting, found)
         if self.default is not None:
             found.append(self.default)
         return list(dict.fromkeys(found))
@@ -157,6 +171,8 @@ def _evaluate(setting: Any, name: str, t: float) -> Any:
 
 
 def _leaves(setting: Any, found: list) -> None:
+    if setting is None:
+        return
     if not isinstance(setting, tuple):
         found.append(setting)
     elif setting and isinstance(setting[0], Condition):

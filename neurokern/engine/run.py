@@ -22,7 +22,7 @@ from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
-from neurokern.engine.sources import Model, validate
+from neurokern.engine.sources import Model, stacked, validate
 from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, done_record, fault_point,
                                      is_published, load_global, lock_partial, notice, partial_dir, prepare_partial,
                                      publish, rename, save_global)
@@ -71,18 +71,29 @@ class _Engine:
         self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
         self.cuda = device.type == "cuda"
         self.spec = METHODS[cfg.method]
-        self.base = Model(cfg.base_model, "base_model", allow_pickle)
+        self.base = (stacked(cfg.stack, cfg.base_model, cfg.last_model, allow_pickle) if cfg.stack
+                     else Model(cfg.base_model, "base_model", allow_pickle))
         self.finetuned = [Model(p, f"models[{i}]", allow_pickle) for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned
         validate(self.base, self.finetuned)
         self.T = len(self.finetuned)
-        self.params = self.spec.params(dict(cfg.params), self.T)
+        try:
+            self.params = self.spec.params(dict(cfg.params), self.T)
+        except NeurokernError as exc:
+            raise NeurokernError(cfg.in_yaml_terms(str(exc))) from exc
         out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
         self.out_dtype = out_dtype
         self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda,
                               host_option)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
+        self.extra_files = {}  # name -> text: the base's config.json with the config's changes
+        if cfg.config_updates and "config.json" in self.side_files:
+            try:
+                model_config = json.loads(self.side_files.pop("config.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise NeurokernError(f"{cfg.base_model / 'config.json'}: cannot read it ({exc})") from exc
+            self.extra_files["config.json"] = json.dumps({**model_config, **cfg.config_updates}, indent=2) + "\n"
         self.prepasses: list[Pass] = self.spec.passes(self.params)
         self.passes = [read for p in self.prepasses for read in p.reads] + ["merge"]
         self.progress = progress
@@ -271,7 +282,7 @@ class _Engine:
         counts = ranks.sum_(torch.tensor([self.reader.bytes_read, len(my_shards - todo_shards)], dtype=torch.int64))
         ranks.barrier()
         if ranks.is_main:
-            echo = {CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
+            echo = {**self.extra_files, CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
             from neurokern import __version__
             manifest = {"neurokern": __version__, "method": self.cfg.method,
                         "parameters": json.loads(json.dumps(self.cfg.params, default=str)),
