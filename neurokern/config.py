@@ -92,7 +92,8 @@ class MergeConfig:
     base_model: Path
     models: list[Path]
     params: dict[str, Any] = field(default_factory=dict)
-    dtype: Optional[str] = None
+    dtype: Optional[str] = None  # the inputs' floating-point tensors are converted to it (mergekit's dtype)
+    out_dtype: Optional[str] = None  # the output's, when it differs (mergekit's out_dtype)
     tokenizer_source: Optional[Path] = None
     out_shard_size: int = 5 * 2**30
     raw: dict[str, Any] = field(default_factory=dict)
@@ -144,7 +145,8 @@ def parse_size(value: Union[int, str], key: str) -> int:
 def _unknown(keys, allowed, where: str) -> None:
     extra = sorted(set(keys) - allowed)
     if extra:
-        raise NeurokernError(f"{where}: unknown key(s) {', '.join(map(repr, extra))}; allowed: {', '.join(sorted(allowed))}")
+        takes = f"allowed: {', '.join(sorted(allowed))}" if allowed else "none are taken here"
+        raise NeurokernError(f"{where}: unknown key(s) {', '.join(map(repr, extra))}; {takes}")
 
 
 @dataclass
@@ -315,7 +317,7 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
         raise NeurokernError("config key 'parameters': expected a mapping such as {normalize: true, lambda: 1.0}")
 
     common = dict(
-        dtype=_dtype(raw), tokenizer_source=_tokenizer(raw, base_model, path),
+        dtype=_dtype(raw, "dtype"), out_dtype=_dtype(raw, "out_dtype"), tokenizer_source=_tokenizer(raw, base_model, path),
         out_shard_size=parse_size(raw.get("out_shard_size", 5 * 2**30), "out_shard_size"), raw=raw)
     if method == "passthrough":
         return _passthrough(slices, top, base_model, method, params, common)
@@ -360,7 +362,8 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
             if len(found) == 1:
                 found_value = found.pop()
                 return default if found_value is None else found_value
-        return PerTensor(label, tuple(chains), layers(), default)
+        gradient = any(_has_gradient(v) for chain in chains for v in chain)
+        return PerTensor(label, tuple(chains), layers() if gradient or len(slices) > 1 else Layers(((0, 1),)), default)
 
     yaml_names: dict[str, Any] = {}
     for key in per_model_keys:
@@ -389,24 +392,28 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
             params[name] = values
         yaml_names[name] = [f"{first[i].where}.parameters.{key}" for i in entries]
 
-    for key in top:
+    method_defaults = dict(params)
+    shared = dict.fromkeys([*top, *(k for _, slice_params, _ in slices for k in slice_params)])
+    for key in shared:
         if key in per_model_keys or key in IGNORED:
             continue
         name = RENAMED.get(key, key)
-        params[name] = value(key, None, params.get(name), f"parameters.{key}")
-        yaml_names[name] = f"parameters.{key}"
-    for sources, slice_params, where in slices:
-        for key in slice_params:
-            if key not in per_model_keys and key not in IGNORED and key not in top:
-                name = RENAMED.get(key, key)
-                params[name] = value(key, None, params.get(name), f"{where}.{key}")
-                yaml_names[name] = f"{where}.{key}"
+        params[name] = value(key, None, method_defaults.get(name), f"parameters.{key}")
+        yaml_names[name] = f"parameters.{key}" if key in top else f"slices[*].parameters.{key}"
     if merge_method in GTA and "rescale" in params and method in ("dare", "dare_ties"):
         params["rescale"] = _rescale(params["rescale"])
 
     return MergeConfig(method=method, base_model=engine_base, models=[first[i].path for i in inputs
                                                                     if not (base_model is None and i == 0)],
                        params=params, yaml_names=yaml_names, **common)
+
+
+def _has_gradient(setting: Any) -> bool:
+    if not isinstance(setting, tuple):
+        return False
+    if setting and isinstance(setting[0], Condition):
+        return any(_has_gradient(c.value) for c in setting)
+    return True
 
 
 def _rescale(value: Any) -> Any:
@@ -440,9 +447,8 @@ def _layers(slices, model: Path, merge_method: str):
     return lambda: Layers(tuple(table))
 
 
-def _dtype(raw: dict) -> Optional[str]:
-    dtype = raw.get("out_dtype") or raw.get("dtype")
-    key = "out_dtype" if raw.get("out_dtype") else "dtype"
+def _dtype(raw: dict, key: str) -> Optional[str]:
+    dtype = raw.get(key)
     if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
         raise NeurokernError(f"config key {key!r}: expected float32, bfloat16 or float16; got {dtype!r}")
     return dtype

@@ -81,9 +81,10 @@ class _Engine:
             self.params = self.spec.params(dict(cfg.params), self.T)
         except NeurokernError as exc:
             raise NeurokernError(cfg.in_yaml_terms(str(exc))) from exc
-        out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
-        self.out_dtype = out_dtype
-        self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda,
+        self.out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None  # the inputs are converted to it
+        # what the output is written in: mergekit's out_dtype, else dtype
+        written = DTYPES[cfg.out_dtype] if cfg.out_dtype else self.out_dtype
+        self.plan = make_plan(self.base, self.T + 1, written, cfg.out_shard_size, budget, host_budget, self.cuda,
                               host_option)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
@@ -309,6 +310,8 @@ class _Engine:
                     torch.cuda.synchronize(self.device)  # the kernels' time, not their launches'
             kernels = "kernels, other units"
             outputs = {n: merged[n] if n in merged else batch.base[n] for n in batch.unit.names}
+            outputs = {n: t if t.dtype == self.plan.tensors[n].dtype else t.to(self.plan.tensors[n].dtype)
+                       for n, t in outputs.items()}
             self.stager.cache.pop(batch.unit.index, None)
             check = self.finite_checks.pop(batch.unit.index, None)
             if not self.cuda:
