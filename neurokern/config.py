@@ -107,6 +107,16 @@ class MergeConfig:
     # "weights" -> ["models[1].parameters.weight", ...] (one per fine-tuned model), "scale" -> "parameters.lambda"
     yaml_names: dict[str, Any] = field(default_factory=dict)
 
+    def describe_stack(self) -> str:
+        """The passthrough stack in words: "layers 0-23 of A, 20-39 of B"."""
+        runs: list[list] = []
+        for path, layer in self.stack or ():
+            if runs and runs[-1][0] == path and runs[-1][2] == layer - 1:
+                runs[-1][2] = layer
+            else:
+                runs.append([path, layer, layer])
+        return ", ".join(f"layers {a}-{b} of {path}" for path, a, b in runs)
+
     def in_yaml_terms(self, message: str) -> str:
         """A method's parameter error reworded with the config's keys (weight, lambda, models[i])."""
         for name, where in self.yaml_names.items():
@@ -162,7 +172,7 @@ def _read(source: Union[str, Path, dict], root: Optional[Path]) -> tuple[dict, P
         return source, root or Path.cwd()
     path = Path(source)
     try:
-        raw = yaml.safe_load(read_file(path, "config ").decode("utf-8"))
+        documents = list(yaml.safe_load_all(read_file(path, "config ").decode("utf-8")))
     except UnicodeDecodeError as exc:
         raise NeurokernError(f"config {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except yaml.YAMLError as exc:
@@ -170,7 +180,10 @@ def _read(source: Union[str, Path, dict], root: Optional[Path]) -> tuple[dict, P
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise NeurokernError(f"config {path} is not valid YAML ({where}{problem})") from exc
-    return raw, root or path.parent
+    if len(documents) > 1:
+        raise NeurokernError(f"config {path} holds {len(documents)} YAML documents (a mergekit-multi config); "
+                             "neurokern merges one config at a time: give each its own file")
+    return (documents[0] if documents else None), root or path.parent
 
 
 def resolve_path(value: Any, key: str, root: Path) -> Path:
@@ -292,20 +305,19 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
     raw, root = _read(source, root)
     if not isinstance(raw, dict):
         raise NeurokernError("config: expected a mapping with merge_method, base_model and models")
+    if "merge_method" not in raw:
+        raise NeurokernError("config: missing key 'merge_method'")
+    method, params = _method(raw["merge_method"])  # an unsupported method is the error to give first
+    params = dict(params)
     for key, why in UNSUPPORTED_TOP.items():
         if key in raw:
             raise NeurokernError(f"config key {key!r}: {why}")
     _unknown(raw, TOP_KEYS, "config")
-    for key in ("merge_method",):
-        if key not in raw:
-            raise NeurokernError(f"config: missing key {key!r}")
     if "models" not in raw and "slices" not in raw:
         raise NeurokernError("config: missing key 'models'")
     if "models" in raw and "slices" in raw:
         raise NeurokernError("config: give 'models' or 'slices', not both")
     merge_method = raw["merge_method"]
-    method, params = _method(merge_method)
-    params = dict(params)
     path = lambda value, key: resolve_path(value, key, Path(root))  # noqa: E731
     base_model = path(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
     if base_model is None and merge_method in NEEDS_BASE | {"neuromerging"} | set(sys.modules.get("neurokern.methods").registered()

@@ -133,6 +133,14 @@ class PerTensor:
                 return value
         return self.default
 
+    def __repr__(self) -> str:
+        def show(setting):
+            if isinstance(setting, tuple) and setting and isinstance(setting[0], Condition):
+                return "[" + ", ".join(f"{c.filter or '*'}: {show(c.value)}" for c in setting) + "]"
+            return repr(list(setting)) if isinstance(setting, tuple) else repr(setting)
+        chains = " | ".join(" > ".join(show(s) for s in chain if s is not None) or "-" for chain in self.settings)
+        return f"per-tensor {self.key} ({chains}; layers {list(self.layers.slices)}; default {self.default!r})"
+
     def leaves(self) -> list:
         """Every value a setting names (the ends a gradient interpolates between), and the default:
         checking these checks every value the parameter can take, for checks of a range."""
