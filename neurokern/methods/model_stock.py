@@ -47,6 +47,9 @@ def run(models, p: Params, progress: bool, pre=None):
     out = {}
     for name in models.names:
         base, finetuned = group(models, name)
+        if base.numel() == 0:
+            out[name] = base.clone()
+            continue
         gram, _, _ = vectors.stats(base, finetuned, p.layout)
         t = interpolation(gram)
         count = len(finetuned)

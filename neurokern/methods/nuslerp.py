@@ -64,6 +64,9 @@ def run(models, p: Params, progress: bool, pre=None):
     out = {}
     for name in models.names:
         base, finetuned = group(models, name)
+        if base.numel() == 0:
+            out[name] = base.clone()
+            continue
         if p.use_base:  # theta_0 + c_1 tau_1 + c_2 tau_2
             gram, _, _ = vectors.stats(base, finetuned, p.layout)
             c_1, c_2 = _coefficients(p.t, gram[:, 0, 0], gram[:, 1, 1], gram[:, 0, 1])

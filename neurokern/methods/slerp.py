@@ -47,6 +47,9 @@ def run(models, p: Params, progress: bool, pre=None):
     out = {}
     for name in models.names:
         base, (other,) = group(models, name)
+        if base.numel() == 0:
+            out[name] = base.clone()
+            continue
         square_a, square_b, dot = (float(v) for v in vectors.pair_stats(base, other, "tensor"))
         c_a, c_b = coefficients(p.t, square_a, square_b, dot)
         out[name] = vectors.weighted(base, [other], torch.tensor([[c_a + c_b], [c_b]], dtype=torch.float64), "tensor")
