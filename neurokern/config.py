@@ -200,7 +200,7 @@ def resolve_path(value: Any, key: str, root: Path) -> Path:
     path = Path(text).expanduser()
     if path.is_absolute():
         return path
-    in_cwd, in_root = Path.cwd() / path, Path(root) / path
+    in_cwd, in_root = Path.cwd() / path, (Path(root) / path).absolute()
     if in_cwd.exists() and in_root.exists() and in_cwd.resolve() != in_root.resolve():
         raise NeurokernError(f"config key {key!r}: {text!r} is both {in_cwd} (relative to the working directory, "
                              f"as mergekit reads it) and {in_root} (relative to the config's folder); give an absolute path")

@@ -80,3 +80,59 @@ def test_other_examples_get_one_line(workdir, capsys, monkeypatch, example):
     err = capsys.readouterr().err
     assert err.startswith("neurokern: error: ") and err.count("\n") == 1, err
     assert REFUSED[example] in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# neurokern's own mergekit-style examples (examples/slerp.yaml, examples/frankenmerge.yaml)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def own_examples(tmp_path_factory):
+    import subprocess
+    import sys
+
+    folder = tmp_path_factory.mktemp("own-examples")
+    subprocess.run([sys.executable, str(ROOT / "examples" / "make_models.py"), str(folder / "models")], check=True)
+    for name in ("slerp.yaml", "frankenmerge.yaml"):
+        shutil.copy(ROOT / "examples" / name, folder / name)
+    return folder
+
+
+def test_slerp_example(own_examples, tmp_path):
+    import neurokern as nk
+    from neurokern.checkpoint import load_model
+
+    assert main(["merge", str(own_examples / "slerp.yaml"), str(tmp_path / "out"), "--device", "cpu", "--quiet"]) == 0
+    got = load_model(tmp_path / "out")
+    base, task = load_model(own_examples / "models" / "base"), load_model(own_examples / "models" / "task_a")
+    for name, t in (("model.layers.0.self_attn.q_proj.weight", 0.0), ("model.layers.1.self_attn.q_proj.weight", 1.0),
+                    ("model.layers.0.mlp.up_proj.weight", 1.0), ("model.layers.1.mlp.up_proj.weight", 0.0),
+                    ("model.norm.weight", 0.5), ("lm_head.weight", 0.5)):
+        assert torch.equal(got[name], nk.merge({name: base[name]}, [{name: task[name]}], method="slerp", t=t)[name]), name
+    assert torch.equal(got["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_frankenmerge_example(own_examples, tmp_path):
+    import json
+
+    from neurokern.checkpoint import load_model
+
+    assert main(["merge", str(own_examples / "frankenmerge.yaml"), str(tmp_path / "out"), "--device", "cpu",
+                 "--quiet"]) == 0
+    got = load_model(tmp_path / "out")
+    a, b = load_model(own_examples / "models" / "task_a"), load_model(own_examples / "models" / "task_b")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    for name, t in got.items():
+        if name.startswith("model.layers.2."):  # task_b's layer 1
+            source = b[name.replace("layers.2.", "layers.1.")]
+            want = (0.5 * source.float()).to(source.dtype) if "o_proj" in name else source
+        elif name == "model.embed_tokens.weight":
+            want = a[name]  # before the layers: the first slice's model
+        elif not name.startswith("model.layers."):
+            want = b[name]  # after them: the last slice's model
+        else:
+            want = a[name]
+        assert torch.equal(t, want), name
+    assert len(got) == 3 * 9 + 3
