@@ -320,8 +320,7 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
     merge_method = raw["merge_method"]
     path = lambda value, key: resolve_path(value, key, Path(root))  # noqa: E731
     base_model = path(raw["base_model"], "base_model") if raw.get("base_model") is not None else None
-    if base_model is None and merge_method in NEEDS_BASE | {"neuromerging"} | set(sys.modules.get("neurokern.methods").registered()
-                                                                                   if sys.modules.get("neurokern.methods") else ()):
+    if base_model is None and (merge_method in NEEDS_BASE or merge_method not in MERGEKIT_METHODS):
         raise NeurokernError(f"config: missing key 'base_model' (merge method {merge_method!r} needs one)")
     slices = _sources(raw, path)
     top = raw.get("parameters") or {}
@@ -398,7 +397,7 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
             continue
         if any(v is None for v in values):
             raise NeurokernError(f"config models[*].parameters.{key}: give a {key} for every model or for none")
-        if key == "density" and len(set(map(repr, values))) == 1:
+        if key == "density" and len(set(values)) == 1:  # one value (or one per-tensor value) for every model
             params[name] = values[0]
         else:
             params[name] = values
@@ -407,8 +406,8 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
     method_defaults = dict(params)
     shared = dict.fromkeys([*top, *(k for _, slice_params, _ in slices for k in slice_params)])
     for key in shared:
-        if key in per_model_keys or key in IGNORED:
-            continue
+        if key in per_model_keys or key in IGNORED or (key == "rescale" and merge_method == "task_arithmetic"):
+            continue  # mergekit's task_arithmetic has nothing to rescale
         name = RENAMED.get(key, key)
         params[name] = value(key, None, method_defaults.get(name), f"parameters.{key}")
         yaml_names[name] = f"parameters.{key}" if key in top else f"slices[*].parameters.{key}"

@@ -1,7 +1,7 @@
 """Checking user-facing parameters: one place for the messages a user sees."""
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from neurokern.errors import NeurokernError
@@ -120,9 +120,9 @@ class PerTensor:
     Conditions, the first whose filter is a substring of the tensor's name applying. The first
     scope with a value for a tensor gives it; `default` applies when none has one."""
 
-    key: str  # the config key, for messages
-    settings: tuple[tuple[Any, ...], ...]
-    layers: Layers
+    key: str = field(compare=False)  # the config key, for messages
+    settings: tuple[tuple[Any, ...], ...] = ()
+    layers: Layers = Layers(((0, 1),))
     default: Any = None
 
     def at(self, name: str) -> Any:
