@@ -103,6 +103,7 @@ class MergeConfig:
     stack: Optional[tuple[tuple[Path, int], ...]] = None
     last_model: Optional[Path] = None
     config_updates: dict[str, Any] = field(default_factory=dict)  # keys of the output's config.json
+    chat_template: Optional[str] = None  # the text the output's chat_template.jinja gets (mergekit's chat_template)
     # neurokern parameter name -> where the config set it, for errors in the config's own words:
     # "weights" -> ["models[1].parameters.weight", ...] (one per fine-tuned model), "scale" -> "parameters.lambda"
     yaml_names: dict[str, Any] = field(default_factory=dict)
@@ -327,7 +328,9 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
     if not isinstance(top, dict):
         raise NeurokernError("config key 'parameters': expected a mapping such as {normalize: true, lambda: 1.0}")
 
+    referenced = list(dict.fromkeys([*([base_model] if base_model else []), *(s.path for sources, _, _ in slices for s in sources)]))
     common = dict(
+        chat_template=_chat_template(raw.get("chat_template"), referenced),
         dtype=_dtype(raw, "dtype"), out_dtype=_dtype(raw, "out_dtype"), tokenizer_source=_tokenizer(raw, base_model, path),
         out_shard_size=parse_size(raw.get("out_shard_size", 5 * 2**30), "out_shard_size"), raw=raw)
     if method == "passthrough":
@@ -479,9 +482,6 @@ def _tokenizer(raw: dict, base_model: Optional[Path], path) -> Optional[Path]:
                                      "embeddings) is not supported; neurokern copies one model's tokenizer")
         _unknown(tokenizer, {"source", "tokens", "pad_to_multiple_of"}, "config key 'tokenizer'")
         source = tokenizer.get("source")
-    if raw.get("chat_template") is not None:
-        raise NeurokernError("config key 'chat_template': setting a chat template is not supported; the output keeps "
-                             "the tokenizer files of the tokenizer source as they are")
     if source is None:
         return None
     if source == "union":
@@ -492,6 +492,51 @@ def _tokenizer(raw: dict, base_model: Optional[Path], path) -> Optional[Path]:
             raise NeurokernError("config key 'tokenizer_source': 'base' needs a base_model")
         return base_model
     return path(source, "tokenizer_source")
+
+
+def _chat_template(value: Any, models: list[Path]) -> Optional[str]:
+    """mergekit's chat_template: "auto" (the template most of the models have, in the order they are
+    named; none: the tokenizer's own), the name of one of mergekit's templates (read from the
+    installed mergekit), or the template's text."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise NeurokernError(f"config key 'chat_template': expected auto, a template name or a template; got {value!r}")
+    if value == "auto":
+        found = [t.strip() for t in map(_model_chat_template, models) if t]
+        return max(found, key=found.count) if found else None
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        from importlib import resources
+
+        try:
+            templates = resources.files("mergekit._data.chat_templates")
+        except ImportError as exc:
+            raise NeurokernError(f"config key 'chat_template': {value!r} names one of mergekit's templates; install "
+                                 "mergekit (pip install 'neurokern[mergekit]') for them, or give the template's text"
+                                 ) from exc
+        if templates.joinpath(value + ".jinja").is_file():
+            return templates.joinpath(value + ".jinja").read_text()
+        names = sorted(p.name[:-6] for p in templates.iterdir() if p.name.endswith(".jinja"))
+        raise NeurokernError(f"config key 'chat_template': {value!r} is not one of mergekit's templates "
+                             f"({', '.join(names)}), nor a template's text")
+    if len(value) < 20:
+        raise NeurokernError(f"config key 'chat_template': {value!r} is neither a template name nor a template")
+    return value
+
+
+def _model_chat_template(folder: Path) -> Optional[str]:
+    """A model folder's chat template: chat_template.jinja, else tokenizer_config.json's chat_template."""
+    try:
+        return (folder / "chat_template.jinja").read_text()
+    except OSError:
+        pass
+    try:
+        template = json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _passthrough(slices, top, base_model, method, params, common) -> MergeConfig:

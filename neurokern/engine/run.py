@@ -95,6 +95,9 @@ class _Engine:
             except (OSError, ValueError) as exc:
                 raise NeurokernError(f"{cfg.base_model / 'config.json'}: cannot read it ({exc})") from exc
             self.extra_files["config.json"] = json.dumps({**model_config, **cfg.config_updates}, indent=2) + "\n"
+        if cfg.chat_template is not None:  # it takes priority over a template in tokenizer_config.json
+            self.side_files.pop("chat_template.jinja", None)
+            self.extra_files["chat_template.jinja"] = cfg.chat_template
         self.prepasses: list[Pass] = self.spec.passes(self.params)
         self.passes = [read for p in self.prepasses for read in p.reads] + ["merge"]
         self.progress = progress

@@ -86,7 +86,7 @@ def test_passthrough_slices_make_a_stack(folders):
 @pytest.mark.parametrize("extra,message", [
     ({"tokenizer": {"source": "base", "tokens": {"<x>": {"source": "a"}}}}, "config key 'tokenizer.tokens': building a vocabulary"),
     ({"tokenizer_source": "union"}, re.escape("'union' (a merged vocabulary) is not supported")),
-    ({"chat_template": "chatml"}, "config key 'chat_template': setting a chat template is not supported"),
+    ({"chat_template": "{{ x }}"}, "config key 'chat_template': '{{ x }}' is neither a template name nor a template"),
     ({"modules": {}}, "config key 'modules': per-module configs"),
     ({"merge_method": "sce"}, "config key 'merge_method': mergekit's 'sce' is not implemented in neurokern"),
 ])

@@ -392,3 +392,28 @@ def test_config_keys_tokenizer_relative_paths_and_rescale(family, tmp_path, monk
     del config["tokenizer_source"]
     run_neurokern(config, tmp_path / "nk-tok", tmp_path / "elsewhere")
     assert (tmp_path / "nk-tok" / "tokenizer.json").read_bytes() == (root / "task_1" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("template", ["literal", "chatml", "auto"])
+def test_chat_template(family, tmp_path, template):
+    """chat_template: the template's text, one of mergekit's named templates, or auto (the template
+    most inputs have): the output's tokenizer loads with the same chat template in both tools."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path / "models"
+    for key in ("base", "task_0", "task_1"):
+        shutil.copytree(family[key], root / key)
+    (root / "base" / "chat_template.jinja").write_text("{% for m in messages %}B{{ m['content'] }}{% endfor %}")
+    for key in ("task_0", "task_1"):
+        (root / key / "chat_template.jinja").write_text("{% for m in messages %}T{{ m['content'] }}{% endfor %}")
+    value = {"literal": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}",
+             "chatml": "chatml", "auto": "auto"}[template]
+    config = {"merge_method": "task_arithmetic", "base_model": str(root / "base"),
+              "models": [{"model": str(root / k), "parameters": {"weight": 0.5}} for k in ("task_0", "task_1")],
+              "chat_template": value}
+    nk, mk = both(config, tmp_path, f"chat-{template}")
+    within(nk, mk, TOL)
+    loaded = [AutoTokenizer.from_pretrained(tmp_path / f"{side}-chat-{template}").chat_template for side in ("nk", "mk")]
+    assert loaded[0] == loaded[1] and loaded[0]
+    if template == "auto":
+        assert loaded[0].startswith("{% for m in messages %}T")
