@@ -126,7 +126,8 @@ class MergeConfig:
                     index = int(match.group(1))
                     return f"config {where[index]}" if index < len(where) else match.group(0)
                 message = re.sub(rf"method '[^']+': {name}\[(\d+)\]", entry, message)
-                message = re.sub(rf"(method '[^']+': ){name}\b", rf"\1{where[0].rsplit('.', 1)[-1]}", message)
+                every = where[0] if len(where) == 1 else re.sub(r"\[\d+\]", "[*]", where[0], count=1)
+                message = re.sub(rf"method '[^']+': {name}\b", f"config {every}", message)
             else:
                 message = re.sub(rf"method '[^']+': {name}\b", f"config {where}", message)
         return message

@@ -85,7 +85,7 @@ class _Engine:
         # what the output is written in: mergekit's out_dtype, else dtype
         written = DTYPES[cfg.out_dtype] if cfg.out_dtype else self.out_dtype
         self.plan = make_plan(self.base, self.T + 1, written, cfg.out_shard_size, budget, host_budget, self.cuda,
-                              host_option)
+                              host_option, self.spec.work_bytes(self.T))
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
         self.extra_files = {}  # name -> text: the base's config.json with the config's changes

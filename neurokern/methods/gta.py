@@ -40,8 +40,7 @@ def per_model(where: str, name: str, value, num_tasks: int, check: Callable) -> 
     values = list(value) if isinstance(value, (list, tuple)) else [value] * num_tasks
     if len(values) != num_tasks:
         raise NeurokernError(f"{where}: {name} has {len(values)} entries for {num_tasks} fine-tuned models; give one per model")
-    return [check(v, name if len(set(map(repr, values))) == 1 and not isinstance(value, (list, tuple)) else f"{name}[{i}]")
-            for i, v in enumerate(values)]
+    return [check(v, f"{name}[{i}]" if isinstance(value, (list, tuple)) else name) for i, v in enumerate(values)]
 
 
 def work_dtype(x: Tensor) -> torch.dtype:

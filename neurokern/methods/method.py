@@ -31,6 +31,8 @@ class Method:
     checks_finite: bool = False
     # checked params -> new Pass objects, in the order they run (a later one sees the earlier results)
     passes: Callable[[Any], list[Pass]] = no_passes
+    # T -> bytes of temporaries per element of the tensor being merged (the engine's memory plan)
+    work_bytes: Callable[[int], int] = lambda num_tasks: 16
 
     def __post_init__(self):
         # run and passes also take PerTensor params (parameters that vary over the tensors): run

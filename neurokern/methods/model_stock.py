@@ -58,4 +58,5 @@ def run(models, p: Params, progress: bool, pre=None):
     return out
 
 
-METHOD = Method("model_stock", {"filter_wise": False}, resolve, run)
+# filter_wise on tensors of more than 2 dimensions: coefficients expanded per element
+METHOD = Method("model_stock", {"filter_wise": False}, resolve, run, work_bytes=lambda num_tasks: 4 * (num_tasks + 1) + 16)

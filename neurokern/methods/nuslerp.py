@@ -79,5 +79,6 @@ def run(models, p: Params, progress: bool, pre=None):
     return out
 
 
+# per-column statistics read transposed copies of the models; per-vector coefficients are expanded per element
 METHOD = Method("nuslerp", {"weights": None, "use_base": True, "nuslerp_flatten": True, "nuslerp_row_wise": False},
-                resolve, run)
+                resolve, run, work_bytes=lambda num_tasks: 8 * (num_tasks + 1) + 16)

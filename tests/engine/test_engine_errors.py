@@ -142,7 +142,7 @@ def test_pickled_checkpoints_need_allow_pickle(inputs, tmp_path, capsys):
     (lambda t: t.replace("merge_method: ties", "merge_method: slurp"), "config key 'merge_method': 'slurp' is not one of"),
     (lambda t: t.replace("density: 0.3", "density: [1, {value: 2}]"), "config models[0].parameters.density: expected a value, a gradient list"),
     (lambda t: t.replace("density: 0.3", "density: [{filter: layers, value: 1.5}, {value: 0.3}]"),
-     "config models[0].parameters.density must be in (0, 1]; got 1.5"),
+     "config models[*].parameters.density must be in (0, 1]; got 1.5"),
     (lambda t: t.replace("density: 0.3", "density: [1, 0.5]"), "has none of num_hidden_layers, n_layer, num_layers: per-layer"),
     (lambda t: t.replace("density: 0.3", "density: 0.3\n    weight: heavy"), "config models[0].parameters.weight must be a finite number; got 'heavy'"),
     (lambda t: t + "parameters: {consensus_method: sum}\n", "method 'ties': unknown parameter(s) 'consensus_method'"),
