@@ -22,7 +22,7 @@ from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
-from neurokern.engine.sources import Model, validate
+from neurokern.engine.sources import Model, open_model, validate
 from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, done_record, fault_point,
                                      is_published, load_global, lock_partial, notice, partial_dir, prepare_partial,
                                      publish, rename, save_global)
@@ -72,7 +72,7 @@ class _Engine:
         self.cuda = device.type == "cuda"
         self.spec = METHODS[cfg.method]
         self.base = Model(cfg.base_model, "base_model", allow_pickle)
-        self.finetuned = [Model(p, f"models[{i}]", allow_pickle) for i, p in enumerate(cfg.models)]
+        self.finetuned = [open_model(p, f"models[{i}]", self.base, allow_pickle) for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned
         validate(self.base, self.finetuned)
         self.T = len(self.finetuned)
