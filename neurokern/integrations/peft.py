@@ -192,8 +192,10 @@ def _full_space(adapters: list[LoraAdapter], names: list[str], weights: list[flo
     θ_t = ΔW_t exactly), tensor by tensor, each result truncated to `rank` by SVD."""
     T = len(adapters)
     for_method = dict(params)
-    if method != "cat":
-        for_method.setdefault("weights", weights)
+    if method in METHODS and "weights" in METHODS[method].defaults:
+        for_method["weights"] = weights
+    elif any(w != 1.0 for w in weights):
+        raise NeurokernError(f"method {method!r} takes no weights; got {weights}")
 
     def models_of(name: str) -> ModelSet:
         deltas = []
