@@ -474,6 +474,12 @@ def test_bench_small(tmp_path):
     (result,) = out.glob("peft-merge-*.json")
     data = json.loads(result.read_text())
     assert data["shape"] == "small" and data["adapters"] == 4
+    assert [row["combination"] for row in data["runs"]] == ["cat", "linear", "ties", "dare_ties", "svd", "ties_svd",
+                                                            "dare_ties_svd"]
     for row in data["runs"]:
-        assert row["max_rel_diff"] < 1e-4, row
         assert row["neurokern"]["seconds"] > 0 and row["peft"]["seconds"] > 0
+        if row["random_masks_differ"]:
+            continue
+        # PEFT writes "cat" into a bf16 adapter (the model's dtype): bf16's rounding, 2^-8
+        limit = 4e-3 if row["dtypes"]["peft"] != row["dtypes"]["neurokern"] else 1e-4
+        assert row["max_rel_diff"] < limit, row
