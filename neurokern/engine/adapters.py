@@ -56,6 +56,7 @@ class LoraModule:
     r: int
     scale: float
     transposed: bool
+    embedding: bool  # PEFT rounds an embedding's ΔW to the weight's dtype before adding it
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -180,7 +181,8 @@ def read_adapter(path: Path) -> LoraAdapter:
                                  f"{NAMES.get(B.dtype)}; expected one of F32, BF16, F16 for both")
         scale = alpha / math.sqrt(r) if rslora else alpha / r
         transposed = kinds[module] or bool(config.get("fan_in_fan_out", False))
-        adapter.modules[module + ".weight"] = LoraModule(module, module + ".weight", A, B, r, scale, transposed)
+        adapter.modules[module + ".weight"] = LoraModule(module, module + ".weight", A, B, r, scale, transposed,
+                                                         kinds[module])
     return adapter
 
 
@@ -206,11 +208,12 @@ def delta_rows(A: torch.Tensor, B: torch.Tensor, scale: float, transposed: bool,
     return (delta * scale).to(dtype)
 
 
-def add_delta(weight_rows: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """weight_rows + ΔW rows in the weight's dtype, as PEFT's merge adds them (an in-place add: the
-    sum is formed in the wider of the two dtypes and rounded once to the weight's)."""
+def add_delta(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -> torch.Tensor:
+    """weight_rows + ΔW rows in the weight's dtype, as PEFT's merge adds them: an in-place add (the
+    sum formed in the wider of the two dtypes, rounded once to the weight's); an embedding's ΔW is
+    rounded to the weight's dtype first."""
     out = weight_rows.clone()
-    out += delta
+    out += delta.to(out.dtype) if embedding else delta
     return out
 
 
@@ -234,17 +237,23 @@ class LoraDelta:
         if begin >= end:
             return
         first, last = begin // self.row_bytes, -(-end // self.row_bytes)
-        raw = read_range(self.weight, first * self.row_bytes, last * self.row_bytes)
+        if self.weight.derive is not None:  # a replacement stored in another dtype: converted whole
+            whole = torch.empty(self.weight.nbytes, dtype=torch.uint8)
+            self.weight.derive.read(whole, 0, self.weight.nbytes)
+            raw = whole[first * self.row_bytes:last * self.row_bytes]
+        else:
+            raw = read_range(self.weight, first * self.row_bytes, last * self.row_bytes)
         rows = raw.view(self.weight.dtype).view(last - first, -1)
         A, B = factors(self.module)
-        merged = add_delta(rows, delta_rows(A, B, self.module.scale, self.module.transposed, slice(first, last)))
+        delta = delta_rows(A, B, self.module.scale, self.module.transposed, slice(first, last))
+        merged = add_delta(rows, delta, self.module.embedding)
         data = merged.view(-1).view(torch.uint8)
         out[begin:end].copy_(data[begin - first * self.row_bytes: end - first * self.row_bytes])
 
     def digest(self) -> list:
-        m = self.module
-        return ["lora", m.A.start, m.A.nbytes, m.B.start, m.B.nbytes, m.scale.hex(), m.transposed,
-                str(self.weight.file), self.weight.start]
+        m, w = self.module, self.weight
+        return ["lora", m.A.start, m.A.nbytes, m.B.start, m.B.nbytes, m.scale.hex(), m.transposed, m.embedding,
+                str(w.file), w.start, w.derive.digest() if w.derive is not None else None]
 
 
 class Cast:
@@ -294,8 +303,7 @@ class AdapterModel:
                 if not b.dtype.is_floating_point:
                     raise NeurokernError(f"tensor {name!r} of the base ({b.file}) is {NAMES.get(b.dtype)}; "
                                          "a LoRA adapter changes floating-point weights only")
-                source = info if info.derive is None else b  # a cast replacement: add ΔW to the base
-                info = TensorInfo(name, b.dtype, b.shape, weights, -1, b.nbytes, LoraDelta(source, module))
+                info = TensorInfo(name, b.dtype, b.shape, weights, -1, b.nbytes, LoraDelta(info, module))
             self.tensors[name] = info
         missing = [m.weight for m in adapter.modules.values() if m.weight not in base.tensors]
         if missing:

@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 from neurokern.checkpoint import SIDE_FILES
 from neurokern.config import MergeConfig, load_config, parse_size
 from neurokern.engine import kernel_warmup, prefetch, timing
+from neurokern.engine.adapters import CONFIG as ADAPTER_CONFIG
+from neurokern.engine.adapters import is_adapter
 from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
@@ -71,6 +73,9 @@ class _Engine:
         self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
         self.cuda = device.type == "cuda"
         self.spec = METHODS[cfg.method]
+        if is_adapter(cfg.base_model):
+            raise NeurokernError(f"base_model {cfg.base_model} is a LoRA adapter folder ({ADAPTER_CONFIG}); give the "
+                                 "model it was trained on, and the adapter under models")
         self.base = Model(cfg.base_model, "base_model", allow_pickle)
         self.finetuned = [open_model(p, f"models[{i}]", self.base, allow_pickle) for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned

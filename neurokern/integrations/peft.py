@@ -303,9 +303,8 @@ def _finish(adapters: list[LoraAdapter], merged: dict[str, tuple[Tensor, Tensor]
         dtype = m.A.dtype
         if m.transposed and not native:  # B·A = ΔW, and the adapter stores the factors of ΔWᵀ
             A, B = B.T, A.T
-        embedding = m.A.name.endswith("lora_embedding_A")
-        tensors[_tensor_name(m.module, "A", embedding)] = A.to(dtype).contiguous()
-        tensors[_tensor_name(m.module, "B", embedding)] = B.to(dtype).contiguous()
+        tensors[_tensor_name(m.module, "A", m.embedding)] = A.to(dtype).contiguous()
+        tensors[_tensor_name(m.module, "B", m.embedding)] = B.to(dtype).contiguous()
     result = MergedAdapter(tensors, _config(adapters, rank))
     if out_dir is not None:
         result.save(out_dir)
@@ -411,5 +410,5 @@ def load_finetuned(base: Any, adapter: PathLike) -> dict[str, Tensor]:
             raise NeurokernError(f"tensor {name!r}: {found.path} adapts it with ΔW of shape {m.shape}, base has "
                                  f"{tuple(weight.shape)}")
         A, B = (t.to(weight.device) for t in factors(m))
-        sd[name] = add_delta(weight, delta_rows(A, B, m.scale, m.transposed))
+        sd[name] = add_delta(weight, delta_rows(A, B, m.scale, m.transposed), m.embedding)
     return sd

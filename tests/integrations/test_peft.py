@@ -164,6 +164,17 @@ def test_embedding_rank_pattern_alpha_pattern_modules_to_save(tmp_path):
     for k in ref:
         assert torch.equal(out[k], ref[k]), k
 
+    # the same float32 adapter on a bf16 base: the stored whole tensors are converted to bf16 first
+    base16 = tiny_llama(torch.bfloat16)
+    base16.save_pretrained(tmp_path / "base16")
+    ref = merged_and_unloaded(base16, tmp_path / "a")
+    nk.merge_models({"merge_method": "task_arithmetic", "base_model": str(tmp_path / "base16"),
+                     "models": [str(tmp_path / "a")]}, tmp_path / "out16", device="cpu")
+    out = load_file(tmp_path / "out16" / "model.safetensors")
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k
+    assert out["lm_head.weight"].dtype == torch.bfloat16
+
     gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
                                                                 n_positions=8))
     model = attach(gpt, LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn"], fan_in_fan_out=True), g)
@@ -445,8 +456,11 @@ def test_adapter_of_another_model(setup, tmp_path):
         nk.merge_models(config, tmp_path / "out", device="cpu")
 
 
-def test_bad_merge_requests(setup):
+def test_bad_merge_requests(setup, tmp_path):
     paths = setup["paths"]
+    with pytest.raises(nk.NeurokernError, match="base_model .* is a LoRA adapter folder"):
+        nk.merge_models({"merge_method": "task_arithmetic", "base_model": str(paths[0]), "models": [str(paths[1])]},
+                        tmp_path / "out", device="cpu")
     with pytest.raises(nk.NeurokernError, match="rank 12"):
         nkp.merge_adapters(paths, method="cat", rank=4)
     with pytest.raises(nk.NeurokernError, match="pass base="):
