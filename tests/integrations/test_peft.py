@@ -11,6 +11,8 @@ attached and saved by PEFT with random A and B, then
 """
 import copy
 import json
+import os
+import re
 import subprocess
 import sys
 import warnings
@@ -139,6 +141,45 @@ def test_yaml_bf16_mixed_with_a_full_model_and_small_pieces(setup, tmp_path, mon
     for k in ref:
         assert torch.equal(out[k], ref[k]), k
     assert ref["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+def merge_cli(*args, crash=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("NEUROKERN_TEST_CRASH", "RANK", "WORLD_SIZE")}
+    env["NEUROKERN_MAX_UNIT_BYTES"] = "4096"  # many units: the kill lands mid-merge
+    if crash:
+        env["NEUROKERN_TEST_CRASH"] = crash
+    return subprocess.run([sys.executable, "-m", "neurokern", "merge", *map(str, args), "--device", "cpu", "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_resume_after_kill_is_byte_identical_and_sees_an_edited_adapter(setup, tmp_path):
+    """A merge of adapters killed after some shards resumes to the uninterrupted bytes; an adapter
+    config edited in between (lora_alpha: another ΔW) is refused as a changed input."""
+    import shutil
+    paths = [shutil.copytree(p, tmp_path / p.name) for p in setup["paths"]]
+    yaml = (f"merge_method: ties\nbase_model: {setup['root'] / 'base'}\nout_shard_size: 4kB\nmodels:\n"
+            + "".join(f"  - model: {p}\n    parameters: {{weight: 0.5, density: 0.4}}\n" for p in paths))
+    (tmp_path / "cfg.yaml").write_text(yaml)
+    done = merge_cli(tmp_path / "cfg.yaml", tmp_path / "whole")
+    assert done.returncode == 0, done.stderr
+    killed = merge_cli(tmp_path / "cfg.yaml", tmp_path / "out", crash="shards:2")
+    assert killed.returncode == 137 and (tmp_path / "out.partial").is_dir()
+    resumed = merge_cli(tmp_path / "cfg.yaml", tmp_path / "out", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    files = sorted(p.name for p in (tmp_path / "whole").glob("*.safetensors"))
+    assert len(files) > 2
+    for name in files:
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+    killed = merge_cli(tmp_path / "cfg.yaml", tmp_path / "out2", crash="shards:2")
+    assert killed.returncode == 137
+    edit = json.loads((paths[1] / "adapter_config.json").read_text())
+    edit["lora_alpha"] = 3
+    (paths[1] / "adapter_config.json").write_text(json.dumps(edit))
+    refused = merge_cli(tmp_path / "cfg.yaml", tmp_path / "out2", "--resume")
+    assert refused.returncode == 2 and re.search("different config or different inputs|inputs changed", refused.stderr), \
+        refused.stderr
+    assert (tmp_path / "out2.partial").is_dir()  # kept for a resume once the input is put back
 
 
 def test_embedding_rank_pattern_alpha_pattern_modules_to_save(tmp_path):
