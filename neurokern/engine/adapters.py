@@ -250,6 +250,19 @@ class LoraDelta:
         data = merged.view(-1).view(torch.uint8)
         out[begin:end].copy_(data[begin - first * self.row_bytes: end - first * self.row_bytes])
 
+    def work_bytes(self) -> int:
+        """Memory a read of one piece takes besides the destination: the rows as stored and merged,
+        two float32 products, the factors (and their float32 copies when half-precision), and a
+        converted replacement weight read whole."""
+        rows = min(self.rows_per_piece, self.rows)
+        cols = self.row_bytes // self.weight.dtype.itemsize
+        A, B = self.module.A, self.module.B
+        factors_bytes = A.nbytes + B.nbytes + (4 * (A.numel + B.numel) if A.dtype.itemsize < 4 else 0)
+        work = 2 * rows * cols * 4 + 2 * rows * self.row_bytes + factors_bytes
+        if self.weight.derive is not None:
+            work += self.weight.nbytes + self.weight.derive.work_bytes()
+        return work
+
     def digest(self) -> list:
         m, w = self.module, self.weight
         return ["lora", m.A.start, m.A.nbytes, m.B.start, m.B.nbytes, m.scale.hex(), m.transposed, m.embedding,
@@ -268,6 +281,9 @@ class Cast:
     def read(self, out: torch.Tensor, begin: int, end: int) -> None:
         value = read_tensor(self.source).to(self.dtype)
         out[begin:end].copy_(value.reshape(-1).view(torch.uint8)[begin:end])
+
+    def work_bytes(self) -> int:
+        return self.source.nbytes + self.source.numel * self.dtype.itemsize
 
     def digest(self) -> list:
         return ["cast", self.source.start, self.source.nbytes, NAMES[self.dtype]]
@@ -311,6 +327,10 @@ class AdapterModel:
             raise NeurokernError(f"{label}: {weights} adapts module {module!r}, but the base ({base.path}) has no "
                                  f"tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         self.files = adapter.files + base.files
+
+    def work_bytes(self) -> int:
+        """The most memory one read job of a derived tensor takes (see LoraDelta.work_bytes)."""
+        return max((i.derive.work_bytes() for i in self.tensors.values() if i.derive is not None), default=0)
 
     def header_digest(self) -> list:
         config = json.dumps(self.adapter.config, sort_keys=True, default=str)

@@ -21,7 +21,7 @@ from neurokern.engine import kernel_warmup, prefetch, timing
 from neurokern.engine.adapters import CONFIG as ADAPTER_CONFIG
 from neurokern.engine.adapters import is_adapter
 from neurokern.engine.distributed import Ranks, local_device
-from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
+from neurokern.engine.executor import READ_THREADS, Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
 from neurokern.engine.sources import Model, open_model, validate
@@ -84,8 +84,10 @@ class _Engine:
         self.params = self.spec.params(dict(cfg.params), self.T)
         out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
         self.out_dtype = out_dtype
+        # every reader thread may be computing a piece of an adapter's tensor at once
+        derived_work = READ_THREADS * max(m.work_bytes() for m in self.finetuned)
         self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda,
-                              host_option)
+                              host_option, derived_work)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
         self.prepasses: list[Pass] = self.spec.passes(self.params)

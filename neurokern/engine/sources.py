@@ -89,6 +89,11 @@ class Model:
                     raise NeurokernError(f"{file}: tensor {name!r} appears in more than one file of {self.path}")
                 self.tensors[name] = info
 
+    def work_bytes(self) -> int:
+        """Memory a read job takes besides its destination: none for stored tensors (a LoRA adapter's
+        derived tensors take some, engine/adapters.py)."""
+        return 0
+
     def header_digest(self) -> list:
         sizes = {file: file.stat().st_size for file in self.files}
         return [[i.name, NAMES.get(i.dtype, str(i.dtype)), list(i.shape), i.file.name, i.start, i.nbytes,

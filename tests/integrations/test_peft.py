@@ -143,6 +143,26 @@ def test_yaml_bf16_mixed_with_a_full_model_and_small_pieces(setup, tmp_path, mon
     assert ref["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
 
 
+def test_plan_counts_the_work_of_derived_reads(setup, tmp_path):
+    """The host estimate of a merge of adapters is that of the same merge of full models plus the
+    read threads' work on derived tensors, which stays a few pieces however large the model."""
+    from neurokern.engine.adapters import read_adapter
+    from neurokern.engine.executor import READ_THREADS
+    paths, base, root = setup["paths"], setup["base"], setup["root"]
+    full = []
+    for i, p in enumerate(paths):
+        save_file(merged_and_unloaded(base, p), str(tmp_path / f"full{i}.safetensors"))
+        full.append(str(tmp_path / f"full{i}.safetensors"))
+    plans = [nk.merge_models({"merge_method": "ties", "base_model": str(root / "base"), "models": models},
+                             tmp_path / "out", device="cpu", dry_run=True).plan
+             for models in ([str(p) for p in paths], full)]
+    adapters, fulls = (plan.estimate(cuda=False)["host"] for plan in plans)
+    rows, cols = 16, 24  # the widest adapted weight: down_proj, [16, 24]; all its rows fit one piece
+    work = 2 * rows * cols * 4 + 2 * rows * cols * 4 + 4 * (4 * 24 + 16 * 4)
+    assert {m.r for a in map(read_adapter, paths) for m in a.modules.values()} == {4}
+    assert adapters - fulls == READ_THREADS * work
+
+
 def merge_cli(*args, crash=None):
     env = {k: v for k, v in os.environ.items() if k not in ("NEUROKERN_TEST_CRASH", "RANK", "WORLD_SIZE")}
     env["NEUROKERN_MAX_UNIT_BYTES"] = "4096"  # many units: the kill lands mid-merge
