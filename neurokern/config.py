@@ -16,6 +16,7 @@ MERGEKIT_METHODS = {
     "dare_ties": ("dare_ties", {"normalize": False, "rescale": "l1"}),
     "dare_linear": ("dare", {"normalize": False, "rescale": "l1"}),
     "neuromerging": ("neuromerging", {}),
+    "magnitude_prune": ("magnitude_prune", {}),  # PEFT's, not mergekit's
 }
 TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source", "out_shard_size"}
 MODEL_KEYS = {"model", "parameters"}

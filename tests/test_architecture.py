@@ -8,6 +8,8 @@ imports of neurokern modules, at module level or inside a function, is held to t
     tint     neurokern.tint.*                                        ops, base
     engine   neurokern.engine.*, neurokern.config, neurokern.checkpoint  methods, ops, base
     cli      neurokern.cli, neurokern.__main__                       engine, base
+    integrations neurokern.integrations.*                            cli, engine, methods, tint, ops, base;
+                                                                     no library module imports it
     root     neurokern (the package __init__)                        base; the rest lazily
     accuracy neurokern.accuracy.* (tooling)                          anything; no library module imports it
 
@@ -24,7 +26,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "neurokern"
-LIBRARY = ("base", "ops", "methods", "tint", "engine", "cli", "root")
+LIBRARY = ("base", "ops", "methods", "tint", "engine", "cli", "root", "integrations")
 
 # Which layers a layer may import from (its own included). accuracy may import anything.
 ALLOWED = {
@@ -34,6 +36,8 @@ ALLOWED = {
     "tint": {"base", "ops", "tint"},
     "engine": {"base", "ops", "methods", "engine"},
     "cli": {"base", "engine", "cli"},
+    # other tools' formats and APIs (PEFT adapters): the top layer; no other layer imports it
+    "integrations": {"base", "ops", "methods", "tint", "engine", "cli", "integrations"},
     "root": {"base"},  # import neurokern stays light; its lazy attributes (_LAZY) load the layers
 }
 # What another layer may import of a layer (modules; names from them must not start with _).
@@ -127,6 +131,8 @@ def layer(module: str) -> str:
         return "engine"
     if top in ("cli", "__main__"):
         return "cli"
+    if top == "integrations":
+        return "integrations"
     if top == "accuracy":
         return "accuracy"
     raise AssertionError(f"{module}: no layer; place it in tests/test_architecture.py and docs/architecture.md")

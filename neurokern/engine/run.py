@@ -18,11 +18,13 @@ from tqdm.auto import tqdm
 from neurokern.checkpoint import SIDE_FILES
 from neurokern.config import MergeConfig, load_config, parse_size
 from neurokern.engine import kernel_warmup, prefetch, timing
+from neurokern.engine.adapters import CONFIG as ADAPTER_CONFIG
+from neurokern.engine.adapters import is_adapter
 from neurokern.engine.distributed import Ranks, local_device
-from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
+from neurokern.engine.executor import READ_THREADS, Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
-from neurokern.engine.sources import Model, validate
+from neurokern.engine.sources import Model, open_model, validate
 from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, done_record, fault_point,
                                      is_published, load_global, lock_partial, notice, partial_dir, prepare_partial,
                                      publish, rename, save_global)
@@ -71,16 +73,21 @@ class _Engine:
         self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
         self.cuda = device.type == "cuda"
         self.spec = METHODS[cfg.method]
+        if is_adapter(cfg.base_model):
+            raise NeurokernError(f"base_model {cfg.base_model} is a LoRA adapter folder ({ADAPTER_CONFIG}); give the "
+                                 "model it was trained on, and the adapter under models")
         self.base = Model(cfg.base_model, "base_model", allow_pickle)
-        self.finetuned = [Model(p, f"models[{i}]", allow_pickle) for i, p in enumerate(cfg.models)]
+        self.finetuned = [open_model(p, f"models[{i}]", self.base, allow_pickle) for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned
         validate(self.base, self.finetuned)
         self.T = len(self.finetuned)
         self.params = self.spec.params(dict(cfg.params), self.T)
         out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
         self.out_dtype = out_dtype
+        # every reader thread may be computing a piece of an adapter's tensor at once
+        derived_work = READ_THREADS * max(m.work_bytes() for m in self.finetuned)
         self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda,
-                              host_option)
+                              host_option, derived_work)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
         self.prepasses: list[Pass] = self.spec.passes(self.params)

@@ -3,13 +3,14 @@ nk.merge accepts to their Method records; register adds one (neurokern.methods.m
 record; neurokern.methods.passes: the whole-model passes a method can declare, which the
 streaming engine runs for it)."""
 from neurokern.errors import NeurokernError
-from neurokern.methods import dare, neuromerging, task_arithmetic, ties
+from neurokern.methods import dare, magnitude_prune, neuromerging, task_arithmetic, ties
 from neurokern.methods.method import Method, check_device
 from neurokern.methods.passes import Pass, PassContext
 
 METHODS = {
     m.name: m
-    for m in (task_arithmetic.METHOD, ties.METHOD, dare.DARE, dare.DARE_TIES, neuromerging.METHOD)
+    for m in (task_arithmetic.METHOD, ties.METHOD, dare.DARE, dare.DARE_TIES, neuromerging.METHOD,
+              magnitude_prune.METHOD)
 }
 BUILT_IN = tuple(METHODS)
 

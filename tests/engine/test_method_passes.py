@@ -182,7 +182,7 @@ def test_register_refuses_a_taken_name_and_configs_list_registered_methods(model
         register(Method("ties", {}, resolve, run))
     cfg = write_config(tmp_path / "c.yaml", "slerp", models)
     with pytest.raises(NeurokernError, match="'slerp' is not one of task_arithmetic, ties, dare_ties, dare_linear, "
-                                             "neuromerging, max_abs_scale$"):
+                                             "neuromerging, magnitude_prune, max_abs_scale$"):
         merge_models(cfg, tmp_path / "out", device="cpu")
 
 
