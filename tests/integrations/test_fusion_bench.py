@@ -461,3 +461,22 @@ def test_fusion_benchs_program_runs_the_example_config(tmp_path):
     want = TiesMergingAlgorithm(scaling_factor=config.scaling_factor, threshold=config.threshold, remove_keys=[],
                                 merge_func=config.merge_func).run(pool_of(base, finetuned))
     assert_within_ulps(flat(state), flat(want), 2, flat(base))
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/fusionbench_adamerging.py on a tiny configuration
+
+
+def test_the_adamerging_benchmark_runs_and_both_sides_agree(tmp_path):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("fusionbench_adamerging", ROOT / "bench" / "fusionbench_adamerging.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--smoke", "--device", "cpu", "--out", str(tmp_path)])
+    written = json.loads((tmp_path / "fusionbench-adamerging-cpu-smoke.json").read_text())
+    assert written["device"] == report["device"] and written["device"]
+    assert written["step_ms"]["fusion_bench"] > 0 and written["step_ms"]["neurokern"] > 0
+    assert written["agreement"]["max_lambda_move_from_init"] > 1e-3  # λ moved: the comparison means something
+    assert written["agreement"]["max_abs_lambda_difference"] < 1e-4
