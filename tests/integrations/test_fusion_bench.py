@@ -8,7 +8,6 @@ value (neurokern sums in float64, FusionBench in float32). Task arithmetic: with
 import copy
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -425,42 +424,28 @@ def test_every_example_config_instantiates(name, cls):
 
 
 def test_fusion_benchs_program_runs_the_example_config(tmp_path):
-    """`fusion_bench` (its Hydra program) with the examples' search path: modelpool and method by
-    name, the merged model saved and equal to FusionBench's own TIES on the same pool."""
-    (tmp_path / "tiny_pool.py").write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from test_fusion_bench import make_pool_models
-
-        def model(index: int):
-            base, finetuned = make_pool_models(seed=14, grid=True)
-            return base if index < 0 else finetuned[index]
-    """))
-    pools = tmp_path / "configs" / "modelpool"
-    pools.mkdir(parents=True)
-    (pools / "tiny.yaml").write_text(textwrap.dedent("""
-        _target_: fusion_bench.modelpool.BaseModelPool
-        models:
-          _pretrained_: {_target_: tiny_pool.model, index: -1}
-          task0: {_target_: tiny_pool.model, index: 0}
-          task1: {_target_: tiny_pool.model, index: 1}
-          task2: {_target_: tiny_pool.model, index: 2}
-    """))
+    """docs/fusion-bench.md's command: `fusion_bench` (its Hydra program) with examples/fusion_bench on
+    the search path, method and modelpool by name; the saved model equals FusionBench's own TIES on
+    the same pool."""
     out = tmp_path / "merged.pt"
-    command = [sys.executable, "-m", "fusion_bench.scripts.cli",
-               f"hydra.searchpath=[file://{EXAMPLES},file://{tmp_path / 'configs'}]",
+    command = [sys.executable, "-m", "fusion_bench.scripts.cli", f"hydra.searchpath=[file://{EXAMPLES}]",
                "method=neurokern/ties_merging", "modelpool=tiny", "taskpool=dummy", "fabric.accelerator=cpu",
-               "fabric/loggers=csv_logger",
-               f"merged_model_save_path={out}", f"hydra.run.dir={tmp_path / 'run'}", "print_config=false"]
-    env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+               "fabric/loggers=csv_logger", f"merged_model_save_path={out}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {"PYTHONPATH": f"{EXAMPLES}:{ROOT}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    state = torch.load(out, weights_only=True)
-    base, finetuned = make_pool_models(seed=14, grid=True)
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from tiny_pool import model
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    base, finetuned = model(-1), [model(t) for t in range(3)]
     config = load_example("ties_merging.yaml")
     want = TiesMergingAlgorithm(scaling_factor=config.scaling_factor, threshold=config.threshold, remove_keys=[],
                                 merge_func=config.merge_func).run(pool_of(base, finetuned))
+    state = torch.load(out, weights_only=True)
     assert_within_ulps(flat(state), flat(want), 2, flat(base))
+    assert not torch.equal(flat(state), flat(base))
 
 
 # ---------------------------------------------------------------------------------------------
