@@ -7,7 +7,7 @@ per task. Where FusionBench has the algorithm, the class takes the parameter nam
 own config (`scaling_factor`, `threshold`, `remove_keys`, `merge_func`, `sparsity_ratio`, ...), so
 that changing `_target_` is all a config needs.
 
-    TaskArithmetic, TiesMerging, DareTaskArithmetic, NeuroMerging   nk.merge; the pool's
+    TaskArithmetic, TiesMerging, DareTaskArithmetic, DareTiesMerging, NeuroMerging   nk.merge; the pool's
         `_pretrained_` model with the merged weights loaded (in place unless inplace=False)
     AdaMerging, ModelTinting   neurokern.tint.TintedModel + neurokern.tint.fit on unlabelled
         inputs that they take, as FusionBench's AdaMerging does, from the pool's test datasets
@@ -29,6 +29,7 @@ from neurokern.tint import TintedModel, fit
 __all__ = [
     "AdaMerging",
     "DareTaskArithmetic",
+    "DareTiesMerging",
     "ModelTinting",
     "NeuroMerging",
     "TaskArithmetic",
@@ -141,13 +142,30 @@ class TiesMerging(_Merge):
         options = ties_options(self.threshold, self.merge_func)
         pretrained, _, finetuned = load_models(as_modelpool(modelpool))
         state = pretrained.state_dict()
-        unknown = [k for k in self.remove_keys if k not in state]
-        if unknown:
-            raise NeurokernError(f"TiesMerging: remove_keys names tensors the model does not have: {unknown}")
-        names = [n for n in state if n not in set(self.remove_keys)]
+        removed = set(_unknown_keys(state, self.remove_keys, "TiesMerging"))
+        names = [n for n in state if n not in removed]
         merged = merge(_state(pretrained, names), [_state(m, names) for m in finetuned], method="ties",
                        scale=self.scaling_factor, device=self.device, **options)
         return self._into(pretrained, merged)
+
+
+def _dropped_parameters(model: nn.Module, sparsity_ratio: Any, only_on_linear_weights: bool, where: str) -> list[str]:
+    """The parameters DARE drops entries of: all, or the nn.Linear weights only."""
+    if isinstance(sparsity_ratio, bool) or not isinstance(sparsity_ratio, (int, float)) or not 0 <= sparsity_ratio < 1:
+        raise NeurokernError(f"{where}: sparsity_ratio must be in [0, 1); got {sparsity_ratio!r}")
+    params = [n for n, _ in model.named_parameters()]
+    if not only_on_linear_weights:
+        return params
+    linear = {f"{name}.weight" if name else "weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return [n for n in params if n in linear]
+
+
+def _unknown_keys(state: Mapping[str, Tensor], remove_keys: Sequence[str], where: str) -> list[str]:
+    """remove_keys, checked: each names a tensor of the model."""
+    unknown = [k for k in remove_keys if k not in state]
+    if unknown:
+        raise NeurokernError(f"{where}: remove_keys names tensors the model does not have: {unknown}")
+    return list(remove_keys)
 
 
 @auto_register_config
@@ -165,25 +183,48 @@ class DareTaskArithmetic(_Merge):
 
     @torch.no_grad()
     def run(self, modelpool: Union[BaseModelPool, Mapping[str, nn.Module]]) -> nn.Module:
-        ratio = self.sparsity_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-            raise NeurokernError(f"DareTaskArithmetic: sparsity_ratio must be in [0, 1); got {ratio!r}")
         pretrained, _, finetuned = load_models(as_modelpool(modelpool))
-        params = [n for n, _ in pretrained.named_parameters()]
-        if self.only_on_linear_weights:
-            linear = {f"{name}.weight" for name, m in pretrained.named_modules() if isinstance(m, nn.Linear)}
-            dropped = [n for n in params if n in linear]
-        else:
-            dropped = params
-        kept = [n for n in params if n not in set(dropped)]
+        dropped = _dropped_parameters(pretrained, self.sparsity_ratio, self.only_on_linear_weights, "DareTaskArithmetic")
+        kept = [n for n, _ in pretrained.named_parameters() if n not in dropped]
         merged = {}
         if dropped:
             merged.update(merge(_state(pretrained, dropped), [_state(m, dropped) for m in finetuned], method="dare",
-                                density=1 - ratio, rescale="density" if self.rescale else None, seed=self.seed,
-                                scale=self.scaling_factor, device=self.device))
+                                density=1 - self.sparsity_ratio, rescale="density" if self.rescale else None,
+                                seed=self.seed, scale=self.scaling_factor, device=self.device))
         if kept:
             merged.update(merge(_state(pretrained, kept), [_state(m, kept) for m in finetuned],
                                 method="task_arithmetic", scale=self.scaling_factor, device=self.device))
+        return self._into(pretrained, merged)
+
+
+@auto_register_config
+class DareTiesMerging(_Merge):
+    """FusionBench's DareTiesMerging: each task vector's parameters dropped and rescaled as in
+    DareTaskArithmetic, then FusionBench's TIES (TiesMerging's parameters) on the dropped models.
+    Each task's drop is nk.merge's "dare" with weight 1 on that task alone, so its mask is the one the
+    task gets in a DARE merge of the whole pool."""
+
+    def __init__(self, sparsity_ratio: float, only_on_linear_weights: bool, rescale: bool, scaling_factor: float,
+                 threshold: float, remove_keys: Sequence[str] = (), merge_func: str = "sum", seed: int = 0,
+                 inplace: bool = True, device: Optional[str] = None, **kwargs: Any):
+        super().__init__(**kwargs)
+
+    @torch.no_grad()
+    def run(self, modelpool: Union[BaseModelPool, Mapping[str, nn.Module]]) -> nn.Module:
+        options = ties_options(self.threshold, self.merge_func)
+        pretrained, _, finetuned = load_models(as_modelpool(modelpool))
+        dropped = _dropped_parameters(pretrained, self.sparsity_ratio, self.only_on_linear_weights, "DareTiesMerging")
+        base_state = pretrained.state_dict()
+        removed = set(_unknown_keys(base_state, self.remove_keys, "DareTiesMerging"))
+        names = [n for n in base_state if n not in removed]
+        finetuned_states = [m.state_dict() for m in finetuned]
+        for t, state in enumerate(finetuned_states):
+            one_hot = [1.0 if s == t else 0.0 for s in range(len(finetuned))]
+            state.update(merge(_state(pretrained, dropped), [_state(m, dropped) for m in finetuned], method="dare",
+                               weights=one_hot, density=1 - self.sparsity_ratio, seed=self.seed,
+                               rescale="density" if self.rescale else None, device=self.device))
+        merged = merge({n: base_state[n] for n in names}, [{n: s[n] for n in names} for s in finetuned_states],
+                       method="ties", scale=self.scaling_factor, device=self.device, **options)
         return self._into(pretrained, merged)
 
 

@@ -18,6 +18,7 @@ fusion_bench = pytest.importorskip("fusion_bench")
 
 from fusion_bench.method import TaskArithmeticAlgorithm, TiesMergingAlgorithm  # noqa: E402
 from fusion_bench.method.dare import DareTaskArithmetic as FBDareTaskArithmetic  # noqa: E402
+from fusion_bench.method.dare import DareTiesMerging as FBDareTiesMerging  # noqa: E402
 from fusion_bench.method.ties_merging import ties_merging_utils as fb_ties  # noqa: E402
 from fusion_bench.modelpool import BaseModelPool  # noqa: E402
 
@@ -415,6 +416,7 @@ def test_the_example_ties_config_instantiates_and_runs(instantiate):
 
 
 @pytest.mark.parametrize("name, cls", [("task_arithmetic.yaml", "TaskArithmetic"), ("dare_task_arithmetic.yaml", "DareTaskArithmetic"),
+                                       ("dare_ties_merging.yaml", "DareTiesMerging"),
                                        ("neuromerging.yaml", "NeuroMerging"), ("adamerging.yaml", "AdaMerging"),
                                        ("model_tinting.yaml", "ModelTinting")])
 def test_every_example_config_instantiates(name, cls):
@@ -465,3 +467,33 @@ def test_the_adamerging_benchmark_runs_and_both_sides_agree(tmp_path):
     assert written["step_ms"]["fusion_bench"] > 0 and written["step_ms"]["neurokern"] > 0
     assert written["agreement"]["max_lambda_move_from_init"] > 1e-3  # λ moved: the comparison means something
     assert written["agreement"]["max_abs_lambda_difference"] < 1e-4
+
+
+def test_dare_ties_without_drop_is_fusion_benchs_on_grid_weights():
+    """sparsity_ratio 0: both are FusionBench's TIES on the undropped models; bitwise on grid weights."""
+    base, finetuned = make_pool_models(seed=15, grid=True)
+    config = dict(sparsity_ratio=0.0, only_on_linear_weights=False, rescale=True, scaling_factor=0.5, threshold=20,
+                  remove_keys=[], merge_func="sum")
+    want = flat(FBDareTiesMerging(**config).run(pool_of(base, finetuned)))
+    got = flat(nkfb.DareTiesMerging(**config).run(pool_of(base, finetuned)))
+    assert torch.equal(got, want)
+
+
+def test_dare_ties_drops_with_the_masks_of_a_dare_merge():
+    """Each task's drop is its mask in nk.merge's "dare" on the whole pool: the TIES step then sees
+    exactly those dropped task vectors."""
+    base, finetuned = make_pool_models(seed=16, grid=True)
+    config = dict(sparsity_ratio=0.5, only_on_linear_weights=True, rescale=True, scaling_factor=1.0, threshold=0.9,
+                  merge_func="sum", seed=4)
+    got = nkfb.DareTiesMerging(**config).run(pool_of(base, finetuned)).state_dict()
+    linear = [n for n in base.state_dict() if n.endswith(".weight") and not n.startswith("norm")]
+    dropped = []
+    for t, model in enumerate(finetuned):
+        weights = [1.0 if s == t else 0.0 for s in range(3)]
+        one = nk.merge({n: base.state_dict()[n] for n in linear}, [{n: m.state_dict()[n] for n in linear} for m in finetuned],
+                       method="dare", weights=weights, density=0.5, seed=4)
+        dropped.append({**model.state_dict(), **one})
+    want = nk.merge(base, dropped, method="ties", **nkfb.ties_options(0.9, "sum"))
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+    assert any(bool((d[n] == base.state_dict()[n]).float().mean() > 0.3) for d in dropped for n in linear)
