@@ -107,9 +107,9 @@ class _Merge(BaseAlgorithm):
         return model
 
 
-def _state(model: nn.Module, names: Optional[Sequence[str]] = None) -> dict[str, Tensor]:
+def _state(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
     state = model.state_dict()
-    return state if names is None else {n: state[n] for n in names}
+    return {n: state[n] for n in names}
 
 
 @auto_register_config
@@ -247,7 +247,7 @@ class NeuroMerging(_Merge):
         return self._into(pretrained, merged)
 
 
-def test_inputs(pool: BaseModelPool, tasks: list[str]) -> dict[str, Any]:
+def task_inputs(pool: BaseModelPool, tasks: list[str]) -> dict[str, Any]:
     """Each task's unlabelled inputs, where FusionBench's AdaMerging takes them: the pool's test
     dataset of the task's name (`modelpool.load_test_dataset(task)`; an item is an input, or a
     tuple whose first entry is one, and labels are never read)."""
@@ -265,7 +265,9 @@ def test_inputs(pool: BaseModelPool, tasks: list[str]) -> dict[str, Any]:
 def _tinted(pool: BaseModelPool, tint_layers: Sequence[str], heads: Sequence[str], coefficients: str,
             prior: float, device: Optional[str]) -> tuple[TintedModel, nn.Module, dict[str, Any]]:
     pretrained, tasks, finetuned = load_models(pool)
-    inputs = test_inputs(pool, tasks)
+    inputs = task_inputs(pool, tasks)
+    if device is not None:  # the module runs where the merged weights are (FusionBench's fabric.setup moves it too)
+        pretrained, finetuned = pretrained.to(device), [m.to(device) for m in finetuned]
     model = TintedModel(pretrained, None, dict(zip(tasks, finetuned)), tint_layers=list(tint_layers),
                         heads=list(heads), coefficients=coefficients, prior=prior, device=device)
     return model, pretrained, inputs
