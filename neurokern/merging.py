@@ -29,8 +29,8 @@ def merge(
       "task_arithmetic": weights [1 each], scale [1.0], normalize [False]
       "ties":            density [0.2], weights, consensus ["sum"|"count"], normalize [True |
                          "count" | None], scale [1.0], trim_scope ["tensor"|"global"],
-                         ties ["exact_k"|"keep"], elect_on ["weighted"|"unweighted"],
-                         zero_sign ["positive"|"majority"]
+                         ties ["exact_k"|"keep"|"keep_floor"], elect_on ["weighted"|"unweighted"],
+                         zero_sign ["positive"|"majority"|"model_majority"]
       "dare", "dare_ties": density [0.3], weights, seed [0], rescale ["density"|"l1"|None],
                          normalize [False], scale [1.0]; dare_ties also consensus ["sum"|"count"]
       "neuromerging":    density [0.1], scale [None: 1/(1-sigma)], scale_parallel [0.0: lite],

@@ -1,2 +1,3 @@
 """Integrations with other tools: the top layer (it may import the cli, engine, methods, tint,
-ops and base; nothing in the library imports it). peft: LoRA adapters."""
+ops and base; nothing in the library imports it). peft: LoRA adapters. fusion_bench: FusionBench
+(fusion-bench 0.2.33) algorithms that its program builds by `_target_`."""
