@@ -29,6 +29,7 @@ MERGEKIT_METHODS = {
     "model_stock": ("model_stock", {}),
     "passthrough": ("passthrough", {}),
     "neuromerging": ("neuromerging", {}),
+    "magnitude_prune": ("magnitude_prune", {}),  # PEFT's, not mergekit's
 }
 # mergekit 0.1.5's other methods: named in the error a config that asks for one gets
 MERGEKIT_ONLY = ("sce", "karcher", "multislerp", "nearswap", "arcee_fusion", "ram", "ramplus_tl")
@@ -64,7 +65,7 @@ MERGEKIT_DEFAULTS = {
     "della": {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
     "della_linear": {"weight": 1.0, "density": 1.0, "epsilon": 0.15},
 }
-NEEDS_BASE = set(GTA) | {"slerp", "model_stock", "neuromerging"}
+NEEDS_BASE = set(GTA) | {"slerp", "model_stock", "neuromerging", "magnitude_prune"}
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
@@ -102,6 +103,7 @@ class MergeConfig:
     # `last_model` those after them (final norm, head). None: the models' tensors as they are.
     stack: Optional[tuple[tuple[Path, int], ...]] = None
     last_model: Optional[Path] = None
+    base_is_first_model: bool = False  # no base_model (linear, nuslerp): the first model stands in as the base
     config_updates: dict[str, Any] = field(default_factory=dict)  # keys of the output's config.json
     chat_template: Optional[str] = None  # the text the output's chat_template.jinja gets (mergekit's chat_template)
     # neurokern parameter name -> where the config set it, for errors in the config's own words:
@@ -412,6 +414,15 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
     for key in shared:
         if key in per_model_keys or key in IGNORED or (key == "rescale" and merge_method == "task_arithmetic"):
             continue  # mergekit's task_arithmetic has nothing to rescale
+        if key == "weights" and isinstance(top.get(key), list):
+            # nk.merge's name for one weight per fine-tuned model, not a mergekit key: a list
+            # there is per model (never a per-layer gradient, which mergekit's `weight` takes)
+            if "weight" in top or any("weight" in slice_params or any("weight" in s.params for s in sources)
+                                      for sources, slice_params, _ in slices):
+                raise NeurokernError("config: give models[*].parameters.weight or parameters.weights (one per "
+                                     "fine-tuned model), not both")
+            params["weights"], yaml_names["weights"] = list(top[key]), "parameters.weights"
+            continue
         name = RENAMED.get(key, key)
         params[name] = value(key, None, method_defaults.get(name), f"parameters.{key}")
         yaml_names[name] = f"parameters.{key}" if key in top else f"slices[*].parameters.{key}"
@@ -420,7 +431,7 @@ def load_config(source: Union[str, Path, dict], root: Optional[Path] = None) -> 
 
     return MergeConfig(method=method, base_model=engine_base, models=[first[i].path for i in inputs
                                                                     if not (base_model is None and i == 0)],
-                       params=params, yaml_names=yaml_names, **common)
+                       params=params, yaml_names=yaml_names, base_is_first_model=base_model is None, **common)
 
 
 def _has_gradient(setting: Any) -> bool:

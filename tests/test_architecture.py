@@ -8,14 +8,15 @@ imports of neurokern modules, at module level or inside a function, is held to t
     tint     neurokern.tint.*                                        ops, base
     engine   neurokern.engine.*, neurokern.config, neurokern.checkpoint  methods, ops, base
     cli      neurokern.cli, neurokern.__main__                       engine, base
-    integrations neurokern.integrations.*                            cli, engine, methods, tint, ops, base; nothing imports it
+    integrations neurokern.integrations.*                            cli, engine, methods, tint, ops, base;
+                                                                     no library module imports it
     root     neurokern (the package __init__)                        base; the rest lazily
     accuracy neurokern.accuracy.* (tooling)                          anything; no library module imports it
 
 Besides the table: a `_` name or module is private to its layer; another layer reaches the ops
-through neurokern.ops and neurokern.ops.triton only, and the methods through neurokern.methods
-and neurokern.models only; neurokern.ops.reference and neurokern.methods.reference are for the
-tests. Where the code breaks a rule today, KNOWN_EXCEPTIONS says so (docs/architecture.md,
+through neurokern.ops and neurokern.ops.triton only, and the methods through neurokern.methods,
+neurokern.models and neurokern.merging (nk.merge) only; neurokern.ops.reference and
+neurokern.methods.reference are for the tests. Where the code breaks a rule today, KNOWN_EXCEPTIONS says so (docs/architecture.md,
 "Known exceptions"); a new violation fails, and so does an entry that no longer matches anything.
 """
 import ast
@@ -35,13 +36,15 @@ ALLOWED = {
     "tint": {"base", "ops", "tint"},
     "engine": {"base", "ops", "methods", "engine"},
     "cli": {"base", "engine", "cli"},
+    # other tools' formats, APIs and programs (mergekit's methods and mergekit-yaml, PEFT adapters,
+    # FusionBench algorithms): the top layer; no other layer imports it
     "integrations": {"base", "ops", "methods", "tint", "engine", "cli", "integrations"},
     "root": {"base"},  # import neurokern stays light; its lazy attributes (_LAZY) load the layers
 }
 # What another layer may import of a layer (modules; names from them must not start with _).
 SURFACE = {
     "ops": {"neurokern.ops", "neurokern.ops.triton"},
-    "methods": {"neurokern.methods", "neurokern.models"},
+    "methods": {"neurokern.methods", "neurokern.models", "neurokern.merging"},
 }
 # The meaning of the ops and the methods in plain PyTorch: what the tests compare against.
 REFERENCES = {"neurokern.ops.reference", "neurokern.methods.reference"}

@@ -67,6 +67,8 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="test-time training under bf16 autocast (CUDA) or in fp32")
     g.add_argument("--grid", type=_csv, default=[],
                    help="ablation groups to run around Tinting's settings: all, or any of " + ",".join(GRID))
+    g.add_argument("--only", type=_csv, default=[],
+                   help="keep the ablation runs whose names match one of these shell patterns (e.g. 'layer_*_tint0.01*')")
     g.add_argument("--workers", type=int, default=None,
                    help="processes for the test-time runs (default: on a GPU one per two cores, at most 12; CPU 1)")
     g.add_argument("--curve-every", type=int, default=25, help="epochs between learning-curve points")
@@ -114,7 +116,7 @@ def run_command(args) -> int:
     run_suite(args.family, cache, args.out, tasks=args.tasks, methods=args.methods, device=device, recipe=recipe,
               tta=tta, grid=grid, workers=args.workers, curve_every=args.curve_every, lambda_grid=args.lambda_grid,
               max_train=args.max_train, ckpt_dir=args.ckpt_dir, do_investigate=args.investigate, eval_batch=args.eval_batch,
-              plot=not args.no_plot)
+              plot=not args.no_plot, only=args.only)
     return 0
 
 

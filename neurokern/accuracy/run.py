@@ -165,9 +165,11 @@ def run_suite(family_name: str, cache, out_dir, tasks: Optional[Sequence[str]] =
               methods: Optional[Sequence[str]] = None, device: str = "cuda", recipe: Optional[Recipe] = None,
               tta: Optional[dict] = None, grid: Sequence[str] = (), workers: Optional[int] = None, curve_every: int = 25,
               lambda_grid: Sequence[float] = LAMBDA_GRID, max_train: Optional[int] = None, ckpt_dir=None,
-              do_investigate: bool = False, eval_batch: int = 256, plot: bool = True, verbose: bool = True) -> dict:
+              do_investigate: bool = False, eval_batch: int = 256, plot: bool = True, verbose: bool = True,
+              only: Sequence[str] = ()) -> dict:
     """Run the suite. tta: the test-time methods' settings (name -> TTA; default tta.METHODS);
-    grid: ablation groups (tta.GRID) to run around the "tinting" and "adamerging" settings. The report is rewritten after every
+    grid: ablation groups (tta.GRID) to run around the "tinting" and "adamerging" settings; only: patterns
+    over the ablation runs' names, keeping the matching ones (tta.ablations). The report is rewritten after every
     method, so a run cut short still leaves accuracy.json / accuracy.md."""
     t0 = time.perf_counter()
     log = print if verbose else (lambda *a, **k: None)
@@ -255,7 +257,7 @@ def run_suite(family_name: str, cache, out_dir, tasks: Optional[Sequence[str]] =
     ta = report["methods"].get("task_arithmetic", {})
     ta_lambda = ta.get("params", {}).get("scale") if ta.get("status") == "ok" else None
     runs: dict[str, TTA] = {n: tta[n] for n in methods if n in tta}
-    grid_runs = ablations(ctx.tint_layers, tta["tinting"], tta["adamerging"], grid) if grid else {}
+    grid_runs = ablations(ctx.tint_layers, tta["tinting"], tta["adamerging"], grid, only) if grid else {}
     where = {**{n: "methods" for n in runs}, **{n: "ablations" for n in grid_runs}}
     t_tta = time.perf_counter()
 

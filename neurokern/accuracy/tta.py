@@ -17,12 +17,13 @@ loading the fine-tuned models once from the checkpoint folder.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import dataclasses
 import os
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -72,7 +73,7 @@ GRID = ("lr", "lambda", "layer", "loss", "precision", "adamerging")
 
 
 def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = METHODS["adamerging"],
-              groups=GRID) -> dict[str, TTA]:
+              groups=GRID, only: Sequence[str] = ()) -> dict[str, TTA]:
     """The ablation grid around `base` (the suite's Tinting) and `adamerging`, by group: "lr" (λ's
     and the tints' learning rates, each of 1e-2, 1e-3, 1e-4; 1e-2 for both is the reference code's
     setting), "lambda" (λ frozen at, or trained from, task arithmetic's λ), "layer" (each of the
@@ -81,7 +82,8 @@ def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = ME
     "precision" (fp32 instead of bf16 autocast), "adamerging" (its λ at lr 1e-2). Every Tinting
     variant runs with both losses (pseudo-labels and the confidence filter), so Tinting++ is
     compared with Tinting in every row. layers: the family's tint_layers(). Runs come group by group
-    in the order of `groups`."""
+    in the order of `groups`; `only` (shell-style patterns over the run names, e.g. "layer_*_tint0.01*")
+    keeps the runs that match one of them."""
     unknown = [g for g in groups if g not in GRID]
     if unknown:
         raise ValueError(f"unknown ablation group(s) {unknown}; choose from {GRID}")
@@ -119,6 +121,10 @@ def ablations(layers: dict, base: TTA = METHODS["tinting"], adamerging: TTA = ME
             runs["adamerging_fp32"] = dataclasses.replace(adamerging, precision="fp32", label="AdaMerging, fp32")
         elif group == "adamerging":
             runs["adamerging_lr1e-2"] = dataclasses.replace(adamerging, lr_lambda=1e-2, label="AdaMerging, lr 1e-2")
+    if only:
+        runs = {name: run for name, run in runs.items() if any(fnmatch.fnmatchcase(name, p) for p in only)}
+        if not runs:
+            raise ValueError(f"no ablation run of groups {list(groups)} matches {list(only)}")
     return runs
 
 

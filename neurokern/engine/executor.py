@@ -207,7 +207,10 @@ class Reader:
                 dest = slot[offset:offset + info.nbytes]
                 offset += info.nbytes
                 offset += -offset % 16  # keep every tensor view aligned
-                if info.start < 0:  # pickled: one copy from the loaded checkpoint
+                if info.derive is not None:  # computed when read (a LoRA-adapted weight): its own pieces
+                    for begin, end in info.derive.pieces():
+                        jobs.append(self.pool.submit(self._read, info, dest, begin, end))
+                elif info.start < 0:  # pickled: one copy from the loaded checkpoint
                     jobs.append(self.pool.submit(self._read, info, dest, 0, info.nbytes))
                 else:  # pieces end at multiples of READ_PIECE in the file
                     at, stop = info.start, info.start + info.nbytes

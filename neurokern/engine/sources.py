@@ -9,9 +9,9 @@ truncated or corrupt file). Tensor bytes are read later with os.preadv straight 
 allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -34,8 +34,12 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
-    start: int  # absolute byte offset in the file (-1: pickled, read through torch.load)
+    start: int  # absolute byte offset in the file (-1: pickled, read through torch.load, or derived)
     nbytes: int
+    # A tensor computed when read (engine/adapters.py: a LoRA-adapted weight): read(out, begin,
+    # end) fills bytes [begin, end) of out; pieces() the byte ranges to read it in; digest() what
+    # its bytes depend on (for the plan digest).
+    derive: Any = None
 
     @property
     def numel(self) -> int:
@@ -86,6 +90,11 @@ class Model:
                     raise NeurokernError(f"{file}: tensor {name!r} appears in more than one file of {self.path}")
                 self.tensors[name] = info
 
+    def work_bytes(self) -> int:
+        """Memory a read job takes besides its destination: none for stored tensors (a LoRA adapter's
+        derived tensors take some, engine/adapters.py)."""
+        return 0
+
     def header_digest(self) -> list:
         sizes = {file: file.stat().st_size for file in self.files}
         return [[i.name, NAMES.get(i.dtype, str(i.dtype)), list(i.shape), i.file.name, i.start, i.nbytes,
@@ -113,22 +122,23 @@ def validate(base: Model, finetuned: list[Model]) -> None:
                                      f"{NAMES.get(b.dtype)}; save the models in one dtype")
 
 
-def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
-    """Read bytes [begin, end) of one tensor's data (default: all of it) into the same bytes of
-    `out`, a contiguous uint8 CPU tensor of info.nbytes. Any thread may read any piece: each call
-    opens the file (pread takes the offset)."""
-    if info.start < 0:
-        src = _PICKLED[info.file][info.name].contiguous()
-        out.copy_(src.view(-1).view(torch.uint8))
-        return
-    end = info.nbytes if end is None else end
-    view = memoryview(out.numpy())
+def open_model(path: Path, label: str, base: "Model", allow_pickle: bool = False):
+    """A fine-tuned input: a model (folder or file), or a LoRA adapter folder (adapter_config.json),
+    which reads as the base with its ΔW added (engine/adapters.py)."""
+    from neurokern.engine.adapters import AdapterModel, is_adapter
+    if is_adapter(path):
+        return AdapterModel(path, label, base)
+    return Model(path, label, allow_pickle)
+
+
+def _pread(info: TensorInfo, view: memoryview, begin: int, end: int, at: int) -> None:
+    """Bytes [begin, end) of the tensor's data into view[at:]."""
     try:
         fd = os.open(info.file, os.O_RDONLY | os.O_NONBLOCK)  # checked regular; never block on a swapped-in FIFO
         try:
             done = begin
             while done < end:
-                n = os.preadv(fd, [view[done:end]], info.start + done)
+                n = os.preadv(fd, [view[at + done - begin:at + end - begin]], info.start + done)
                 if n <= 0:
                     raise NeurokernError(f"{info.file}: tensor {info.name!r} ends early (file truncated while reading?)")
                 done += n
@@ -136,6 +146,29 @@ def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional
             os.close(fd)
     except OSError as exc:
         raise NeurokernError(f"cannot read tensor {info.name!r} from {info.file}: {exc.strerror or exc}") from exc
+
+
+def read_range(info: TensorInfo, begin: int, end: int) -> torch.Tensor:
+    """Bytes [begin, end) of a stored tensor's data, as a new uint8 tensor."""
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    if end > begin:
+        _pread(info, memoryview(out.numpy()), begin, end, 0)
+    return out
+
+
+def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+    """Read bytes [begin, end) of one tensor's data (default: all of it) into the same bytes of
+    `out`, a contiguous uint8 CPU tensor of info.nbytes. Any thread may read any piece: each call
+    opens the file (pread takes the offset)."""
+    end = info.nbytes if end is None else end
+    if info.derive is not None:
+        info.derive.read(out, begin, end)
+        return
+    if info.start < 0:
+        src = _PICKLED[info.file][info.name].contiguous()
+        out.copy_(src.view(-1).view(torch.uint8))
+        return
+    _pread(info, memoryview(out.numpy()), begin, end, begin)
 
 
 def stacked(stack: tuple[tuple[Path, int], ...], first: Path, last: Path, allow_pickle: bool = False) -> Model:
@@ -165,7 +198,7 @@ def stacked(stack: tuple[tuple[Path, int], ...], first: Path, last: Path, allow_
                                  f"{sorted({k[1] for k in by_layer if k[0] == path})[-1:]})")
         for info in infos:
             name = _renamed(info.name, out_layer)
-            tensors[name] = TensorInfo(name, info.dtype, info.shape, info.file, info.start, info.nbytes)
+            tensors[name] = replace(info, name=name)
     tensors.update({i.name: i for i in after})
     model.tensors = tensors
     return model

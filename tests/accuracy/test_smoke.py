@@ -147,3 +147,15 @@ def test_encoder_state_is_a_copy(tmp_path):
     encoder.load_state_dict({k: v + 1 for k, v in base.items()}, strict=False)
     assert all(torch.equal(base[k], before[k]) for k in base)
     assert any(not torch.equal(v, encoder.state_dict()[k]) for k, v in base.items())
+
+
+def test_ablations_only_keeps_the_runs_its_patterns_match():
+    layers = {"head": "head", "last_mlp": "m", "attention_out": "a", "embedding": "e"}
+    every = ablations(layers, groups=("layer", "lr"))
+    kept = ablations(layers, groups=("layer", "lr"), only=["layer_*_tint0.01*", "lr_lambda0.01_*"])
+    assert list(kept) == [n for n in every if n.startswith(("layer_", "lr_lambda0.01_")) and
+                          (n.startswith("lr_") or "_tint0.01" in n)]
+    assert "layer_last_mlp_tint0.01_conf" in kept and "layer_last_mlp_tint0.001" not in kept
+    assert len(kept) == 3 * 2 + 2 * 2
+    with pytest.raises(ValueError, match="matches"):
+        ablations(layers, groups=("loss",), only=["layer_*"])

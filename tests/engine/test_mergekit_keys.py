@@ -51,6 +51,30 @@ def test_gradients_filters_and_booleans(folders):
     assert load_config({**raw, "parameters": {"rescale": True}}).params["rescale"] == "l1"
 
 
+def test_weights_is_one_per_model_and_weight_a_gradient(folders):
+    """parameters.weights (nk.merge's name, not mergekit's) lists one weight per fine-tuned model;
+    a list under mergekit's weight is a per-layer gradient; both at once is one error."""
+    base, a, b = (str(folders / n) for n in ("base", "a", "b"))
+    raw = {"merge_method": "ties", "base_model": base, "models": [a, b], "parameters": {"weights": [0.7, -1.2]}}
+    cfg = load_config(raw)
+    assert cfg.params["weights"] == [0.7, -1.2] and cfg.yaml_names["weights"] == "parameters.weights"
+    gradient = load_config({**raw, "parameters": {"weight": [0.7, -1.2]}}).params["weights"]
+    assert all(isinstance(w, PerTensor) for w in gradient)
+    assert [gradient[0].at(f"model.layers.{i}.x") for i in (0, 3)] == [0.7, -1.2]
+    both = "config: give models\\[\\*\\].parameters.weight or parameters.weights .*, not both$"
+    with pytest.raises(NeurokernError, match=both):
+        load_config({**raw, "parameters": {"weights": [0.7, -1.2], "weight": 1.0}})
+    with pytest.raises(NeurokernError, match=both):
+        load_config({**raw, "models": [{"model": a, "parameters": {"weight": 1.0}}, b]})
+
+
+@pytest.mark.parametrize("method", ["ties", "neuromerging", "magnitude_prune", "slerp"])
+def test_methods_of_task_vectors_need_a_base_model(folders, method):
+    raw = {"merge_method": method, "models": [str(folders / "a"), str(folders / "b")]}
+    with pytest.raises(NeurokernError, match=f"config: missing key 'base_model' \\(merge method '{method}' needs one\\)"):
+        load_config(raw)
+
+
 def test_slices_of_a_merge_keep_the_layers_in_place(folders):
     base, a = str(folders / "base"), str(folders / "a")
     ok = {"merge_method": "slerp", "base_model": base, "slices": [

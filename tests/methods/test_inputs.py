@@ -7,7 +7,7 @@ import torch
 import neurokern as nk
 from neurokern import NeurokernError
 
-from conftest import make_models
+from .conftest import make_models
 
 
 def test_modules_in_state_dict_out():

@@ -13,7 +13,7 @@ from neurokern.methods import breadcrumbs, della
 from neurokern.methods import reference as R
 from neurokern.params import Condition, Layers, PerTensor
 
-from conftest import make_models
+from .conftest import make_models
 
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
