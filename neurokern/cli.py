@@ -28,6 +28,8 @@ def merge_command(args: argparse.Namespace) -> int:
         print(f"base:   {config.base_model}")
         for path in config.models:
             print(f"model:  {path}")
+        if config.stack:
+            print(f"stack:  {config.describe_stack()}")
         print(f"output: {args.out_dir} (shards of at most {human_bytes(config.out_shard_size)})")
         print(result.stats["description"])
         return 0

@@ -9,7 +9,7 @@ truncated or corrupt file). Tensor bytes are read later with os.preadv straight 
 allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +18,7 @@ import torch
 from neurokern.engine.files import PICKLE_SUFFIXES, weight_files
 from neurokern.engine.files import read_header as header_entries
 from neurokern.errors import NeurokernError
+from neurokern.params import BEFORE_LAYERS, LAYER_INDEX, layer_of
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -168,3 +169,43 @@ def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional
         out.copy_(src.view(-1).view(torch.uint8))
         return
     _pread(info, memoryview(out.numpy()), begin, end, begin)
+
+
+def stacked(stack: tuple[tuple[Path, int], ...], first: Path, last: Path, allow_pickle: bool = False) -> Model:
+    """A model assembled from layers of several models (a passthrough config's slices): output
+    layer i is layer stack[i][1] of model stack[i][0], its tensors renamed to layer i; the tensors
+    outside the layers come from `first` (those mergekit puts before the layers: embeddings) and
+    from `last` (the others: final norm, head). No bytes move: each entry points into its
+    source's file."""
+    sources = {path: Model(path, f"slices model {path}", allow_pickle) for path in dict.fromkeys([first, *(p for p, _ in stack), last])}
+    by_layer: dict[tuple[Path, int], list[TensorInfo]] = {}
+    for path, model in sources.items():
+        for info in model.tensors.values():
+            layer = layer_of(info.name)
+            if layer is not None:
+                by_layer.setdefault((path, layer), []).append(info)
+    model = Model.__new__(Model)
+    model.path, model.label = first, "slices"
+    model.files = list(dict.fromkeys(f for m in sources.values() for f in m.files))
+    before = [i for i in sources[first].tensors.values() if layer_of(i.name) is None and BEFORE_LAYERS.search(i.name)]
+    after = [i for i in sources[last].tensors.values() if layer_of(i.name) is None and not BEFORE_LAYERS.search(i.name)]
+    tensors: dict[str, TensorInfo] = {i.name: i for i in before}
+    for out_layer, (path, layer) in enumerate(stack):
+        infos = by_layer.get((path, layer))
+        if not infos:
+            raise NeurokernError(f"slices: model {path} has no layer {layer} (its tensors hold layers "
+                                 f"{sorted({k[1] for k in by_layer if k[0] == path})[:1]}..."
+                                 f"{sorted({k[1] for k in by_layer if k[0] == path})[-1:]})")
+        for info in infos:
+            name = _renamed(info.name, out_layer)
+            tensors[name] = replace(info, name=name)
+    tensors.update({i.name: i for i in after})
+    model.tensors = tensors
+    return model
+
+
+def _renamed(name: str, layer: int) -> str:
+    """name with its layer index replaced by `layer`."""
+    match = LAYER_INDEX.search(name)
+    start, end = match.span(1)
+    return f"{name[:start]}{layer}{name[end:]}"
