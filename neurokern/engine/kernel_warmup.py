@@ -35,16 +35,16 @@ def start_runtime(device) -> None:
 def start(device) -> None:
     import torch
 
+    from neurokern.ops import STORAGE_DTYPES
     from neurokern.ops import triton as triton_kernels
 
     if device.type != "cuda" or not triton_kernels.AVAILABLE:
         return
-    dtypes = (torch.float32, torch.bfloat16, torch.float16)
 
     def warm() -> None:
         try:
             with torch.cuda.device(device):
-                triton_kernels.finite.nonfinite_flags([torch.zeros(16, dtype=d, device=device) for d in dtypes])
+                triton_kernels.finite.nonfinite_flags([torch.zeros(16, dtype=d, device=device) for d in STORAGE_DTYPES])
         except Exception:  # noqa: BLE001 (the merge launches the kernel itself and reports what fails)
             pass
 

@@ -13,7 +13,7 @@ import torch
 
 from neurokern.engine.sources import NAMES, Model, TensorInfo
 from neurokern.errors import NeurokernError
-from neurokern.models import MERGEABLE_DTYPES
+from neurokern.ops import STORAGE_DTYPES
 
 DEFAULT_BUDGET = 8 * 2**30
 MAX_UNIT = int(os.environ.get("NEUROKERN_MAX_UNIT_BYTES", 512 * 2**20))  # input bytes of one work unit
@@ -142,7 +142,7 @@ def make_plan(base: Model, num_models: int, out_dtype: Optional[torch.dtype], ou
     for name, info in base.tensors.items():
         merge = info.dtype.is_floating_point
         dtype = out_dtype if (merge and out_dtype is not None) else info.dtype
-        if merge and dtype not in MERGEABLE_DTYPES:
+        if merge and dtype not in STORAGE_DTYPES:
             raise NeurokernError(f"tensor {name!r} ({info.file}) is {NAMES.get(dtype)}; neurokern merges float32, "
                                  "bfloat16 and float16 tensors (set dtype: in the config to convert)")
         tensors[name] = OutTensor(name, dtype, info.shape, info.numel * dtype.itemsize, merge)
