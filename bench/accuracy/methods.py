@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 import neurokern as nk
-from neurokern.accuracy.finetune import accuracy, evaluate, predict
-from neurokern.accuracy.model import Classifier
+from bench.accuracy.finetune import accuracy, evaluate, predict
+from bench.accuracy.model import Classifier
 
 LAMBDA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0)
 PARALLEL_GRID = (0.25, 0.5, 1.0, 2.0)

@@ -28,8 +28,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from neurokern.accuracy.finetune import accuracy, autocast, predict
-from neurokern.accuracy.model import Classifier
+from bench.accuracy.finetune import accuracy, autocast, predict
+from bench.accuracy.model import Classifier
 
 LOSSES = ("entropy", "pseudo", "pseudo_conf")
 

@@ -15,12 +15,12 @@ from typing import Optional, Sequence
 
 import torch
 
-from neurokern.accuracy import families
-from neurokern.accuracy.finetune import Recipe, finetune
-from neurokern.accuracy.methods import LAMBDA_GRID, METHODS, Context, _static, run_method
-from neurokern.accuracy.model import encoder_state
-from neurokern.accuracy.tta import METHODS as TTA_METHODS
-from neurokern.accuracy.tta import TTA, ablations, default_workers, run_many
+from bench.accuracy import families
+from bench.accuracy.finetune import Recipe, finetune
+from bench.accuracy.methods import LAMBDA_GRID, METHODS, Context, _static, run_method
+from bench.accuracy.model import encoder_state
+from bench.accuracy.tta import METHODS as TTA_METHODS
+from bench.accuracy.tta import TTA, ablations, default_workers, run_many
 
 DEFAULT_METHODS = tuple(METHODS) + tuple(TTA_METHODS)
 
@@ -137,7 +137,7 @@ def finetune_all(family, cache, tasks, base_encoder, recipe: Recipe, device: tor
 
 
 def _load_finetuned(ckpt_dir, tasks, base_encoder, device) -> tuple:
-    from neurokern.accuracy.model import new_head
+    from bench.accuracy.model import new_head
 
     finetuned, heads, logs = [], [], {}
     for task in tasks:
@@ -202,7 +202,7 @@ def run_suite(family_name: str, cache, out_dir, tasks: Optional[Sequence[str]] =
 
     ctx = Context(task_list, base, finetuned, heads, base_encoder, dev, tint_layers=family.tint_layers(base_encoder),
                   lambda_grid=tuple(lambda_grid), eval_batch=eval_batch)
-    from neurokern.accuracy.report import write_report
+    from bench.accuracy.report import write_report
 
     sources, _ = families.task_sources(cache, [t.name for t in task_list])
     report = {

@@ -31,7 +31,7 @@ package, version, licence, files, sizes, labels and the baselines: majority clas
 centroid and 1-nearest-neighbour on raw pixels). Splits are seeded and stratified; the cache is
 byte-for-byte reproducible (zip entries carry a fixed date).
 
-Run as a module: `python -m neurokern.accuracy.families.mobilenetv2 prepare DIR`, or `sanity DIR`
+Run as a module: `python -m bench.accuracy.families.mobilenetv2 prepare DIR`, or `sanity DIR`
 (CPU check: logistic regression on frozen features per task and a short fine-tune of one task).
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from neurokern.accuracy import data as text_data
-from neurokern.accuracy.finetune import Recipe, Task
+from bench.accuracy import data as text_data
+from bench.accuracy.finetune import Recipe, Task
 
 NAME = "mobilenetv2"
 DESCRIPTION = ("MobileNetV2, torchvision ImageNet weights (2.21 M encoder params, BatchNorm folded), "
@@ -724,7 +724,7 @@ def prepare(cache_dir, tasks: Optional[Sequence[str]] = None, seed: int = 0, ver
 def load_tasks(cache_dir, names: Optional[Sequence[str]] = None, max_train: Optional[int] = None) -> list[Task]:
     """Tasks from <cache_dir>/data: x[split] uint8 [N, 3, 32, 32] (grey images repeated to RGB,
     optdigits' 8x8 resized), y[split] int64 [N]."""
-    from neurokern.accuracy.families import task_sources
+    from bench.accuracy.families import task_sources
 
     data_dir = Path(cache_dir) / "data"
     sources, names = task_sources(cache_dir, names)
@@ -784,8 +784,8 @@ def short_finetune(encoder: nn.Module, task, recipe: Recipe = RECIPE, steps: Opt
     its log and the test accuracy."""
     import dataclasses
 
-    from neurokern.accuracy.finetune import finetune, predict
-    from neurokern.accuracy.model import Classifier
+    from bench.accuracy.finetune import finetune, predict
+    from bench.accuracy.model import Classifier
 
     if steps:
         per_epoch = (len(task.y["train"]) + recipe.batch_size - 1) // recipe.batch_size
@@ -813,7 +813,7 @@ def sanity(cache_dir, finetune_task: str = "icon_context", steps: Optional[int] 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog=f"python -m neurokern.accuracy.families.{NAME}")
+    p = argparse.ArgumentParser(prog=f"python -m bench.accuracy.families.{NAME}")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("prepare", help="write the model and data cache (CPU machine with the packages)")
     a.add_argument("cache_dir")

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 FAMILIES = {
-    "minilm": "neurokern.accuracy.families.minilm",
-    "mobilenetv2": "neurokern.accuracy.families.mobilenetv2",
+    "minilm": "bench.accuracy.families.minilm",
+    "mobilenetv2": "bench.accuracy.families.mobilenetv2",
 }
 
 
