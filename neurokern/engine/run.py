@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -24,10 +24,10 @@ from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import READ_THREADS, Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
-from neurokern.engine.sources import Model, open_model, validate
-from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, done_record, fault_point,
-                                     is_published, load_global, lock_partial, notice, partial_dir, prepare_partial,
-                                     publish, rename, save_global)
+from neurokern.engine.sources import Model, TensorSource, open_model, validate
+from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, check_shared, done_record,
+                                     fault_point, is_published, load_global, lock_partial, notice, partial_dir,
+                                     prepare_partial, publish, recorded_digests, rename, save_global)
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS, Pass, PassContext, check_device
 from neurokern.models import ModelSet, nonfinite_later
@@ -46,9 +46,10 @@ class Result:
     stats: dict = field(default_factory=dict)
     bytes_read: int = 0  # input bytes this run read (all ranks)
     shards_reused: int = 0  # finished shards of an interrupted run, kept (all ranks)
+    shard_digests: dict[str, str] = field(default_factory=dict)  # discard_output: file -> sha256_tree
 
 
-def _finite_check(batch: Batch, names: list[str], models: list[Model], host=None) -> Callable[[], None]:
+def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], host=None) -> Callable[[], None]:
     """NaN / Inf is an error naming tensor, model and file. One pass over the unit's tensors, read
     without a host sync on a GPU (neurokern.models.nonfinite_later, flags into `host`): the returned
     function raises the error; the writer calls it before it writes the unit, and every pass
@@ -69,15 +70,19 @@ def _finite_check(batch: Batch, names: list[str], models: list[Model], host=None
 class _Engine:
     def __init__(self, cfg: MergeConfig, out_dir: Path, device: torch.device, budget: Optional[int],
                  host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool], durable: bool = False,
-                 host_option: str = "--memory-budget"):
+                 host_option: str = "--memory-budget", sources: Sequence[TensorSource] = (),
+                 discard: bool = False):
         self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
         self.cuda = device.type == "cuda"
+        self.discard = discard
         self.spec = METHODS[cfg.method]
-        if is_adapter(cfg.base_model):
+        given = {Path(s.path): s for s in sources}
+        if cfg.base_model not in given and is_adapter(cfg.base_model):
             raise NeurokernError(f"base_model {cfg.base_model} is a LoRA adapter folder ({ADAPTER_CONFIG}); give the "
                                  "model it was trained on, and the adapter under models")
-        self.base = Model(cfg.base_model, "base_model", allow_pickle)
-        self.finetuned = [open_model(p, f"models[{i}]", self.base, allow_pickle) for i, p in enumerate(cfg.models)]
+        self.base = given[cfg.base_model] if cfg.base_model in given else Model(cfg.base_model, "base_model", allow_pickle)
+        self.finetuned = [given[p] if p in given else open_model(p, f"models[{i}]", self.base, allow_pickle)
+                          for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned
         validate(self.base, self.finetuned)
         self.T = len(self.finetuned)
@@ -173,6 +178,8 @@ class _Engine:
         """engine.files.fingerprint of every input file (a few small reads each, in parallel)."""
         with timing.span("input fingerprints"):
             files = list(dict.fromkeys(f for m in self.models for f in m.files))
+            if not files:
+                return {}
             with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
                 return dict(zip(map(str, files), pool.map(fingerprint, files)))
 
@@ -193,6 +200,7 @@ class _Engine:
                 lock, ours = lock_partial(partial)
                 ours = prepare_partial(partial, self.digest, self._fingerprints, resume) or ours
             ranks.barrier()
+            check_shared(partial, ranks)
             published = is_published(partial, self.digest)  # stopped just before the rename: only that is left
             ranks.barrier()  # every rank has looked before rank 0 renames
             if published:
@@ -260,7 +268,7 @@ class _Engine:
                         save_global(partial, self.digest, {p.key: p.dump(pre[p.key]) for p in self.prepasses})
                         fault_point("saved")
             ranks.barrier()
-            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable)
+            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, self.discard)
             if todo:
                 passes.append("merge")
             self._merge(todo, ranks, pre, writer)
@@ -277,7 +285,11 @@ class _Engine:
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
         counts = ranks.sum_(torch.tensor([self.reader.bytes_read, len(my_shards - todo_shards)], dtype=torch.int64))
         ranks.barrier()
-        if ranks.is_main:
+        digests = {}
+        if ranks.is_main and self.discard:  # nothing to publish: the digests, and no folder left
+            digests = recorded_digests(partial, plan)
+            shutil.rmtree(partial, ignore_errors=True)
+        elif ranks.is_main:
             echo = {CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
             from neurokern import __version__
             manifest = {"neurokern": __version__, "method": self.cfg.method,
@@ -288,7 +300,7 @@ class _Engine:
                 publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable)
         bytes_read, reused = counts.tolist()
         return Result(self.out_dir, plan, time.perf_counter() - start, passes, peak, bytes_read=bytes_read,
-                      shards_reused=reused)
+                      shards_reused=reused, shard_digests=digests)
 
     def _merge(self, units, ranks: Ranks, pre: dict[str, Any], writer: ShardWriter) -> None:
         out_slots = None
@@ -355,19 +367,26 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
                  device: Optional[str] = None, memory_budget: Union[int, str, None] = None,
                  host_memory_budget: Union[int, str, None] = None, resume: bool = False,
                  dry_run: bool = False, allow_pickle: bool = False, progress: Optional[bool] = None,
-                 fsync: bool = False) -> Result:
+                 fsync: bool = False, sources: Sequence[TensorSource] = (), discard_output: bool = False) -> Result:
     """Merge the models a config names (YAML path or dict, mergekit keys) into out_dir, streamed:
     sharded safetensors in and out, host and device memory within memory_budget (default 8 GiB),
     resumable (resume=True finishes an interrupted run byte-identically), one shard set per rank
     under torchrun. The output appears whole by an atomic rename; fsync=True also writes it to
     disk before returning (durable across a power loss). dry_run returns the plan without touching
-    out_dir."""
+    out_dir.
+
+    sources: input models that are no folder or file on disk (engine.sources.TensorSource, e.g.
+    engine.synthetic): a config path equal to a source's `path` is read from that source.
+    discard_output: every shard is merged, copied back to the host and hashed exactly as it would
+    be written (the manifest's sha256_tree), and nothing is written: Result.shard_digests holds the
+    digests, and out_dir is not created (benchmarks of the pipeline without the output disk).
+    It cannot be resumed."""
     timing.section("start-up")
     timing.add_process_age("process age at merge_models")
     try:
         with timing.span("config"):
             cfg = load_config(config)
-        if not dry_run:
+        if not dry_run and not sources:
             prefetch.start(cfg, resume)  # already under way when started by the command line
         with timing.span("device init"):
             if device is None:
@@ -384,7 +403,10 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
                 budget = int(DEFAULT_GPU_SHARE * torch.cuda.mem_get_info(dev)[0])
         with timing.span("headers + plan"):
             host_option = "--host-memory-budget" if host_memory_budget is not None else "--memory-budget"
-            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync, host_option)
+            if discard_output and resume:
+                raise NeurokernError("discard_output merges write nothing to resume from; run without resume")
+            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync, host_option,
+                             sources, discard_output)
         if dry_run:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return Result(Path(out_dir), engine.plan, 0.0, engine.passes,

@@ -1,4 +1,12 @@
-"""Input models on disk, read lazily tensor by tensor.
+"""Input models, read lazily tensor by tensor: the engine's tensor sources.
+
+The engine reads its inputs through a small interface, `TensorSource`: a table of tensors (name,
+dtype, shape, where its bytes are) and a method that reads any byte range of one tensor into a
+host buffer. `Model` implements it for models on disk; `engine.synthetic.SyntheticModel` for
+models generated on the fly (benchmarks at sizes no disk holds, and `neurokern warmup`).
+`merge_models(..., sources=[...])` reads a config path from the source whose `path` it is.
+
+On disk:
 
 A model is a Hugging Face folder (config.json + model.safetensors, or *.safetensors shards and
 model.safetensors.index.json) or a bare .safetensors file. Only the headers are read up front: they
@@ -11,7 +19,7 @@ allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -32,7 +40,7 @@ class TensorInfo:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    file: Path
+    file: Path  # where messages say the tensor is (a generated tensor: a name under its model's path)
     start: int  # absolute byte offset in the file (-1: pickled, read through torch.load, or derived)
     nbytes: int
     # A tensor computed when read (engine/adapters.py: a LoRA-adapted weight): read(out, begin,
@@ -75,8 +83,44 @@ def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
 _PICKLED: dict[Path, dict] = {}
 
 
+@runtime_checkable
+class TensorSource(Protocol):
+    """One input model as the engine reads it.
+
+    path:    what the config names (merge_models(sources=...) matches it against the config's paths)
+    label:   how messages name the model ("base_model", "models[0]", ...)
+    tensors: name -> TensorInfo, in the order the engine should read them; `start` is the byte
+             offset passed to read_into's reads (pieces are cut at multiples of the read piece size
+             in these offsets), `file` what messages name
+    files:   the files a resumed merge fingerprints (engine.files.fingerprint); [] for none
+    read_into(info, out, begin, end): bytes [begin, end) of the tensor's data into the same bytes
+             of `out` (a contiguous uint8 CPU tensor of info.nbytes, pinned when the merge runs on a
+             GPU). Called from many threads at once, for any pieces, in any order: the bytes of a
+             piece must not depend on how a tensor is cut into pieces. Errors: NeurokernError.
+    header_digest(): a JSON-able value that changes whenever the bytes of any tensor may change;
+             the plan digest (what --resume checks) hashes it.
+    work_bytes(): host memory one read_into call takes besides `out` (the plan counts it once per
+             reader thread); 0 for tensors copied from storage.
+    """
+
+    path: Path
+    label: str
+    tensors: dict[str, TensorInfo]
+    files: list[Path]
+
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        ...
+
+    def header_digest(self) -> list:
+        ...
+
+    def work_bytes(self) -> int:
+        ...
+
+
 class Model:
-    """One input model: its tensors (name -> TensorInfo) in file order, read lazily."""
+    """One input model on disk (a TensorSource): its tensors (name -> TensorInfo) in file order,
+    read lazily."""
 
     def __init__(self, path: Path, label: str, allow_pickle: bool = False):
         self.path, self.label = Path(path), label
@@ -89,6 +133,9 @@ class Model:
                     raise NeurokernError(f"{file}: tensor {name!r} appears in more than one file of {self.path}")
                 self.tensors[name] = info
 
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        read_into(info, out, begin, end)
+
     def work_bytes(self) -> int:
         """Memory a read job takes besides its destination: none for stored tensors (a LoRA adapter's
         derived tensors take some, engine/adapters.py)."""
@@ -100,7 +147,7 @@ class Model:
                  sizes[i.file]] for i in self.tensors.values()]
 
 
-def validate(base: Model, finetuned: list[Model]) -> None:
+def validate(base: TensorSource, finetuned: list[TensorSource]) -> None:
     """Same names, shapes and dtypes in every model; messages name the file and the tensor."""
     for m in finetuned:
         missing = [n for n in base.tensors if n not in m.tensors]

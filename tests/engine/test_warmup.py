@@ -1,0 +1,87 @@
+"""`neurokern warmup`: the cases it runs (a config's method, dtype, task count and distinct tensor
+shapes; or every method, dtype and task count), run through the engine and the in-memory path on
+the CPU (the plumbing; on a GPU the same runs compile the Triton kernels), and the command line
+without a GPU: one line, exit 0; bad arguments: one error, exit 2."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from neurokern.engine import kernel_warmup
+from neurokern.errors import NeurokernError
+
+from engine_helpers import write_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_config_gives_one_case_of_its_distinct_shapes(models, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", "ties", models, {}, {"weight": 1.0, "density": 0.3}, extra={"dtype": "float32"})
+    (case,) = kernel_warmup.warmup_cases(cfg)
+    assert (case["method"], case["tasks"], case["dtype"], case["out_dtype"]) == ("ties", 3, "float32", "float32")
+    shapes = {(shape, dtype) for _, shape, dtype in case["shapes"]}
+    assert len(shapes) == len(case["shapes"])  # one tensor per distinct shape and dtype
+    from neurokern.engine.sources import Model
+    base = Model(models / "base", "base")
+    assert shapes == {(i.shape, i.dtype) for i in base.tensors.values()}
+    assert len(shapes) < len(base.tensors)
+    report = kernel_warmup.compile_kernels([case], "cpu", report=lambda line: None)  # no file of the models opened
+    assert [c["method"] for c in report["cases"]] == ["ties"] and report["compiled"] == 0
+
+
+def test_without_a_config_every_method_dtype_and_task_count():
+    cases = kernel_warmup.warmup_cases()
+    from neurokern.methods import METHODS
+    assert len(cases) == len(METHODS) * 3 * 8
+    assert {(c["method"], c["dtype"], c["tasks"]) for c in cases} == {
+        (m, d, t) for m in METHODS for d in ("float32", "bfloat16", "float16") for t in range(1, 9)}
+    ties = next(c for c in cases if c["method"] == "ties")
+    assert ties["config"]["parameters"] == {"density": 0.2}  # trimmed, as nk.merge's default
+    dare = next(c for c in cases if c["method"] == "dare")
+    assert dare["config"]["merge_method"] == "dare_linear"  # the name a config gives it
+    narrow = kernel_warmup.warmup_cases(methods=["dare_ties", "neuromerging"], dtypes=["float16"], tasks=[1, 2])
+    assert [(c["method"], c["dtype"], c["tasks"]) for c in narrow] == [
+        ("dare_ties", "float16", 1), ("dare_ties", "float16", 2), ("neuromerging", "float16", 1),
+        ("neuromerging", "float16", 2)]
+    lines = []
+    report = kernel_warmup.compile_kernels(narrow, "cpu", report=lines.append)
+    assert len(report["cases"]) == 4 and len(lines) == 4 and "neuromerging   float16 T=2" in lines[-1]
+    with pytest.raises(NeurokernError, match="unknown method 'nope'"):
+        kernel_warmup.warmup_cases(methods=["nope"])
+
+
+def neurokern(*args, cwd=None):
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    return subprocess.run([sys.executable, "-m", "neurokern", *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the line of a machine without a GPU")
+def test_without_a_gpu_one_line_and_exit_0(models, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", "neuromerging", models)
+    for args in ([], [str(cfg)], ["--tasks", "2,3", "--dtype", "bfloat16"]):
+        run = neurokern("warmup", *args)
+        assert run.returncode == 0 and run.stderr == ""
+        assert run.stdout == ("neurokern warmup: no CUDA GPU here; Triton compiles kernels for a GPU only, so there "
+                              "is nothing to do\n")
+
+
+def test_bad_arguments_are_one_error(models, tmp_path):
+    cfg = write_config(tmp_path / "c.yaml", "ties", models)
+    cases = [(["--tasks", "9"], "argument --tasks: task counts go from 1 to 8 (the kernels' range); got '9'"),
+             (["--tasks", "two"], "argument --tasks: expected task counts such as 1-8, 3 or 2,4; got 'two'"),
+             (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+             ([str(cfg), "--tasks", "2"], "--method, --dtype and --tasks are for a warm-up without a config"),
+             (["--method", "nope"], "neurokern: error: unknown method 'nope'; choose from task_arithmetic, ties"),
+             ([str(tmp_path / "missing.yaml")], f"neurokern: error: cannot read config {tmp_path / 'missing.yaml'}"),
+             (["--device", "cpu"], "neurokern: error: --device cpu: the warm-up compiles GPU kernels; give a CUDA device")]
+    (tmp_path / "bad-model.yaml").write_text(f"merge_method: ties\nbase_model: {tmp_path / 'nothing'}\nmodels: [x]\n")
+    cases.append(([str(tmp_path / "bad-model.yaml")], f"neurokern: error: model path {tmp_path / 'nothing'} does not exist"))
+    for args, message in cases:
+        run = neurokern("warmup", *args)
+        assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
+        assert run.stdout == ""
+        assert len([x for x in run.stderr.splitlines() if "error" in x]) == 1, run.stderr
