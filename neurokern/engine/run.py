@@ -200,7 +200,7 @@ class _Engine:
                 lock, ours = lock_partial(partial)
                 ours = prepare_partial(partial, self.digest, self._fingerprints, resume) or ours
             ranks.barrier()
-            check_shared(partial, ranks)
+            check_shared(partial, ranks, self.digest)
             published = is_published(partial, self.digest)  # stopped just before the rename: only that is left
             ranks.barrier()  # every rank has looked before rank 0 renames
             if published:

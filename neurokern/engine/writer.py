@@ -131,30 +131,41 @@ def recorded_digests(partial: Path, plan: Plan) -> dict[str, str]:
 SHARED = "shared.json"  # in STATE: rank 0's token, which every rank reads back (check_shared)
 
 
-def check_shared(partial: Path, ranks) -> None:
+def check_shared(partial: Path, ranks, digest: str) -> None:
     """Under torchrun: every rank must see the OUT_DIR.partial that rank 0 prepared (one shared file
-    system), or every rank raises the same error before anything is written. Rank 0 writes a random
-    token into the folder and hands it to the others in an all-reduce; each rank reads the file
-    back and the ranks that could not are summed. ranks: engine.distributed.Ranks."""
+    system) and have made the same plan (the same config and inputs: nodes may hold their own
+    copies of the inputs, at the same paths), or every rank raises the same error before anything
+    is written. Rank 0 writes a random token and its plan digest into the folder and hands the
+    token to the others in an all-reduce; each rank reads the file back, and the ranks that could
+    not, or whose plan differs, are summed. ranks: engine.distributed.Ranks."""
     if ranks.world == 1:
         return
     token = int.from_bytes(os.urandom(7), "little") if ranks.is_main else 0
     if ranks.is_main:
         try:
-            write_atomic(partial / STATE / SHARED, json.dumps({"token": token}).encode())
+            write_atomic(partial / STATE / SHARED, json.dumps({"token": token, "digest": digest}).encode())
         except OSError as exc:
             raise NeurokernError(f"cannot write into {partial}: {exc.strerror or exc}") from exc
     token = int(ranks.sum_(torch.tensor([token], dtype=torch.int64)).item())
-    seen = (_read_json(partial / STATE / SHARED) or {}).get("token") == token
-    blind = torch.zeros(ranks.world, dtype=torch.int64)
-    blind[ranks.rank] = 0 if seen else 1
-    blind = [r for r, b in enumerate(ranks.sum_(blind).tolist()) if b]
+    found = _read_json(partial / STATE / SHARED) or {}
+    seen, same = found.get("token") == token, found.get("digest") == digest
+    flags = torch.zeros(2 * ranks.world, dtype=torch.int64)
+    flags[2 * ranks.rank] = int(not seen)
+    flags[2 * ranks.rank + 1] = int(seen and not same)
+    flags = ranks.sum_(flags).tolist()
+    blind = [r for r in range(ranks.world) if flags[2 * r]]
+    other = [r for r in range(ranks.world) if flags[2 * r + 1]]
+    me = f" (this is rank {ranks.rank}, on {socket.gethostname()})"
     if blind:
-        where = "" if seen else f" (this is rank {ranks.rank}, on {socket.gethostname()})"
         raise NeurokernError(
-            f"{partial}, made by rank 0, is not visible to rank(s) {', '.join(map(str, blind))}{where}: under torchrun "
-            "every rank writes its shards into that folder, so OUT_DIR must be on a file system that every node "
-            "mounts at the same path (NFS, Lustre, ...)")
+            f"{partial}, made by rank 0, is not visible to rank(s) {', '.join(map(str, blind))}"
+            f"{me if not seen else ''}: under torchrun every rank writes its shards into that folder, so OUT_DIR "
+            "must be on a file system that every node mounts at the same path (NFS, Lustre, ...)")
+    if other:
+        raise NeurokernError(
+            f"rank(s) {', '.join(map(str, other))}{me if not same else ''} made another plan than rank 0 (a "
+            "different config, or different input files at the same paths): every node must read the same config "
+            "and the same inputs")
 
 
 def _pieces(start: int, end: int) -> range:

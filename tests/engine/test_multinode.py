@@ -1,7 +1,8 @@
 """Two nodes (`torchrun --nnodes 2`), played by two torchrun agents on this machine with one CPU
 rank each (gloo over the loopback): the output is byte-identical to one process; ranks whose
-output folders are not one shared file system stop with one clear line before writing anything;
-an interrupted two-node merge resumes in one process to the same bytes."""
+output folders are not one shared file system, or that read another config, stop with one clear
+line before writing anything; an interrupted two-node merge resumes in one process to the same
+bytes."""
 import os
 import socket
 import subprocess
@@ -29,9 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(cfg: Path, out: str, cwds: tuple[Path, Path], crash: str = None) -> list[subprocess.CompletedProcess]:
+def two_nodes(cfg, out: str, cwds: tuple[Path, Path], crash: str = None) -> list[subprocess.CompletedProcess]:
     """`torchrun --nnodes 2 --node-rank R --nproc-per-node 1` for R = 0, 1, each in its own working
-    folder (a relative `out` then names a folder of each node's own), at once."""
+    folder (a relative `out` then names a folder of each node's own), at once. cfg: one config, or
+    one per node."""
+    cfgs = cfg if isinstance(cfg, (list, tuple)) else (cfg, cfg)
     env = {k: v for k, v in os.environ.items()
            if k not in ("NEUROKERN_TEST_CRASH", "NEUROKERN_DIST_BACKEND", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
@@ -43,7 +46,7 @@ def two_nodes(cfg: Path, out: str, cwds: tuple[Path, Path], crash: str = None) -
     for node, cwd in enumerate(cwds):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-               "-m", "neurokern", "merge", str(cfg), out, "--device", "cpu", "--quiet"]
+               "-m", "neurokern", "merge", str(cfgs[node]), out, "--device", "cpu", "--quiet"]
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for p in procs:
@@ -88,6 +91,22 @@ def test_nodes_that_share_no_output_folder_stop_with_one_line(models, tmp_path, 
     assert len(errors[0]) == 1 and line.format("") in errors[0][0], runs[0].stderr[-3000:]
     assert len(errors[1]) == 1 and line.format(f" (this is rank 1, on {socket.gethostname()})") in errors[1][0]
     assert list(nodes[0].iterdir()) == [] and list(nodes[1].iterdir()) == []  # nothing written, nothing left
+
+
+def test_nodes_with_another_config_stop_with_one_line(models, tmp_path, unit):
+    """Node 1 reads another config (another density): its plan differs from rank 0's."""
+    cfg = neuromerging_config(models, tmp_path)
+    (tmp_path / "other").mkdir()
+    other = write_config(tmp_path / "other" / "c.yaml", "neuromerging", models, {"density": 0.3}, None,
+                         extra={"out_shard_size": "20KB"})
+    runs = two_nodes((cfg, other), str(tmp_path / "out"), (tmp_path, tmp_path))
+    assert all(r.returncode != 0 for r in runs)
+    line = ("rank(s) 1{} made another plan than rank 0 (a different config, or different input files at the same "
+            "paths): every node must read the same config and the same inputs")
+    errors = [[x for x in r.stderr.splitlines() if x.startswith("neurokern: error:")] for r in runs]
+    assert len(errors[0]) == 1 and line.format("") in errors[0][0], runs[0].stderr[-3000:]
+    assert len(errors[1]) == 1 and line.format(f" (this is rank 1, on {socket.gethostname()})") in errors[1][0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
 def test_interrupted_two_node_merge_resumes_in_one_process(models, tmp_path, unit):
