@@ -10,8 +10,9 @@ vocabulary 128256, bf16: 70.6 B parameters, 141 GB a model; base + 3 fine-tuned 
 Steps (each prints a line; the JSON is rewritten after each):
  1. source rate: the generated inputs (neurokern.engine.synthetic) read by 16 threads into host
     memory, alone: what the generator gives when nothing else runs (it must outrun the pipeline);
- 2. generated inputs, output hashed: the whole 80-layer model (or what --time-budget allows,
-    measured first on a short run, which also compiles the Triton kernels) merged with
+ 2. generated inputs, output hashed: a 1-layer run (it compiles the Triton kernels on a fresh
+    machine), a 4-layer probe, then the whole 80-layer model (or what --time-budget allows at the
+    probe's rate) merged with
     merge_models(sources=..., discard_output=True) in a child process: reads into pinned buffers,
     H2D, the kernels, D2H, sha256 of every output byte (the digests a written merge records), under
     --memory-budget / --host-memory-budget; seconds, input GB/s, seconds per layer, peak host RSS
@@ -96,6 +97,9 @@ def child(spec: dict) -> None:
     models = synthetic_models(llama_shapes(**spec["arch"]), FINETUNED, root="/synthetic/llama",
                               pool_bytes=spec["pool_bytes"])
     cfg = config(spec["method"], str(models[0].path), [str(m.path) for m in models[1:]])
+    for m in models:  # the generator's pools, made before the clock starts
+        info = next(iter(m.tensors.values()))
+        m.read_into(info, torch.empty(16, dtype=torch.uint8), 0, 16)
     t = time.perf_counter()
     result = merge_models(cfg, spec["out"], device=spec["device"], sources=models, discard_output=True,
                           progress=False, **spec["budgets"])
@@ -147,30 +151,29 @@ def run_child(spec: dict, env: dict, timeout: float) -> dict:
 
 # ---- 1. the generator alone ----------------------------------------------------------------------
 def source_rate(arch: dict, pool_bytes: int, layers: int = 2, threads: int = 16) -> float:
-    """GB/s of the generated inputs read into host memory by `threads` threads in 16 MiB pieces."""
+    """GB/s of the generated inputs (the decoder layers of base + 3) read into host memory by
+    `threads` threads in 16 MiB pieces. The pieces of a tensor land in one shared buffer (what it
+    holds afterwards does not matter): the figure is the generator's, not the allocator's."""
     import torch
 
     from neurokern.engine.synthetic import llama_shapes, synthetic_models
 
     models = synthetic_models(llama_shapes(**{**arch, "layers": layers}), FINETUNED, pool_bytes=pool_bytes)
     piece = 16 * 2**20
-    jobs = [(m, info, at, min(at + piece, info.nbytes)) for m in models for info in m.tensors.values()
-            if ".layers." in info.name for at in range(0, info.nbytes, piece)]
-    local = threading.local()
+    tensors = [info for info in models[0].tensors.values() if ".layers." in info.name]
+    buf = torch.zeros(max(info.nbytes for info in tensors), dtype=torch.uint8)  # resident before the clock
+    jobs = [(m, m.tensors[info.name], at, min(at + piece, info.nbytes)) for m in models for info in tensors
+            for at in range(0, info.nbytes, piece)]
 
     def read(job):
         m, info, begin, end = job
-        if not hasattr(local, "buf"):
-            local.buf = torch.empty(max(i.nbytes for i in m.tensors.values()), dtype=torch.uint8)
-            local.buf.fill_(0)  # its pages resident before the clock starts
-        m.read_into(info, local.buf[:info.nbytes], begin, end)
+        m.read_into(info, buf[:info.nbytes], begin, end)
         return end - begin
 
     for m in models:  # the pools, made before the clock starts
         info = next(iter(m.tensors.values()))
-        m.read_into(info, torch.empty(info.nbytes, dtype=torch.uint8), 0, 16)
+        m.read_into(info, torch.empty(16, dtype=torch.uint8), 0, 16)
     with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(read, jobs[:threads]))  # each thread's buffer
         t = time.perf_counter()
         total = sum(pool.map(read, jobs))
     return total / (time.perf_counter() - t)
@@ -281,16 +284,21 @@ def imbalance(arch: dict, budgets: dict, worlds=(1, 2, 8, 16)) -> dict:
 
 
 def predict(I: float, O: float, p: float, f: float, nodes: int, gpus: int, G: float, R: float, W: float,
-            N: float = None, start: float = 5.0) -> tuple[float, str]:
+            N: float = None, same_disk: bool = True, start: float = 5.0) -> tuple[float, str]:
     """Seconds and the bounding resource of one merge (docs/large-models.md, "Throughput model").
     I, O: input bytes of one read of all models, output bytes; p: input reads (passes); f: shard
-    imbalance of the world size; per node: `gpus` pipelines of G bytes/s each, a disk reading R and
-    writing W bytes/s; N: each node's network bytes/s when the inputs come over the network (None:
-    local disks)."""
-    per_node_in = f * p * I / nodes
-    terms = {"GPU pipeline": per_node_in / (gpus * G), "disk read": per_node_in / R, "output write": f * O / nodes / W}
+    imbalance of the world size; per node: `gpus` pipelines of G input bytes/s each, a disk reading
+    R and writing W bytes/s (same_disk: the output goes to the input disk, whose time is then the
+    sum of both); N: each node's network bytes/s when inputs and output go over the network to
+    shared storage (None: local disks). The pipeline overlaps reading, the kernels and writing, so
+    the slowest resource sets the time."""
+    node_in, node_out = f * p * I / nodes, f * O / nodes
     if N is not None:
-        terms["network"] = per_node_in / N
+        terms = {"GPU pipeline": node_in / (gpus * G), "network": max(node_in, node_out) / N}
+    elif same_disk:
+        terms = {"GPU pipeline": node_in / (gpus * G), "disk": node_in / R + node_out / W}
+    else:
+        terms = {"GPU pipeline": node_in / (gpus * G), "disk read": node_in / R, "output write": node_out / W}
     bound = max(terms, key=terms.get)
     return terms[bound] + start, bound
 
@@ -322,12 +330,13 @@ def model_markdown(res: dict) -> str:
     if not G:
         lines.append("No GPU figure in this file: nothing to model yet.")
         return "\n".join(lines) + "\n"
-    passes = {"TIES (per-tensor trim)": 1.0, "NeuroMerging / TIES global trim (3 reads, none cached)": 3.0}
+    passes = {"TIES (per-tensor trim)": 1.0, "TIES, global trim (histogram, boundary, merge reads)": 3.0,
+              "NeuroMerging, global trim (histogram, boundary, L1, merge reads)": 4.0}
     disks = sorted({1.0, 2.0, 4.0, 8.0, 16.0} | ({round(R / GB, 2)} if R else set()))
     for label, p in passes.items():
         lines += [f"## {label}: p = {p:g}", "",
-                  "Wall time in seconds (and the bound) with every node's inputs on a local disk of R GB/s "
-                  "(reads and writes at R):", "",
+                  "Wall time in seconds (and the bound) with every node's inputs and output on one local disk "
+                  "of R GB/s (reads and writes share it):", "",
                   "| R (GB/s) | 1 GPU | 2 GPUs | 8 GPUs | 2 nodes x 8 GPUs |", "|---|---|---|---|---|"]
         for r in disks:
             cells = []
@@ -336,9 +345,10 @@ def model_markdown(res: dict) -> str:
                 cells.append(f"{t:.0f} s ({bound})")
             lines.append(f"| {r:g} | " + " | ".join(cells) + " |")
         lines += ["", "2 nodes x 8 GPUs, inputs and output on shared storage over each node's network link of N GB/s "
-                      "(local disk R = 8 GB/s not used):", "", "| N (GB/s) | seconds (bound) |", "|---|---|"]
+                      "(full duplex; the storage itself taken as faster):", "", "| N (GB/s) | seconds (bound) |",
+                  "|---|---|"]
         for n in (3.125, 12.5, 25.0, 50.0):
-            t, bound = predict(I, O, p, f.get(16, 1.0), 2, 8, G, 1e30, n * GB, N=n * GB)
+            t, bound = predict(I, O, p, f.get(16, 1.0), 2, 8, G, 1e30, 1e30, N=n * GB)
             lines.append(f"| {n:g} ({n * 8:g} Gb/s) | {t:.0f} s ({bound}) |")
         lines.append("")
     lines += ["G per GPU is measured on one GPU; 8 pipelines on one host also share its memory bandwidth and PCIe "
@@ -429,15 +439,19 @@ def main() -> int:
         child_env = dict(env, NEUROKERN_PROFILE="1") if not args.no_profile else env
         share = 0.55 if not args.skip_files else 0.9  # of the time left, for the generated runs
         for method in methods:
-            probe_layers = min(arch["layers"], 2 if args.smoke else 4)
-            probe = run_child({**base_spec, "method": method, "arch": arch_args({**arch, "layers": probe_layers})},
-                              env, max(60.0, left()))
-            res["synthetic_runs"][f"{method}_probe"] = probe
+            # a first run compiles the Triton kernels (on a fresh machine), a second measures the rate
+            for probe_name, probe_layers in (("compile", 1), ("probe", 2 if args.smoke else 4)):
+                probe = run_child({**base_spec, "method": method, "arch": arch_args({**arch, "layers": probe_layers})},
+                                  env, max(60.0, left()))
+                res["synthetic_runs"][f"{method}_{probe_name}"] = probe
+                if "error" in probe:
+                    log(f"{method}: {probe_name} run FAILED: {probe['error'][-800:]}")
+                    break
+                log(f"{method}: {probe_name} run, {probe_layers} layers: {probe['wall_s']:.1f} s "
+                    f"({probe['input_GBps']:.2f} GB/s)")
+            save()
             if "error" in probe:
-                log(f"{method}: probe FAILED: {probe['error'][-800:]}")
-                save()
                 continue
-            log(f"{method}: probe, {probe_layers} layers (Triton compiling on a fresh machine): {probe['wall_s']:.1f} s")
             if args.synthetic_layers is not None:
                 layers = args.synthetic_layers
             else:  # time per layer from the probe, with a margin; all 80 when they fit

@@ -31,7 +31,7 @@ def test_large_merge_smoke(tmp_path):
     # every input byte of base + 3 read once; the output hashed, nothing written
     assert syn["bytes_read_GB"] == pytest.approx(4 * large_merge.model_bytes(arch) / 1e9, abs=1e-3)
     assert syn["peak_host_rss_GB"] > 0 and syn["first_digests"] and "profile" in syn
-    assert res["synthetic_runs"]["ties_probe"]["layers"] == 2
+    assert res["synthetic_runs"]["ties_compile"]["layers"] == 1 and res["synthetic_runs"]["ties_probe"]["layers"] == 2
     files = res["files"]
     assert files["layers"] == arch["layers"] and files["neurokern_ties"]["rc"] == 0
     assert files["mergekit"]["reason"] == "skipped (--skip-mergekit)"
@@ -59,12 +59,17 @@ def test_first_run_smoke(tmp_path):
 
 def test_throughput_model_names_the_bound():
     I, O = 564e9, 141e9
-    # one GPU at 10 GB/s on a 2 GB/s disk: the disk, 282 s + start-up
-    assert large_merge.predict(I, O, 1, 1.0, 1, 1, G=10e9, R=2e9, W=2e9) == (pytest.approx(287.0), "disk read")
+    # one GPU at 10 GB/s on a 2 GB/s disk that also takes the output: the disk, 282 + 70.5 s + start-up
+    assert large_merge.predict(I, O, 1, 1.0, 1, 1, G=10e9, R=2e9, W=2e9) == (pytest.approx(357.5), "disk")
+    # the output on a disk of its own: reading bounds it
+    assert large_merge.predict(I, O, 1, 1.0, 1, 1, G=10e9, R=2e9, W=2e9, same_disk=False) == (
+        pytest.approx(287.0), "disk read")
     # a 20 GB/s disk: the one GPU's pipeline, 56.4 s
     assert large_merge.predict(I, O, 1, 1.0, 1, 1, G=10e9, R=20e9, W=20e9) == (pytest.approx(61.4), "GPU pipeline")
+    # 8 GPUs on that disk: the disk again (70.5 s) and not the pipelines (7 s)
+    assert large_merge.predict(I, O, 1, 1.0, 1, 8, G=10e9, R=20e9, W=20e9)[1] == "disk"
     # 2 nodes x 8 GPUs on a 100 Gb/s link each, three passes, imbalance 1.16: the network
-    t, bound = large_merge.predict(I, O, 3, 1.16, 2, 8, G=10e9, R=1e30, W=12.5e9, N=12.5e9)
+    t, bound = large_merge.predict(I, O, 3, 1.16, 2, 8, G=10e9, R=1e30, W=1e30, N=12.5e9)
     assert bound == "network" and t == pytest.approx(1.16 * 3 * I / 2 / 12.5e9 + 5)
     # the 70B plan: 28 shards of at most 5 GB; one rank holds them all, 16 ranks split them unevenly
     f = large_merge.imbalance(large_merge.LLAMA_70B, large_merge.BUDGETS)
