@@ -85,3 +85,19 @@ def test_bad_arguments_are_one_error(models, tmp_path):
         assert run.returncode == 2 and message in run.stderr, (args, run.stderr)
         assert run.stdout == ""
         assert len([x for x in run.stderr.splitlines() if "error" in x]) == 1, run.stderr
+
+
+def test_cached_kernels_reads_triton_cache_entries(tmp_path, monkeypatch):
+    """Triton's cache: a folder per compiled kernel holding <name>.cubin (CUDA) or .hsaco (ROCm) next
+    to its metadata; other folders (a half-written entry, the group files) are no kernel."""
+    for entry, files in {"a1": ["_ties_kernel.cubin", "_ties_kernel.json", "__grp___ties_kernel.json"],
+                         "b2": ["_nonfinite_kernel.hsaco", "_nonfinite_kernel.json"], "c3": ["x.json"]}.items():
+        (tmp_path / entry).mkdir()
+        for f in files:
+            (tmp_path / entry / f).write_text("")
+    (tmp_path / "stray.txt").write_text("")
+    assert kernel_warmup.cached_kernels(str(tmp_path)) == {"a1": "_ties_kernel", "b2": "_nonfinite_kernel"}
+    assert kernel_warmup.cached_kernels(str(tmp_path / "missing")) == {}
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    pytest.importorskip("triton")
+    assert kernel_warmup.cache_dir() == str(tmp_path)
