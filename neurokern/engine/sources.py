@@ -2,8 +2,9 @@
 
 The engine reads its inputs through a small interface, `TensorSource`: a table of tensors (name,
 dtype, shape, where its bytes are) and a method that reads any byte range of one tensor into a
-host buffer. `Model` implements it for models on disk; `engine.synthetic.SyntheticModel` for
-models generated on the fly (benchmarks at sizes no disk holds, and `neurokern warmup`).
+host buffer. `Model` implements it for models on disk, `engine.adapters.AdapterModel` for LoRA
+adapter folders, `engine.synthetic.SyntheticModel` for models generated on the fly (benchmarks at
+sizes no disk holds, and `neurokern warmup`).
 `merge_models(..., sources=[...])` reads a config path from the source whose `path` it is.
 
 On disk:
