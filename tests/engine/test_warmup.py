@@ -101,3 +101,20 @@ def test_cached_kernels_reads_triton_cache_entries(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     pytest.importorskip("triton")
     assert kernel_warmup.cache_dir() == str(tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_warmup_compiles_once_into_the_cache(models, tmp_path, monkeypatch):
+    """On a GPU: the first warm-up of a config compiles kernels into an empty TRITON_CACHE_DIR, a
+    second finds them all there; a merge afterwards compiles nothing either."""
+    cfg = write_config(tmp_path / "c.yaml", "ties", models, {}, {"weight": 1.0, "density": 0.3})
+    (tmp_path / "cache").mkdir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    first = neurokern("warmup", str(cfg), "--quiet")
+    second = neurokern("warmup", str(cfg), "--quiet")
+    merged = neurokern("merge", str(cfg), str(tmp_path / "out"), "--quiet")
+    assert first.returncode == 0 and second.returncode == 0 and merged.returncode == 0, first.stderr + merged.stderr
+    count = int(first.stdout.splitlines()[-1].split()[1])
+    assert count > 0 and f"into {tmp_path / 'cache'}" in first.stdout
+    assert second.stdout.splitlines()[-1].startswith("compiled 0 kernels")
+    assert len(kernel_warmup.cached_kernels(str(tmp_path / "cache"))) == count  # the merge added none
