@@ -28,6 +28,8 @@ def merge_command(args: argparse.Namespace) -> int:
         print(f"base:   {config.base_model}")
         for path in config.models:
             print(f"model:  {path}")
+        if config.stack:
+            print(f"stack:  {config.describe_stack()}")
         print(f"output: {args.out_dir} (shards of at most {human_bytes(config.out_shard_size)})")
         print(result.stats["description"])
         return 0
@@ -76,8 +78,13 @@ def warmup_command(args: argparse.Namespace) -> int:
         return 0
     device = torch.device(args.device)
     what = f"config {args.config}" if args.config else "every method, dtype and task count asked"
-    print(f"neurokern warmup: {len(cases)} case(s) of {what} on {torch.cuda.get_device_name(device)}; Triton's "
-          f"cache: {kernel_warmup.cache_dir()}", flush=True)
+    skipped = kernel_warmup.skipped(args.config, args.method, args.tasks)
+    left_out = f" ({len(skipped)} skipped, see below)" if skipped and not args.quiet else ""
+    print(f"neurokern warmup: {len(cases)} case(s) of {what}{left_out} on {torch.cuda.get_device_name(device)}; "
+          f"Triton's cache: {kernel_warmup.cache_dir()}", flush=True)
+    if not args.quiet:
+        for line in skipped:
+            print(f"  {line}")
     report = kernel_warmup.compile_kernels(cases, device, report=(lambda line: None) if args.quiet else print)
     kinds = ", ".join(f"{name} x{n}" for name, n in report["kernels"].items())
     print(f"compiled {report['compiled']} kernels in {report['seconds']:.1f} s into {report['cache_dir']} "
@@ -133,7 +140,8 @@ def main(argv=None) -> int:
     warm_p.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"],
                         help="without a config: only this storage dtype (repeatable; default: all three)")
     warm_p.add_argument("--tasks", type=_task_counts, default=None, metavar="COUNTS",
-                        help="without a config: numbers of fine-tuned models, e.g. 1-8 (default), 3 or 2,4")
+                        help="without a config: numbers of fine-tuned models, e.g. 1-8 (default), 3 or 2,4; a method "
+                             "runs those it takes (passthrough: the one model it copies)")
     warm_p.add_argument("--quiet", action="store_true", help="only the summary line")
     warm_p.set_defaults(run=warmup_command)
     bench_p = sub.add_parser("bench", help="benchmarks: `neurokern bench accuracy --help`")

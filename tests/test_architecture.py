@@ -26,7 +26,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "neurokern"
-LIBRARY = ("base", "ops", "methods", "tint", "engine", "cli", "root", "integrations")
+LIBRARY = ("base", "ops", "methods", "tint", "engine", "cli", "integrations", "root")
 
 # Which layers a layer may import from (its own included). accuracy may import anything.
 ALLOWED = {
@@ -36,7 +36,8 @@ ALLOWED = {
     "tint": {"base", "ops", "tint"},
     "engine": {"base", "ops", "methods", "engine"},
     "cli": {"base", "engine", "cli"},
-    # other tools' formats and APIs (PEFT adapters, FusionBench algorithms): the top layer; no other layer imports it
+    # other tools' formats, APIs and programs (mergekit's methods and mergekit-yaml, PEFT adapters,
+    # FusionBench algorithms): the top layer; no other layer imports it
     "integrations": {"base", "ops", "methods", "tint", "engine", "cli", "integrations"},
     "root": {"base"},  # import neurokern stays light; its lazy attributes (_LAZY) load the layers
 }

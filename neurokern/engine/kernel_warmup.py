@@ -95,13 +95,59 @@ def _config_name(method: str) -> str:
     return next((k for k, (v, _) in MERGEKIT_METHODS.items() if v == method), method)
 
 
+def _task_counts(spec, tasks) -> tuple[list[int], dict[int, str]]:
+    """The task counts of `tasks` (default 1 to 8) that the method takes with its warm-up
+    parameters (Method.warm_config), and why it refuses the others; a method that takes none of
+    them but takes 0 copies one model: [0]."""
+    given = {k: v for k, v in spec.warm_config.items() if k in spec.defaults}
+    taken, refused = [], {}
+    for T in tasks or range(1, 9):
+        try:
+            spec.params(dict(given), T)
+            taken.append(T)
+        except NeurokernError as exc:
+            refused[T] = str(exc)
+    if not taken:
+        try:
+            spec.params(dict(given), 0)
+            return [0], {}
+        except NeurokernError:
+            pass
+    return taken, refused
+
+
+def skipped(config=None, methods=None, tasks=None) -> list[str]:
+    """One line per method (or task counts of a method) the warm-up without a config leaves out, and
+    why."""
+    from neurokern.methods import METHODS
+
+    if config is not None:
+        return []
+    lines = []
+    for method in methods or list(METHODS):
+        spec = METHODS.get(method)
+        if spec is None:
+            continue
+        if not spec.kernels:
+            lines.append(f"{method}: skipped, plain PyTorch: no Triton kernel to compile")
+            continue
+        _, refused = _task_counts(spec, tasks)
+        if refused:
+            counts = ",".join(str(T) for T in refused)
+            lines.append(f"{method}: task count(s) {counts} skipped ({next(iter(refused.values()))})")
+    return lines
+
+
 def warmup_cases(config=None, methods=None, dtypes=None, tasks=None) -> list[dict]:
     """What `neurokern warmup` runs: one case per (method, dtype, task count), each with the tensors
     (name, shape, stored dtype) to merge and the config of its engine run. With a config: its
     method, parameters, task count and dtype, on one tensor of each distinct shape and dtype of its
-    base model (read from the headers only). Without: every method (with the default density a
-    config would give it), dtypes float32, bfloat16, float16 and 1 to 8 fine-tuned models, on
-    GENERIC_SHAPES."""
+    base model (read from the headers only; a config's slices: a copy of its first model, scaled
+    where the config scales, as stacking launches no kernel). Without: every method with kernels
+    (Method.kernels; with the default density a config would give it and Method.warm_config),
+    dtypes float32, bfloat16, float16 and 1 to 8 fine-tuned models where the method takes that
+    many (a method of none: the one model it copies), on GENERIC_SHAPES; `skipped` says what is
+    left out."""
     import torch
 
     from neurokern.config import load_config
@@ -115,29 +161,46 @@ def warmup_cases(config=None, methods=None, dtypes=None, tasks=None) -> list[dic
         for info in base.tensors.values():
             distinct.setdefault((info.shape, info.dtype), info.name)
         shapes = [(name, shape, dtype) for (shape, dtype), name in distinct.items()]
-        return [{"method": cfg.method, "dtype": cfg.dtype or "as stored", "tasks": len(cfg.models), "shapes": shapes,
-                 "config": cfg.raw if isinstance(config, dict) else config, "paths": [cfg.base_model, *cfg.models],
-                 "out_dtype": cfg.dtype, "params": cfg.params}]
+        case = {"method": cfg.method, "dtype": cfg.dtype or "as stored", "tasks": len(cfg.models), "shapes": shapes,
+                "config": cfg.raw if isinstance(config, dict) else config, "paths": [cfg.base_model, *cfg.models],
+                "out_dtype": cfg.dtype, "params": cfg.params}
+        if cfg.stack:  # the stack's layers need models to take them from; its kernels are a copy's
+            spec = METHODS[cfg.method]
+            scaled = {k: v for k, v in spec.warm_config.items() if k in cfg.params}
+            raw = {"merge_method": cfg.raw["merge_method"], "models": [str(cfg.base_model)]}
+            raw.update({"parameters": scaled} if scaled else {})
+            raw.update({"dtype": cfg.dtype} if cfg.dtype else {})
+            case.update(config=raw, params=scaled)
+        return [case]
     cases = []
     for method in methods or list(METHODS):
         if method not in METHODS:
             raise NeurokernError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+        spec = METHODS[method]
+        if not spec.kernels:
+            continue
+        taken, _ = _task_counts(spec, tasks)
         for dtype in dtypes or list(DTYPE_NAMES):
             stored = getattr(torch, dtype)
-            for T in tasks or range(1, 9):
+            for T in taken:
                 shapes = [(name, shape, stored) for name, shape in GENERIC_SHAPES]
                 root = f"/neurokern-warmup/{method}-{dtype}-{T}"
-                raw = {"merge_method": _config_name(method), "base_model": f"{root}/base",
-                       "models": [f"{root}/task_{t}" for t in range(1, T + 1)]}
-                if "density" in METHODS[method].defaults:
-                    raw["parameters"] = {"density": METHODS[method].defaults["density"]}
+                paths = [f"{root}/base"] + [f"{root}/task_{t}" for t in range(1, T + 1)]
+                raw = ({"merge_method": _config_name(method), "models": paths} if T == 0  # the one model copied
+                       else {"merge_method": _config_name(method), "base_model": paths[0], "models": paths[1:]})
+                params = dict(spec.warm_config)
+                if "density" in spec.defaults:
+                    params["density"] = spec.defaults["density"]
+                if params:
+                    raw["parameters"] = params
                 cases.append({"method": method, "dtype": dtype, "tasks": T, "shapes": shapes, "config": raw,
-                              "paths": [raw["base_model"], *raw["models"]], "out_dtype": None, "params": {}})
+                              "paths": paths, "out_dtype": None,
+                              "params": {k: v for k, v in spec.warm_config.items() if k in spec.defaults}})
     return cases
 
 
 def compile_kernels(cases: list[dict], device, report=print) -> dict:
-    """Runs every case twice on `device`, as the command line merges (neurokern.engine.merge_models
+    """Runs every case twice on `device` (a copy of one model, passthrough: the first way only), as the command line merges (neurokern.engine.merge_models
     on generated inputs of the case's shapes, output hashed and dropped) and as nk.merge does (the
     method on in-memory tensors, one tensor at a time): every Triton kernel either launches is
     compiled into Triton's cache, or loaded from it. Returns what was compiled and where."""
@@ -168,7 +231,8 @@ def compile_kernels(cases: list[dict], device, report=print) -> dict:
             spec = METHODS[case["method"]]
             params = spec.params(dict(case["params"]), case["tasks"])
             convert = DTYPES.get(case["out_dtype"])
-            for name, shape, dtype in case["shapes"]:
+            # nk.merge's path; a copy of one model (passthrough) is the engine's alone: nk.merge needs a fine-tuned model
+            for name, shape, dtype in case["shapes"] if case["tasks"] else []:
                 if not dtype.is_floating_point:
                     continue
                 state = []

@@ -82,6 +82,7 @@ class Plan:
     device_budget: int
     host_budget: int
     max_numel: int
+    work_bytes: int = 16  # the method's temporaries per element of the tensor it merges (Method.work_bytes)
     derived_work: int = 0  # host memory of the read jobs that compute tensors (LoRA adapters), all at once
 
     @property
@@ -116,7 +117,7 @@ class Plan:
         out_cap = max((u.out_bytes for u in self.units), default=0)
         convert = max((u.convert_bytes for u in self.units), default=0)
         host = HOST_SLOTS * self.unit_cap + (OUT_SLOTS + 1) * out_cap + self.derived_work
-        work = convert + out_cap + 16 * self.max_numel
+        work = convert + out_cap + self.work_bytes * self.max_numel
         if not cuda:
             return {"host": host + work, "device": 0}
         return {"host": host, "device": 2 * self.unit_cap + out_cap + work}
@@ -131,8 +132,9 @@ def _numel(shape) -> int:
 
 def make_plan(base: TensorSource, num_models: int, out_dtype: Optional[torch.dtype], out_shard_size: int,
               device_budget: Optional[int] = None, host_budget: Optional[int] = None, cuda: bool = False,
-              host_option: str = "--memory-budget", derived_work: int = 0) -> Plan:
+              host_option: str = "--memory-budget", work_bytes: int = 16, derived_work: int = 0) -> Plan:
     """host_option: the command-line option that set the host budget (named when it is too small);
+    work_bytes: the method's temporaries per element of the largest tensor (Method.work_bytes);
     derived_work: host memory of the read jobs that compute tensors (Plan.derived_work)."""
     device_budget = device_budget or DEFAULT_BUDGET
     host_budget = host_budget or device_budget
@@ -199,7 +201,7 @@ def make_plan(base: TensorSource, num_models: int, out_dtype: Optional[torch.dty
         units = split(cap)
         unit_cap = max((u.in_bytes for u in units), default=0)
         plan = Plan(tensors, merge_names, offsets, shards, units, num_models, unit_cap, device_budget, host_budget,
-                    max_numel, derived_work)
+                    max_numel, work_bytes, derived_work)
         need = plan.estimate(cuda)
         fits = need["host"] <= host_budget and need["device"] <= device_budget
         if fits or biggest is None or cap <= in_bytes(biggest):

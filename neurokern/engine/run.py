@@ -19,12 +19,12 @@ from neurokern.checkpoint import SIDE_FILES
 from neurokern.config import MergeConfig, load_config, parse_size
 from neurokern.engine import kernel_warmup, prefetch, timing
 from neurokern.engine.adapters import CONFIG as ADAPTER_CONFIG
-from neurokern.engine.adapters import is_adapter
+from neurokern.engine.adapters import AdapterModel, is_adapter
 from neurokern.engine.distributed import Ranks, local_device
 from neurokern.engine.executor import READ_THREADS, Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
-from neurokern.engine.sources import Model, TensorSource, open_model, validate
+from neurokern.engine.sources import Model, TensorSource, open_model, stacked, validate
 from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, check_shared, done_record,
                                      fault_point, is_published, load_global, lock_partial, notice, partial_dir,
                                      prepare_partial, publish, recorded_digests, rename, save_global)
@@ -67,6 +67,35 @@ def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], ho
     return check
 
 
+def _refuse_misplaced_adapters(cfg: MergeConfig, given: dict[Path, TensorSource]) -> None:
+    """A LoRA adapter folder reads as a fine-tuned model: the base_model it was trained on with its
+    ΔW added (engine/adapters.py). Where the config gives it no such base, one line says so. A path
+    given as a TensorSource is an adapter when the source is one (engine.adapters.AdapterModel)."""
+
+    def adapter(path: Path) -> bool:
+        return isinstance(given[path], AdapterModel) if path in given else is_adapter(path)
+
+    merge_first = ("merge it into the model it was trained on first (task_arithmetic with that model as base_model "
+                   "and the adapter as the only model)")
+    if cfg.stack:
+        for path in dict.fromkeys([cfg.base_model, *(path for path, _ in cfg.stack), cfg.last_model]):
+            if adapter(path):
+                raise NeurokernError(f"config slices: {path} is a LoRA adapter folder ({ADAPTER_CONFIG}); slices take "
+                                     f"layers of whole models: {merge_first}")
+    elif cfg.base_is_first_model:
+        for path in [cfg.base_model, *cfg.models]:
+            if adapter(path):
+                raise NeurokernError(f"config: {path} is a LoRA adapter folder ({ADAPTER_CONFIG}) and the config has no "
+                                     "base_model; an adapter is read on top of the model it was trained on: give that "
+                                     "model as base_model")
+    elif adapter(cfg.base_model) and not cfg.models:  # a copy of one model (passthrough)
+        raise NeurokernError(f"config: {cfg.base_model} is a LoRA adapter folder ({ADAPTER_CONFIG}), the one model "
+                             f"the config copies: {merge_first}")
+    elif adapter(cfg.base_model):
+        raise NeurokernError(f"base_model {cfg.base_model} is a LoRA adapter folder ({ADAPTER_CONFIG}); give the "
+                             "model it was trained on, and the adapter under models")
+
+
 class _Engine:
     def __init__(self, cfg: MergeConfig, out_dir: Path, device: torch.device, budget: Optional[int],
                  host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool], durable: bool = False,
@@ -76,25 +105,43 @@ class _Engine:
         self.cuda = device.type == "cuda"
         self.discard = discard
         self.spec = METHODS[cfg.method]
-        given = {Path(s.path): s for s in sources}
-        if cfg.base_model not in given and is_adapter(cfg.base_model):
-            raise NeurokernError(f"base_model {cfg.base_model} is a LoRA adapter folder ({ADAPTER_CONFIG}); give the "
-                                 "model it was trained on, and the adapter under models")
-        self.base = given[cfg.base_model] if cfg.base_model in given else Model(cfg.base_model, "base_model", allow_pickle)
+        given = {Path(s.path): s for s in sources}  # config paths read from a TensorSource, not from disk
+        _refuse_misplaced_adapters(cfg, given)
+        if cfg.stack:
+            self.base = stacked(cfg.stack, cfg.base_model, cfg.last_model,
+                                lambda path: given[path] if path in given else Model(path, f"slices model {path}",
+                                                                                      allow_pickle))
+        else:
+            self.base = (given[cfg.base_model] if cfg.base_model in given
+                         else Model(cfg.base_model, "base_model", allow_pickle))
         self.finetuned = [given[p] if p in given else open_model(p, f"models[{i}]", self.base, allow_pickle)
                           for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned
         validate(self.base, self.finetuned)
         self.T = len(self.finetuned)
-        self.params = self.spec.params(dict(cfg.params), self.T)
-        out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
-        self.out_dtype = out_dtype
+        try:
+            self.params = self.spec.params(dict(cfg.params), self.T)
+        except NeurokernError as exc:
+            raise NeurokernError(cfg.in_yaml_terms(str(exc))) from exc
+        self.out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None  # the inputs are converted to it
+        # what the output is written in: mergekit's out_dtype, else dtype
+        written = DTYPES[cfg.out_dtype] if cfg.out_dtype else self.out_dtype
         # every reader thread may be computing a piece of an adapter's tensor at once
-        derived_work = READ_THREADS * max(m.work_bytes() for m in self.finetuned)
-        self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda,
-                              host_option, derived_work)
+        derived_work = READ_THREADS * max(m.work_bytes() for m in self.models)
+        self.plan = make_plan(self.base, self.T + 1, written, cfg.out_shard_size, budget, host_budget, self.cuda,
+                              host_option, self.spec.work_bytes(self.T), derived_work)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
+        self.extra_files = {}  # name -> text: the base's config.json with the config's changes
+        if cfg.config_updates and "config.json" in self.side_files:
+            try:
+                model_config = json.loads(self.side_files.pop("config.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise NeurokernError(f"{cfg.base_model / 'config.json'}: cannot read it ({exc})") from exc
+            self.extra_files["config.json"] = json.dumps({**model_config, **cfg.config_updates}, indent=2) + "\n"
+        if cfg.chat_template is not None:  # it takes priority over a template in tokenizer_config.json
+            self.side_files.pop("chat_template.jinja", None)
+            self.extra_files["chat_template.jinja"] = cfg.chat_template
         self.prepasses: list[Pass] = self.spec.passes(self.params)
         self.passes = [read for p in self.prepasses for read in p.reads] + ["merge"]
         self.progress = progress
@@ -290,7 +337,7 @@ class _Engine:
             digests = recorded_digests(partial, plan)
             shutil.rmtree(partial, ignore_errors=True)
         elif ranks.is_main:
-            echo = {CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
+            echo = {**self.extra_files, CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
             from neurokern import __version__
             manifest = {"neurokern": __version__, "method": self.cfg.method,
                         "parameters": json.loads(json.dumps(self.cfg.params, default=str)),
@@ -317,6 +364,8 @@ class _Engine:
                     torch.cuda.synchronize(self.device)  # the kernels' time, not their launches'
             kernels = "kernels, other units"
             outputs = {n: merged[n] if n in merged else batch.base[n] for n in batch.unit.names}
+            outputs = {n: t if t.dtype == self.plan.tensors[n].dtype else t.to(self.plan.tensors[n].dtype)
+                       for n, t in outputs.items()}
             self.stager.cache.pop(batch.unit.index, None)
             check = self.finite_checks.pop(batch.unit.index, None)
             if not self.cuda:

@@ -4,7 +4,8 @@ The engine reads its inputs through a small interface, `TensorSource`: a table o
 dtype, shape, where its bytes are) and a method that reads any byte range of one tensor into a
 host buffer. `Model` implements it for models on disk, `engine.adapters.AdapterModel` for LoRA
 adapter folders, `engine.synthetic.SyntheticModel` for models generated on the fly (benchmarks at
-sizes no disk holds, and `neurokern warmup`).
+sizes no disk holds, and `neurokern warmup`), `StackedModel` for a passthrough config's slices
+(layers of other sources, renamed, read through them).
 `merge_models(..., sources=[...])` reads a config path from the source whose `path` it is.
 
 On disk:
@@ -18,15 +19,16 @@ truncated or corrupt file). Tensor bytes are read later with os.preadv straight 
 allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
 from neurokern.engine.files import PICKLE_SUFFIXES, weight_files
 from neurokern.engine.files import read_header as header_entries
 from neurokern.errors import NeurokernError
+from neurokern.params import BEFORE_LAYERS, LAYER_INDEX, layer_of
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -216,3 +218,67 @@ def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional
         out.copy_(src.view(-1).view(torch.uint8))
         return
     _pread(info, memoryview(out.numpy()), begin, end, begin)
+
+
+class StackedModel:
+    """A model assembled from layers of other sources (a passthrough config's slices), a
+    TensorSource: each of its tensors is a renamed entry of one source's tensor, read through that
+    source (a file's bytes, a generated model's, ...). No bytes move."""
+
+    def __init__(self, path: Path, sources: list[TensorSource], entries: dict[str, tuple[int, TensorInfo]]):
+        # entries: output name -> (index into sources, the source's own TensorInfo)
+        self.path, self.label = Path(path), "slices"
+        self.sources, self.origin = sources, entries
+        self.files = list(dict.fromkeys(f for source in sources for f in source.files))
+        self.tensors = {name: replace(info, name=name) for name, (_, info) in entries.items()}
+
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        index, own = self.origin[info.name]
+        self.sources[index].read_into(own, out, begin, end)
+
+    def work_bytes(self) -> int:
+        return max(source.work_bytes() for source in self.sources)
+
+    def header_digest(self) -> list:
+        return [[[name, index, own.name] for name, (index, own) in self.origin.items()],
+                [[str(source.path), source.header_digest()] for source in self.sources]]
+
+
+def stacked(stack: tuple[tuple[Path, int], ...], first: Path, last: Path,
+            open_source: Callable[[Path], TensorSource]) -> StackedModel:
+    """A passthrough config's slices as one model: output layer i is layer stack[i][1] of model
+    stack[i][0] (opened with open_source), its tensors renamed to layer i; the tensors outside the
+    layers come from `first` (those mergekit puts before the layers: embeddings) and from `last`
+    (the others: final norm, head)."""
+    paths = list(dict.fromkeys([first, *(p for p, _ in stack), last]))
+    sources = [open_source(path) for path in paths]
+    index = {path: i for i, path in enumerate(paths)}
+    by_layer: dict[tuple[Path, int], list[TensorInfo]] = {}
+    for path, source in zip(paths, sources):
+        for info in source.tensors.values():
+            layer = layer_of(info.name)
+            if layer is not None:
+                by_layer.setdefault((path, layer), []).append(info)
+    entries: dict[str, tuple[int, TensorInfo]] = {}
+    for info in sources[index[first]].tensors.values():
+        if layer_of(info.name) is None and BEFORE_LAYERS.search(info.name):
+            entries[info.name] = (index[first], info)
+    for out_layer, (path, layer) in enumerate(stack):
+        infos = by_layer.get((path, layer))
+        if not infos:
+            held = sorted({k[1] for k in by_layer if k[0] == path})
+            span = f"layers {held[0]}...{held[-1]}" if held else "no numbered layers"
+            raise NeurokernError(f"slices: model {path} has no layer {layer} (its tensors hold {span})")
+        for info in infos:
+            entries[_renamed(info.name, out_layer)] = (index[path], info)
+    for info in sources[index[last]].tensors.values():
+        if layer_of(info.name) is None and not BEFORE_LAYERS.search(info.name):
+            entries[info.name] = (index[last], info)
+    return StackedModel(first, sources, entries)
+
+
+def _renamed(name: str, layer: int) -> str:
+    """name with its layer index replaced by `layer`."""
+    match = LAYER_INDEX.search(name)
+    start, end = match.span(1)
+    return f"{name[:start]}{layer}{name[end:]}"

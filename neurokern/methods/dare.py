@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from neurokern import ops, params
+from neurokern.errors import NeurokernError
 from neurokern.methods.method import Method, batches, columns
 
 
@@ -27,8 +28,13 @@ def _resolver(name: str, consensus_choices: list[str], elect_choices: list[str])
 
     def resolve(p, num_tasks):
         rescale = "none" if p["rescale"] is None else p["rescale"]
+        density = p["density"]
+        if isinstance(density, (list, tuple)):  # one per model (mergekit's per-model density): all equal
+            if len(set(density)) != 1:
+                raise NeurokernError(f"{where}: density takes one value for all models; got {list(density)}")
+            density = density[0]
         return Params(
-            density=params.density(where, p["density"]),
+            density=params.density(where, density),
             weights=params.weights(where, p["weights"], num_tasks),
             seed=params.integer(where, "seed", p["seed"]),
             rescale=params.choice(where, "rescale", rescale, ["density", "l1", "none"]),

@@ -131,6 +131,40 @@ def test_a_path_no_source_names_is_still_read_from_disk(models, tmp_path):
     assert read_dir(tmp_path / "plain") == read_dir(tmp_path / "given")
 
 
+def test_slices_stack_layers_of_generated_models(tmp_path):
+    """A passthrough config's slices over generated models: the stack is a TensorSource whose
+    entries are read through the generated models; each output tensor holds the bytes of the layer
+    it was taken from (embeddings from the first slice's model, norm and head from the last's), and
+    the discarded merge hashes what the written one wrote."""
+    models = synthetic_models(llama_shapes(64, 176, 3, 4, 2, 300), finetuned=1, pool_bytes=POOL)
+    base, tuned = models
+    cfg = {"merge_method": "passthrough", "out_shard_size": "100KB",
+           "slices": [{"sources": [{"model": str(base.path), "layer_range": [0, 2]}]},
+                      {"sources": [{"model": str(tuned.path), "layer_range": [1, 3]}]}]}
+    written = merge_models(cfg, tmp_path / "out", device="cpu", sources=models)
+    taken = [(base, 0), (base, 1), (tuned, 1), (tuned, 2)]  # output layer i: layer taken[i][1] of taken[i][0]
+    expected = {"model.embed_tokens.weight": tensor(base, "model.embed_tokens.weight"),
+                "model.norm.weight": tensor(tuned, "model.norm.weight"), "lm_head.weight": tensor(tuned, "lm_head.weight")}
+    for out_layer, (source, layer) in enumerate(taken):
+        for name in source.tensors:
+            if name.startswith(f"model.layers.{layer}."):
+                expected[name.replace(f".{layer}.", f".{out_layer}.", 1)] = tensor(source, name)
+    from safetensors.torch import load_file
+    merged = {}
+    for shard in sorted((tmp_path / "out").glob("*.safetensors")):
+        merged.update(load_file(str(shard)))
+    assert merged.keys() == expected.keys() and len(merged) == 2 + 4 * 9 + 1
+    for name, value in expected.items():
+        assert merged[name].dtype == value.dtype and torch.equal(merged[name], value), name
+    discarded = merge_models(cfg, tmp_path / "discarded", device="cpu", sources=models, discard_output=True)
+    manifest = json.loads((tmp_path / "out" / "neurokern_manifest.json").read_text())
+    assert discarded.shard_digests == {f: s["sha256_tree"] for f, s in manifest["shards"].items()}
+    assert len(written.plan.shards) >= 2
+    with pytest.raises(NeurokernError, match=f"slices: model {tuned.path} has no layer 3 \\(its tensors hold layers 0...2\\)"):
+        merge_models({**cfg, "slices": [cfg["slices"][0], {"sources": [{"model": str(tuned.path), "layer_range": [2, 4]}]}]},
+                     tmp_path / "bad", device="cpu", sources=models)
+
+
 PEAK = textwrap.dedent("""
     import json, sys
     from neurokern.engine import merge_models

@@ -35,13 +35,19 @@ def test_a_config_gives_one_case_of_its_distinct_shapes(models, tmp_path):
 def test_without_a_config_every_method_dtype_and_task_count():
     cases = kernel_warmup.warmup_cases()
     from neurokern.methods import METHODS
-    assert len(cases) == len(METHODS) * 3 * 8
-    assert {(c["method"], c["dtype"], c["tasks"]) for c in cases} == {
-        (m, d, t) for m in METHODS for d in ("float32", "bfloat16", "float16") for t in range(1, 9)}
+    counts = {"slerp": [1], "nuslerp": [2], "model_stock": list(range(2, 9)), "passthrough": [0]}
+    expected = {(m, d, t) for m in METHODS if METHODS[m].kernels
+                for d in ("float32", "bfloat16", "float16") for t in counts.get(m, range(1, 9))}
+    assert {(c["method"], c["dtype"], c["tasks"]) for c in cases} == expected and len(cases) == len(expected)
+    assert {m for m in METHODS if not METHODS[m].kernels} == {"breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
     ties = next(c for c in cases if c["method"] == "ties")
     assert ties["config"]["parameters"] == {"density": 0.2}  # trimmed, as nk.merge's default
     dare = next(c for c in cases if c["method"] == "dare")
     assert dare["config"]["merge_method"] == "dare_linear"  # the name a config gives it
+    copy = next(c for c in cases if c["method"] == "passthrough")
+    assert copy["config"] == {"merge_method": "passthrough", "models": [copy["paths"][0]], "parameters": {"scale": 0.5}}
+    linear = next(c for c in cases if c["method"] == "linear")
+    assert linear["config"]["parameters"] == {"weight": 1.0}  # the base_model's weight a config must give
     narrow = kernel_warmup.warmup_cases(methods=["dare_ties", "neuromerging"], dtypes=["float16"], tasks=[1, 2])
     assert [(c["method"], c["dtype"], c["tasks"]) for c in narrow] == [
         ("dare_ties", "float16", 1), ("dare_ties", "float16", 2), ("neuromerging", "float16", 1),
@@ -51,6 +57,39 @@ def test_without_a_config_every_method_dtype_and_task_count():
     assert len(report["cases"]) == 4 and len(lines) == 4 and "neuromerging   float16 T=2" in lines[-1]
     with pytest.raises(NeurokernError, match="unknown method 'nope'"):
         kernel_warmup.warmup_cases(methods=["nope"])
+
+
+def test_mergekit_methods_run_or_are_skipped_with_a_line():
+    """The mergekit methods: those with kernels run through the engine and nk.merge's path (here on
+    the CPU) at the task counts they take; the others are left out, one line each saying why."""
+    asked = ["linear", "slerp", "nuslerp", "model_stock", "passthrough", "breadcrumbs", "della_linear"]
+    cases = kernel_warmup.warmup_cases(methods=asked, dtypes=["bfloat16"], tasks=[1, 2])
+    assert [(c["method"], c["tasks"]) for c in cases] == [("linear", 1), ("linear", 2), ("slerp", 1), ("nuslerp", 2),
+                                                          ("model_stock", 2), ("passthrough", 0)]
+    assert kernel_warmup.skipped(methods=asked, tasks=[1, 2]) == [
+        "slerp: task count(s) 2 skipped (method 'slerp': interpolates the base with exactly one other model; got 2)",
+        "nuslerp: task count(s) 1 skipped (method 'nuslerp': interpolates exactly two models (besides the base); got 1)",
+        "model_stock: task count(s) 1 skipped (method 'model_stock': needs at least 2 fine-tuned models besides the "
+        "base; got 1)",
+        "breadcrumbs: skipped, plain PyTorch: no Triton kernel to compile",
+        "della_linear: skipped, plain PyTorch: no Triton kernel to compile"]
+    report = kernel_warmup.compile_kernels(cases, "cpu", report=lambda line: None)
+    assert [(c["method"], c["tasks"]) for c in report["cases"]] == [(c["method"], c["tasks"]) for c in cases]
+
+
+def test_a_slices_config_warms_a_copy_of_its_base(models, tmp_path):
+    """A passthrough's slices: the kernels of a scaled copy of one model of the base's shapes."""
+    import yaml
+    config = {"merge_method": "passthrough", "dtype": "float32", "parameters": {"scale": 0.5},
+              "slices": [{"sources": [{"model": str(models / "base"), "layer_range": [0, 1]}]},
+                         {"sources": [{"model": str(models / "task_0"), "layer_range": [1, 2]}]}]}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(config))
+    (case,) = kernel_warmup.warmup_cases(tmp_path / "s.yaml")
+    assert case["config"] == {"merge_method": "passthrough", "models": [str(models / "base")],
+                              "parameters": {"scale": 0.5}, "dtype": "float32"}
+    assert (case["method"], case["tasks"], case["paths"]) == ("passthrough", 0, [models / "base"])
+    report = kernel_warmup.compile_kernels([case], "cpu", report=lambda line: None)
+    assert [c["method"] for c in report["cases"]] == ["passthrough"]
 
 
 def neurokern(*args, cwd=None):

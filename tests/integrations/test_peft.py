@@ -143,24 +143,98 @@ def test_yaml_bf16_mixed_with_a_full_model_and_small_pieces(setup, tmp_path, mon
     assert ref["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
 
 
-def test_plan_counts_the_work_of_derived_reads(setup, tmp_path):
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_plan_counts_the_work_of_derived_reads(setup, tmp_path, method):
     """The host estimate of a merge of adapters is that of the same merge of full models plus the
-    read threads' work on derived tensors, which stays a few pieces however large the model."""
+    read threads' work on derived tensors, which stays a few pieces however large the model; the
+    method's own temporaries (Method.work_bytes: breadcrumbs' exceed the default 16 bytes per
+    element) are counted beside it."""
     from neurokern.engine.adapters import read_adapter
     from neurokern.engine.executor import READ_THREADS
+    from neurokern.methods import METHODS
     paths, base, root = setup["paths"], setup["base"], setup["root"]
     full = []
     for i, p in enumerate(paths):
         save_file(merged_and_unloaded(base, p), str(tmp_path / f"full{i}.safetensors"))
         full.append(str(tmp_path / f"full{i}.safetensors"))
-    plans = [nk.merge_models({"merge_method": "ties", "base_model": str(root / "base"), "models": models},
+    plans = [nk.merge_models({"merge_method": merge_method, "base_model": str(root / "base"), "models": models},
                              tmp_path / "out", device="cpu", dry_run=True).plan
-             for models in ([str(p) for p in paths], full)]
-    adapters, fulls = (plan.estimate(cuda=False)["host"] for plan in plans)
+             for merge_method in (method, "ties") for models in ([str(p) for p in paths], full)]
+    adapters, fulls, _, fulls_ties = (plan.estimate(cuda=False)["host"] for plan in plans)
     rows, cols = 16, 24  # the widest adapted weight: down_proj, [16, 24]; all its rows fit one piece
     work = 2 * rows * cols * 4 + 2 * rows * cols * 4 + 4 * (4 * 24 + 16 * 4)
     assert {m.r for a in map(read_adapter, paths) for m in a.modules.values()} == {4}
     assert adapters - fulls == READ_THREADS * work
+    method_work = METHODS[method].work_bytes(len(paths))
+    assert plans[0].work_bytes == method_work and plans[0].derived_work == READ_THREADS * work
+    assert fulls - fulls_ties == (method_work - 16) * plans[1].max_numel
+    assert method == "ties" or method_work > 16
+
+
+@pytest.mark.parametrize("method,models,params,ref_params", [
+    ("slerp", [{"model": "a0"}], {"t": 0.3}, {"t": 0.3}),
+    ("linear", [{"model": "base", "parameters": {"weight": 0.4}}, {"model": "a0", "parameters": {"weight": 0.6}},
+                {"model": "a1", "parameters": {"weight": 1.0}}], {}, {"base_weight": 0.4, "weights": [0.6, 1.0]}),
+    ("breadcrumbs", [{"model": "a0", "parameters": {"weight": 0.7, "density": 0.8}},
+                     {"model": "a2", "parameters": {"weight": 0.5, "density": 0.8}}], {"gamma": 0.1},
+     {"weights": [0.7, 0.5], "density": 0.8, "gamma": 0.1}),
+])
+def test_mergekit_methods_over_adapters(setup, tmp_path, method, models, params, ref_params):
+    """mergekit's methods take adapter folders as fine-tuned models like any other: the engine's
+    merge == nk.merge over PEFT's merged models, bitwise."""
+    base, root = setup["base"], setup["root"]
+    config = {"merge_method": method, "base_model": str(root / "base"), "parameters": params,
+              "models": [{**m, "model": str(root / m["model"])} for m in models]}
+    nk.merge_models(config, tmp_path / "out", device="cpu")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    finetuned = [merged_and_unloaded(base, root / m["model"]) for m in models if m["model"] != "base"]
+    ref = nk.merge(base, finetuned, method=method, **ref_params)
+    assert set(out) == set(ref)
+    for k in ref:
+        assert torch.equal(out[k], ref[k]), k
+
+
+def test_adapter_in_passthrough_or_slices_is_refused(setup, tmp_path):
+    """An adapter needs the base it was trained on: as a passthrough model, a layer source of
+    slices, or in a config without base_model it is refused in one line, nothing written; merged
+    into its base first (what the message says), its layers stack like any model's."""
+    root, adapter = setup["root"], str(setup["paths"][0])
+    base = str(root / "base")
+    stack = {"merge_method": "passthrough", "slices": [{"sources": [{"model": base, "layer_range": [0, 2]}]},
+                                                       {"sources": [{"model": adapter, "layer_range": [1, 2]}]}]}
+    merge_first = "merge it into the model it was trained on first"
+    cases = [
+        (stack, rf"config slices: {re.escape(adapter)} is a LoRA adapter folder \(adapter_config.json\); "
+                rf"slices take layers of whole models: {merge_first}"),
+        ({"merge_method": "passthrough", "models": [{"model": adapter}]},
+         rf"config: {re.escape(adapter)} is a LoRA adapter folder .*the one model the config copies: {merge_first}"),
+        ({"merge_method": "linear", "models": [{"model": base, "parameters": {"weight": 0.5}},
+                                               {"model": adapter, "parameters": {"weight": 0.5}}]},
+         rf"config: {re.escape(adapter)} is a LoRA adapter folder .*the config has no base_model"),
+    ]
+    for config, message in cases:
+        for dry_run in (True, False):
+            with pytest.raises(nk.NeurokernError, match=message) as error:
+                nk.merge_models(config, tmp_path / "out", device="cpu", dry_run=dry_run)
+            assert "\n" not in str(error.value)
+            assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*partial*"))
+
+    nk.merge_models({"merge_method": "task_arithmetic", "base_model": base, "models": [adapter]},
+                    tmp_path / "merged", device="cpu")
+    stack["slices"][1]["sources"][0]["model"] = str(tmp_path / "merged")
+    nk.merge_models(stack, tmp_path / "out", device="cpu")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    merged = merged_and_unloaded(setup["base"], setup["paths"][0])
+    plain = setup["base"].state_dict()
+    assert len(out) == len(plain) + len([k for k in plain if ".layers.1." in k])
+    for k, v in out.items():
+        if ".layers.2." in k:
+            assert torch.equal(v, merged[k.replace(".layers.2.", ".layers.1.")]), k
+        elif k.startswith("model.embed_tokens"):
+            assert torch.equal(v, plain[k]), k
+        else:  # layers 0, 1 from the base; the norm and head from the last slice's model
+            assert torch.equal(v, plain[k] if ".layers." in k else merged[k]), k
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
 
 
 def merge_cli(*args, crash=None):
