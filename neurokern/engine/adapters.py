@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from neurokern.engine.files import _check_file, read_file
-from neurokern.engine.sources import NAMES, Model, TensorInfo, read_header, read_range
+from neurokern.engine.sources import NAMES, Model, TensorInfo, read_header, read_into, read_range
 from neurokern.errors import NeurokernError
 
 CONFIG = "adapter_config.json"
@@ -327,6 +327,10 @@ class AdapterModel:
             raise NeurokernError(f"{label}: {weights} adapts module {module!r}, but the base ({base.path}) has no "
                                  f"tensor {missing[0]!r}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         self.files = adapter.files + base.files
+
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        """A TensorSource's read: stored tensors (the base's, the adapter's) and derived ones."""
+        read_into(info, out, begin, end)
 
     def work_bytes(self) -> int:
         """The most memory one read job of a derived tensor takes (see LoraDelta.work_bytes)."""

@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from neurokern.engine.sources import NAMES, Model, TensorInfo
+from neurokern.engine.sources import NAMES, TensorInfo, TensorSource
 from neurokern.errors import NeurokernError
 from neurokern.ops import STORAGE_DTYPES
 
@@ -130,7 +130,7 @@ def _numel(shape) -> int:
     return n
 
 
-def make_plan(base: Model, num_models: int, out_dtype: Optional[torch.dtype], out_shard_size: int,
+def make_plan(base: TensorSource, num_models: int, out_dtype: Optional[torch.dtype], out_shard_size: int,
               device_budget: Optional[int] = None, host_budget: Optional[int] = None, cuda: bool = False,
               host_option: str = "--memory-budget", work_bytes: int = 16, derived_work: int = 0) -> Plan:
     """host_option: the command-line option that set the host budget (named when it is too small);
@@ -225,7 +225,7 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def plan_digest(config_raw: dict, method: str, params: dict, models: list[Model], plan: Plan) -> str:
+def plan_digest(config_raw: dict, method: str, params: dict, models: list[TensorSource], plan: Plan) -> str:
     """What the output bytes depend on: config, method parameters, input headers, shard layout."""
     h = hashlib.sha256()
     h.update(json.dumps([config_raw, method, repr(sorted(params.items()))], sort_keys=True, default=str).encode())

@@ -1,4 +1,14 @@
-"""Input models on disk, read lazily tensor by tensor.
+"""Input models, read lazily tensor by tensor: the engine's tensor sources.
+
+The engine reads its inputs through a small interface, `TensorSource`: a table of tensors (name,
+dtype, shape, where its bytes are) and a method that reads any byte range of one tensor into a
+host buffer. `Model` implements it for models on disk, `engine.adapters.AdapterModel` for LoRA
+adapter folders, `engine.synthetic.SyntheticModel` for models generated on the fly (benchmarks at
+sizes no disk holds, and `neurokern warmup`), `StackedModel` for a passthrough config's slices
+(layers of other sources, renamed, read through them).
+`merge_models(..., sources=[...])` reads a config path from the source whose `path` it is.
+
+On disk:
 
 A model is a Hugging Face folder (config.json + model.safetensors, or *.safetensors shards and
 model.safetensors.index.json) or a bare .safetensors file. Only the headers are read up front: they
@@ -11,7 +21,7 @@ allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -33,7 +43,7 @@ class TensorInfo:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    file: Path
+    file: Path  # where messages say the tensor is (a generated tensor: a name under its model's path)
     start: int  # absolute byte offset in the file (-1: pickled, read through torch.load, or derived)
     nbytes: int
     # A tensor computed when read (engine/adapters.py: a LoRA-adapted weight): read(out, begin,
@@ -76,8 +86,44 @@ def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
 _PICKLED: dict[Path, dict] = {}
 
 
+@runtime_checkable
+class TensorSource(Protocol):
+    """One input model as the engine reads it.
+
+    path:    what the config names (merge_models(sources=...) matches it against the config's paths)
+    label:   how messages name the model ("base_model", "models[0]", ...)
+    tensors: name -> TensorInfo, in the order the engine should read them; `start` is the byte
+             offset passed to read_into's reads (pieces are cut at multiples of the read piece size
+             in these offsets), `file` what messages name
+    files:   the files a resumed merge fingerprints (engine.files.fingerprint); [] for none
+    read_into(info, out, begin, end): bytes [begin, end) of the tensor's data into the same bytes
+             of `out` (a contiguous uint8 CPU tensor of info.nbytes, pinned when the merge runs on a
+             GPU). Called from many threads at once, for any pieces, in any order: the bytes of a
+             piece must not depend on how a tensor is cut into pieces. Errors: NeurokernError.
+    header_digest(): a JSON-able value that changes whenever the bytes of any tensor may change;
+             the plan digest (what --resume checks) hashes it.
+    work_bytes(): host memory one read_into call takes besides `out` (the plan counts it once per
+             reader thread); 0 for tensors copied from storage.
+    """
+
+    path: Path
+    label: str
+    tensors: dict[str, TensorInfo]
+    files: list[Path]
+
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        ...
+
+    def header_digest(self) -> list:
+        ...
+
+    def work_bytes(self) -> int:
+        ...
+
+
 class Model:
-    """One input model: its tensors (name -> TensorInfo) in file order, read lazily."""
+    """One input model on disk (a TensorSource): its tensors (name -> TensorInfo) in file order,
+    read lazily."""
 
     def __init__(self, path: Path, label: str, allow_pickle: bool = False):
         self.path, self.label = Path(path), label
@@ -90,6 +136,9 @@ class Model:
                     raise NeurokernError(f"{file}: tensor {name!r} appears in more than one file of {self.path}")
                 self.tensors[name] = info
 
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        read_into(info, out, begin, end)
+
     def work_bytes(self) -> int:
         """Memory a read job takes besides its destination: none for stored tensors (a LoRA adapter's
         derived tensors take some, engine/adapters.py)."""
@@ -101,7 +150,7 @@ class Model:
                  sizes[i.file]] for i in self.tensors.values()]
 
 
-def validate(base: Model, finetuned: list[Model]) -> None:
+def validate(base: TensorSource, finetuned: list[TensorSource]) -> None:
     """Same names, shapes and dtypes in every model; messages name the file and the tensor."""
     for m in finetuned:
         missing = [n for n in base.tensors if n not in m.tensors]
@@ -171,37 +220,61 @@ def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional
     _pread(info, memoryview(out.numpy()), begin, end, begin)
 
 
-def stacked(stack: tuple[tuple[Path, int], ...], first: Path, last: Path, allow_pickle: bool = False) -> Model:
-    """A model assembled from layers of several models (a passthrough config's slices): output
-    layer i is layer stack[i][1] of model stack[i][0], its tensors renamed to layer i; the tensors
-    outside the layers come from `first` (those mergekit puts before the layers: embeddings) and
-    from `last` (the others: final norm, head). No bytes move: each entry points into its
-    source's file."""
-    sources = {path: Model(path, f"slices model {path}", allow_pickle) for path in dict.fromkeys([first, *(p for p, _ in stack), last])}
+class StackedModel:
+    """A model assembled from layers of other sources (a passthrough config's slices), a
+    TensorSource: each of its tensors is a renamed entry of one source's tensor, read through that
+    source (a file's bytes, a generated model's, ...). No bytes move."""
+
+    def __init__(self, path: Path, sources: list[TensorSource], entries: dict[str, tuple[int, TensorInfo]]):
+        # entries: output name -> (index into sources, the source's own TensorInfo)
+        self.path, self.label = Path(path), "slices"
+        self.sources, self.origin = sources, entries
+        self.files = list(dict.fromkeys(f for source in sources for f in source.files))
+        self.tensors = {name: replace(info, name=name) for name, (_, info) in entries.items()}
+
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        index, own = self.origin[info.name]
+        self.sources[index].read_into(own, out, begin, end)
+
+    def work_bytes(self) -> int:
+        return max(source.work_bytes() for source in self.sources)
+
+    def header_digest(self) -> list:
+        return [[[name, index, own.name] for name, (index, own) in self.origin.items()],
+                [[str(source.path), source.header_digest()] for source in self.sources]]
+
+
+def stacked(stack: tuple[tuple[Path, int], ...], first: Path, last: Path,
+            open_source: Callable[[Path], TensorSource]) -> StackedModel:
+    """A passthrough config's slices as one model: output layer i is layer stack[i][1] of model
+    stack[i][0] (opened with open_source), its tensors renamed to layer i; the tensors outside the
+    layers come from `first` (those mergekit puts before the layers: embeddings) and from `last`
+    (the others: final norm, head)."""
+    paths = list(dict.fromkeys([first, *(p for p, _ in stack), last]))
+    sources = [open_source(path) for path in paths]
+    index = {path: i for i, path in enumerate(paths)}
     by_layer: dict[tuple[Path, int], list[TensorInfo]] = {}
-    for path, model in sources.items():
-        for info in model.tensors.values():
+    for path, source in zip(paths, sources):
+        for info in source.tensors.values():
             layer = layer_of(info.name)
             if layer is not None:
                 by_layer.setdefault((path, layer), []).append(info)
-    model = Model.__new__(Model)
-    model.path, model.label = first, "slices"
-    model.files = list(dict.fromkeys(f for m in sources.values() for f in m.files))
-    before = [i for i in sources[first].tensors.values() if layer_of(i.name) is None and BEFORE_LAYERS.search(i.name)]
-    after = [i for i in sources[last].tensors.values() if layer_of(i.name) is None and not BEFORE_LAYERS.search(i.name)]
-    tensors: dict[str, TensorInfo] = {i.name: i for i in before}
+    entries: dict[str, tuple[int, TensorInfo]] = {}
+    for info in sources[index[first]].tensors.values():
+        if layer_of(info.name) is None and BEFORE_LAYERS.search(info.name):
+            entries[info.name] = (index[first], info)
     for out_layer, (path, layer) in enumerate(stack):
         infos = by_layer.get((path, layer))
         if not infos:
-            raise NeurokernError(f"slices: model {path} has no layer {layer} (its tensors hold layers "
-                                 f"{sorted({k[1] for k in by_layer if k[0] == path})[:1]}..."
-                                 f"{sorted({k[1] for k in by_layer if k[0] == path})[-1:]})")
+            held = sorted({k[1] for k in by_layer if k[0] == path})
+            span = f"layers {held[0]}...{held[-1]}" if held else "no numbered layers"
+            raise NeurokernError(f"slices: model {path} has no layer {layer} (its tensors hold {span})")
         for info in infos:
-            name = _renamed(info.name, out_layer)
-            tensors[name] = replace(info, name=name)
-    tensors.update({i.name: i for i in after})
-    model.tensors = tensors
-    return model
+            entries[_renamed(info.name, out_layer)] = (index[path], info)
+    for info in sources[index[last]].tensors.values():
+        if layer_of(info.name) is None and not BEFORE_LAYERS.search(info.name):
+            entries[info.name] = (index[last], info)
+    return StackedModel(first, sources, entries)
 
 
 def _renamed(name: str, layer: int) -> str:

@@ -43,7 +43,7 @@ def _method(name: str, consensus: str) -> Method:
 
     defaults = {"weights": None, "density": 1.0, "gamma": 0.01, "rescale": False, "normalize": False, "scale": 1.0}
     # T float32 task vectors, their stack and votes; a sort (values, int64 indices) and a mask
-    return Method(name, defaults, resolve, run, work_bytes=lambda num_tasks: 16 * num_tasks + 32)
+    return Method(name, defaults, resolve, run, work_bytes=lambda num_tasks: 16 * num_tasks + 32, kernels=False)
 
 
 BREADCRUMBS = _method("breadcrumbs", "none")

@@ -71,7 +71,7 @@ def _method(name: str, consensus: str, normalize: bool) -> Method:
     defaults = {"weights": None, "density": 1.0, "epsilon": 0.15, "rescale": True, "normalize": normalize,
                 "scale": 1.0, "seed": 0}
     # as breadcrumbs, and T uniform draws, the keep probabilities, two argsorts (int64) per row
-    return Method(name, defaults, resolve, run, work_bytes=lambda num_tasks: 20 * num_tasks + 48)
+    return Method(name, defaults, resolve, run, work_bytes=lambda num_tasks: 20 * num_tasks + 48, kernels=False)
 
 
 DELLA = _method("della", "sum", True)

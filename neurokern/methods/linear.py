@@ -42,4 +42,6 @@ def run(models, p: Params, progress: bool, pre=None):
     return out
 
 
-METHOD = Method("linear", {"weights": None, "base_weight": 0.0, "normalize": True}, resolve, run)
+# a config with a base_model gives it a weight
+METHOD = Method("linear", {"weights": None, "base_weight": 0.0, "normalize": True}, resolve, run,
+                warm_config={"weight": 1.0})

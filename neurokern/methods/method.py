@@ -1,5 +1,5 @@
 """What a merge method is (the Method record) and the helpers its run shares with the others."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -33,6 +33,11 @@ class Method:
     passes: Callable[[Any], list[Pass]] = no_passes
     # T -> bytes of temporaries per element of the tensor being merged (the engine's memory plan)
     work_bytes: Callable[[int], int] = lambda num_tasks: 16
+    # False: plain PyTorch, no GPU kernel of neurokern's (`neurokern warmup` skips the method)
+    kernels: bool = True
+    # config parameters (mergekit's keys) under which a merge launches the method's kernels where
+    # the defaults launch none or a config needs more (`neurokern warmup`)
+    warm_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
         # run and passes also take PerTensor params (parameters that vary over the tensors): run

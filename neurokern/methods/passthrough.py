@@ -33,4 +33,4 @@ def run(models, p: Params, progress: bool, pre=None):
     return {name: ops.weighted_sum(models.base[name], [], coeffs.to(models.base[name].device)) for name in models.names}
 
 
-METHOD = Method("passthrough", {"scale": None}, resolve, run)
+METHOD = Method("passthrough", {"scale": None}, resolve, run, warm_config={"scale": 0.5})  # unscaled: a copy
