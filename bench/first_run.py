@@ -27,7 +27,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+# bench/ holds a kernels.py, which would shadow the `kernels` package that transformers imports: the
+# repository root goes on the path instead of this folder, and the other scripts are `bench.*`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 START = time.perf_counter()
 
@@ -53,7 +55,7 @@ def main() -> int:
     import torch
     import yaml
 
-    import e2e_merge as e2e
+    from bench import e2e_merge as e2e
     from neurokern.engine.kernel_warmup import cached_kernels
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

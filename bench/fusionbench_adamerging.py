@@ -38,8 +38,12 @@ import time
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tint import ViT, device_name  # noqa: E402  (bench/tint.py: the same encoder as the tint benchmark)
+# bench/ holds a kernels.py, which would shadow the `kernels` package that transformers imports: the
+# repository root goes on the path instead of this folder, and bench/tint.py is `bench.tint`
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+from bench.tint import ViT, device_name  # noqa: E402  (the same encoder as the tint benchmark)
 
 from fusion_bench.method.adamerging.entropy_loss import entropy_loss  # noqa: E402
 from fusion_bench.models.wrappers.layer_wise_fusion import LayerWiseMergedModel, get_layer_wise_weights  # noqa: E402

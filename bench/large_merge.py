@@ -33,14 +33,15 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+# bench/ holds a kernels.py, which would shadow the `kernels` package that transformers imports: the
+# repository root goes on the path instead of this folder, and the other scripts are `bench.*`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(ROOT))
 
 GB = 1e9
@@ -123,7 +124,7 @@ def child(spec: dict) -> None:
 
 
 def run_child(spec: dict, env: dict, timeout: float) -> dict:
-    import e2e_merge as e2e
+    from bench import e2e_merge as e2e
 
     r = e2e.run([sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)], env, timeout)
     stats = next((json.loads(line[len("NK_STATS "):]) for line in (r.get("stdout") or "").splitlines()
@@ -181,7 +182,7 @@ def source_rate(arch: dict, pool_bytes: int, layers: int = 2, threads: int = 16)
 
 # ---- 3. files on disk, against mergekit --------------------------------------------------------------
 def files_step(args, arch: dict, work: Path, device, env: dict, left, budgets: dict) -> dict:
-    import e2e_merge as e2e
+    from bench import e2e_merge as e2e
     import yaml
 
     free = shutil.disk_usage(work).free
@@ -321,9 +322,9 @@ def model_markdown(res: dict) -> str:
              "docs/large-models.md (\"Throughput model\").", "",
              f"- model: {res['model']['shape']}, base + {FINETUNED} fine-tuned, I = {I / GB:.0f} GB read per pass, "
              f"O = {O / GB:.0f} GB written",
-             f"- G, one GPU's pipeline (generated inputs, output hashed): "
+             "- G, one GPU's pipeline (generated inputs, output hashed): "
              + (f"{G / GB:.2f} GB/s of input ({syn.get('layers')} layers, {syn.get('method')})" if G else "not measured"),
-             f"- R, this machine's disk (cold read floor of the files step): " + (f"{R / GB:.2f} GB/s" if R else "not measured"),
+             "- R, this machine's disk (cold read floor of the files step): " + (f"{R / GB:.2f} GB/s" if R else "not measured"),
              f"- shard imbalance f (largest rank's output x world / total; {res.get('imbalance', {}).get('shards')} "
              "shards of at most 5 GB): "
              + ", ".join(f"{w} ranks {v:.3f}" for w, v in sorted(f.items())), ""]
@@ -391,7 +392,7 @@ def main() -> int:
 
     import torch
 
-    import e2e_merge as e2e
+    from bench import e2e_merge as e2e
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
 
-import large_merge  # noqa: E402
+from bench import large_merge  # noqa: E402
 
 
 def script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -29,7 +29,7 @@ import torch
 pytest.importorskip("mergekit.merge")
 
 from mergekit_models import base_state, make_family, write_model  # noqa: E402
-from mergekit_run import max_difference, run_mergekit, run_neurokern  # noqa: E402
+from mergekit_run import run_mergekit, run_neurokern  # noqa: E402
 
 from neurokern import ops  # noqa: E402
 from neurokern.checkpoint import load_model  # noqa: E402
