@@ -11,7 +11,7 @@ import torch
 
 from neurokern.errors import NeurokernError
 from neurokern.methods import vectors
-from neurokern.methods.method import Method, group
+from neurokern.methods.method import Method
 
 WHERE = "method 'model_stock'"
 
@@ -44,18 +44,14 @@ def interpolation(gram: torch.Tensor) -> torch.Tensor:
 
 
 def run(models, p: Params, progress: bool, pre=None):
-    out = {}
-    for name in models.names:
-        base, finetuned = group(models, name)
-        if base.numel() == 0:
-            out[name] = base.clone()
-            continue
+    def merge(base, finetuned):
         gram, _, _ = vectors.stats(base, finetuned, p.layout)
         t = interpolation(gram)
         count = len(finetuned)
         coeffs = torch.stack([torch.ones_like(t)] + [t / count] * count)
-        out[name] = vectors.weighted(base, finetuned, coeffs.cpu(), p.layout)
-    return out
+        return vectors.weighted(base, finetuned, coeffs.cpu(), p.layout)
+
+    return vectors.each_tensor(models, merge)
 
 
 # filter_wise on tensors of more than 2 dimensions: coefficients expanded per element

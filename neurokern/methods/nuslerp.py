@@ -14,7 +14,7 @@ import torch
 from neurokern import params
 from neurokern.errors import NeurokernError
 from neurokern.methods import vectors
-from neurokern.methods.method import Method, group
+from neurokern.methods.method import Method
 
 WHERE = "method 'nuslerp'"
 EPS = 1e-8
@@ -61,12 +61,7 @@ def _coefficients(t: float, square_1: torch.Tensor, square_2: torch.Tensor, dot:
 
 
 def run(models, p: Params, progress: bool, pre=None):
-    out = {}
-    for name in models.names:
-        base, finetuned = group(models, name)
-        if base.numel() == 0:
-            out[name] = base.clone()
-            continue
+    def merge(base, finetuned):
         if p.use_base:  # theta_0 + c_1 tau_1 + c_2 tau_2
             gram, _, _ = vectors.stats(base, finetuned, p.layout)
             c_1, c_2 = _coefficients(p.t, gram[:, 0, 0], gram[:, 1, 1], gram[:, 0, 1])
@@ -75,8 +70,9 @@ def run(models, p: Params, progress: bool, pre=None):
             square_1, square_2, dot = vectors.pair_stats(base, finetuned[0], p.layout)
             c_1, c_2 = _coefficients(p.t, square_1, square_2, dot)
             coeffs = torch.stack([c_1 + c_2, c_2])
-        out[name] = vectors.weighted(base, finetuned, coeffs.cpu(), p.layout)
-    return out
+        return vectors.weighted(base, finetuned, coeffs.cpu(), p.layout)
+
+    return vectors.each_tensor(models, merge)
 
 
 # per-column statistics read transposed copies of the models; per-vector coefficients are expanded per element

@@ -13,7 +13,7 @@ import torch
 from neurokern import params
 from neurokern.errors import NeurokernError
 from neurokern.methods import vectors
-from neurokern.methods.method import Method, group
+from neurokern.methods.method import Method
 
 WHERE = "method 'slerp'"
 DOT_THRESHOLD = 0.9995
@@ -44,16 +44,13 @@ def coefficients(t: float, square_a: float, square_b: float, dot: float) -> tupl
 
 
 def run(models, p: Params, progress: bool, pre=None):
-    out = {}
-    for name in models.names:
-        base, (other,) = group(models, name)
-        if base.numel() == 0:
-            out[name] = base.clone()
-            continue
+    def merge(base, finetuned):
+        (other,) = finetuned
         square_a, square_b, dot = (float(v) for v in vectors.pair_stats(base, other, "tensor"))
         c_a, c_b = coefficients(p.t, square_a, square_b, dot)
-        out[name] = vectors.weighted(base, [other], torch.tensor([[c_a + c_b], [c_b]], dtype=torch.float64), "tensor")
-    return out
+        return vectors.weighted(base, [other], torch.tensor([[c_a + c_b], [c_b]], dtype=torch.float64), "tensor")
+
+    return vectors.each_tensor(models, merge)
 
 
 METHOD = Method("slerp", {"t": 0.5}, resolve, run)

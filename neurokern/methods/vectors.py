@@ -5,10 +5,13 @@ a tensor for the weighted_sum op.
 A layout says which vectors of a tensor are measured: "tensor" (the whole tensor, flattened), "last"
 (each vector along the last dimension: a 2-D weight's rows; a 1-D tensor is one vector) or "first"
 (each vector along the first dimension: a 2-D weight's columns)."""
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from neurokern import ops
+from neurokern.methods.method import group
 
 LAYOUTS = ("tensor", "last", "first")
 
@@ -56,3 +59,13 @@ def weighted(base: Tensor, finetuned: list[Tensor], coeffs: Tensor, layout: str)
     else:
         per = coeffs.reshape(-1, *shape[1:]).unsqueeze(1).expand(-1, *shape)
     return ops.weighted_sum(base, finetuned, per.to(base.device))
+
+
+def each_tensor(models, merge: Callable[[Tensor, list[Tensor]], Tensor]) -> dict[str, Tensor]:
+    """merge(base, finetuned) for every tensor of models (a ModelSet); an empty tensor is the base's
+    copy, since it has no vector to measure."""
+    out = {}
+    for name in models.names:
+        base, finetuned = group(models, name)
+        out[name] = base.clone() if base.numel() == 0 else merge(base, finetuned)
+    return out
