@@ -10,6 +10,7 @@ import torch
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
 from neurokern.methods._common import Method, Precomputed, batches, columns, thresholds
+from neurokern.models import nonfinite, raise_if_unrepresentable
 
 WHERE = "method 'neuromerging'"
 
@@ -72,7 +73,9 @@ def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
                 elect_weighted=False, zero_sign="majority", scale=point_scale,
             )))
     trims.check_finite(models)
-    return {name: out[name] for name in names}
+    merged = [out[name] for name in names]
+    raise_if_unrepresentable(models, names, nonfinite(merged))
+    return dict(zip(names, merged))
 
 
 DEFAULTS = {

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 from neurokern import ops, params
 from neurokern.methods._common import Method, Precomputed, batches, columns, thresholds
+from neurokern.models import nonfinite, raise_if_unrepresentable
 
 WHERE = "method 'ties'"
 
@@ -48,6 +49,7 @@ def run(models, p: Params, progress: bool, pre: Precomputed = Precomputed()):
         )
         out.update(zip(names, merged))
     trims.check_finite(models)
+    raise_if_unrepresentable(models, models.names, nonfinite([out[n] for n in models.names]))
     return out
 
 
