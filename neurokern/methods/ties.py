@@ -8,6 +8,7 @@ from neurokern.methods.global_trim import GlobalTrimPass
 from neurokern.methods.method import Method, batches, columns
 from neurokern.methods.passes import Pass
 from neurokern.methods.trim import thresholds
+from neurokern.models import nonfinite, raise_if_unrepresentable
 
 WHERE = "method 'ties'"
 
@@ -56,6 +57,7 @@ def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = No
         )
         out.update(zip(names, merged))
     trims.check_finite(models)
+    raise_if_unrepresentable(models, models.names, nonfinite([out[n] for n in models.names]))
     return out
 
 
