@@ -82,4 +82,5 @@ def columns(models: ModelSet, names: list[str]) -> tuple[list[Tensor], list[Tens
 
 
 def group(models: ModelSet, name: str) -> tuple[Tensor, list[Tensor]]:
+    """One tensor's base and its fine-tuned versions, in task order."""
     return models.base[name], [sd[name] for sd in models.finetuned]

@@ -10,7 +10,7 @@ import torch
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
 from neurokern.methods.global_trim import GlobalTrimPass
-from neurokern.methods.method import Method, batches, columns
+from neurokern.methods.method import Method, batches, columns, group
 from neurokern.methods.passes import Pass, PassContext
 from neurokern.methods.trim import tensor_l1, thresholds
 from neurokern.models import ModelSet, nonfinite, raise_if_unrepresentable
@@ -69,8 +69,7 @@ class DefaultScale(Pass):
         trims = self.trims or thresholds(models, models.names, self.densities, "keep", "tensor")
         for name in models.names:
             trim, offset = trims.of(name)
-            self.rows[self.index[name]] = tensor_l1(models.base[name], [sd[name] for sd in models.finetuned],
-                                                    trim, offset)
+            self.rows[self.index[name]] = tensor_l1(*group(models, name), trim, offset)
 
     def reduce(self, read: int, ctx: PassContext) -> None:
         rows = ctx.sum_(self.rows).cpu()

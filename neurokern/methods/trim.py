@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from neurokern import ops
+from neurokern.methods.method import columns
 from neurokern.models import ModelSet, raise_if_nonfinite
 
 INT64_MAX = torch.iinfo(torch.int64).max
@@ -72,9 +73,7 @@ def thresholds(models: ModelSet, names: list[str], densities: list[float], rule:
     """Exact trims for `names`, over each tensor alone (scope "tensor") or all of them ("global");
     densities holds one density per task. Where models.finite_checked is False the select also
     flags NaN / Inf (Trims.check_finite raises for them)."""
-    T = models.num_tasks
-    base = [models.base[n] for n in names]
-    finetuned = [models.finetuned[t][n] for t in range(T) for n in names]
+    base, finetuned = columns(models, names)
     keep_ties = rule == "keep"
     flags = None if models.finite_checked else torch.empty(len(names), dtype=torch.int32, device=base[0].device)
     if scope == "global":

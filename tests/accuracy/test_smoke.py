@@ -68,6 +68,8 @@ def test_smoke_suite(tmp_path):
     tinting = methods["tinting"]
     assert [p["epoch"] for p in tinting["curve"]] == [0, 1, 2] and tinting["curve"][-1]["test"] == tinting["test"]
     assert tinting["tint_drift"] > 0 and methods["adamerging"]["tint_drift"] is None
+    shares = tinting["test_top_class_share"]
+    assert set(shares) == {"colour", "animal"} and all(0.0 < v <= 1.0 for v in shares.values())
     frozen = report["ablations"]["lambda_frozen"]
     ta_scale = methods["task_arithmetic"]["params"]["scale"]
     assert frozen["params"]["prior"] == ta_scale and frozen["lambda_mean"] == pytest.approx(ta_scale)

@@ -45,9 +45,6 @@ import importlib.util
 import io
 import json
 import os
-import random
-import re
-import subprocess
 import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
