@@ -12,7 +12,7 @@ from neurokern.errors import NeurokernError
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "tokenizer.model", "vocab.txt", "vocab.json", "merges.txt",
-    "added_tokens.json",
+    "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
 
 

@@ -28,6 +28,8 @@ def merge_command(args: argparse.Namespace) -> int:
         print(f"base:   {config.base_model}")
         for path in config.models:
             print(f"model:  {path}")
+        if config.stack:
+            print(f"stack:  {config.describe_stack()}")
         print(f"output: {args.out_dir} (shards of at most {human_bytes(config.out_shard_size)})")
         print(result.stats["description"])
         return 0
@@ -39,6 +41,54 @@ def merge_command(args: argparse.Namespace) -> int:
                 if result.bytes_read else "nothing read")
         print(f"merged {len(result.plan.tensors)} tensors into {args.out_dir} in {result.seconds:.1f} s "
               f"({resumed}{read}; passes: {' -> '.join(result.passes) or 'none left'})")
+    return 0
+
+
+def _task_counts(text: str) -> list[int]:
+    """--tasks: "1-8", "3" or "2,4,6"."""
+    try:
+        counts = []
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            counts += list(range(int(low), int(high or low) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected task counts such as 1-8, 3 or 2,4; got {text!r}") from None
+    if not counts or not all(1 <= c <= 8 for c in counts):
+        raise argparse.ArgumentTypeError(f"task counts go from 1 to 8 (the kernels' range); got {text!r}")
+    return sorted(set(counts))
+
+
+def warmup_command(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from neurokern.engine import kernel_warmup
+
+    # a bad config or argument is an error on any machine; only then is the GPU looked for
+    cases = kernel_warmup.warmup_cases(args.config, args.method, args.dtype, args.tasks)
+    import torch
+
+    if torch.device(args.device).type != "cuda":
+        raise NeurokernError(f"--device {args.device}: the warm-up compiles GPU kernels; give a CUDA device")
+
+    if not torch.cuda.is_available():
+        print("neurokern warmup: no CUDA GPU here; Triton compiles kernels for a GPU only, so there is nothing to do")
+        return 0
+    if importlib.util.find_spec("triton") is None:
+        print("neurokern warmup: Triton is not installed (pip install triton); neurokern's GPU kernels need it")
+        return 0
+    device = torch.device(args.device)
+    what = f"config {args.config}" if args.config else "every method, dtype and task count asked"
+    skipped = kernel_warmup.skipped(args.config, args.method, args.tasks)
+    left_out = f" ({len(skipped)} skipped, see below)" if skipped and not args.quiet else ""
+    print(f"neurokern warmup: {len(cases)} case(s) of {what}{left_out} on {torch.cuda.get_device_name(device)}; "
+          f"Triton's cache: {kernel_warmup.cache_dir()}", flush=True)
+    if not args.quiet:
+        for line in skipped:
+            print(f"  {line}")
+    report = kernel_warmup.compile_kernels(cases, device, report=(lambda line: None) if args.quiet else print)
+    kinds = ", ".join(f"{name} x{n}" for name, n in report["kernels"].items())
+    print(f"compiled {report['compiled']} kernels in {report['seconds']:.1f} s into {report['cache_dir']} "
+          f"({report['cached_before']} were there before){': ' + kinds if kinds else ''}")
     return 0
 
 
@@ -56,7 +106,6 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="neurokern", description="Merge fine-tuned models.")
     sub = parser.add_subparsers(dest="command", required=True)
     merge_p = sub.add_parser("merge", help="merge the models a YAML config names into OUT_DIR, streamed from disk")
@@ -79,12 +128,24 @@ def main(argv=None) -> int:
                          help="also read pickled .bin/.pt checkpoints (they can run code when loaded)")
     merge_p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     merge_p.set_defaults(run=merge_command)
-    bench_p = sub.add_parser("bench", help="benchmarks: `neurokern bench accuracy --help`")
-    if argv[:1] == ["bench"]:  # its options' defaults import torch: not for the other commands
-        from neurokern.accuracy.cli import add_parser as add_accuracy
-
-        add_accuracy(bench_p.add_subparsers(dest="bench", required=True))
+    warm_p = sub.add_parser("warmup", help="compile the GPU kernels a merge uses into Triton's cache, so that the "
+                            "first merge does not wait for them")
+    warm_p.add_argument("config", nargs="?", default=None,
+                        help="merge config: its method, parameters, dtype, task count and tensor shapes (headers "
+                             "only are read); without one, every method for --dtype and --tasks")
+    warm_p.add_argument("--device", default="cuda", help="the GPU to compile for (default: cuda, the current one)")
+    warm_p.add_argument("--method", action="append", default=None, metavar="NAME",
+                        help="without a config: only this method (repeatable; default: all)")
+    warm_p.add_argument("--dtype", action="append", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="without a config: only this storage dtype (repeatable; default: all three)")
+    warm_p.add_argument("--tasks", type=_task_counts, default=None, metavar="COUNTS",
+                        help="without a config: numbers of fine-tuned models, e.g. 1-8 (default), 3 or 2,4; a method "
+                             "runs those it takes (passthrough: the one model it copies)")
+    warm_p.add_argument("--quiet", action="store_true", help="only the summary line")
+    warm_p.set_defaults(run=warmup_command)
     args = parser.parse_args(argv)
+    if args.command == "warmup" and args.config and (args.method or args.dtype or args.tasks):
+        warm_p.error("--method, --dtype and --tasks are for a warm-up without a config; a config sets them")
     handles_sigterm = args.command == "merge" and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if handles_sigterm else None
     try:

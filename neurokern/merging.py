@@ -29,15 +29,29 @@ def merge(
       "task_arithmetic": weights [1 each], scale [1.0], normalize [False]
       "ties":            density [0.2], weights, consensus ["sum"|"count"], normalize [True |
                          "count" | None], scale [1.0], trim_scope ["tensor"|"global"],
-                         ties ["exact_k"|"keep"], elect_on ["weighted"|"unweighted"],
-                         zero_sign ["positive"|"majority"]
+                         ties ["exact_k"|"keep"|"keep_floor"], elect_on ["weighted"|"unweighted"],
+                         zero_sign ["positive"|"majority"|"model_majority"]
       "dare", "dare_ties": density [0.3], weights, seed [0], rescale ["density"|"l1"|None],
-                         normalize [False], scale [1.0]; dare_ties also consensus ["sum"|"count"]
+                         normalize [False], scale [1.0]; dare_ties also consensus ["sum"|"count"],
+                         elect_on ["weighted"|"unweighted"]
+      "magnitude_prune": density [0.2], weights, scale [1.0], trim_scope ["tensor"|"global"],
+                         ties ["exact_k"|"keep"] (PEFT's: a trim per task vector, then a weighted sum)
       "neuromerging":    density [0.1], scale [None: 1/(1-sigma)], scale_parallel [0.0: lite],
                          trim_scope ["global"|"tensor"], parallel_basis ["unit"|"neuron"],
                          gamma [1.0]
-    ties and neuromerging take one density or a list with one per model (mergekit's per-model
-    density). Bad input raises NeurokernError (a ValueError) naming the tensor or parameter.
+    mergekit's other methods, with its semantics (docs/mergekit.md):
+      "linear":          weights [1 each], base_weight [0.0: the base takes no part], normalize [True]
+      "slerp":           t [0.5] (one fine-tuned model)
+      "nuslerp":         weights (two), nuslerp_flatten [True], nuslerp_row_wise [False], use_base [True]
+      "model_stock":     filter_wise [False] (at least two fine-tuned models)
+      "breadcrumbs", "breadcrumbs_ties": weights, density [1.0], gamma [0.01], rescale [False],
+                         normalize [False], scale [1.0]
+      "della", "della_linear": weights, density [1.0], epsilon [0.15], rescale [True], normalize
+                         [della: True; della_linear: False], scale [1.0], seed [0]
+      "passthrough":     scale [None] (the engine's slices; nk.merge needs a fine-tuned model)
+    ties, neuromerging, magnitude_prune, breadcrumbs and della take one density or a list with one per model
+    (mergekit's per-model density); any parameter may be a neurokern.params.PerTensor (a value per
+    tensor: mergekit's per-layer gradients and filters). Bad input raises NeurokernError (a ValueError) naming the tensor or parameter.
     """
     if method not in METHODS:
         raise NeurokernError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")

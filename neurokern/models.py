@@ -7,9 +7,9 @@ import torch
 from torch import Tensor
 
 from neurokern.errors import NeurokernError
+from neurokern.ops import STORAGE_DTYPES
 from neurokern.ops import triton as triton_kernels
 
-MERGEABLE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def as_state_dict(model: Any, what: str) -> dict[str, Tensor]:
@@ -187,14 +187,14 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
 
     # the finite check of the mergeable tensors runs on the GPU while the host checks the pairs
     finite_check = _check_finite_later(
-        [name for name, b in base_sd.items() if b.is_floating_point() and b.dtype in MERGEABLE_DTYPES],
+        [name for name, b in base_sd.items() if b.is_floating_point() and b.dtype in STORAGE_DTYPES],
         base_sd, ft_sds) if check_finite else lambda: None
     _check_pairs(base_sd, ft_sds, same_device=device is None)
     names = []
     for name, b in base_sd.items():
         if not b.is_floating_point():
             continue
-        if b.dtype not in MERGEABLE_DTYPES:
+        if b.dtype not in STORAGE_DTYPES:
             raise NeurokernError(
                 f"tensor {name!r} is {b.dtype}; neurokern merges float32, bfloat16 and float16 tensors"
             )

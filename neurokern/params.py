@@ -1,5 +1,7 @@
 """Checking user-facing parameters: one place for the messages a user sees."""
 import math
+import re
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from neurokern.errors import NeurokernError
@@ -62,4 +64,151 @@ def normalize(where: str, value: Any) -> str:
 def integer(where: str, name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise NeurokernError(f"{where}: {name} must be an integer; got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters that vary over the tensors of a model: mergekit's gradients and filters.
+
+# The layer index in a tensor name: model.layers.3.mlp..., transformer.h.3.attn..., blocks.3...
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+
+
+def layer_of(name: str) -> Optional[int]:
+    """The layer index a tensor name holds, or None for a tensor outside the layers."""
+    match = LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
+
+
+# Tensors outside the layers that mergekit counts before them (its "pre" weights: embeddings); the
+# others outside the layers (final norm, head) come after them.
+BEFORE_LAYERS = re.compile(r"embed|wte|wpe")
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Where each output layer sits in mergekit's output slices, which sets its place t in [0, 1]
+    along a gradient: layer i of a slice of n layers has t = i / (n - 1) (1 when n = 1); a tensor
+    outside the layers (embeddings, final norm, head) has t = 0, as in mergekit, and takes the
+    settings of the first slice (embeddings) or of the last (the others)."""
+
+    slices: tuple[tuple[int, int], ...]  # (first output layer, number of layers) of each slice
+
+    def slice_of(self, name: str) -> int:
+        layer = layer_of(name)
+        if layer is None:
+            return 0 if BEFORE_LAYERS.search(name) else len(self.slices) - 1
+        for index, (first, count) in enumerate(self.slices):
+            if first <= layer < first + count:
+                return index
+        return len(self.slices) - 1
+
+    def t(self, name: str) -> float:
+        layer = layer_of(name)
+        if layer is None:
+            return 0.0
+        first, count = self.slices[self.slice_of(name)]
+        return (layer - first) / (count - 1) if count > 1 else 1.0
+
+
+@dataclass(frozen=True)
+class PerTensor:
+    """A parameter value that depends on the tensor (mergekit's per-layer gradients and filters).
+    `settings` holds, for each output slice (Layers), the value from the most specific scope to the
+    least (a model's parameters, then the slice's, then the config's top-level ones); each is a
+    scalar, a gradient (a tuple of numbers interpolated along the slice's layers) or a tuple of
+    Conditions, the first whose filter is a substring of the tensor's name applying. The first
+    scope with a value for a tensor gives it; `default` applies when none has one."""
+
+    key: str = field(compare=False)  # the config key, for messages
+    settings: tuple[tuple[Any, ...], ...] = ()
+    layers: Layers = Layers(((0, 1),))
+    default: Any = None
+
+    def at(self, name: str) -> Any:
+        t = self.layers.t(name)
+        for setting in self.settings[self.layers.slice_of(name)]:
+            value = _evaluate(setting, name, t)
+            if value is not None:
+                return value
+        return self.default
+
+    def __repr__(self) -> str:
+        def show(setting):
+            if isinstance(setting, tuple) and setting and isinstance(setting[0], Condition):
+                return "[" + ", ".join(f"{c.filter or '*'}: {show(c.value)}" for c in setting) + "]"
+            return repr(list(setting)) if isinstance(setting, tuple) else repr(setting)
+        chains = " | ".join(" > ".join(show(s) for s in chain if s is not None) or "-" for chain in self.settings)
+        return f"per-tensor {self.key} ({chains}; layers {list(self.layers.slices)}; default {self.default!r})"
+
+    def leaves(self) -> list:
+        """Every value a setting names (the ends a gradient interpolates between), and the default:
+        checking these checks every value the parameter can take, for checks of a range."""
+        found: list = []
+        for chain in self.settings:
+            for setting in chain:
+                _leaves(setting, found)
+        if self.default is not None:
+            found.append(self.default)
+        return list(dict.fromkeys(found))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _evaluate(setting: Any, name: str, t: float) -> Any:
+    """mergekit's evaluate_setting: scalars as they are, a numeric gradient interpolated at t (any
+    other list indexed at t), conditions by filter (None when none matches)."""
+    if not isinstance(setting, tuple):
+        return setting
+    if not setting:
+        return None
+    if isinstance(setting[0], Condition):
+        for condition in setting:
+            if condition.filter in (None, "*") or (name and condition.filter in name):
+                return _evaluate(condition.value, name, t)
+        return None
+    if not all(_is_number(v) for v in setting):
+        return setting[int(t * (len(setting) - 1))]
+    scaled = t * (len(setting) - 1)
+    low = int(scaled)
+    high = min(len(setting) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * setting[low] + frac * setting[high]
+
+
+def _leaves(setting: Any, found: list) -> None:
+    if setting is None:
+        return
+    if not isinstance(setting, tuple):
+        found.append(setting)
+    elif setting and isinstance(setting[0], Condition):
+        for condition in setting:
+            _leaves(condition.value, found)
+    else:
+        found.extend(setting)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One `- filter: ... value: ...` entry of a mergekit parameter."""
+
+    filter: Optional[str]
+    value: Any
+
+
+def varies(value: Any) -> bool:
+    """Whether a parameter value (or an entry of a per-model list) is a PerTensor."""
+    if isinstance(value, PerTensor):
+        return True
+    return isinstance(value, (list, tuple)) and any(isinstance(v, PerTensor) for v in value)
+
+
+def at(value: Any, name: str) -> Any:
+    """A parameter value for one tensor: PerTensor entries evaluated, the rest as given."""
+    if isinstance(value, PerTensor):
+        return value.at(name)
+    if isinstance(value, (list, tuple)) and any(isinstance(v, PerTensor) for v in value):
+        return [v.at(name) if isinstance(v, PerTensor) else v for v in value]
     return value

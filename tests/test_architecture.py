@@ -8,13 +8,17 @@ imports of neurokern modules, at module level or inside a function, is held to t
     tint     neurokern.tint.*                                        ops, base
     engine   neurokern.engine.*, neurokern.config, neurokern.checkpoint  methods, ops, base
     cli      neurokern.cli, neurokern.__main__                       engine, base
+    integrations neurokern.integrations.*                            cli, engine, methods, tint, ops, base;
+                                                                     no library module imports it
     root     neurokern (the package __init__)                        base; the rest lazily
-    accuracy neurokern.accuracy.* (tooling)                          anything; no library module imports it
+
+The tooling (bench/, the accuracy suite bench/accuracy/ among it) lives outside the package: it
+uses the public API like a user, and no library module imports it.
 
 Besides the table: a `_` name or module is private to its layer; another layer reaches the ops
-through neurokern.ops and neurokern.ops.triton only, and the methods through neurokern.methods
-and neurokern.models only; neurokern.ops.reference and neurokern.methods.reference are for the
-tests. Where the code breaks a rule today, KNOWN_EXCEPTIONS says so (docs/architecture.md,
+through neurokern.ops and neurokern.ops.triton only, and the methods through neurokern.methods,
+neurokern.models and neurokern.merging (nk.merge) only; neurokern.ops.reference and
+neurokern.methods.reference are for the tests. Where the code breaks a rule today, KNOWN_EXCEPTIONS says so (docs/architecture.md,
 "Known exceptions"); a new violation fails, and so does an entry that no longer matches anything.
 """
 import ast
@@ -24,9 +28,9 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "neurokern"
-LIBRARY = ("base", "ops", "methods", "tint", "engine", "cli", "root")
+LIBRARY = ("base", "ops", "methods", "tint", "engine", "cli", "integrations", "root")
 
-# Which layers a layer may import from (its own included). accuracy may import anything.
+# Which layers a layer may import from (its own included).
 ALLOWED = {
     "base": {"base"},
     "ops": {"base", "ops"},
@@ -34,12 +38,15 @@ ALLOWED = {
     "tint": {"base", "ops", "tint"},
     "engine": {"base", "ops", "methods", "engine"},
     "cli": {"base", "engine", "cli"},
+    # other tools' formats, APIs and programs (mergekit's methods and mergekit-yaml, PEFT adapters,
+    # FusionBench algorithms): the top layer; no other layer imports it
+    "integrations": {"base", "ops", "methods", "tint", "engine", "cli", "integrations"},
     "root": {"base"},  # import neurokern stays light; its lazy attributes (_LAZY) load the layers
 }
 # What another layer may import of a layer (modules; names from them must not start with _).
 SURFACE = {
     "ops": {"neurokern.ops", "neurokern.ops.triton"},
-    "methods": {"neurokern.methods", "neurokern.models"},
+    "methods": {"neurokern.methods", "neurokern.models", "neurokern.merging"},
 }
 # The meaning of the ops and the methods in plain PyTorch: what the tests compare against.
 REFERENCES = {"neurokern.ops.reference", "neurokern.methods.reference"}
@@ -47,9 +54,6 @@ REFERENCES = {"neurokern.ops.reference", "neurokern.methods.reference"}
 # Today's violations, (rule, importing module, what it imports): each one a line of
 # docs/architecture.md's "Known exceptions". Fix one and delete its entry (the test says so).
 KNOWN_EXCEPTIONS = {
-    # `neurokern bench accuracy` is a subcommand of the library's CLI: it imports the suite's
-    # argument parser (only when argv starts with "bench").
-    ("accuracy", "neurokern.cli", "neurokern.accuracy.cli.add_parser"),
     # The Triton launchers fall back to the plain-PyTorch reference for more than MAX_TASKS (8)
     # fine-tuned models (weighted_sum, its backward, ties_merge, dare; neuron_stats).
     ("reference", "neurokern.ops.triton.elementwise", "neurokern.ops.reference"),
@@ -127,8 +131,8 @@ def layer(module: str) -> str:
         return "engine"
     if top in ("cli", "__main__"):
         return "cli"
-    if top == "accuracy":
-        return "accuracy"
+    if top == "integrations":
+        return "integrations"
     raise AssertionError(f"{module}: no layer; place it in tests/test_architecture.py and docs/architecture.md")
 
 
@@ -174,6 +178,17 @@ def imports_of(importer: str) -> list[Import]:
     return out
 
 
+def tooling_imports(node: ast.AST) -> list[str]:
+    """The modules of bench/ an import statement loads (bench is a namespace package at the repo root)."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom) and not node.level:
+        names = [node.module or ""]
+    else:
+        return []
+    return [n for n in names if n == "bench" or n.startswith("bench.")]
+
+
 IMPORTS = [imp for module in sorted(TREES) for imp in imports_of(module)]
 
 
@@ -191,10 +206,6 @@ def is_private(imp: Import) -> bool:
 def rule_broken(imp: Import) -> Optional[str]:
     """The rule imp breaks, if any (one rule per import)."""
     mine, theirs = layer(imp.importer), target_layer(imp)
-    if mine == "accuracy":
-        return None
-    if theirs == "accuracy":
-        return "accuracy"
     if imp.target in REFERENCES:
         return "reference"
     if theirs == "root" or theirs not in ALLOWED[mine]:
@@ -216,7 +227,7 @@ def found(rule: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def test_every_module_has_a_layer():
-    assert {layer(m) for m in TREES} == set(LIBRARY) | {"accuracy"}
+    assert {layer(m) for m in TREES} == set(LIBRARY)
 
 
 def test_the_walk_sees_function_level_imports():
@@ -238,8 +249,12 @@ def test_other_layers_use_the_public_surface_of_ops_and_methods():
     assert not found("surface"), "\n".join(found("surface"))
 
 
-def test_no_library_module_imports_the_accuracy_suite():
-    assert not found("accuracy"), "\n".join(found("accuracy"))
+def test_no_library_module_imports_the_tooling():
+    """bench/ (the accuracy suite, the benchmarks) is outside the library: nothing in it is imported."""
+    tooling = [f"{module} (line {node.lineno}) imports {name}"
+               for module, (_, tree) in TREES.items() for node in ast.walk(tree)
+               for name in tooling_imports(node)]
+    assert not tooling, "\n".join(tooling)
 
 
 def test_no_library_module_imports_a_reference():

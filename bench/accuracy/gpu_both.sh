@@ -21,11 +21,11 @@ left=$(( limit - ($(date +%s) - start) ))
 # Each suite under its own `timeout`, which leads a process group holding the suite's test-time
 # workers: killing the group ends the workers of a suite that the time limit stopped.
 # shellcheck disable=SC2086
-timeout "$left" python3 -m neurokern.accuracy --device cuda --out "$out/text" --ckpt-dir /tmp/nk-ckpt-text \
+timeout "$left" python3 -m bench.accuracy --device cuda --out "$out/text" --ckpt-dir /tmp/nk-ckpt-text \
   ${TEXT_ARGS:-} > "$out/text/accuracy.log" 2>&1 &
 text=$!
 # shellcheck disable=SC2086
-timeout "$left" python3 -m neurokern.accuracy --family mobilenetv2 --device cuda --out "$out/vision" \
+timeout "$left" python3 -m bench.accuracy --family mobilenetv2 --device cuda --out "$out/vision" \
   --ckpt-dir /tmp/nk-ckpt-vision ${VISION_ARGS:-} > "$out/vision/accuracy.log" 2>&1 &
 vision=$!
 wait

@@ -19,6 +19,6 @@ start=$(date +%s)
 MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 NEUROKERN_FORCE_CUDA=1 python3 setup.py build_ext --inplace > "$out/build.log" 2>&1 \
   || { tail -40 "$out/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$out/accuracy.log"
-python3 -m neurokern.accuracy --device cuda --out "$out" --ckpt-dir "${CKPT_DIR:-/tmp/nk-accuracy-ckpt}" "$@" \
+python3 -m bench.accuracy --device cuda --out "$out" --ckpt-dir "${CKPT_DIR:-/tmp/nk-accuracy-ckpt}" "$@" \
   2>&1 | tee -a "$out/accuracy.log"
 echo "total: $(( $(date +%s) - start )) s" | tee -a "$out/accuracy.log"

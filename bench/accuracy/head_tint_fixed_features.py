@@ -7,7 +7,7 @@ computed once; each task's head tint (starting at its fine-tuned head) is then t
 nk.tint.fit trains it with λ frozen: Adam, 500 steps of 32 test rows against the pseudo-labels of
 the task's fine-tuned model, with and without the confidence filter. Float32, CPU or GPU.
 
-    python bench/accuracy/head_tint_fixed_features.py --ckpt-dir CKPT [--lambda 0.2] [--out FILE]
+    python -m bench.accuracy.head_tint_fixed_features --ckpt-dir CKPT [--lambda 0.2] [--out FILE]
 
 CKPT: a --ckpt-dir of the accuracy suite (the fine-tuned encoders and heads of the text family).
 """
@@ -17,9 +17,9 @@ import json
 import torch
 import torch.nn.functional as F
 
-from neurokern.accuracy.finetune import accuracy, predict
-from neurokern.accuracy.model import Classifier
-from neurokern.accuracy.run import load_context
+from bench.accuracy.finetune import accuracy, predict
+from bench.accuracy.model import Classifier
+from bench.accuracy.run import load_context
 from neurokern.tint.losses import pseudo, pseudo_conf
 
 STEPS, BATCH, POINTS = 500, 32, (50, 200, 500)

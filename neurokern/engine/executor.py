@@ -15,7 +15,7 @@ from torch import Tensor
 
 from neurokern.engine import timing
 from neurokern.engine.plan import HOST_SLOTS, Plan, Unit
-from neurokern.engine.sources import Model, TensorInfo, read_into
+from neurokern.engine.sources import TensorInfo, TensorSource
 
 READ_THREADS = int(os.environ.get("NEUROKERN_READ_THREADS", "16"))
 # Every tensor is read in pieces of at most this many bytes, each a job of its own: a large tensor
@@ -182,7 +182,7 @@ class Loading:
 class Reader:
     """Reads units, in order, into host slots: every tensor in pieces, by a pool of threads."""
 
-    def __init__(self, plan: Plan, models: list[Model], device: torch.device):
+    def __init__(self, plan: Plan, models: list[TensorSource], device: torch.device):
         self.plan, self.models = plan, models
         padding = 16 * len(models) * max((len(u.names) for u in plan.units), default=0)
         self.slots = _Slots(HOST_SLOTS, plan.unit_cap + padding, "input buffers", device)
@@ -192,9 +192,9 @@ class Reader:
         self.bytes_read = 0  # input bytes of the units submitted (one producer thread at a time adds)
 
     @staticmethod
-    def _read(info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
+    def _read(source: TensorSource, info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
         with timing.busy("read", end - begin):
-            read_into(info, dest, begin=begin, end=end)
+            source.read_into(info, dest, begin, end)
 
     def _load(self, unit: Unit, slot: Tensor) -> Loading:
         """Submit the reads of a unit into a slot (in file order per model)."""
@@ -207,13 +207,16 @@ class Reader:
                 dest = slot[offset:offset + info.nbytes]
                 offset += info.nbytes
                 offset += -offset % 16  # keep every tensor view aligned
-                if info.start < 0:  # pickled: one copy from the loaded checkpoint
-                    jobs.append(self.pool.submit(self._read, info, dest, 0, info.nbytes))
+                if info.derive is not None:  # computed when read (a LoRA-adapted weight): its own pieces
+                    for begin, end in info.derive.pieces():
+                        jobs.append(self.pool.submit(self._read, m, info, dest, begin, end))
+                elif info.start < 0:  # pickled: one copy from the loaded checkpoint
+                    jobs.append(self.pool.submit(self._read, m, info, dest, 0, info.nbytes))
                 else:  # pieces end at multiples of READ_PIECE in the file
                     at, stop = info.start, info.start + info.nbytes
                     while at < stop:
                         end = min(stop, (at // READ_PIECE + 1) * READ_PIECE)
-                        jobs.append(self.pool.submit(self._read, info, dest, at - info.start, end - info.start))
+                        jobs.append(self.pool.submit(self._read, m, info, dest, at - info.start, end - info.start))
                         at = end
                 typed[name] = (dest.view(info.dtype).view(info.shape) if info.nbytes else
                                torch.empty(info.shape, dtype=info.dtype))

@@ -11,9 +11,9 @@ from typing import Optional
 
 import torch
 
-from neurokern.engine.sources import NAMES, Model, TensorInfo
+from neurokern.engine.sources import NAMES, TensorInfo, TensorSource
 from neurokern.errors import NeurokernError
-from neurokern.models import MERGEABLE_DTYPES
+from neurokern.ops import STORAGE_DTYPES
 
 DEFAULT_BUDGET = 8 * 2**30
 MAX_UNIT = int(os.environ.get("NEUROKERN_MAX_UNIT_BYTES", 512 * 2**20))  # input bytes of one work unit
@@ -82,6 +82,8 @@ class Plan:
     device_budget: int
     host_budget: int
     max_numel: int
+    work_bytes: int = 16  # the method's temporaries per element of the tensor it merges (Method.work_bytes)
+    derived_work: int = 0  # host memory of the read jobs that compute tensors (LoRA adapters), all at once
 
     @property
     def total_in_bytes(self) -> int:
@@ -109,13 +111,13 @@ class Plan:
 
     def estimate(self, cuda: bool) -> dict[str, int]:
         """Peak bytes. Host: the read-ahead slots, and merged units queued for or being written by
-        the writer. Device: the unit being merged and the next one staged, dtype-converted copies,
-        the merged outputs, float32 temporaries of the largest tensor. On the CPU the device is
-        the host."""
+        the writer, and the work of the read jobs that compute tensors. Device: the unit being
+        merged and the next one staged, dtype-converted copies, the merged outputs, float32
+        temporaries of the largest tensor. On the CPU the device is the host."""
         out_cap = max((u.out_bytes for u in self.units), default=0)
         convert = max((u.convert_bytes for u in self.units), default=0)
-        host = HOST_SLOTS * self.unit_cap + (OUT_SLOTS + 1) * out_cap
-        work = convert + out_cap + 16 * self.max_numel
+        host = HOST_SLOTS * self.unit_cap + (OUT_SLOTS + 1) * out_cap + self.derived_work
+        work = convert + out_cap + self.work_bytes * self.max_numel
         if not cuda:
             return {"host": host + work, "device": 0}
         return {"host": host, "device": 2 * self.unit_cap + out_cap + work}
@@ -128,17 +130,19 @@ def _numel(shape) -> int:
     return n
 
 
-def make_plan(base: Model, num_models: int, out_dtype: Optional[torch.dtype], out_shard_size: int,
+def make_plan(base: TensorSource, num_models: int, out_dtype: Optional[torch.dtype], out_shard_size: int,
               device_budget: Optional[int] = None, host_budget: Optional[int] = None, cuda: bool = False,
-              host_option: str = "--memory-budget") -> Plan:
-    """host_option: the command-line option that set the host budget (named when it is too small)."""
+              host_option: str = "--memory-budget", work_bytes: int = 16, derived_work: int = 0) -> Plan:
+    """host_option: the command-line option that set the host budget (named when it is too small);
+    work_bytes: the method's temporaries per element of the largest tensor (Method.work_bytes);
+    derived_work: host memory of the read jobs that compute tensors (Plan.derived_work)."""
     device_budget = device_budget or DEFAULT_BUDGET
     host_budget = host_budget or device_budget
     tensors, merge_names, offsets, pos = {}, [], {}, 0
     for name, info in base.tensors.items():
         merge = info.dtype.is_floating_point
         dtype = out_dtype if (merge and out_dtype is not None) else info.dtype
-        if merge and dtype not in MERGEABLE_DTYPES:
+        if merge and dtype not in STORAGE_DTYPES:
             raise NeurokernError(f"tensor {name!r} ({info.file}) is {NAMES.get(dtype)}; neurokern merges float32, "
                                  "bfloat16 and float16 tensors (set dtype: in the config to convert)")
         tensors[name] = OutTensor(name, dtype, info.shape, info.numel * dtype.itemsize, merge)
@@ -197,7 +201,7 @@ def make_plan(base: Model, num_models: int, out_dtype: Optional[torch.dtype], ou
         units = split(cap)
         unit_cap = max((u.in_bytes for u in units), default=0)
         plan = Plan(tensors, merge_names, offsets, shards, units, num_models, unit_cap, device_budget, host_budget,
-                    max_numel)
+                    max_numel, work_bytes, derived_work)
         need = plan.estimate(cuda)
         fits = need["host"] <= host_budget and need["device"] <= device_budget
         if fits or biggest is None or cap <= in_bytes(biggest):
@@ -221,7 +225,7 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def plan_digest(config_raw: dict, method: str, params: dict, models: list[Model], plan: Plan) -> str:
+def plan_digest(config_raw: dict, method: str, params: dict, models: list[TensorSource], plan: Plan) -> str:
     """What the output bytes depend on: config, method parameters, input headers, shard layout."""
     h = hashlib.sha256()
     h.update(json.dumps([config_raw, method, repr(sorted(params.items()))], sort_keys=True, default=str).encode())

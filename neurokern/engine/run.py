@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import yaml
@@ -18,14 +18,16 @@ from tqdm.auto import tqdm
 from neurokern.checkpoint import SIDE_FILES
 from neurokern.config import MergeConfig, load_config, parse_size
 from neurokern.engine import kernel_warmup, prefetch, timing
+from neurokern.engine.adapters import CONFIG as ADAPTER_CONFIG
+from neurokern.engine.adapters import AdapterModel, is_adapter
 from neurokern.engine.distributed import Ranks, local_device
-from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
+from neurokern.engine.executor import READ_THREADS, Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
-from neurokern.engine.sources import Model, validate
-from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, done_record, fault_point,
-                                     is_published, load_global, lock_partial, notice, partial_dir, prepare_partial,
-                                     publish, rename, save_global)
+from neurokern.engine.sources import Model, TensorSource, open_model, stacked, validate
+from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, check_shared, done_record,
+                                     fault_point, is_published, load_global, lock_partial, notice, partial_dir,
+                                     prepare_partial, publish, recorded_digests, rename, save_global)
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS, Pass, PassContext, check_device
 from neurokern.models import ModelSet, nonfinite_later
@@ -44,9 +46,10 @@ class Result:
     stats: dict = field(default_factory=dict)
     bytes_read: int = 0  # input bytes this run read (all ranks)
     shards_reused: int = 0  # finished shards of an interrupted run, kept (all ranks)
+    shard_digests: dict[str, str] = field(default_factory=dict)  # discard_output: file -> sha256_tree
 
 
-def _finite_check(batch: Batch, names: list[str], models: list[Model], host=None) -> Callable[[], None]:
+def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], host=None) -> Callable[[], None]:
     """NaN / Inf is an error naming tensor, model and file. One pass over the unit's tensors, read
     without a host sync on a GPU (neurokern.models.nonfinite_later, flags into `host`): the returned
     function raises the error; the writer calls it before it writes the unit, and every pass
@@ -64,25 +67,81 @@ def _finite_check(batch: Batch, names: list[str], models: list[Model], host=None
     return check
 
 
+def _refuse_misplaced_adapters(cfg: MergeConfig, given: dict[Path, TensorSource]) -> None:
+    """A LoRA adapter folder reads as a fine-tuned model: the base_model it was trained on with its
+    ΔW added (engine/adapters.py). Where the config gives it no such base, one line says so. A path
+    given as a TensorSource is an adapter when the source is one (engine.adapters.AdapterModel)."""
+
+    def adapter(path: Path) -> bool:
+        return isinstance(given[path], AdapterModel) if path in given else is_adapter(path)
+
+    merge_first = ("merge it into the model it was trained on first (task_arithmetic with that model as base_model "
+                   "and the adapter as the only model)")
+    if cfg.stack:
+        for path in dict.fromkeys([cfg.base_model, *(path for path, _ in cfg.stack), cfg.last_model]):
+            if adapter(path):
+                raise NeurokernError(f"config slices: {path} is a LoRA adapter folder ({ADAPTER_CONFIG}); slices take "
+                                     f"layers of whole models: {merge_first}")
+    elif cfg.base_is_first_model:
+        for path in [cfg.base_model, *cfg.models]:
+            if adapter(path):
+                raise NeurokernError(f"config: {path} is a LoRA adapter folder ({ADAPTER_CONFIG}) and the config has no "
+                                     "base_model; an adapter is read on top of the model it was trained on: give that "
+                                     "model as base_model")
+    elif adapter(cfg.base_model) and not cfg.models:  # a copy of one model (passthrough)
+        raise NeurokernError(f"config: {cfg.base_model} is a LoRA adapter folder ({ADAPTER_CONFIG}), the one model "
+                             f"the config copies: {merge_first}")
+    elif adapter(cfg.base_model):
+        raise NeurokernError(f"base_model {cfg.base_model} is a LoRA adapter folder ({ADAPTER_CONFIG}); give the "
+                             "model it was trained on, and the adapter under models")
+
+
 class _Engine:
     def __init__(self, cfg: MergeConfig, out_dir: Path, device: torch.device, budget: Optional[int],
                  host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool], durable: bool = False,
-                 host_option: str = "--memory-budget"):
+                 host_option: str = "--memory-budget", sources: Sequence[TensorSource] = (),
+                 discard: bool = False):
         self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
         self.cuda = device.type == "cuda"
+        self.discard = discard
         self.spec = METHODS[cfg.method]
-        self.base = Model(cfg.base_model, "base_model", allow_pickle)
-        self.finetuned = [Model(p, f"models[{i}]", allow_pickle) for i, p in enumerate(cfg.models)]
+        given = {Path(s.path): s for s in sources}  # config paths read from a TensorSource, not from disk
+        _refuse_misplaced_adapters(cfg, given)
+        if cfg.stack:
+            self.base = stacked(cfg.stack, cfg.base_model, cfg.last_model,
+                                lambda path: given[path] if path in given else Model(path, f"slices model {path}",
+                                                                                      allow_pickle))
+        else:
+            self.base = (given[cfg.base_model] if cfg.base_model in given
+                         else Model(cfg.base_model, "base_model", allow_pickle))
+        self.finetuned = [given[p] if p in given else open_model(p, f"models[{i}]", self.base, allow_pickle)
+                          for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned
         validate(self.base, self.finetuned)
         self.T = len(self.finetuned)
-        self.params = self.spec.params(dict(cfg.params), self.T)
-        out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None
-        self.out_dtype = out_dtype
-        self.plan = make_plan(self.base, self.T + 1, out_dtype, cfg.out_shard_size, budget, host_budget, self.cuda,
-                              host_option)
+        try:
+            self.params = self.spec.params(dict(cfg.params), self.T)
+        except NeurokernError as exc:
+            raise NeurokernError(cfg.in_yaml_terms(str(exc))) from exc
+        self.out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None  # the inputs are converted to it
+        # what the output is written in: mergekit's out_dtype, else dtype
+        written = DTYPES[cfg.out_dtype] if cfg.out_dtype else self.out_dtype
+        # every reader thread may be computing a piece of an adapter's tensor at once
+        derived_work = READ_THREADS * max(m.work_bytes() for m in self.models)
+        self.plan = make_plan(self.base, self.T + 1, written, cfg.out_shard_size, budget, host_budget, self.cuda,
+                              host_option, self.spec.work_bytes(self.T), derived_work)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
+        self.extra_files = {}  # name -> text: the base's config.json with the config's changes
+        if cfg.config_updates and "config.json" in self.side_files:
+            try:
+                model_config = json.loads(self.side_files.pop("config.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise NeurokernError(f"{cfg.base_model / 'config.json'}: cannot read it ({exc})") from exc
+            self.extra_files["config.json"] = json.dumps({**model_config, **cfg.config_updates}, indent=2) + "\n"
+        if cfg.chat_template is not None:  # it takes priority over a template in tokenizer_config.json
+            self.side_files.pop("chat_template.jinja", None)
+            self.extra_files["chat_template.jinja"] = cfg.chat_template
         self.prepasses: list[Pass] = self.spec.passes(self.params)
         self.passes = [read for p in self.prepasses for read in p.reads] + ["merge"]
         self.progress = progress
@@ -166,6 +225,8 @@ class _Engine:
         """engine.files.fingerprint of every input file (a few small reads each, in parallel)."""
         with timing.span("input fingerprints"):
             files = list(dict.fromkeys(f for m in self.models for f in m.files))
+            if not files:
+                return {}
             with ThreadPoolExecutor(max_workers=min(16, len(files))) as pool:
                 return dict(zip(map(str, files), pool.map(fingerprint, files)))
 
@@ -186,6 +247,7 @@ class _Engine:
                 lock, ours = lock_partial(partial)
                 ours = prepare_partial(partial, self.digest, self._fingerprints, resume) or ours
             ranks.barrier()
+            check_shared(partial, ranks, self.digest)
             published = is_published(partial, self.digest)  # stopped just before the rename: only that is left
             ranks.barrier()  # every rank has looked before rank 0 renames
             if published:
@@ -253,7 +315,7 @@ class _Engine:
                         save_global(partial, self.digest, {p.key: p.dump(pre[p.key]) for p in self.prepasses})
                         fault_point("saved")
             ranks.barrier()
-            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable)
+            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, self.discard)
             if todo:
                 passes.append("merge")
             self._merge(todo, ranks, pre, writer)
@@ -270,8 +332,12 @@ class _Engine:
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
         counts = ranks.sum_(torch.tensor([self.reader.bytes_read, len(my_shards - todo_shards)], dtype=torch.int64))
         ranks.barrier()
-        if ranks.is_main:
-            echo = {CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
+        digests = {}
+        if ranks.is_main and self.discard:  # nothing to publish: the digests, and no folder left
+            digests = recorded_digests(partial, plan)
+            shutil.rmtree(partial, ignore_errors=True)
+        elif ranks.is_main:
+            echo = {**self.extra_files, CONFIG_ECHO: yaml.safe_dump(self.cfg.raw, sort_keys=False)}
             from neurokern import __version__
             manifest = {"neurokern": __version__, "method": self.cfg.method,
                         "parameters": json.loads(json.dumps(self.cfg.params, default=str)),
@@ -281,7 +347,7 @@ class _Engine:
                 publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable)
         bytes_read, reused = counts.tolist()
         return Result(self.out_dir, plan, time.perf_counter() - start, passes, peak, bytes_read=bytes_read,
-                      shards_reused=reused)
+                      shards_reused=reused, shard_digests=digests)
 
     def _merge(self, units, ranks: Ranks, pre: dict[str, Any], writer: ShardWriter) -> None:
         out_slots = None
@@ -298,6 +364,8 @@ class _Engine:
                     torch.cuda.synchronize(self.device)  # the kernels' time, not their launches'
             kernels = "kernels, other units"
             outputs = {n: merged[n] if n in merged else batch.base[n] for n in batch.unit.names}
+            outputs = {n: t if t.dtype == self.plan.tensors[n].dtype else t.to(self.plan.tensors[n].dtype)
+                       for n, t in outputs.items()}
             self.stager.cache.pop(batch.unit.index, None)
             check = self.finite_checks.pop(batch.unit.index, None)
             if not self.cuda:
@@ -348,19 +416,26 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
                  device: Optional[str] = None, memory_budget: Union[int, str, None] = None,
                  host_memory_budget: Union[int, str, None] = None, resume: bool = False,
                  dry_run: bool = False, allow_pickle: bool = False, progress: Optional[bool] = None,
-                 fsync: bool = False) -> Result:
+                 fsync: bool = False, sources: Sequence[TensorSource] = (), discard_output: bool = False) -> Result:
     """Merge the models a config names (YAML path or dict, mergekit keys) into out_dir, streamed:
     sharded safetensors in and out, host and device memory within memory_budget (default 8 GiB),
     resumable (resume=True finishes an interrupted run byte-identically), one shard set per rank
     under torchrun. The output appears whole by an atomic rename; fsync=True also writes it to
     disk before returning (durable across a power loss). dry_run returns the plan without touching
-    out_dir."""
+    out_dir.
+
+    sources: input models that are no folder or file on disk (engine.sources.TensorSource, e.g.
+    engine.synthetic): a config path equal to a source's `path` is read from that source.
+    discard_output: every shard is merged, copied back to the host and hashed exactly as it would
+    be written (the manifest's sha256_tree), and nothing is written: Result.shard_digests holds the
+    digests, and out_dir is not created (benchmarks of the pipeline without the output disk).
+    It cannot be resumed."""
     timing.section("start-up")
     timing.add_process_age("process age at merge_models")
     try:
         with timing.span("config"):
             cfg = load_config(config)
-        if not dry_run:
+        if not dry_run and not sources:
             prefetch.start(cfg, resume)  # already under way when started by the command line
         with timing.span("device init"):
             if device is None:
@@ -377,7 +452,10 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
                 budget = int(DEFAULT_GPU_SHARE * torch.cuda.mem_get_info(dev)[0])
         with timing.span("headers + plan"):
             host_option = "--host-memory-budget" if host_memory_budget is not None else "--memory-budget"
-            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync, host_option)
+            if discard_output and resume:
+                raise NeurokernError("discard_output merges write nothing to resume from; run without resume")
+            engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync, host_option,
+                             sources, discard_output)
         if dry_run:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return Result(Path(out_dir), engine.plan, 0.0, engine.passes,

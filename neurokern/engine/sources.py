@@ -1,4 +1,14 @@
-"""Input models on disk, read lazily tensor by tensor.
+"""Input models, read lazily tensor by tensor: the engine's tensor sources.
+
+The engine reads its inputs through a small interface, `TensorSource`: a table of tensors (name,
+dtype, shape, where its bytes are) and a method that reads any byte range of one tensor into a
+host buffer. `Model` implements it for models on disk, `engine.adapters.AdapterModel` for LoRA
+adapter folders, `engine.synthetic.SyntheticModel` for models generated on the fly (benchmarks at
+sizes no disk holds, and `neurokern warmup`), `StackedModel` for a passthrough config's slices
+(layers of other sources, renamed, read through them).
+`merge_models(..., sources=[...])` reads a config path from the source whose `path` it is.
+
+On disk:
 
 A model is a Hugging Face folder (config.json + model.safetensors, or *.safetensors shards and
 model.safetensors.index.json) or a bare .safetensors file. Only the headers are read up front: they
@@ -9,15 +19,16 @@ truncated or corrupt file). Tensor bytes are read later with os.preadv straight 
 allow_pickle, and then read through torch.load(mmap=True, weights_only=True).
 """
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
 from neurokern.engine.files import PICKLE_SUFFIXES, weight_files
 from neurokern.engine.files import read_header as header_entries
 from neurokern.errors import NeurokernError
+from neurokern.params import BEFORE_LAYERS, LAYER_INDEX, layer_of
 
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -32,9 +43,13 @@ class TensorInfo:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    file: Path
-    start: int  # absolute byte offset in the file (-1: pickled, read through torch.load)
+    file: Path  # where messages say the tensor is (a generated tensor: a name under its model's path)
+    start: int  # absolute byte offset in the file (-1: pickled, read through torch.load, or derived)
     nbytes: int
+    # A tensor computed when read (engine/adapters.py: a LoRA-adapted weight): read(out, begin,
+    # end) fills bytes [begin, end) of out; pieces() the byte ranges to read it in; digest() what
+    # its bytes depend on (for the plan digest).
+    derive: Any = None
 
     @property
     def numel(self) -> int:
@@ -71,8 +86,44 @@ def _pickle_tensors(path: Path) -> dict[str, TensorInfo]:
 _PICKLED: dict[Path, dict] = {}
 
 
+@runtime_checkable
+class TensorSource(Protocol):
+    """One input model as the engine reads it.
+
+    path:    what the config names (merge_models(sources=...) matches it against the config's paths)
+    label:   how messages name the model ("base_model", "models[0]", ...)
+    tensors: name -> TensorInfo, in the order the engine should read them; `start` is the byte
+             offset passed to read_into's reads (pieces are cut at multiples of the read piece size
+             in these offsets), `file` what messages name
+    files:   the files a resumed merge fingerprints (engine.files.fingerprint); [] for none
+    read_into(info, out, begin, end): bytes [begin, end) of the tensor's data into the same bytes
+             of `out` (a contiguous uint8 CPU tensor of info.nbytes, pinned when the merge runs on a
+             GPU). Called from many threads at once, for any pieces, in any order: the bytes of a
+             piece must not depend on how a tensor is cut into pieces. Errors: NeurokernError.
+    header_digest(): a JSON-able value that changes whenever the bytes of any tensor may change;
+             the plan digest (what --resume checks) hashes it.
+    work_bytes(): host memory one read_into call takes besides `out` (the plan counts it once per
+             reader thread); 0 for tensors copied from storage.
+    """
+
+    path: Path
+    label: str
+    tensors: dict[str, TensorInfo]
+    files: list[Path]
+
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        ...
+
+    def header_digest(self) -> list:
+        ...
+
+    def work_bytes(self) -> int:
+        ...
+
+
 class Model:
-    """One input model: its tensors (name -> TensorInfo) in file order, read lazily."""
+    """One input model on disk (a TensorSource): its tensors (name -> TensorInfo) in file order,
+    read lazily."""
 
     def __init__(self, path: Path, label: str, allow_pickle: bool = False):
         self.path, self.label = Path(path), label
@@ -85,13 +136,21 @@ class Model:
                     raise NeurokernError(f"{file}: tensor {name!r} appears in more than one file of {self.path}")
                 self.tensors[name] = info
 
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        read_into(info, out, begin, end)
+
+    def work_bytes(self) -> int:
+        """Memory a read job takes besides its destination: none for stored tensors (a LoRA adapter's
+        derived tensors take some, engine/adapters.py)."""
+        return 0
+
     def header_digest(self) -> list:
         sizes = {file: file.stat().st_size for file in self.files}
         return [[i.name, NAMES.get(i.dtype, str(i.dtype)), list(i.shape), i.file.name, i.start, i.nbytes,
                  sizes[i.file]] for i in self.tensors.values()]
 
 
-def validate(base: Model, finetuned: list[Model]) -> None:
+def validate(base: TensorSource, finetuned: list[TensorSource]) -> None:
     """Same names, shapes and dtypes in every model; messages name the file and the tensor."""
     for m in finetuned:
         missing = [n for n in base.tensors if n not in m.tensors]
@@ -112,22 +171,23 @@ def validate(base: Model, finetuned: list[Model]) -> None:
                                      f"{NAMES.get(b.dtype)}; save the models in one dtype")
 
 
-def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
-    """Read bytes [begin, end) of one tensor's data (default: all of it) into the same bytes of
-    `out`, a contiguous uint8 CPU tensor of info.nbytes. Any thread may read any piece: each call
-    opens the file (pread takes the offset)."""
-    if info.start < 0:
-        src = _PICKLED[info.file][info.name].contiguous()
-        out.copy_(src.view(-1).view(torch.uint8))
-        return
-    end = info.nbytes if end is None else end
-    view = memoryview(out.numpy())
+def open_model(path: Path, label: str, base: "Model", allow_pickle: bool = False):
+    """A fine-tuned input: a model (folder or file), or a LoRA adapter folder (adapter_config.json),
+    which reads as the base with its ΔW added (engine/adapters.py)."""
+    from neurokern.engine.adapters import AdapterModel, is_adapter
+    if is_adapter(path):
+        return AdapterModel(path, label, base)
+    return Model(path, label, allow_pickle)
+
+
+def _pread(info: TensorInfo, view: memoryview, begin: int, end: int, at: int) -> None:
+    """Bytes [begin, end) of the tensor's data into view[at:]."""
     try:
         fd = os.open(info.file, os.O_RDONLY | os.O_NONBLOCK)  # checked regular; never block on a swapped-in FIFO
         try:
             done = begin
             while done < end:
-                n = os.preadv(fd, [view[done:end]], info.start + done)
+                n = os.preadv(fd, [view[at + done - begin:at + end - begin]], info.start + done)
                 if n <= 0:
                     raise NeurokernError(f"{info.file}: tensor {info.name!r} ends early (file truncated while reading?)")
                 done += n
@@ -135,3 +195,90 @@ def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional
             os.close(fd)
     except OSError as exc:
         raise NeurokernError(f"cannot read tensor {info.name!r} from {info.file}: {exc.strerror or exc}") from exc
+
+
+def read_range(info: TensorInfo, begin: int, end: int) -> torch.Tensor:
+    """Bytes [begin, end) of a stored tensor's data, as a new uint8 tensor."""
+    out = torch.empty(end - begin, dtype=torch.uint8)
+    if end > begin:
+        _pread(info, memoryview(out.numpy()), begin, end, 0)
+    return out
+
+
+def read_into(info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+    """Read bytes [begin, end) of one tensor's data (default: all of it) into the same bytes of
+    `out`, a contiguous uint8 CPU tensor of info.nbytes. Any thread may read any piece: each call
+    opens the file (pread takes the offset)."""
+    end = info.nbytes if end is None else end
+    if info.derive is not None:
+        info.derive.read(out, begin, end)
+        return
+    if info.start < 0:
+        src = _PICKLED[info.file][info.name].contiguous()
+        out.copy_(src.view(-1).view(torch.uint8))
+        return
+    _pread(info, memoryview(out.numpy()), begin, end, begin)
+
+
+class StackedModel:
+    """A model assembled from layers of other sources (a passthrough config's slices), a
+    TensorSource: each of its tensors is a renamed entry of one source's tensor, read through that
+    source (a file's bytes, a generated model's, ...). No bytes move."""
+
+    def __init__(self, path: Path, sources: list[TensorSource], entries: dict[str, tuple[int, TensorInfo]]):
+        # entries: output name -> (index into sources, the source's own TensorInfo)
+        self.path, self.label = Path(path), "slices"
+        self.sources, self.origin = sources, entries
+        self.files = list(dict.fromkeys(f for source in sources for f in source.files))
+        self.tensors = {name: replace(info, name=name) for name, (_, info) in entries.items()}
+
+    def read_into(self, info: TensorInfo, out: torch.Tensor, begin: int = 0, end: Optional[int] = None) -> None:
+        index, own = self.origin[info.name]
+        self.sources[index].read_into(own, out, begin, end)
+
+    def work_bytes(self) -> int:
+        return max(source.work_bytes() for source in self.sources)
+
+    def header_digest(self) -> list:
+        return [[[name, index, own.name] for name, (index, own) in self.origin.items()],
+                [[str(source.path), source.header_digest()] for source in self.sources]]
+
+
+def stacked(stack: tuple[tuple[Path, int], ...], first: Path, last: Path,
+            open_source: Callable[[Path], TensorSource]) -> StackedModel:
+    """A passthrough config's slices as one model: output layer i is layer stack[i][1] of model
+    stack[i][0] (opened with open_source), its tensors renamed to layer i; the tensors outside the
+    layers come from `first` (those mergekit puts before the layers: embeddings) and from `last`
+    (the others: final norm, head)."""
+    paths = list(dict.fromkeys([first, *(p for p, _ in stack), last]))
+    sources = [open_source(path) for path in paths]
+    index = {path: i for i, path in enumerate(paths)}
+    by_layer: dict[tuple[Path, int], list[TensorInfo]] = {}
+    for path, source in zip(paths, sources):
+        for info in source.tensors.values():
+            layer = layer_of(info.name)
+            if layer is not None:
+                by_layer.setdefault((path, layer), []).append(info)
+    entries: dict[str, tuple[int, TensorInfo]] = {}
+    for info in sources[index[first]].tensors.values():
+        if layer_of(info.name) is None and BEFORE_LAYERS.search(info.name):
+            entries[info.name] = (index[first], info)
+    for out_layer, (path, layer) in enumerate(stack):
+        infos = by_layer.get((path, layer))
+        if not infos:
+            held = sorted({k[1] for k in by_layer if k[0] == path})
+            span = f"layers {held[0]}...{held[-1]}" if held else "no numbered layers"
+            raise NeurokernError(f"slices: model {path} has no layer {layer} (its tensors hold {span})")
+        for info in infos:
+            entries[_renamed(info.name, out_layer)] = (index[path], info)
+    for info in sources[index[last]].tensors.values():
+        if layer_of(info.name) is None and not BEFORE_LAYERS.search(info.name):
+            entries[info.name] = (index[last], info)
+    return StackedModel(first, sources, entries)
+
+
+def _renamed(name: str, layer: int) -> str:
+    """name with its layer index replaced by `layer`."""
+    match = LAYER_INDEX.search(name)
+    start, end = match.span(1)
+    return f"{name[:start]}{layer}{name[end:]}"

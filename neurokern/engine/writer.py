@@ -20,6 +20,13 @@ sha256 digests of the header and of every WRITE_PIECE-byte piece of each tensor'
 order: the pieces are hashed in parallel as they are written (one sha256 stream runs at about 1 GB/s,
 slower than the merge).
 
+`discard` (merge_models(discard_output=True), benchmarks): every piece is hashed as above and
+nothing is written; the records hold the digests (Result.shard_digests), no shard file exists.
+
+Ranks: every rank writes its shards into the same OUT_DIR.partial, so all ranks must see one file
+system there (a folder on a mount that every node shares). `check_shared` verifies it before
+anything is written: rank 0 leaves a random token in the folder, every rank reads it back.
+
 Durability: by default the bytes are left to the page cache (as mergekit and save_pretrained do):
 the output is whole or absent after a crash of the process, and the disk is not kept busy writing
 the output while the merge still reads its inputs. `durable` (--fsync) also survives a power loss: the writeback of
@@ -110,6 +117,57 @@ def done_record(partial: Path, shard: Shard, verify: bool = False) -> tuple[Opti
     return record, ""
 
 
+def recorded_digests(partial: Path, plan: Plan) -> dict[str, str]:
+    """file -> sha256_tree of every shard, from the records the writers left (discard: no file)."""
+    digests = {}
+    for shard in plan.shards:
+        record = _read_json(partial / STATE / "done" / (shard.file + ".json"))
+        if record is None or not isinstance(record.get(DIGEST), str):
+            raise NeurokernError(f"internal error: shard {shard.file} has no record in {partial}")
+        digests[shard.file] = record[DIGEST]
+    return digests
+
+
+SHARED = "shared.json"  # in STATE: rank 0's token, which every rank reads back (check_shared)
+
+
+def check_shared(partial: Path, ranks, digest: str) -> None:
+    """Under torchrun: every rank must see the OUT_DIR.partial that rank 0 prepared (one shared file
+    system) and have made the same plan (the same config and inputs: nodes may hold their own
+    copies of the inputs, at the same paths), or every rank raises the same error before anything
+    is written. Rank 0 writes a random token and its plan digest into the folder and hands the
+    token to the others in an all-reduce; each rank reads the file back, and the ranks that could
+    not, or whose plan differs, are summed. ranks: engine.distributed.Ranks."""
+    if ranks.world == 1:
+        return
+    token = int.from_bytes(os.urandom(7), "little") if ranks.is_main else 0
+    if ranks.is_main:
+        try:
+            write_atomic(partial / STATE / SHARED, json.dumps({"token": token, "digest": digest}).encode())
+        except OSError as exc:
+            raise NeurokernError(f"cannot write into {partial}: {exc.strerror or exc}") from exc
+    token = int(ranks.sum_(torch.tensor([token], dtype=torch.int64)).item())
+    found = _read_json(partial / STATE / SHARED) or {}
+    seen, same = found.get("token") == token, found.get("digest") == digest
+    flags = torch.zeros(2 * ranks.world, dtype=torch.int64)
+    flags[2 * ranks.rank] = int(not seen)
+    flags[2 * ranks.rank + 1] = int(seen and not same)
+    flags = ranks.sum_(flags).tolist()
+    blind = [r for r in range(ranks.world) if flags[2 * r]]
+    other = [r for r in range(ranks.world) if flags[2 * r + 1]]
+    me = f" (this is rank {ranks.rank}, on {socket.gethostname()})"
+    if blind:
+        raise NeurokernError(
+            f"{partial}, made by rank 0, is not visible to rank(s) {', '.join(map(str, blind))}"
+            f"{me if not seen else ''}: under torchrun every rank writes its shards into that folder, so OUT_DIR "
+            "must be on a file system that every node mounts at the same path (NFS, Lustre, ...)")
+    if other:
+        raise NeurokernError(
+            f"rank(s) {', '.join(map(str, other))}{me if not same else ''} made another plan than rank 0 (a "
+            "different config, or different input files at the same paths): every node must read the same config "
+            "and the same inputs")
+
+
 def _pieces(start: int, end: int) -> range:
     return range(start, end, WRITE_PIECE)
 
@@ -137,8 +195,8 @@ def file_digest(path: Path, shard: Shard) -> str:
 class ShardWriter:
     """Writes the given shards; `put` hands it merged host tensors in plan order."""
 
-    def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False):
-        self.partial, self.plan, self.durable = partial, plan, durable
+    def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False, discard: bool = False):
+        self.partial, self.plan, self.durable, self.discard = partial, plan, durable, discard
         self.shards = {i: plan.shards[i] for i in shards}
         self.shard_of = plan.shard_of()
         self.queue: queue.Queue = queue.Queue(maxsize=OUT_SLOTS)
@@ -186,7 +244,8 @@ class ShardWriter:
         self.thread.join()
         self.pool.shutdown(wait=True, cancel_futures=True)
         for entry in self.open.values():
-            os.close(entry["fd"])
+            if entry["fd"] is not None:
+                os.close(entry["fd"])
         self.open.clear()
 
     def check(self) -> None:
@@ -227,8 +286,10 @@ class ShardWriter:
 
     def _begin(self, shard: Shard) -> dict:
         tmp = self.partial / (shard.file + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        os.pwrite(fd, shard.header, 0)
+        fd = None
+        if not self.discard:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            os.pwrite(fd, shard.header, 0)
         return {"fd": fd, "tmp": tmp, "left": len(shard.names), "header": hashlib.sha256(shard.header).digest(),
                 "pieces": {}}
 
@@ -254,11 +315,11 @@ class ShardWriter:
         fd = entry["fd"]
         try:
             with timing.busy("writer: pwrite + hash", len(data)):
-                done = 0
+                done = 0 if fd is not None else len(data)  # discard: hashed only
                 while done < len(data):
                     done += os.pwrite(fd, data[done:], offset + done)
                 entry["pieces"][offset] = hashlib.sha256(data).digest()
-            if self.durable:
+            if self.durable and fd is not None:
                 _start_writeback(fd, offset, len(data))
         except OSError as exc:
             raise KeptPartialError(
@@ -267,14 +328,15 @@ class ShardWriter:
 
     def _finish(self, shard: Shard, entry: dict) -> None:
         fd = entry["fd"]
-        try:
-            if self.durable:
-                with timing.span("writer: fsync"):
-                    os.fsync(fd)
-        finally:
-            os.close(fd)
+        if fd is not None:
+            try:
+                if self.durable:
+                    with timing.span("writer: fsync"):
+                        os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(entry["tmp"], self.partial / shard.file)
         digest = tree_digest(entry["header"], entry["pieces"])
-        os.replace(entry["tmp"], self.partial / shard.file)
         record = {"file": shard.file, "bytes": shard.nbytes, DIGEST: digest}
         write_atomic(self.partial / STATE / "done" / (shard.file + ".json"), json.dumps(record).encode())
         self.shards_written += 1

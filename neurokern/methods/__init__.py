@@ -3,13 +3,17 @@ nk.merge accepts to their Method records; register adds one (neurokern.methods.m
 record; neurokern.methods.passes: the whole-model passes a method can declare, which the
 streaming engine runs for it)."""
 from neurokern.errors import NeurokernError
-from neurokern.methods import dare, neuromerging, task_arithmetic, ties
+from neurokern.methods import (breadcrumbs, dare, della, linear, magnitude_prune, model_stock, neuromerging, nuslerp,
+                               passthrough, slerp, task_arithmetic, ties)
 from neurokern.methods.method import Method, check_device
 from neurokern.methods.passes import Pass, PassContext
 
 METHODS = {
     m.name: m
-    for m in (task_arithmetic.METHOD, ties.METHOD, dare.DARE, dare.DARE_TIES, neuromerging.METHOD)
+    for m in (task_arithmetic.METHOD, ties.METHOD, dare.DARE, dare.DARE_TIES, neuromerging.METHOD,
+              magnitude_prune.METHOD, linear.METHOD, slerp.METHOD, nuslerp.METHOD, model_stock.METHOD,
+              breadcrumbs.BREADCRUMBS, breadcrumbs.BREADCRUMBS_TIES, della.DELLA, della.DELLA_LINEAR,
+              passthrough.METHOD)
 }
 BUILT_IN = tuple(METHODS)
 

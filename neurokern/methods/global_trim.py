@@ -26,7 +26,7 @@ from torch import Tensor
 
 from neurokern.methods.method import columns
 from neurokern.methods.passes import Pass, PassContext
-from neurokern.methods.trim import INT64_MAX, Trims, keep_count
+from neurokern.methods.trim import INT64_MAX, Trims, keep_count, keeps_ties
 from neurokern.models import ModelSet
 from neurokern.ops import triton as triton_kernels
 from neurokern.ops._common import to_device
@@ -226,7 +226,7 @@ class GlobalTrimPass(Pass):
 
     def begin(self, ctx: PassContext, pre: Mapping[str, Any]) -> None:
         self.ctx = ctx
-        self.trim = GlobalTrim([keep_count(ctx.numel, d, self.rule) for d in self.densities], self.rule == "keep",
+        self.trim = GlobalTrim([keep_count(ctx.numel, d, self.rule) for d in self.densities], keeps_ties(self.rule),
                                ctx.device)
 
     def accumulate(self, read: int, models: ModelSet) -> None:

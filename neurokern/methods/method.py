@@ -1,11 +1,12 @@
 """What a merge method is (the Method record) and the helpers its run shares with the others."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from neurokern import params as checks
 from neurokern.errors import NeurokernError
 from neurokern.models import ModelSet
 from neurokern.methods.passes import Pass
@@ -30,6 +31,19 @@ class Method:
     checks_finite: bool = False
     # checked params -> new Pass objects, in the order they run (a later one sees the earlier results)
     passes: Callable[[Any], list[Pass]] = no_passes
+    # T -> bytes of temporaries per element of the tensor being merged (the engine's memory plan)
+    work_bytes: Callable[[int], int] = lambda num_tasks: 16
+    # False: plain PyTorch, no GPU kernel of neurokern's (`neurokern warmup` skips the method)
+    kernels: bool = True
+    # config parameters (mergekit's keys) under which a merge launches the method's kernels where
+    # the defaults launch none or a config needs more (`neurokern warmup`)
+    warm_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        # run and passes also take PerTensor params (parameters that vary over the tensors): run
+        # merges each group of tensors that share their values with those values checked once.
+        object.__setattr__(self, "run", _per_tensor_run(self.run))
+        object.__setattr__(self, "passes", _per_tensor_passes(self.name, self.passes))
 
     def params(self, given: dict[str, Any], num_tasks: int) -> Any:
         unknown = sorted(set(given) - set(self.defaults))
@@ -38,7 +52,92 @@ class Method:
                 f"method {self.name!r}: unknown parameter(s) {', '.join(map(repr, unknown))}; "
                 f"it takes {', '.join(sorted(self.defaults))}"
             )
-        return self.resolve({**self.defaults, **given}, num_tasks)
+        full = {**self.defaults, **given}
+        if any(checks.varies(v) for v in full.values()):
+            return PerTensorParams(self, full, num_tasks)
+        return self.resolve(full, num_tasks)
+
+
+class PerTensorParams:
+    """A method's parameters where some vary over the tensors (neurokern.params.PerTensor: mergekit's
+    per-layer gradients and filters). Every value a varying parameter names is checked up front
+    (the method's resolve, each such value with the others at their first one), so that a bad
+    value is an error before any tensor is merged; each tensor's own values are resolved when the
+    tensor is merged, once per distinct combination."""
+
+    def __init__(self, method: Method, full: dict[str, Any], num_tasks: int):
+        self.method, self.full, self.num_tasks = method, full, num_tasks
+        self._resolved: dict[str, Any] = {}
+        self.samples = [self._resolve(values) for values in self._leaf_combinations()]
+
+    def _leaf_combinations(self) -> list[dict[str, Any]]:
+        """Value sets in which each varying value takes each of its leaves in turn."""
+        slots = []  # (key, index in a per-model list or None, leaves)
+        for key, value in self.full.items():
+            if isinstance(value, checks.PerTensor):
+                slots.append((key, None, value.leaves() or [None]))
+            elif checks.varies(value):
+                slots += [(key, i, v.leaves() or [None]) for i, v in enumerate(value) if isinstance(v, checks.PerTensor)]
+        first = {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.full.items()}
+        for key, index, leaves in slots:
+            if index is None:
+                first[key] = leaves[0]
+            else:
+                first[key][index] = leaves[0]
+        combos = [first]
+        for key, index, leaves in slots:
+            for leaf in leaves[1:]:
+                values = {k: (list(v) if isinstance(v, list) else v) for k, v in first.items()}
+                if index is None:
+                    values[key] = leaf
+                else:
+                    values[key][index] = leaf
+                combos.append(values)
+        return combos
+
+    def _resolve(self, values: dict[str, Any]) -> Any:
+        values = {k: (self.method.defaults[k] if v is None else v) for k, v in values.items()}
+        key = repr(sorted(values.items()))
+        if key not in self._resolved:
+            self._resolved[key] = self.method.resolve(values, self.num_tasks)
+        return self._resolved[key]
+
+    def for_tensor(self, name: str) -> Any:
+        """The checked parameters of one tensor."""
+        return self._resolve({k: checks.at(v, name) for k, v in self.full.items()})
+
+    def __repr__(self) -> str:
+        return f"PerTensorParams({self.method.name!r}, {self.full!r})"
+
+
+def _per_tensor_run(run: Callable[..., dict[str, Tensor]]) -> Callable[..., dict[str, Tensor]]:
+    def run_per_tensor(models: ModelSet, params: Any, progress: bool, pre=None) -> dict[str, Tensor]:
+        if not isinstance(params, PerTensorParams):
+            return run(models, params, progress, pre)
+        groups: dict[int, tuple[Any, list[str]]] = {}
+        for name in models.names:
+            checked = params.for_tensor(name)
+            groups.setdefault(id(checked), (checked, []))[1].append(name)
+        out: dict[str, Tensor] = {}
+        for checked, names in groups.values():
+            out.update(run(ModelSet(models.base, models.finetuned, names, models.finite_checked), checked, progress, pre))
+        return out
+    return run_per_tensor
+
+
+def _per_tensor_passes(name: str, passes: Callable[[Any], list[Pass]]) -> Callable[[Any], list[Pass]]:
+    def passes_per_tensor(params: Any) -> list[Pass]:
+        if not isinstance(params, PerTensorParams):
+            return passes(params)
+        if any(passes(sample) for sample in params.samples):
+            varying = [k for k, v in params.full.items() if checks.varies(v)]
+            raise NeurokernError(
+                f"method {name!r}: per-layer values (gradients, filters) of {', '.join(varying)} need a whole-model "
+                "pass the method runs once for the whole model (a global trim or scale); give single values, or "
+                "trim_scope='tensor'"
+            )
+        return []
+    return passes_per_tensor
 
 
 def check_device(device: torch.device) -> None:

@@ -154,3 +154,108 @@ def neuromerging(
             delta = point_scale * _point_kernel(stacked)
         out[name] = b.double() + delta
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# mergekit's linear, slerp, nuslerp, model_stock and the breadcrumbs / DELLA trims, in float64,
+# in their textbook form (the angle from acos of the normalised dot; one whole-tensor or per-row
+# formula each)
+
+
+def linear(base, finetuned, weights, base_weight=0.0, normalize=True):
+    out = {}
+    for name, b in base.items():
+        total = base_weight * b.double() + sum(w * ft[name].double() for w, ft in zip(weights, finetuned))
+        out[name] = (total / (base_weight + sum(weights)) if normalize else total).to(b.dtype)
+    return out
+
+
+def _slerp_pair(t: float, a: Tensor, b: Tensor, straight_cos: Optional[float], floor: float, guard_one: bool):
+    """c_a a + c_b b along the last dimension of 2-D a, b (float64), one pair of coefficients per row."""
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)
+    if guard_one:  # slerp: a norm <= floor counts as 1
+        na, nb = torch.where(na > floor, na, torch.ones_like(na)), torch.where(nb > floor, nb, torch.ones_like(nb))
+    else:  # nuslerp: norms clamped to at least floor
+        na, nb = na.clamp_min(floor), nb.clamp_min(floor)
+    cos = ((a / na) * (b / nb)).sum(1, keepdim=True).clamp(-1, 1)
+    straight = cos.abs() > straight_cos if straight_cos is not None else (1 - cos**2) <= 1e-16
+    theta = torch.acos(cos)
+    ca = torch.where(straight, 1 - t, torch.sin((1 - t) * theta) / torch.sin(theta))
+    cb = torch.where(straight, torch.full_like(cos, t), torch.sin(t * theta) / torch.sin(theta))
+    return ca * a + cb * b
+
+
+def slerp(base, other, t):
+    return {name: _slerp_pair(t, b.double().reshape(1, -1), other[name].double().reshape(1, -1), 0.9995, 1e-8, True)
+            .reshape(b.shape).to(b.dtype) for name, b in base.items()}
+
+
+def nuslerp(base, finetuned, weights, flatten=True, row_wise=False):
+    """With a base (finetuned: two models): base + slerp of the task vectors; base None: slerp of the two."""
+    t = 0.5 if abs(sum(weights)) < 1e-6 else weights[1] / sum(weights)
+    first, second = finetuned
+    out = {}
+    for name, f in first.items():
+        like = f if base is None else base[name]
+        if like.numel() == 0:
+            out[name] = like.clone()
+            continue
+        a, b = first[name].double(), second[name].double()
+        if base is not None:
+            a, b = a - like.double(), b - like.double()
+        if flatten:
+            rows = lambda x: x.reshape(1, -1)  # noqa: E731
+        elif row_wise and a.dim() > 1:
+            rows = lambda x: x.movedim(0, -1).reshape(-1, x.shape[0])  # noqa: E731
+        else:
+            rows = lambda x: x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)  # noqa: E731
+        mixed = _slerp_pair(t, rows(a), rows(b), None, 1e-7, False)
+        if not flatten and row_wise and a.dim() > 1:
+            mixed = mixed.reshape(*a.shape[1:], a.shape[0]).movedim(-1, 0)
+        mixed = mixed.reshape(a.shape)
+        out[name] = (mixed if base is None else like.double() + mixed).to(like.dtype)
+    return out
+
+
+def model_stock(base, finetuned, filter_wise=False):
+    out = {}
+    count = len(finetuned)
+    for name, b in base.items():
+        rows = (lambda x: x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)) if filter_wise else \
+            (lambda x: x.reshape(1, -1))
+        taus = [rows(ft[name].double() - b.double()) for ft in finetuned]
+        cosines = []
+        for i in range(count):
+            for j in range(i + 1, count):
+                norms = (taus[i].norm(dim=1) * taus[j].norm(dim=1)).clamp_min(1e-6)
+                cosines.append(((taus[i] * taus[j]).sum(1) / norms).clamp(-1, 1))
+        cos = torch.stack(cosines).mean(0, keepdim=True).T
+        denominator = 1 + (count - 1) * cos
+        t = torch.where(denominator.abs() < 1e-6, torch.zeros_like(cos), count * cos / denominator)
+        mean = sum(taus) / count
+        out[name] = (b.double() + (t * mean).reshape(b.shape)).to(b.dtype)
+    return out
+
+
+def breadcrumbs_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Keep the entries ranked (by |delta| ascending, ties by position) in [N - k - n_top, N - n_top)."""
+    count = delta.numel()
+    keep, top = int(density * count), int(gamma * count)
+    low = max(0, count - keep - top)
+    flat = delta.abs().reshape(-1).double()
+    rank = torch.empty(count, dtype=torch.long)
+    order = sorted(range(count), key=lambda i: (float(flat[i]), i))
+    rank[order] = torch.arange(count)
+    return ((rank >= low) & (rank < low + keep)).reshape(delta.shape)
+
+
+def della_probability(delta: Tensor, density: float, epsilon: float) -> Tensor:
+    """density - epsilon + 2 epsilon (r - 1) / (n - 1), r the ascending |delta| rank (ties by position) in its row."""
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    n = rows.shape[1]
+    out = torch.empty(rows.shape, dtype=torch.float64)
+    for r in range(rows.shape[0]):
+        order = sorted(range(n), key=lambda i: (float(rows[r, i].abs()), i))
+        for rank, i in enumerate(order):
+            out[r, i] = density - epsilon + 2 * epsilon * rank / (n - 1) if n > 1 else density
+    return out.reshape(delta.shape)

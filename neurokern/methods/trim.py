@@ -54,17 +54,31 @@ class Trims:
         return self.pair, [self.offset[n] for n in names]
 
 
+RULES = ("exact_k", "keep", "keep_floor")
+
+
+def keeps_ties(rule: str) -> bool:
+    """Whether a keep_count rule keeps every entry tied with the threshold."""
+    return rule != "exact_k"
+
+
 def keep_count(numel: int, density: float, rule: str) -> int:
     """How many entries a trim keeps (the k of magnitude_threshold).
 
-    "exact_k": mergekit's max(1, floor(density * N)), ties broken by position.
-    "keep":    the TIES / NeuroMerging reference: m = floor(N * (1 - density)); the m-th smallest
-               |tau| is the threshold and every entry >= it is kept (all of them when m = 0), i.e.
-               the (N - m + 1)-th largest with ties kept."""
+    "exact_k":    mergekit's max(1, floor(density * N)), ties broken by position.
+    "keep":       the NeuroMerging reference: m = floor(N * (1 - density)); the m-th smallest
+                  |tau| is the threshold and every entry >= it is kept (all of them when m = 0),
+                  i.e. the (N - m + 1)-th largest with ties kept: ceil(density * N) + 1 where
+                  density * N is not a whole number.
+    "keep_floor": FusionBench's and the TIES paper's code: m = N - floor(N * density), the m-th
+                  smallest and every entry >= it, i.e. the (floor(density * N) + 1)-th largest with
+                  ties kept (all entries when that exceeds N, where FusionBench's kthvalue fails)."""
     if numel == 0:
         return 0
     if rule == "exact_k":
         return max(1, int(density * numel))
+    if rule == "keep_floor":
+        return min(numel, int(numel * density) + 1)
     dropped = int(numel * (1 - density))
     return numel if dropped == 0 else numel - dropped + 1
 
@@ -74,7 +88,7 @@ def thresholds(models: ModelSet, names: list[str], densities: list[float], rule:
     densities holds one density per task. Where models.finite_checked is False the select also
     flags NaN / Inf (Trims.check_finite raises for them)."""
     base, finetuned = columns(models, names)
-    keep_ties = rule == "keep"
+    keep_ties = keeps_ties(rule)
     flags = None if models.finite_checked else torch.empty(len(names), dtype=torch.int32, device=base[0].device)
     if scope == "global":
         total = sum(b.numel() for b in base)

@@ -5,6 +5,7 @@ import torch  # noqa: F401  (loads libtorch, which neurokern._C links against)
 
 from neurokern import _C  # noqa: F401,E402  (registers torch.ops.neurokern.*)
 from neurokern.ops.dare import dare, dare_keys, dare_multi
+from neurokern.ops.dtypes import STORAGE_DTYPES
 from neurokern.ops.magnitude_threshold import magnitude_threshold
 from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs
 from neurokern.ops.neuron_stats import neuron_stats, neuron_stats_multi
@@ -15,6 +16,7 @@ from neurokern.ops.trim_l1 import trim_l1
 from neurokern.ops.weighted_sum import weighted_sum, weighted_sum_multi, weighted_sum_rows_multi
 
 __all__ = [
+    "STORAGE_DTYPES",
     "dare",
     "dare_keys",
     "dare_multi",

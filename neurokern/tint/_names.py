@@ -5,7 +5,6 @@ from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from neurokern.errors import NeurokernError
@@ -90,10 +89,6 @@ def task_models(finetuned: Any, task_names: Any) -> tuple[list[str], list[Any]]:
     if len(set(names)) != len(names):
         raise NeurokernError(f"task names must be distinct; got {names}")
     return names, models
-
-
-def float_dtype(t: Tensor) -> torch.dtype:
-    return t.dtype if t.is_floating_point() else torch.float32
 
 
 class Slots:

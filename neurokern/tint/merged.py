@@ -23,7 +23,6 @@ from neurokern.errors import NeurokernError
 from neurokern.ops import magnitude_threshold
 from neurokern.ops._common import below_autograd
 
-MERGEABLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class MergedWeights(nn.Module):

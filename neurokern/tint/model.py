@@ -25,10 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from neurokern.errors import NeurokernError
-from neurokern.ops import weighted_sum
+from neurokern.ops import STORAGE_DTYPES, weighted_sum
 from neurokern.ops._common import to_device
 from neurokern.tint._names import Patterns, Slots, match_modules, model_state, task_models
-from neurokern.tint.merged import MERGEABLE, MergedWeights, TrainableMerge
+from neurokern.tint.merged import MergedWeights, TrainableMerge
 from neurokern.tint.routing import Route, Routing, TaskLayer
 
 COEFFICIENTS = ("layer", "task")
@@ -135,7 +135,7 @@ class TintedModel(nn.Module):
             if n not in base:
                 raise NeurokernError(f"base has no tensor {n!r} (a parameter of the module)")
             b = base[n]
-            if b.dtype not in MERGEABLE:
+            if b.dtype not in STORAGE_DTYPES:
                 raise NeurokernError(f"base[{n!r}] is {b.dtype}; merged parameters must be float32, bfloat16 or float16")
             for t, sd in enumerate(finetuned):
                 if n not in sd:

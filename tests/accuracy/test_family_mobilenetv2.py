@@ -1,4 +1,4 @@
-"""The vision family (neurokern.accuracy.families.mobilenetv2), on CPU in seconds.
+"""The vision family (bench.accuracy.families.mobilenetv2), on CPU in seconds.
 
 Always run: the encoder's layout, parameter count, forward shapes and input handling, BatchNorm
 folding on a randomly initialised torchvision-layout network, dedupe / split / cache writing and
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from neurokern.accuracy.families import mobilenetv2 as fam
+from bench.accuracy.families import mobilenetv2 as fam
 
 ENCODER_PARAMS = 2_206_816   # torchvision MobileNetV2 (3,504,872) less the ImageNet classifier (1,281,000), BN folded into conv biases
 

@@ -10,13 +10,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from neurokern.accuracy import data as D  # noqa: E402
-from neurokern.accuracy.families import minilm  # noqa: E402
-from neurokern.accuracy.finetune import Recipe  # noqa: E402
-from neurokern.accuracy.methods import METHODS  # noqa: E402
-from neurokern.accuracy.run import load_context, run_suite  # noqa: E402
-from neurokern.accuracy.tta import METHODS as TTA_METHODS  # noqa: E402
-from neurokern.accuracy.tta import GRID, ablations, run_many  # noqa: E402
+from bench.accuracy import data as D  # noqa: E402
+from bench.accuracy.families import minilm  # noqa: E402
+from bench.accuracy.finetune import Recipe  # noqa: E402
+from bench.accuracy.methods import METHODS  # noqa: E402
+from bench.accuracy.run import load_context, run_suite  # noqa: E402
+from bench.accuracy.tta import METHODS as TTA_METHODS  # noqa: E402
+from bench.accuracy.tta import GRID, ablations, run_many  # noqa: E402
 
 WORDS = {
     "colour": {"red": ["red", "crimson", "scarlet"], "blue": ["blue", "navy", "azure"]},
@@ -139,7 +139,7 @@ def test_dedupe_and_baselines():
 def test_encoder_state_is_a_copy(tmp_path):
     """The suite loads merged weights into the base encoder to evaluate them; the base state it
     merges from must not follow (it did once: every λ of a search then scored the same)."""
-    from neurokern.accuracy.model import encoder_state
+    from bench.accuracy.model import encoder_state
 
     encoder = minilm.load_encoder(minilm.tiny_cache(tmp_path, ["a", "b", "c"], hidden=32, layers=2, heads=2))
     base = encoder_state(encoder)
@@ -147,3 +147,15 @@ def test_encoder_state_is_a_copy(tmp_path):
     encoder.load_state_dict({k: v + 1 for k, v in base.items()}, strict=False)
     assert all(torch.equal(base[k], before[k]) for k in base)
     assert any(not torch.equal(v, encoder.state_dict()[k]) for k, v in base.items())
+
+
+def test_ablations_only_keeps_the_runs_its_patterns_match():
+    layers = {"head": "head", "last_mlp": "m", "attention_out": "a", "embedding": "e"}
+    every = ablations(layers, groups=("layer", "lr"))
+    kept = ablations(layers, groups=("layer", "lr"), only=["layer_*_tint0.01*", "lr_lambda0.01_*"])
+    assert list(kept) == [n for n in every if n.startswith(("layer_", "lr_lambda0.01_")) and
+                          (n.startswith("lr_") or "_tint0.01" in n)]
+    assert "layer_last_mlp_tint0.01_conf" in kept and "layer_last_mlp_tint0.001" not in kept
+    assert len(kept) == 3 * 2 + 2 * 2
+    with pytest.raises(ValueError, match="matches"):
+        ablations(layers, groups=("loss",), only=["layer_*"])

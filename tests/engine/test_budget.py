@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-import torch
 
 from neurokern.cli import main
 from neurokern.engine import merge_models

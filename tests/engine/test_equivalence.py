@@ -15,6 +15,11 @@ CASES = {
     "ties": ("ties", {"normalize": True}, {"weight": [1.0, 0.7, 0.5], "density": 0.3}),
     "ties_global": ("ties", {"trim_scope": "global"}, {"weight": 1.0, "density": [0.2, 0.3, 0.25]}),
     "ties_global_keep": ("ties", {"trim_scope": "global", "ties": "keep"}, {"density": 0.3}),
+    # FusionBench's TIES: its trim count and whole-model zero sign (a pass of its own when streamed)
+    "ties_fusion_bench": ("ties", {"trim_scope": "global", "ties": "keep_floor", "elect_on": "unweighted",
+                                   "zero_sign": "model_majority", "normalize": False}, {"density": 0.3}),
+    "ties_model_majority_tensor": ("ties", {"zero_sign": "model_majority", "consensus": "count"},
+                                   {"weight": [1.0, -0.7, 0.5], "density": 0.4}),
     "dare_ties": ("dare_ties", {"seed": 3}, {"weight": 0.5, "density": 0.4}),
     "dare_linear": ("dare_linear", {}, {"weight": [0.3, 0.3, 0.4], "density": 0.5}),
     "task_arithmetic": ("task_arithmetic", {"lambda": 0.8}, {"weight": [0.3, 0.5, 0.2]}),

@@ -180,9 +180,11 @@ def test_a_registered_method_on_two_ranks_matches_one(models, tmp_path, register
 def test_register_refuses_a_taken_name_and_configs_list_registered_methods(models, tmp_path, registered):
     with pytest.raises(NeurokernError, match="a method named 'ties' is registered already"):
         register(Method("ties", {}, resolve, run))
-    cfg = write_config(tmp_path / "c.yaml", "slerp", models)
-    with pytest.raises(NeurokernError, match="'slerp' is not one of task_arithmetic, ties, dare_ties, dare_linear, "
-                                             "neuromerging, max_abs_scale$"):
+    cfg = write_config(tmp_path / "c.yaml", "slurp", models)
+    with pytest.raises(NeurokernError, match="'slurp' is not one of task_arithmetic, ties, dare_ties, dare_linear, "
+                                             "breadcrumbs, breadcrumbs_ties, della, della_linear, linear, slerp, "
+                                             "nuslerp, model_stock, passthrough, neuromerging, magnitude_prune, "
+                                             "max_abs_scale$"):
         merge_models(cfg, tmp_path / "out", device="cpu")
 
 

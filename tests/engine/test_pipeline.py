@@ -105,7 +105,6 @@ def test_trace_timeline(models, tmp_path, monkeypatch, capsys):
     """NEUROKERN_TRACE=FILE: every timed block lands in a Chrome trace, one row per thread, inside
     the process's lifetime; the profile table stays off."""
     import json
-    import time
     from neurokern.engine import timing
     cfg = write_config(tmp_path / "c.yaml", "neuromerging", models, {"density": 0.2}, None)
     trace = tmp_path / "trace.json"

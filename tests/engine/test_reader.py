@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neurokern.engine import executor, plan
+from neurokern.engine import executor, plan, sources
 from neurokern.engine.executor import Batch, Reader, Staged, Stager, batches
 from neurokern.engine.plan import HOST_SLOTS, make_plan
 from neurokern.engine.sources import Model
@@ -86,20 +86,20 @@ class Gate:
         self.unit_of = {n: u.index for u in p.units for n in u.names}
         self.open, self.started, self.running = threading.Event(), set(), 0
         self.lock = threading.Lock()
-        read_into = executor.read_into
+        read_into = sources.read_into  # what engine.sources.Model.read_into calls
 
-        def gated_read(info, out, **kw):
+        def gated_read(info, out, begin=0, end=None):
             with self.lock:
                 self.started.add(self.unit_of[info.name])
                 self.running += 1
             try:
-                if gated(info, kw["begin"]):
+                if gated(info, begin):
                     assert self.open.wait(WATCHDOG_S)
-                read_into(info, out, **kw)
+                read_into(info, out, begin, end)
             finally:
                 with self.lock:
                     self.running -= 1
-        monkeypatch.setattr(executor, "read_into", gated_read)
+        monkeypatch.setattr(sources, "read_into", gated_read)
 
 
 def _wait_until(predicate, seconds=WATCHDOG_S):

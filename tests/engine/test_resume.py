@@ -26,6 +26,9 @@ CONFIGS = {
     "neuromerging": ("neuromerging", {"density": 0.2}, None),
     # exact-k global trim: the saved state holds tie limits found by re-reading units
     "ties_global": ("ties", {"trim_scope": "global"}, {"weight": 1.0, "density": [0.2, 0.3, 0.25]}),
+    # FusionBench's TIES: histogram, boundary and the whole model's vote (ModelMajority) before the merge
+    "ties_fusion_bench": ("ties", {"trim_scope": "global", "ties": "keep_floor", "elect_on": "unweighted",
+                                   "zero_sign": "model_majority", "normalize": False}, {"density": 0.3}),
 }
 POINTS = [
     ("neuromerging", "batches:3"),  # histogram pass (14 units a pass)
@@ -39,6 +42,8 @@ POINTS = [
     ("neuromerging", "rename"),
     ("ties_global", "saved"),
     ("ties_global", "tensors:17"),
+    ("ties_fusion_bench", "batches:31"),  # the vote pass
+    ("ties_fusion_bench", "saved"),
 ]
 
 

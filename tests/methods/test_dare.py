@@ -6,7 +6,7 @@ import neurokern as nk
 from neurokern import ops
 from neurokern.ops import reference as ops_ref
 
-from conftest import make_models
+from .conftest import make_models
 
 
 @pytest.mark.parametrize("method,consensus", [("dare", "none"), ("dare_ties", "sum"), ("dare_ties", "count")])

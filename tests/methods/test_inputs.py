@@ -7,7 +7,7 @@ import torch
 import neurokern as nk
 from neurokern import NeurokernError
 
-from conftest import make_models
+from .conftest import make_models
 
 
 def test_modules_in_state_dict_out():
@@ -134,7 +134,8 @@ def test_bad_method_and_parameters():
     expect_error("gamma must be in", base, fts, method="neuromerging", gamma=0)
     expect_error("density has 3 entries for 2 fine-tuned models", base, fts, method="ties", density=[0.1, 0.2, 0.3])
     expect_error(r"density\[1\] must be in \(0, 1\]", base, fts, method="neuromerging", density=[0.1, 1.5])
-    expect_error("density must be a finite number", base, fts, method="dare", density=[0.1, 0.2])
+    expect_error(r"density takes one value for all models; got \[0.1, 0.2\]", base, fts, method="dare", density=[0.1, 0.2])
+    expect_error("density must be a finite number", base, fts, method="dare", density="dense")
     expect_error("normalize must be True or False", base, fts, method="task_arithmetic", normalize="yes")
 
 

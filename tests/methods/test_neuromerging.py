@@ -10,7 +10,7 @@ from neurokern.methods.method import columns, group
 from neurokern.methods.trim import thresholds
 from neurokern.models import ModelSet
 
-from conftest import delta_error, make_models
+from .conftest import delta_error, make_models
 
 VARIANTS = [
     {},

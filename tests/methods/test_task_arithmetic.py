@@ -4,7 +4,7 @@ import torch
 import neurokern as nk
 from neurokern.methods import reference as R
 
-from conftest import make_models
+from .conftest import make_models
 
 
 @pytest.mark.parametrize("T", range(1, 9))

@@ -6,7 +6,7 @@ import neurokern as nk
 from neurokern.methods import reference as R
 from neurokern.ops import reference as ops_ref
 
-from conftest import make_models
+from .conftest import make_models
 
 
 @pytest.mark.parametrize("T", range(1, 9))

@@ -6,9 +6,8 @@ same, so comparisons at the storage dtype are meaningful; `f64_group` rebuilds t
 float64 (with the very same float32 task vectors) for references computed in float64.
 """
 import zlib
-from typing import Optional, Sequence
+from typing import Sequence
 
-import pytest
 import torch
 
 import neurokern.ops as nk  # noqa: F401  (registers torch.ops.neurokern.*)
@@ -117,7 +116,6 @@ def f64_group(base: torch.Tensor, fts: Sequence[torch.Tensor]):
 
 def trim_for(bases, fts, densities, keep_ties=True):
     """(threshold, tie_limit) from the kernel, global scope over the list, k = density * N per task."""
-    n = len(bases)
     N = sum(b.numel() for b in bases)
     k = [int(round(d * N)) for d in densities]
     return nk.magnitude_threshold(bases, fts, k, keep_ties=keep_ties)

@@ -6,7 +6,7 @@ import torch
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
 
-from .conftest import (DTYPE_IDS, DTYPES, INT64_MAX, SHAPES_2D, TASKS, list_trims, make_group, make_list, opcheck,
+from .conftest import (DTYPE_IDS, DTYPES, SHAPES_2D, TASKS, list_trims, make_group, make_list, opcheck,
                        seed_of)
 
 # Products of float32 values are exact in float64; only the summation order differs between the

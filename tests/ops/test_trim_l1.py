@@ -32,7 +32,7 @@ SHAPE_LISTS = [
 @pytest.mark.parametrize("scope", ["none", "global", "global_exact", "per_tensor"])
 def test_vs_reference(shapes, T, dtype, scope):
     bases, fts = _list_group(shapes, T, dtype, "l1")
-    n, N = len(bases), sum(b.numel() for b in bases)
+    N = sum(b.numel() for b in bases)
     trim = None
     if scope in ("global", "global_exact"):
         k = [max(1, (N * (t + 1)) // (T + 2)) for t in range(T)]

@@ -62,9 +62,9 @@ import triton.language as tl
 
 from neurokern.ops._common import to_device
 from neurokern.ops.triton import registry
+from neurokern.ops.dtypes import STORAGE_DTYPES
 
 MAX_TASKS = 8
-_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
 _C10_NAMES = {
     torch.float32: "Float", torch.float64: "Double", torch.bfloat16: "BFloat16", torch.float16: "Half",
     torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char",
@@ -138,7 +138,7 @@ def _check_group(op: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor])
 
 
 def _check_storage(op: str, dtype: torch.dtype) -> None:
-    if dtype not in _STORAGE:
+    if dtype not in STORAGE_DTYPES:
         _fail(op, f"expected float32, bfloat16 or float16 tensors, got {_name(dtype)}")
 
 

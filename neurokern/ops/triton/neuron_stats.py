@@ -47,9 +47,9 @@ import triton
 import triton.language as tl
 
 from neurokern.ops.triton import multi, registry
+from neurokern.ops.dtypes import STORAGE_DTYPES
 
 MAX_TASKS = 8
-_STORAGE = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _interpreting() -> bool:
 
 def check_group(op: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list]:
     """The C++ op's checks (check_group and the 2-D rule); returns contiguous tensors."""
-    if base.dtype not in _STORAGE:
+    if base.dtype not in STORAGE_DTYPES:
         raise RuntimeError(f"neurokern.{op}: expected float32, bfloat16 or float16 tensors, got {base.dtype}")
     if base.dim() != 2:
         raise RuntimeError(f"neurokern.{op}: base must be 2-D (rows are neurons), got {base.dim()}-D")

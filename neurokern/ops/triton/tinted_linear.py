@@ -47,8 +47,8 @@ import triton.language as tl
 
 from neurokern.ops.triton import registry
 from neurokern.ops.triton.neuron_stats import _interpreting
+from neurokern.ops.dtypes import STORAGE_DTYPES
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -326,7 +326,7 @@ def launch_tinted_linear(x, weight, bias, task_ids, perm=None, bounds=None, conf
     _check_ids(op, task_ids, x.shape[0])
     if weight.dtype != x.dtype:
         raise RuntimeError(f"neurokern.{op}: weight is {weight.dtype}, x is {x.dtype}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in STORAGE_DTYPES:
         raise RuntimeError(f"neurokern.{op}: expected float32, bfloat16 or float16 tensors, got {x.dtype}")
     T, N = weight.shape[0], weight.shape[1]
     if bias is not None:
@@ -370,7 +370,7 @@ def launch_weight_grad(grad, x, task_ids, num_tasks: int, perm=None, bounds=None
         )
     if grad.dtype != x.dtype:
         raise RuntimeError(f"neurokern.{op}: grad is {grad.dtype}, x is {x.dtype}")
-    if x.dtype not in _DTYPES:
+    if x.dtype not in STORAGE_DTYPES:
         raise RuntimeError(f"neurokern.{op}: expected float32, bfloat16 or float16 tensors, got {x.dtype}")
     if num_tasks < 0:
         raise RuntimeError(f"neurokern.{op}: num_tasks must be >= 0, got {num_tasks}")

@@ -1,0 +1,5 @@
+import sys
+
+from bench.accuracy.cli import main
+
+sys.exit(main())

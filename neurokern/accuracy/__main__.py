@@ -1,5 +1,0 @@
-import sys
-
-from neurokern.accuracy.cli import main
-
-sys.exit(main())
