@@ -5,6 +5,12 @@
 // - `finetuned` holds the T fine-tuned versions of `base`; task vectors tau_t = finetuned[t] - base
 //   are formed on the fly in fp32, whatever the storage dtype (float32, bfloat16, float16).
 //   Ops over a list of tensors take finetuned task-major: finetuned[t * n + i] belongs to base[i].
+// - Finite inputs near the float32 / bfloat16 maximum can give |tau| > 3.4e38, which float32 holds
+//   as +-inf. The trim still decides on that float32 |tau| (+inf ranks above every finite one); the
+//   float64 reductions read the float64 difference there, and the element-wise ops (weighted_sum,
+//   ties_merge, dare) compute every element whose float32 result (or "sum" vote) is NaN / Inf again
+//   in float64 from the float64 task vectors, rounded once to float32 and then to the output dtype.
+//   A merged value beyond the output dtype's range is stored as +-inf (the methods raise for it).
 // - Trim: with `threshold` (float32 [T]) and `tie_limit` (int64 [T]) given, an entry of task t at
 //   flat position p (= offset + index inside the tensor) is kept iff
 //   |tau| > threshold[t]  or  (|tau| == threshold[t] and p < tie_limit[t]); otherwise it reads as 0.
@@ -68,9 +74,10 @@ TORCH_LIBRARY(neurokern, m) {
       "ties_merge(Tensor base, Tensor[] finetuned, float[] weights, Tensor? threshold=None, "
       "Tensor? tie_limit=None, int offset=0, str consensus=\"sum\", str normalize=\"weights\", "
       "bool elect_weighted=True, str zero_sign=\"positive\", float scale=1.0) -> Tensor");
-  // DARE: keep each entry of tau_t with probability density (Philox-4x32-10 keyed by keys[t],
-  // counter = element index: the same mask on every device), rescale kept entries by 1/density
-  // ("density"), by |tau_t|_1 / |kept|_1 ("l1", mergekit) or not ("none"); then either a weighted
+  // DARE: keep entry i of tau_t iff its 32-bit draw (Philox-4x32-10 keyed by keys[t], counter =
+  // element index: the same mask on every device) is below t = floor(density * 2^32 + 0.5), i.e.
+  // with probability p = t / 2^32 (csrc/philox.h); rescale kept entries by 1/p ("density": the
+  // expectation is tau_t exactly), by |tau_t|_1 / |kept|_1 ("l1", mergekit) or not ("none"); then either a weighted
   // sum (consensus "none") or TIES election ("sum" | "count", mergekit rules); normalize as in
   // ties_merge; out = base + scale * that, in base's dtype.
   m.def(

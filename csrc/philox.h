@@ -37,10 +37,20 @@ NK_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, 
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// Keep threshold on 24-bit draws: an entry survives iff (draw >> 8) < dare_threshold24(density).
-NK_HD uint32_t dare_threshold24(double density) {
-  const double t = density * 16777216.0 + 0.5;
-  return t >= 16777216.0 ? 16777216u : static_cast<uint32_t>(t);
+// Keep threshold on 32-bit draws: an entry survives iff draw < dare_threshold(density), with
+// probability p = dare_threshold(density) / 2^32: density itself where density * 2^24 is an
+// integer (those keep what the rule on 24-bit draws kept), density to within 2^-33 elsewhere; 0
+// (nothing kept) below density 2^-33.
+NK_HD uint64_t dare_threshold(double density) {
+  const double t = density * 4294967296.0 + 0.5;
+  return t >= 4294967296.0 ? uint64_t{4294967296u} : static_cast<uint64_t>(t);
+}
+
+// The "density" rescale of kept entries: 1 / p, with p the keep probability actually used, so that
+// the expectation of a kept-and-rescaled entry is the entry (0 where nothing is kept).
+NK_HD double dare_factor(double density) {
+  const uint64_t t = dare_threshold(density);
+  return t ? 4294967296.0 / static_cast<double>(t) : 0.0;
 }
 
 // Draw for element `index` of a tensor under `key`: counter (index / 4), lane index % 4.

@@ -148,6 +148,21 @@ def raise_if_nonfinite(models: ModelSet, names: list[str], flags: Tensor) -> Non
         _check_finite_later([names[i]], models.base, models.finetuned)()
 
 
+def raise_if_unrepresentable(models: ModelSet, names: list[str], positions: Sequence[int]) -> None:
+    """positions: indices into names of merged outputs that hold NaN / Inf (weighted_sum_multi's
+    nonfinite flags, or nonfinite() of the outputs). Raises for the first: the input error where its
+    inputs hold NaN / Inf (as load_models' check does), else that the merged value is beyond its
+    dtype's range: the kernels compute the elements whose float32 arithmetic overflows in float64,
+    so finite inputs give a non-finite output only where the result itself does not fit."""
+    for i in sorted(positions):
+        name = names[i]
+        _check_finite_later([name], models.base, models.finetuned)()
+        dtype = models.base[name].dtype
+        kind = str(dtype).replace("torch.", "")
+        raise NeurokernError(f"tensor {name!r}: merged value exceeds {kind}'s maximum ({torch.finfo(dtype).max:.4g}) "
+                             "in magnitude; lower the weights or scale, or merge to a wider dtype")
+
+
 def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None,
                 check_finite: bool = True) -> ModelSet:
     """The checked ModelSet of the inputs, on `device` if given. check_finite=False leaves the

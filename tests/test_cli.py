@@ -129,3 +129,32 @@ def test_an_error_is_one_line_whatever_its_text(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(cli, "merge_command", merge_command)
     assert main(["merge", str(tmp_path / "c.yaml"), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == "neurokern: error: first line; second line\n"
+
+
+def _near_max_config(tmp_path, weights, method="task_arithmetic"):
+    """A base at 3e38 and fine-tuned models at -3e38 and +3e38 (bf16 files): float32 task vectors
+    of -6e38 overflow."""
+    big = torch.full((4, 8), 3e38, dtype=torch.bfloat16)
+    tensors = {"base": big, "a": -big, "b": big}
+    for name, t in tensors.items():
+        save_file({"x.weight": t, "ok.bias": torch.ones(8, dtype=torch.bfloat16)}, str(tmp_path / f"{name}.safetensors"))
+    cfg = tmp_path / f"{method}.yaml"
+    models = "".join(f"  - model: {tmp_path / m}.safetensors\n    parameters: {{weight: {w}}}\n"
+                     for m, w in zip("ab", weights))
+    cfg.write_text(f"merge_method: {method}\nbase_model: {tmp_path / 'base'}.safetensors\nmodels:\n{models}"
+                   "dtype: bfloat16\n")
+    return cfg
+
+
+def test_near_max_inputs_merge_exactly(tmp_path):
+    """Task vectors beyond float32's range: the streamed merge gives the exact answer (0 here)."""
+    assert main(["merge", str(_near_max_config(tmp_path, [0.5, 0.5])), str(tmp_path / "out")]) == 0
+    merged = load_model(tmp_path / "out")
+    assert torch.equal(merged["x.weight"], torch.zeros(4, 8, dtype=torch.bfloat16))
+
+
+def test_unrepresentable_result_is_one_line(tmp_path, capsys):
+    """A merged value above bfloat16's maximum: exit 2, one line naming the tensor, no output."""
+    err = run_err(capsys, _near_max_config(tmp_path, [-0.5, 0.5]), tmp_path / "out")
+    assert err.count("\n") == 1 and "tensor 'x.weight': merged value exceeds bfloat16's maximum" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

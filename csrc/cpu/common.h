@@ -72,11 +72,17 @@ struct Trim {
     active = true;
   }
 
-  // Task vector entry after trimming; `pos` is the index inside the tensor.
-  inline float apply(size_t t, float tau, int64_t pos) const {
-    if (!active) return tau;
+  // Whether the trim keeps the float32 task vector entry tau; `pos` is the index inside the tensor.
+  inline bool keeps(size_t t, float tau, int64_t pos) const {
+    if (!active) return true;
     const float mag = std::fabs(tau);
-    return (mag > thr[t] || (mag == thr[t] && pos + offset < lim[t])) ? tau : 0.0f;
+    return mag > thr[t] || (mag == thr[t] && pos + offset < lim[t]);
+  }
+  // Task vector entry after trimming.
+  inline float apply(size_t t, float tau, int64_t pos) const { return keeps(t, tau, pos) ? tau : 0.0f; }
+  // `value` (the float64 task vector entry that tau rounds) where the trim keeps tau, else 0.
+  inline double apply(size_t t, float tau, double value, int64_t pos) const {
+    return keeps(t, tau, pos) ? value : 0.0;
   }
 };
 
@@ -92,6 +98,20 @@ struct Group {
   inline float w(int64_t i) const { return static_cast<float>(base[i]); }
   inline float tau(size_t t, int64_t i) const {
     return static_cast<float>(ft[t][i]) - static_cast<float>(base[i]);
+  }
+  // float64 task vector entry: exact for finite inputs, where the float32 one overflows (|tau| >
+  // 3.4e38: inputs near the float32 / bfloat16 maximum).
+  inline double tau64(size_t t, int64_t i) const {
+    return static_cast<double>(static_cast<float>(ft[t][i])) - static_cast<double>(static_cast<float>(base[i]));
+  }
+  // tau as the float64 reductions read it: the float32 tau, or where that is not finite, tau64.
+  inline double tau_wide(size_t t, int64_t i) const {
+    const float x = tau(t, i);
+    return std::isfinite(x) ? static_cast<double>(x) : tau64(t, i);
+  }
+  // trim(tau_wide); the trim decides on the float32 tau (+inf ranks above every finite magnitude).
+  inline double trimmed_wide(const Trim& trim, size_t t, int64_t i) const {
+    return trim.apply(t, tau(t, i), tau_wide(t, i), i);
   }
 };
 

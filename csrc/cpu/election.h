@@ -24,8 +24,10 @@ inline Normalize parse_normalize(const char* op, c10::string_view s) {
   return Normalize::None;
 }
 
-// The vote of one element: sum of the values (Sum) or of their signs (Count).
-inline double vote(const float* e, int64_t T, Consensus consensus) {
+// The vote of one element: sum of the values (Sum) or of their signs (Count). V: float, or double
+// for the float64 recomputation of elements whose float32 values overflowed.
+template <typename V>
+inline double vote(const V* e, int64_t T, Consensus consensus) {
   double v = 0.0;
   for (int64_t t = 0; t < T; ++t) v += consensus == Consensus::Sum ? e[t] : sign_of(e[t]);
   return v;
@@ -34,7 +36,8 @@ inline double vote(const float* e, int64_t T, Consensus consensus) {
 // Merged delta of one element. d: contributions (weighted), e: values that vote, w: weights.
 // fallback: the sign elected when the vote is 0; 0 elects the negative side (the TIES reference's
 // where(sign > 0, x > 0, x < 0)).
-inline double elect_and_mix(const float* d, const float* e, const double* w, int64_t T,
+template <typename V>
+inline double elect_and_mix(const V* d, const V* e, const double* w, int64_t T,
                             Consensus consensus, int fallback, Normalize normalize) {
   double sum = 0.0, divisor = 1.0;
   if (consensus == Consensus::None) {

@@ -37,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> neuron_stats_cpu(
           const int64_t i = r * C + c;
           const double w = g.w(i);
           q += w * w;
-          for (int64_t t = 0; t < T; ++t) tau[t] = trim.apply(t, g.tau(t, i), i);
+          for (int64_t t = 0; t < T; ++t) tau[t] = g.trimmed_wide(trim, t, i);
           for (int64_t s = 0; s < T; ++s) {
             dr[s] += tau[s] * w;
             for (int64_t t = s; t < T; ++t) gr[s * T + t] += tau[s] * tau[t];

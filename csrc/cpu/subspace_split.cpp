@@ -38,14 +38,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> subspace_split_cpu(
           const int64_t i = r * C + c;
           const double w = g.w(i);
           q += w * w;
-          for (int64_t t = 0; t < T; ++t) dot[t] += trim.apply(t, g.tau(t, i), i) * w;
+          for (int64_t t = 0; t < T; ++t) dot[t] += g.trimmed_wide(trim, t, i) * w;
         }
         for (int64_t t = 0; t < T; ++t) {
           const double ct = q > 0.0 ? dot[t] / q : 0.0;  // w = 0: all of tau is orthogonal
           cf[r * T + t] = static_cast<float>(ct);
           for (int64_t c = 0; c < C; ++c) {
             const int64_t i = r * C + c;
-            out[t][i] = static_cast<float>(trim.apply(t, g.tau(t, i), i) - ct * g.w(i));
+            out[t][i] = static_cast<float>(g.trimmed_wide(trim, t, i) - ct * g.w(i));
           }
         }
       }

@@ -34,15 +34,34 @@ at::Tensor ties_merge_cpu(const at::Tensor& base, at::TensorList finetuned,
         e[t] = elect_weighted ? d[t] : tau;
       }
     };
+    // The same in float64 from the exact task vector (the trim decided on the float32 one), for
+    // the elements whose float32 result or vote is NaN / Inf: float32 overflowed on inputs near
+    // the maximum (or an input is NaN / Inf). The Triton kernels make the same choice.
+    auto load_wide = [&](int64_t i, double* d, double* e) {
+      for (int64_t t = 0; t < T; ++t) {
+        const double tau = trim.apply(t, g.tau(t, i), g.tau64(t, i), i);
+        d[t] = weights[t] * tau;
+        e[t] = elect_weighted ? d[t] : tau;
+      }
+    };
+    auto vote_overflowed = [&](const float* e) {
+      return consensus == Consensus::Sum && !std::isfinite(vote(e, T, consensus));
+    };
     int fallback = 1;
     if (zero_sign == "majority") {  // sign of the sum of the elected signs over the whole tensor
       const int64_t votes = at::parallel_reduce(
           0, base.numel(), kGrain, int64_t{0},
           [&](int64_t begin, int64_t end, int64_t acc) {
             std::vector<float> d(T), e(T);
+            std::vector<double> dw(T), ew(T);
             for (int64_t i = begin; i < end; ++i) {
               load(i, d.data(), e.data());
-              acc += sign_of(vote(e.data(), T, consensus));
+              if (vote_overflowed(e.data())) {
+                load_wide(i, dw.data(), ew.data());
+                acc += sign_of(vote(ew.data(), T, consensus));
+              } else {
+                acc += sign_of(vote(e.data(), T, consensus));
+              }
             }
             return acc;
           },
@@ -51,11 +70,18 @@ at::Tensor ties_merge_cpu(const at::Tensor& base, at::TensorList finetuned,
     }
     at::parallel_for(0, base.numel(), kGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> d(T), e(T);
+      std::vector<double> dw(T), ew(T);
       for (int64_t i = begin; i < end; ++i) {
         load(i, d.data(), e.data());
         const double merged =
             elect_and_mix(d.data(), e.data(), weights.data(), T, consensus, fallback, normalize);
-        o[i] = static_cast<scalar_t>(g.w(i) + static_cast<float>(scale * merged));
+        float r = g.w(i) + static_cast<float>(scale * merged);
+        if (!std::isfinite(r) || vote_overflowed(e.data())) {
+          load_wide(i, dw.data(), ew.data());
+          r = static_cast<float>(
+              g.w(i) + scale * elect_and_mix(dw.data(), ew.data(), weights.data(), T, consensus, fallback, normalize));
+        }
+        o[i] = static_cast<scalar_t>(r);
       }
     });
   });

@@ -35,9 +35,9 @@ at::Tensor trim_l1_cpu(at::TensorList base, at::TensorList finetuned,
             0, base[i].numel(), kGrain, Pair{0.0, 0.0},
             [&](int64_t begin, int64_t end, Pair s) {
               for (int64_t j = begin; j < end; ++j) {
-                const float tau = g.tau(t, j);
+                const double tau = g.tau_wide(t, j);
                 s.first += std::fabs(tau);
-                s.second += std::fabs(trim.apply(t, tau, j));
+                s.second += std::fabs(trim.apply(t, g.tau(t, j), tau, j));
               }
               return s;
             },

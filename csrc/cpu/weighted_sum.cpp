@@ -56,6 +56,12 @@ at::Tensor weighted_sum_cpu(const at::Tensor& base, at::TensorList finetuned,
         const int64_t j = i / layout.per;
         float v = ap[j] * g.w(i);
         for (int64_t t = 0; t < T; ++t) v += ap[(t + 1) * layout.count + j] * trim.apply(t, g.tau(t, i), i);
+        if (!std::isfinite(v)) {  // float32 overflowed (inputs near the maximum, or NaN / Inf): float64
+          double x = static_cast<double>(ap[j]) * g.w(i);
+          for (int64_t t = 0; t < T; ++t)
+            x += static_cast<double>(ap[(t + 1) * layout.count + j]) * trim.apply(t, g.tau(t, i), g.tau64(t, i), i);
+          v = static_cast<float>(x);
+        }
         o[i] = v;
       }
     });

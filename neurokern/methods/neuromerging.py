@@ -13,7 +13,7 @@ from neurokern.methods.global_trim import GlobalTrimPass
 from neurokern.methods.method import Method, batches, columns, group
 from neurokern.methods.passes import Pass, PassContext
 from neurokern.methods.trim import tensor_l1, thresholds
-from neurokern.models import ModelSet
+from neurokern.models import ModelSet, nonfinite, raise_if_unrepresentable
 
 WHERE = "method 'neuromerging'"
 
@@ -121,7 +121,9 @@ def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = No
                 elect_weighted=False, zero_sign="majority", scale=point_scale,
             )))
     trims.check_finite(models)
-    return {name: out[name] for name in names}
+    merged = [out[name] for name in names]
+    raise_if_unrepresentable(models, names, nonfinite(merged))
+    return dict(zip(names, merged))
 
 
 DEFAULTS = {

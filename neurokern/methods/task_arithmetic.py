@@ -6,7 +6,7 @@ import torch
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
 from neurokern.methods.method import Method, batches, columns
-from neurokern.models import raise_if_nonfinite
+from neurokern.models import raise_if_unrepresentable
 from neurokern.ops._common import to_device
 
 WHERE = "method 'task_arithmetic'"
@@ -33,10 +33,10 @@ def run(models, p: Params, progress: bool, pre=None):
     coeffs = [1.0] + [factor * w for w in p.weights]
     # NaN / Inf in the inputs: an untrimmed weighted sum holds one wherever an input does (a
     # non-finite tau_t or base stays non-finite times any coefficient, 0 included), so the merge's
-    # own flags of non-finite outputs find them, with no read of their own; raise_if_nonfinite
-    # confirms on the inputs (finite inputs can overflow).
+    # own flags of non-finite outputs find them, with no read of their own, and a merged value
+    # beyond the output dtype's range too; raise_if_unrepresentable tells the two apart.
     flags = None
-    if not models.finite_checked and models.names:
+    if models.names:
         flags = torch.empty(len(models.names), dtype=torch.int32, device=models.base[models.names[0]].device)
     out, done = {}, 0
     for names in batches(models, models.names, progress, "task_arithmetic"):
@@ -47,7 +47,7 @@ def run(models, p: Params, progress: bool, pre=None):
                                                      nonfinite=batch_flags)))
         done += len(names)
     if flags is not None:
-        raise_if_nonfinite(models, models.names, flags)
+        raise_if_unrepresentable(models, models.names, torch.nonzero(flags).flatten().tolist())
     return out
 
 

@@ -41,8 +41,11 @@ def dare(
 ) -> Tensor:
     """base + scale * merge of the DARE-dropped task vectors, in base's dtype.
 
-    Entry i of task t survives iff (philox(keys[t], i) >> 8) < round(density * 2^24); survivors are
-    rescaled by 1/density ("density"), by |tau_t|_1 / |kept|_1 ("l1", mergekit) or not ("none").
+    Entry i of task t survives iff philox(keys[t], i) (32 bits) < t = floor(density * 2^32 + 0.5),
+    with probability p = t / 2^32 (density itself where density * 2^24 is an integer, within 2^-33
+    of it elsewhere; nothing below density 2^-33); survivors are rescaled by 1/p ("density", so
+    that the expectation is tau_t exactly), by |tau_t|_1 / |kept|_1 ("l1", mergekit) or not
+    ("none").
     consensus "none" sums weights[t] * kept_t (dare_linear); "sum" / "count" elect signs first
     (dare_ties, mergekit rules). normalize as in ties_merge."""
     return torch.ops.neurokern.dare.default(

@@ -4,6 +4,12 @@ These functions are the specification the C++, CUDA and Triton kernels are teste
 favour the obvious formulation (sorting, stacking, per-neuron SVD) over speed. Arguments mirror the
 op faces in neurokern.ops. Task vectors are formed in float32 (tau = float(theta_t) - float(theta_0)),
 as the kernels do; pass float64 tensors to get float64 arithmetic throughout.
+
+Finite inputs near the float32 / bfloat16 maximum can have task vectors beyond float32's range
+(|tau| > 3.4e38): the float32 tau is then +-inf. Trims still decide on that float32 |tau| (+inf
+ranks above every finite magnitude), but every value computed from a kept tau uses the float64
+difference (task_vector_wide): the reductions always, weighted_sum where its float32 result is not
+finite (the kernels recompute those elements in float64).
 """
 import math
 from typing import Optional, Sequence
@@ -19,6 +25,13 @@ def task_vector(base: Tensor, finetuned: Tensor) -> Tensor:
     return finetuned.to(dtype) - base.to(dtype)
 
 
+def task_vector_wide(base: Tensor, finetuned: Tensor) -> Tensor:
+    """float64 task vector: the float32 tau (task_vector), or where that is not finite, the float64
+    difference (exact for finite inputs)."""
+    tau = task_vector(base, finetuned).double()
+    return torch.where(torch.isfinite(tau), tau, finetuned.double() - base.double())
+
+
 def keep_mask(tau: Tensor, threshold: Tensor, tie_limit: Tensor, offset: int = 0) -> Tensor:
     """The trim rule: keep |tau| > threshold, and entries equal to it at flat position < tie_limit."""
     mag = tau.abs()
@@ -32,6 +45,16 @@ def trimmed(tau: Tensor, trim: Optional[tuple[Tensor, Tensor]], t: int, offset: 
         return tau
     threshold, tie_limit = trim
     return tau * keep_mask(tau, threshold[t], tie_limit[t], offset)
+
+
+def trimmed_wide(base: Tensor, finetuned: Tensor, trim: Optional[tuple[Tensor, Tensor]], t: int,
+                 offset: int = 0) -> Tensor:
+    """trim(task_vector_wide): kept where the trim keeps the float32 tau."""
+    wide = task_vector_wide(base, finetuned)
+    if trim is None:
+        return wide
+    threshold, tie_limit = trim
+    return torch.where(keep_mask(task_vector(base, finetuned), threshold[t], tie_limit[t], offset), wide, 0.0)
 
 
 def _tasks(finetuned: Sequence[Tensor], n: int) -> int:
@@ -79,11 +102,11 @@ def trim_l1(base, finetuned, trim=None):
     offset = 0
     for i in range(n):
         for t in range(T):
-            tau = task_vector(base[i], finetuned[t * n + i]).double()
+            tau = task_vector_wide(base[i], finetuned[t * n + i])
             if trim is not None and trim[0].dim() == 2:
-                kept = trimmed(tau, (trim[0][i], trim[1][i]), t, 0)
+                kept = trimmed_wide(base[i], finetuned[t * n + i], (trim[0][i], trim[1][i]), t, 0)
             else:
-                kept = trimmed(tau, trim, t, offset)
+                kept = trimmed_wide(base[i], finetuned[t * n + i], trim, t, offset)
             out[t, 0] += tau.abs().sum()
             out[t, 1] += kept.abs().sum()
         offset += base[i].numel()
@@ -96,7 +119,7 @@ def trim_l1(base, finetuned, trim=None):
 
 def neuron_stats(base, finetuned, trim=None, offset=0):
     w = base.double()
-    taus = torch.stack([trimmed(task_vector(base, f), trim, t, offset).double() for t, f in enumerate(finetuned)], 1)
+    taus = torch.stack([trimmed_wide(base, f, trim, t, offset) for t, f in enumerate(finetuned)], 1)
     gram = torch.einsum("rsc,rtc->rst", taus, taus)
     dots = torch.einsum("rtc,rc->rt", taus, w)
     return gram, dots, (w * w).sum(1)
@@ -107,7 +130,7 @@ def subspace_split(base, finetuned, trim=None, offset=0):
     q = (w * w).sum(1, keepdim=True)
     coeffs, orth = [], []
     for t, f in enumerate(finetuned):
-        tau = trimmed(task_vector(base, f), trim, t, offset).double()
+        tau = trimmed_wide(base, f, trim, t, offset)
         c = torch.where(q > 0, (tau * w).sum(1, keepdim=True) / q.clamp_min(1e-300), torch.zeros_like(q))
         coeffs.append(c.squeeze(1))
         orth.append((tau - c * w).float())
@@ -175,10 +198,16 @@ def _expand_coeff(a: Tensor, base: Tensor) -> Tensor:
 
 
 def weighted_sum(base, finetuned, coeffs, trim=None, offset=0, out_dtype=None):
+    """Accumulated in float32 (float64 for float64 inputs); elements whose float32 sum is not
+    finite are the float64 sum of the wide task vectors, rounded to float32."""
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     out = _expand_coeff(coeffs[0], base) * base.to(dtype)
+    wide = _expand_coeff(coeffs[0], base).double() * base.double()
     for t, f in enumerate(finetuned):
-        out = out + _expand_coeff(coeffs[t + 1], base) * trimmed(task_vector(base, f), trim, t, offset)
+        a = _expand_coeff(coeffs[t + 1], base)
+        out = out + a * trimmed(task_vector(base, f), trim, t, offset)
+        wide = wide + a.double() * trimmed_wide(base, f, trim, t, offset)
+    out = torch.where(torch.isfinite(out), out, wide.to(dtype))
     return out.to(out_dtype or base.dtype)
 
 
@@ -229,7 +258,7 @@ def _weights(weights, like: Tensor) -> Tensor:
 
 def ties_merge(base, finetuned, weights, trim=None, offset=0, consensus="sum", normalize="weights",
                elect_weighted=True, zero_sign="positive", scale=1.0):
-    taus = torch.stack([trimmed(task_vector(base, f), trim, t, offset).double() for t, f in enumerate(finetuned)])
+    taus = torch.stack([trimmed_wide(base, f, trim, t, offset) for t, f in enumerate(finetuned)])
     w = _weights(weights, base)
     d = taus * w
     e = d if elect_weighted else taus
@@ -265,24 +294,32 @@ def philox4x32_10(c0: Tensor, c1: Tensor, key: int) -> list[Tensor]:
     return [c0, c1, c2, c3]
 
 
+def dare_threshold(density: float) -> int:
+    """The keep threshold on 32-bit draws: floor(density * 2^32 + 0.5), at most 2^32."""
+    return min(int(density * 4294967296.0 + 0.5), 4294967296)
+
+
 def dare_keep(numel: int, density: float, key: int, shape=None, device=None) -> Tensor:
-    """DARE's keep mask: entry i survives iff (draw(key, i) >> 8) < floor(density * 2^24 + 0.5)."""
+    """DARE's keep mask: entry i survives iff draw(key, i) < dare_threshold(density), with
+    probability p = dare_threshold(density) / 2^32."""
     idx = torch.arange(numel, dtype=torch.int64, device=device)
     block = idx >> 2
     lanes = philox4x32_10(block & _M32, block >> 32, key & ((1 << 64) - 1))
     draw = torch.stack(lanes).gather(0, (idx & 3)[None]).squeeze(0)
-    keep_below = min(int(density * 16777216.0 + 0.5), 16777216)
-    keep = (draw >> 8) < keep_below
+    keep = draw < dare_threshold(density)
     return keep.view(shape) if shape is not None else keep
 
 
 def dare(base, finetuned, weights, density, keys, rescale="density", consensus="none", normalize="none", scale=1.0):
+    """rescale "density" divides the kept entries by the keep probability actually used,
+    p = dare_threshold(density) / 2^32 (density itself where density * 2^24 is an integer)."""
     taus = []
+    threshold = dare_threshold(density)
     for t, f in enumerate(finetuned):
-        tau = task_vector(base, f).double()
+        tau = task_vector_wide(base, f)
         kept = tau * dare_keep(base.numel(), density, keys[t], base.shape, base.device)
-        if rescale == "density":
-            kept = kept / density
+        if rescale == "density" and threshold:
+            kept = kept * (4294967296.0 / threshold)
         elif rescale == "l1":  # mergekit's rescaled_masked_tensor with the L1 norm
             before, after = tau.abs().sum(), kept.abs().sum()
             if before >= 1e-7 and after >= 1e-7:

@@ -62,27 +62,29 @@ def test_mask_equals_reference(density, key):
 
 def test_mask_known_answer_philox():
     """Random123's published known-answer vector: Philox-4x32-10 with key 0, counter 0 gives
-    6627e8d5 e169c58d bc57ac4c 9b00dbd8, i.e. 24-bit draws 0x6627e8, 0xe169c5, 0xbc57ac, 0x9b00db
-    (densities 0.3990, 0.8806, 0.7357, 0.6055) for elements 0..3. An entry survives iff its draw is
-    below floor(density * 2^24 + 0.5)."""
+    6627e8d5 e169c58d bc57ac4c 9b00dbd8 (densities 0.3990, 0.8806, 0.7357, 0.6055) for elements
+    0..3. An entry survives iff its draw is below floor(density * 2^32 + 0.5)."""
     lanes = ref.philox4x32_10(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), 0)
     assert [int(x) for x in lanes] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     cases = {
-        0.399: [False, False, False, False],  # floor(0.399 * 2^24 + 0.5) = 6694089 <= 0x6627e8 = 6694888
-        0.4: [True, False, False, False],  # 6710886 > 6694888
+        0.399: [False, False, False, False],  # floor(0.399 * 2^32 + 0.5) = 1713686127 <= 0x6627e8d5
+        0.4: [True, False, False, False],  # 1717986918 > 0x6627e8d5 = 1713891541
         0.5: [True, False, False, False],
-        0.61: [True, False, False, True],  # 10234101 > 0x9b00db = 10158299
+        0.61: [True, False, False, True],  # 2619930050 > 0x9b00dbd8 = 2600524760
         0.75: [True, False, True, True],
         0.9: [True, True, True, True],
     }
     for density, expected in cases.items():
         assert _kernel_mask(4, density, 0).tolist() == expected, density
         assert ref.dare_keep(4, density, 0).tolist() == expected
-    # The boundary, strict: with floor(density * 2^24 + 0.5) equal to element 0's draw 6694888 it
-    # is dropped; one step higher it is kept.
+    # The boundary, strict: with floor(density * 2^32 + 0.5) equal to element 0's draw it is
+    # dropped; one step higher it is kept. The 24-bit steps of the rule before (d * 2^24 an
+    # integer) keep what they kept.
+    assert _kernel_mask(4, 0x6627E8D5 / 2**32, 0).tolist() == [False, False, False, False]
+    assert _kernel_mask(4, 0x6627E8D6 / 2**32, 0).tolist() == [True, False, False, False]
+    assert ref.dare_keep(4, 0x6627E8D5 / 2**32, 0).tolist() == [False, False, False, False]
     assert _kernel_mask(4, 6694888 / 2**24, 0).tolist() == [False, False, False, False]
     assert _kernel_mask(4, 6694889 / 2**24, 0).tolist() == [True, False, False, False]
-    assert ref.dare_keep(4, 6694888 / 2**24, 0).tolist() == [False, False, False, False]
 
 
 @pytest.mark.parametrize("density", [0.1, 0.5, 0.9])
@@ -92,6 +94,45 @@ def test_fraction_kept_is_density(density):
     kept = _kernel_mask(n, density, nk.dare_keys(7, "layer.weight", 1)[0])
     sigma = math.sqrt(density * (1 - density) / n)
     assert abs(kept.float().mean().item() - density) <= 5 * sigma
+
+
+@pytest.mark.parametrize("density", [1e-2, 1e-4, 1e-7])
+def test_expectation_is_the_undropped_value(density):
+    """The empirical mean of DARE's rescaled entries (rescale "density") over 2^22 entries and 8
+    independent keys is the undropped value 1 within 5 binomial sigma, sqrt((1 - p) / (n p)) for
+    n = 2^25 draws: 1.2% at d = 1e-2, 12% at 1e-4. At 1e-7 (3.4 kept entries expected) the bound
+    is loose (2.7); test_rescale_is_one_over_the_keep_probability pins the bias there exactly."""
+    n, T = 1 << 22, 8
+    out = nk.dare(torch.zeros(n), [torch.ones(n)] * T, [1.0 / T] * T, density, nk.dare_keys(5, "mean", T))
+    sigma = math.sqrt((1 - density) / (n * T * density))
+    assert abs(out.double().mean().item() - 1.0) <= 5 * sigma
+
+
+# (key, element index) pairs whose 32-bit draw is tiny, found by a search over keys with the
+# reference Philox: draw(key, index) is given.
+TINY_DRAWS = {(1343428, 3): 0, (19781057, 0): 45, (29784019, 3): 424, (20047379, 1): 457}
+
+
+@pytest.mark.parametrize("density", [1e-7, 5e-8, 3e-8, 1e-8, 0.3, 2**-10])
+def test_rescale_is_one_over_the_keep_probability(density):
+    """E[out] = P(kept) * factor * tau = tau exactly: an entry is kept iff its 32-bit draw is below
+    t = floor(density * 2^32 + 0.5) (probability t / 2^32) and rescaled by 2^32 / t. Before, the
+    24-bit rule kept with probability round(d 2^24) / 2^24 but rescaled by 1 / d: +19% at 1e-7,
+    nothing kept below 3e-8."""
+    t = min(math.floor(density * 2**32 + 0.5), 2**32)
+    assert t > 0  # even 1e-8 keeps something in expectation (t = 43)
+    for (key, index), draw in TINY_DRAWS.items():
+        lanes = ref.philox4x32_10(torch.tensor([index // 4]), torch.tensor([0]), key)
+        assert int(lanes[index % 4]) == draw
+        out = nk.dare(torch.zeros(4), [torch.full((4,), 3.0)], [1.0], density, [key])
+        kept = out[index] != 0
+        assert bool(kept) == (draw < t)
+        if kept:  # the factor: 3 * 2^32 / t, in float32
+            assert out[index].item() == torch.tensor(3.0 * 2**32 / t, dtype=torch.float32).item()
+    # the observed factor times the keep probability is 1
+    out = nk.dare(torch.zeros(4096), [torch.ones(4096)], [1.0], density, [1])
+    if bool((out != 0).any()):
+        assert out[out != 0][0].double().item() * t / 2**32 == pytest.approx(1.0, rel=1e-7)
 
 
 def test_same_keys_same_output_different_keys_different_mask():
@@ -155,7 +196,9 @@ def test_large_parallel():
     base, fts = make_group((300, 200), 3, torch.bfloat16, seed_of("dl"))
     keys = nk.dare_keys(5, "big", 3)
     for rescale in ("density", "l1"):
-        _run(base, fts, [1.0, -0.5, 0.75], 0.2, keys, rescale=rescale, consensus="count", normalize="count")
+        # density 0.25: an exact rescale factor (4), so that merged values that cancel to ~0 are
+        # exact in both the kernel and the float64 reference (1 ulp of bf16 there is tiny)
+        _run(base, fts, [1.0, -0.5, 0.75], 0.25, keys, rescale=rescale, consensus="count", normalize="count")
 
 
 # ---------------------------------------------------------------------------------------------

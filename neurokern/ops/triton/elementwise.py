@@ -14,7 +14,10 @@ launched with enable_fp_fusion=False (no mul+add contraction), float64 divisions
 rounded (reciprocal + Markstein correction, _div_rn), and float32 -> bfloat16 stores round to
 nearest even. The element-wise outputs are therefore bitwise equal to the C++ op's (sign elections
 included, which float32 votes would flip on near-zero sums; checked on CPU and on an H100);
-reductions differ only in the order of their float64 sums.
+reductions differ only in the order of their float64 sums. Elements whose float32 result (or
+float64 "sum" vote) is NaN / Inf, which finite inputs near the float32 / bfloat16 maximum give when
+tau overflows float32, are computed again in float64 from the float64 task vectors, as the C++
+kernels do (one max over the block decides; the common path pays that reduction only).
 
 Design (each input element read once per pass, each output written once):
 - The T <= MAX_TASKS (8) fine-tuned tensors are separate kernel arguments f0..f7 (unused ones are
@@ -226,13 +229,55 @@ def _tau(f_ptr, offs, mask, w):
 @triton.jit
 def _trimmed(tau, pos, thr_ptr, lim_ptr, t: tl.constexpr, TRIM: tl.constexpr):
     """The trim rule: keep |tau| > thr[t], or |tau| == thr[t] at flat position pos < lim[t]."""
+    return _trimmed_value(tau, tau, pos, thr_ptr, lim_ptr, t, TRIM)
+
+
+@triton.jit
+def _trimmed_value(tau, value, pos, thr_ptr, lim_ptr, t: tl.constexpr, TRIM: tl.constexpr):
+    """`value` (tau, or the float64 task vector that tau rounds) where the trim keeps tau, else 0."""
     if TRIM:
         thr = tl.load(thr_ptr + t)
         lim = tl.load(lim_ptr + t)
         mag = tl.abs(tau)
         keep = (mag > thr) | ((mag == thr) & (pos < lim))
-        tau = tl.where(keep, tau, 0.0)
-    return tau
+        value = tl.where(keep, value, 0.0)
+    return value
+
+
+@triton.jit
+def _nonfinite(x):
+    """NaN or Inf (x - x is NaN exactly there)."""
+    return (x - x) != 0
+
+
+@triton.jit
+def _any(mask):
+    return tl.max(mask.to(tl.int32)) != 0
+
+
+@triton.jit
+def _tau_wide(f_ptr, offs, mask, w):
+    """(float32 tau, float64 tau): the float64 difference is exact for all finite inputs, where
+    the float32 one overflows past 3.4e38 (inputs near the float32 / bfloat16 maximum)."""
+    f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return f - w, f.to(tl.float64) - w.to(tl.float64)
+
+
+@triton.jit
+def _task_wide(f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t: tl.constexpr, TRIM: tl.constexpr):
+    """float64 trim(tau): the trim decided on the float32 |tau| (+inf where it overflows), as the
+    float32 path decides it."""
+    tau, wide = _tau_wide(f_ptr, offs, mask, w)
+    return _trimmed_value(tau, wide, pos, thr_ptr, lim_ptr, t, TRIM)
+
+
+@triton.jit
+def _reduce_tau(f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t: tl.constexpr, TRIM: tl.constexpr):
+    """(|tau|, |trim(tau)|) in float64 for the reductions: the float32 tau, or where it overflowed,
+    the float64 difference (trim_l1, DARE's l1 norms)."""
+    tau, wide = _tau_wide(f_ptr, offs, mask, w)
+    x = tl.where(_nonfinite(tau), wide, tau.to(tl.float64))
+    return tl.abs(x), tl.abs(_trimmed_value(tau, x, pos, thr_ptr, lim_ptr, t, TRIM))
 
 
 @triton.jit
@@ -338,6 +383,14 @@ def _ws_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_p
         acc = _ws_add(acc, f6, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 6, TRIM, LAYOUT)
     if T > 7:
         acc = _ws_add(acc, f7, offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, 7, TRIM, LAYOUT)
+    bad = _nonfinite(acc)
+    if _any(bad):  # float32 overflowed (or an input is NaN / Inf): those elements in float64
+        wide = _coeff(coef_ptr, 0, count, cidx, mask, LAYOUT).to(tl.float64) * w.to(tl.float64)
+        for t in tl.static_range(T):
+            a = _coeff(coef_ptr, t + 1, count, cidx, mask, LAYOUT).to(tl.float64)
+            wide = wide + a * _task_wide((f0, f1, f2, f3, f4, f5, f6, f7)[t], offs, mask, w, pos, thr_ptr, lim_ptr,
+                                         t, TRIM)
+        acc = tl.where(bad, wide.to(tl.float32), acc)
     out = _to_out(acc, out_ptr.dtype.element_ty)
     tl.store(out_ptr + offs, out, mask=mask)
     return out
@@ -697,6 +750,67 @@ def _ties_uniform(limits, T: tl.constexpr, TRIM: tl.constexpr, SPAN: tl.constexp
 
 
 @triton.jit
+def _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T: tl.constexpr, TRIM: tl.constexpr,
+                CONSENSUS: tl.constexpr, ELECT_W: tl.constexpr, WIDE: tl.constexpr):
+    """(w, d, e, vote) of a block: base, the contributions d_t = float(weights[t]) * trim(tau_t),
+    the votes e_t (d_t or trim(tau_t)) and their sum (float64) or sum of signs. WIDE: in float64,
+    d_t = weights[t] * trim(tau_t) from the exact tau (float64 difference), the trim decided on the
+    float32 |tau| as the float32 path decides it (csrc/cpu/ties_merge.cpp's wide path)."""
+    w = _load_f32(base_ptr, offs, mask)
+    ds = ()
+    es = ()
+    for t in tl.static_range(T):
+        f = _load_f32(fs[t], offs, mask)
+        tau = f - w  # tau_t = float32(finetuned[t]) - float32(base)
+        if WIDE:
+            x = f.to(tl.float64) - w.to(tl.float64)
+            if TRIM:
+                x = tl.where(tl.abs(tau) >= cut[t], x, 0.0)
+            d = tl.load(par_ptr + t) * x
+            e = d if ELECT_W else x
+        else:
+            if TRIM:
+                tau = tl.where(tl.abs(tau) >= cut[t], tau, 0.0)
+            d = wt[t] * tau
+            e = d if ELECT_W else tau
+        ds = ds + (d,)
+        es = es + (e,)
+        # The vote: the sum of the values (float64) or of their signs. It starts at e_0, not
+        # 0.0 + e_0: that changes only the sign of a zero sum, which elects nothing.
+        x = e.to(tl.float64) if CONSENSUS == 1 else (e > 0).to(tl.int32) - (e < 0).to(tl.int32)
+        v = x if t == 0 else v + x
+    return w, ds, es, v
+
+
+@triton.jit
+def _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T: tl.constexpr, NORMALIZE: tl.constexpr,
+              ELECT_W: tl.constexpr, WIDE: tl.constexpr):
+    """float32 base + scale * elect_and_mix(d, e) (csrc/cpu/election.h); WIDE: the sum with base
+    in float64, rounded once."""
+    # sign_of(v) with the fallback for 0 (a NaN vote is 0 too); agree_t: e_t has the elected sign.
+    sgn = tl.where((v > 0) | (~(v < 0) & zero_pos), 1.0, -1.0)
+    m = 0
+    for t in tl.static_range(T):
+        agree = es[t] * sgn > 0
+        m = m | (agree.to(tl.int32) << t)
+        x = tl.where(agree, ds[t].to(tl.float64), 0.0)
+        # The sum in task order from 0.0: its first term is x itself unless x is -0.0, which
+        # an agreeing d_t (= e_t, nonzero) never is when the vote is weighted.
+        if t == 0:
+            s = x if ELECT_W else 0.0 + x
+        else:
+            s = s + x
+    if NORMALIZE:
+        tab = par_ptr + (T + 1) + m
+        s = _markstein(s, tl.load(tab), tl.load(tab + (1 << T)))
+    if WIDE:
+        r = (w.to(tl.float64) + scale * s).to(tl.float32)
+    else:
+        r = w + (scale * s).to(tl.float32)
+    return r
+
+
+@triton.jit
 def _ties_block(
     acc, base_ptr, fs, out_ptr, offs, mask, cut, wt, scale, zero_pos, par_ptr,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -705,43 +819,28 @@ def _ties_block(
     """One block of elements. PASS 0 (the "majority" pre-pass) returns acc + sign(vote); PASS 1
     stores out = base + float(scale * elect_and_mix(d, e)) (csrc/cpu/election.h) and returns acc.
     fs: the T fine-tuned pointers; cut: _tie_cuts; wt: float32 weights; zero_pos: a zero vote
-    elects +; par: ties_params."""
-    w = _load_f32(base_ptr, offs, mask)
-    ds = ()
-    es = ()
-    for t in tl.static_range(T):
-        tau = _load_f32(fs[t], offs, mask) - w  # tau_t = float32(finetuned[t]) - float32(base)
-        if TRIM:
-            tau = tl.where(tl.abs(tau) >= cut[t], tau, 0.0)
-        d = wt[t] * tau  # d_t = float(weights[t]) * trim(tau_t), e_t = d_t or trim(tau_t)
-        e = d if ELECT_W else tau
-        ds = ds + (d,)
-        es = es + (e,)
-        # The vote: the sum of the values (float64) or of their signs. It starts at e_0, not
-        # 0.0 + e_0: that changes only the sign of a zero sum, which elects nothing.
-        x = e.to(tl.float64) if CONSENSUS == 1 else (e > 0).to(tl.int32) - (e < 0).to(tl.int32)
-        v = x if t == 0 else v + x
+    elects +; par: ties_params. Elements whose float32 result or float64 vote ("sum") is NaN / Inf
+    (float32 overflowed on finite inputs near the maximum, or an input is NaN / Inf) are computed
+    again in float64 (_ties_votes, _ties_mix)."""
+    w, ds, es, v = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, False)
     if PASS == 0:
+        if CONSENSUS == 1:
+            bad = _nonfinite(v)
+            if _any(bad):
+                w64, d64, e64, wide = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS,
+                                            ELECT_W, True)
+                v = tl.where(bad, wide, v)
         acc += tl.where(mask, _sign(v), 0)
     else:
-        # sign_of(v) with the fallback for 0 (a NaN vote is 0 too); agree_t: e_t has the elected sign.
-        sgn = tl.where((v > 0) | (~(v < 0) & zero_pos), 1.0, -1.0)
-        m = 0
-        for t in tl.static_range(T):
-            agree = es[t] * sgn > 0
-            m = m | (agree.to(tl.int32) << t)
-            x = tl.where(agree, ds[t].to(tl.float64), 0.0)
-            # The sum in task order from 0.0: its first term is x itself unless x is -0.0, which
-            # an agreeing d_t (= e_t, nonzero) never is when the vote is weighted.
-            if t == 0:
-                s = x if ELECT_W else 0.0 + x
-            else:
-                s = s + x
-        if NORMALIZE:
-            tab = par_ptr + (T + 1) + m
-            s = _markstein(s, tl.load(tab), tl.load(tab + (1 << T)))
-        delta = (scale * s).to(tl.float32)
-        tl.store(out_ptr + offs, _to_out(w + delta, out_ptr.dtype.element_ty), mask=mask)
+        r = _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, False)
+        bad = _nonfinite(r)
+        if CONSENSUS == 1:
+            bad = bad | _nonfinite(v)
+        if _any(bad):
+            w64, d64, e64, v64 = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS,
+                                             ELECT_W, True)
+            r = tl.where(bad, _ties_mix(w64, d64, e64, v64, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, True), r)
+        tl.store(out_ptr + offs, _to_out(r, out_ptr.dtype.element_ty), mask=mask)
     return acc
 
 
@@ -904,38 +1003,70 @@ def _philox(c0, c1, k0, k1):
 @triton.jit
 def _dare_keep(grp, lane, k0, k1, keep_below):
     """Keep mask of a [G, 4] tile: element 4 * grp + lane draws lane `lane` of Philox on counter
-    grp (one Philox call per 4 elements); kept iff (draw >> 8) < keep_below."""
+    grp (one Philox call per 4 elements); kept iff the 32-bit draw < keep_below (dare_threshold)."""
     r0, r1, r2, r3 = _philox(grp.to(tl.uint32), (grp >> 32).to(tl.uint32), k0, k1)
     draw = tl.where(lane == 0, r0[:, None],
                     tl.where(lane == 1, r1[:, None], tl.where(lane == 2, r2[:, None], r3[:, None])))
-    return (draw >> 8).to(tl.int32) < keep_below
+    return draw.to(tl.int64) < keep_below
 
 
 @triton.jit
-def _dare_tau_keep(f_ptr, offs, mask, w, grp, lane, keep_below, par_ptr, t: tl.constexpr, T: tl.constexpr):
-    """tau_t of a [G, 4] tile and its keep mask; par: weights (T), scale, divisor, then the keys
-    (k0, k1) of each task."""
-    tau = _tau(f_ptr, offs, mask, w)
+def _dare_task_keep(grp, lane, keep_below, par_ptr, t: tl.constexpr, T: tl.constexpr):
+    """Task t's keep mask of a [G, 4] tile; par: weights (T), scale, divisor, then the keys (k0,
+    k1) of each task."""
     k0 = tl.load(par_ptr + (T + 2 + 2 * t)).to(tl.uint32)
     k1 = tl.load(par_ptr + (T + 3 + 2 * t)).to(tl.uint32)
-    return tau, _dare_keep(grp, lane, k0, k1, keep_below)
+    return _dare_keep(grp, lane, k0, k1, keep_below)
 
 
 @triton.jit
-def _dare_d(f_ptr, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, t: tl.constexpr, T: tl.constexpr):
-    """d_t = float(weights[t]) * (kept ? float(tau_t * factor_t) : 0) (csrc/cpu/dare.cpp)."""
-    tau, keep = _dare_tau_keep(f_ptr, offs, mask, w, grp, lane, keep_below, par_ptr, t, T)
-    rescaled = tl.where(keep, (tau.to(tl.float64) * tl.load(fac_ptr + t)).to(tl.float32), 0.0)
-    return tl.load(par_ptr + t).to(tl.float32) * rescaled
-
-
-@triton.jit
-def _dare_mix_add(v, s, d, CONSENSUS: tl.constexpr):
-    if CONSENSUS == 0:
-        s = s + d.to(tl.float64)
+def _dare_votes(base_ptr, fs, offs, mask, grp, lane, keep_below, par_ptr, fac_ptr, T: tl.constexpr,
+                CONSENSUS: tl.constexpr, WIDE: tl.constexpr):
+    """(w, d, vote, sum) of a tile: d_t = float(weights[t]) * (kept ? float(tau_t * factor_t) : 0)
+    (csrc/cpu/dare.cpp), their vote (consensus "sum" / "count") or float64 sum ("none"). WIDE: in
+    float64 from the exact tau, d_t = weights[t] * (kept ? tau_t * factor_t : 0)."""
+    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CONSENSUS == 1:
+        v = tl.zeros(w.shape, dtype=tl.float64)
     else:
-        v = _vote_add(v, d, CONSENSUS)
-    return v, s
+        v = tl.zeros(w.shape, dtype=tl.int32)
+    s = tl.zeros(w.shape, dtype=tl.float64)
+    ds = ()
+    for t in tl.static_range(T):
+        keep = _dare_task_keep(grp, lane, keep_below, par_ptr, t, T)
+        tau, wide = _tau_wide(fs[t], offs, mask, w)
+        if WIDE:
+            d = tl.load(par_ptr + t) * tl.where(keep, wide * tl.load(fac_ptr + t), 0.0)
+        else:
+            rescaled = tl.where(keep, (tau.to(tl.float64) * tl.load(fac_ptr + t)).to(tl.float32), 0.0)
+            d = tl.load(par_ptr + t).to(tl.float32) * rescaled
+        ds = ds + (d,)
+        if CONSENSUS == 0:
+            s = s + d.to(tl.float64)
+        else:
+            v = _vote_add(v, d, CONSENSUS)
+    return w, ds, v, s
+
+
+@triton.jit
+def _dare_mix(w, ds, v, s, par_ptr, T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+              WIDE: tl.constexpr):
+    """float32 base + scale * merged: sum_t d_t / divisor (consensus "none") or elect_and_mix(d, d)
+    with a zero vote electing + (election.h); WIDE: the sum with base in float64, rounded once."""
+    if CONSENSUS == 0:
+        merged = _div_rn(s, tl.load(par_ptr + (T + 1)))
+    else:
+        positive = _sign(v) >= 0  # a zero vote elects + (mergekit)
+        ws = tl.zeros(w.shape, dtype=tl.float64)
+        cnt = tl.zeros(w.shape, dtype=tl.int32)
+        for t in tl.static_range(T):
+            s, ws, cnt = _agree_add(s, ws, cnt, ds[t], ds[t], tl.load(par_ptr + t), positive)
+        merged = _divide(s, ws, cnt, NORMALIZE)
+    if WIDE:
+        r = (w.to(tl.float64) + tl.load(par_ptr + T) * merged).to(tl.float32)
+    else:
+        r = w + (tl.load(par_ptr + T) * merged).to(tl.float32)
+    return r
 
 
 @triton.jit
@@ -945,8 +1076,8 @@ def _dare_block(
     FULL: tl.constexpr = False,
 ):
     """A tile of [G, 4] consecutive elements (G Philox counters grp, one Philox call per 4
-    elements): out = base + float(scale * merged), merged = sum_t d_t / divisor (consensus "none")
-    or elect_and_mix(d, d) with a zero vote electing + (election.h). FULL: the whole tile lies
+    elements): out = base + float(scale * merged) (_dare_mix). Elements whose float32 result or
+    float64 vote ("sum") is NaN / Inf are computed again in float64. FULL: the whole tile lies
     inside n (unmasked loads, which vectorize)."""
     lane = tl.arange(0, 4)[None, :]
     offs = grp[:, None] * 4 + lane
@@ -954,61 +1085,18 @@ def _dare_block(
         mask = tl.full([G, 4], True, tl.int1)
     else:
         mask = offs < n
-    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    fs = (f0, f1, f2, f3, f4, f5, f6, f7)
+    w, ds, v, s = _dare_votes(base_ptr, fs, offs, mask, grp, lane, keep_below, par_ptr, fac_ptr, T, CONSENSUS,
+                              False)
+    r = _dare_mix(w, ds, v, s, par_ptr, T, CONSENSUS, NORMALIZE, False)
+    bad = _nonfinite(r)
     if CONSENSUS == 1:
-        v = tl.zeros([G, 4], dtype=tl.float64)
-    else:
-        v = tl.zeros([G, 4], dtype=tl.int32)
-    s = tl.zeros([G, 4], dtype=tl.float64)
-    if T > 0:
-        d0 = _dare_d(f0, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, 0, T)
-        v, s = _dare_mix_add(v, s, d0, CONSENSUS)
-    if T > 1:
-        d1 = _dare_d(f1, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, 1, T)
-        v, s = _dare_mix_add(v, s, d1, CONSENSUS)
-    if T > 2:
-        d2 = _dare_d(f2, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, 2, T)
-        v, s = _dare_mix_add(v, s, d2, CONSENSUS)
-    if T > 3:
-        d3 = _dare_d(f3, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, 3, T)
-        v, s = _dare_mix_add(v, s, d3, CONSENSUS)
-    if T > 4:
-        d4 = _dare_d(f4, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, 4, T)
-        v, s = _dare_mix_add(v, s, d4, CONSENSUS)
-    if T > 5:
-        d5 = _dare_d(f5, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, 5, T)
-        v, s = _dare_mix_add(v, s, d5, CONSENSUS)
-    if T > 6:
-        d6 = _dare_d(f6, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, 6, T)
-        v, s = _dare_mix_add(v, s, d6, CONSENSUS)
-    if T > 7:
-        d7 = _dare_d(f7, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, 7, T)
-        v, s = _dare_mix_add(v, s, d7, CONSENSUS)
-    if CONSENSUS == 0:
-        merged = _div_rn(s, tl.load(par_ptr + (T + 1)))
-    else:
-        positive = _sign(v) >= 0  # a zero vote elects + (mergekit)
-        ws = tl.zeros([G, 4], dtype=tl.float64)
-        cnt = tl.zeros([G, 4], dtype=tl.int32)
-        if T > 0:
-            s, ws, cnt = _agree_add(s, ws, cnt, d0, d0, tl.load(par_ptr + 0), positive)
-        if T > 1:
-            s, ws, cnt = _agree_add(s, ws, cnt, d1, d1, tl.load(par_ptr + 1), positive)
-        if T > 2:
-            s, ws, cnt = _agree_add(s, ws, cnt, d2, d2, tl.load(par_ptr + 2), positive)
-        if T > 3:
-            s, ws, cnt = _agree_add(s, ws, cnt, d3, d3, tl.load(par_ptr + 3), positive)
-        if T > 4:
-            s, ws, cnt = _agree_add(s, ws, cnt, d4, d4, tl.load(par_ptr + 4), positive)
-        if T > 5:
-            s, ws, cnt = _agree_add(s, ws, cnt, d5, d5, tl.load(par_ptr + 5), positive)
-        if T > 6:
-            s, ws, cnt = _agree_add(s, ws, cnt, d6, d6, tl.load(par_ptr + 6), positive)
-        if T > 7:
-            s, ws, cnt = _agree_add(s, ws, cnt, d7, d7, tl.load(par_ptr + 7), positive)
-        merged = _divide(s, ws, cnt, NORMALIZE)
-    delta = (tl.load(par_ptr + T) * merged).to(tl.float32)
-    tl.store(out_ptr + offs, _to_out(w + delta, out_ptr.dtype.element_ty), mask=mask)
+        bad = bad | _nonfinite(v)
+    if _any(bad):
+        w64, d64, v64, s64 = _dare_votes(base_ptr, fs, offs, mask, grp, lane, keep_below, par_ptr, fac_ptr, T,
+                                         CONSENSUS, True)
+        r = tl.where(bad, _dare_mix(w64, d64, v64, s64, par_ptr, T, CONSENSUS, NORMALIZE, True), r)
+    tl.store(out_ptr + offs, _to_out(r, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -1024,8 +1112,8 @@ def _dare_kernel(
 
 @triton.jit
 def _dare_l1_add(sb, sk, f_ptr, offs, mask, w, grp, lane, keep_below, par_ptr, t: tl.constexpr, T: tl.constexpr):
-    tau, keep = _dare_tau_keep(f_ptr, offs, mask, w, grp, lane, keep_below, par_ptr, t, T)
-    mag = tl.abs(tau).to(tl.float64)
+    keep = _dare_task_keep(grp, lane, keep_below, par_ptr, t, T)
+    mag, _ = _reduce_tau(f_ptr, offs, mask, w, offs, par_ptr, par_ptr, t, False)
     return sb + mag, sk + tl.where(keep, mag, 0.0)
 
 
@@ -1101,10 +1189,17 @@ def _dare_l1_kernel(
         _dare_l1_store(part, b7, k7, 7)
 
 
-def dare_threshold24(density: float) -> int:
-    """csrc/philox.h dare_threshold24: floor(density * 2^24 + 0.5), at most 2^24."""
-    t = density * 16777216.0 + 0.5
-    return 16777216 if t >= 16777216.0 else int(t)
+def dare_threshold(density: float) -> int:
+    """csrc/philox.h dare_threshold: floor(density * 2^32 + 0.5), at most 2^32."""
+    t = density * 4294967296.0 + 0.5
+    return 4294967296 if t >= 4294967296.0 else int(t)
+
+
+def dare_factor(density: float) -> float:
+    """csrc/philox.h dare_factor: 2^32 / dare_threshold(density), the reciprocal of the keep
+    probability actually used (0 where nothing is kept)."""
+    t = dare_threshold(density)
+    return 4294967296.0 / t if t else 0.0
 
 
 def dare_params(weights, density: float, keys, rescale: str, norm: int, scale: float) -> list[float]:
@@ -1118,7 +1213,7 @@ def dare_params(weights, density: float, keys, rescale: str, norm: int, scale: f
         divisor = 1.0 if abs(wsum) < 1e-8 else wsum
     elif norm == 2:
         divisor = float(max(T, 1))
-    factor = 1.0 / density if rescale == "density" else 1.0
+    factor = dare_factor(density) if rescale == "density" else 1.0
     key_words = []
     for k in keys:
         k = int(k) & ((1 << 64) - 1)
@@ -1173,7 +1268,7 @@ def dare(
     par = _params(base.device, dare_params(weights, density, keys, rescale, norm, scale))
     fac = par[T + 2 + 2 * T:]
     block = _election_block(T)
-    keep_below = dare_threshold24(density)
+    keep_below = dare_threshold(density)
     fs = _slots(base, finetuned)
     if rescale == "l1":  # mergekit: match the L1 norm of the task vector, unless either is ~0
         lblock = _red_block(2 * T)

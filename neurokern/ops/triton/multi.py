@@ -265,9 +265,8 @@ def _dare_multi_kernel(
 
 @triton.jit
 def _l1_add(sb, sk, f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t: tl.constexpr, TRIM: tl.constexpr):
-    tau = ew._tau(f_ptr, offs, mask, w)
-    kept = ew._trimmed(tau, pos, thr_ptr, lim_ptr, t, TRIM)
-    return sb + tl.abs(tau).to(tl.float64), sk + tl.abs(kept).to(tl.float64)
+    mag, kept = ew._reduce_tau(f_ptr, offs, mask, w, pos, thr_ptr, lim_ptr, t, TRIM)
+    return sb + mag, sk + kept
 
 
 @triton.jit
@@ -623,7 +622,7 @@ def dare_multi(base, finetuned, weights, density, keys, rescale="density", conse
     host = torch.tensor(row, dtype=torch.float64).repeat(n, 1)
     host[:, T + 2:3 * T + 2] = words
     par = to_device(host, base[0].device)
-    keep_below = ew.dare_threshold24(density)
+    keep_below = ew.dare_threshold(density)
     for g in launches:
         _dare_multi_kernel[(g.programs,)](
             g.table, g.owner, g.rows_of(par, n), base[g.first], g.nt, keep_below, PAR=len(row),

@@ -132,13 +132,17 @@ def task_trim(thr_ptr, lim_ptr, k: tl.constexpr, T: tl.constexpr, HAS_TRIM: tl.c
 
 @triton.jit
 def trimmed_tau(f_ptr, idx, cmask, w32, thr, lim, offset, HAS_TRIM: tl.constexpr):
-    """float64 trim(tau) = trim(float32(f) - float32(w)) at flat indices idx (0 where masked)."""
-    tau = tl.load(f_ptr + idx, mask=cmask, other=0.0).to(tl.float32) - w32
+    """float64 trim(tau) = trim(float32(f) - float32(w)) at flat indices idx (0 where masked); where
+    the float32 difference overflows (finite inputs near the maximum), the float64 difference, the
+    trim still decided on the float32 |tau| (+inf)."""
+    f = tl.load(f_ptr + idx, mask=cmask, other=0.0).to(tl.float32)
+    tau = f - w32
+    x = tl.where((tau - tau) != 0, f.to(tl.float64) - w32.to(tl.float64), tau.to(tl.float64))
     if HAS_TRIM:
         mag = tl.abs(tau)
         keep = (mag > thr) | ((mag == thr) & (offset + idx < lim))
-        tau = tl.where(keep, tau, 0.0)
-    return tau.to(tl.float64)
+        x = tl.where(keep, x, 0.0)
+    return x
 
 
 @triton.jit

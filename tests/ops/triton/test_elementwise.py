@@ -413,7 +413,7 @@ def test_dare_mask_at_large_indices(start):
     """Counters past 2^32 (element indices past 2^34) use both counter words: the kernel's mask at
     those indices equals csrc/philox.h's (the reference's Philox on int64 counters)."""
     G, key, density = 64, -(2**63) + 987654321, 0.5
-    kw = E.dare_threshold24(density)
+    kw = E.dare_threshold(density)
     u = key & ((1 << 64) - 1)
     keys = dev(torch.tensor([u & 0xFFFFFFFF, u >> 32], dtype=torch.float64))
     out = dev(torch.zeros(4 * G, dtype=torch.int8))
@@ -421,7 +421,7 @@ def test_dare_mask_at_large_indices(start):
     grp = torch.arange(start, start + G, dtype=torch.int64)
     lanes = ref.philox4x32_10(grp & 0xFFFFFFFF, grp >> 32, u)
     draws = torch.stack(lanes, 1).flatten()
-    assert torch.equal(out.cpu().bool(), (draws >> 8) < kw)
+    assert torch.equal(out.cpu().bool(), draws < kw)
 
 
 @triton.jit
@@ -680,7 +680,7 @@ def test_cuda_dare_real_shapes(shape, T):
     for start in (0, base.numel() - 2**18):
         grp = torch.arange(start // 4, (start + 2**18) // 4, dtype=torch.int64)
         draws = torch.stack(ref.philox4x32_10(grp & 0xFFFFFFFF, grp >> 32, u), 1).flatten()
-        assert torch.equal(mask[start:start + 2**18], (draws >> 8) < E.dare_threshold24(0.3))
+        assert torch.equal(mask[start:start + 2**18], draws < E.dare_threshold(0.3))
 
 
 @cuda_only
