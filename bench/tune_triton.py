@@ -1,16 +1,19 @@
-"""Block-size sweep of the multi-tensor Triton kernels on the TinyLlama-1.1B-shaped set (bf16,
-base + T fine-tuned, on the GPU): weighted_sum_multi forward and backward, ties_merge_multi and
-dare_multi, each over its launch constants (elements per program, warps). Prints a table and writes
-bench/results/tune-triton-<gpu>.json; the winners go into neurokern/ops/triton/elementwise.py by
-hand.
+"""Block-size sweep of the Triton kernels on the GPU, each over its launch constants (elements per
+program, warps). Prints a table and writes bench/results/tune-triton-<gpu>.json (--tint:
+tune-triton-tint-<gpu>.json); the winners go into neurokern/ops/triton/elementwise.py by hand.
 
-    python bench/tune_triton.py [--tasks 4] [--layers 22]
+    python bench/tune_triton.py [--tasks 4] [--layers 22]   # TinyLlama-1.1B-shaped set, bf16:
+        weighted_sum_multi forward and backward, ties_merge_multi and dare_multi
+    python bench/tune_triton.py --tint [--tasks 8]           # a TintedModel's step on ViT-B/32's
+        shared weights (bf16, layer-wise lambda: one weighted_sum and one weighted_sum_backward
+        per shape group, per-row coefficients, as neurokern.tint.merged stacks them)
 """
 import argparse
+import dataclasses
 
 import torch
 
-from bench.kernels import bench, list_set, set_arguments, write_report
+from bench.kernels import bench, copy_bandwidth, list_set, set_arguments, write_report
 from neurokern import ops
 from neurokern.ops.triton import elementwise as ew
 
@@ -56,10 +59,63 @@ def setter(**names):
     return apply
 
 
+# ViT-B/32's shared weights as neurokern.tint.merged stacks them: (tensors, elements each) per
+# shape group of the 12 blocks (q/k/v/o projections; fc1; fc2), each group split into rows of
+# 18432 elements (merged._row_split).
+VIT_GROUPS = ((48, 768 * 768), (12, 3072 * 768), (12, 768 * 3072))
+TINT_ROW = 18432
+
+
+@dataclasses.dataclass
+class TintSet:
+    """The stacked groups, their per-row coefficients and gradients; the fields write_report reads."""
+    device: torch.device
+    groups: list
+    T: int
+    N: int
+    copy: float
+
+
+def tint_set(T: int, device=torch.device("cuda")) -> TintSet:
+    g = torch.Generator(device=device).manual_seed(0)
+    groups = []
+    for tensors, numel in VIT_GROUPS:
+        rows = tensors * numel // TINT_ROW
+        base = (0.02 * torch.randn(rows, TINT_ROW, generator=g, device=device)).to(torch.bfloat16)
+        fts = [(base + 0.002 * torch.randn(rows, TINT_ROW, generator=g, device=device)).to(torch.bfloat16)
+               for _ in range(T)]
+        coeffs = torch.full((T + 1, rows), 0.3, device=device)
+        coeffs[0] = 1.0
+        grad = torch.randn(rows, TINT_ROW, generator=g, device=device).to(torch.bfloat16)
+        groups.append((base, fts, coeffs, grad))
+    N = sum(b.numel() for b, *_ in groups)
+    return TintSet(device, groups, T, N, copy_bandwidth(device))
+
+
+def tint_sweeps(args) -> None:
+    st = tint_set(args.tasks)
+    print(f"{torch.cuda.get_device_name(st.device)}: ViT-B/32 groups, {st.N / 1e6:.1f} M params x (1 + {st.T}); "
+          f"copy {st.copy:.0f} GB/s")
+    ws = torch.ops.neurokern.weighted_sum.default
+    ws_back = torch.ops.neurokern.weighted_sum_backward.default
+    results = {}
+    # forward reads base + T inputs and writes one (bf16); backward reads grad, base and T inputs
+    sweep("tint_forward", (st.T + 2) * st.N * 2, st.copy, [(b, w) for b in FORWARD_BLOCKS for w in WARPS],
+          setter(BLOCK=None, NUM_WARPS=None),
+          lambda: [ws(b, f, c, None, None, 0, None) for b, f, c, _ in st.groups], results)
+    sweep("tint_backward", (st.T + 2) * st.N * 2, st.copy,
+          [(r, w) for r in (256, 512, 1024, 2048) for w in (2,) + WARPS], setter(RED_BLOCK=None, NUM_WARPS=None),
+          lambda: [ws_back(gr, b, f, c, None, None, 0) for b, f, c, gr in st.groups], results)
+    write_report(args.out, "tune-triton-tint", st, sweeps=results)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     set_arguments(parser)
+    parser.add_argument("--tint", action="store_true", help="sweep a TintedModel step's kernels (ViT-B/32 groups)")
     args = parser.parse_args()
+    if args.tint:
+        return tint_sweeps(args)
     st = list_set(args)
     print(f"{torch.cuda.get_device_name(st.device)}: {st.N / 1e9:.3f} B params x (1 + {st.T}); copy {st.copy:.0f} GB/s")
     keys = list(range(len(st.names) * st.T))

@@ -573,12 +573,13 @@ def _ws_dots(grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_pt
 def _ws_backward_rows_kernel(
     grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, out_ptr,
     R, C, n, offset,
-    T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr,
+    T: tl.constexpr, TRIM: tl.constexpr, BLOCK: tl.constexpr, FULL: tl.constexpr,
 ):
     """One program per row (_ws_dots). Per-row coefficients: the rows of base, float32 out. Per
-    tensor: chunks of CHUNK elements, float64 out (stage 1 of the two-stage sum)."""
+    tensor: chunks of CHUNK elements, float64 out (stage 1 of the two-stage sum). FULL: every row
+    is a whole number of BLOCKs inside n (unmasked loads)."""
     _ws_dots(grad_ptr, base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, out_ptr,
-             tl.program_id(0).to(tl.int64), R, C, n, offset, T, TRIM, BLOCK)
+             tl.program_id(0).to(tl.int64), R, C, n, offset, T, TRIM, BLOCK, FULL)
 
 
 @triton.jit
@@ -662,9 +663,11 @@ def weighted_sum_backward(
         if n == 0:
             return torch.zeros(coeffs.shape, dtype=torch.float32, device=dev)
         P = triton.cdiv(n, CHUNK)
+        block = min(RED_BLOCK, CHUNK)
         part = torch.empty((T + 1, P), dtype=torch.float64, device=dev)
         _ws_backward_rows_kernel[(P,)](grad, base, *fs, thr_p, lim_p, part, P, CHUNK, n, offset,
-                                       BLOCK=min(RED_BLOCK, CHUNK), **LAUNCH, **trim_args)
+                                       BLOCK=block, FULL=n % CHUNK == 0 and CHUNK % block == 0,
+                                       **LAUNCH, **trim_args)
         return part.sum(1).to(torch.float32)
     if layout == 1 and n and n == base.shape[0]:  # rows of one element: the per-element products
         layout = 2
@@ -674,9 +677,9 @@ def weighted_sum_backward(
         if R == 0 or C == 0:
             return torch.zeros(coeffs.shape, dtype=torch.float32, device=dev)
         out = torch.empty((T + 1, R), dtype=torch.float32, device=dev)
+        block = min(RED_BLOCK, triton.next_power_of_2(C))
         _ws_backward_rows_kernel[(R,)](grad, base, *fs, thr_p, lim_p, out, R, C, n, offset,
-                                       BLOCK=min(RED_BLOCK, triton.next_power_of_2(C)),
-                                       **LAUNCH, **trim_args)
+                                       BLOCK=block, FULL=C % block == 0, **LAUNCH, **trim_args)
         return out.view(coeffs.shape)
     out = torch.empty(coeffs.shape, dtype=torch.float32, device=dev)
     if n == 0:

@@ -172,6 +172,8 @@ WS_CASES = [
     ((33, 65), "tensor", True), ((33, 65), "element", False), ((5,), "row", True),
     ((0, 7), "element", True), ((0, 7), "row", False), ((3, 2, 5), "row", False),
     ((7, 9), "tensor", False), ((2, 40), "row", True),
+    # rows and chunks that are whole blocks: the backward's unmasked loads
+    ((4, 16), "row", True), ((2, 4096), "tensor", False),
 ]
 
 
