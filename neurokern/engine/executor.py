@@ -3,7 +3,6 @@ tensors of the next work units while the device merges the current one; H2D copi
 stream; merged units are copied back (D2H) into host buffers that the writer thread drains. Every
 queue is bounded, so memory stays at the plan's estimate whatever the model size. On a GPU,
 units of the first pass may stay on the device (within the budget) for the later passes."""
-import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -15,12 +14,8 @@ from torch import Tensor
 
 from neurokern.engine import timing
 from neurokern.engine.plan import HOST_SLOTS, Plan, Unit
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import TensorInfo, TensorSource
-
-READ_THREADS = int(os.environ.get("NEUROKERN_READ_THREADS", "16"))
-# Every tensor is read in pieces of at most this many bytes, each a job of its own: a large tensor
-# is read by many threads at once, and the disk queue stays full up to the last bytes of a unit.
-READ_PIECE = int(os.environ.get("NEUROKERN_READ_PIECE_BYTES", 16 * 2**20))
 
 
 @dataclass
@@ -180,15 +175,20 @@ class Loading:
 
 
 class Reader:
-    """Reads units, in order, into host slots: every tensor in pieces, by a pool of threads."""
+    """Reads units, in order, into host slots: every tensor in pieces of at most
+    settings.read_piece_bytes, each a job of its own (a large tensor is read by many threads at
+    once, and the disk queue stays full up to the last bytes of a unit), by settings.read_threads
+    threads."""
 
-    def __init__(self, plan: Plan, models: list[TensorSource], device: torch.device):
+    def __init__(self, plan: Plan, models: list[TensorSource], device: torch.device,
+                 settings: EngineSettings = EngineSettings()):
         self.plan, self.models = plan, models
+        self.piece = settings.read_piece_bytes
         padding = 16 * len(models) * max((len(u.names) for u in plan.units), default=0)
         self.slots = _Slots(HOST_SLOTS, plan.unit_cap + padding, "input buffers", device)
         if self.slots.pin:
             self.slots.prepare()
-        self.pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="neurokern-read")
+        self.pool = ThreadPoolExecutor(max_workers=settings.read_threads, thread_name_prefix="neurokern-read")
         self.bytes_read = 0  # input bytes of the units submitted (one producer thread at a time adds)
 
     @staticmethod
@@ -212,10 +212,10 @@ class Reader:
                         jobs.append(self.pool.submit(self._read, m, info, dest, begin, end))
                 elif info.start < 0:  # pickled: one copy from the loaded checkpoint
                     jobs.append(self.pool.submit(self._read, m, info, dest, 0, info.nbytes))
-                else:  # pieces end at multiples of READ_PIECE in the file
+                else:  # pieces end at multiples of the piece size in the file
                     at, stop = info.start, info.start + info.nbytes
                     while at < stop:
-                        end = min(stop, (at // READ_PIECE + 1) * READ_PIECE)
+                        end = min(stop, (at // self.piece + 1) * self.piece)
                         jobs.append(self.pool.submit(self._read, m, info, dest, at - info.start, end - info.start))
                         at = end
                 typed[name] = (dest.view(info.dtype).view(info.shape) if info.nbytes else

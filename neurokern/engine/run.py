@@ -21,9 +21,10 @@ from neurokern.engine import kernel_warmup, prefetch, timing
 from neurokern.engine.adapters import CONFIG as ADAPTER_CONFIG
 from neurokern.engine.adapters import AdapterModel, is_adapter
 from neurokern.engine.distributed import Ranks, local_device
-from neurokern.engine.executor import READ_THREADS, Batch, Reader, Stager, _Slots, batches
+from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import Model, TensorSource, open_model, stacked, validate
 from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, check_shared, done_record,
                                      fault_point, is_published, load_global, lock_partial, notice, partial_dir,
@@ -100,8 +101,9 @@ class _Engine:
     def __init__(self, cfg: MergeConfig, out_dir: Path, device: torch.device, budget: Optional[int],
                  host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool], durable: bool = False,
                  host_option: str = "--memory-budget", sources: Sequence[TensorSource] = (),
-                 discard: bool = False):
+                 discard: bool = False, settings: EngineSettings = EngineSettings()):
         self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
+        self.settings = settings
         self.cuda = device.type == "cuda"
         self.discard = discard
         self.spec = METHODS[cfg.method]
@@ -114,7 +116,8 @@ class _Engine:
         else:
             self.base = (given[cfg.base_model] if cfg.base_model in given
                          else Model(cfg.base_model, "base_model", allow_pickle))
-        self.finetuned = [given[p] if p in given else open_model(p, f"models[{i}]", self.base, allow_pickle)
+        self.finetuned = [given[p] if p in given else open_model(p, f"models[{i}]", self.base, allow_pickle,
+                                                                    settings.adapter_piece_bytes)
                           for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned
         validate(self.base, self.finetuned)
@@ -127,9 +130,9 @@ class _Engine:
         # what the output is written in: mergekit's out_dtype, else dtype
         written = DTYPES[cfg.out_dtype] if cfg.out_dtype else self.out_dtype
         # every reader thread may be computing a piece of an adapter's tensor at once
-        derived_work = READ_THREADS * max(m.work_bytes() for m in self.models)
+        derived_work = settings.read_threads * max(m.work_bytes() for m in self.models)
         self.plan = make_plan(self.base, self.T + 1, written, cfg.out_shard_size, budget, host_budget, self.cuda,
-                              host_option, self.spec.work_bytes(self.T), derived_work)
+                              host_option, self.spec.work_bytes(self.T), derived_work, settings.max_unit_bytes)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
         self.extra_files = {}  # name -> text: the base's config.json with the config's changes
@@ -165,7 +168,7 @@ class _Engine:
             bar.set_postfix_str(f"{count[0]} tensors", refresh=False)
             bar.update(batch.nbytes)
             self.batches_seen += 1
-            fault_point("batches", self.batches_seen)
+            fault_point(self.settings, "batches", self.batches_seen)
 
         timing.section(desc)
         start = time.perf_counter()
@@ -252,7 +255,7 @@ class _Engine:
             ranks.barrier()  # every rank has looked before rank 0 renames
             if published:
                 if ranks.is_main:
-                    rename(partial, self.out_dir)
+                    rename(partial, self.out_dir, self.settings)
                 return Result(self.out_dir, self.plan, time.perf_counter() - start, [],
                               shards_reused=len(self.plan.shards))
             return self._run(ranks, partial, start, resume)
@@ -299,7 +302,7 @@ class _Engine:
         # before the reader pins its buffers (a pinning call waits for the others)
         self.finite_host = (torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32, pin_memory=True)
                             if self.cuda else None)
-        self.reader = Reader(plan, self.models, self.device)
+        self.reader = Reader(plan, self.models, self.device, self.settings)
         self.out_slots: Optional[_Slots] = None  # the merge pass's D2H buffers (GPU)
         self.stager = Stager(self.device, self.out_dtype, cache)
         writer = None
@@ -313,9 +316,9 @@ class _Engine:
                     pre = self._prepasses(all_mine, ranks, ctx)
                     if ranks.is_main:
                         save_global(partial, self.digest, {p.key: p.dump(pre[p.key]) for p in self.prepasses})
-                        fault_point("saved")
+                        fault_point(self.settings, "saved")
             ranks.barrier()
-            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, self.discard)
+            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, self.discard, self.settings)
             if todo:
                 passes.append("merge")
             self._merge(todo, ranks, pre, writer)
@@ -344,7 +347,7 @@ class _Engine:
                         "inputs_digest": self.digest, "tensors": len(plan.tensors),
                         "total_size": plan.total_out_bytes}
             with timing.span("publish"):
-                publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable)
+                publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable, self.settings)
         bytes_read, reused = counts.tolist()
         return Result(self.out_dir, plan, time.perf_counter() - start, passes, peak, bytes_read=bytes_read,
                       shards_reused=reused, shard_digests=digests)
@@ -416,7 +419,8 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
                  device: Optional[str] = None, memory_budget: Union[int, str, None] = None,
                  host_memory_budget: Union[int, str, None] = None, resume: bool = False,
                  dry_run: bool = False, allow_pickle: bool = False, progress: Optional[bool] = None,
-                 fsync: bool = False, sources: Sequence[TensorSource] = (), discard_output: bool = False) -> Result:
+                 fsync: bool = False, sources: Sequence[TensorSource] = (), discard_output: bool = False,
+                 settings: Optional[EngineSettings] = None) -> Result:
     """Merge the models a config names (YAML path or dict, mergekit keys) into out_dir, streamed:
     sharded safetensors in and out, host and device memory within memory_budget (default 8 GiB),
     resumable (resume=True finishes an interrupted run byte-identically), one shard set per rank
@@ -429,14 +433,18 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
     discard_output: every shard is merged, copied back to the host and hashed exactly as it would
     be written (the manifest's sha256_tree), and nothing is written: Result.shard_digests holds the
     digests, and out_dir is not created (benchmarks of the pipeline without the output disk).
-    It cannot be resumed."""
+    It cannot be resumed.
+    settings: the engine's settings (threads, piece and unit sizes, warm-up, ranks, timing); by
+    default EngineSettings.from_env(), the NEUROKERN_* variables (docs/environment.md)."""
+    if settings is None:
+        settings = EngineSettings.from_env()
     timing.section("start-up")
     timing.add_process_age("process age at merge_models")
     try:
         with timing.span("config"):
             cfg = load_config(config)
         if not dry_run and not sources:
-            prefetch.start(cfg, resume)  # already under way when started by the command line
+            prefetch.start(cfg, settings, resume)  # already under way when started by the command line
         with timing.span("device init"):
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -455,12 +463,12 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
             if discard_output and resume:
                 raise NeurokernError("discard_output merges write nothing to resume from; run without resume")
             engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync, host_option,
-                             sources, discard_output)
+                             sources, discard_output, settings)
         if dry_run:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return Result(Path(out_dir), engine.plan, 0.0, engine.passes,
                           stats={"description": describe(engine.plan, cfg.method, engine.passes, dev.type == "cuda", world)})
-        ranks = Ranks.setup(dev)
+        ranks = Ranks.setup(dev, settings)
         try:
             with _gpu_memory_cap(dev, engine.plan):
                 return engine.run(ranks, resume)

@@ -4,7 +4,7 @@ runs under a watchdog, so a deadlock fails the test instead of hanging the suite
 import pytest
 import torch
 
-from neurokern.engine import merge_models, plan
+from neurokern.engine import merge_models
 from neurokern.engine.executor import Reader, Stager, batches
 from neurokern.engine.plan import HOST_SLOTS, make_plan
 from neurokern.engine.sources import Model
@@ -16,17 +16,16 @@ from engine_helpers import read_dir, within, write_config
 WATCHDOG_S = 60
 
 
-def _setup(models, monkeypatch):
-    monkeypatch.setattr(plan, "MAX_UNIT", 20_000)
+def _setup(models):
     base = Model(models / "base", "base_model")
     fts = [Model(models / f"task_{t}", f"models[{t}]") for t in range(3)]
-    p = make_plan(base, 4, None, 40_000)
+    p = make_plan(base, 4, None, 40_000, max_unit_bytes=20_000)
     assert len(p.units) > 2 * HOST_SLOTS
     return p, Reader(p, [base] + fts, torch.device("cpu")), Stager(torch.device("cpu"), None)
 
 
-def test_abandoned_iterations_give_their_slots_back(models, monkeypatch):
-    p, reader, stager = _setup(models, monkeypatch)
+def test_abandoned_iterations_give_their_slots_back(models):
+    p, reader, stager = _setup(models)
 
     def run():
         # More abandoned iterations than there are slots, each holding a batch when closed: with a
@@ -49,8 +48,8 @@ def test_abandoned_iterations_give_their_slots_back(models, monkeypatch):
         reader.close()
 
 
-def test_error_in_consumer_gives_slots_back(models, monkeypatch):
-    p, reader, stager = _setup(models, monkeypatch)
+def test_error_in_consumer_gives_slots_back(models):
+    p, reader, stager = _setup(models)
 
     def run():
         for _ in range(2 * HOST_SLOTS):
