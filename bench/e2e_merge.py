@@ -199,10 +199,11 @@ def read_in_warmup_order(folders: list[Path]) -> float:
     to bring every input into the page cache; against read_all's file order, whether that order
     costs the merges read speed."""
     from neurokern.engine import prefetch
+    from neurokern.engine.timing import Recorder
 
     inputs = [prefetch._byte_ranges(folder) for folder in folders]
     t = time.perf_counter()
-    warmup = prefetch._Warmup(("e2e",), prefetch._pieces(inputs, 1 << 62))
+    warmup = prefetch._Warmup(("e2e",), prefetch._pieces(inputs, 1 << 62), Recorder())
     for thread in warmup.threads:
         thread.join()
     return time.perf_counter() - t

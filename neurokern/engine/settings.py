@@ -45,11 +45,6 @@ class EngineSettings:
             raise NeurokernError(f"NEUROKERN_DIST_TIMEOUT={self.dist_timeout_s!r}: expected a number of seconds "
                                  "above 0")
 
-    @property
-    def timed(self) -> bool:
-        """Whether the merge's blocks are timed (a profile or a trace is asked for)."""
-        return self.profile or bool(self.trace)
-
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "EngineSettings":
         """Every variable read once from `environ` (default os.environ); an unset or empty one takes

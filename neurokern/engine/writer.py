@@ -51,10 +51,10 @@ import torch
 from torch import Tensor
 
 from neurokern.checkpoint import INDEX
-from neurokern.engine import timing
 from neurokern.engine.files import open_regular
 from neurokern.engine.plan import OUT_SLOTS, Plan, Shard
 from neurokern.engine.settings import EngineSettings
+from neurokern.engine.timing import Recorder
 from neurokern.errors import NeurokernError
 
 # A unit's tensors are written by a pool of threads in pieces while the writer thread hashes them
@@ -197,9 +197,9 @@ class ShardWriter:
     """Writes the given shards; `put` hands it merged host tensors in plan order."""
 
     def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False, discard: bool = False,
-                 settings: EngineSettings = EngineSettings()):
+                 settings: EngineSettings = EngineSettings(), recorder: Optional[Recorder] = None):
         self.partial, self.plan, self.durable, self.discard = partial, plan, durable, discard
-        self.settings = settings
+        self.settings, self.recorder = settings, recorder or Recorder()
         self.shards = {i: plan.shards[i] for i in shards}
         self.shard_of = plan.shard_of()
         self.queue: queue.Queue = queue.Queue(maxsize=OUT_SLOTS)
@@ -263,7 +263,7 @@ class ShardWriter:
                     return
                 tensors, wait, release, check = item
                 if wait is not None:
-                    with timing.span("writer: wait for D2H"):
+                    with self.recorder.span("writer: wait for D2H"):
                         wait()
                 if check is not None:
                     check()
@@ -272,7 +272,7 @@ class ShardWriter:
                     self._where = (self.partial / (self.plan.shards[self.shard_of[name]].file + ".tmp"), name)
                     if self._write(name, t, jobs):
                         finished.append(self.shard_of[name])
-                with timing.span("writer: wait for writes"):
+                with self.recorder.span("writer: wait for writes"):
                     for job in jobs:
                         job.result()
                 if release is not None:
@@ -317,7 +317,7 @@ class ShardWriter:
         """Write one piece at its file offset and record its sha256 (dict stores are atomic)."""
         fd = entry["fd"]
         try:
-            with timing.busy("writer: pwrite + hash", len(data)):
+            with self.recorder.busy("writer: pwrite + hash", len(data)):
                 done = 0 if fd is not None else len(data)  # discard: hashed only
                 while done < len(data):
                     done += os.pwrite(fd, data[done:], offset + done)
@@ -334,7 +334,7 @@ class ShardWriter:
         if fd is not None:
             try:
                 if self.durable:
-                    with timing.span("writer: fsync"):
+                    with self.recorder.span("writer: fsync"):
                         os.fsync(fd)
             finally:
                 os.close(fd)

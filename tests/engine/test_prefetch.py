@@ -13,6 +13,7 @@ from neurokern.engine import prefetch
 from neurokern.engine.plan import make_plan
 from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import Model
+from neurokern.engine.timing import Recorder
 
 from engine_helpers import read_dir, write_config
 
@@ -67,17 +68,18 @@ def test_limit(models, monkeypatch):
 def test_skipped_for_resume_torchrun_and_when_off(models, tmp_path, monkeypatch):
     cfg = load_config(write_config(tmp_path / "c.yaml", "ties", models, None, {"density": 0.3}))
     on, off = EngineSettings(prefetch=True), EngineSettings(prefetch=False)
-    prefetch.start(cfg, on, resume=True)
+    recorder = Recorder()
+    prefetch.start(cfg, on, recorder, resume=True)
     assert prefetch._current is None
     monkeypatch.setenv("WORLD_SIZE", "2")
-    prefetch.start(cfg, on)
+    prefetch.start(cfg, on, recorder)
     assert prefetch._current is None
     monkeypatch.delenv("WORLD_SIZE")
-    prefetch.start(cfg, off)
+    prefetch.start(cfg, off, recorder)
     assert prefetch._current is None
-    prefetch.start(cfg, on)
+    prefetch.start(cfg, on, recorder)
     warming = prefetch._current
-    prefetch.start(cfg, on)  # already warming these inputs
+    prefetch.start(cfg, on, recorder)  # already warming these inputs
     assert warming is not None and prefetch._current is warming
     prefetch.stop()
     assert prefetch._current is None and not any(t.is_alive() for t in warming.threads)

@@ -13,7 +13,7 @@ def test_defaults_of_an_empty_environment():
     assert (s.read_threads, s.read_piece_bytes, s.adapter_piece_bytes, s.max_unit_bytes) == (16, 16 * 2**20,
                                                                                                4 * 2**20, 512 * 2**20)
     assert (s.prefetch, s.dist_backend, s.dist_timeout_s, s.profile, s.trace) == (True, None, 7200.0, False, "")
-    assert (s.test_crash, s.test_stall, s.timed) == (None, None, False)
+    assert (s.test_crash, s.test_stall) == (None, None)
 
 
 def test_every_variable_is_read():
@@ -25,7 +25,6 @@ def test_every_variable_is_read():
         read_threads=3, read_piece_bytes=1000, adapter_piece_bytes=1, max_unit_bytes=20000, prefetch=False,
         dist_backend="gloo", dist_timeout_s=1.5, profile=True, trace="/tmp/t.json", test_crash=("shards", 2),
         test_stall=("saved", 0))
-    assert EngineSettings.from_env({"NEUROKERN_TRACE": "t.json"}).timed
     for on in ("1", "true", "YES", "on"):
         assert EngineSettings.from_env({"NEUROKERN_PROFILE": on}).profile
     for off in ("0", "false", "No", "off"):
@@ -69,4 +68,4 @@ def test_no_module_reads_the_environment_at_import():
     readers = [str(p.relative_to(root)) for p in root.rglob("*.py")
                if re.search(r"environ\.get\(\s*[\"']NEUROKERN_|environ\[[\"']NEUROKERN_|getenv\(\s*[\"']NEUROKERN_",
                             p.read_text())]
-    assert readers == ["engine/timing.py"], readers
+    assert readers == [], readers
