@@ -41,7 +41,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# bench/ holds a kernels.py, which would shadow the `kernels` package that transformers imports: the
+# repository root goes on the path instead of this folder, and the other scripts are `bench.*`
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(ROOT))
+from bench.machine import device_tag  # noqa: E402
 GB = 1e9
 START = time.perf_counter()
 
@@ -199,10 +205,11 @@ def read_in_warmup_order(folders: list[Path]) -> float:
     to bring every input into the page cache; against read_all's file order, whether that order
     costs the merges read speed."""
     from neurokern.engine import prefetch
+    from neurokern.engine.timing import Recorder
 
     inputs = [prefetch._byte_ranges(folder) for folder in folders]
     t = time.perf_counter()
-    warmup = prefetch._Warmup(("e2e",), prefetch._pieces(inputs, 1 << 62))
+    warmup = prefetch._Warmup(("e2e",), prefetch._pieces(inputs, 1 << 62), Recorder())
     for thread in warmup.threads:
         thread.join()
     return time.perf_counter() - t
@@ -284,15 +291,8 @@ from neurokern.cli import main  # imports no torch: the command line starts its 
 t = time.perf_counter()
 rc = main(sys.argv[1:])
 seconds = time.perf_counter() - t
-import torch
-hwm = 0
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        hwm = int(line.split()[1]) * 1024
-cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-print("NK_STATS " + json.dumps({"rc": rc, "seconds": seconds, "peak_rss": hwm,
-      "peak_gpu_alloc": torch.cuda.max_memory_allocated() if cuda else 0,
-      "peak_gpu_reserved": torch.cuda.max_memory_reserved() if cuda else 0}), flush=True)
+from bench.machine import peak_memory
+print("NK_STATS " + json.dumps({"rc": rc, "seconds": seconds, **peak_memory()}), flush=True)
 sys.stderr.flush()
 os._exit(rc)  # as the neurokern command ends (neurokern.cli.entry)
 """
@@ -312,7 +312,7 @@ def neurokern_merge(cfg: Path, out: Path, env: dict, device: str, extra: list[st
     res.update(engine_s=round(stats.get("seconds", float("nan")), 2),
                peak_host_rss_GB=round(stats.get("peak_rss", r["peak_rss"]) / GB, 2),
                peak_gpu_GB=round(stats.get("peak_gpu_reserved", 0) / GB, 2),
-               peak_gpu_allocated_GB=round(stats.get("peak_gpu_alloc", 0) / GB, 2),
+               peak_gpu_allocated_GB=round(stats.get("peak_gpu_allocated", 0) / GB, 2),
                summary=summary.group(0) if summary else None)
     if env.get("NEUROKERN_PROFILE"):  # the engine's timing breakdown (stderr)
         res["profile"] = (r.get("stderr") or "")[-4000:]
@@ -386,7 +386,7 @@ def main() -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tag = name.lower().replace("nvidia ", "").replace(" ", "-") + ("-smoke" if args.smoke else "")
+    tag = device_tag(device) + ("-smoke" if args.smoke else "")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / f"e2e-{tag}.json"

@@ -56,11 +56,12 @@ def main() -> int:
     import yaml
 
     from bench import e2e_merge as e2e
+    from bench.machine import device_tag
     from neurokern.engine.kernel_warmup import cached_kernels
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tag = name.lower().replace("nvidia ", "").replace(" ", "-") + ("-smoke" if args.smoke else "")
+    tag = device_tag(device) + ("-smoke" if args.smoke else "")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     result_path = out_dir / f"first-run-{tag}.json"

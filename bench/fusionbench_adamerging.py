@@ -43,6 +43,7 @@ from torch import nn
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
 sys.path.insert(0, os.path.dirname(_HERE))
+from bench.machine import device_tag  # noqa: E402
 from bench.tint import ViT, device_name  # noqa: E402  (the same encoder as the tint benchmark)
 
 from fusion_bench.method.adamerging.entropy_loss import entropy_loss  # noqa: E402
@@ -209,9 +210,8 @@ def main(argv=None) -> dict:
     }
     log(f"neurokern {report['step_ms']['speedup']:.2f}x fusion-bench's step; λ agree to {gap:.2e} "
         f"(moved up to {moved:.2e} from {args.init})")
-    tag = "cpu" if device.type != "cuda" else device_name(device).lower().replace("nvidia ", "").replace(" ", "-")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"fusionbench-adamerging-{tag}{'-smoke' if args.smoke else ''}.json")
+    path = os.path.join(args.out, f"fusionbench-adamerging-{device_tag(device)}{'-smoke' if args.smoke else ''}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
         f.write("\n")

@@ -92,6 +92,7 @@ def child(spec: dict) -> None:
     """Runs in its own process (peak RSS and GPU memory are the merge's): prints NK_STATS {json}."""
     import torch
 
+    from bench.machine import peak_memory
     from neurokern.engine import merge_models
     from neurokern.engine.synthetic import llama_shapes, synthetic_models
 
@@ -105,19 +106,12 @@ def child(spec: dict) -> None:
     result = merge_models(cfg, spec["out"], device=spec["device"], sources=models, discard_output=True,
                           progress=False, **spec["budgets"])
     seconds = time.perf_counter() - t
-    hwm = 0
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            hwm = int(line.split()[1]) * 1024
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     est = result.plan.estimate(spec["device"] == "cuda")
     print("NK_STATS " + json.dumps({
         "seconds": seconds, "engine_seconds": result.seconds, "bytes_read": result.bytes_read,
         "input_bytes": result.plan.total_in_bytes, "output_bytes": result.plan.total_out_bytes,
         "passes": result.passes, "shards": len(result.plan.shards), "units": len(result.plan.units),
-        "unit_cap": result.plan.unit_cap, "estimate": est, "peak_rss": hwm,
-        "peak_gpu_reserved": torch.cuda.max_memory_reserved() if cuda else 0,
-        "peak_gpu_allocated": torch.cuda.max_memory_allocated() if cuda else 0,
+        "unit_cap": result.plan.unit_cap, "estimate": est, **peak_memory(),
         "digests": result.shard_digests}), flush=True)
     sys.stderr.flush()
     os._exit(0)
@@ -393,10 +387,11 @@ def main() -> int:
     import torch
 
     from bench import e2e_merge as e2e
+    from bench.machine import device_tag
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    tag = name.lower().replace("nvidia ", "").replace(" ", "-") + ("-smoke" if args.smoke else "")
+    tag = device_tag(device) + ("-smoke" if args.smoke else "")
     arch = SMOKE if args.smoke else LLAMA_70B
     budgets = dict(SMOKE_BUDGETS if args.smoke else BUDGETS)
     budgets.update({k: v for k, v in (("memory_budget", args.memory_budget),

@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.machine import device_tag  # noqa: E402
+
 LLAMA2_7B = {"vocab": 32000, "hidden": 4096, "ffn": 11008, "layers": 32, "heads": 32, "kv_heads": 32}
 SMALL = {"vocab": 128, "hidden": 64, "ffn": 176, "layers": 2, "heads": 4, "kv_heads": 2}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -187,8 +189,7 @@ def main() -> None:
             runs.append(run_one(model, paths, combination, device, RANK))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    name = torch.cuda.get_device_name(device).lower().replace("nvidia ", "").replace(" ", "-") \
-        if device.type == "cuda" else "cpu"
+    name = device_tag(device)
     import peft
     result = {"shape": "small" if args.small else "llama2-7b", "dims": shape, "adapters": ADAPTERS, "rank": RANK,
               "targets": TARGETS, "modules": len(TARGETS) * shape["layers"], "weights": WEIGHTS,

@@ -45,7 +45,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from neurokern.tint import TintedModel, fit
+# bench/ holds a kernels.py, which would shadow the `kernels` package that transformers imports: the
+# repository root goes on the path instead of this folder, and the other scripts are `bench.*`
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+from bench.machine import device_tag  # noqa: E402
+from neurokern.tint import TintedModel, fit  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -405,9 +411,8 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
     report["seconds"] = time.perf_counter() - T0
 
-    tag = "cpu" if device.type != "cuda" else device_name(device).lower().replace("nvidia ", "").replace(" ", "-")
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"tint-{tag}{'-smoke' if args.smoke else ''}.json")
+    path = os.path.join(args.out, f"tint-{device_tag(device)}{'-smoke' if args.smoke else ''}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
         f.write("\n")

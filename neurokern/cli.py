@@ -12,15 +12,20 @@ from neurokern.errors import NeurokernError
 def merge_command(args: argparse.Namespace) -> int:
     from neurokern.config import load_config
     from neurokern.engine import kernel_warmup, prefetch
+    from neurokern.engine.settings import EngineSettings
+    from neurokern.engine.timing import Recorder
 
+    settings = EngineSettings.from_env()
+    recorder = Recorder.from_settings(settings)  # the merge's: its warm-up reads are timed too
     if not args.dry_run:  # the inputs are read and Triton's runtime warmed while torch is imported
-        prefetch.start(load_config(args.config), args.resume)
+        prefetch.start(load_config(args.config), settings, recorder, args.resume)
         kernel_warmup.start_runtime(args.device)
     from neurokern.engine import merge_models
     from neurokern.engine.plan import human_bytes
 
     kwargs = dict(device=args.device, memory_budget=args.memory_budget, host_memory_budget=args.host_memory_budget,
-                  allow_pickle=args.allow_pickle, progress=False if args.quiet else None, fsync=args.fsync)
+                  allow_pickle=args.allow_pickle, progress=False if args.quiet else None, fsync=args.fsync,
+                  settings=settings, recorder=recorder)
     if args.dry_run:
         config = load_config(args.config)
         result = merge_models(args.config, args.out_dir, dry_run=True, **kwargs)

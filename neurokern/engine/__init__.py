@@ -2,8 +2,9 @@
 files and headers, without torch), plan (shards, work units, memory estimate), run (the method's
 whole-model passes, neurokern.methods.passes, then the merge pass), executor (the read -> H2D ->
 kernels -> D2H -> write pipeline), writer (partial output, resume, atomic publish), distributed
-(torchrun ranks), prefetch (warm-up reads while the merge starts), timing (NEUROKERN_PROFILE)."""
-__all__ = ["Result", "merge_models"]
+(torchrun ranks), prefetch (warm-up reads while the merge starts), settings (the NEUROKERN_*
+variables, read once), timing (a Recorder per merge: NEUROKERN_PROFILE, NEUROKERN_TRACE)."""
+__all__ = ["EngineSettings", "Result", "merge_models"]
 
 
 def __getattr__(name: str):

@@ -23,14 +23,13 @@ from typing import Any, Optional
 import torch
 
 from neurokern.engine.files import _check_file, read_file
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import NAMES, Model, TensorInfo, read_header, read_into, read_range
 from neurokern.errors import NeurokernError
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-# Bytes of float32 work per piece of a derived tensor (its rows are computed together).
-PIECE_WORK = int(os.environ.get("NEUROKERN_ADAPTER_PIECE_BYTES", 4 * 2**20))
 # Keys of variants whose ΔW is not scale·B·A (DoRA's magnitude, a LoRA bias, trainable tokens...).
 UNSUPPORTED = {
     "lora_magnitude_vector": "DoRA (use_dora) adapters",
@@ -220,11 +219,12 @@ def add_delta(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -
 class LoraDelta:
     """The derived tensor base weight + ΔW of one adapted module, read a piece of rows at a time."""
 
-    def __init__(self, weight: TensorInfo, module: LoraModule):
+    def __init__(self, weight: TensorInfo, module: LoraModule, piece_bytes: int):
+        """piece_bytes: float32 work per piece (its rows are computed together)."""
         self.weight, self.module = weight, module
         rows, cols = weight.shape
         self.row_bytes = cols * weight.dtype.itemsize
-        self.rows_per_piece = max(1, PIECE_WORK // max(1, 4 * cols))
+        self.rows_per_piece = max(1, piece_bytes // max(1, 4 * cols))
         self.rows = rows
 
     def pieces(self) -> list[tuple[int, int]]:
@@ -291,9 +291,11 @@ class Cast:
 
 class AdapterModel:
     """A LoRA adapter folder as an input model of the engine: base's tensors, in base's order and
-    dtypes, the adapted ones derived (LoraDelta), the replaced ones read from the adapter file."""
+    dtypes, the adapted ones derived (LoraDelta, in pieces of piece_bytes of float32 work), the
+    replaced ones read from the adapter file."""
 
-    def __init__(self, path: Path, label: str, base: Model):
+    def __init__(self, path: Path, label: str, base: Model,
+                 piece_bytes: int = EngineSettings.adapter_piece_bytes):
         self.path, self.label = Path(path), label
         self.adapter = adapter = read_adapter(path)
         weights = adapter.path / WEIGHTS
@@ -319,7 +321,7 @@ class AdapterModel:
                 if not b.dtype.is_floating_point:
                     raise NeurokernError(f"tensor {name!r} of the base ({b.file}) is {NAMES.get(b.dtype)}; "
                                          "a LoRA adapter changes floating-point weights only")
-                info = TensorInfo(name, b.dtype, b.shape, weights, -1, b.nbytes, LoraDelta(info, module))
+                info = TensorInfo(name, b.dtype, b.shape, weights, -1, b.nbytes, LoraDelta(info, module, piece_bytes))
             self.tensors[name] = info
         missing = [m.weight for m in adapter.modules.values() if m.weight not in base.tensors]
         if missing:

@@ -1,11 +1,11 @@
 """Ranks of a `torchrun` job: rank, world size, sums and maxima across ranks, barriers. One process
 without torchrun is world 1 and needs no process group. Backend: NCCL on CUDA, gloo on the CPU;
-NEUROKERN_DIST_BACKEND=gloo runs GPU ranks over gloo too (ranks that share one GPU, which NCCL
+NEUROKERN_DIST_BACKEND=gloo (EngineSettings.dist_backend) runs GPU ranks over gloo too (ranks that share one GPU, which NCCL
 refuses, or a machine without a working NCCL).
 
 Several nodes (torchrun --nnodes N): the same, with every rank's output folder on one shared file
 system (engine.writer.check_shared). A rank that has finished its shards waits at a barrier for
-the others; NEUROKERN_DIST_TIMEOUT (seconds, default 7200) bounds every wait, where torch's
+the others; NEUROKERN_DIST_TIMEOUT (EngineSettings.dist_timeout_s, default 7200) bounds every wait, where torch's
 default (10 minutes under NCCL) would end a 70B merge whose ranks finish minutes apart (a resumed
 run whose rank 0 found all its shards done waits for the whole merge of the others)."""
 import os
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from neurokern.engine.settings import EngineSettings
 from neurokern.errors import NeurokernError
 
 
@@ -28,14 +29,16 @@ class Ranks:
     owns_group: bool = False
 
     @classmethod
-    def setup(cls, device: torch.device) -> "Ranks":
-        """From an initialised process group, or torchrun's environment (WORLD_SIZE, RANK, ...)."""
+    def setup(cls, device: torch.device, settings: EngineSettings = EngineSettings()) -> "Ranks":
+        """From an initialised process group, or torchrun's environment (WORLD_SIZE, RANK, ...)
+        with settings' backend and timeout."""
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size(), _collective_device(device))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
-        dist.init_process_group(backend=_backend(device), timeout=_timeout())
+        dist.init_process_group(backend=_backend(device, settings.dist_backend),
+                                timeout=timedelta(seconds=settings.dist_timeout_s))
         return cls(dist.get_rank(), dist.get_world_size(), _collective_device(device), owns_group=True)
 
     @property
@@ -70,23 +73,12 @@ class Ranks:
             dist.destroy_process_group()
 
 
-def _backend(device: torch.device) -> str:
-    default = "nccl" if device.type == "cuda" else "gloo"
-    backend = os.environ.get("NEUROKERN_DIST_BACKEND", default)
-    if backend not in ("nccl", "gloo") or (backend == "nccl" and device.type != "cuda"):
+def _backend(device: torch.device, asked: Optional[str]) -> str:
+    """asked (EngineSettings.dist_backend), else NCCL on a GPU and gloo on the CPU."""
+    backend = asked or ("nccl" if device.type == "cuda" else "gloo")
+    if backend == "nccl" and device.type != "cuda":
         raise NeurokernError(f"NEUROKERN_DIST_BACKEND={backend!r}: expected 'gloo', or 'nccl' with --device cuda")
     return backend
-
-
-def _timeout() -> timedelta:
-    text = os.environ.get("NEUROKERN_DIST_TIMEOUT", "7200")
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = -1.0
-    if not 0 < seconds < 1e9:
-        raise NeurokernError(f"NEUROKERN_DIST_TIMEOUT={text!r}: expected a number of seconds above 0")
-    return timedelta(seconds=seconds)
 
 
 def _collective_device(device: torch.device) -> torch.device:

@@ -3,7 +3,6 @@ tensors of the next work units while the device merges the current one; H2D copi
 stream; merged units are copied back (D2H) into host buffers that the writer thread drains. Every
 queue is bounded, so memory stays at the plan's estimate whatever the model size. On a GPU,
 units of the first pass may stay on the device (within the budget) for the later passes."""
-import os
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -13,14 +12,10 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from neurokern.engine import timing
 from neurokern.engine.plan import HOST_SLOTS, Plan, Unit
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import TensorInfo, TensorSource
-
-READ_THREADS = int(os.environ.get("NEUROKERN_READ_THREADS", "16"))
-# Every tensor is read in pieces of at most this many bytes, each a job of its own: a large tensor
-# is read by many threads at once, and the disk queue stays full up to the last bytes of a unit.
-READ_PIECE = int(os.environ.get("NEUROKERN_READ_PIECE_BYTES", 16 * 2**20))
+from neurokern.engine.timing import Recorder
 
 
 @dataclass
@@ -41,9 +36,10 @@ class _Slots:
     power of two (a 655 MB unit pinned 1 GiB) and took 0.7 s per GB asked on the H100 machine,
     registering 0.26 s; a process exits ~0.15 s later per GB left pinned. `close` unpins them."""
 
-    def __init__(self, count: int, nbytes: int, what: str, device: torch.device):
-        """Pinned when device (the copies' other end) is a GPU."""
+    def __init__(self, count: int, nbytes: int, what: str, device: torch.device, recorder: Optional[Recorder] = None):
+        """Pinned when device (the copies' other end) is a GPU; recorder times the allocations."""
         self.count, self.nbytes, self.what, self.device = count, max(nbytes, 1), what, device
+        self.recorder = recorder or Recorder()
         self.pin = device.type == "cuda"
         self.made = 0
         self.closed = False
@@ -65,7 +61,7 @@ class _Slots:
         if not self._reserve():
             return None
         try:
-            with timing.span(f"allocate {self.what}" + (" (pinned)" if self.pin else "")):
+            with self.recorder.span(f"allocate {self.what}" + (" (pinned)" if self.pin else "")):
                 if not self.pin:
                     return torch.empty(self.nbytes, dtype=torch.uint8)
                 buf = torch.empty(self.nbytes, dtype=torch.uint8)
@@ -122,7 +118,7 @@ class _Slots:
             slot = self.to_pin.get()
             if slot is not None:
                 try:
-                    with timing.span(f"allocate {self.what} (pinned)"):
+                    with self.recorder.span(f"allocate {self.what} (pinned)"):
                         self._register(slot)  # refused: it stays plain, as the stand-in was
                 finally:
                     self.free.put(slot)
@@ -180,20 +176,25 @@ class Loading:
 
 
 class Reader:
-    """Reads units, in order, into host slots: every tensor in pieces, by a pool of threads."""
+    """Reads units, in order, into host slots: every tensor in pieces of at most
+    settings.read_piece_bytes, each a job of its own (a large tensor is read by many threads at
+    once, and the disk queue stays full up to the last bytes of a unit), by settings.read_threads
+    threads. recorder times the reads."""
 
-    def __init__(self, plan: Plan, models: list[TensorSource], device: torch.device):
+    def __init__(self, plan: Plan, models: list[TensorSource], device: torch.device,
+                 settings: EngineSettings = EngineSettings(), recorder: Optional[Recorder] = None):
         self.plan, self.models = plan, models
+        self.recorder = recorder or Recorder()
+        self.piece = settings.read_piece_bytes
         padding = 16 * len(models) * max((len(u.names) for u in plan.units), default=0)
-        self.slots = _Slots(HOST_SLOTS, plan.unit_cap + padding, "input buffers", device)
+        self.slots = _Slots(HOST_SLOTS, plan.unit_cap + padding, "input buffers", device, self.recorder)
         if self.slots.pin:
             self.slots.prepare()
-        self.pool = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="neurokern-read")
+        self.pool = ThreadPoolExecutor(max_workers=settings.read_threads, thread_name_prefix="neurokern-read")
         self.bytes_read = 0  # input bytes of the units submitted (one producer thread at a time adds)
 
-    @staticmethod
-    def _read(source: TensorSource, info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
-        with timing.busy("read", end - begin):
+    def _read(self, source: TensorSource, info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
+        with self.recorder.busy("read", end - begin):
             source.read_into(info, dest, begin, end)
 
     def _load(self, unit: Unit, slot: Tensor) -> Loading:
@@ -212,10 +213,10 @@ class Reader:
                         jobs.append(self.pool.submit(self._read, m, info, dest, begin, end))
                 elif info.start < 0:  # pickled: one copy from the loaded checkpoint
                     jobs.append(self.pool.submit(self._read, m, info, dest, 0, info.nbytes))
-                else:  # pieces end at multiples of READ_PIECE in the file
+                else:  # pieces end at multiples of the piece size in the file
                     at, stop = info.start, info.start + info.nbytes
                     while at < stop:
-                        end = min(stop, (at // READ_PIECE + 1) * READ_PIECE)
+                        end = min(stop, (at // self.piece + 1) * self.piece)
                         jobs.append(self.pool.submit(self._read, m, info, dest, at - info.start, end - info.start))
                         at = end
                 typed[name] = (dest.view(info.dtype).view(info.shape) if info.nbytes else
@@ -287,10 +288,13 @@ class ReadAhead:
 
 class Stager:
     """Moves host batches to the device: H2D on a side stream (CUDA), the config's dtype applied,
-    and an optional budget-bounded cache of device batches for later passes."""
+    and an optional budget-bounded cache of device batches for later passes; recorder times the
+    waits for H2D copies."""
 
-    def __init__(self, device: torch.device, out_dtype: Optional[torch.dtype], cache_bytes: int = 0):
+    def __init__(self, device: torch.device, out_dtype: Optional[torch.dtype], cache_bytes: int = 0,
+                 recorder: Optional[Recorder] = None):
         self.device, self.out_dtype = device, out_dtype
+        self.recorder = recorder or Recorder()
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.cache: dict[int, Batch] = {}
@@ -323,7 +327,7 @@ class Stager:
         staged = Batch(batch.unit, base, fts, batch.nbytes)
 
         def release():
-            with timing.span("wait for H2D"):
+            with self.recorder.span("wait for H2D"):
                 event.synchronize()  # the H2D copy has read the slot
             loading.release()
         return Staged(staged, event, release, early=True)
@@ -375,7 +379,7 @@ def batches(plan: Plan, units: list[Unit], reader: Reader, stager: Stager, keep:
 
     def stage(block: bool) -> Optional[Staged]:
         nonlocal taken
-        with timing.span("wait for reads"):
+        with reader.recorder.span("wait for reads"):
             taken = ahead.next(block)
             if taken is None:
                 return None

@@ -5,19 +5,17 @@ Everything here is a deterministic function of the config and the input headers,
 and a resumed run agree on it."""
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import NAMES, TensorInfo, TensorSource
 from neurokern.errors import NeurokernError
 from neurokern.ops import STORAGE_DTYPES
 
 DEFAULT_BUDGET = 8 * 2**30
-MAX_UNIT = int(os.environ.get("NEUROKERN_MAX_UNIT_BYTES", 512 * 2**20))  # input bytes of one work unit
-# (all models), unless one tensor needs more
 HOST_SLOTS = 3  # input units in flight on the host (read-ahead)
 OUT_SLOTS = 2  # merged units waiting for the writer
 
@@ -132,10 +130,13 @@ def _numel(shape) -> int:
 
 def make_plan(base: TensorSource, num_models: int, out_dtype: Optional[torch.dtype], out_shard_size: int,
               device_budget: Optional[int] = None, host_budget: Optional[int] = None, cuda: bool = False,
-              host_option: str = "--memory-budget", work_bytes: int = 16, derived_work: int = 0) -> Plan:
+              host_option: str = "--memory-budget", work_bytes: int = 16, derived_work: int = 0,
+              max_unit_bytes: int = EngineSettings.max_unit_bytes) -> Plan:
     """host_option: the command-line option that set the host budget (named when it is too small);
     work_bytes: the method's temporaries per element of the largest tensor (Method.work_bytes);
-    derived_work: host memory of the read jobs that compute tensors (Plan.derived_work)."""
+    derived_work: host memory of the read jobs that compute tensors (Plan.derived_work);
+    max_unit_bytes: input bytes (all models) of one work unit, unless one tensor needs more
+    (EngineSettings.max_unit_bytes)."""
     device_budget = device_budget or DEFAULT_BUDGET
     host_budget = host_budget or device_budget
     tensors, merge_names, offsets, pos = {}, [], {}, 0
@@ -168,7 +169,7 @@ def make_plan(base: TensorSource, num_models: int, out_dtype: Optional[torch.dty
         header, layout = _shard_header(names, tensors)
         shards.append(Shard(i, file, names, layout, header))
 
-    # Work units: consecutive tensors of one shard, up to a cap. The cap starts at MAX_UNIT and is
+    # Work units: consecutive tensors of one shard, up to a cap. The cap starts at max_unit_bytes and is
     # halved until the memory estimate fits the budgets (or no unit holds more than one tensor).
     def in_bytes(info: TensorInfo) -> int:
         return info.nbytes * num_models
@@ -196,7 +197,7 @@ def make_plan(base: TensorSource, num_models: int, out_dtype: Optional[torch.dty
 
     biggest = max(base.tensors.values(), key=in_bytes, default=None)
     max_numel = max((base.tensors[n].numel for n in merge_names), default=0)
-    cap = MAX_UNIT
+    cap = max_unit_bytes
     while True:
         units = split(cap)
         unit_cap = max((u.in_bytes for u in units), default=0)

@@ -3,7 +3,7 @@ into the page cache, in the order the work units will need them, while torch and
 imported, the GPU is initialised, the plan is made and the first host buffers are pinned; the
 reader then finds those bytes in memory. At most a quarter of the memory available is warmed, and
 nothing for a resumed run or under torchrun (each rank reads only its own shards).
-NEUROKERN_PREFETCH=0 turns it off. This module does not import torch, so that the command line can
+NEUROKERN_PREFETCH=0 (EngineSettings.prefetch) turns it off. This module does not import torch, so that the command line can
 start it first."""
 import os
 import threading
@@ -11,18 +11,18 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from neurokern.config import MergeConfig
-from neurokern.engine import timing
 from neurokern.engine.files import read_header, weight_files
+from neurokern.engine.settings import EngineSettings
+from neurokern.engine.timing import Recorder
 from neurokern.errors import NeurokernError
 
-ENABLED = os.environ.get("NEUROKERN_PREFETCH", "1") != "0"
 THREADS = 16
 PIECE = 32 * 2**20  # bytes per read
 
 
 class _Warmup:
-    def __init__(self, key: tuple, pieces: Iterator[tuple[Path, int, int]]):
-        self.key, self.pieces = key, pieces
+    def __init__(self, key: tuple, pieces: Iterator[tuple[Path, int, int]], recorder: Recorder):
+        self.key, self.pieces, self.recorder = key, pieces, recorder
         self.lock, self.stop = threading.Lock(), threading.Event()
         self.threads = [threading.Thread(target=self._read, name="neurokern-warmup", daemon=True)
                         for _ in range(THREADS)]
@@ -39,7 +39,7 @@ class _Warmup:
                 if piece is None:
                     return
                 file, offset, nbytes = piece
-                with timing.busy("warm-up read", nbytes):
+                with self.recorder.busy("warm-up read", nbytes):
                     fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # checked regular; never block
                     try:
                         done = 0
@@ -59,11 +59,12 @@ class _Warmup:
 _current: Optional[_Warmup] = None
 
 
-def start(cfg: MergeConfig, resume: bool = False) -> None:
-    """Warm the inputs of `cfg`, unless off, resumed, under torchrun or already warming them."""
+def start(cfg: MergeConfig, settings: EngineSettings, recorder: Recorder, resume: bool = False) -> None:
+    """Warm the inputs of `cfg`, unless off (settings.prefetch), resumed, under torchrun or already
+    warming them; the reads are timed into recorder (the merge's)."""
     global _current
     key = (cfg.base_model, *cfg.models)
-    if not ENABLED or resume or int(os.environ.get("WORLD_SIZE", "1")) > 1 or (_current and _current.key == key):
+    if not settings.prefetch or resume or int(os.environ.get("WORLD_SIZE", "1")) > 1 or (_current and _current.key == key):
         return
     stop()
     limit = _memory_available() // 4
@@ -72,8 +73,8 @@ def start(cfg: MergeConfig, resume: bool = False) -> None:
     except NeurokernError:
         return  # bad inputs: the engine says what is wrong with them
     if limit > 0:
-        timing.add_process_age("process age at the warm-up start")
-        _current = _Warmup(key, _pieces(inputs, limit))
+        recorder.add_process_age("process age at the warm-up start")
+        _current = _Warmup(key, _pieces(inputs, limit), recorder)
 
 
 def stop() -> None:

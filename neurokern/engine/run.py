@@ -17,14 +17,16 @@ from tqdm.auto import tqdm
 
 from neurokern.checkpoint import SIDE_FILES
 from neurokern.config import MergeConfig, load_config, parse_size
-from neurokern.engine import kernel_warmup, prefetch, timing
+from neurokern.engine import kernel_warmup, prefetch
 from neurokern.engine.adapters import CONFIG as ADAPTER_CONFIG
 from neurokern.engine.adapters import AdapterModel, is_adapter
 from neurokern.engine.distributed import Ranks, local_device
-from neurokern.engine.executor import READ_THREADS, Batch, Reader, Stager, _Slots, batches
+from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import Model, TensorSource, open_model, stacked, validate
+from neurokern.engine.timing import Recorder
 from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, check_shared, done_record,
                                      fault_point, is_published, load_global, lock_partial, notice, partial_dir,
                                      prepare_partial, publish, recorded_digests, rename, save_global)
@@ -100,8 +102,10 @@ class _Engine:
     def __init__(self, cfg: MergeConfig, out_dir: Path, device: torch.device, budget: Optional[int],
                  host_budget: Optional[int], allow_pickle: bool, progress: Optional[bool], durable: bool = False,
                  host_option: str = "--memory-budget", sources: Sequence[TensorSource] = (),
-                 discard: bool = False):
+                 discard: bool = False, settings: EngineSettings = EngineSettings(),
+                 recorder: Optional[Recorder] = None):
         self.cfg, self.out_dir, self.device, self.durable = cfg, Path(out_dir), device, durable
+        self.settings, self.recorder = settings, recorder or Recorder()
         self.cuda = device.type == "cuda"
         self.discard = discard
         self.spec = METHODS[cfg.method]
@@ -114,7 +118,8 @@ class _Engine:
         else:
             self.base = (given[cfg.base_model] if cfg.base_model in given
                          else Model(cfg.base_model, "base_model", allow_pickle))
-        self.finetuned = [given[p] if p in given else open_model(p, f"models[{i}]", self.base, allow_pickle)
+        self.finetuned = [given[p] if p in given else open_model(p, f"models[{i}]", self.base, allow_pickle,
+                                                                    settings.adapter_piece_bytes)
                           for i, p in enumerate(cfg.models)]
         self.models = [self.base] + self.finetuned
         validate(self.base, self.finetuned)
@@ -127,9 +132,9 @@ class _Engine:
         # what the output is written in: mergekit's out_dtype, else dtype
         written = DTYPES[cfg.out_dtype] if cfg.out_dtype else self.out_dtype
         # every reader thread may be computing a piece of an adapter's tensor at once
-        derived_work = READ_THREADS * max(m.work_bytes() for m in self.models)
+        derived_work = settings.read_threads * max(m.work_bytes() for m in self.models)
         self.plan = make_plan(self.base, self.T + 1, written, cfg.out_shard_size, budget, host_budget, self.cuda,
-                              host_option, self.spec.work_bytes(self.T), derived_work)
+                              host_option, self.spec.work_bytes(self.T), derived_work, settings.max_unit_bytes)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)
         self.side_files = side_files([cfg.tokenizer_source or cfg.base_model, cfg.base_model], SIDE_FILES)
         self.extra_files = {}  # name -> text: the base's config.json with the config's changes
@@ -165,13 +170,13 @@ class _Engine:
             bar.set_postfix_str(f"{count[0]} tensors", refresh=False)
             bar.update(batch.nbytes)
             self.batches_seen += 1
-            fault_point("batches", self.batches_seen)
+            fault_point(self.settings, "batches", self.batches_seen)
 
-        timing.section(desc)
+        self.recorder.section(desc)
         start = time.perf_counter()
         for batch in batches(self.plan, units, self.reader, self.stager, keep=keep, progress=tick):
             if batch.unit.index not in self.checked:
-                with timing.span("finite check"):
+                with self.recorder.span("finite check"):
                     names = self._merge_names(batch)
                     if self.cuda:  # flags into a piece of one pinned buffer: no pinning per unit
                         flags = len(names) * len(self.models)
@@ -180,14 +185,14 @@ class _Engine:
                     else:  # known already: raised before any work on the unit
                         _finite_check(batch, names, self.models)()
                 self.checked.add(batch.unit.index)
-            with timing.span("consumer work (between batches)"):
+            with self.recorder.span("consumer work (between batches)"):
                 yield batch
-        with timing.span("finite check"):  # what the writer has not checked
+        with self.recorder.span("finite check"):  # what the writer has not checked
             for check in self.finite_checks.values():
                 check()
             self.finite_checks.clear()
         bar.close()
-        timing.add("pass (wall)", time.perf_counter() - start)
+        self.recorder.add("pass (wall)", time.perf_counter() - start)
 
     def _merge_names(self, batch: Batch) -> list[str]:
         return [n for n in batch.unit.names if self.plan.tensors[n].merge]
@@ -223,7 +228,7 @@ class _Engine:
     # ------------------------------------------------------------------------------------------
     def _fingerprints(self) -> dict[str, list]:
         """engine.files.fingerprint of every input file (a few small reads each, in parallel)."""
-        with timing.span("input fingerprints"):
+        with self.recorder.span("input fingerprints"):
             files = list(dict.fromkeys(f for m in self.models for f in m.files))
             if not files:
                 return {}
@@ -252,7 +257,7 @@ class _Engine:
             ranks.barrier()  # every rank has looked before rank 0 renames
             if published:
                 if ranks.is_main:
-                    rename(partial, self.out_dir)
+                    rename(partial, self.out_dir, self.settings)
                 return Result(self.out_dir, self.plan, time.perf_counter() - start, [],
                               shards_reused=len(self.plan.shards))
             return self._run(ranks, partial, start, resume)
@@ -299,9 +304,9 @@ class _Engine:
         # before the reader pins its buffers (a pinning call waits for the others)
         self.finite_host = (torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32, pin_memory=True)
                             if self.cuda else None)
-        self.reader = Reader(plan, self.models, self.device)
+        self.reader = Reader(plan, self.models, self.device, self.settings, self.recorder)
         self.out_slots: Optional[_Slots] = None  # the merge pass's D2H buffers (GPU)
-        self.stager = Stager(self.device, self.out_dtype, cache)
+        self.stager = Stager(self.device, self.out_dtype, cache, self.recorder)
         writer = None
         try:
             pre = {}
@@ -313,14 +318,15 @@ class _Engine:
                     pre = self._prepasses(all_mine, ranks, ctx)
                     if ranks.is_main:
                         save_global(partial, self.digest, {p.key: p.dump(pre[p.key]) for p in self.prepasses})
-                        fault_point("saved")
+                        fault_point(self.settings, "saved")
             ranks.barrier()
-            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, self.discard)
+            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, self.discard, self.settings,
+                                 self.recorder)
             if todo:
                 passes.append("merge")
             self._merge(todo, ranks, pre, writer)
-            timing.section("end")
-            with timing.span("writer drain (last units, last fsync)"):
+            self.recorder.section("end")
+            with self.recorder.span("writer drain (last units, last fsync)"):
                 writer.close()
             writer = None
         finally:
@@ -343,8 +349,8 @@ class _Engine:
                         "parameters": json.loads(json.dumps(self.cfg.params, default=str)),
                         "inputs_digest": self.digest, "tensors": len(plan.tensors),
                         "total_size": plan.total_out_bytes}
-            with timing.span("publish"):
-                publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable)
+            with self.recorder.span("publish"):
+                publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable, self.settings)
         bytes_read, reused = counts.tolist()
         return Result(self.out_dir, plan, time.perf_counter() - start, passes, peak, bytes_read=bytes_read,
                       shards_reused=reused, shard_digests=digests)
@@ -353,14 +359,14 @@ class _Engine:
         out_slots = None
         if self.cuda:
             cap = max((u.out_bytes for u in units), default=0) + 16 * max((len(u.names) for u in units), default=0)
-            out_slots = self.out_slots = _Slots(OUT_SLOTS + 1, cap, "output buffers", self.device)
+            out_slots = self.out_slots = _Slots(OUT_SLOTS + 1, cap, "output buffers", self.device, self.recorder)
         stop = threading.Event()
         kernels = "kernels, first unit (incl. Triton compiling or loading)"
         for batch in self._pass("merge", units, ranks, keep=False):
             names = self._merge_names(batch)
-            with timing.span(kernels):
+            with self.recorder.span(kernels):
                 merged = self.spec.run(ModelSet(batch.base, batch.finetuned, names), self.params, False, pre) if names else {}
-                if timing.ENABLED and self.cuda:
+                if self.recorder.enabled and self.cuda:
                     torch.cuda.synchronize(self.device)  # the kernels' time, not their launches'
             kernels = "kernels, other units"
             outputs = {n: merged[n] if n in merged else batch.base[n] for n in batch.unit.names}
@@ -369,10 +375,10 @@ class _Engine:
             self.stager.cache.pop(batch.unit.index, None)
             check = self.finite_checks.pop(batch.unit.index, None)
             if not self.cuda:
-                with timing.span("wait for writer"):
+                with self.recorder.span("wait for writer"):
                     writer.put({n: t if n in merged else t.clone() for n, t in outputs.items()}, check=check)
                 continue
-            with timing.span("wait for writer"):
+            with self.recorder.span("wait for writer"):
                 slot = out_slots.get(stop, check=writer.check)
             views, offset = {}, 0
             for n, t in outputs.items():
@@ -383,7 +389,7 @@ class _Engine:
                 views[n].copy_(t, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            with timing.span("wait for writer"):
+            with self.recorder.span("wait for writer"):
                 writer.put(views, wait=event.synchronize, release=lambda s=slot: out_slots.put(s), check=check)
 
 
@@ -416,7 +422,8 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
                  device: Optional[str] = None, memory_budget: Union[int, str, None] = None,
                  host_memory_budget: Union[int, str, None] = None, resume: bool = False,
                  dry_run: bool = False, allow_pickle: bool = False, progress: Optional[bool] = None,
-                 fsync: bool = False, sources: Sequence[TensorSource] = (), discard_output: bool = False) -> Result:
+                 fsync: bool = False, sources: Sequence[TensorSource] = (), discard_output: bool = False,
+                 settings: Optional[EngineSettings] = None, recorder: Optional[Recorder] = None) -> Result:
     """Merge the models a config names (YAML path or dict, mergekit keys) into out_dir, streamed:
     sharded safetensors in and out, host and device memory within memory_budget (default 8 GiB),
     resumable (resume=True finishes an interrupted run byte-identically), one shard set per rank
@@ -429,15 +436,24 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
     discard_output: every shard is merged, copied back to the host and hashed exactly as it would
     be written (the manifest's sha256_tree), and nothing is written: Result.shard_digests holds the
     digests, and out_dir is not created (benchmarks of the pipeline without the output disk).
-    It cannot be resumed."""
-    timing.section("start-up")
-    timing.add_process_age("process age at merge_models")
+    It cannot be resumed.
+    settings: the engine's settings (threads, piece and unit sizes, warm-up, ranks, timing); by
+    default EngineSettings.from_env(), the NEUROKERN_* variables (docs/environment.md).
+    recorder: where the merge's blocks are timed (engine.timing.Recorder; NEUROKERN_PROFILE prints
+    its figures, NEUROKERN_TRACE writes its timeline when the merge ends); by default a new one from
+    settings. The command line passes the one its warm-up reads went to."""
+    if settings is None:
+        settings = EngineSettings.from_env()
+    if recorder is None:
+        recorder = Recorder.from_settings(settings)
+    recorder.section("start-up")
+    recorder.add_process_age("process age at merge_models")
     try:
-        with timing.span("config"):
+        with recorder.span("config"):
             cfg = load_config(config)
         if not dry_run and not sources:
-            prefetch.start(cfg, resume)  # already under way when started by the command line
-        with timing.span("device init"):
+            prefetch.start(cfg, settings, recorder, resume)  # already under way when started by the command line
+        with recorder.span("device init"):
             if device is None:
                 device = "cuda" if torch.cuda.is_available() else "cpu"
             dev = local_device(device)
@@ -450,17 +466,17 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
                 host = budget or DEFAULT_BUDGET
             if budget is None and dev.type == "cuda":  # default: most of the GPU memory free now
                 budget = int(DEFAULT_GPU_SHARE * torch.cuda.mem_get_info(dev)[0])
-        with timing.span("headers + plan"):
+        with recorder.span("headers + plan"):
             host_option = "--host-memory-budget" if host_memory_budget is not None else "--memory-budget"
             if discard_output and resume:
                 raise NeurokernError("discard_output merges write nothing to resume from; run without resume")
             engine = _Engine(cfg, Path(out_dir), dev, budget, host, allow_pickle, progress, fsync, host_option,
-                             sources, discard_output)
+                             sources, discard_output, settings, recorder)
         if dry_run:
             world = int(os.environ.get("WORLD_SIZE", "1"))
             return Result(Path(out_dir), engine.plan, 0.0, engine.passes,
                           stats={"description": describe(engine.plan, cfg.method, engine.passes, dev.type == "cuda", world)})
-        ranks = Ranks.setup(dev)
+        ranks = Ranks.setup(dev, settings)
         try:
             with _gpu_memory_cap(dev, engine.plan):
                 return engine.run(ranks, resume)
@@ -468,6 +484,6 @@ def merge_models(config: Union[str, Path, dict[str, Any]], out_dir: Union[str, P
             ranks.close()
     finally:
         prefetch.stop()
-        timing.section("end")
-        timing.add_process_age("process age at the end")
-        timing.report()
+        recorder.section("end")
+        recorder.add_process_age("process age at the end")
+        recorder.report()

@@ -27,6 +27,7 @@ import torch
 
 from neurokern.engine.files import PICKLE_SUFFIXES, weight_files
 from neurokern.engine.files import read_header as header_entries
+from neurokern.engine.settings import EngineSettings
 from neurokern.errors import NeurokernError
 from neurokern.params import BEFORE_LAYERS, LAYER_INDEX, layer_of
 
@@ -171,12 +172,14 @@ def validate(base: TensorSource, finetuned: list[TensorSource]) -> None:
                                      f"{NAMES.get(b.dtype)}; save the models in one dtype")
 
 
-def open_model(path: Path, label: str, base: "Model", allow_pickle: bool = False):
+def open_model(path: Path, label: str, base: "Model", allow_pickle: bool = False,
+               adapter_piece_bytes: int = EngineSettings.adapter_piece_bytes):
     """A fine-tuned input: a model (folder or file), or a LoRA adapter folder (adapter_config.json),
-    which reads as the base with its ΔW added (engine/adapters.py)."""
+    which reads as the base with its ΔW added (engine/adapters.py), computed in pieces of
+    adapter_piece_bytes of float32 work (EngineSettings.adapter_piece_bytes)."""
     from neurokern.engine.adapters import AdapterModel, is_adapter
     if is_adapter(path):
-        return AdapterModel(path, label, base)
+        return AdapterModel(path, label, base, adapter_piece_bytes)
     return Model(path, label, allow_pickle)
 
 

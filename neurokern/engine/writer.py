@@ -51,9 +51,10 @@ import torch
 from torch import Tensor
 
 from neurokern.checkpoint import INDEX
-from neurokern.engine import timing
 from neurokern.engine.files import open_regular
 from neurokern.engine.plan import OUT_SLOTS, Plan, Shard
+from neurokern.engine.settings import EngineSettings
+from neurokern.engine.timing import Recorder
 from neurokern.errors import NeurokernError
 
 # A unit's tensors are written by a pool of threads in pieces while the writer thread hashes them
@@ -81,16 +82,16 @@ def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
 
 
-def fault_point(kind: str, count: int = 0) -> None:
-    """Tests only: NEUROKERN_TEST_CRASH=KIND:N ends the process at once (os._exit, no cleanup, as a
-    SIGKILL would) at the N-th event of KIND; NEUROKERN_TEST_STALL=KIND:N stops it there (sleeps)
-    until a signal ends it. Events: batches (units read in any pass), saved (the pre-pass results
-    written), tensors (tensors written), shards (shards finished), publish (the folder complete,
-    before its state is removed), rename (state removed, before the rename)."""
-    for variable in ("NEUROKERN_TEST_CRASH", "NEUROKERN_TEST_STALL"):
-        want, _, n = os.environ.get(variable, "").partition(":")
-        if want == kind and count >= int(n or 0):
-            if variable == "NEUROKERN_TEST_CRASH":
+def fault_point(settings: EngineSettings, kind: str, count: int = 0) -> None:
+    """Tests only: NEUROKERN_TEST_CRASH=KIND:N (settings.test_crash) ends the process at once
+    (os._exit, no cleanup, as a SIGKILL would) at the N-th event of KIND; NEUROKERN_TEST_STALL=KIND:N
+    (settings.test_stall) stops it there (sleeps) until a signal ends it. Events: batches (units read
+    in any pass), saved (the pre-pass results written), tensors (tensors written), shards (shards
+    finished), publish (the folder complete, before its state is removed), rename (state removed,
+    before the rename)."""
+    for fault, crash in ((settings.test_crash, True), (settings.test_stall, False)):
+        if fault is not None and fault[0] == kind and count >= fault[1]:
+            if crash:
                 os._exit(137)
             while True:
                 time.sleep(1)
@@ -195,8 +196,10 @@ def file_digest(path: Path, shard: Shard) -> str:
 class ShardWriter:
     """Writes the given shards; `put` hands it merged host tensors in plan order."""
 
-    def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False, discard: bool = False):
+    def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False, discard: bool = False,
+                 settings: EngineSettings = EngineSettings(), recorder: Optional[Recorder] = None):
         self.partial, self.plan, self.durable, self.discard = partial, plan, durable, discard
+        self.settings, self.recorder = settings, recorder or Recorder()
         self.shards = {i: plan.shards[i] for i in shards}
         self.shard_of = plan.shard_of()
         self.queue: queue.Queue = queue.Queue(maxsize=OUT_SLOTS)
@@ -260,7 +263,7 @@ class ShardWriter:
                     return
                 tensors, wait, release, check = item
                 if wait is not None:
-                    with timing.span("writer: wait for D2H"):
+                    with self.recorder.span("writer: wait for D2H"):
                         wait()
                 if check is not None:
                     check()
@@ -269,7 +272,7 @@ class ShardWriter:
                     self._where = (self.partial / (self.plan.shards[self.shard_of[name]].file + ".tmp"), name)
                     if self._write(name, t, jobs):
                         finished.append(self.shard_of[name])
-                with timing.span("writer: wait for writes"):
+                with self.recorder.span("writer: wait for writes"):
                     for job in jobs:
                         job.result()
                 if release is not None:
@@ -307,14 +310,14 @@ class ShardWriter:
             jobs.append(self.pool.submit(self._pwrite, entry, data[at - start:at - start + WRITE_PIECE], at, name))
         entry["left"] -= 1
         self.tensors_written += 1
-        fault_point("tensors", self.tensors_written)
+        fault_point(self.settings, "tensors", self.tensors_written)
         return entry["left"] == 0
 
     def _pwrite(self, entry: dict, data: memoryview, offset: int, name: str) -> None:
         """Write one piece at its file offset and record its sha256 (dict stores are atomic)."""
         fd = entry["fd"]
         try:
-            with timing.busy("writer: pwrite + hash", len(data)):
+            with self.recorder.busy("writer: pwrite + hash", len(data)):
                 done = 0 if fd is not None else len(data)  # discard: hashed only
                 while done < len(data):
                     done += os.pwrite(fd, data[done:], offset + done)
@@ -331,7 +334,7 @@ class ShardWriter:
         if fd is not None:
             try:
                 if self.durable:
-                    with timing.span("writer: fsync"):
+                    with self.recorder.span("writer: fsync"):
                         os.fsync(fd)
             finally:
                 os.close(fd)
@@ -340,7 +343,7 @@ class ShardWriter:
         record = {"file": shard.file, "bytes": shard.nbytes, DIGEST: digest}
         write_atomic(self.partial / STATE / "done" / (shard.file + ".json"), json.dumps(record).encode())
         self.shards_written += 1
-        fault_point("shards", self.shards_written)
+        fault_point(self.settings, "shards", self.shards_written)
 
 
 def _start_writeback(fd: int, start: int, nbytes: int) -> None:
@@ -524,7 +527,7 @@ def load_global(partial: Path, digest: str) -> tuple[Optional[dict], str]:
 
 
 def publish(partial: Path, out_dir: Path, plan: Plan, side_files: dict[str, Path], extra_files: dict[str, str],
-            manifest: dict, durable: bool = False) -> None:
+            manifest: dict, durable: bool = False, settings: EngineSettings = EngineSettings()) -> None:
     """Index, side files (name -> source), config echo and manifest (the folder fsync'ed when
     durable), then the atomic rename to out_dir. Any failure keeps the folder for --resume, which
     writes these files again."""
@@ -556,11 +559,11 @@ def publish(partial: Path, out_dir: Path, plan: Plan, side_files: dict[str, Path
                                f"kept in {partial} (rerun with --resume once fixed)") from exc
     except NeurokernError as exc:
         raise KeptPartialError(f"{exc}; the merged shards are kept in {partial} (rerun with --resume once fixed)") from exc
-    fault_point("publish")
-    rename(partial, out_dir)
+    fault_point(settings, "publish")
+    rename(partial, out_dir, settings)
 
 
-def rename(partial: Path, out_dir: Path) -> None:
+def rename(partial: Path, out_dir: Path, settings: EngineSettings = EngineSettings()) -> None:
     """Remove the resume state and rename the finished folder to out_dir: the output appears whole.
     An out_dir that is no empty folder (made while the merge ran) keeps the result in partial."""
     try:
@@ -570,7 +573,7 @@ def rename(partial: Path, out_dir: Path) -> None:
                                        f"{partial}: move {out_dir} away, then rerun with --resume to put it in place")
             out_dir.rmdir()
         shutil.rmtree(partial / STATE, ignore_errors=True)
-        fault_point("rename")
+        fault_point(settings, "rename")
         os.replace(partial, out_dir)
     except OSError as exc:
         raise KeptPartialError(f"cannot rename {partial} to {out_dir}: {exc.strerror or exc}; the merged model is in "

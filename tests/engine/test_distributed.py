@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from neurokern.engine import merge_models, plan
+from neurokern.engine import merge_models
+from neurokern.engine.settings import EngineSettings
 
 from engine_helpers import read_dir, write_config
 
@@ -36,15 +37,16 @@ def torchrun(*args, nproc=2, crash=None, device="cpu", backend=None):
 
 
 @pytest.fixture
-def unit(monkeypatch):
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+def unit():
+    """Settings of many small work units (the subprocesses get NEUROKERN_MAX_UNIT_BYTES)."""
+    return EngineSettings(max_unit_bytes=UNIT)
 
 
-def two_ranks_match_one(models, tmp_path, case, device="cpu", rank_device="cpu", backend=None):
+def two_ranks_match_one(models, tmp_path, case, unit, device="cpu", rank_device="cpu", backend=None):
     """One process on `device`, then two torchrun ranks on `rank_device`: the same bytes."""
     method, params, per_model = CASES[case]
     cfg = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra={"out_shard_size": "20KB"})
-    result = merge_models(cfg, tmp_path / "one", device=device)
+    result = merge_models(cfg, tmp_path / "one", device=device, settings=unit)
     assert len(result.plan.shards) >= 3 and all(result.plan.rank_shards(2))  # both ranks write shards
     run = torchrun(cfg, tmp_path / "two", device=rank_device, backend=backend)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -54,17 +56,17 @@ def two_ranks_match_one(models, tmp_path, case, device="cpu", rank_device="cpu",
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_ranks_byte_identical_to_one(models, tmp_path, unit, case):
-    two_ranks_match_one(models, tmp_path, case)
+    two_ranks_match_one(models, tmp_path, case, unit)
 
 
 def test_interrupted_two_ranks_resume_in_one_process(models, tmp_path, unit):
     method, params, per_model = CASES["neuromerging"]
     cfg = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra={"out_shard_size": "20KB"})
-    merge_models(cfg, tmp_path / "ref", device="cpu")
+    merge_models(cfg, tmp_path / "ref", device="cpu", settings=unit)
     run = torchrun(cfg, tmp_path / "out", crash="shards:1")  # each rank stops after its first shard
     assert run.returncode != 0
     assert not (tmp_path / "out").exists() and (tmp_path / "out.partial").is_dir()
-    merge_models(cfg, tmp_path / "out", device="cpu", resume=True)
+    merge_models(cfg, tmp_path / "out", device="cpu", resume=True, settings=unit)
     assert read_dir(tmp_path / "out") == read_dir(tmp_path / "ref")
 
 
@@ -81,7 +83,7 @@ def test_unknown_backend_is_a_clear_error(models, tmp_path, unit):
 def test_two_ranks_on_one_gpu_over_gloo(models, tmp_path, unit, case):
     """Both ranks merge on cuda:0 (their histograms and L1 rows on the GPU, summed over gloo): the
     rank split of the CUDA path, on a machine with one GPU. NCCL itself needs two GPUs (below)."""
-    two_ranks_match_one(models, tmp_path, case, "cuda", "cuda:0", backend="gloo")
+    two_ranks_match_one(models, tmp_path, case, unit, "cuda", "cuda:0", backend="gloo")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
@@ -89,4 +91,4 @@ def test_two_ranks_on_one_gpu_over_gloo(models, tmp_path, unit, case):
 def test_two_gpus_byte_identical_to_one_gpu(models, tmp_path, unit, case):
     """Each rank merges its shards on its own GPU (LOCAL_RANK), the global thresholds and the
     NeuroMerging lambda are summed over NCCL; the output equals a one-GPU run byte for byte."""
-    two_ranks_match_one(models, tmp_path, case, "cuda", "cuda")
+    two_ranks_match_one(models, tmp_path, case, unit, "cuda", "cuda")

@@ -13,7 +13,8 @@ import torch
 import neurokern as nk
 from neurokern.checkpoint import load_model
 from neurokern.config import load_config
-from neurokern.engine import merge_models, plan, writer
+from neurokern.engine import merge_models, writer
+from neurokern.engine.settings import EngineSettings
 
 from engine_helpers import read_dir, within, write_config, write_matrix_models
 
@@ -29,13 +30,13 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_gpu_streamed_equals_gpu_in_memory(models, tmp_path, monkeypatch, case):
+def test_gpu_streamed_equals_gpu_in_memory(models, tmp_path, case):
     method, params, per_model = CASES[case]
     extra = {"out_shard_size": "30KB", **({"dtype": "float32"} if case.endswith("f32") else {})}
     cfg_path = write_config(tmp_path / "c.yaml", method, models, params, per_model, extra=extra)
-    monkeypatch.setattr(plan, "MAX_UNIT", 20_000)
     # a budget that caches only part of the first pass on the device: cached and re-read units mix
-    result = within(120, merge_models, cfg_path, tmp_path / "small", device="cuda", memory_budget="600KB")
+    result = within(120, merge_models, cfg_path, tmp_path / "small", device="cuda", memory_budget="600KB",
+                    settings=EngineSettings(max_unit_bytes=20_000))
     assert len(result.plan.units) > 3
     cfg = load_config(cfg_path)
     dtype = torch.float32 if cfg.dtype == "float32" else None
@@ -45,8 +46,8 @@ def test_gpu_streamed_equals_gpu_in_memory(models, tmp_path, monkeypatch, case):
     assert got.keys() == expected.keys()
     for name in expected:
         assert torch.equal(got[name], expected[name].cpu()), name
-    monkeypatch.setattr(plan, "MAX_UNIT", 1 << 30)
-    within(120, merge_models, cfg_path, tmp_path / "big", device="cuda")  # one unit per shard, all cached
+    within(120, merge_models, cfg_path, tmp_path / "big", device="cuda",  # one unit per shard, all cached
+           settings=EngineSettings(max_unit_bytes=1 << 30))
     assert read_dir(tmp_path / "small") == read_dir(tmp_path / "big")
 
 
@@ -64,7 +65,6 @@ def test_gpu_resume_after_kill(models, tmp_path):
 
 def test_gpu_write_error_ends_the_merge(models, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "c.yaml", "ties", models, None, {"density": 0.3}, extra={"out_shard_size": "20KB"})
-    monkeypatch.setattr(plan, "MAX_UNIT", 20_000)
     real, calls = os.pwrite, []
 
     def pwrite(fd, data, offset):
@@ -75,7 +75,7 @@ def test_gpu_write_error_ends_the_merge(models, tmp_path, monkeypatch):
 
     monkeypatch.setattr(writer.os, "pwrite", pwrite)
     with pytest.raises(nk.NeurokernError, match="No space left on device"):
-        within(120, merge_models, cfg, tmp_path / "out", device="cuda")
+        within(120, merge_models, cfg, tmp_path / "out", device="cuda", settings=EngineSettings(max_unit_bytes=20_000))
     assert not (tmp_path / "out").exists()
 
 

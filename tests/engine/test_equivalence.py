@@ -7,7 +7,8 @@ from safetensors.torch import load_file
 import neurokern as nk
 from neurokern.checkpoint import load_model
 from neurokern.config import load_config
-from neurokern.engine import merge_models, plan
+from neurokern.engine import merge_models
+from neurokern.engine.settings import EngineSettings
 
 from engine_helpers import read_dir, write_config
 
@@ -30,12 +31,12 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_streamed_equals_in_memory(models, tmp_path, monkeypatch, case):
+def test_streamed_equals_in_memory(models, tmp_path, case):
     method, params, per_model = CASES[case]
     cfg_path = write_config(tmp_path / "c.yaml", method, models, params, per_model,
                             extra={"out_shard_size": "40KB"})
-    monkeypatch.setattr(plan, "MAX_UNIT", 30_000)  # many small units
-    result = merge_models(cfg_path, tmp_path / "out", device="cpu")
+    result = merge_models(cfg_path, tmp_path / "out", device="cpu",
+                          settings=EngineSettings(max_unit_bytes=30_000))  # many small units
     assert len(result.plan.units) > len(result.plan.shards) > 1
     cfg = load_config(cfg_path)
     expected = nk.merge(load_model(cfg.base_model), [load_model(p) for p in cfg.models], method=cfg.method, **cfg.params)
@@ -45,8 +46,7 @@ def test_streamed_equals_in_memory(models, tmp_path, monkeypatch, case):
         assert got[name].dtype == expected[name].dtype
         assert torch.equal(got[name], expected[name]), name
     # one unit per shard gives the same bytes
-    monkeypatch.setattr(plan, "MAX_UNIT", 1 << 30)
-    merge_models(cfg_path, tmp_path / "out2", device="cpu")
+    merge_models(cfg_path, tmp_path / "out2", device="cpu", settings=EngineSettings(max_unit_bytes=1 << 30))
     assert read_dir(tmp_path / "out") == read_dir(tmp_path / "out2")
 
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 import neurokern as nk
 from neurokern import params
-from neurokern.engine import merge_models, plan
+from neurokern.engine import merge_models
+from neurokern.engine.settings import EngineSettings
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS, Method, Pass, register
 
@@ -89,8 +90,9 @@ def registered():
 
 
 @pytest.fixture
-def unit(monkeypatch):
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+def unit():
+    """Settings of many small work units (the subprocesses get NEUROKERN_MAX_UNIT_BYTES)."""
+    return EngineSettings(max_unit_bytes=UNIT)
 
 
 def load_model(folder: Path) -> dict:
@@ -138,7 +140,7 @@ def driver(folder: Path, *args, crash=None, nproc=1):
 
 
 def test_a_registered_method_runs_its_pass_through_the_engine(models, tmp_path, registered, unit):
-    result = merge_models(config(models, tmp_path), tmp_path / "out", device="cpu")
+    result = merge_models(config(models, tmp_path), tmp_path / "out", device="cpu", settings=unit)
     assert result.passes == ["max_abs", "merge"] and len(result.plan.units) == 14
     merged = load_model(tmp_path / "out")
     expected = direct(models)
@@ -148,14 +150,14 @@ def test_a_registered_method_runs_its_pass_through_the_engine(models, tmp_path, 
     in_memory = nk.merge(load_model(models / "base"), [load_model(models / f"task_{t}") for t in range(3)],
                          method=METHOD.name, weights=WEIGHTS)
     assert all(torch.equal(in_memory[n], t) for n, t in expected.items())
-    dry = merge_models(config(models, tmp_path), tmp_path / "dry", device="cpu", dry_run=True)
+    dry = merge_models(config(models, tmp_path), tmp_path / "dry", device="cpu", dry_run=True, settings=unit)
     assert "passes:  max_abs -> merge" in dry.stats["description"]
 
 
 @pytest.mark.parametrize("point", ["batches:5", "saved", "batches:17"])  # in its pass, after it, in the merge
 def test_a_registered_method_resumes_byte_identically(models, tmp_path, registered, unit, point):
     cfg = config(models, tmp_path)
-    merge_models(cfg, tmp_path / "ref", device="cpu")
+    merge_models(cfg, tmp_path / "ref", device="cpu", settings=unit)
     killed = driver(tmp_path, cfg, tmp_path / "out", crash=point)
     assert killed.returncode == 137, killed.stderr
     saved = tmp_path / "out.partial" / ".neurokern" / "global.json"
@@ -163,14 +165,14 @@ def test_a_registered_method_resumes_byte_identically(models, tmp_path, register
         peak = float.fromhex(json.loads(saved.read_text())["values"]["max_abs"])
         assert peak == max(float((load_model(models / f"task_{t}")[n].float() - b.float()).abs().max())
                            for t in range(3) for n, b in load_model(models / "base").items() if b.is_floating_point())
-    result = merge_models(cfg, tmp_path / "out", device="cpu", resume=True)
+    result = merge_models(cfg, tmp_path / "out", device="cpu", resume=True, settings=unit)
     assert result.passes == (["max_abs", "merge"] if point == "batches:5" else ["merge"])
     assert read_dir(tmp_path / "out") == read_dir(tmp_path / "ref")
 
 
 def test_a_registered_method_on_two_ranks_matches_one(models, tmp_path, registered, unit):
     cfg = config(models, tmp_path)
-    result = merge_models(cfg, tmp_path / "one", device="cpu")
+    result = merge_models(cfg, tmp_path / "one", device="cpu", settings=unit)
     assert all(result.plan.rank_shards(2))  # both ranks hold shards, so the maximum crosses ranks
     two = driver(tmp_path, cfg, tmp_path / "two", nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]

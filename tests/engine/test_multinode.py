@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from neurokern.engine import merge_models, plan
+from neurokern.engine import merge_models
+from neurokern.engine.settings import EngineSettings
 
 from engine_helpers import read_dir, write_config
 
@@ -20,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def unit(monkeypatch):
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+def unit():
+    """Settings of many small work units (the subprocesses get NEUROKERN_MAX_UNIT_BYTES)."""
+    return EngineSettings(max_unit_bytes=UNIT)
 
 
 def free_port() -> int:
@@ -68,7 +70,7 @@ def neuromerging_config(models: Path, tmp_path: Path) -> Path:
 
 def test_two_nodes_byte_identical_to_one_process(models, tmp_path, unit):
     cfg = neuromerging_config(models, tmp_path)
-    result = merge_models(cfg, tmp_path / "one", device="cpu")
+    result = merge_models(cfg, tmp_path / "one", device="cpu", settings=unit)
     assert len(result.plan.shards) >= 3 and all(result.plan.rank_shards(2))  # both nodes write shards
     runs = two_nodes(cfg, str(tmp_path / "two"), (tmp_path, tmp_path))
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-3000:] + runs[1].stderr[-3000:]
@@ -111,10 +113,10 @@ def test_nodes_with_another_config_stop_with_one_line(models, tmp_path, unit):
 
 def test_interrupted_two_node_merge_resumes_in_one_process(models, tmp_path, unit):
     cfg = neuromerging_config(models, tmp_path)
-    merge_models(cfg, tmp_path / "ref", device="cpu")
+    merge_models(cfg, tmp_path / "ref", device="cpu", settings=unit)
     runs = two_nodes(cfg, str(tmp_path / "out"), (tmp_path, tmp_path), crash="shards:1")  # each stops after a shard
     assert all(r.returncode != 0 for r in runs)
     partial = tmp_path / "out.partial"
     assert not (tmp_path / "out").exists() and len(list(partial.glob("*.safetensors"))) == 2
-    merge_models(cfg, tmp_path / "out", device="cpu", resume=True)
+    merge_models(cfg, tmp_path / "out", device="cpu", resume=True, settings=unit)
     assert read_dir(tmp_path / "out") == read_dir(tmp_path / "ref")

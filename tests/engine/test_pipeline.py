@@ -4,9 +4,10 @@ runs under a watchdog, so a deadlock fails the test instead of hanging the suite
 import pytest
 import torch
 
-from neurokern.engine import merge_models, plan
+from neurokern.engine import merge_models
 from neurokern.engine.executor import Reader, Stager, batches
 from neurokern.engine.plan import HOST_SLOTS, make_plan
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import Model
 from neurokern.methods import global_trim
 from neurokern.methods.global_trim import tied_position
@@ -16,17 +17,16 @@ from engine_helpers import read_dir, within, write_config
 WATCHDOG_S = 60
 
 
-def _setup(models, monkeypatch):
-    monkeypatch.setattr(plan, "MAX_UNIT", 20_000)
+def _setup(models):
     base = Model(models / "base", "base_model")
     fts = [Model(models / f"task_{t}", f"models[{t}]") for t in range(3)]
-    p = make_plan(base, 4, None, 40_000)
+    p = make_plan(base, 4, None, 40_000, max_unit_bytes=20_000)
     assert len(p.units) > 2 * HOST_SLOTS
     return p, Reader(p, [base] + fts, torch.device("cpu")), Stager(torch.device("cpu"), None)
 
 
-def test_abandoned_iterations_give_their_slots_back(models, monkeypatch):
-    p, reader, stager = _setup(models, monkeypatch)
+def test_abandoned_iterations_give_their_slots_back(models):
+    p, reader, stager = _setup(models)
 
     def run():
         # More abandoned iterations than there are slots, each holding a batch when closed: with a
@@ -49,8 +49,8 @@ def test_abandoned_iterations_give_their_slots_back(models, monkeypatch):
         reader.close()
 
 
-def test_error_in_consumer_gives_slots_back(models, monkeypatch):
-    p, reader, stager = _setup(models, monkeypatch)
+def test_error_in_consumer_gives_slots_back(models):
+    p, reader, stager = _setup(models)
 
     def run():
         for _ in range(2 * HOST_SLOTS):
@@ -83,15 +83,13 @@ def test_multi_pass_merges_under_tiny_budget(models, tmp_path, monkeypatch, meth
     assert read_dir(tmp_path / "small") == read_dir(tmp_path / "big")
 
 
-def test_profile_report(models, tmp_path, monkeypatch, capsys):
+def test_profile_report(models, tmp_path, capsys):
     """NEUROKERN_PROFILE=1: merge_models prints where the time went, per section, on stderr."""
-    from neurokern.engine import timing
     cfg = write_config(tmp_path / "c.yaml", "neuromerging", models, {"density": 0.2}, None)
-    merge_models(cfg, tmp_path / "off", device="cpu")
+    merge_models(cfg, tmp_path / "off", device="cpu", settings=EngineSettings())
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr(timing, "ENABLED", True)
-    monkeypatch.setattr(timing, "PROFILE", True)
-    merge_models(cfg, tmp_path / "on", device="cpu", fsync=True)  # durable: the same bytes, fsync timed
+    merge_models(cfg, tmp_path / "on", device="cpu", fsync=True,  # durable: the same bytes, fsync timed
+                 settings=EngineSettings(profile=True))
     err = capsys.readouterr().err
     sections = [line.strip() for line in err.splitlines() if line.strip().startswith("[")]
     assert sections == ["[start-up]", "[histogram]", "[boundary]", "[l1]", "[merge]", "[end]"], err
@@ -101,16 +99,14 @@ def test_profile_report(models, tmp_path, monkeypatch, capsys):
     assert read_dir(tmp_path / "on") == read_dir(tmp_path / "off")
 
 
-def test_trace_timeline(models, tmp_path, monkeypatch, capsys):
+def test_trace_timeline(models, tmp_path, capsys):
     """NEUROKERN_TRACE=FILE: every timed block lands in a Chrome trace, one row per thread, inside
     the process's lifetime; the profile table stays off."""
     import json
     from neurokern.engine import timing
     cfg = write_config(tmp_path / "c.yaml", "neuromerging", models, {"density": 0.2}, None)
     trace = tmp_path / "trace.json"
-    monkeypatch.setattr(timing, "ENABLED", True)
-    monkeypatch.setattr(timing, "TRACE", str(trace))
-    merge_models(cfg, tmp_path / "out", device="cpu")
+    merge_models(cfg, tmp_path / "out", device="cpu", settings=EngineSettings(trace=str(trace)))
     assert capsys.readouterr().err == ""
     events = json.loads(trace.read_text())["traceEvents"]
     age = timing._process_age() * 1e6
@@ -126,7 +122,7 @@ def test_trace_timeline(models, tmp_path, monkeypatch, capsys):
     shards = list((tmp_path / "out").glob("*.safetensors"))
     data = sum(f.stat().st_size - 8 - int.from_bytes(f.read_bytes()[:8], "little") for f in shards)
     assert shards and written == data  # every tensor byte, headers aside
-    assert not timing._events and not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_manifest_digests_match_the_files(models, tmp_path, monkeypatch):
@@ -142,3 +138,20 @@ def test_manifest_digests_match_the_files(models, tmp_path, monkeypatch):
     assert len(shards) == len(result.plan.shards) > 1
     for shard in result.plan.shards:
         assert shards[shard.file][DIGEST] == file_digest(tmp_path / "out" / shard.file, shard)
+
+
+def test_torch_profiler_shows_the_engine_blocks(models, tmp_path):
+    """Every timed block is a record_function, profile and trace off: a torch.profiler trace of the
+    caller shows the main thread's; with profile_all_threads, the reader and writer threads' too."""
+    from torch._C._profiler import _ExperimentalConfig
+    cfg = write_config(tmp_path / "c.yaml", "neuromerging", models, {"density": 0.2}, None)
+    main_thread = ("config", "headers + plan", "wait for reads", "finite check", "publish")
+    for all_threads in (False, True):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    experimental_config=_ExperimentalConfig(profile_all_threads=all_threads)) as prof:
+            merge_models(cfg, tmp_path / f"out-{all_threads}", device="cpu", settings=EngineSettings())
+        counts = {e.key: e.count for e in prof.key_averages()}
+        for block in main_thread + (("read", "writer: pwrite + hash") if all_threads else ()):
+            assert counts.get(f"neurokern: {block}", 0) > 0, (block, sorted(k for k in counts if "neurokern" in k))
+    assert counts["neurokern: headers + plan"] == 1
+    assert read_dir(tmp_path / "out-False") == read_dir(tmp_path / "out-True")

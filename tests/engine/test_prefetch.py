@@ -9,10 +9,11 @@ import textwrap
 import pytest
 
 from neurokern.config import load_config
-from neurokern.engine import plan as plan_module
 from neurokern.engine import prefetch
 from neurokern.engine.plan import make_plan
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import Model
+from neurokern.engine.timing import Recorder
 
 from engine_helpers import read_dir, write_config
 
@@ -51,9 +52,8 @@ def test_pieces_cover_every_tensor_once(models, monkeypatch, piece):
 
 def test_pieces_follow_the_work_units(models, monkeypatch):
     monkeypatch.setattr(prefetch, "PIECE", 100)  # windows of one tensor
-    monkeypatch.setattr(plan_module, "MAX_UNIT", 20_000)
     ranges, ms = _inputs(models)
-    unit_of = {n: u.index for u in make_plan(ms[0], 4, None, 40_000).units for n in u.names}
+    unit_of = {n: u.index for u in make_plan(ms[0], 4, None, 40_000, max_unit_bytes=20_000).units for n in u.names}
     name_at = {(info.file, info.start): info.name for m in ms for info in m.tensors.values()}
     units = [unit_of[name_at[(f, a)]] for f, a, _ in prefetch._pieces(ranges, limit=1 << 40) if (f, a) in name_at]
     assert units == sorted(units) and units[0] == 0 and units[-1] == len(set(unit_of.values())) - 1
@@ -67,20 +67,19 @@ def test_limit(models, monkeypatch):
 
 def test_skipped_for_resume_torchrun_and_when_off(models, tmp_path, monkeypatch):
     cfg = load_config(write_config(tmp_path / "c.yaml", "ties", models, None, {"density": 0.3}))
-    monkeypatch.setattr(prefetch, "ENABLED", True)
-    prefetch.start(cfg, resume=True)
+    on, off = EngineSettings(prefetch=True), EngineSettings(prefetch=False)
+    recorder = Recorder()
+    prefetch.start(cfg, on, recorder, resume=True)
     assert prefetch._current is None
     monkeypatch.setenv("WORLD_SIZE", "2")
-    prefetch.start(cfg)
+    prefetch.start(cfg, on, recorder)
     assert prefetch._current is None
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.setattr(prefetch, "ENABLED", False)
-    prefetch.start(cfg)
+    prefetch.start(cfg, off, recorder)
     assert prefetch._current is None
-    monkeypatch.setattr(prefetch, "ENABLED", True)
-    prefetch.start(cfg)
+    prefetch.start(cfg, on, recorder)
     warming = prefetch._current
-    prefetch.start(cfg)  # already warming these inputs
+    prefetch.start(cfg, on, recorder)  # already warming these inputs
     assert warming is not None and prefetch._current is warming
     prefetch.stop()
     assert prefetch._current is None and not any(t.is_alive() for t in warming.threads)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from neurokern.engine import executor, plan, sources
+from neurokern.engine import sources
 from neurokern.engine.executor import Batch, Reader, Staged, Stager, batches
 from neurokern.engine.plan import HOST_SLOTS, make_plan
+from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import Model
 from neurokern.errors import NeurokernError
 
@@ -21,13 +22,12 @@ from engine_helpers import make_models, within
 WATCHDOG_S = 60
 
 
-def _setup(root, monkeypatch, piece=1000):
-    monkeypatch.setattr(plan, "MAX_UNIT", 20_000)
-    monkeypatch.setattr(executor, "READ_PIECE", piece)  # not a divisor of anything: pieces cross tensors' ends
+def _setup(root, piece=1000):
+    """piece: not a divisor of anything, so that pieces cross tensors' ends."""
     models = [Model(root / "base", "base_model")] + [Model(root / f"task_{t}", f"models[{t}]") for t in range(3)]
-    p = make_plan(models[0], 4, None, 40_000)
+    p = make_plan(models[0], 4, None, 40_000, max_unit_bytes=20_000)
     assert len(p.units) > 2 * HOST_SLOTS
-    return p, models, Reader(p, models, torch.device("cpu"))
+    return p, models, Reader(p, models, torch.device("cpu"), EngineSettings(read_piece_bytes=piece))
 
 
 def _on_disk(model: Model) -> dict[str, torch.Tensor]:
@@ -59,9 +59,9 @@ class CopyingStager(Stager):
 
 
 @pytest.mark.parametrize("stager", [cpu_stager, CopyingStager])
-def test_pieces_read_every_byte(models, monkeypatch, stager):
-    p, ms, reader = _setup(models, monkeypatch)
-    assert max(info.nbytes for info in ms[0].tensors.values()) > 3 * executor.READ_PIECE
+def test_pieces_read_every_byte(models, stager):
+    p, ms, reader = _setup(models)
+    assert max(info.nbytes for info in ms[0].tensors.values()) > 3 * reader.piece
     expected = [_on_disk(m) for m in ms]
     try:
         seen = within(WATCHDOG_S, lambda: [(b.unit.index, [{n: t.clone() for n, t in sd.items()}
@@ -111,7 +111,7 @@ def _wait_until(predicate, seconds=WATCHDOG_S):
 
 
 def test_reads_of_several_units_in_flight(models, monkeypatch):
-    p, ms, reader = _setup(models, monkeypatch)
+    p, ms, reader = _setup(models)
     first_piece = ms[0].tensors[p.units[0].names[0]]
     gate = Gate(p, monkeypatch, lambda info, begin: info == first_piece and begin == 0)  # one read of unit 0 hangs
     it = batches(p, p.units, reader, cpu_stager())
@@ -132,7 +132,7 @@ def test_reads_of_several_units_in_flight(models, monkeypatch):
 
 
 def test_gpu_path_yields_a_unit_without_waiting_for_the_next(models, monkeypatch):
-    p, ms, reader = _setup(models, monkeypatch)
+    p, ms, reader = _setup(models)
     gate = Gate(p, monkeypatch, lambda info, begin: info.name in p.units[1].names)
     it = batches(p, p.units, reader, CopyingStager())
     try:
@@ -147,7 +147,7 @@ def test_gpu_path_yields_a_unit_without_waiting_for_the_next(models, monkeypatch
 
 @pytest.mark.parametrize("stager", [cpu_stager, CopyingStager])
 def test_early_close_with_reads_in_flight_gives_every_slot_back(models, monkeypatch, stager):
-    p, ms, reader = _setup(models, monkeypatch)
+    p, ms, reader = _setup(models)
     gate = Gate(p, monkeypatch, lambda info, begin: info.name not in p.units[0].names)
 
     def run():
@@ -174,9 +174,9 @@ def test_early_close_with_reads_in_flight_gives_every_slot_back(models, monkeypa
         reader.close()
 
 
-def test_read_error_names_file_and_tensor(tmp_path, monkeypatch):
+def test_read_error_names_file_and_tensor(tmp_path):
     root = make_models(tmp_path)
-    p, ms, reader = _setup(root, monkeypatch)
+    p, ms, reader = _setup(root)
     name = p.units[-1].names[-1]
     info = ms[2].tensors[name]
     with open(info.file, "r+b") as f:  # shorter after the headers were read

@@ -16,6 +16,7 @@ import pytest
 
 from neurokern.cli import main
 from neurokern.engine import merge_models, plan
+from neurokern.engine.settings import EngineSettings
 
 from engine_helpers import make_models, read_dir, write_config
 
@@ -54,12 +55,7 @@ def configs(models, tmp_path_factory):
     for name, (method, params, per_model) in CONFIGS.items():
         cfg = write_config(folder / f"{name}.yaml", method, models, params, per_model,
                            extra={"out_shard_size": "20KB"})
-        mp = pytest.MonkeyPatch()
-        mp.setattr(plan, "MAX_UNIT", UNIT)
-        try:
-            result = merge_models(cfg, folder / f"{name}-ref", device="cpu")
-        finally:
-            mp.undo()
+        result = merge_models(cfg, folder / f"{name}-ref", device="cpu", settings=EngineSettings(max_unit_bytes=UNIT))
         assert (len(result.plan.units), len(result.plan.shards)) == (14, 3)  # POINTS count on these
         out[name] = (cfg, read_dir(folder / f"{name}-ref"))
     return out
@@ -84,7 +80,7 @@ def test_resume_after_kill_is_byte_identical(configs, tmp_path, monkeypatch, con
     partial = tmp_path / "merged.partial"
     assert partial.is_dir()
 
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
     assert read_dir(out) == expected
     assert not partial.exists()
@@ -97,7 +93,7 @@ def test_resume_skips_finished_shards(configs, tmp_path, monkeypatch):
     done = sorted(p.name for p in (tmp_path / "merged.partial").glob("*.safetensors"))
     assert len(done) == 2
     stamps = {n: (tmp_path / "merged.partial" / n).stat().st_mtime_ns for n in done}
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
     assert {n: (out / n).stat().st_mtime_ns for n in done} == stamps  # not rewritten
     assert read_dir(out) == expected
@@ -129,7 +125,7 @@ def test_resume_redoes_a_recorded_shard_whose_bytes_differ(configs, tmp_path, mo
     data = bytearray(done.read_bytes())
     data[-1] ^= 0xFF  # same size, other bytes
     done.write_bytes(bytes(data))
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
     assert capsys.readouterr().err == (f"neurokern: resume: {done}: its bytes differ from the recorded digest; "
                                        "writing it again\n")
@@ -138,7 +134,7 @@ def test_resume_redoes_a_recorded_shard_whose_bytes_differ(configs, tmp_path, mo
 
 def test_fsync_output_is_the_same(configs, tmp_path, monkeypatch):
     cfg, expected = configs["ties_global"]
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(tmp_path / "merged"), "--device", "cpu", "--quiet", "--fsync"]) == 0
     assert read_dir(tmp_path / "merged") == expected
 
@@ -169,7 +165,7 @@ def test_second_merge_on_a_running_one_is_refused(configs, tmp_path, monkeypatch
         wait_for(lambda: list(partial.glob("*.tmp")), "the first shard begun", first)
         (tmp,) = partial.glob("*.tmp")
         inode = tmp.stat().st_ino  # its bytes may still change: the first merge stalls after queueing its writes
-        monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+        monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
         for extra in (["--resume"], []):
             assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", *extra]) == 2
             err = capsys.readouterr().err
@@ -193,7 +189,7 @@ def test_sigterm_says_so_and_resumes(configs, tmp_path, monkeypatch):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143
     assert err == f"neurokern: terminated (SIGTERM); rerun with --resume to finish from {partial}\n"
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
     assert read_dir(out) == expected
 
@@ -216,7 +212,7 @@ def test_resume_refuses_inputs_changed_since_the_interrupted_run(tmp_path, monke
         file.write_bytes(new)
         if keep_mtime:
             os.utime(file, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 2
     err = capsys.readouterr().err
     why = "sampled bytes" if keep_mtime else "modification time, sampled bytes"
@@ -249,7 +245,7 @@ def test_resume_recomputes_an_edited_or_garbled_global_state(configs, tmp_path, 
         saved.write_text(json.dumps(data))
     else:
         saved.write_text('{"trim": {"threshold": [')
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
     why = "does not match its sha256" if edit == "threshold" else "is not valid JSON"
     assert capsys.readouterr().err == f"neurokern: resume: {saved} {why}; computing the global thresholds again\n"
@@ -263,7 +259,7 @@ def test_resume_rewrites_a_shard_whose_record_is_garbled(configs, tmp_path, monk
     assert cli(cfg, out, crash="shards:1").returncode == 137
     (record,) = (partial / ".neurokern" / "done").glob("*.json")
     record.write_text("[1]")
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 0
     shard = partial / record.name[:-len(".json")]
     assert capsys.readouterr().err == f"neurokern: resume: {shard}: its record is unreadable; writing it again\n"
@@ -275,8 +271,8 @@ def test_resume_summary_counts_what_this_run_did(configs, tmp_path, monkeypatch,
     cfg, expected = configs["neuromerging"]
     out = tmp_path / "merged"
     assert cli(cfg, out, crash="shards:2").returncode == 137
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
-    result = merge_models(cfg, tmp_path / "dry", device="cpu", dry_run=True)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))  # main() reads it
+    result = merge_models(cfg, tmp_path / "dry", device="cpu", dry_run=True, settings=EngineSettings(max_unit_bytes=UNIT))
     last = result.plan.shards[-1].index  # one rank finishes the shards in order
     left = sum(u.in_bytes for u in result.plan.units if u.shard == last)
     assert 0 < left < result.plan.total_in_bytes
@@ -298,7 +294,7 @@ def test_resume_refuses_a_state_without_input_fingerprints(configs, tmp_path, mo
     assert cli(cfg, out, crash="shards:1").returncode == 137
     state = partial / ".neurokern" / "state.json"
     state.write_text(json.dumps({"digest": json.loads(state.read_text())["digest"]}))
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 2
     assert capsys.readouterr().err == (f"neurokern: error: {partial} records no fingerprints of its inputs (made by an "
                                        "older neurokern); delete it to start over\n")
@@ -310,7 +306,7 @@ def test_resume_refuses_a_garbled_state_file(configs, tmp_path, monkeypatch, cap
     out, partial = tmp_path / "merged", tmp_path / "merged.partial"
     assert cli(cfg, out, crash="shards:1").returncode == 137
     (partial / ".neurokern" / "state.json").write_text('{"digest": ')
-    monkeypatch.setattr(plan, "MAX_UNIT", UNIT)
+    monkeypatch.setenv("NEUROKERN_MAX_UNIT_BYTES", str(UNIT))
     assert main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet", "--resume"]) == 2
     assert capsys.readouterr().err == (f"neurokern: error: {partial} is not an interrupted neurokern merge of this "
                                        "config (.neurokern/state.json is missing or unreadable); delete it to start "

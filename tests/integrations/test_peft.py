@@ -120,12 +120,11 @@ def test_engine_merges_adapters_as_full_models(setup, tmp_path, method, params):
         assert torch.equal(out[k], ref[k]), k
 
 
-def test_yaml_bf16_mixed_with_a_full_model_and_small_pieces(setup, tmp_path, monkeypatch):
+def test_yaml_bf16_mixed_with_a_full_model_and_small_pieces(setup, tmp_path):
     """YAML config; a bf16 base (the fp32 factors added in float32, rounded once, as PEFT does); an
     adapter beside a full fine-tuned model; derived tensors read in pieces of one row; a resume
     after the run is byte-identical."""
-    from neurokern.engine import adapters
-    monkeypatch.setattr(adapters, "PIECE_WORK", 1)  # one row per piece
+    from neurokern.engine.settings import EngineSettings
     base = tiny_llama(torch.bfloat16)
     base.save_pretrained(tmp_path / "base")
     full = {k: v + 0.01 for k, v in base.state_dict().items()}
@@ -134,7 +133,8 @@ def test_yaml_bf16_mixed_with_a_full_model_and_small_pieces(setup, tmp_path, mon
             "    parameters: {weight: 0.6, density: 0.5}\n  - model: full.safetensors\n"
             "    parameters: {weight: 0.4, density: 0.5}\n")
     (tmp_path / "cfg.yaml").write_text(yaml)
-    nk.merge_models(tmp_path / "cfg.yaml", tmp_path / "out", device="cpu")
+    nk.merge_models(tmp_path / "cfg.yaml", tmp_path / "out", device="cpu",
+                    settings=EngineSettings(adapter_piece_bytes=1))  # one row per piece
     out = load_file(tmp_path / "out" / "model.safetensors")
     ref = nk.merge(base, [merged_and_unloaded(base, setup["paths"][0]), full], method="ties",
                    weights=[0.6, 0.4], density=0.5)
@@ -150,23 +150,24 @@ def test_plan_counts_the_work_of_derived_reads(setup, tmp_path, method):
     method's own temporaries (Method.work_bytes: breadcrumbs' exceed the default 16 bytes per
     element) are counted beside it."""
     from neurokern.engine.adapters import read_adapter
-    from neurokern.engine.executor import READ_THREADS
+    from neurokern.engine.settings import EngineSettings
     from neurokern.methods import METHODS
     paths, base, root = setup["paths"], setup["base"], setup["root"]
+    settings = EngineSettings(read_threads=16)
     full = []
     for i, p in enumerate(paths):
         save_file(merged_and_unloaded(base, p), str(tmp_path / f"full{i}.safetensors"))
         full.append(str(tmp_path / f"full{i}.safetensors"))
     plans = [nk.merge_models({"merge_method": merge_method, "base_model": str(root / "base"), "models": models},
-                             tmp_path / "out", device="cpu", dry_run=True).plan
+                             tmp_path / "out", device="cpu", dry_run=True, settings=settings).plan
              for merge_method in (method, "ties") for models in ([str(p) for p in paths], full)]
     adapters, fulls, _, fulls_ties = (plan.estimate(cuda=False)["host"] for plan in plans)
     rows, cols = 16, 24  # the widest adapted weight: down_proj, [16, 24]; all its rows fit one piece
     work = 2 * rows * cols * 4 + 2 * rows * cols * 4 + 4 * (4 * 24 + 16 * 4)
     assert {m.r for a in map(read_adapter, paths) for m in a.modules.values()} == {4}
-    assert adapters - fulls == READ_THREADS * work
+    assert adapters - fulls == settings.read_threads * work
     method_work = METHODS[method].work_bytes(len(paths))
-    assert plans[0].work_bytes == method_work and plans[0].derived_work == READ_THREADS * work
+    assert plans[0].work_bytes == method_work and plans[0].derived_work == settings.read_threads * work
     assert fulls - fulls_ties == (method_work - 16) * plans[1].max_numel
     assert method == "ties" or method_work > 16
 

@@ -13,6 +13,8 @@ import torch
 import neurokern.ops as nk  # noqa: F401  (registers torch.ops.neurokern.*)
 from neurokern.ops import reference as ref
 
+from .groups import make_group  # noqa: F401  (the op tests import it from here)
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "bf16", "f16"]
 # 2-D shapes: 1x1, single row, single column, odd sizes, and a plain one.
@@ -31,36 +33,6 @@ def seed_of(*parts) -> int:
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def make_group(
-    shape,
-    T: int,
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    noise: float = 0.02,
-    zero_tasks: Sequence[int] = (),
-    zero_rows: Sequence[int] = (),
-    base_zero_rows: Sequence[int] = (),
-):
-    """base ~ N(0, 1) and finetuned[t] = base + noise * N(0, 1) * (1 + t / T), stored in dtype.
-
-    zero_tasks: tasks whose fine-tuned tensor equals base (tau_t = 0).
-    zero_rows: rows (of dim 0) where every task vector is 0.
-    base_zero_rows: rows where base is 0 (zero-norm neurons); the task vectors there stay non-zero.
-    """
-    g = gen(seed)
-    base = torch.randn(shape, generator=g)
-    for r in base_zero_rows:
-        base[r] = 0
-    fts = []
-    for t in range(T):
-        delta = noise * (1 + t / T) * torch.randn(shape, generator=g)
-        for r in zero_rows:
-            delta[r] = 0
-        ft = base.to(dtype) if t in zero_tasks else (base + delta).to(dtype)
-        fts.append(ft)
-    return base.to(dtype), fts
 
 
 # A list of tensors for the multi-tensor ops: mixed ranks, odd sizes, an empty tensor, a single element.

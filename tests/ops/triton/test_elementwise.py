@@ -28,6 +28,8 @@ from neurokern.ops import reference as ref
 from neurokern.ops.triton import elementwise as E
 from neurokern.ops.triton import multi as M
 
+from ops.groups import make_group
+
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 OPS = torch.ops.neurokern
@@ -45,22 +47,6 @@ GENERIC = [0.8371, 1.2193, 0.5561, -0.3117, 0.9437, 0.6889, 1.4041, 0.7723]
 
 def seed_of(*parts) -> int:
     return zlib.crc32(repr(parts).encode())
-
-
-def make_group(shape, T, dtype=torch.float32, seed=0, noise=0.02, quantize=False):
-    """base ~ N(0, 1), finetuned[t] = base + noise * (1 + t / T) * N(0, 1), stored in dtype (CPU).
-    quantize: task vectors on a 2^-6 grid (exact in every dtype here: many equal magnitudes)."""
-    g = torch.Generator().manual_seed(seed)
-    base = torch.randn(shape, generator=g)
-    if quantize:
-        base = torch.round(base * 8) / 8
-    fts = []
-    for t in range(T):
-        delta = noise * (1 + t / T) * torch.randn(shape, generator=g)
-        if quantize:
-            delta = torch.round(delta * 64) / 64
-        fts.append((base + delta).to(dtype))
-    return base.to(dtype), fts
 
 
 def f64_group(base, fts):
@@ -205,7 +191,7 @@ def test_weighted_sum(dtype, T):
     for i, (shape, layout, trimmed) in enumerate(WS_CASES):
         if T == 8 and layout == "row" and shape[0] > 8:
             continue  # per-row programs are one per row: slow in the interpreter
-        base, fts = make_group(shape, T, dtype, seed_of("ws", shape, T, dtype), quantize=i % 2 == 1)
+        base, fts = make_group(shape, T, dtype, seed_of("ws", shape, T, dtype), exact_grid=i % 2 == 1)
         thr, lim = trim_for(base, fts, 0.3, keep_ties=i % 4 < 2) if trimmed else (None, None)
         _check_ws(base, fts, _coeffs(layout, shape, T, seed_of("wsa", i, T)), thr, lim)
 
@@ -215,8 +201,8 @@ def test_weighted_sum(dtype, T):
 @pytest.mark.parametrize("layout", ["tensor", "row", "element"])
 def test_weighted_sum_list_scope_offset_out_dtype(layout, out_dtype):
     T, dtype = 2, torch.bfloat16
-    prefix = make_group((3, 3), T, dtype, seed_of("wsp"), quantize=True)
-    base, fts = make_group((33, 65), T, dtype, seed_of("wso"), quantize=True)
+    prefix = make_group((3, 3), T, dtype, seed_of("wsp"), exact_grid=True)
+    base, fts = make_group((33, 65), T, dtype, seed_of("wso"), exact_grid=True)
     thr, lim = trim_for(base, fts, 0.4, keep_ties=False, prefix=prefix)
     assert (lim < INT64_MAX).any()  # some task's tie limit cuts through equal magnitudes
     _check_ws(base, fts, _coeffs(layout, (33, 65), T, seed_of("wsoa", layout)), thr, lim, 9, out_dtype)
@@ -289,7 +275,7 @@ def test_ties_options(opts):
     consensus, normalize, elect_weighted, zero_sign = opts
     i = TIES_OPTIONS.index(opts)
     T, dtype = TASKS[i % 5], DTYPES[i % 3]
-    base, fts = make_group((33, 65), T, dtype, seed_of("to", i), quantize=i % 2 == 0)
+    base, fts = make_group((33, 65), T, dtype, seed_of("to", i), exact_grid=i % 2 == 0)
     thr, lim = trim_for(base, fts, 0.3, keep_ties=i % 4 < 2)
     kw = dict(consensus=consensus, normalize=normalize, elect_weighted=elect_weighted, zero_sign=zero_sign)
     _check_ties(base, fts, WEIGHTS[:T], thr, lim, 4, scale=0.7, **kw)
@@ -301,7 +287,7 @@ def test_ties_options(opts):
 def test_ties_shapes(dtype, T):
     shapes = [(1, 1), (17, 1), (1, 33), (33, 65), (5,), (0, 7), (3, 2, 5)]
     for i, shape in enumerate(shapes):
-        base, fts = make_group(shape, T, dtype, seed_of("ts", shape, T, dtype), quantize=i % 2 == 0)
+        base, fts = make_group(shape, T, dtype, seed_of("ts", shape, T, dtype), exact_grid=i % 2 == 0)
         thr, lim = trim_for(base, fts, 0.35, keep_ties=False) if i % 2 else (None, None)
         opts = [dict(), dict(consensus="count", normalize="count", elect_weighted=False, zero_sign="majority")]
         _check_ties(base, fts, WEIGHTS[::-1][:T], thr, lim, scale=1.5, **opts[i % 2])
@@ -453,7 +439,7 @@ def test_division_is_correctly_rounded():
 
 
 def _list_group(shapes, T, dtype, tag, quantize=False):
-    group = [make_group(s, T, dtype, seed_of(tag, s, T, dtype, i), quantize=quantize) for i, s in enumerate(shapes)]
+    group = [make_group(s, T, dtype, seed_of(tag, s, T, dtype, i), exact_grid=quantize) for i, s in enumerate(shapes)]
     return [b for b, _ in group], [group[i][1][t] for t in range(T) for i in range(len(shapes))]
 
 
@@ -492,7 +478,7 @@ def test_trim_l1_hand():
 
 def test_more_tasks_than_kernel_slots():
     T = 9
-    base, fts = make_group((6, 7), T, torch.bfloat16, seed_of("t9"), quantize=True)
+    base, fts = make_group((6, 7), T, torch.bfloat16, seed_of("t9"), exact_grid=True)
     thr, lim = trim_for(base, fts, 0.5, keep_ties=False)
     a = _coeffs("row", (6, 7), T, 1)
     out = E.weighted_sum(dev(base), dev(fts), dev(a), dev(thr), dev(lim))
@@ -522,7 +508,7 @@ def test_gpu_launch_configuration(gpu_blocks):
     """Multi-program paths: two-stage reductions over many partials, the majority pre-pass, the l1
     pre-pass, per-row backward over several column chunks."""
     for T in (2, 5):
-        base, fts = make_group((3, 1100), T, torch.bfloat16, seed_of("gpu", T), quantize=True)
+        base, fts = make_group((3, 1100), T, torch.bfloat16, seed_of("gpu", T), exact_grid=True)
         thr, lim = trim_for(base, fts, 0.3, keep_ties=False)
         for layout in ("tensor", "row"):
             _check_ws(base, fts, _coeffs(layout, (3, 1100), T, T), thr, lim, 3)

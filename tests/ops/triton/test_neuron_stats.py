@@ -19,27 +19,13 @@ import neurokern.ops as nk
 from neurokern.ops import reference as ref
 from neurokern.ops.triton import neuron_stats as tns
 
+from ops.groups import make_group
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["f32", "bf16", "f16"]
 SHAPES = [(1, 1), (17, 1), (1, 33), (33, 65), (0, 7)]
 TASKS = [1, 2, 3, 5, 8]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def make_group(shape, T, dtype, seed, noise=0.02, zero_rows=(), base_zero_rows=(), device="cpu", quantize=False):
-    g = torch.Generator(device=device).manual_seed(seed)
-    base = torch.randn(shape, generator=g, device=device)
-    for r in base_zero_rows:
-        base[r] = 0
-    fts = []
-    for t in range(T):
-        delta = noise * (1 + t / T) * torch.randn(shape, generator=g, device=device)
-        if quantize:  # a coarse grid: many equal magnitudes, so tie limits matter
-            delta = torch.round(delta / noise * 8) * noise / 8
-        for r in zero_rows:
-            delta[r] = 0
-        fts.append((base + delta).to(dtype))
-    return base.to(dtype), fts
 
 
 def _trim_split(trim):
@@ -85,8 +71,8 @@ def test_vs_reference(shape, T, dtype):
 def test_trimmed_with_offset(T, dtype, keep_ties):
     """The tensor is the second of a global trim scope (positions start at prefix.numel()); rows
     with zero task vectors and a zero-norm neuron included; quantized noise makes ties."""
-    prefix, pf = make_group((3, 5), T, dtype, seed=T, quantize=True)
-    base, fts = make_group((9, 37), T, dtype, seed=T + 1, zero_rows=(4,), base_zero_rows=(7,), quantize=True)
+    prefix, pf = make_group((3, 5), T, dtype, seed=T, noise_grid=True)
+    base, fts = make_group((9, 37), T, dtype, seed=T + 1, zero_rows=(4,), base_zero_rows=(7,), noise_grid=True)
     N = prefix.numel() + base.numel()
     trim = nk.magnitude_threshold([prefix, base], [x for t in range(T) for x in (pf[t], fts[t])],
                                   [N // 4 + 3 * t for t in range(T)], keep_ties=keep_ties)
@@ -112,7 +98,7 @@ def test_matches_cpp_op():
 def test_gpu_launch_shape(T):
     """The GPU's launch shape (one row per program, several column steps with a ragged tail,
     VPT columns per thread) run in the interpreter, with a trim."""
-    base, fts = make_group((5, 37), T, torch.bfloat16, seed=T, base_zero_rows=(2,), quantize=True)
+    base, fts = make_group((5, 37), T, torch.bfloat16, seed=T, base_zero_rows=(2,), noise_grid=True)
     trim = nk.magnitude_threshold([base], fts, [60 + t for t in range(T)], keep_ties=False)
     R, C = base.shape
     out = (torch.empty(R, T, T, dtype=torch.float64), torch.empty(R, T, dtype=torch.float64),
@@ -211,7 +197,7 @@ SMALL = [(5, 37), (0, 5), (1, 17), (3, 1), (2, 0), (2, 32), (1, 1)]
 
 
 def make_matrices(T, dtype, seed, shapes=MATRICES):
-    groups = [make_group(s, T, dtype, seed=seed + i, base_zero_rows=(0,) if s[0] > 1 else (), quantize=i % 2 == 1)
+    groups = [make_group(s, T, dtype, seed=seed + i, base_zero_rows=(0,) if s[0] > 1 else (), noise_grid=i % 2 == 1)
               for i, s in enumerate(shapes)]
     return [b for b, _ in groups], [groups[i][1][t] for t in range(T) for i in range(len(shapes))]
 
@@ -322,7 +308,7 @@ def test_cuda_real_shapes(shape, T):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("T", [1, 3, 8])
 def test_cuda_trimmed(dtype, T):
-    base, fts = make_group((5632, 2048), T, dtype, seed=T, noise=0.002, device="cuda", quantize=True)
+    base, fts = make_group((5632, 2048), T, dtype, seed=T, noise=0.002, device="cuda", noise_grid=True)
     taus = torch.stack([f.float() - base.float() for f in fts]).abs().flatten(1)
     thr = taus.kthvalue(taus.shape[1] * 4 // 5, dim=1).values  # keep ~20%, ties at the threshold
     lim = torch.full((T,), base.numel() // 2, dtype=torch.int64, device="cuda")  # half the ties kept
