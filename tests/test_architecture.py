@@ -56,7 +56,9 @@ REFERENCES = {"neurokern.ops.reference", "neurokern.methods.reference"}
 KNOWN_EXCEPTIONS = {
     # The Triton launchers fall back to the plain-PyTorch reference for more than MAX_TASKS (8)
     # fine-tuned models (weighted_sum, its backward, ties_merge, dare; neuron_stats).
-    ("reference", "neurokern.ops.triton.elementwise", "neurokern.ops.reference"),
+    ("reference", "neurokern.ops.triton.weighted_sum", "neurokern.ops.reference"),
+    ("reference", "neurokern.ops.triton.ties_merge", "neurokern.ops.reference"),
+    ("reference", "neurokern.ops.triton.dare", "neurokern.ops.reference"),
     ("reference", "neurokern.ops.triton.neuron_stats", "neurokern.ops.reference"),
     # ops._common.to_device (a host tensor to the GPU through pinned memory, no host sync) and
     # below_autograd (skip the autograd layer where no gradient can flow), used outside the ops.

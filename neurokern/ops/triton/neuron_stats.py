@@ -33,77 +33,23 @@ T <= MAX_TASKS (8) runs the kernel; larger T falls back to neurokern.ops.referen
 device, in chunks of rows (float64 throughout, same results up to summation order).
 
 neuron_stats_multi runs the same body over a list of 2-D tensors, one launch per storage dtype: the
-launch table of multi.py (plus each tensor's rows, row length and first output row) gives every
+launch table of lists.py (plus each tensor's rows, row length and first output row) gives every
 program its tensor, and the program works on ROWS rows of it. On a GPU the launch configuration
 depends only on the dtype and T, so each tensor's rows are bitwise the single-tensor launch's; the
 interpreter's configuration (few, wide programs) follows the largest tensor of the list.
 """
 import itertools
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from neurokern.ops.triton import multi, registry
-from neurokern.ops.dtypes import STORAGE_DTYPES
-
-MAX_TASKS = 8
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared launcher helpers (also used by subspace_split)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def check_group(op: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list]:
-    """The C++ op's checks (check_group and the 2-D rule); returns contiguous tensors."""
-    if base.dtype not in STORAGE_DTYPES:
-        raise RuntimeError(f"neurokern.{op}: expected float32, bfloat16 or float16 tensors, got {base.dtype}")
-    if base.dim() != 2:
-        raise RuntimeError(f"neurokern.{op}: base must be 2-D (rows are neurons), got {base.dim()}-D")
-    for t, f in enumerate(finetuned):
-        if f.shape != base.shape:
-            raise RuntimeError(f"neurokern.{op}: finetuned[{t}] has shape {list(f.shape)}, base has {list(base.shape)}")
-        if f.dtype != base.dtype:
-            raise RuntimeError(f"neurokern.{op}: finetuned[{t}] is {f.dtype}, base is {base.dtype}")
-        if f.device != base.device:
-            raise RuntimeError(f"neurokern.{op}: finetuned[{t}] is on {f.device}, base on {base.device}")
-    return base.contiguous(), [f.contiguous() for f in finetuned]
-
-
-def trim_tensors(op: str, threshold, tie_limit, T: int, device):
-    """(threshold float32 [T], tie_limit int64 [T]) on `device`, or (None, None)."""
-    if (threshold is None) != (tie_limit is None):
-        raise RuntimeError(f"neurokern.{op}: threshold and tie_limit must be given together")
-    if threshold is None:
-        return None, None
-    if threshold.numel() != T or tie_limit.numel() != T:
-        raise RuntimeError(
-            f"neurokern.{op}: threshold and tie_limit need one entry per task ({T}), got "
-            f"{threshold.numel()} and {tie_limit.numel()}"
-        )
-    thr = threshold.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-    lim = tie_limit.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
-    return thr, lim
-
-
-def padded(tensors: Sequence[torch.Tensor], filler: torch.Tensor, n: int = MAX_TASKS) -> list[torch.Tensor]:
-    """The per-task pointer arguments: the tensors, then `filler` (never read) up to n."""
-    return list(tensors) + [filler] * (n - len(tensors))
-
-
-def interpreter_config(R: int, C: int) -> Optional[dict]:
-    """Under TRITON_INTERPRET: few, wide programs (the interpreter pays per operation, not per
-    element); None on a GPU."""
-    if not _interpreting():
-        return None
-    return dict(ROWS=min(triton.next_power_of_2(max(R, 1)), 64), NT=min(triton.next_power_of_2(max(C, 1)), 128),
-                VPT=1, num_warps=1)
+from neurokern.ops.triton import registry
+from neurokern.ops.triton.common import MAX_TASKS, check_matrix_group, interpreter_config, interpreting, padded, task_trim, \
+    trim_pair, trimmed_tau
+from neurokern.ops.triton.lists import columns, list_trims, offset_of, prepare, program_tensor, table_inputs, tasks, \
+    trim_of, trim_row
 
 
 def _config(R: int, C: int, element_size: int, T: int) -> dict:
@@ -116,33 +62,6 @@ def _config(R: int, C: int, element_size: int, T: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Kernel
-
-
-@triton.jit
-def task_trim(thr_ptr, lim_ptr, k: tl.constexpr, T: tl.constexpr, HAS_TRIM: tl.constexpr):
-    """Task k's (threshold, tie_limit), read once per program (dummies without a trim)."""
-    thr = 0.0
-    lim = 0
-    if HAS_TRIM:
-        if T > k:
-            thr = tl.load(thr_ptr + k)
-            lim = tl.load(lim_ptr + k)
-    return thr, lim
-
-
-@triton.jit
-def trimmed_tau(f_ptr, idx, cmask, w32, thr, lim, offset, HAS_TRIM: tl.constexpr):
-    """float64 trim(tau) = trim(float32(f) - float32(w)) at flat indices idx (0 where masked); where
-    the float32 difference overflows (finite inputs near the maximum), the float64 difference, the
-    trim still decided on the float32 |tau| (+inf)."""
-    f = tl.load(f_ptr + idx, mask=cmask, other=0.0).to(tl.float32)
-    tau = f - w32
-    x = tl.where((tau - tau) != 0, f.to(tl.float64) - w32.to(tl.float64), tau.to(tl.float64))
-    if HAS_TRIM:
-        mag = tl.abs(tau)
-        keep = (mag > thr) | ((mag == thr) & (offset + idx < lim))
-        x = tl.where(keep, x, 0.0)
-    return x
 
 
 @triton.jit
@@ -326,14 +245,14 @@ def _neuron_stats_multi_kernel(
     """ROWS rows of one tensor of the list (table rows 5 + T .. 7 + T: its rows R, row length C and
     first row in the concatenated outputs). C16: every C is a multiple of 16, as the single-tensor
     kernel's specialization on C would tell the compiler (it lets the loads vectorize)."""
-    pid, j, local, numel, offset = multi._where(table, owner, nt)
-    b, f0, f1, f2, f3, f4, f5, f6, f7 = multi._inputs(table, nt, j, like, T, ALIGNED)
+    pid, j, local, numel, offset = program_tensor(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = table_inputs(table, nt, j, like, T, ALIGNED)
     R = tl.load(table + (5 + T) * nt + j)
     C = tl.load(table + (6 + T) * nt + j)
     if C16:
         C = tl.multiple_of(C, 16)
     first = tl.load(table + (7 + T) * nt + j)
-    thr_ptr, lim_ptr = multi._trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    thr_ptr, lim_ptr = trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
     row = local * ROWS + tl.arange(0, ROWS)
     stats_rows(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, gram_ptr + first * (T * T),
                dots_ptr + first * T, sq_ptr + first, row, row < R, C, offset, T, HAS_TRIM, ROWS, NT, VPT)
@@ -373,10 +292,10 @@ def neuron_stats(
     offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.ops.neurokern.neuron_stats for CUDA tensors (and CPU tensors under TRITON_INTERPRET)."""
-    base, fts = check_group("neuron_stats", base, finetuned)
+    base, fts = check_matrix_group("neuron_stats", base, finetuned)
     T = len(fts)
     R, C = base.shape
-    thr, lim = trim_tensors("neuron_stats", threshold, tie_limit, T, base.device)
+    thr, lim = trim_pair("neuron_stats", threshold, tie_limit, T, base.device)
     gram = torch.empty((R, T, T), dtype=torch.float64, device=base.device)
     dots = torch.empty((R, T), dtype=torch.float64, device=base.device)
     sq = torch.empty((R,), dtype=torch.float64, device=base.device)
@@ -402,22 +321,22 @@ def neuron_stats_multi(
     config: the launch configuration (tests); by default the single-tensor launch's on a GPU (it
     depends on the dtype and T only), under the interpreter the list's largest tensor's."""
     op = "neuron_stats_multi"
-    n, T = len(base), multi.tasks(base, finetuned)
-    if config is None and _interpreting():
+    n, T = len(base), tasks(base, finetuned)
+    if config is None and interpreting():
         shapes = [b.shape for b in base if b.dim() == 2]
         config = interpreter_config(max((s[0] for s in shapes), default=0), max((s[1] for s in shapes), default=0))
     per_program = (config["ROWS"] if config else 1) if T <= MAX_TASKS else 0  # a GPU: one row per program
-    _, _, launches, total = multi.prepare(op, base, finetuned, per_program, "rows", offsets=offsets)
+    _, _, launches, total = prepare(op, base, finetuned, per_program, "rows", offsets=offsets)
     device = base[0].device
-    thr, lim, trim_rows = multi._trims(op, threshold, tie_limit, n, T, device)
+    thr, lim, trim_rows = list_trims(op, threshold, tie_limit, n, T, device)
     gram = torch.empty((total, T, T), dtype=torch.float64, device=device)
     dots = torch.empty((total, T), dtype=torch.float64, device=device)
     sq = torch.empty((total,), dtype=torch.float64, device=device)
     if T > MAX_TASKS:
         firsts = list(itertools.accumulate((b.shape[0] for b in base), initial=0))
-        for i, column in enumerate(multi.columns(finetuned, n)):
+        for i, column in enumerate(columns(finetuned, n)):
             r0, r1 = firsts[i], firsts[i + 1]
-            _reference_chunked(base[i], column, *multi._trim_of(thr, lim, trim_rows, i), multi.offset_of(offsets, i),
+            _reference_chunked(base[i], column, *trim_of(thr, lim, trim_rows, i), offset_of(offsets, i),
                                gram[r0:r1], dots[r0:r1], sq[r0:r1])
         return gram, dots, sq
     has_trim = thr is not None

@@ -17,6 +17,7 @@ import torch
 
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
+from neurokern.ops.triton import common
 from neurokern.ops.triton import neuron_stats as tns
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -117,7 +118,7 @@ def test_gpu_launch_shape(T):
     R, C = base.shape
     out = (torch.empty(R, T, T, dtype=torch.float64), torch.empty(R, T, dtype=torch.float64),
            torch.empty(R, dtype=torch.float64))
-    thr, lim = tns.trim_tensors("neuron_stats", *trim, T, "cpu")
+    thr, lim = common.trim_pair("neuron_stats", *trim, T, "cpu")
     tns.launch_neuron_stats(base, fts, thr, lim, 3, *out, config=dict(ROWS=1, NT=4, VPT=4, num_warps=1))
     check(base, fts, trim, 3, got=out)
 
