@@ -113,15 +113,12 @@ def _ws_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_p
     return out
 
 
-@triton.jit(do_not_specialize=["count", "offset"])
-def _weighted_sum_kernel(
-    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
-    n, C, NCB, count, offset,
-    T: tl.constexpr, TRIM: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
-):
+@triton.jit
+def _ws_program(n, C, NCB, LAYOUT: tl.constexpr, BLOCK: tl.constexpr):
+    """(offs, mask, cidx) of this program: per row (LAYOUT 1) the program is (row, column block)
+    and the row's coefficients are scalars (cidx = row); per element cidx = offs; per tensor 0."""
     pid = tl.program_id(0).to(tl.int64)
-    count = count.to(tl.int64)
-    if LAYOUT == 1:  # per row: program = (row, column block), the row's coefficients are scalars
+    if LAYOUT == 1:
         row = pid // NCB
         cols = (pid - row * NCB) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < C
@@ -134,9 +131,61 @@ def _weighted_sum_kernel(
             cidx = offs
         else:
             cidx = 0
-    _ws_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
-              offs, mask, cidx, count, offset, T, TRIM, LAYOUT)
+    return offs, mask, cidx
 
+
+@triton.jit(do_not_specialize=["count", "offset"])
+def _weighted_sum_kernel(
+    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+    n, C, NCB, count, offset,
+    T: tl.constexpr, TRIM: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs, mask, cidx = _ws_program(n, C, NCB, LAYOUT, BLOCK)
+    _ws_block(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, out_ptr,
+              offs, mask, cidx, count.to(tl.int64), offset, T, TRIM, LAYOUT)
+
+
+@triton.jit(do_not_specialize=["count", "offset"])
+def _weighted_sum_chunk_kernel(
+    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, coef_ptr, thr_ptr, lim_ptr, acc_ptr, wide_ptr, out_ptr,
+    n, C, NCB, count, offset,
+    T: tl.constexpr, TRIM: tl.constexpr, LAYOUT: tl.constexpr, BLOCK: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, WIDE: tl.constexpr,
+):
+    """One chunk of up to MAX_TASKS tasks of a weighted sum over more (coef, thr and lim start at
+    the chunk's first task; FIRST: the chunk of task 0, whose coef row 0 is base's). WIDE 0: the
+    float32 sum, acc = (FIRST ? a_0 * base : acc) + the chunk's terms in task order, the C++
+    kernel's float32 sequence. WIDE 1 (after every chunk's WIDE 0): in blocks where the float32 sum
+    is NaN / Inf, the float64 sum carried in `wide` the same way; LAST stores the output, those
+    elements from the float64 sum (as the C++ kernel recomputes them)."""
+    offs, mask, cidx = _ws_program(n, C, NCB, LAYOUT, BLOCK)
+    count = count.to(tl.int64)
+    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pos = offs + offset
+    fs = (f0, f1, f2, f3, f4, f5, f6, f7)
+    if WIDE == 0:
+        if FIRST:
+            acc = _coeff(coef_ptr, 0, count, cidx, mask, LAYOUT) * w
+        else:
+            acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        for t in tl.static_range(T):
+            acc = _ws_add(acc, fs[t], offs, mask, w, pos, thr_ptr, lim_ptr, coef_ptr, count, cidx, t, TRIM, LAYOUT)
+        tl.store(acc_ptr + offs, acc, mask=mask)
+    else:
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        bad = is_nonfinite(acc)
+        if any_set(bad):
+            if FIRST:
+                wide = _coeff(coef_ptr, 0, count, cidx, mask, LAYOUT).to(tl.float64) * w.to(tl.float64)
+            else:
+                wide = tl.load(wide_ptr + offs, mask=mask, other=0.0)
+            for t in tl.static_range(T):
+                a = _coeff(coef_ptr, t + 1, count, cidx, mask, LAYOUT).to(tl.float64)
+                wide = wide + a * task_wide(fs[t], offs, mask, w, pos, thr_ptr, lim_ptr, t, TRIM)
+            tl.store(wide_ptr + offs, wide, mask=mask)
+            acc = tl.where(bad, wide.to(tl.float32), acc)
+        if LAST:
+            tl.store(out_ptr + offs, to_out(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 def _coeff_layout(op: str, coeffs: torch.Tensor, base: torch.Tensor, T: int) -> tuple[int, int]:
@@ -168,7 +217,7 @@ def weighted_sum(
 ) -> torch.Tensor:
     """torch.ops.neurokern.weighted_sum: out = a[0] * base + sum_t a[t+1] * trim(tau_t).
 
-    T > MAX_TASKS falls back to neurokern.ops.reference on the same device."""
+    T > MAX_TASKS: in chunks of MAX_TASKS tasks (_weighted_sum_chunks), bitwise the same."""
     op = "weighted_sum"
     check_group(op, base, finetuned)
     T = len(finetuned)
@@ -177,11 +226,6 @@ def weighted_sum(
     check_storage(op, base.dtype)
     coeffs = coeffs.to(base.device).contiguous()
     dtype = out_dtype or base.dtype
-    if T > MAX_TASKS:
-        from neurokern.ops import reference as ref
-
-        trim = (thr, lim) if thr is not None else None
-        return ref.weighted_sum(base, list(finetuned), coeffs, trim, offset, dtype)
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
     n = base.numel()
     if n == 0:
@@ -197,17 +241,41 @@ def weighted_sum(
         grid = (base.shape[0] * NCB,)
     else:
         grid = grid_1d(n, common.BLOCK)
-    _weighted_sum_kernel[grid](
-        base, *task_slots(base, finetuned), coeffs,
-        thr if thr is not None else base, lim if lim is not None else base, acc,
-        n, C, NCB, count, offset,
-        T=T, TRIM=thr is not None, LAYOUT=layout, BLOCK=common.BLOCK,
-        **common.LAUNCH,
-    )
+    if T > MAX_TASKS:
+        _weighted_sum_chunks(grid, base, finetuned, coeffs, thr, lim, acc, n, C, NCB, count, offset, layout)
+    else:
+        _weighted_sum_kernel[grid](
+            base, *task_slots(base, finetuned), coeffs,
+            thr if thr is not None else base, lim if lim is not None else base, acc,
+            n, C, NCB, count, offset,
+            T=T, TRIM=thr is not None, LAYOUT=layout, BLOCK=common.BLOCK,
+            **common.LAUNCH,
+        )
     if not direct:
         out.copy_(acc)
     return out
 
+
+def _weighted_sum_chunks(grid, base, finetuned, coeffs, thr, lim, out, n, C, NCB, count, offset, layout):
+    """weighted_sum over more than MAX_TASKS tasks, a launch per chunk of MAX_TASKS tasks carrying
+    the float32 sum between them (float32 [n]), then a launch per chunk carrying the float64 sum of
+    the elements whose float32 sum is NaN / Inf (float64 [n]; blocks without one only read the
+    float32 sum): the C++ kernel's sums, term for term and in its order, so the output is bitwise
+    the single launch's rule. Reads: (T + 1) N E, plus the float64 pass's inputs where it works."""
+    T = len(finetuned)
+    acc = torch.empty(n, dtype=torch.float32, device=base.device)
+    wide = torch.empty(n, dtype=torch.float64, device=base.device)
+    rows = coeffs.view(T + 1, -1)
+    for wide_pass in (0, 1):
+        for t0 in range(0, T, MAX_TASKS):
+            t1 = min(T, t0 + MAX_TASKS)
+            _weighted_sum_chunk_kernel[grid](
+                base, *task_slots(base, finetuned[t0:t1]), rows[t0:],
+                thr[t0:t1] if thr is not None else base, lim[t0:t1] if lim is not None else base, acc, wide, out,
+                n, C, NCB, count, offset,
+                T=t1 - t0, TRIM=thr is not None, LAYOUT=layout, BLOCK=common.BLOCK, FIRST=t0 == 0, LAST=t1 == T,
+                WIDE=wide_pass, **common.LAUNCH,
+            )
 
 
 @triton.jit
@@ -346,8 +414,8 @@ def weighted_sum_backward(
     """torch.ops.neurokern.weighted_sum_backward: <grad, x_i> reduced to coeffs' shape (float32).
 
     Per tensor: two stages (float64 partial per program, then a float64 torch sum); per row: one
-    program per row; per element: element-wise products. T > MAX_TASKS falls back to
-    neurokern.ops.reference on the same device."""
+    program per row; per element: element-wise products. T > MAX_TASKS: in chunks of MAX_TASKS
+    tasks (_weighted_sum_backward_chunks)."""
     op = "weighted_sum_backward"
     check_group(op, base, finetuned)
     if grad.shape != base.shape:
@@ -360,10 +428,7 @@ def weighted_sum_backward(
         grad = grad.to(torch.float32)
     grad = grad.to(base.device).contiguous()
     if T > MAX_TASKS:
-        from neurokern.ops import reference as ref
-
-        trim = (thr, lim) if thr is not None else None
-        return ref.weighted_sum_backward(grad, base, list(finetuned), coeffs, trim, offset).to(base.device)
+        return _weighted_sum_backward_chunks(grad, base, finetuned, coeffs, thr, lim, offset)
     n = base.numel()
     dev = base.device
     trim_args = dict(T=T, TRIM=thr is not None)
@@ -398,6 +463,26 @@ def weighted_sum_backward(
     _ws_backward_element_kernel[grid_1d(n, common.BLOCK)](grad, base, *fs, thr_p, lim_p, out, n, n, offset,
                                                     BLOCK=common.BLOCK, **common.LAUNCH, **trim_args)
     return out
+
+
+def _weighted_sum_backward_chunks(grad, base, finetuned, coeffs, thr, lim, offset):
+    """weighted_sum_backward over more than MAX_TASKS tasks: each task's reduction stands on its
+    own, so each chunk of MAX_TASKS tasks is one call of the launcher (its row 0, <grad, base>,
+    taken from the first chunk) and the rows are those a single launch would give."""
+    T = len(finetuned)
+    per = coeffs[0].numel()
+    rows = coeffs.reshape(T + 1, per)
+    out = torch.empty((T + 1, per), dtype=torch.float32, device=base.device)
+    for t0 in range(0, T, MAX_TASKS):
+        t1 = min(T, t0 + MAX_TASKS)
+        chunk_coeffs = torch.cat([rows[:1], rows[t0 + 1:t1 + 1]]).view(t1 - t0 + 1, *coeffs.shape[1:])
+        part = weighted_sum_backward(grad, base, finetuned[t0:t1], chunk_coeffs,
+                                     thr[t0:t1] if thr is not None else None, lim[t0:t1] if lim is not None else None,
+                                     offset).reshape(t1 - t0 + 1, per)
+        if t0 == 0:
+            out[0] = part[0]
+        out[t0 + 1:t1 + 1] = part[1:]
+    return out.view(coeffs.shape)
 
 
 @triton.jit
