@@ -18,11 +18,13 @@ import torch
 import triton
 import triton.language as tl
 
+from neurokern.ops._common import to_device
 from neurokern.ops.triton import common, registry
 from neurokern.ops.triton.common import (
     CONSENSUS_CODES,
     MAX_TASKS,
     NORMALIZE_CODES,
+    agree_add,
     any_set,
     check_group,
     check_storage,
@@ -37,6 +39,8 @@ from neurokern.ops.triton.common import (
     scalar_params,
     sign_of,
     task_slots,
+    task_value,
+    task_wide,
     to_out,
     trim_pair,
 )
@@ -283,6 +287,181 @@ def ties_options(op: str, T: int, weights, consensus: str, normalize: str, zero_
             parse_choice(op, normalize, NORMALIZE_CODES, "normalize"))
 
 
+@triton.jit
+def _ties_chunk_values(fs, offs, mask, w, pos, thr_ptr, lim_ptr, wt_ptr, t: tl.constexpr, TRIM: tl.constexpr,
+                       ELECT_W: tl.constexpr, WIDE: tl.constexpr):
+    """(d_t, e_t) of one task (csrc/cpu/ties_merge.cpp): d_t = float(weights[t]) * trim(tau_t), e_t =
+    d_t or trim(tau_t); WIDE: in float64 from the exact tau, the trim decided on the float32 |tau|."""
+    if WIDE:
+        x = task_wide(fs[t], offs, mask, w, pos, thr_ptr, lim_ptr, t, TRIM)
+        d = tl.load(wt_ptr + t) * x
+    else:
+        x = task_value(fs[t], offs, mask, w, pos, thr_ptr, lim_ptr, t, TRIM)
+        d = tl.load(wt_ptr + t).to(tl.float32) * x
+    if ELECT_W:
+        e = d
+    else:
+        e = x
+    return d, e
+
+
+@triton.jit
+def _ties_chunk_vote(base_ptr, fs, thr_ptr, lim_ptr, wt_ptr, vote_ptr, offs, mask, offset,
+                     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, ELECT_W: tl.constexpr,
+                     FIRST: tl.constexpr, WIDE: tl.constexpr):
+    """vote = (FIRST ? 0 : vote) + the chunk's e_t ("sum") or their signs ("count"), float64 (the C++
+    kernel's double vote, in its order)."""
+    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pos = offs + offset
+    if FIRST:
+        v = tl.zeros(offs.shape, dtype=tl.float64)
+    else:
+        v = tl.load(vote_ptr + offs, mask=mask, other=0.0)
+    for t in tl.static_range(T):
+        d, e = _ties_chunk_values(fs, offs, mask, w, pos, thr_ptr, lim_ptr, wt_ptr, t, TRIM, ELECT_W, WIDE)
+        if CONSENSUS == 1:
+            v = v + e.to(tl.float64)
+        else:
+            v = v + sign_of(e).to(tl.float64)
+    tl.store(vote_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _ties_chunk_mix(base_ptr, fs, thr_ptr, lim_ptr, wt_ptr, scale_ptr, sign_ptr, sum_ptr, wsum_ptr, cnt_ptr, offs,
+                    mask, offset, T: tl.constexpr, TRIM: tl.constexpr, NORMALIZE: tl.constexpr,
+                    ELECT_W: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, WIDE: tl.constexpr):
+    """The disjoint sum of the chunk's agreeing d_t (sign: the elected sign, its zero fallback
+    resolved): sum, wsum (their weights) and cnt carried from the chunk before (FIRST: from 0),
+    stored for the next, or (LAST) the merged float32 value returned: base + float(scale * sum /
+    divisor), WIDE: float(base + scale * sum / divisor) (election.h's elect_and_mix)."""
+    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    pos = offs + offset
+    positive = tl.load(sign_ptr + offs, mask=mask, other=1) > 0
+    if FIRST:
+        s = tl.zeros(offs.shape, dtype=tl.float64)
+        ws = tl.zeros(offs.shape, dtype=tl.float64)
+        cnt = tl.zeros(offs.shape, dtype=tl.int32)
+    else:
+        s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
+        ws = tl.load(wsum_ptr + offs, mask=mask, other=0.0)
+        cnt = tl.load(cnt_ptr + offs, mask=mask, other=0)
+    for t in tl.static_range(T):
+        d, e = _ties_chunk_values(fs, offs, mask, w, pos, thr_ptr, lim_ptr, wt_ptr, t, TRIM, ELECT_W, WIDE)
+        s, ws, cnt = agree_add(s, ws, cnt, d, e, tl.load(wt_ptr + t), positive)
+    r = tl.zeros(offs.shape, dtype=tl.float32)
+    if LAST:
+        # A plain float64 division (correctly rounded, as the C++ kernel's; div_rn would give NaN for
+        # an infinite sum): one per element, in the last chunk only.
+        merged = s
+        if NORMALIZE == 1:
+            merged = s / tl.where(ws == 0.0, 1.0, ws)
+        elif NORMALIZE == 2:
+            merged = s / tl.maximum(cnt, 1).to(tl.float64)
+        scale = tl.load(scale_ptr)
+        if WIDE:
+            r = (w.to(tl.float64) + scale * merged).to(tl.float32)
+        else:
+            r = w + (scale * merged).to(tl.float32)
+    else:
+        tl.store(sum_ptr + offs, s, mask=mask)
+        tl.store(wsum_ptr + offs, ws, mask=mask)
+        tl.store(cnt_ptr + offs, cnt, mask=mask)
+    return r
+
+
+@triton.jit(do_not_specialize=["offset"])
+def _ties_chunk_kernel(
+    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, wt_ptr, scale_ptr, need_ptr, sign_ptr,
+    vote_ptr, sum_ptr, wsum_ptr, cnt_ptr, res_ptr, out_ptr, n, offset,
+    T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+    ELECT_W: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr, WIDE: tl.constexpr, PASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One chunk of up to MAX_TASKS tasks of a TIES merge over more (thr, lim and wt, the float64
+    weights, start at the chunk's first task). PASS 0: the vote (_ties_chunk_vote); PASS 1: the
+    disjoint sum (_ties_chunk_mix), LAST storing the float32 result into res. WIDE: in float64,
+    only in the blocks holding an element with need[i] set; its PASS 1 LAST stores out for every
+    block, res where need is not set, the float64 result where it is."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    fs = (f0, f1, f2, f3, f4, f5, f6, f7)
+    need = mask
+    work = True
+    if WIDE:
+        need = mask & (tl.load(need_ptr + offs, mask=mask, other=0) != 0)
+        work = any_set(need)
+    if PASS == 0:
+        if work:
+            _ties_chunk_vote(base_ptr, fs, thr_ptr, lim_ptr, wt_ptr, vote_ptr, offs, mask, offset,
+                             T, TRIM, CONSENSUS, ELECT_W, FIRST, WIDE)
+    else:
+        if LAST:
+            if WIDE:
+                r = tl.load(res_ptr + offs, mask=mask, other=0.0)
+                if work:
+                    wide = _ties_chunk_mix(base_ptr, fs, thr_ptr, lim_ptr, wt_ptr, scale_ptr, sign_ptr, sum_ptr,
+                                           wsum_ptr, cnt_ptr, offs, mask, offset, T, TRIM, NORMALIZE, ELECT_W, FIRST,
+                                           LAST, WIDE)
+                    r = tl.where(need, wide, r)
+                tl.store(out_ptr + offs, to_out(r, out_ptr.dtype.element_ty), mask=mask)
+            else:
+                r = _ties_chunk_mix(base_ptr, fs, thr_ptr, lim_ptr, wt_ptr, scale_ptr, sign_ptr, sum_ptr, wsum_ptr,
+                                    cnt_ptr, offs, mask, offset, T, TRIM, NORMALIZE, ELECT_W, FIRST, LAST, WIDE)
+                tl.store(res_ptr + offs, r, mask=mask)
+        elif work:
+            _ties_chunk_mix(base_ptr, fs, thr_ptr, lim_ptr, wt_ptr, scale_ptr, sign_ptr, sum_ptr, wsum_ptr, cnt_ptr,
+                            offs, mask, offset, T, TRIM, NORMALIZE, ELECT_W, FIRST, LAST, WIDE)
+
+def _elected(votes: torch.Tensor) -> torch.Tensor:
+    """sign_of(vote) as int32: 0 for a zero or NaN vote."""
+    return (votes > 0).to(torch.int32) - (votes < 0).to(torch.int32)
+
+
+def _ties_chunks(base, finetuned, weights, thr, lim, offset, cons, norm, elect_weighted, majority, scale, out):
+    """ties_merge over more than MAX_TASKS tasks into out, in launches over chunks of MAX_TASKS
+    tasks whose float64 sums carry from chunk to chunk in the C++ kernel's order
+    (csrc/cpu/ties_merge.cpp): the votes over every chunk first, then the elected sign of each
+    element (a zero vote: + or the tensor's majority sign, the sign of the summed signs), then the
+    disjoint sums over every chunk. The elements the C++ kernel computes again in float64 (a "sum"
+    vote or a result that is NaN / Inf) take the same sweeps in float64, in the blocks holding one
+    (the others read only the flags). Bitwise the C++ op's output. Reads 2 (T + 1) N E, and as much
+    again in the blocks needing float64; float64 [n] buffers carry the sums (about 33 bytes an
+    element)."""
+    T, n, device = len(finetuned), base.numel(), base.device
+    par = to_device(torch.tensor([float(scale)] + [float(x) for x in weights], dtype=torch.float64), device)
+    vote = torch.empty(n, dtype=torch.float64, device=device)
+    sums = torch.empty(n, dtype=torch.float64, device=device)
+    wsums = torch.empty(n, dtype=torch.float64, device=device)
+    counts = torch.empty(n, dtype=torch.int32, device=device)
+    result = torch.empty(n, dtype=torch.float32, device=device)
+
+    def sweep(pass_, wide, need, sign):
+        for t0 in range(0, T, MAX_TASKS):
+            t1 = min(T, t0 + MAX_TASKS)
+            _ties_chunk_kernel[grid_1d(n, common.BLOCK)](
+                base, *task_slots(base, finetuned[t0:t1]), thr[t0:t1] if thr is not None else base,
+                lim[t0:t1] if lim is not None else base, par[1 + t0:], par, need, sign, vote, sums, wsums, counts,
+                result, out, n, offset,
+                T=t1 - t0, TRIM=thr is not None, CONSENSUS=cons, NORMALIZE=norm, ELECT_W=bool(elect_weighted),
+                FIRST=t0 == 0, LAST=t1 == T, WIDE=wide, PASS=pass_, BLOCK=common.BLOCK, **common.LAUNCH,
+            )
+
+    no_flags = torch.zeros(n, dtype=torch.bool, device=device)
+    sweep(0, False, no_flags, counts)
+    signs = _elected(vote)
+    overflowed = no_flags
+    if cons == 1:  # a float64 vote of float32 values that is NaN / Inf: the float64 vote there
+        overflowed = ~torch.isfinite(vote)
+        sweep(0, True, overflowed, counts)
+        signs = torch.where(overflowed, _elected(vote), signs)
+    fallback = torch.sign(signs.sum()).to(torch.int32) if majority else torch.ones((), dtype=torch.int32, device=device)
+    sweep(1, False, no_flags, torch.where(signs == 0, fallback, signs))
+    need = ~torch.isfinite(result) | overflowed
+    sweep(0, True, need, counts)
+    wide_signs = _elected(vote)
+    sweep(1, True, need, torch.where(wide_signs == 0, fallback, wide_signs))
+
+
 def ties_merge(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],
@@ -298,23 +477,20 @@ def ties_merge(
 ) -> torch.Tensor:
     """torch.ops.neurokern.ties_merge. zero_sign="majority" runs a vote pre-pass (two-stage
     int64 reduction of the elected signs) whose sign the second pass reads on the device.
-    T > MAX_TASKS falls back to neurokern.ops.reference on CPU copies."""
+    T > MAX_TASKS: in chunks of MAX_TASKS tasks (_ties_chunks), bitwise the same."""
     op = "ties_merge"
     check_group(op, base, finetuned)
     T = len(finetuned)
     cons, norm = ties_options(op, T, weights, consensus, normalize, zero_sign)
     thr, lim = trim_pair(op, threshold, tie_limit, T, base.device)
     check_storage(op, base.dtype)
-    if T > MAX_TASKS:
-        from neurokern.ops import reference as ref
-
-        trim = (thr.cpu(), lim.cpu()) if thr is not None else None
-        out = ref.ties_merge(base.cpu(), [f.cpu() for f in finetuned], list(weights), trim, offset,
-                             consensus, normalize, elect_weighted, zero_sign, scale)
-        return out.to(base.device)
     out = torch.empty_like(base)
     n = base.numel()
     if n == 0:
+        return out
+    if T > MAX_TASKS:
+        _ties_chunks(base, finetuned, weights, thr, lim, offset, cons, norm, elect_weighted, zero_sign == "majority",
+                     scale, out)
         return out
     block = election_block(T)
     par = scalar_params(base.device, ties_params(weights, scale, norm))

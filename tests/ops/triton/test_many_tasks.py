@@ -4,12 +4,14 @@ equal the C++ CPU op's bit for bit (as the single launches of T <= 8 do).
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1).
 """
+import itertools
 import zlib
 
 import pytest
 import torch
 
 import neurokern.ops as nk
+from neurokern.ops.triton import ties_merge as TM
 from neurokern.ops.triton import weighted_sum as WS
 
 OPS = torch.ops.neurokern
@@ -115,3 +117,57 @@ def test_weighted_sum_backward_against_cpu_op(T, dtype, layout):
         else:
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
+
+TIES_OPTIONS = list(itertools.product(["sum", "count"], ["weights", "count", "none"], [True, False],
+                                      ["positive", "majority"]))
+# Generic weights (some negative, one zero) for the bitwise comparisons with the C++ op.
+GENERIC = [0.8371, 1.2193, 0.5561, -0.3117, 0.9437, 0.6889, 1.4041, 0.7723, 0.0, -1.1, 0.61, 0.93, 1.7, -0.2,
+           0.45, 1.05]
+
+
+def quantized_group(shape, T, dtype, seed):
+    """Task vectors on a 2^-6 grid with some tasks' entries equal to base: many exact ties of |tau|
+    and votes that cancel exactly (zero votes take the fallback sign)."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr(("q", shape, T, seed)).encode()))
+    base = torch.round(torch.randn(shape, generator=g) * 8) / 8
+    fts = []
+    for t in range(T):
+        delta = torch.round(0.05 * torch.randn(shape, generator=g) * 64) / 64
+        delta[torch.rand(shape, generator=g) < 0.3] = 0
+        fts.append((base + delta).to(dtype))
+    return base.to(dtype), fts
+
+
+@pytest.mark.parametrize("T", MANY)
+@pytest.mark.parametrize("opts", TIES_OPTIONS, ids=["-".join(map(str, o)) for o in TIES_OPTIONS])
+def test_ties_merge_bitwise_cpu_op(T, opts):
+    consensus, normalize, elect_weighted, zero_sign = opts
+    weights = GENERIC[:T]
+    for i, shape in enumerate(SHAPES):
+        dtype = DTYPES[i % len(DTYPES)]
+        for make in (group, quantized_group):
+            base, fts = make(shape, T, dtype, seed=20 + i)
+            thr, lim = trim_of(base, fts, 0.5) if i % 2 == 0 and base.numel() else (None, None)
+            args = (base, fts, weights, thr, lim, 5, consensus, normalize, elect_weighted, zero_sign, 0.7)
+            assert_bitwise(TM.ties_merge(*args), OPS.ties_merge(*args))
+
+
+@pytest.mark.parametrize("T", [9, 16])
+@pytest.mark.parametrize("consensus", ["sum", "count"])
+def test_ties_merge_overflow_takes_the_float64_sums(T, consensus):
+    """Finite inputs near the float32 maximum whose task vectors or votes overflow float32, NaN and
+    Inf inputs, in some blocks of 4096 elements: the float64 sweeps there, bitwise the C++ op."""
+    big = torch.finfo(torch.float32).max
+    base, fts = group((3 * 4096,), T, torch.float32, seed=6)
+    base[:8] = big * 0.9
+    for f in fts:
+        f[:8] = -big * 0.9  # tau = -1.8 * max: Inf in float32 (votes overflow), finite in float64
+    fts[1][4] = big * 0.9  # tau = 0 there
+    fts[T - 1][2 * 4096 + 1] = float("nan")
+    fts[2][2 * 4096 + 2] = float("inf")
+    weights = [0.5] * T
+    for zero_sign in ("positive", "majority"):
+        args = (base, fts, weights, None, None, 0, consensus, "weights", True, zero_sign, 0.3)
+        got, want = TM.ties_merge(*args), OPS.ties_merge(*args)
+        assert torch.isfinite(want[:8]).all()
+        assert_bitwise(got, want)
