@@ -55,8 +55,7 @@ REFERENCES = {"neurokern.ops.reference", "neurokern.methods.reference"}
 # docs/architecture.md's "Known exceptions". Fix one and delete its entry (the test says so).
 KNOWN_EXCEPTIONS = {
     # The Triton launchers fall back to the plain-PyTorch reference for more than MAX_TASKS (8)
-    # fine-tuned models (dare; neuron_stats).
-    ("reference", "neurokern.ops.triton.dare", "neurokern.ops.reference"),
+    # fine-tuned models (neuron_stats).
     ("reference", "neurokern.ops.triton.neuron_stats", "neurokern.ops.reference"),
     # ops._common.to_device (a host tensor to the GPU through pinned memory, no host sync) and
     # below_autograd (skip the autograd layer where no gradient can flow), used outside the ops.

@@ -258,6 +258,131 @@ def _dare_l1_kernel(
         _dare_l1_store(part, b7, k7, 7)
 
 
+@triton.jit
+def _dare_chunk_value(fs, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, t: tl.constexpr, T: tl.constexpr,
+                      WIDE: tl.constexpr):
+    """d_t of one task (csrc/cpu/dare.cpp): float(weights[t]) * (kept ? float(tau_t * factor_t) : 0);
+    WIDE: weights[t] * (kept ? tau_t * factor_t : 0) in float64 from the exact tau."""
+    keep = _dare_task_keep(grp, lane, keep_below, par_ptr, t, T)
+    tau, wide = tau_wide(fs[t], offs, mask, w)
+    if WIDE:
+        d = tl.load(par_ptr + t) * tl.where(keep, wide * tl.load(fac_ptr + t), 0.0)
+    else:
+        d = tl.load(par_ptr + t).to(tl.float32) * tl.where(keep, (tau.to(tl.float64) * tl.load(fac_ptr + t)).to(tl.float32),
+                                                           0.0)
+    return d
+
+
+@triton.jit
+def _dare_chunk_vote(base_ptr, fs, par_ptr, fac_ptr, vote_ptr, offs, mask, grp, lane, keep_below,
+                     T: tl.constexpr, CONSENSUS: tl.constexpr, FIRST: tl.constexpr, WIDE: tl.constexpr):
+    """vote = (FIRST ? 0 : vote) + the chunk's d_t ("sum") or their signs ("count"), float64."""
+    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FIRST:
+        v = tl.zeros(offs.shape, dtype=tl.float64)
+    else:
+        v = tl.load(vote_ptr + offs, mask=mask, other=0.0)
+    for t in tl.static_range(T):
+        d = _dare_chunk_value(fs, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, t, T, WIDE)
+        if CONSENSUS == 1:
+            v = v + d.to(tl.float64)
+        else:
+            v = v + sign_of(d).to(tl.float64)
+    tl.store(vote_ptr + offs, v, mask=mask)
+
+
+@triton.jit
+def _dare_chunk_mix(base_ptr, fs, par_ptr, fac_ptr, sign_ptr, sum_ptr, wsum_ptr, cnt_ptr, offs, mask, grp, lane,
+                    keep_below, T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+                    FIRST: tl.constexpr, LAST: tl.constexpr, WIDE: tl.constexpr):
+    """The sum of the chunk's d_t (consensus "none") or of those agreeing with the elected sign, their
+    weights and count, carried from the chunk before (FIRST: from 0) and stored for the next, or
+    (LAST) the merged float32 value returned: base + float(scale * sum / divisor), WIDE:
+    float(base + scale * sum / divisor) (election.h's elect_and_mix). par: the chunk's dare_params,
+    scale at T and the divisor of consensus "none" (over every task's weight) at T + 1."""
+    w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if FIRST:
+        s = tl.zeros(offs.shape, dtype=tl.float64)
+        ws = tl.zeros(offs.shape, dtype=tl.float64)
+        cnt = tl.zeros(offs.shape, dtype=tl.int32)
+    else:
+        s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
+        ws = tl.load(wsum_ptr + offs, mask=mask, other=0.0)
+        cnt = tl.load(cnt_ptr + offs, mask=mask, other=0)
+    positive = tl.load(sign_ptr + offs, mask=mask, other=1) > 0
+    for t in tl.static_range(T):
+        d = _dare_chunk_value(fs, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, t, T, WIDE)
+        if CONSENSUS == 0:
+            s = s + d.to(tl.float64)
+        else:
+            s, ws, cnt = agree_add(s, ws, cnt, d, d, tl.load(par_ptr + t), positive)
+    r = tl.zeros(offs.shape, dtype=tl.float32)
+    if LAST:
+        # Plain float64 divisions (correctly rounded, as the C++ kernel's), in the last chunk only.
+        if CONSENSUS == 0:
+            merged = s / tl.load(par_ptr + (T + 1))
+        elif NORMALIZE == 1:
+            merged = s / tl.where(ws == 0.0, 1.0, ws)
+        elif NORMALIZE == 2:
+            merged = s / tl.maximum(cnt, 1).to(tl.float64)
+        else:
+            merged = s
+        scale = tl.load(par_ptr + T)
+        if WIDE:
+            r = (w.to(tl.float64) + scale * merged).to(tl.float32)
+        else:
+            r = w + (scale * merged).to(tl.float32)
+    else:
+        tl.store(sum_ptr + offs, s, mask=mask)
+        tl.store(wsum_ptr + offs, ws, mask=mask)
+        tl.store(cnt_ptr + offs, cnt, mask=mask)
+    return r
+
+
+@triton.jit
+def _dare_chunk_kernel(
+    base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, par_ptr, fac_ptr, need_ptr, sign_ptr, vote_ptr, sum_ptr, wsum_ptr,
+    cnt_ptr, res_ptr, out_ptr, n, keep_below,
+    T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, FIRST: tl.constexpr, LAST: tl.constexpr,
+    WIDE: tl.constexpr, PASS: tl.constexpr, G: tl.constexpr,
+):
+    """One chunk of up to MAX_TASKS tasks of a DARE merge over more, on tiles of [G, 4] elements (one
+    Philox call per 4). PASS 0: the vote (_dare_chunk_vote); PASS 1: the sums (_dare_chunk_mix),
+    LAST storing the float32 result into res. WIDE: in float64, only in the tiles holding an element
+    with need[i] set; its PASS 1 LAST stores out for every tile, res where need is not set, the
+    float64 result where it is."""
+    grp = tl.program_id(0).to(tl.int64) * G + tl.arange(0, G)
+    lane = tl.arange(0, 4)[None, :]
+    offs = grp[:, None] * 4 + lane
+    mask = offs < n
+    fs = (f0, f1, f2, f3, f4, f5, f6, f7)
+    need = mask
+    work = True
+    if WIDE:
+        need = mask & (tl.load(need_ptr + offs, mask=mask, other=0) != 0)
+        work = any_set(need)
+    if PASS == 0:
+        if work:
+            _dare_chunk_vote(base_ptr, fs, par_ptr, fac_ptr, vote_ptr, offs, mask, grp, lane, keep_below, T, CONSENSUS,
+                             FIRST, WIDE)
+    else:
+        if LAST:
+            if WIDE:
+                r = tl.load(res_ptr + offs, mask=mask, other=0.0)
+                if work:
+                    wide = _dare_chunk_mix(base_ptr, fs, par_ptr, fac_ptr, sign_ptr, sum_ptr, wsum_ptr, cnt_ptr, offs,
+                                           mask, grp, lane, keep_below, T, CONSENSUS, NORMALIZE, FIRST, LAST, WIDE)
+                    r = tl.where(need, wide, r)
+                tl.store(out_ptr + offs, to_out(r, out_ptr.dtype.element_ty), mask=mask)
+            else:
+                r = _dare_chunk_mix(base_ptr, fs, par_ptr, fac_ptr, sign_ptr, sum_ptr, wsum_ptr, cnt_ptr, offs, mask,
+                                    grp, lane, keep_below, T, CONSENSUS, NORMALIZE, FIRST, LAST, WIDE)
+                tl.store(res_ptr + offs, r, mask=mask)
+        elif work:
+            _dare_chunk_mix(base_ptr, fs, par_ptr, fac_ptr, sign_ptr, sum_ptr, wsum_ptr, cnt_ptr, offs, mask, grp, lane,
+                            keep_below, T, CONSENSUS, NORMALIZE, FIRST, LAST, WIDE)
+
+
 def dare_threshold(density: float) -> int:
     """csrc/philox.h dare_threshold: floor(density * 2^32 + 0.5), at most 2^32."""
     t = density * 4294967296.0 + 0.5
@@ -303,6 +428,80 @@ def dare_options(op: str, T: int, weights, density: float, rescale: str, consens
             parse_choice(op, normalize, NORMALIZE_CODES, "normalize"))
 
 
+def _elected(votes: torch.Tensor) -> torch.Tensor:
+    """sign_of(vote) as int32, a zero (or NaN) vote electing + (mergekit)."""
+    return torch.where(votes < 0, -1, 1).to(torch.int32)
+
+
+def _l1_factors(base, fs, par, keep_below, T: int) -> torch.Tensor:
+    """rescale="l1": per task |tau_t|_1 / |kept tau_t|_1 (1 where either is below 1e-7: mergekit),
+    float64 [T] on the device, from a two-stage float64 reduction (_dare_l1_kernel); fs: the task
+    pointers of par's tasks."""
+    n = base.numel()
+    lblock = red_block(2 * T)
+    iters = max(1, common.CHUNK // lblock)
+    lgrid = grid_1d(n, lblock * iters)
+    part = torch.empty((lgrid[0], T, 2), dtype=torch.float64, device=base.device)
+    _dare_l1_kernel[lgrid](base, *fs, par, part, n, keep_below, T=T, G=lblock // 4, ITERS=iters, **common.LAUNCH)
+    norms = part.sum(0)
+    ok = (norms[:, 0] >= 1e-7) & (norms[:, 1] >= 1e-7)
+    return torch.where(ok, norms[:, 0] / torch.where(ok, norms[:, 1], 1.0), 1.0).contiguous()
+
+
+def _dare_chunks(base, finetuned, weights, density, keys, rescale, cons, norm, scale, out):
+    """dare over more than MAX_TASKS tasks into out, in launches over chunks of MAX_TASKS tasks whose
+    float64 sums carry from chunk to chunk in the C++ kernel's order (csrc/cpu/dare.cpp): for an
+    election the votes over every chunk first, then each element's elected sign (a zero vote: +),
+    then the sums over every chunk. The elements the C++ kernel computes again in float64 (a "sum"
+    vote or a result that is NaN / Inf) take the same sweeps in float64, in the tiles holding one
+    (the others read only the flags). Each chunk has its own dare_params (its weights, keys and
+    factors; rescale="l1": its tasks' pre-pass), with the divisor of consensus "none" over every
+    weight. Bitwise the C++ op's output."""
+    T, n, device = len(finetuned), base.numel(), base.device
+    keep_below = dare_threshold(density)
+    divisor = dare_params(weights, density, [0] * T, rescale, norm, scale)[T + 1]
+    chunks = []
+    for t0 in range(0, T, MAX_TASKS):
+        t1 = min(T, t0 + MAX_TASKS)
+        row = dare_params(weights[t0:t1], density, keys[t0:t1], rescale, norm, scale)
+        row[t1 - t0 + 1] = divisor
+        par = scalar_params(device, row)
+        fs = task_slots(base, finetuned[t0:t1])
+        fac = _l1_factors(base, fs, par, keep_below, t1 - t0) if rescale == "l1" else par[3 * (t1 - t0) + 2:]
+        chunks.append((t0, t1, fs, par, fac))
+    vote = torch.empty(n, dtype=torch.float64, device=device)
+    sums = torch.empty(n, dtype=torch.float64, device=device)
+    wsums = torch.empty(n, dtype=torch.float64, device=device)
+    counts = torch.empty(n, dtype=torch.int32, device=device)
+    result = torch.empty(n, dtype=torch.float32, device=device)
+    G = common.BLOCK // 4
+
+    def sweep(pass_, wide, need, sign):
+        for t0, t1, fs, par, fac in chunks:
+            _dare_chunk_kernel[grid_1d(n, 4 * G)](
+                base, *fs, par, fac, need, sign, vote, sums, wsums, counts, result, out, n, keep_below,
+                T=t1 - t0, CONSENSUS=cons, NORMALIZE=norm, FIRST=t0 == 0, LAST=t1 == T, WIDE=wide, PASS=pass_, G=G,
+                **common.LAUNCH,
+            )
+
+    no_flags = torch.zeros(n, dtype=torch.bool, device=device)
+    signs = counts  # consensus "none" elects nothing
+    overflowed = no_flags
+    if cons:
+        sweep(0, False, no_flags, counts)
+        signs = _elected(vote)
+        if cons == 1:  # a float64 vote of float32 values that is NaN / Inf: the float64 vote there
+            overflowed = ~torch.isfinite(vote)
+            sweep(0, True, overflowed, counts)
+            signs = torch.where(overflowed, _elected(vote), signs)
+    sweep(1, False, no_flags, signs)
+    need = ~torch.isfinite(result) | overflowed
+    if cons:
+        sweep(0, True, need, counts)
+        signs = _elected(vote)
+    sweep(1, True, need, signs)
+
+
 def dare(
     base: torch.Tensor,
     finetuned: Sequence[torch.Tensor],
@@ -316,7 +515,7 @@ def dare(
 ) -> torch.Tensor:
     """torch.ops.neurokern.dare. The keep mask is csrc/philox.h's, bit for bit. rescale="l1" runs a
     pre-pass (two-stage float64 reduction of sum |tau_t| and sum |kept tau_t|); the factors stay on
-    the device. T > MAX_TASKS falls back to neurokern.ops.reference on CPU copies."""
+    the device. T > MAX_TASKS: in chunks of MAX_TASKS tasks (_dare_chunks), bitwise the same."""
     op = "dare"
     check_group(op, base, finetuned)
     T = len(finetuned)
@@ -324,15 +523,12 @@ def dare(
         fail(op, f"{len(keys)} keys for {T} fine-tuned tensors")
     cons, norm = dare_options(op, T, weights, density, rescale, consensus, normalize)
     check_storage(op, base.dtype)
-    if T > MAX_TASKS:
-        from neurokern.ops import reference as ref
-
-        out = ref.dare(base.cpu(), [f.cpu() for f in finetuned], list(weights), density, list(keys),
-                       rescale, consensus, normalize, scale)
-        return out.to(base.device)
     out = torch.empty_like(base)
     n = base.numel()
     if n == 0:
+        return out
+    if T > MAX_TASKS:
+        _dare_chunks(base, finetuned, weights, density, keys, rescale, cons, norm, scale, out)
         return out
     par = scalar_params(base.device, dare_params(weights, density, keys, rescale, norm, scale))
     fac = par[T + 2 + 2 * T:]
@@ -340,15 +536,7 @@ def dare(
     keep_below = dare_threshold(density)
     fs = task_slots(base, finetuned)
     if rescale == "l1":  # mergekit: match the L1 norm of the task vector, unless either is ~0
-        lblock = red_block(2 * T)
-        iters = max(1, common.CHUNK // lblock)
-        lgrid = grid_1d(n, lblock * iters)
-        part = torch.empty((lgrid[0], T, 2), dtype=torch.float64, device=base.device)
-        _dare_l1_kernel[lgrid](base, *fs, par, part, n, keep_below, T=T, G=lblock // 4, ITERS=iters,
-                               **common.LAUNCH)
-        norms = part.sum(0)
-        ok = (norms[:, 0] >= 1e-7) & (norms[:, 1] >= 1e-7)
-        fac = torch.where(ok, norms[:, 0] / torch.where(ok, norms[:, 1], 1.0), 1.0).contiguous()
+        fac = _l1_factors(base, fs, par, keep_below, T)
     _dare_kernel[grid_1d(n, block)](base, *fs, par, fac, out, n, keep_below, T=T, CONSENSUS=cons,
                                      NORMALIZE=norm, G=block // 4, **common.LAUNCH)
     return out

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import neurokern.ops as nk
+from neurokern.ops.triton import dare as DR
 from neurokern.ops.triton import ties_merge as TM
 from neurokern.ops.triton import weighted_sum as WS
 
@@ -171,3 +172,39 @@ def test_ties_merge_overflow_takes_the_float64_sums(T, consensus):
         got, want = TM.ties_merge(*args), OPS.ties_merge(*args)
         assert torch.isfinite(want[:8]).all()
         assert_bitwise(got, want)
+
+
+DARE_OPTIONS = list(itertools.product(["density", "l1", "none"], ["none", "sum", "count"], ["none", "weights", "count"]))
+KEYS = [0x1234_5678_9ABC_DEF0, 7, -(1 << 63), -1, 42, 99, 123456789, 5, 6, 8, 10, 11, 12, 13, 14, 15]
+
+
+@pytest.mark.parametrize("T", [9, 16])
+@pytest.mark.parametrize("opts", DARE_OPTIONS, ids=["-".join(o) for o in DARE_OPTIONS])
+def test_dare_bitwise_cpu_op(T, opts):
+    """Small tensors (the interpreter's Philox is slow; the overflow test below spans several tiles),
+    each with its own density (1.0 keeps everything). rescale="l1" on tensors of at most one
+    interpreter chunk (4096 elements): its norms are float64 sums whose order differs from the C++
+    op's past one chunk, as for T <= 8."""
+    rescale, consensus, normalize = opts
+    weights = GENERIC[:T]
+    for i, (shape, density) in enumerate([((33, 65), 0.3), ((1,), 1.0), ((0, 3), 0.3), ((2, 3), 1.0)]):
+        base, fts = group(shape, T, DTYPES[i % len(DTYPES)], seed=30 + i)
+        args = (base, fts, weights, density, KEYS[:T], rescale, consensus, normalize, 0.9)
+        assert_bitwise(DR.dare(*args), OPS.dare(*args))
+
+
+@pytest.mark.parametrize("T", [9, 16])
+@pytest.mark.parametrize("consensus", ["none", "sum", "count"])
+def test_dare_overflow_takes_the_float64_sums(T, consensus):
+    """Task vectors overflowing float32, NaN and Inf inputs in some tiles: the float64 sweeps there."""
+    big = torch.finfo(torch.float32).max
+    base, fts = group((3 * 4096,), T, torch.float32, seed=7)
+    base[:8] = big * 0.9
+    for f in fts:
+        f[:8] = -big * 0.9
+    fts[T - 1][2 * 4096 + 1] = float("nan")
+    fts[2][2 * 4096 + 2] = float("inf")
+    args = (base, fts, [0.5] * T, 1.0, KEYS[:T], "none", consensus, "weights", 0.3)
+    got, want = DR.dare(*args), OPS.dare(*args)
+    assert torch.isfinite(want[:8]).all()
+    assert_bitwise(got, want)
