@@ -7,8 +7,9 @@ H100 (bf16 32000 x 2048, fraction of a device-to-device copy's 2.85 TB/s, T = 1 
 "none" 0.65 / 0.53, "sum" 0.46 / 0.36, l1 + "sum" 0.26 / 0.18 (bound by float64 arithmetic and
 Philox, not memory).
 
-Larger T: dare falls back to neurokern.ops.reference on CPU copies, the result moved back to the
-input's device; dare_multi's rescale="l1" (per-tensor norms) and T > MAX_TASKS run dare per tensor.
+Larger T: dare runs in chunked passes of MAX_TASKS tasks on the device (_dare_chunks: float64 sums
+carried between chunks in the C++ kernel's order, bitwise its output); dare_multi's rescale="l1"
+(per-tensor norms) and T > MAX_TASKS run dare per tensor.
 """
 from typing import Sequence
 

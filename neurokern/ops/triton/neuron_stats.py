@@ -29,8 +29,8 @@ T = 2: 2.76, T = 4: 2.71, T = 5: 2.67, T = 8: 2.25 TB/s (0.53 ms); float32 T = 8
 2048 x 5632 bf16 T = 8: 2.03 TB/s. With a trim (one compare-select per element) T = 8: 1.49
 TB/s (bf16), 2.41 (f32); T <= 2 unchanged.
 
-T <= MAX_TASKS (8) runs the kernel; larger T falls back to neurokern.ops.reference on the same
-device, in chunks of rows (float64 throughout, same results up to summation order).
+T <= MAX_TASKS (8) runs the kernel once; larger T runs it once per pair of groups of 4 tasks
+(_task_pairs), each launch filling its blocks of the Gram matrices.
 
 neuron_stats_multi runs the same body over a list of 2-D tensors, one launch per storage dtype: the
 launch table of lists.py (plus each tensor's rows, row length and first output row) gives every
@@ -270,18 +270,29 @@ def launch_neuron_stats(base, fts, thr, lim, offset, gram, dots, sq, config=None
     )
 
 
-def _reference_chunked(base, fts, thr, lim, offset, gram, dots, sq):
-    """T > MAX_TASKS: neurokern.ops.reference on the same device, ~256 MiB of float64 at a time."""
-    from neurokern.ops import reference as ref
-
-    R, C = base.shape
+def _task_pairs(base, fts, thr, lim, offset, gram, dots, sq):
+    """T > MAX_TASKS: the tasks in groups of MAX_TASKS / 2, one launch per pair of groups (at most
+    MAX_TASKS tasks) filling the Gram blocks of the pair (its two diagonal blocks and the block
+    between them), the dots of its tasks and |w|^2, on the GPU. Every launch holds more than
+    MAX_TASKS / 2 tasks, so all take one launch configuration and an entry is the same float64 sum
+    whichever launch computes it; the results differ from the C++ op's only in the order of the
+    float64 sums, as for T <= MAX_TASKS. Each task's inputs are read once per other group."""
     T = len(fts)
-    rows = max(1, (256 << 20) // max(1, 8 * (T + 1) * C))
-    trim = (thr, lim) if thr is not None else None
-    for r0 in range(0, R, rows):
-        r1 = min(R, r0 + rows)
-        g, d, q = ref.neuron_stats(base[r0:r1], [f[r0:r1] for f in fts], trim, offset + r0 * C)
-        gram[r0:r1], dots[r0:r1], sq[r0:r1] = g, d, q
+    half = MAX_TASKS // 2
+    groups = [list(range(t0, min(T, t0 + half))) for t0 in range(0, T, half)]
+    R = base.shape[0]
+    for a in range(len(groups)):
+        for b in range(a + 1, len(groups)):
+            tasks = groups[a] + groups[b]
+            k = len(tasks)
+            idx = torch.tensor(tasks, device=base.device)
+            g = torch.empty((R, k, k), dtype=torch.float64, device=base.device)
+            d = torch.empty((R, k), dtype=torch.float64, device=base.device)
+            launch_neuron_stats(base, [fts[t] for t in tasks], thr[idx] if thr is not None else None,
+                                lim[idx] if lim is not None else None, offset, g, d, sq)
+            gram[:, idx[:, None], idx[None, :]] = g
+            dots[:, idx] = d
+
 
 
 def neuron_stats(
@@ -302,7 +313,7 @@ def neuron_stats(
     if R == 0:
         return gram, dots, sq
     if T > MAX_TASKS:
-        _reference_chunked(base, fts, thr, lim, offset, gram, dots, sq)
+        _task_pairs(base, fts, thr, lim, offset, gram, dots, sq)
     else:
         launch_neuron_stats(base, fts, thr, lim, offset, gram, dots, sq)
     return gram, dots, sq
@@ -317,7 +328,7 @@ def neuron_stats_multi(
     config: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.ops.neurokern.neuron_stats_multi: the rows of every tensor, concatenated in list order,
-    in one launch per storage dtype (T > MAX_TASKS: the reference per tensor, as neuron_stats).
+    in one launch per storage dtype (T > MAX_TASKS: per tensor, as neuron_stats).
     config: the launch configuration (tests); by default the single-tensor launch's on a GPU (it
     depends on the dtype and T only), under the interpreter the list's largest tensor's."""
     op = "neuron_stats_multi"
@@ -336,8 +347,10 @@ def neuron_stats_multi(
         firsts = list(itertools.accumulate((b.shape[0] for b in base), initial=0))
         for i, column in enumerate(columns(finetuned, n)):
             r0, r1 = firsts[i], firsts[i + 1]
-            _reference_chunked(base[i], column, *trim_of(thr, lim, trim_rows, i), offset_of(offsets, i),
-                               gram[r0:r1], dots[r0:r1], sq[r0:r1])
+            if r1 > r0:
+                b, fts = check_matrix_group(op, base[i], column)
+                _task_pairs(b, fts, *trim_of(thr, lim, trim_rows, i), offset_of(offsets, i), gram[r0:r1], dots[r0:r1],
+                            sq[r0:r1])
         return gram, dots, sq
     has_trim = thr is not None
     for g in launches:

@@ -8,9 +8,9 @@ tensor its own majority sign). Measured on an H100 (bf16 32000 x 2048, fraction 
 device-to-device copy's 2.85 TB/s, T = 1 / T = 8): 0.52 / 0.60 ("majority": 0.36 / 0.35 counting
 one read); bound by the float64 election arithmetic, not memory.
 
-Larger T: ties_merge falls back to neurokern.ops.reference on CPU copies (the reference's weight /
-mask tensors are built on the CPU), the result moved back to the input's device; ties_merge_multi
-runs ties_merge per tensor.
+Larger T: ties_merge runs in chunked passes of MAX_TASKS tasks on the device (_ties_chunks: the
+votes over every chunk, then the disjoint sums, float64 sums carried between chunks in the C++
+kernel's order, bitwise its output); ties_merge_multi runs ties_merge per tensor.
 """
 from typing import Optional, Sequence
 

@@ -14,8 +14,10 @@ launcher's host time measured 1.3-2.7 ms a call against 3.0 ms of GPU time (benc
 so the list crosses into C++ once, at the op call, and _ws_multi_launch here only launches its
 tables; its face skips the autograd layer where no gradient can flow.
 
-Larger T: weighted_sum and weighted_sum_backward fall back to neurokern.ops.reference on the same
-device; the list forms run the single-tensor launcher per tensor.
+Larger T: weighted_sum runs in chunks of MAX_TASKS tasks on the device (_weighted_sum_chunks: the
+float32 sum carried between chunks, and the float64 one where the C++ kernel recomputes, bitwise
+its output), weighted_sum_backward one launch per chunk (each task's reduction stands alone); the
+list forms run the single-tensor launcher per tensor.
 """
 import itertools
 from typing import Optional, Sequence

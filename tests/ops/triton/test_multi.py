@@ -144,7 +144,7 @@ def test_dare_multi(T, options):
 
 
 def test_more_tasks_than_kernel_slots():
-    """T > 8 runs the single-tensor launchers (their reference fallbacks)."""
+    """T > 8 runs the single-tensor launchers (their chunked forms)."""
     T = 9
     bases, fts = make_list(T, (torch.float32,), seed=5, shapes=[(3, 4), (5,)])
     coeffs = torch.rand(2, T + 1)
