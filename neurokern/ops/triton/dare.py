@@ -475,7 +475,7 @@ def _dare_chunks(base, finetuned, weights, density, keys, rescale, cons, norm, s
     wsums = torch.empty(n, dtype=torch.float64, device=device)
     counts = torch.empty(n, dtype=torch.int32, device=device)
     result = torch.empty(n, dtype=torch.float32, device=device)
-    G = common.BLOCK // 4
+    G = election_block(MAX_TASKS) // 4  # float64 sums of 8 tasks: the election kernels' tiles
 
     def sweep(pass_, wide, need, sign):
         for t0, t1, fs, par, fac in chunks:

@@ -434,16 +434,17 @@ def _ties_chunks(base, finetuned, weights, thr, lim, offset, cons, norm, elect_w
     wsums = torch.empty(n, dtype=torch.float64, device=device)
     counts = torch.empty(n, dtype=torch.int32, device=device)
     result = torch.empty(n, dtype=torch.float32, device=device)
+    block = election_block(MAX_TASKS)  # float64 sums of 8 tasks: the election kernels' block
 
     def sweep(pass_, wide, need, sign):
         for t0 in range(0, T, MAX_TASKS):
             t1 = min(T, t0 + MAX_TASKS)
-            _ties_chunk_kernel[grid_1d(n, common.BLOCK)](
+            _ties_chunk_kernel[grid_1d(n, block)](
                 base, *task_slots(base, finetuned[t0:t1]), thr[t0:t1] if thr is not None else base,
                 lim[t0:t1] if lim is not None else base, par[1 + t0:], par, need, sign, vote, sums, wsums, counts,
                 result, out, n, offset,
                 T=t1 - t0, TRIM=thr is not None, CONSENSUS=cons, NORMALIZE=norm, ELECT_W=bool(elect_weighted),
-                FIRST=t0 == 0, LAST=t1 == T, WIDE=wide, PASS=pass_, BLOCK=common.BLOCK, **common.LAUNCH,
+                FIRST=t0 == 0, LAST=t1 == T, WIDE=wide, PASS=pass_, BLOCK=block, **common.LAUNCH,
             )
 
     no_flags = torch.zeros(n, dtype=torch.bool, device=device)
