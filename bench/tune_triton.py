@@ -1,6 +1,6 @@
 """Block-size sweep of the Triton kernels on the GPU, each over its launch constants (elements per
 program, warps). Prints a table and writes bench/results/tune-triton-<gpu>.json (--tint:
-tune-triton-tint-<gpu>.json); the winners go into neurokern/ops/triton/elementwise.py by hand.
+tune-triton-tint-<gpu>.json); the winners go into neurokern/ops/triton/common.py by hand.
 
     python bench/tune_triton.py [--tasks 4] [--layers 22]   # TinyLlama-1.1B-shaped set, bf16:
         weighted_sum_multi forward and backward, ties_merge_multi and dare_multi

@@ -1,8 +1,8 @@
 """neurokern::_launch_table and neurokern::_finite_table (csrc/launch_table.cpp): the host side of
 the Triton launches over lists of tensors, against a plain Python statement of the same tables
-(the layout of neurokern/ops/triton/multi.py's module docstring and of finite.py's), and the
-argument errors against the messages of the Python checks they replaced (elementwise._check_group
-and _check_storage, the C++ kernels' messages).
+(the layout of neurokern/ops/triton/lists.py's module docstring and of finite.py's), and the
+argument errors against the messages of the Python checks they replaced (common.check_group
+and check_storage, the C++ kernels' messages).
 
 The ops run on any device; the tables and owner arrays land on the tensors' device (on a GPU
 through pinned memory, without a host sync: test_cuda_tables)."""

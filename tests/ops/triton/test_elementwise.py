@@ -1,5 +1,6 @@
-"""Triton launchers of weighted_sum (+ backward), ties_merge, dare (neurokern/ops/triton/elementwise.py)
-and trim_l1 (multi.py: one launch over the list) against the float64 reference and the C++ CPU op.
+"""Triton launchers of weighted_sum (+ backward), ties_merge, dare (neurokern/ops/triton/weighted_sum.py,
+ties_merge.py, dare.py) and trim_l1 (trim_l1.py: one launch over the list) against the float64
+reference and the C++ CPU op.
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1); with one, the same tests run the compiled kernels on CUDA tensors, and the

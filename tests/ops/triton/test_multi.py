@@ -1,5 +1,6 @@
-"""Triton launchers of the multi-tensor ops (neurokern/ops/triton/multi.py: weighted_sum_multi (+
-backward), weighted_sum_rows_multi, ties_merge_multi, dare_multi, trim_l1) against the C++ CPU ops.
+"""Triton launchers of the multi-tensor ops (weighted_sum_multi (+ backward) and
+weighted_sum_rows_multi in neurokern/ops/triton/weighted_sum.py, ties_merge_multi, dare_multi,
+trim_l1 in their ops' modules, on lists.py's launch tables) against the C++ CPU ops.
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors; on a GPU the test_cuda_*
 tests run the compiled kernels through torch.ops.neurokern on CUDA tensors, at the shapes of a
