@@ -1,6 +1,6 @@
 """Block-size sweep of the Triton kernels on the GPU, each over its launch constants (elements per
 program, warps). Prints a table and writes bench/results/tune-triton-<gpu>.json (--tint:
-tune-triton-tint-<gpu>.json); the winners go into neurokern/ops/triton/elementwise.py by hand.
+tune-triton-tint-<gpu>.json); the winners go into neurokern/ops/triton/common.py by hand.
 
     python bench/tune_triton.py [--tasks 4] [--layers 22]   # TinyLlama-1.1B-shaped set, bf16:
         weighted_sum_multi forward and backward, ties_merge_multi and dare_multi
@@ -15,7 +15,7 @@ import torch
 
 from bench.kernels import bench, copy_bandwidth, list_set, set_arguments, write_report
 from neurokern import ops
-from neurokern.ops.triton import elementwise as ew
+from neurokern.ops.triton import common
 
 WARPS = (4, 8)
 FORWARD_BLOCKS = (1024, 2048, 4096)
@@ -40,21 +40,21 @@ def sweep(name, nbytes, copy, configs, apply, fn, results):
 
 
 def setter(**names):
-    """apply(*values): set the module constants of ew named by `names` (in order), return undo."""
+    """apply(*values): set the module constants of neurokern.ops.triton.common named by `names` (in order), return undo."""
     def apply(*values):
-        old = {k: getattr(ew, k) for k in names}
-        old_launch = dict(ew.LAUNCH)
+        old = {k: getattr(common, k) for k in names}
+        old_launch = dict(common.LAUNCH)
         for key, value in zip(names, values):
             if key == "NUM_WARPS":
-                ew.LAUNCH["num_warps"] = value
+                common.LAUNCH["num_warps"] = value
             else:
-                setattr(ew, key, value)
+                setattr(common, key, value)
 
         def restore():
             for k, v in old.items():
-                setattr(ew, k, v)
-            ew.LAUNCH.clear()
-            ew.LAUNCH.update(old_launch)
+                setattr(common, k, v)
+            common.LAUNCH.clear()
+            common.LAUNCH.update(old_launch)
         return restore
     return apply
 

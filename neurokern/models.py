@@ -7,8 +7,7 @@ import torch
 from torch import Tensor
 
 from neurokern.errors import NeurokernError
-from neurokern.ops import STORAGE_DTYPES
-from neurokern.ops import triton as triton_kernels
+from neurokern.ops import STORAGE_DTYPES, nonfinite_flags
 
 
 
@@ -56,22 +55,18 @@ def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
 
 
 def nonfinite_later(tensors: Sequence[Tensor], host: Optional[Tensor] = None) -> Callable[[], list[int]]:
-    """nonfinite without the host sync where it can. On a GPU one Triton pass reads every tensor
-    once (neurokern/ops/triton/finite.py); its flags are copied to pinned host memory (`host`:
-    int32 [len(tensors)], pinned, else one is allocated) on the current stream, and the returned
-    function waits for that copy (by then the stream has usually passed it) and gives the
-    positions; it holds no tensor but `host`. Elsewhere the check runs now: the float32 L1 norms
-    (torch's multi-tensor norm: one read, no temporaries), and a non-finite norm is confirmed
-    element-wise, since a sum of large finite values can overflow."""
-    if not (tensors and tensors[0].is_cuda and triton_kernels.AVAILABLE):
-        bad = []
-        if tensors:
-            sums = torch.stack(torch._foreach_norm(list(tensors), 1, dtype=torch.float32))
-            suspects = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
-            bad = [i for i in suspects if not bool(torch.isfinite(tensors[i]).all())]
+    """nonfinite without the host sync where it can: the flags of neurokern.ops.nonfinite_flags
+    (on a GPU one pass that reads every tensor once, launches only). On a GPU they are copied to
+    pinned host memory (`host`: int32 [len(tensors)], pinned, else one is allocated) on the current
+    stream, and the returned function waits for that copy (by then the stream has usually passed
+    it) and gives the positions; it holds no tensor but `host`. Elsewhere the check runs now."""
+    if not tensors:
+        return lambda: []
+    if not tensors[0].is_cuda:
+        bad = [i for i, flag in enumerate(nonfinite_flags(tensors).tolist()) if flag]
         return lambda: bad
     with torch.cuda.device(tensors[0].device):
-        flags = triton_kernels.finite.nonfinite_flags(tensors)
+        flags = nonfinite_flags(tensors)
         if host is None:
             host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
         host.copy_(flags, non_blocking=True)

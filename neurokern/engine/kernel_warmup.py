@@ -48,7 +48,7 @@ def start(device) -> None:
     def warm() -> None:
         try:
             with torch.cuda.device(device):
-                triton_kernels.finite.nonfinite_flags([torch.zeros(16, dtype=d, device=device) for d in STORAGE_DTYPES])
+                torch.ops.neurokern.nonfinite_flags([torch.zeros(16, dtype=d, device=device) for d in STORAGE_DTYPES])
         except Exception:  # noqa: BLE001 (the merge launches the kernel itself and reports what fails)
             pass
 

@@ -11,12 +11,11 @@ the counts of the boundary bin's values, so the tensor holding the last kept tie
 that one tensor is read again to find its position. Histograms are summed across ranks.
 The result equals ops.magnitude_threshold over the whole model (tests/engine check it).
 
-Both passes take a unit's tensors at once. On a GPU they run the Triton kernels of
-neurokern/ops/triton/key_histogram.py (one launch per storage dtype, atomics into the device
-histograms) without a host sync, except in exact_k's pass 2: it reads each unit's per-tensor
-boundary-bin counts (one sync per unit), gathers the low bits of those entries on the device and
-copies them to pinned memory without waiting; they are unpacked once the pass is over. On the CPU
-they run torch's ops per tensor and task.
+Both passes take a unit's tensors at once, through the ops neurokern.ops.key_histogram and
+boundary_values (on a GPU Triton kernels: one launch per storage dtype, atomics into the device
+histograms, no host sync; on the CPU torch per tensor and task). exact_k's pass 2 reads each unit's
+per-tensor boundary-bin counts (one sync per unit), gathers the low bits of those entries on the
+device and copies them to pinned memory without waiting; they are unpacked once the pass is over.
 """
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -28,21 +27,8 @@ from neurokern.methods.method import columns
 from neurokern.methods.passes import Pass, PassContext
 from neurokern.methods.trim import INT64_MAX, Trims, keep_count, keeps_ties
 from neurokern.models import ModelSet
-from neurokern.ops import triton as triton_kernels
+from neurokern.ops import HI_BINS, LO_BINS, boundary_values, key_histogram, magnitude_bits
 from neurokern.ops._common import to_device
-
-HI_BINS = 1 << 15
-LO_BINS = 1 << 16
-
-
-def magnitude_bits(base: Tensor, finetuned: Tensor) -> Tensor:
-    """|float32(ft) - float32(base)| as int32 bits, flat (as the ops form task vectors)."""
-    return (finetuned.float() - base.float()).abs_().view(torch.int32).reshape(-1)
-
-
-def _on_kernels(t: Tensor) -> bool:
-    """Whether a unit on t's device takes the Triton kernels (a GPU with Triton)."""
-    return t.is_cuda and triton_kernels.AVAILABLE
 
 
 def _take_top(hist: list[int], k: int) -> tuple[int, int]:
@@ -82,14 +68,7 @@ class GlobalTrim:
         """Counts a unit's entries: base [n], finetuned task-major (finetuned[t * n + i])."""
         if self.hist is None:
             self.hist = torch.zeros(self.num_tasks, HI_BINS, dtype=torch.int64, device=self.device)
-        if _on_kernels(base[0]):
-            triton_kernels.key_histogram.key_histogram(base, finetuned, self.hist)
-            return
-        n = len(base)
-        for t in range(self.num_tasks):
-            for i, b in enumerate(base):
-                hi = magnitude_bits(b, finetuned[t * n + i]) >> 16
-                self.hist[t] += torch.bincount(hi, minlength=HI_BINS)
+        key_histogram(base, finetuned, self.hist)
 
     def finish_hist(self, hist: Tensor) -> None:
         rows = hist.cpu().tolist()
@@ -109,34 +88,15 @@ class GlobalTrim:
         """Counts a unit's boundary-bin entries (names and base [n], finetuned task-major)."""
         if self.low is None:
             self.low = torch.zeros(self.num_tasks, LO_BINS, dtype=torch.int64, device=self.device)
-        if _on_kernels(base[0]):
-            self._add_low_kernels(names, base, finetuned)
-            return
-        n = len(base)
-        for i, (name, b) in enumerate(zip(names, base)):
-            for t in range(self.num_tasks):
-                if self.hi_bin[t] < 0:
-                    continue
-                bits = magnitude_bits(b, finetuned[t * n + i])
-                lo = bits[(bits >> 16) == self.hi_bin[t]] & 0xFFFF
-                if lo.numel() == 0:
-                    continue
-                self.low[t] += torch.bincount(lo, minlength=LO_BINS)
-                if not self.keep_ties:
-                    values, counts = torch.unique(lo, return_counts=True)
-                    self.sparse[(name, t)] = (values.cpu(), counts.cpu())
-
-    def _add_low_kernels(self, names: list[str], base: Sequence[Tensor], finetuned: Sequence[Tensor]) -> None:
-        kernels = triton_kernels.key_histogram
         if self.keep_ties:
-            kernels.key_histogram(base, finetuned, self.low, self.hi_device)
+            key_histogram(base, finetuned, self.low, self.hi_device)
             return
         counts = torch.zeros(len(base), self.num_tasks, dtype=torch.int64, device=self.device)
-        kernels.key_histogram(base, finetuned, self.low, self.hi_device, counts)
+        key_histogram(base, finetuned, self.low, self.hi_device, counts)
         counts = counts.view(-1).tolist()  # the unit's one host sync
         if not any(counts):
             return
-        values = kernels.boundary_values(base, finetuned, self.hi_device, counts)
+        values = boundary_values(base, finetuned, self.hi_device, counts)
         self.gathered.append((list(names), counts, values.to("cpu", non_blocking=True)))  # pinned, no sync
 
     def _unpack_gathered(self) -> None:

@@ -1,11 +1,15 @@
 """The op layer: typed Python faces of torch.ops.neurokern.*, their fake (meta) implementations
 and autograd. Importing this package loads neurokern._C, which registers the schemas and the C++
-kernels; `reference` states what every op means in plain PyTorch."""
+kernels (the ops whose kernels are Python, key_histogram and nonfinite_flags, define their schemas
+and CPU kernels in their face modules); `reference` states what every op means in plain PyTorch,
+for the tests."""
 import torch  # noqa: F401  (loads libtorch, which neurokern._C links against)
 
 from neurokern import _C  # noqa: F401,E402  (registers torch.ops.neurokern.*)
 from neurokern.ops.dare import dare, dare_keys, dare_multi
 from neurokern.ops.dtypes import STORAGE_DTYPES
+from neurokern.ops.finite import nonfinite_flags
+from neurokern.ops.key_histogram import HI_BINS, LO_BINS, boundary_values, key_histogram, magnitude_bits
 from neurokern.ops.magnitude_threshold import magnitude_threshold
 from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs
 from neurokern.ops.neuron_stats import neuron_stats, neuron_stats_multi
@@ -16,14 +20,20 @@ from neurokern.ops.trim_l1 import trim_l1
 from neurokern.ops.weighted_sum import weighted_sum, weighted_sum_multi, weighted_sum_rows_multi
 
 __all__ = [
+    "HI_BINS",
+    "LO_BINS",
     "STORAGE_DTYPES",
+    "boundary_values",
     "dare",
     "dare_keys",
     "dare_multi",
+    "key_histogram",
+    "magnitude_bits",
     "magnitude_threshold",
     "neuromerge_coeffs",
     "neuron_stats",
     "neuron_stats_multi",
+    "nonfinite_flags",
     "subspace_split",
     "ties_merge",
     "ties_merge_multi",

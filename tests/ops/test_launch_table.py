@@ -1,8 +1,8 @@
 """neurokern::_launch_table and neurokern::_finite_table (csrc/launch_table.cpp): the host side of
 the Triton launches over lists of tensors, against a plain Python statement of the same tables
-(the layout of neurokern/ops/triton/multi.py's module docstring and of finite.py's), and the
-argument errors against the messages of the Python checks they replaced (elementwise._check_group
-and _check_storage, the C++ kernels' messages).
+(the layout of neurokern/ops/triton/lists.py's module docstring and of finite.py's), and the
+argument errors against the messages of the Python checks they replaced (common.check_group
+and check_storage, the C++ kernels' messages).
 
 The ops run on any device; the tables and owner arrays land on the tensors' device (on a GPU
 through pinned memory, without a host sync: test_cuda_tables)."""
@@ -11,9 +11,12 @@ import itertools
 import pytest
 import torch
 
-from neurokern.ops.triton import elementwise as ew
+from neurokern.ops.triton import common
 from neurokern.ops.triton import finite
-from neurokern.ops.triton import multi as M
+from neurokern.ops.triton import lists
+from neurokern.ops.triton import ties_merge as TM
+from neurokern.ops.triton import trim_l1 as TL
+from neurokern.ops.triton import weighted_sum as WS
 
 from .conftest import make_list
 
@@ -79,7 +82,7 @@ def test_elements(T, offsets):
     base, fts = make_list(T, MIXED, seed=T, shapes=SHAPES)
     offsets = {"none": (), "given": [7 * i + 3 for i in range(len(base))], "flat": None}[offsets]
     for per_program, outputs in [(1024, True), (4096, False), (3, True)]:
-        outs, grad, launches, rows = M.prepare("op", base, fts, per_program, outputs=outputs, offsets=offsets)
+        outs, grad, launches, rows = lists.prepare("op", base, fts, per_program, outputs=outputs, offsets=offsets)
         assert grad == [] and rows == 0
         if outputs:
             assert [(o.shape, o.dtype, o.device) for o in outs] == [(b.shape, b.dtype, b.device) for b in base]
@@ -87,7 +90,7 @@ def test_elements(T, offsets):
         else:
             assert outs == []
         check_launches(launches, want_launches(base, fts, per_program, outs=outs, offsets=offsets))
-    outs, *_ = M.prepare("op", base, fts, 1024, outputs=True, out_dtype=torch.float64)
+    outs, *_ = lists.prepare("op", base, fts, 1024, outputs=True, out_dtype=torch.float64)
     assert all(o.dtype == torch.float64 and o.shape == b.shape for o, b in zip(outs, base))
 
 
@@ -95,7 +98,7 @@ def test_elements(T, offsets):
 @pytest.mark.parametrize("layout, per_program", [("row_blocks", 32), ("row_blocks", 4096), ("rows", 1), ("rows", 5)])
 def test_per_row_layouts(T, layout, per_program):
     base, fts = make_list(T, MIXED, seed=T, shapes=MATRICES)
-    outs, _, launches, rows = M.prepare("op", base, fts, per_program, layout, outputs=True, offsets=None)
+    outs, _, launches, rows = lists.prepare("op", base, fts, per_program, layout, outputs=True, offsets=None)
     assert rows == sum(b.shape[0] for b in base)
     check_launches(launches, want_launches(base, fts, per_program, layout, outs, offsets=None))
 
@@ -107,7 +110,7 @@ def test_grad_rows_and_groups(T):
     base, fts = make_list(T, (torch.float32, torch.bfloat16), seed=T, shapes=SHAPES)
     grad = [torch.ones(b.shape, dtype=(torch.float32, torch.float64, torch.int32)[i % 3]) for i, b in enumerate(base)]
     grad[1] = grad[1][None].expand(2, *grad[1].shape)[1]  # a view: still contiguous, kept as it is
-    _, got, launches, _ = M.prepare("op", base, fts, 64, grad=grad)
+    _, got, launches, _ = lists.prepare("op", base, fts, 64, grad=grad)
     assert [g.dtype for g in got] == [torch.float32 if g.dtype == torch.int32 else g.dtype for g in grad]
     assert all(torch.equal(a, b.float()) and a.is_contiguous() for a, b in zip(got, grad))
     assert all(a is b for a, b in zip(got, grad) if b.dtype != torch.int32)
@@ -117,24 +120,24 @@ def test_grad_rows_and_groups(T):
 def test_check_only():
     """per_program 0: the checks (all of them) and T / rows, no launch, no outputs."""
     base, fts = make_list(10, (torch.float32,), shapes=[(3, 4), (5, 2)])
-    outs, grad, launches, rows = M.prepare("op", base, fts, 0, "rows", outputs=True)
+    outs, grad, launches, rows = lists.prepare("op", base, fts, 0, "rows", outputs=True)
     assert (outs, grad, launches, rows) == ([], [], [], 8)
     assert OPS._launch_table.default("op", base, fts, None, [], 0, "elements", False, None)[3] == [10, 0]
     with pytest.raises(RuntimeError, match=r"neurokern.op: finetuned\[9\] has shape \[2\], base has \[3, 4\]"):
-        M.prepare("op", base, fts[:-2] + [torch.zeros(2), fts[-1]])
+        lists.prepare("op", base, fts[:-2] + [torch.zeros(2), fts[-1]])
 
 
 def test_only_empty_tensors():
     base, fts = make_list(2, MIXED, shapes=[(0, 3), (0,)])
-    outs, _, launches, _ = M.prepare("op", base, fts, 1024, outputs=True)
+    outs, _, launches, _ = lists.prepare("op", base, fts, 1024, outputs=True)
     assert launches == [] and [o.shape for o in outs] == [(0, 3), (0,)]
 
 
 def python_message(op, base, column):
     """The message of the Python checks the C++ op replaced."""
     try:
-        ew._check_group(op, base, column)
-        ew._check_storage(op, base.dtype)
+        common.check_group(op, base, column)
+        common.check_storage(op, base.dtype)
     except RuntimeError as e:
         return str(e)
     return None
@@ -166,7 +169,7 @@ def test_tensor_errors_match_python_checks(case):
     n = len(base)
     want = next(m for i in range(n) if (m := python_message("some_op", base[i], list(fts[i::n]))))
     with pytest.raises(RuntimeError) as error:
-        M.prepare("some_op", base, fts, 1024, outputs=True)
+        lists.prepare("some_op", base, fts, 1024, outputs=True)
     assert str(error.value).splitlines()[0] == want
 
 
@@ -187,7 +190,7 @@ def test_list_errors(kwargs, message):
     if kwargs.get("base_device"):
         base, fts = [base[0], torch.empty(5, device="meta")], [fts[0], torch.empty(5, device="meta")] * 2
     with pytest.raises(RuntimeError, match=message):
-        M.prepare("op", kwargs.get("base", base), fts[:kwargs.get("fts", len(fts))], 1024,
+        lists.prepare("op", kwargs.get("base", base), fts[:kwargs.get("fts", len(fts))], 1024,
                   kwargs.get("layout", "elements"), offsets=kwargs.get("offsets", ()), grad=grad)
 
 
@@ -195,9 +198,9 @@ def test_ops_keep_their_messages():
     """Through a launcher: the op's name in the message, the C++ CPU op's words."""
     base, fts = make_list(2, (torch.float32,), shapes=[(3, 4), (5,)])
     bad = [fts[0], fts[1], fts[2].bfloat16(), fts[3]]
-    for call in (lambda: M.weighted_sum_multi(base, bad, torch.rand(2, 3)),
-                 lambda: M.ties_merge_multi(base, bad, [1.0, 1.0]),
-                 lambda: M.trim_l1(base, bad)):
+    for call in (lambda: WS.weighted_sum_multi(base, bad, torch.rand(2, 3)),
+                 lambda: TM.ties_merge_multi(base, bad, [1.0, 1.0]),
+                 lambda: TL.trim_l1(base, bad)):
         with pytest.raises(RuntimeError) as error:
             call()
         assert "finetuned[1] is BFloat16, base is Float" in str(error.value)
@@ -259,7 +262,7 @@ def test_cuda_tables(T):
     as on the host; outputs on the device."""
     base, fts = make_list(T, MIXED, seed=T, shapes=SHAPES)
     base, fts = [b.cuda() for b in base], [f.cuda() for f in fts]
-    outs, _, launches, _ = M.prepare("op", base, fts, 1024, outputs=True)
+    outs, _, launches, _ = lists.prepare("op", base, fts, 1024, outputs=True)
     assert all(o.is_cuda for o in outs)
     for g in launches:
         assert g.table.is_cuda and g.owner.is_cuda

@@ -1,4 +1,5 @@
-"""Which tensors of a list hold a NaN or Inf: one read of every tensor at copy bandwidth, for the
+"""Triton kernel of neurokern::nonfinite_flags (schema and CPU kernel: neurokern/ops/finite.py):
+which tensors of a list hold a NaN or Inf, one read of every tensor at copy bandwidth, for the
 finite checks of nk.merge and the streaming engine (neurokern.models.nonfinite).
 
 A launch covers the tensors of one storage dtype whose addresses are all 16-byte aligned, or all
@@ -16,6 +17,8 @@ from typing import Sequence
 import torch
 import triton
 import triton.language as tl
+
+from neurokern.ops.triton import registry
 
 
 # Per program 16 KiB: with 4 warps, eight 16-byte loads per thread in flight.
@@ -72,3 +75,6 @@ def nonfinite_flags(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
             ALIGNED=bool(aligned), num_warps=NUM_WARPS,
         )
     return flags
+
+
+registry.register("nonfinite_flags", nonfinite_flags)

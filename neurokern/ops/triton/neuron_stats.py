@@ -29,81 +29,27 @@ T = 2: 2.76, T = 4: 2.71, T = 5: 2.67, T = 8: 2.25 TB/s (0.53 ms); float32 T = 8
 2048 x 5632 bf16 T = 8: 2.03 TB/s. With a trim (one compare-select per element) T = 8: 1.49
 TB/s (bf16), 2.41 (f32); T <= 2 unchanged.
 
-T <= MAX_TASKS (8) runs the kernel; larger T falls back to neurokern.ops.reference on the same
-device, in chunks of rows (float64 throughout, same results up to summation order).
+T <= MAX_TASKS (8) runs the kernel once; larger T runs it once per pair of groups of 4 tasks
+(_task_pairs), each launch filling its blocks of the Gram matrices.
 
 neuron_stats_multi runs the same body over a list of 2-D tensors, one launch per storage dtype: the
-launch table of multi.py (plus each tensor's rows, row length and first output row) gives every
+launch table of lists.py (plus each tensor's rows, row length and first output row) gives every
 program its tensor, and the program works on ROWS rows of it. On a GPU the launch configuration
 depends only on the dtype and T, so each tensor's rows are bitwise the single-tensor launch's; the
 interpreter's configuration (few, wide programs) follows the largest tensor of the list.
 """
 import itertools
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from neurokern.ops.triton import multi, registry
-from neurokern.ops.dtypes import STORAGE_DTYPES
-
-MAX_TASKS = 8
-
-
-# ---------------------------------------------------------------------------------------------
-# Shared launcher helpers (also used by subspace_split)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def check_group(op: str, base: torch.Tensor, finetuned: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list]:
-    """The C++ op's checks (check_group and the 2-D rule); returns contiguous tensors."""
-    if base.dtype not in STORAGE_DTYPES:
-        raise RuntimeError(f"neurokern.{op}: expected float32, bfloat16 or float16 tensors, got {base.dtype}")
-    if base.dim() != 2:
-        raise RuntimeError(f"neurokern.{op}: base must be 2-D (rows are neurons), got {base.dim()}-D")
-    for t, f in enumerate(finetuned):
-        if f.shape != base.shape:
-            raise RuntimeError(f"neurokern.{op}: finetuned[{t}] has shape {list(f.shape)}, base has {list(base.shape)}")
-        if f.dtype != base.dtype:
-            raise RuntimeError(f"neurokern.{op}: finetuned[{t}] is {f.dtype}, base is {base.dtype}")
-        if f.device != base.device:
-            raise RuntimeError(f"neurokern.{op}: finetuned[{t}] is on {f.device}, base on {base.device}")
-    return base.contiguous(), [f.contiguous() for f in finetuned]
-
-
-def trim_tensors(op: str, threshold, tie_limit, T: int, device):
-    """(threshold float32 [T], tie_limit int64 [T]) on `device`, or (None, None)."""
-    if (threshold is None) != (tie_limit is None):
-        raise RuntimeError(f"neurokern.{op}: threshold and tie_limit must be given together")
-    if threshold is None:
-        return None, None
-    if threshold.numel() != T or tie_limit.numel() != T:
-        raise RuntimeError(
-            f"neurokern.{op}: threshold and tie_limit need one entry per task ({T}), got "
-            f"{threshold.numel()} and {tie_limit.numel()}"
-        )
-    thr = threshold.reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-    lim = tie_limit.reshape(-1).to(device=device, dtype=torch.int64).contiguous()
-    return thr, lim
-
-
-def padded(tensors: Sequence[torch.Tensor], filler: torch.Tensor, n: int = MAX_TASKS) -> list[torch.Tensor]:
-    """The per-task pointer arguments: the tensors, then `filler` (never read) up to n."""
-    return list(tensors) + [filler] * (n - len(tensors))
-
-
-def interpreter_config(R: int, C: int) -> Optional[dict]:
-    """Under TRITON_INTERPRET: few, wide programs (the interpreter pays per operation, not per
-    element); None on a GPU."""
-    if not _interpreting():
-        return None
-    return dict(ROWS=min(triton.next_power_of_2(max(R, 1)), 64), NT=min(triton.next_power_of_2(max(C, 1)), 128),
-                VPT=1, num_warps=1)
+from neurokern.ops.triton import registry
+from neurokern.ops.triton.common import MAX_TASKS, check_matrix_group, interpreter_config, interpreting, padded, task_trim, \
+    trim_pair, trimmed_tau
+from neurokern.ops.triton.lists import columns, list_trims, offset_of, prepare, program_tensor, table_inputs, tasks, \
+    trim_of, trim_row
 
 
 def _config(R: int, C: int, element_size: int, T: int) -> dict:
@@ -116,33 +62,6 @@ def _config(R: int, C: int, element_size: int, T: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # Kernel
-
-
-@triton.jit
-def task_trim(thr_ptr, lim_ptr, k: tl.constexpr, T: tl.constexpr, HAS_TRIM: tl.constexpr):
-    """Task k's (threshold, tie_limit), read once per program (dummies without a trim)."""
-    thr = 0.0
-    lim = 0
-    if HAS_TRIM:
-        if T > k:
-            thr = tl.load(thr_ptr + k)
-            lim = tl.load(lim_ptr + k)
-    return thr, lim
-
-
-@triton.jit
-def trimmed_tau(f_ptr, idx, cmask, w32, thr, lim, offset, HAS_TRIM: tl.constexpr):
-    """float64 trim(tau) = trim(float32(f) - float32(w)) at flat indices idx (0 where masked); where
-    the float32 difference overflows (finite inputs near the maximum), the float64 difference, the
-    trim still decided on the float32 |tau| (+inf)."""
-    f = tl.load(f_ptr + idx, mask=cmask, other=0.0).to(tl.float32)
-    tau = f - w32
-    x = tl.where((tau - tau) != 0, f.to(tl.float64) - w32.to(tl.float64), tau.to(tl.float64))
-    if HAS_TRIM:
-        mag = tl.abs(tau)
-        keep = (mag > thr) | ((mag == thr) & (offset + idx < lim))
-        x = tl.where(keep, x, 0.0)
-    return x
 
 
 @triton.jit
@@ -326,14 +245,14 @@ def _neuron_stats_multi_kernel(
     """ROWS rows of one tensor of the list (table rows 5 + T .. 7 + T: its rows R, row length C and
     first row in the concatenated outputs). C16: every C is a multiple of 16, as the single-tensor
     kernel's specialization on C would tell the compiler (it lets the loads vectorize)."""
-    pid, j, local, numel, offset = multi._where(table, owner, nt)
-    b, f0, f1, f2, f3, f4, f5, f6, f7 = multi._inputs(table, nt, j, like, T, ALIGNED)
+    pid, j, local, numel, offset = program_tensor(table, owner, nt)
+    b, f0, f1, f2, f3, f4, f5, f6, f7 = table_inputs(table, nt, j, like, T, ALIGNED)
     R = tl.load(table + (5 + T) * nt + j)
     C = tl.load(table + (6 + T) * nt + j)
     if C16:
         C = tl.multiple_of(C, 16)
     first = tl.load(table + (7 + T) * nt + j)
-    thr_ptr, lim_ptr = multi._trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
+    thr_ptr, lim_ptr = trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
     row = local * ROWS + tl.arange(0, ROWS)
     stats_rows(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, gram_ptr + first * (T * T),
                dots_ptr + first * T, sq_ptr + first, row, row < R, C, offset, T, HAS_TRIM, ROWS, NT, VPT)
@@ -351,18 +270,29 @@ def launch_neuron_stats(base, fts, thr, lim, offset, gram, dots, sq, config=None
     )
 
 
-def _reference_chunked(base, fts, thr, lim, offset, gram, dots, sq):
-    """T > MAX_TASKS: neurokern.ops.reference on the same device, ~256 MiB of float64 at a time."""
-    from neurokern.ops import reference as ref
-
-    R, C = base.shape
+def _task_pairs(base, fts, thr, lim, offset, gram, dots, sq):
+    """T > MAX_TASKS: the tasks in groups of MAX_TASKS / 2, one launch per pair of groups (at most
+    MAX_TASKS tasks) filling the Gram blocks of the pair (its two diagonal blocks and the block
+    between them), the dots of its tasks and |w|^2, on the GPU. Every launch holds more than
+    MAX_TASKS / 2 tasks, so all take one launch configuration and an entry is the same float64 sum
+    whichever launch computes it; the results differ from the C++ op's only in the order of the
+    float64 sums, as for T <= MAX_TASKS. Each task's inputs are read once per other group."""
     T = len(fts)
-    rows = max(1, (256 << 20) // max(1, 8 * (T + 1) * C))
-    trim = (thr, lim) if thr is not None else None
-    for r0 in range(0, R, rows):
-        r1 = min(R, r0 + rows)
-        g, d, q = ref.neuron_stats(base[r0:r1], [f[r0:r1] for f in fts], trim, offset + r0 * C)
-        gram[r0:r1], dots[r0:r1], sq[r0:r1] = g, d, q
+    half = MAX_TASKS // 2
+    groups = [list(range(t0, min(T, t0 + half))) for t0 in range(0, T, half)]
+    R = base.shape[0]
+    for a in range(len(groups)):
+        for b in range(a + 1, len(groups)):
+            tasks = groups[a] + groups[b]
+            k = len(tasks)
+            idx = torch.tensor(tasks, device=base.device)
+            g = torch.empty((R, k, k), dtype=torch.float64, device=base.device)
+            d = torch.empty((R, k), dtype=torch.float64, device=base.device)
+            launch_neuron_stats(base, [fts[t] for t in tasks], thr[idx] if thr is not None else None,
+                                lim[idx] if lim is not None else None, offset, g, d, sq)
+            gram[:, idx[:, None], idx[None, :]] = g
+            dots[:, idx] = d
+
 
 
 def neuron_stats(
@@ -373,17 +303,17 @@ def neuron_stats(
     offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.ops.neurokern.neuron_stats for CUDA tensors (and CPU tensors under TRITON_INTERPRET)."""
-    base, fts = check_group("neuron_stats", base, finetuned)
+    base, fts = check_matrix_group("neuron_stats", base, finetuned)
     T = len(fts)
     R, C = base.shape
-    thr, lim = trim_tensors("neuron_stats", threshold, tie_limit, T, base.device)
+    thr, lim = trim_pair("neuron_stats", threshold, tie_limit, T, base.device)
     gram = torch.empty((R, T, T), dtype=torch.float64, device=base.device)
     dots = torch.empty((R, T), dtype=torch.float64, device=base.device)
     sq = torch.empty((R,), dtype=torch.float64, device=base.device)
     if R == 0:
         return gram, dots, sq
     if T > MAX_TASKS:
-        _reference_chunked(base, fts, thr, lim, offset, gram, dots, sq)
+        _task_pairs(base, fts, thr, lim, offset, gram, dots, sq)
     else:
         launch_neuron_stats(base, fts, thr, lim, offset, gram, dots, sq)
     return gram, dots, sq
@@ -398,27 +328,29 @@ def neuron_stats_multi(
     config: Optional[dict] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.ops.neurokern.neuron_stats_multi: the rows of every tensor, concatenated in list order,
-    in one launch per storage dtype (T > MAX_TASKS: the reference per tensor, as neuron_stats).
+    in one launch per storage dtype (T > MAX_TASKS: per tensor, as neuron_stats).
     config: the launch configuration (tests); by default the single-tensor launch's on a GPU (it
     depends on the dtype and T only), under the interpreter the list's largest tensor's."""
     op = "neuron_stats_multi"
-    n, T = len(base), multi.tasks(base, finetuned)
-    if config is None and _interpreting():
+    n, T = len(base), tasks(base, finetuned)
+    if config is None and interpreting():
         shapes = [b.shape for b in base if b.dim() == 2]
         config = interpreter_config(max((s[0] for s in shapes), default=0), max((s[1] for s in shapes), default=0))
     per_program = (config["ROWS"] if config else 1) if T <= MAX_TASKS else 0  # a GPU: one row per program
-    _, _, launches, total = multi.prepare(op, base, finetuned, per_program, "rows", offsets=offsets)
+    _, _, launches, total = prepare(op, base, finetuned, per_program, "rows", offsets=offsets)
     device = base[0].device
-    thr, lim, trim_rows = multi._trims(op, threshold, tie_limit, n, T, device)
+    thr, lim, trim_rows = list_trims(op, threshold, tie_limit, n, T, device)
     gram = torch.empty((total, T, T), dtype=torch.float64, device=device)
     dots = torch.empty((total, T), dtype=torch.float64, device=device)
     sq = torch.empty((total,), dtype=torch.float64, device=device)
     if T > MAX_TASKS:
         firsts = list(itertools.accumulate((b.shape[0] for b in base), initial=0))
-        for i, column in enumerate(multi.columns(finetuned, n)):
+        for i, column in enumerate(columns(finetuned, n)):
             r0, r1 = firsts[i], firsts[i + 1]
-            _reference_chunked(base[i], column, *multi._trim_of(thr, lim, trim_rows, i), multi.offset_of(offsets, i),
-                               gram[r0:r1], dots[r0:r1], sq[r0:r1])
+            if r1 > r0:
+                b, fts = check_matrix_group(op, base[i], column)
+                _task_pairs(b, fts, *trim_of(thr, lim, trim_rows, i), offset_of(offsets, i), gram[r0:r1], dots[r0:r1],
+                            sq[r0:r1])
         return gram, dots, sq
     has_trim = thr is not None
     for g in launches:

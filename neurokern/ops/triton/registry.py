@@ -1,5 +1,5 @@
 """Registers the Triton launchers for the CUDA key (one line per op; weighted_sum_multi's CUDA kernel
-is C++, csrc/list_launch.cpp, which calls multi._ws_multi_launch)."""
+is C++, csrc/list_launch.cpp, which calls weighted_sum._ws_multi_launch)."""
 import torch
 
 _REGISTERED: dict[str, object] = {}

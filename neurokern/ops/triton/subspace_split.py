@@ -27,15 +27,8 @@ import triton
 import triton.language as tl
 
 from neurokern.ops.triton import registry
-from neurokern.ops.triton.neuron_stats import (
-    MAX_TASKS,
-    check_group,
-    padded,
-    interpreter_config,
-    task_trim,
-    trim_tensors,
-    trimmed_tau,
-)
+from neurokern.ops.triton.common import (MAX_TASKS, check_matrix_group, interpreter_config, padded, task_trim,
+                                        trim_pair, trimmed_tau)
 
 
 @triton.jit
@@ -181,10 +174,10 @@ def subspace_split(
     offset: int = 0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """torch.ops.neurokern.subspace_split for CUDA tensors (and CPU tensors under TRITON_INTERPRET)."""
-    base, fts = check_group("subspace_split", base, finetuned)
+    base, fts = check_matrix_group("subspace_split", base, finetuned)
     T = len(fts)
     R, C = base.shape
-    thr, lim = trim_tensors("subspace_split", threshold, tie_limit, T, base.device)
+    thr, lim = trim_pair("subspace_split", threshold, tie_limit, T, base.device)
     coeff = torch.empty((R, T), dtype=torch.float32, device=base.device)
     orth = [torch.empty((R, C), dtype=torch.float32, device=base.device) for _ in range(T)]
     if R == 0 or T == 0:

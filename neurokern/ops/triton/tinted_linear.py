@@ -45,9 +45,9 @@ import torch
 import triton
 import triton.language as tl
 
-from neurokern.ops.triton import registry
-from neurokern.ops.triton.neuron_stats import _interpreting
 from neurokern.ops.dtypes import STORAGE_DTYPES
+from neurokern.ops.triton import registry
+from neurokern.ops.triton.common import interpreting
 
 
 
@@ -280,13 +280,13 @@ def _upcast(dtype: torch.dtype) -> bool:
     """Triton's interpreter multiplies bfloat16 dot operands as their raw uint16 bits; there the
     kernels widen them to float32 first (exact: a bfloat16 product fits a float32 mantissa, as on
     the tensor cores). Never on a GPU."""
-    return dtype == torch.bfloat16 and _interpreting()
+    return dtype == torch.bfloat16 and interpreting()
 
 
 def _fwd_config(B: int, N: int, K: int, T: int, dtype: torch.dtype) -> dict:
     """H100-measured (T = 8; B = 512 .. 65536; in = out = 768 or 2048): 128 x 256 tiles once the
     segments are long enough to fill them, 64 / 32 / 16-row tiles for short segments."""
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # ieee float32 dot runs on the FMA units: small tiles
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=4, num_stages=3)
@@ -298,7 +298,7 @@ def _fwd_config(B: int, N: int, K: int, T: int, dtype: torch.dtype) -> dict:
 
 
 def _grad_config(B: int, N: int, K: int, T: int, dtype: torch.dtype) -> dict:
-    if _interpreting():
+    if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)

@@ -1,5 +1,6 @@
-"""Triton launchers of weighted_sum (+ backward), ties_merge, dare (neurokern/ops/triton/elementwise.py)
-and trim_l1 (multi.py: one launch over the list) against the float64 reference and the C++ CPU op.
+"""Triton launchers of weighted_sum (+ backward), ties_merge, dare (neurokern/ops/triton/weighted_sum.py,
+ties_merge.py, dare.py) and trim_l1 (trim_l1.py: one launch over the list) against the float64
+reference and the C++ CPU op.
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1); with one, the same tests run the compiled kernels on CUDA tensors, and the
@@ -25,8 +26,11 @@ import triton.language as tl
 
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
-from neurokern.ops.triton import elementwise as E
-from neurokern.ops.triton import multi as M
+from neurokern.ops.triton import common
+from neurokern.ops.triton import dare as DR
+from neurokern.ops.triton import ties_merge as TM
+from neurokern.ops.triton import trim_l1 as TL
+from neurokern.ops.triton import weighted_sum as WS
 
 from ops.groups import make_group
 
@@ -165,7 +169,7 @@ WS_CASES = [
 
 def _check_ws(base, fts, a, thr, lim, offset=0, out_dtype=None):
     trim = (thr, lim) if thr is not None else None
-    out = E.weighted_sum(dev(base), dev(fts), dev(a), dev(thr), dev(lim), offset, out_dtype)
+    out = WS.weighted_sum(dev(base), dev(fts), dev(a), dev(thr), dev(lim), offset, out_dtype)
     assert out.device.type == DEV and out.dtype == (out_dtype or base.dtype)
     assert_bitwise(out, OPS.weighted_sum.default(base, fts, a, thr, lim, offset, out_dtype))
     b64, f64 = f64_group(base, fts)
@@ -173,7 +177,7 @@ def _check_ws(base, fts, a, thr, lim, offset=0, out_dtype=None):
                   ws_mag(b64, f64, a, trim, offset), len(fts) + 1)
     # backward: per tensor / per row are float64 sums (order differs), per element is exact.
     g = torch.randn(base.shape, generator=torch.Generator().manual_seed(7))
-    grad = E.weighted_sum_backward(dev(g), dev(base), dev(fts), dev(a), dev(thr), dev(lim), offset).cpu()
+    grad = WS.weighted_sum_backward(dev(g), dev(base), dev(fts), dev(a), dev(thr), dev(lim), offset).cpu()
     assert grad.dtype == torch.float32 and grad.shape == a.shape
     if base.numel():  # (the reference's per-row reshape fails on 0 rows)
         want = ref.weighted_sum_backward(g.double(), b64, f64, a, trim, offset)
@@ -212,7 +216,7 @@ def test_weighted_sum_no_tasks_and_int_out_dtype():
     base, _ = make_group((9, 4), 0, torch.float16, 3)
     a = torch.tensor([1.5])
     _check_ws(base, [], a, None, None)
-    out = E.weighted_sum(dev(base), [], dev(a), out_dtype=torch.int32)  # via a float32 buffer
+    out = WS.weighted_sum(dev(base), [], dev(a), out_dtype=torch.int32)  # via a float32 buffer
     assert out.dtype == torch.int32 and torch.equal(out.cpu(), OPS.weighted_sum.default(base, [], a, None, None, 0, torch.int32))
 
 
@@ -226,9 +230,9 @@ def test_bfloat16_output_rounds_to_nearest_even():
     rnd = bits.view(torch.float32)
     rnd = torch.where(torch.isfinite(rnd), rnd, 0.0)
     base = torch.cat([base, rnd, -rnd])
-    out = E.weighted_sum(dev(base), [], dev(torch.tensor([1.0])), out_dtype=torch.bfloat16).cpu()
+    out = WS.weighted_sum(dev(base), [], dev(torch.tensor([1.0])), out_dtype=torch.bfloat16).cpu()
     assert torch.equal(out.view(torch.int16), base.to(torch.bfloat16).view(torch.int16))
-    nan = E.weighted_sum(dev(torch.tensor([float("nan")])), [], dev(torch.tensor([1.0])), out_dtype=torch.bfloat16)
+    nan = WS.weighted_sum(dev(torch.tensor([float("nan")])), [], dev(torch.tensor([1.0])), out_dtype=torch.bfloat16)
     assert torch.isnan(nan.cpu()).all()
 
 
@@ -242,7 +246,7 @@ def test_trim_positions_beyond_int32():
     lim = torch.tensor([offset + 10, offset + 3])
     for off in (offset, 2**31 - 20):
         _check_ws(base, fts, torch.tensor([1.0, 0.5, 2.0]), thr, lim, off)
-        out = E.ties_merge(dev(base), dev(fts), [1.0, 0.5], dev(thr), dev(lim), off, zero_sign="majority")
+        out = TM.ties_merge(dev(base), dev(fts), [1.0, 0.5], dev(thr), dev(lim), off, zero_sign="majority")
         assert_bitwise(out, OPS.ties_merge.default(base, fts, [1.0, 0.5], thr, lim, off, "sum", "weights",
                                                    True, "majority", 1.0))
         want = ref.ties_merge(base.double(), [f.double() for f in fts], [1.0, 0.5], (thr, lim), off,
@@ -259,7 +263,7 @@ TIES_OPTIONS = list(itertools.product(["sum", "count"], ["weights", "count", "no
 
 def _check_ties(base, fts, weights, thr, lim, offset=0, dyadic=True, **kw):
     trim = (thr, lim) if thr is not None else None
-    out = E.ties_merge(dev(base), dev(fts), weights, dev(thr), dev(lim), offset, **kw)
+    out = TM.ties_merge(dev(base), dev(fts), weights, dev(thr), dev(lim), offset, **kw)
     assert out.dtype == base.dtype
     opts = dict(consensus="sum", normalize="weights", elect_weighted=True, zero_sign="positive", scale=1.0)
     opts.update(kw)
@@ -328,7 +332,7 @@ DARE_OPTIONS = list(itertools.product(["density", "l1", "none"], ["none", "sum",
 
 
 def _check_dare(base, fts, weights, density, keys, vs_ref=True, **kw):
-    out = E.dare(dev(base), dev(fts), weights, density, keys, **kw)
+    out = DR.dare(dev(base), dev(fts), weights, density, keys, **kw)
     assert out.dtype == base.dtype
     opts = dict(rescale="density", consensus="none", normalize="none", scale=1.0)
     opts.update(kw)
@@ -369,7 +373,7 @@ def _kernel_mask(numel, density, key):
     1..numel: out = tau exactly where kept, 0 where dropped."""
     base = torch.zeros(numel)
     ft = torch.arange(1, numel + 1, dtype=torch.float32)
-    out = E.dare(dev(base), [dev(ft)], [1.0], density, [key], rescale="none").cpu()
+    out = DR.dare(dev(base), [dev(ft)], [1.0], density, [key], rescale="none").cpu()
     kept = out != 0
     assert torch.equal(out[kept], ft[kept])
     return kept
@@ -391,7 +395,7 @@ def _draws_kernel(out_ptr, keys_ptr, grp_start, KEEP: tl.constexpr, G: tl.conste
     lane = tl.arange(0, 4)[None, :]
     k0 = tl.load(keys_ptr).to(tl.uint32)
     k1 = tl.load(keys_ptr + 1).to(tl.uint32)
-    keep = E._dare_keep(grp, lane, k0, k1, KEEP)
+    keep = DR._dare_keep(grp, lane, k0, k1, KEEP)
     offs = tl.arange(0, G)[:, None] * 4 + lane
     tl.store(out_ptr + offs, keep.to(tl.int8))
 
@@ -401,7 +405,7 @@ def test_dare_mask_at_large_indices(start):
     """Counters past 2^32 (element indices past 2^34) use both counter words: the kernel's mask at
     those indices equals csrc/philox.h's (the reference's Philox on int64 counters)."""
     G, key, density = 64, -(2**63) + 987654321, 0.5
-    kw = E.dare_threshold(density)
+    kw = DR.dare_threshold(density)
     u = key & ((1 << 64) - 1)
     keys = dev(torch.tensor([u & 0xFFFFFFFF, u >> 32], dtype=torch.float64))
     out = dev(torch.zeros(4 * G, dtype=torch.int8))
@@ -415,7 +419,7 @@ def test_dare_mask_at_large_indices(start):
 @triton.jit
 def _div_kernel(a_ptr, b_ptr, out_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + offs, E._div_rn(tl.load(a_ptr + offs), tl.load(b_ptr + offs)))
+    tl.store(out_ptr + offs, common.div_rn(tl.load(a_ptr + offs), tl.load(b_ptr + offs)))
 
 
 def test_division_is_correctly_rounded():
@@ -458,7 +462,7 @@ def test_trim_l1(scope, T):
         k = [b.numel() // 3 + t for b in bases for t in range(T)]
         trim = nk.magnitude_threshold(bases, fts, k, keep_ties=False, per_tensor=True)
     thr, lim = trim if trim is not None else (None, None)
-    got = M.trim_l1(dev(bases), dev(fts), dev(thr), dev(lim))
+    got = TL.trim_l1(dev(bases), dev(fts), dev(thr), dev(lim))
     assert got.dtype == torch.float64 and got.shape == (T, 2) and got.device.type == DEV
     torch.testing.assert_close(got.cpu(), ref.trim_l1(bases, fts, trim), rtol=1e-12, atol=0)
     torch.testing.assert_close(got.cpu(), OPS.trim_l1.default(bases, fts, thr, lim), rtol=1e-12, atol=0)
@@ -468,8 +472,8 @@ def test_trim_l1_hand():
     base = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
     tau = torch.tensor([[1.0, -2.0, 3.0], [-4.0, 5.0, -6.0]])
     thr = torch.tensor([3.0])
-    assert M.trim_l1([dev(base)], [dev(base + tau)], dev(thr), dev(torch.tensor([INT64_MAX]))).tolist() == [[21.0, 18.0]]
-    assert M.trim_l1([dev(base)], [dev(base + tau)], dev(thr), dev(torch.tensor([2]))).tolist() == [[21.0, 15.0]]
+    assert TL.trim_l1([dev(base)], [dev(base + tau)], dev(thr), dev(torch.tensor([INT64_MAX]))).tolist() == [[21.0, 18.0]]
+    assert TL.trim_l1([dev(base)], [dev(base + tau)], dev(thr), dev(torch.tensor([2]))).tolist() == [[21.0, 15.0]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,27 +485,27 @@ def test_more_tasks_than_kernel_slots():
     base, fts = make_group((6, 7), T, torch.bfloat16, seed_of("t9"), exact_grid=True)
     thr, lim = trim_for(base, fts, 0.5, keep_ties=False)
     a = _coeffs("row", (6, 7), T, 1)
-    out = E.weighted_sum(dev(base), dev(fts), dev(a), dev(thr), dev(lim))
+    out = WS.weighted_sum(dev(base), dev(fts), dev(a), dev(thr), dev(lim))
     b64, f64 = f64_group(base, fts)
     assert_vs_f64(out, ref.weighted_sum(b64, f64, a.double(), (thr, lim), 0, torch.float64),
                   ws_mag(b64, f64, a, (thr, lim)), T + 1)
-    grad = E.weighted_sum_backward(dev(torch.ones(6, 7)), dev(base), dev(fts), dev(a), dev(thr), dev(lim))
+    grad = WS.weighted_sum_backward(dev(torch.ones(6, 7)), dev(base), dev(fts), dev(a), dev(thr), dev(lim))
     torch.testing.assert_close(grad.cpu(), OPS.weighted_sum_backward.default(torch.ones(6, 7), base, fts, a, thr, lim),
                                rtol=1e-6, atol=1e-9)
     w = (WEIGHTS * 2)[:T]
-    out = E.ties_merge(dev(base), dev(fts), w, dev(thr), dev(lim), zero_sign="majority")
+    out = TM.ties_merge(dev(base), dev(fts), w, dev(thr), dev(lim), zero_sign="majority")
     assert_vs_f64(out, ref.ties_merge(*f64_group(base, fts), w, (thr, lim), zero_sign="majority"))
-    out = E.dare(dev(base), dev(fts), w, 0.5, nk.dare_keys(0, "w", T), consensus="sum")
+    out = DR.dare(dev(base), dev(fts), w, 0.5, nk.dare_keys(0, "w", T), consensus="sum")
     assert_vs_f64(out, ref.dare(*f64_group(base, fts), w, 0.5, nk.dare_keys(0, "w", T), consensus="sum"))
 
 
 @pytest.fixture
 def gpu_blocks(monkeypatch):
     """The GPU's launch configuration (many programs per tensor) in the interpreter too."""
-    monkeypatch.setattr(E, "BLOCK", 1024)
-    monkeypatch.setattr(E, "RED_BLOCK", 512)
-    monkeypatch.setattr(E, "CHUNK", 2048)
-    monkeypatch.setattr(E, "ELECTION_BLOCKS", (1024, 512))
+    monkeypatch.setattr(common, "BLOCK", 1024)
+    monkeypatch.setattr(common, "RED_BLOCK", 512)
+    monkeypatch.setattr(common, "CHUNK", 2048)
+    monkeypatch.setattr(common, "ELECTION_BLOCKS", (1024, 512))
 
 
 def test_gpu_launch_configuration(gpu_blocks):
@@ -514,7 +518,7 @@ def test_gpu_launch_configuration(gpu_blocks):
             _check_ws(base, fts, _coeffs(layout, (3, 1100), T, T), thr, lim, 3)
         _check_ties(base, fts, WEIGHTS[:T], thr, lim, 3, zero_sign="majority", consensus="count")
         _check_dare(base, fts, WEIGHTS[:T], 0.5, nk.dare_keys(1, "g", T), rescale="l1", consensus="sum")
-        got = M.trim_l1([dev(base)], dev(fts), dev(thr), dev(lim))
+        got = TL.trim_l1([dev(base)], dev(fts), dev(thr), dev(lim))
         torch.testing.assert_close(got.cpu(), ref.trim_l1([base], fts, (thr, lim)), rtol=1e-12, atol=0)
 
 
@@ -523,30 +527,30 @@ def test_bad_arguments():
     base, fts = dev(base), dev(fts)
     a = dev(torch.ones(3))
     cases = [
-        (lambda: E.weighted_sum(base, fts, a.double()), "coeffs must be float32"),
-        (lambda: E.weighted_sum(base, fts, dev(torch.ones(2))), r"leading dimension of T\+1 = 3"),
-        (lambda: E.weighted_sum(base, fts, dev(torch.ones(3, 5))), r"coeffs must be \[T\+1\], \[T\+1, rows\]"),
-        (lambda: E.weighted_sum(base, [fts[0], fts[1].flatten()], a), r"finetuned\[1\] has shape \[12\], base has \[3, 4\]"),
-        (lambda: E.weighted_sum(base, [fts[0].bfloat16(), fts[1]], a), r"finetuned\[0\] is BFloat16, base is Float"),
-        (lambda: E.weighted_sum(base.double(), [f.double() for f in fts], a), "float32, bfloat16 or float16 tensors, got Double"),
-        (lambda: E.weighted_sum(base, fts, a, dev(torch.ones(2))), "given together"),
-        (lambda: E.weighted_sum(base.t(), [f.t() for f in fts], dev(torch.ones(3, 4))), "base must be contiguous"),
-        (lambda: E.weighted_sum(base, [fts[0], fts[1].t().contiguous().t()], a), r"finetuned\[1\] must be contiguous"),
-        (lambda: E.weighted_sum_backward(base[:2], base, fts, a), r"grad has shape \[2, 4\]"),
-        (lambda: E.ties_merge(base, fts, [1.0]), "1 weights for 2 fine-tuned"),
-        (lambda: E.ties_merge(base, fts, [1.0, 1.0], consensus="none"), 'consensus must be "sum" or "count", got "none"'),
-        (lambda: E.ties_merge(base, fts, [1.0, 1.0], normalize="mean"), "normalize must be"),
-        (lambda: E.ties_merge(base, fts, [1.0, 1.0], zero_sign="negative"), "zero_sign must be"),
-        (lambda: E.ties_merge(base, fts, [1.0, 1.0], dev(torch.zeros(1)), dev(torch.zeros(1, dtype=torch.long))),
+        (lambda: WS.weighted_sum(base, fts, a.double()), "coeffs must be float32"),
+        (lambda: WS.weighted_sum(base, fts, dev(torch.ones(2))), r"leading dimension of T\+1 = 3"),
+        (lambda: WS.weighted_sum(base, fts, dev(torch.ones(3, 5))), r"coeffs must be \[T\+1\], \[T\+1, rows\]"),
+        (lambda: WS.weighted_sum(base, [fts[0], fts[1].flatten()], a), r"finetuned\[1\] has shape \[12\], base has \[3, 4\]"),
+        (lambda: WS.weighted_sum(base, [fts[0].bfloat16(), fts[1]], a), r"finetuned\[0\] is BFloat16, base is Float"),
+        (lambda: WS.weighted_sum(base.double(), [f.double() for f in fts], a), "float32, bfloat16 or float16 tensors, got Double"),
+        (lambda: WS.weighted_sum(base, fts, a, dev(torch.ones(2))), "given together"),
+        (lambda: WS.weighted_sum(base.t(), [f.t() for f in fts], dev(torch.ones(3, 4))), "base must be contiguous"),
+        (lambda: WS.weighted_sum(base, [fts[0], fts[1].t().contiguous().t()], a), r"finetuned\[1\] must be contiguous"),
+        (lambda: WS.weighted_sum_backward(base[:2], base, fts, a), r"grad has shape \[2, 4\]"),
+        (lambda: TM.ties_merge(base, fts, [1.0]), "1 weights for 2 fine-tuned"),
+        (lambda: TM.ties_merge(base, fts, [1.0, 1.0], consensus="none"), 'consensus must be "sum" or "count", got "none"'),
+        (lambda: TM.ties_merge(base, fts, [1.0, 1.0], normalize="mean"), "normalize must be"),
+        (lambda: TM.ties_merge(base, fts, [1.0, 1.0], zero_sign="negative"), "zero_sign must be"),
+        (lambda: TM.ties_merge(base, fts, [1.0, 1.0], dev(torch.zeros(1)), dev(torch.zeros(1, dtype=torch.long))),
          "one entry per task"),
-        (lambda: E.dare(base, fts, [1.0, 1.0], 0.5, [1]), "1 keys for 2 fine-tuned"),
-        (lambda: E.dare(base, fts, [1.0, 1.0], 0.0, [1, 2]), r"density must be in \(0, 1\]"),
-        (lambda: E.dare(base, fts, [1.0, 1.0], 0.5, [1, 2], rescale="l2"), "rescale must be"),
-        (lambda: E.dare(base, fts, [1.0, 1.0], 0.5, [1, 2], consensus="median"),
+        (lambda: DR.dare(base, fts, [1.0, 1.0], 0.5, [1]), "1 keys for 2 fine-tuned"),
+        (lambda: DR.dare(base, fts, [1.0, 1.0], 0.0, [1, 2]), r"density must be in \(0, 1\]"),
+        (lambda: DR.dare(base, fts, [1.0, 1.0], 0.5, [1, 2], rescale="l2"), "rescale must be"),
+        (lambda: DR.dare(base, fts, [1.0, 1.0], 0.5, [1, 2], consensus="median"),
          'consensus must be "none", "sum" or "count", got "median"'),
-        (lambda: M.trim_l1([], fts), "base is an empty list"),
-        (lambda: M.trim_l1([base, base], fts[:1]), "not a multiple of 2 base tensors"),
-        (lambda: M.trim_l1([base], fts, dev(torch.ones(2, 2)), dev(torch.ones(2, 2, dtype=torch.long))),
+        (lambda: TL.trim_l1([], fts), "base is an empty list"),
+        (lambda: TL.trim_l1([base, base], fts[:1]), "not a multiple of 2 base tensors"),
+        (lambda: TL.trim_l1([base], fts, dev(torch.ones(2, 2)), dev(torch.ones(2, 2, dtype=torch.long))),
          r"must be \[2\] or \[1, 2\]"),
     ]
     for fn, match in cases:
@@ -558,8 +562,8 @@ def test_registered_for_cuda():
     from neurokern.ops.triton import registry
 
     for op in ("weighted_sum", "weighted_sum_backward", "ties_merge", "dare"):
-        assert registry._REGISTERED[op] is getattr(E, op)
-    assert registry._REGISTERED["trim_l1"] is M.trim_l1
+        assert registry._REGISTERED[op] is getattr({"weighted_sum": WS, "weighted_sum_backward": WS, "ties_merge": TM, "dare": DR}[op], op)
+    assert registry._REGISTERED["trim_l1"] is TL.trim_l1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -668,7 +672,7 @@ def test_cuda_dare_real_shapes(shape, T):
     for start in (0, base.numel() - 2**18):
         grp = torch.arange(start // 4, (start + 2**18) // 4, dtype=torch.int64)
         draws = torch.stack(ref.philox4x32_10(grp & 0xFFFFFFFF, grp >> 32, u), 1).flatten()
-        assert torch.equal(mask[start:start + 2**18], draws < E.dare_threshold(0.3))
+        assert torch.equal(mask[start:start + 2**18], draws < DR.dare_threshold(0.3))
 
 
 @cuda_only

@@ -1,5 +1,6 @@
-"""Triton launchers of the multi-tensor ops (neurokern/ops/triton/multi.py: weighted_sum_multi (+
-backward), weighted_sum_rows_multi, ties_merge_multi, dare_multi, trim_l1) against the C++ CPU ops.
+"""Triton launchers of the multi-tensor ops (weighted_sum_multi (+ backward) and
+weighted_sum_rows_multi in neurokern/ops/triton/weighted_sum.py, ties_merge_multi, dare_multi,
+trim_l1 in their ops' modules, on lists.py's launch tables) against the C++ CPU ops.
 
 Without a GPU the launchers run in Triton's interpreter on CPU tensors; on a GPU the test_cuda_*
 tests run the compiled kernels through torch.ops.neurokern on CUDA tensors, at the shapes of a
@@ -14,7 +15,11 @@ import pytest
 import torch
 
 import neurokern.ops as nk
-from neurokern.ops.triton import multi as M
+from neurokern.ops.triton import common
+from neurokern.ops.triton import dare as DR
+from neurokern.ops.triton import ties_merge as TM
+from neurokern.ops.triton import trim_l1 as TL
+from neurokern.ops.triton import weighted_sum as WS
 
 CUDA = torch.cuda.is_available()
 OPS = torch.ops.neurokern
@@ -75,9 +80,9 @@ def test_weighted_sum_multi(T, scope):
     bases, fts = make_list(T, MIXED, seed=1)
     coeffs = torch.rand(len(bases), T + 1, generator=torch.Generator().manual_seed(T))
     thr, lim, offsets = trims(bases, fts, T, scope)
-    got = M.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets)
+    got = WS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets)
     assert_lists_bitwise(got, OPS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets))
-    got = M.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32)
+    got = WS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32)
     assert_lists_bitwise(got, OPS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32))
 
 
@@ -92,9 +97,9 @@ def test_weighted_sum_rows_multi(T, scope):
     bases, fts = make_list(T, MIXED, seed=7, shapes=MATRICES)
     coeffs = torch.rand(T + 1, sum(b.shape[0] for b in bases), generator=torch.Generator().manual_seed(T))
     thr, lim, offsets = trims(bases, fts, T, scope)
-    got = M.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets)
+    got = WS.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets)
     assert_lists_bitwise(got, OPS.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets))
-    got = M.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32)
+    got = WS.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32)
     assert_lists_bitwise(got, OPS.weighted_sum_rows_multi(bases, fts, coeffs, thr, lim, offsets, torch.float32))
 
 
@@ -107,7 +112,7 @@ def test_weighted_sum_multi_backward(T, scope):
     grads = [torch.randn(b.shape, generator=g).to(torch.bfloat16 if i % 2 else torch.float32)
              for i, b in enumerate(bases)]
     thr, lim, offsets = trims(bases, fts, T, scope)
-    got = M.weighted_sum_multi_backward(grads, bases, fts, coeffs, thr, lim, offsets)
+    got = WS.weighted_sum_multi_backward(grads, bases, fts, coeffs, thr, lim, offsets)
     want = OPS.weighted_sum_multi_backward(grads, bases, fts, coeffs, thr, lim, offsets)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
 
@@ -122,7 +127,7 @@ def test_weighted_sum_multi_backward(T, scope):
 def test_ties_merge_multi(T, scope, options):
     bases, fts = make_list(T, MIXED, seed=3)
     thr, lim, offsets = trims(bases, fts, T, scope)
-    got = M.ties_merge_multi(bases, fts, WEIGHTS[:T], thr, lim, offsets, *options)
+    got = TM.ties_merge_multi(bases, fts, WEIGHTS[:T], thr, lim, offsets, *options)
     assert_lists_bitwise(got, OPS.ties_merge_multi(bases, fts, WEIGHTS[:T], thr, lim, offsets, *options))
 
 
@@ -135,32 +140,32 @@ def test_ties_merge_multi(T, scope, options):
 def test_dare_multi(T, options):
     bases, fts = make_list(T, MIXED, seed=4)
     keys = [k for i in range(len(bases)) for k in nk.dare_keys(3, f"t{i}", T)]
-    got = M.dare_multi(bases, fts, WEIGHTS[:T], 0.35, keys, *options)
+    got = DR.dare_multi(bases, fts, WEIGHTS[:T], 0.35, keys, *options)
     assert_lists_bitwise(got, OPS.dare_multi(bases, fts, WEIGHTS[:T], 0.35, keys, *options))
 
 
 def test_more_tasks_than_kernel_slots():
-    """T > 8 runs the single-tensor launchers (their reference fallbacks)."""
+    """T > 8 runs the single-tensor launchers (their chunked forms)."""
     T = 9
     bases, fts = make_list(T, (torch.float32,), seed=5, shapes=[(3, 4), (5,)])
     coeffs = torch.rand(2, T + 1)
-    assert_lists_bitwise(M.weighted_sum_multi(bases, fts, coeffs), OPS.weighted_sum_multi(bases, fts, coeffs))
-    got = M.ties_merge_multi(bases, fts, [1.0] * T)
+    assert_lists_bitwise(WS.weighted_sum_multi(bases, fts, coeffs), OPS.weighted_sum_multi(bases, fts, coeffs))
+    got = TM.ties_merge_multi(bases, fts, [1.0] * T)
     for a, b in zip(got, OPS.ties_merge_multi(bases, fts, [1.0] * T)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     bases, fts = make_list(T, (torch.float32,), seed=5, shapes=[(3, 4), (0, 2), (5, 1)])
     coeffs = torch.rand(T + 1, 8)
-    assert_lists_bitwise(M.weighted_sum_rows_multi(bases, fts, coeffs), OPS.weighted_sum_rows_multi(bases, fts, coeffs))
+    assert_lists_bitwise(WS.weighted_sum_rows_multi(bases, fts, coeffs), OPS.weighted_sum_rows_multi(bases, fts, coeffs))
 
 
 @pytest.mark.parametrize("T", [1, 3, 8, 10])
 @pytest.mark.parametrize("scope", ["none", "global", "tensor"])
 def test_trim_l1_one_launch_per_dtype(T, scope, count_launches):
     """One launch per storage dtype and chunk of 8 tasks; the C++ op's sums up to float64 order."""
-    kernel = count_launches(M, "_trim_l1_kernel")
+    kernel = count_launches(TL, "_trim_l1_kernel")
     bases, fts = make_list(T, MIXED, seed=8)
     thr, lim, offsets = trims(bases, fts, T, scope)
-    got = M.trim_l1(bases, fts, thr, lim)
+    got = TL.trim_l1(bases, fts, thr, lim)
     assert got.dtype == torch.float64 and got.shape == (T, 2)
     torch.testing.assert_close(got, OPS.trim_l1(bases, fts, thr, lim), rtol=1e-12, atol=0)
     assert kernel.launches == len(MIXED) * (1 if T <= 8 else 2)
@@ -168,12 +173,12 @@ def test_trim_l1_one_launch_per_dtype(T, scope, count_launches):
 
 def test_trim_l1_gpu_chunks(monkeypatch):
     """The GPU's chunk size: many programs per tensor, whole chunks unmasked, a ragged last one."""
-    monkeypatch.setattr(M.ew, "RED_BLOCK", 512)
-    monkeypatch.setattr(M.ew, "CHUNK", 2048)
+    monkeypatch.setattr(common, "RED_BLOCK", 512)
+    monkeypatch.setattr(common, "CHUNK", 2048)
     T = 3
     bases, fts = make_list(T, (torch.bfloat16, torch.float32), seed=9, shapes=[(3, 1100), (4096,), (7, 5)])
     thr, lim, _ = trims(bases, fts, T, "global")
-    got = M.trim_l1(bases, fts, thr, lim)
+    got = TL.trim_l1(bases, fts, thr, lim)
     torch.testing.assert_close(got, OPS.trim_l1(bases, fts, thr, lim), rtol=1e-12, atol=0)
 
 
@@ -182,9 +187,9 @@ def test_new_ops_launch_once_per_dtype(count_launches):
 
     T = 2
     bases, fts = make_list(T, MIXED, seed=10, shapes=MATRICES)
-    kernels = {"ns": count_launches(tns, "_neuron_stats_multi_kernel"), "ws": count_launches(M, "_ws_rows_multi_kernel")}
+    kernels = {"ns": count_launches(tns, "_neuron_stats_multi_kernel"), "ws": count_launches(WS, "_ws_rows_multi_kernel")}
     tns.neuron_stats_multi(bases, fts)
-    M.weighted_sum_rows_multi(bases, fts, torch.rand(T + 1, sum(b.shape[0] for b in bases)))
+    WS.weighted_sum_rows_multi(bases, fts, torch.rand(T + 1, sum(b.shape[0] for b in bases)))
     assert kernels["ns"].launches == kernels["ws"].launches == len(MIXED)
 
 
@@ -193,20 +198,20 @@ def test_weighted_sum_multi_host_in_cpp(count_launches):
     storage dtype; non-contiguous inputs are read as their contiguous copies; a tensor that
     requires grad is refused (it would silently get no gradient)."""
     T = 3
-    kernel = count_launches(M, "_ws_multi_kernel")
+    kernel = count_launches(WS, "_ws_multi_kernel")
     bases, fts = make_list(T, MIXED, seed=11)
     coeffs = torch.rand(len(bases), T + 1)
     want = OPS.weighted_sum_multi(bases, fts, coeffs)
-    assert_lists_bitwise(M.weighted_sum_multi(bases, fts, coeffs), want)
+    assert_lists_bitwise(WS.weighted_sum_multi(bases, fts, coeffs), want)
     assert kernel.launches == len(MIXED)
     strided = [b.t().contiguous().t() if b.dim() == 2 else b for b in bases]
     assert not all(b.is_contiguous() for b in strided)
-    assert_lists_bitwise(M.weighted_sum_multi(strided, fts, coeffs), want)
+    assert_lists_bitwise(WS.weighted_sum_multi(strided, fts, coeffs), want)
     needs_grad = [bases[0].clone().requires_grad_()] + bases[1:]
     with pytest.raises(ValueError, match="detach base and finetuned"):
-        M.weighted_sum_multi(needs_grad, fts, coeffs)
+        WS.weighted_sum_multi(needs_grad, fts, coeffs)
     with pytest.raises(RuntimeError, match=r"coeffs must be float32 \[n, T\+1\] = \[9, 4\]"):
-        M.weighted_sum_multi(bases, fts, coeffs.double())
+        WS.weighted_sum_multi(bases, fts, coeffs.double())
 
 
 def plant_nonfinite(bases, fts, T):
@@ -240,21 +245,21 @@ def test_weighted_sum_multi_nonfinite_flags(T, scope, count_launches):
     """_weighted_sum_multi_triton's flags (task arithmetic's input check): 1 exactly where an output
     holds NaN / Inf, set in the merge's own launch (one per dtype; T > 8: the per-tensor fallback
     and torch's isfinite); outputs bitwise the C++ op's; flags left over from before are cleared."""
-    kernel = count_launches(M, "_ws_multi_kernel")
+    kernel = count_launches(WS, "_ws_multi_kernel")
     bases, fts = make_list(T, MIXED, seed=12)
     plant_nonfinite(bases, fts, T)
     coeffs = torch.rand(len(bases), T + 1, generator=torch.Generator().manual_seed(T)) + 0.5
     coeffs[5] = torch.tensor([1.0] + [2.0 / T] * T)  # 60000 + 2 * (65000 - 60000) overflows float16
     thr, lim, offsets = trims(bases, fts, T, scope) if scope != "none" else (None, None, [])
     flags = torch.full((len(bases),), 7, dtype=torch.int32)
-    got = M.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, nonfinite=flags)
+    got = WS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets, nonfinite=flags)
     want = OPS.weighted_sum_multi(bases, fts, coeffs, thr, lim, offsets)
     assert_lists_equal_nan(got, want)
     assert flags.tolist() == isfinite_flags(want)
     assert flags[[1, 2, 4, 6, 8]].tolist() == [0] * 5 and flags[5] == 1
     assert kernel.launches == (0 if T > 8 else len(MIXED))
     with pytest.raises(RuntimeError, match=r"nonfinite must be a contiguous int32 tensor \[9\]"):
-        M.weighted_sum_multi(bases, fts, coeffs, nonfinite=torch.zeros(9, dtype=torch.int64))
+        WS.weighted_sum_multi(bases, fts, coeffs, nonfinite=torch.zeros(9, dtype=torch.int64))
 
 
 def biased_list(T, dtypes, seed, shapes):
@@ -275,16 +280,16 @@ def test_ties_merge_multi_majority(T, gpu_chunks, count_launches, monkeypatch):
     sizes too: several partials per tensor, several election blocks per merge program, a tensor
     ending inside a program's chunk), bitwise the C++ op; one merge launch per dtype."""
     if gpu_chunks:
-        monkeypatch.setattr(M.ew, "CHUNK", 2048)
-        monkeypatch.setattr(M.ew, "ELECTION_BLOCKS", (1024, 512))
-        monkeypatch.setattr(M.ew, "TIES_ITERS", 3)
-    kernels = {"vote": count_launches(M, "_ties_vote_multi_kernel"), "merge": count_launches(M, "_ties_multi_kernel")}
+        monkeypatch.setattr(common, "CHUNK", 2048)
+        monkeypatch.setattr(common, "ELECTION_BLOCKS", (1024, 512))
+        monkeypatch.setattr(common, "TIES_ITERS", 3)
+    kernels = {"vote": count_launches(TM, "_ties_vote_multi_kernel"), "merge": count_launches(TM, "_ties_multi_kernel")}
     bases, fts = biased_list(T, (torch.bfloat16, torch.float32), seed=11,
                              shapes=[(3, 1100), (5000,), (0, 3), (7,), (64, 33), (1,)])
     for scope in ("global", "tensor"):
         thr, lim, offsets = trims(bases, fts, T, scope)
         options = ("sum", "count", False, "majority", 0.7)
-        got = M.ties_merge_multi(bases, fts, [1.0] * T, thr, lim, offsets, *options)
+        got = TM.ties_merge_multi(bases, fts, [1.0] * T, thr, lim, offsets, *options)
         assert_lists_bitwise(got, OPS.ties_merge_multi(bases, fts, [1.0] * T, thr, lim, offsets, *options))
         positive = OPS.ties_merge_multi(bases, fts, [1.0] * T, thr, lim, offsets, "sum", "count", False, "positive", 0.7)
         if T > 1:  # votes that cancel exactly follow tensor 0's negative majority (T = 1: nothing to elect)

@@ -17,6 +17,7 @@ import torch
 
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
+from neurokern.ops.triton import common
 from neurokern.ops.triton import neuron_stats as tns
 
 from ops.groups import make_group
@@ -103,7 +104,7 @@ def test_gpu_launch_shape(T):
     R, C = base.shape
     out = (torch.empty(R, T, T, dtype=torch.float64), torch.empty(R, T, dtype=torch.float64),
            torch.empty(R, dtype=torch.float64))
-    thr, lim = tns.trim_tensors("neuron_stats", *trim, T, "cpu")
+    thr, lim = common.trim_pair("neuron_stats", *trim, T, "cpu")
     tns.launch_neuron_stats(base, fts, thr, lim, 3, *out, config=dict(ROWS=1, NT=4, VPT=4, num_warps=1))
     check(base, fts, trim, 3, got=out)
 
@@ -142,12 +143,19 @@ def test_nearly_parallel_residual_gram():
     torch.testing.assert_close(resid, rresid, rtol=1e-6, atol=1e-9 * float(rg.abs().max()))
 
 
-@pytest.mark.parametrize("T", [9, 11])
-def test_many_tasks_fall_back_to_reference(T):
+@pytest.mark.parametrize("T", [9, 11, 16])
+def test_many_tasks_in_pairs_of_groups(T, count_launches):
+    """T > 8: one launch per pair of groups of 4 tasks, every Gram block filled (against the
+    reference, which check compares with, and the C++ op)."""
+    kernel = count_launches(tns, "_neuron_stats_kernel")
     base, fts = make_group((5, 21), T, torch.bfloat16, seed=T, base_zero_rows=(1,))
-    check(base, fts)
+    got = check(base, fts)
+    for a, b in zip(got, torch.ops.neurokern.neuron_stats(base, fts)):  # the C++ op: float64 sums, other order
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
     trim = nk.magnitude_threshold([base], fts, [30 + t for t in range(T)], keep_ties=False)
     check(base, fts, trim, offset=7)
+    groups = (T + 3) // 4
+    assert kernel.launches == 2 * groups * (groups - 1) // 2
 
 
 def test_zero_tasks_and_empty_columns():

@@ -8,8 +8,10 @@ import torch
 
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
-from neurokern.ops.triton import elementwise as E
-from neurokern.ops.triton import multi as M
+from neurokern.ops.triton import dare as DR
+from neurokern.ops.triton import ties_merge as TM
+from neurokern.ops.triton import trim_l1 as TL
+from neurokern.ops.triton import weighted_sum as WS
 from neurokern.ops.triton import neuron_stats as NS
 
 OPS = torch.ops.neurokern
@@ -52,7 +54,7 @@ def test_weighted_sum(dtype, layout):
     a = torch.tensor([1.0, 0.25, 0.25, 0.25]).reshape((4,) + (1,) * (len(shape) - 1)).expand(shape).contiguous()
     thr, lim = nk.magnitude_threshold([base], fts, [150] * 3, keep_ties=False)
     for trim in [(None, None), (thr, lim)]:
-        got = E.weighted_sum(base, fts, a, *trim)
+        got = WS.weighted_sum(base, fts, a, *trim)
         assert torch.equal(got, OPS.weighted_sum.default(base, fts, a, *trim))
         want = ref.weighted_sum(base, fts, a, None if trim[0] is None else trim)
         assert torch.isfinite(got).all() and torch.equal(got, want)
@@ -67,13 +69,13 @@ def test_ties_merge(dtype, consensus, elect_weighted, zero_sign):
     thr, lim = nk.magnitude_threshold([base], fts, [150] * 2, keep_ties=False)
     kw = dict(consensus=consensus, normalize="weights", elect_weighted=elect_weighted, zero_sign=zero_sign)
     for trim in [(None, None), (thr, lim)]:
-        got = E.ties_merge(base, fts, [1.0, 1.0], *trim, 0, **kw)
+        got = TM.ties_merge(base, fts, [1.0, 1.0], *trim, 0, **kw)
         assert torch.equal(got, OPS.ties_merge.default(base, fts, [1.0, 1.0], *trim, 0, consensus, "weights",
                                                        elect_weighted, zero_sign, 1.0))
         want = ref.ties_merge(base, fts, [1.0, 1.0], None if trim[0] is None else trim, 0, **kw)
         assert torch.isfinite(got).all() and torch.equal(got, want)
-    multi = M.ties_merge_multi(*_list(base, fts), [1.0, 1.0], **kw)
-    assert torch.equal(multi[0], E.ties_merge(base, fts, [1.0, 1.0], **kw))
+    multi = TM.ties_merge_multi(*_list(base, fts), [1.0, 1.0], **kw)
+    assert torch.equal(multi[0], TM.ties_merge(base, fts, [1.0, 1.0], **kw))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
@@ -85,7 +87,7 @@ def test_dare(dtype, rescale, consensus, normalize):
     keys = nk.dare_keys(0, "x", 2)
     weights = [0.25, 0.25] if rescale == "density" else [0.5, 0.5]
     args = (weights, 0.5, keys, rescale, consensus, normalize, 1.0)
-    got = E.dare(base, fts, *args)
+    got = DR.dare(base, fts, *args)
     want = OPS.dare.default(base, fts, *args)
     if rescale == "l1":  # the l1 factors are float64 sums in another order
         torch.testing.assert_close(got.double(), want.double(), rtol=2 * torch.finfo(dtype).eps, atol=0)
@@ -94,7 +96,7 @@ def test_dare(dtype, rescale, consensus, normalize):
         assert torch.isfinite(got).all()
         assert torch.equal(got, ref.dare(base, fts, weights, 0.5, keys, rescale=rescale, consensus=consensus,
                                          normalize=normalize))
-    multi = M.dare_multi(*_list(base, fts), weights, 0.5, keys + keys, *args[3:])
+    multi = DR.dare_multi(*_list(base, fts), weights, 0.5, keys + keys, *args[3:])
     assert torch.equal(multi[0], got)
 
 
@@ -109,7 +111,7 @@ def test_reductions(dtype):
         assert torch.isfinite(x).all()
         torch.testing.assert_close(x, y, rtol=1e-14, atol=0)
         torch.testing.assert_close(x, z, rtol=1e-14, atol=0)
-    l1 = M.trim_l1([base], fts, thr, lim)
+    l1 = TL.trim_l1([base], fts, thr, lim)
     assert torch.isfinite(l1).all()
     torch.testing.assert_close(l1, OPS.trim_l1.default([base], fts, thr, lim), rtol=1e-14, atol=0)
     torch.testing.assert_close(l1, ref.trim_l1([base], fts, (thr, lim)), rtol=1e-14, atol=0)

@@ -17,6 +17,7 @@ import torch
 
 import neurokern.ops as nk
 from neurokern.ops import reference as ref
+from neurokern.ops.triton import common
 from neurokern.ops.triton import subspace_split as tss
 
 from ops.groups import make_group
@@ -109,7 +110,7 @@ def test_gpu_launch_shape(T):
     R, C = base.shape
     coeff = torch.empty(R, T)
     orth = [torch.empty(R, C) for _ in range(T)]
-    thr, lim = tss.trim_tensors("subspace_split", *trim, T, "cpu")
+    thr, lim = common.trim_pair("subspace_split", *trim, T, "cpu")
     tss.launch_subspace_split(base, fts, thr, lim, 3, coeff, orth, config=dict(ROWS=1, NT=4, VPT=4, num_warps=1))
     check(base, fts, trim, 3, got=(coeff, orth))
 
