@@ -337,9 +337,11 @@ def markstein(a, b, y):
     rounded: q = a * y, then Markstein's correction with the exact FMA residual r = a - q * b,
     which yields the correctly rounded quotient (no overflow / underflow here: b is a sum of
     weights, a count or a divisor). r == 0 needs no case of its own: fma(r, y, q) is q then,
-    signed zeros included, as long as a is not -0.0 (the kernels' sums start from +0.0)."""
+    signed zeros included, as long as a is not -0.0 (the kernels' sums start from +0.0). An
+    infinite or NaN a (an infinite input) gives q itself, as the division does: the residual of an
+    infinite q would be NaN."""
     q = a * y
-    return tl.fma(tl.fma(-q, b, a), y, q)
+    return tl.where(q - q == 0.0, tl.fma(tl.fma(-q, b, a), y, q), q)
 
 
 @triton.jit

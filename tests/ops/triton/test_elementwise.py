@@ -689,3 +689,19 @@ def test_cuda_trim_l1_real_shapes(T):
         got = OPS.trim_l1.default(bases, fts, thr.cuda(), lim.cuda())
         assert got.is_cuda
         torch.testing.assert_close(got.cpu(), OPS.trim_l1.default(bc, fc, thr, lim), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("normalize", ["weights", "count", "none"])
+@pytest.mark.parametrize("T", [1, 5, 8])
+def test_ties_infinite_inputs_as_the_cpu_op(T, normalize):
+    """An infinite fine-tuned entry: the divided elected sum is +-inf (or NaN where +inf and -inf
+    agree in one sum), as the C++ op's division gives, not NaN from the correction step."""
+    base, fts = make_group((4, 9), T, torch.float32, seed_of("tinf", T, normalize))
+    fts[0][0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    if T > 1:
+        fts[1][0, 0] = float("inf")
+        fts[1][1, 1] = float("-inf")
+    out = TM.ties_merge(dev(base), dev(fts), [1.0] * T, normalize=normalize)
+    want = OPS.ties_merge.default(base, fts, [1.0] * T, None, None, 0, "sum", normalize, True, "positive", 1.0)
+    assert torch.isinf(want[0, 0]) and torch.isinf(want[0, 1])
+    assert_bitwise(out, want)
