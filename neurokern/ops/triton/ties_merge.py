@@ -350,8 +350,8 @@ def _ties_chunk_mix(base_ptr, fs, thr_ptr, lim_ptr, wt_ptr, scale_ptr, sign_ptr,
         s, ws, cnt = agree_add(s, ws, cnt, d, e, tl.load(wt_ptr + t), positive)
     r = tl.zeros(offs.shape, dtype=tl.float32)
     if LAST:
-        # A plain float64 division (correctly rounded, as the C++ kernel's; div_rn would give NaN for
-        # an infinite sum): one per element, in the last chunk only.
+        # A plain float64 division (correctly rounded, as the C++ kernel's): one per element, in the
+        # last chunk only.
         merged = s
         if NORMALIZE == 1:
             merged = s / tl.where(ws == 0.0, 1.0, ws)
