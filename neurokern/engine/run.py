@@ -28,8 +28,8 @@ from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import Model, TensorSource, open_model, stacked, validate
 from neurokern.engine.timing import Recorder
 from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, ShardWriter, check_shared, done_record,
-                                     fault_point, is_published, load_global, lock_partial, notice, partial_dir,
-                                     prepare_partial, publish, recorded_digests, rename, save_global)
+                                     is_published, load_global, lock_partial, notice, partial_dir, prepare_partial,
+                                     publish, recorded_digests, rename, save_global)
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS, Pass, PassContext, check_device
 from neurokern.models import ModelSet, nonfinite_later
@@ -152,7 +152,6 @@ class _Engine:
         self.progress = progress
         self.checked: set[int] = set()
         self.finite_checks: dict[int, Callable[[], None]] = {}  # unit index -> raises on NaN / Inf
-        self.batches_seen = 0
 
     # ------------------------------------------------------------------------------------------
     def _bar(self, desc: str, units, ranks: Ranks):
@@ -169,8 +168,6 @@ class _Engine:
             count[0] += len(batch.unit.names)
             bar.set_postfix_str(f"{count[0]} tensors", refresh=False)
             bar.update(batch.nbytes)
-            self.batches_seen += 1
-            fault_point(self.settings, "batches", self.batches_seen)
 
         self.recorder.section(desc)
         start = time.perf_counter()
@@ -257,7 +254,7 @@ class _Engine:
             ranks.barrier()  # every rank has looked before rank 0 renames
             if published:
                 if ranks.is_main:
-                    rename(partial, self.out_dir, self.settings)
+                    rename(partial, self.out_dir)
                 return Result(self.out_dir, self.plan, time.perf_counter() - start, [],
                               shards_reused=len(self.plan.shards))
             return self._run(ranks, partial, start, resume)
@@ -318,10 +315,8 @@ class _Engine:
                     pre = self._prepasses(all_mine, ranks, ctx)
                     if ranks.is_main:
                         save_global(partial, self.digest, {p.key: p.dump(pre[p.key]) for p in self.prepasses})
-                        fault_point(self.settings, "saved")
             ranks.barrier()
-            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, self.discard, self.settings,
-                                 self.recorder)
+            writer = ShardWriter(partial, plan, sorted(todo_shards), self.durable, self.discard, self.recorder)
             if todo:
                 passes.append("merge")
             self._merge(todo, ranks, pre, writer)
@@ -350,7 +345,7 @@ class _Engine:
                         "inputs_digest": self.digest, "tensors": len(plan.tensors),
                         "total_size": plan.total_out_bytes}
             with self.recorder.span("publish"):
-                publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable, self.settings)
+                publish(partial, self.out_dir, plan, self.side_files, echo, manifest, self.durable)
         bytes_read, reused = counts.tolist()
         return Result(self.out_dir, plan, time.perf_counter() - start, passes, peak, bytes_read=bytes_read,
                       shards_reused=reused, shard_digests=digests)

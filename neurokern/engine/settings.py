@@ -8,7 +8,6 @@ from typing import Mapping, Optional
 from neurokern.errors import NeurokernError
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-FAULT_KINDS = ("batches", "saved", "tensors", "shards", "publish", "rename")
 
 
 @dataclass(frozen=True)
@@ -26,9 +25,6 @@ class EngineSettings:
     dist_timeout_s: float = 7200.0  # NEUROKERN_DIST_TIMEOUT: bound of every wait between ranks
     profile: bool = False  # NEUROKERN_PROFILE: the per-section time summary on stderr
     trace: str = ""  # NEUROKERN_TRACE: file of the Chrome trace of every timed block ("": none)
-    # NEUROKERN_TEST_CRASH / NEUROKERN_TEST_STALL (tests only): (event kind, count), see writer.fault_point
-    test_crash: Optional[tuple[str, int]] = None
-    test_stall: Optional[tuple[str, int]] = None
 
     def __post_init__(self):
         for name, variable in (("read_threads", "NEUROKERN_READ_THREADS"),
@@ -70,16 +66,6 @@ class EngineSettings:
                 raise NeurokernError(f"{variable}={value!r}: expected 1 (on) or 0 (off)")
             return value in _TRUE
 
-        def fault(variable: str) -> Optional[tuple[str, int]]:
-            value = text(variable)
-            if not value:
-                return None
-            kind, _, count = value.partition(":")
-            if kind not in FAULT_KINDS or not (count == "" or count.isdigit()):
-                raise NeurokernError(f"{variable}={value!r}: expected KIND:N, KIND one of {', '.join(FAULT_KINDS)} "
-                                     "and N a whole number")
-            return kind, int(count or 0)
-
         timeout = text("NEUROKERN_DIST_TIMEOUT")
         try:
             timeout_s = float(timeout) if timeout else cls.dist_timeout_s
@@ -95,5 +81,4 @@ class EngineSettings:
                    prefetch=flag("NEUROKERN_PREFETCH", cls.prefetch),
                    dist_backend=backend, dist_timeout_s=timeout_s,
                    profile=flag("NEUROKERN_PROFILE", cls.profile),
-                   trace=env.get("NEUROKERN_TRACE", ""),
-                   test_crash=fault("NEUROKERN_TEST_CRASH"), test_stall=fault("NEUROKERN_TEST_STALL"))
+                   trace=env.get("NEUROKERN_TRACE", ""))

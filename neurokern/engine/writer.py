@@ -42,7 +42,6 @@ import shutil
 import socket
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
@@ -53,7 +52,6 @@ from torch import Tensor
 from neurokern.checkpoint import INDEX
 from neurokern.engine.files import open_regular
 from neurokern.engine.plan import OUT_SLOTS, Plan, Shard
-from neurokern.engine.settings import EngineSettings
 from neurokern.engine.timing import Recorder
 from neurokern.errors import NeurokernError
 
@@ -80,21 +78,6 @@ def notice(text: str) -> None:
 
 def partial_dir(out_dir: Path) -> Path:
     return out_dir.with_name(out_dir.name + ".partial")
-
-
-def fault_point(settings: EngineSettings, kind: str, count: int = 0) -> None:
-    """Tests only: NEUROKERN_TEST_CRASH=KIND:N (settings.test_crash) ends the process at once
-    (os._exit, no cleanup, as a SIGKILL would) at the N-th event of KIND; NEUROKERN_TEST_STALL=KIND:N
-    (settings.test_stall) stops it there (sleeps) until a signal ends it. Events: batches (units read
-    in any pass), saved (the pre-pass results written), tensors (tensors written), shards (shards
-    finished), publish (the folder complete, before its state is removed), rename (state removed,
-    before the rename)."""
-    for fault, crash in ((settings.test_crash, True), (settings.test_stall, False)):
-        if fault is not None and fault[0] == kind and count >= fault[1]:
-            if crash:
-                os._exit(137)
-            while True:
-                time.sleep(1)
 
 
 def done_record(partial: Path, shard: Shard, verify: bool = False) -> tuple[Optional[dict], str]:
@@ -197,16 +180,14 @@ class ShardWriter:
     """Writes the given shards; `put` hands it merged host tensors in plan order."""
 
     def __init__(self, partial: Path, plan: Plan, shards: list[int], durable: bool = False, discard: bool = False,
-                 settings: EngineSettings = EngineSettings(), recorder: Optional[Recorder] = None):
+                 recorder: Optional[Recorder] = None):
         self.partial, self.plan, self.durable, self.discard = partial, plan, durable, discard
-        self.settings, self.recorder = settings, recorder or Recorder()
+        self.recorder = recorder or Recorder()
         self.shards = {i: plan.shards[i] for i in shards}
         self.shard_of = plan.shard_of()
         self.queue: queue.Queue = queue.Queue(maxsize=OUT_SLOTS)
         self.error: Optional[BaseException] = None
         self.open: dict[int, dict] = {}
-        self.tensors_written = 0
-        self.shards_written = 0
         self._where: tuple = (partial, "")
         self.stopping = False
         self.pool = ThreadPoolExecutor(max_workers=WRITE_THREADS, thread_name_prefix="neurokern-write")
@@ -309,8 +290,6 @@ class ShardWriter:
         for at in _pieces(start, end):
             jobs.append(self.pool.submit(self._pwrite, entry, data[at - start:at - start + WRITE_PIECE], at, name))
         entry["left"] -= 1
-        self.tensors_written += 1
-        fault_point(self.settings, "tensors", self.tensors_written)
         return entry["left"] == 0
 
     def _pwrite(self, entry: dict, data: memoryview, offset: int, name: str) -> None:
@@ -342,8 +321,6 @@ class ShardWriter:
         digest = tree_digest(entry["header"], entry["pieces"])
         record = {"file": shard.file, "bytes": shard.nbytes, DIGEST: digest}
         write_atomic(self.partial / STATE / "done" / (shard.file + ".json"), json.dumps(record).encode())
-        self.shards_written += 1
-        fault_point(self.settings, "shards", self.shards_written)
 
 
 def _start_writeback(fd: int, start: int, nbytes: int) -> None:
@@ -527,7 +504,7 @@ def load_global(partial: Path, digest: str) -> tuple[Optional[dict], str]:
 
 
 def publish(partial: Path, out_dir: Path, plan: Plan, side_files: dict[str, Path], extra_files: dict[str, str],
-            manifest: dict, durable: bool = False, settings: EngineSettings = EngineSettings()) -> None:
+            manifest: dict, durable: bool = False) -> None:
     """Index, side files (name -> source), config echo and manifest (the folder fsync'ed when
     durable), then the atomic rename to out_dir. Any failure keeps the folder for --resume, which
     writes these files again."""
@@ -559,11 +536,16 @@ def publish(partial: Path, out_dir: Path, plan: Plan, side_files: dict[str, Path
                                f"kept in {partial} (rerun with --resume once fixed)") from exc
     except NeurokernError as exc:
         raise KeptPartialError(f"{exc}; the merged shards are kept in {partial} (rerun with --resume once fixed)") from exc
-    fault_point(settings, "publish")
-    rename(partial, out_dir, settings)
+    rename(partial, out_dir)
 
 
-def rename(partial: Path, out_dir: Path, settings: EngineSettings = EngineSettings()) -> None:
+def remove_state(partial: Path) -> None:
+    """Remove the resume state (.neurokern/) of a complete folder: from then on a stopped run leaves
+    a folder that is_published recognises, and --resume has only the rename left to do."""
+    shutil.rmtree(partial / STATE, ignore_errors=True)
+
+
+def rename(partial: Path, out_dir: Path) -> None:
     """Remove the resume state and rename the finished folder to out_dir: the output appears whole.
     An out_dir that is no empty folder (made while the merge ran) keeps the result in partial."""
     try:
@@ -572,8 +554,7 @@ def rename(partial: Path, out_dir: Path, settings: EngineSettings = EngineSettin
                 raise KeptPartialError(f"output {out_dir} exists and is not an empty folder; the merged model is in "
                                        f"{partial}: move {out_dir} away, then rerun with --resume to put it in place")
             out_dir.rmdir()
-        shutil.rmtree(partial / STATE, ignore_errors=True)
-        fault_point(settings, "rename")
+        remove_state(partial)
         os.replace(partial, out_dir)
     except OSError as exc:
         raise KeptPartialError(f"cannot rename {partial} to {out_dir}: {exc.strerror or exc}; the merged model is in "

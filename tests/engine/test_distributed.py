@@ -5,6 +5,7 @@ the other way round) to the same bytes."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from neurokern.engine.settings import EngineSettings
 from engine_helpers import read_dir, write_config
 
 UNIT = 20_000
+FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
 
 CASES = {
     "neuromerging": ("neuromerging", {"density": 0.2}, None),  # global trim + default lambda
@@ -24,15 +26,16 @@ CASES = {
 
 
 def torchrun(*args, nproc=2, crash=None, device="cpu", backend=None):
+    """`torchrun -m neurokern merge ARGS`; with crash=KIND:N every rank ends at once at its own N-th
+    event of KIND (each rank runs tests/faults.py)."""
     env = {k: v for k, v in os.environ.items()
-           if k not in ("NEUROKERN_TEST_CRASH", "NEUROKERN_DIST_BACKEND", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+           if k not in ("NEUROKERN_DIST_BACKEND", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), OMP_NUM_THREADS="1")
     if backend:
         env["NEUROKERN_DIST_BACKEND"] = backend
-    if crash:
-        env["NEUROKERN_TEST_CRASH"] = crash
+    program = [str(FAULTS), "crash", crash, "-m", "neurokern"] if crash else ["-m", "neurokern"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "neurokern", "merge", *map(str, args), "--device", device, "--quiet"]
+           *program, "merge", *map(str, args), "--device", device, "--quiet"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

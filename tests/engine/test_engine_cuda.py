@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,9 +56,11 @@ def test_gpu_resume_after_kill(models, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", "neuromerging", models, {"density": 0.2}, None,
                        extra={"out_shard_size": "20KB"})
     merge_models(cfg, tmp_path / "ref", device="cuda")
-    env = dict(os.environ, NEUROKERN_TEST_CRASH="shards:1", NEUROKERN_MAX_UNIT_BYTES="20000")
-    run = subprocess.run([sys.executable, "-m", "neurokern", "merge", str(cfg), str(tmp_path / "out"), "--device",
-                          "cuda", "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, NEUROKERN_MAX_UNIT_BYTES="20000")
+    faults = Path(__file__).resolve().parents[1] / "faults.py"  # the process ends at once after its first shard
+    run = subprocess.run([sys.executable, str(faults), "crash", "shards:1", "-m", "neurokern", "merge", str(cfg),
+                          str(tmp_path / "out"), "--device", "cuda", "--quiet"], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert run.returncode == 137, run.stderr[-2000:]
     merge_models(cfg, tmp_path / "out", device="cuda", resume=True)
     assert read_dir(tmp_path / "out") == read_dir(tmp_path / "ref")

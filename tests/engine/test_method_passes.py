@@ -127,16 +127,16 @@ merge_models(sys.argv[1], sys.argv[2], device="cpu")
 
 
 def driver(folder: Path, *args, crash=None, nproc=1):
-    """The method registered in a fresh process (torchrun ranks with nproc > 1), merging."""
+    """The method registered in a fresh process (torchrun ranks with nproc > 1), merging; with
+    crash=KIND:N the process ends at once at that event (tests/faults.py runs the driver)."""
     script = folder / "driver.py"
     script.write_text(DRIVER)
-    env = {k: v for k, v in os.environ.items() if k not in ("NEUROKERN_TEST_CRASH", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), OMP_NUM_THREADS="1")
-    if crash:
-        env["NEUROKERN_TEST_CRASH"] = crash
+    fault = [str(Path(__file__).resolve().parents[1] / "faults.py"), "crash", crash] if crash else []
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    return subprocess.run([sys.executable, *launcher, str(script), *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, *launcher, *fault, str(script), *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_a_registered_method_runs_its_pass_through_the_engine(models, tmp_path, registered, unit):

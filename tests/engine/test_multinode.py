@@ -18,6 +18,7 @@ from engine_helpers import read_dir, write_config
 
 UNIT = 20_000
 ROOT = Path(__file__).resolve().parents[2]
+FAULTS = ROOT / "tests" / "faults.py"
 
 
 @pytest.fixture
@@ -35,20 +36,19 @@ def free_port() -> int:
 def two_nodes(cfg, out: str, cwds: tuple[Path, Path], crash: str = None) -> list[subprocess.CompletedProcess]:
     """`torchrun --nnodes 2 --node-rank R --nproc-per-node 1` for R = 0, 1, each in its own working
     folder (a relative `out` then names a folder of each node's own), at once. cfg: one config, or
-    one per node."""
+    one per node. crash=KIND:N: each node's rank ends at once at its N-th event of KIND (tests/faults.py)."""
     cfgs = cfg if isinstance(cfg, (list, tuple)) else (cfg, cfg)
     env = {k: v for k, v in os.environ.items()
-           if k not in ("NEUROKERN_TEST_CRASH", "NEUROKERN_DIST_BACKEND", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+           if k not in ("NEUROKERN_DIST_BACKEND", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}")
-    if crash:
-        env["NEUROKERN_TEST_CRASH"] = crash
+    program = [str(FAULTS), "crash", crash, "-m", "neurokern"] if crash else ["-m", "neurokern"]
     port = free_port()
     procs = []
     for node, cwd in enumerate(cwds):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}",
                "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
-               "-m", "neurokern", "merge", str(cfgs[node]), out, "--device", "cpu", "--quiet"]
+               *program, "merge", str(cfgs[node]), out, "--device", "cpu", "--quiet"]
         procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     for p in procs:

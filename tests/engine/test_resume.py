@@ -1,6 +1,6 @@
 """A merge killed at any point (SIGKILL-like: os._exit, no cleanup) leaves no OUT_DIR, and
-`--resume` finishes it byte-identically to an uninterrupted run. The kill comes from the
-NEUROKERN_TEST_CRASH hook (neurokern.engine.writer.fault_point), so the points are deterministic:
+`--resume` finishes it byte-identically to an uninterrupted run. The kill comes from tests/faults.py,
+which runs the command with the engine's functions wrapped, so the points are deterministic:
 inside each streaming pass, right after the pre-pass results are saved, mid-shard, after whole
 shards, after the folder is complete, and between removing the state and the rename."""
 import json
@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ from neurokern.engine.settings import EngineSettings
 from engine_helpers import make_models, read_dir, write_config
 
 UNIT = 20_000  # bytes of input per work unit: 14 units in 3 shards
+FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
 
 CONFIGS = {
     # global trim + default lambda: histogram, boundary and l1 passes before the merge pass
@@ -61,13 +63,13 @@ def configs(models, tmp_path_factory):
     return out
 
 
-def cli(*args, crash=None, ranks=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("NEUROKERN_TEST_CRASH", "RANK", "WORLD_SIZE")}
+def cli(*args, crash=None):
+    """`python -m neurokern merge ARGS`; with crash=KIND:N it ends at once at that event (tests/faults.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["NEUROKERN_MAX_UNIT_BYTES"] = str(UNIT)
-    if crash:
-        env["NEUROKERN_TEST_CRASH"] = crash
-    return subprocess.run([sys.executable, "-m", "neurokern", "merge", *map(str, args), "--device", "cpu", "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    fault = [str(FAULTS), "crash", crash] if crash else []
+    return subprocess.run([sys.executable, *fault, "-m", "neurokern", "merge", *map(str, args), "--device", "cpu",
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("config,point", POINTS, ids=[f"{c}-{p}" for c, p in POINTS])
@@ -140,11 +142,12 @@ def test_fsync_output_is_the_same(configs, tmp_path, monkeypatch):
 
 
 def start_stalled(*args, stall):
-    """A merge that stops (sleeps) at the NEUROKERN_TEST_STALL event, holding what it holds."""
-    env = {k: v for k, v in os.environ.items() if k not in ("NEUROKERN_TEST_CRASH", "RANK", "WORLD_SIZE")}
-    env.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), NEUROKERN_TEST_STALL=stall)
-    return subprocess.Popen([sys.executable, "-m", "neurokern", "merge", *map(str, args), "--device", "cpu", "--quiet"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """A merge that stops (sleeps) at the event `stall` (KIND:N, tests/faults.py), holding what it holds."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env["NEUROKERN_MAX_UNIT_BYTES"] = str(UNIT)
+    return subprocess.Popen([sys.executable, str(FAULTS), "stall", stall, "-m", "neurokern", "merge", *map(str, args),
+                             "--device", "cpu", "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def wait_for(condition, what, proc, seconds=120):

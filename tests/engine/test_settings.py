@@ -13,18 +13,15 @@ def test_defaults_of_an_empty_environment():
     assert (s.read_threads, s.read_piece_bytes, s.adapter_piece_bytes, s.max_unit_bytes) == (16, 16 * 2**20,
                                                                                                4 * 2**20, 512 * 2**20)
     assert (s.prefetch, s.dist_backend, s.dist_timeout_s, s.profile, s.trace) == (True, None, 7200.0, False, "")
-    assert (s.test_crash, s.test_stall) == (None, None)
 
 
 def test_every_variable_is_read():
     env = {"NEUROKERN_READ_THREADS": "3", "NEUROKERN_READ_PIECE_BYTES": "1000", "NEUROKERN_ADAPTER_PIECE_BYTES": "1",
            "NEUROKERN_MAX_UNIT_BYTES": "20000", "NEUROKERN_PREFETCH": "0", "NEUROKERN_DIST_BACKEND": "gloo",
-           "NEUROKERN_DIST_TIMEOUT": "1.5", "NEUROKERN_PROFILE": "1", "NEUROKERN_TRACE": "/tmp/t.json",
-           "NEUROKERN_TEST_CRASH": "shards:2", "NEUROKERN_TEST_STALL": "saved"}
+           "NEUROKERN_DIST_TIMEOUT": "1.5", "NEUROKERN_PROFILE": "1", "NEUROKERN_TRACE": "/tmp/t.json"}
     assert EngineSettings.from_env(env) == EngineSettings(
         read_threads=3, read_piece_bytes=1000, adapter_piece_bytes=1, max_unit_bytes=20000, prefetch=False,
-        dist_backend="gloo", dist_timeout_s=1.5, profile=True, trace="/tmp/t.json", test_crash=("shards", 2),
-        test_stall=("saved", 0))
+        dist_backend="gloo", dist_timeout_s=1.5, profile=True, trace="/tmp/t.json")
     for on in ("1", "true", "YES", "on"):
         assert EngineSettings.from_env({"NEUROKERN_PROFILE": on}).profile
     for off in ("0", "false", "No", "off"):
@@ -42,8 +39,6 @@ def test_every_variable_is_read():
     ("NEUROKERN_DIST_TIMEOUT", "0", "NEUROKERN_DIST_TIMEOUT='0': expected a number of seconds above 0"),
     ("NEUROKERN_DIST_TIMEOUT", "soon", "NEUROKERN_DIST_TIMEOUT='soon': expected a number of seconds above 0"),
     ("NEUROKERN_DIST_TIMEOUT", "nan", "NEUROKERN_DIST_TIMEOUT='nan': expected a number of seconds above 0"),
-    ("NEUROKERN_TEST_CRASH", "shard:1", "NEUROKERN_TEST_CRASH='shard:1': expected KIND:N"),
-    ("NEUROKERN_TEST_STALL", "tensors:x", "NEUROKERN_TEST_STALL='tensors:x': expected KIND:N"),
 ])
 def test_a_bad_value_names_the_variable(variable, value, expected):
     with pytest.raises(NeurokernError) as exc:
@@ -69,3 +64,13 @@ def test_no_module_reads_the_environment_at_import():
                if re.search(r"environ\.get\(\s*[\"']NEUROKERN_|environ\[[\"']NEUROKERN_|getenv\(\s*[\"']NEUROKERN_",
                             p.read_text())]
     assert readers == [], readers
+
+
+def test_the_library_holds_no_test_hook():
+    """Faults (a kill or a stall at a chosen event) come from the tests (tests/faults.py wraps the
+    engine's functions): no library module reads a test variable or checks for one."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2] / "neurokern"
+    hooks = [str(p.relative_to(root)) for p in root.rglob("*.py")
+             if any(word in p.read_text() for word in ("NEUROKERN_TEST_", "test_crash", "test_stall", "fault_point"))]
+    assert hooks == [], hooks

@@ -5,6 +5,7 @@ shards, so that per-layer parameters and the passthrough stack cross unit and sh
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -16,6 +17,7 @@ from mergekit_models import make_family  # noqa: E402
 from neurokern.config import load_config  # noqa: E402
 
 UNIT = 6000  # input bytes of a work unit: a few tensors each
+FAULTS = Path(__file__).resolve().parents[1] / "faults.py"
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
            {"value": 0.5}]
 
@@ -46,12 +48,15 @@ CONFIGS = {
 }
 
 
-def cli(*args, env=None, nproc=1):
+def cli(*args, crash=None, nproc=1):
+    """`python -m neurokern merge ARGS` (torchrun ranks with nproc > 1); with crash=KIND:N each
+    process ends at once at that event (tests/faults.py)."""
     environment = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    environment.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), OMP_NUM_THREADS="1", **(env or {}))
+    environment.update(NEUROKERN_MAX_UNIT_BYTES=str(UNIT), OMP_NUM_THREADS="1")
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
-    return subprocess.run([sys.executable, *launcher, "-m", "neurokern", "merge", *map(str, args), "--device", "cpu",
-                           "--quiet"], env=environment, capture_output=True, text=True, timeout=300)
+    fault = [str(FAULTS), "crash", crash] if crash else []
+    return subprocess.run([sys.executable, *launcher, *fault, "-m", "neurokern", "merge", *map(str, args), "--device",
+                           "cpu", "--quiet"], env=environment, capture_output=True, text=True, timeout=300)
 
 
 def files(folder):
@@ -69,7 +74,7 @@ def test_same_bytes_every_run_after_resume_and_on_two_ranks(family, tmp_path, na
     assert len(list((tmp_path / "ref").glob("model-*.safetensors"))) > 3
     again = cli(path, tmp_path / "again")
     assert again.returncode == 0 and files(tmp_path / "again") == files(tmp_path / "ref")
-    killed = cli(path, tmp_path / "out", env={"NEUROKERN_TEST_CRASH": "shards:2"})
+    killed = cli(path, tmp_path / "out", crash="shards:2")
     assert killed.returncode == 137, killed.stderr
     resumed = cli(path, tmp_path / "out", "--resume")
     assert resumed.returncode == 0, resumed.stderr

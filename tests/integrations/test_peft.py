@@ -239,12 +239,12 @@ def test_adapter_in_passthrough_or_slices_is_refused(setup, tmp_path):
 
 
 def merge_cli(*args, crash=None):
-    env = {k: v for k, v in os.environ.items() if k not in ("NEUROKERN_TEST_CRASH", "RANK", "WORLD_SIZE")}
+    """`python -m neurokern merge ARGS`; with crash=KIND:N it ends at once at that event (tests/faults.py)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env["NEUROKERN_MAX_UNIT_BYTES"] = "4096"  # many units: the kill lands mid-merge
-    if crash:
-        env["NEUROKERN_TEST_CRASH"] = crash
-    return subprocess.run([sys.executable, "-m", "neurokern", "merge", *map(str, args), "--device", "cpu", "--quiet"],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    fault = [str(ROOT / "tests" / "faults.py"), "crash", crash] if crash else []
+    return subprocess.run([sys.executable, *fault, "-m", "neurokern", "merge", *map(str, args), "--device", "cpu",
+                           "--quiet"], env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 def test_resume_after_kill_is_byte_identical_and_sees_an_edited_adapter(setup, tmp_path):
