@@ -198,7 +198,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     set_arguments(parser)
     parser.add_argument("--skip-eager", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated measurements to run (default: all), e.g. ties,neuromerging")
     args = parser.parse_args()
+    only = {k for k in args.only.split(",") if k}
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
     T = args.tasks
@@ -214,6 +216,9 @@ def main():
     merge_bytes = (T + 2) * N * esize  # read base + T fine-tuned, write the merged model
     results = {}
 
+    def want(key):
+        return not only or key in only
+
     def record(key, ms, nbytes, eager_ms=None):
         gbps = nbytes / ms / 1e6
         entry = {"ms": round(ms, 3), "bytes": nbytes, "GBps": round(gbps, 1), "fraction_of_copy": round(gbps / copy, 3)}
@@ -225,36 +230,48 @@ def main():
               + (f"  eager {eager_ms:9.1f} ms  x{eager_ms / ms:.1f}" if eager_ms else ""))
 
     eager = not args.skip_eager
-    record("ties", bench(lambda: nk.merge(base, fts, method="ties", density=0.2)), merge_bytes,
-           bench(lambda: eager_ties(base, fts), warmup=0, reps=1) if eager else None)
-    record("task_arithmetic", bench(lambda: nk.merge(base, fts, method="task_arithmetic", weights=weights)), merge_bytes,
-           bench(lambda: eager_task_arithmetic(base, fts, weights), warmup=0, reps=1) if eager else None)
-    record("neuromerging", bench(lambda: nk.merge(base, fts, method="neuromerging")), merge_bytes)
+    if want("ties"):
+        record("ties", bench(lambda: nk.merge(base, fts, method="ties", density=0.2)), merge_bytes,
+               bench(lambda: eager_ties(base, fts), warmup=0, reps=1) if eager else None)
+    if want("task_arithmetic"):
+        record("task_arithmetic", bench(lambda: nk.merge(base, fts, method="task_arithmetic", weights=weights)), merge_bytes,
+               bench(lambda: eager_task_arithmetic(base, fts, weights), warmup=0, reps=1) if eager else None)
+    if want("neuromerging"):
+        record("neuromerging", bench(lambda: nk.merge(base, fts, method="neuromerging")), merge_bytes)
     k = [max(1, int(0.2 * N))] * T
-    record("magnitude_threshold", bench(lambda: ops.magnitude_threshold(base_list, ft_list, k, True)),
-           T * N * esize + N * esize,
-           bench(lambda: eager_threshold(base, fts, 0.2), warmup=0, reps=1) if eager else None)
+    if want("magnitude_threshold"):
+        record("magnitude_threshold", bench(lambda: ops.magnitude_threshold(base_list, ft_list, k, True)),
+               T * N * esize + N * esize,
+               bench(lambda: eager_threshold(base, fts, 0.2), warmup=0, reps=1) if eager else None)
     # The parts of the methods above, alone.
     k_tensor = [max(1, int(0.2 * b.numel())) for b in base_list for _ in range(T)]
-    record("ties_threshold_per_tensor",
-           bench(lambda: ops.magnitude_threshold(base_list, ft_list, k_tensor, False, per_tensor=True)), (T + 1) * N * esize)
+    if want("ties_threshold_per_tensor"):
+        record("ties_threshold_per_tensor",
+               bench(lambda: ops.magnitude_threshold(base_list, ft_list, k_tensor, False, per_tensor=True)), (T + 1) * N * esize)
     trim = ops.magnitude_threshold(base_list, ft_list, k_tensor, False, per_tensor=True)
-    record("ties_merge_multi", bench(lambda: ops.ties_merge_multi(base_list, ft_list, [1.0] * T, trim)), merge_bytes)
-    record("input_checks", bench(lambda: load_models(base, fts, None)), (T + 1) * N * esize)
+    if want("ties_merge_multi"):
+        record("ties_merge_multi", bench(lambda: ops.ties_merge_multi(base_list, ft_list, [1.0] * T, trim)), merge_bytes)
+    if want("input_checks"):
+        record("input_checks", bench(lambda: load_models(base, fts, None)), (T + 1) * N * esize)
     coeffs = torch.tensor([1.0] + weights, device=device)
     rows = coeffs.expand(len(names), -1).contiguous()
     grads = {n: torch.randn_like(b) for n, b in base.items()}
     grad_list = [grads[n] for n in names]
-    record("weighted_sum_forward", bench(lambda: ops.weighted_sum_multi(base_list, ft_list, rows)), merge_bytes)
-    record("weighted_sum_forward_per_tensor_calls",
-           bench(lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names]), merge_bytes)
-    flat_reference(record, base_list, ft_list, coeffs, merge_bytes)
-    record("weighted_sum_backward",
-           bench(lambda: torch.ops.neurokern.weighted_sum_multi_backward(grad_list, base_list, ft_list, rows)),
-           (T + 2) * N * esize)
-    record("weighted_sum_backward_per_tensor_calls",
-           bench(lambda: [torch.ops.neurokern.weighted_sum_backward(grads[n], base[n], [f[n] for f in fts], coeffs, None, None, 0) for n in names]),
-           (T + 2) * N * esize)
+    if want("weighted_sum_forward"):
+        record("weighted_sum_forward", bench(lambda: ops.weighted_sum_multi(base_list, ft_list, rows)), merge_bytes)
+    if want("weighted_sum_forward_per_tensor_calls"):
+        record("weighted_sum_forward_per_tensor_calls",
+               bench(lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names]), merge_bytes)
+    if want("weighted_sum_forward_flat"):
+        flat_reference(record, base_list, ft_list, coeffs, merge_bytes)
+    if want("weighted_sum_backward"):
+        record("weighted_sum_backward",
+               bench(lambda: torch.ops.neurokern.weighted_sum_multi_backward(grad_list, base_list, ft_list, rows)),
+               (T + 2) * N * esize)
+    if want("weighted_sum_backward_per_tensor_calls"):
+        record("weighted_sum_backward_per_tensor_calls",
+               bench(lambda: [torch.ops.neurokern.weighted_sum_backward(grads[n], base[n], [f[n] for f in fts], coeffs, None, None, 0) for n in names]),
+               (T + 2) * N * esize)
 
     report = {
         "device": name, "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),

@@ -352,6 +352,40 @@ def div_rn(a, b):
 
 
 @triton.jit
+def carried_sums(sum_ptr, wsum_ptr, cnt_ptr, offs, mask, FIRST: tl.constexpr):
+    """The merges past MAX_TASKS tasks, in chunks: (sum, sum of weights, count) of the agreeing
+    d_t carried from the chunk before (float64, float64, int32); FIRST: zeros."""
+    if FIRST:
+        s = tl.zeros(offs.shape, dtype=tl.float64)
+        ws = tl.zeros(offs.shape, dtype=tl.float64)
+        cnt = tl.zeros(offs.shape, dtype=tl.int32)
+    else:
+        s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
+        ws = tl.load(wsum_ptr + offs, mask=mask, other=0.0)
+        cnt = tl.load(cnt_ptr + offs, mask=mask, other=0)
+    return s, ws, cnt
+
+
+@triton.jit
+def carry_sums(sum_ptr, wsum_ptr, cnt_ptr, offs, mask, s, ws, cnt):
+    """Stores a chunk's sums for the next (carried_sums)."""
+    tl.store(sum_ptr + offs, s, mask=mask)
+    tl.store(wsum_ptr + offs, ws, mask=mask)
+    tl.store(cnt_ptr + offs, cnt, mask=mask)
+
+
+@triton.jit
+def add_to_base(w, merged, scale, WIDE: tl.constexpr):
+    """The merged float32 value (election.h's elect_and_mix): base + float(scale * merged); WIDE:
+    float(base + scale * merged), the sum in float64 rounded once."""
+    if WIDE:
+        r = (w.to(tl.float64) + scale * merged).to(tl.float32)
+    else:
+        r = w + (scale * merged).to(tl.float32)
+    return r
+
+
+@triton.jit
 def divide(s, ws, cnt, NORMALIZE: tl.constexpr):
     """Elected sum / divisor per normalize (election.h): weights (1 if their sum is 0), count."""
     if NORMALIZE == 1:

@@ -23,8 +23,11 @@ from neurokern.ops.triton.common import (
     CONSENSUS_CODES,
     MAX_TASKS,
     NORMALIZE_CODES,
+    add_to_base,
     agree_add,
     any_set,
+    carried_sums,
+    carry_sums,
     check_group,
     check_storage,
     div_rn,
@@ -132,11 +135,7 @@ def _dare_mix(w, ds, v, s, par_ptr, T: tl.constexpr, CONSENSUS: tl.constexpr, NO
         for t in tl.static_range(T):
             s, ws, cnt = agree_add(s, ws, cnt, ds[t], ds[t], tl.load(par_ptr + t), positive)
         merged = divide(s, ws, cnt, NORMALIZE)
-    if WIDE:
-        r = (w.to(tl.float64) + tl.load(par_ptr + T) * merged).to(tl.float32)
-    else:
-        r = w + (tl.load(par_ptr + T) * merged).to(tl.float32)
-    return r
+    return add_to_base(w, merged, tl.load(par_ptr + T), WIDE)
 
 
 @triton.jit
@@ -302,14 +301,7 @@ def _dare_chunk_mix(base_ptr, fs, par_ptr, fac_ptr, sign_ptr, sum_ptr, wsum_ptr,
     float(base + scale * sum / divisor) (election.h's elect_and_mix). par: the chunk's dare_params,
     scale at T and the divisor of consensus "none" (over every task's weight) at T + 1."""
     w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if FIRST:
-        s = tl.zeros(offs.shape, dtype=tl.float64)
-        ws = tl.zeros(offs.shape, dtype=tl.float64)
-        cnt = tl.zeros(offs.shape, dtype=tl.int32)
-    else:
-        s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
-        ws = tl.load(wsum_ptr + offs, mask=mask, other=0.0)
-        cnt = tl.load(cnt_ptr + offs, mask=mask, other=0)
+    s, ws, cnt = carried_sums(sum_ptr, wsum_ptr, cnt_ptr, offs, mask, FIRST)
     positive = tl.load(sign_ptr + offs, mask=mask, other=1) > 0
     for t in tl.static_range(T):
         d = _dare_chunk_value(fs, offs, mask, w, grp, lane, keep_below, par_ptr, fac_ptr, t, T, WIDE)
@@ -319,24 +311,13 @@ def _dare_chunk_mix(base_ptr, fs, par_ptr, fac_ptr, sign_ptr, sum_ptr, wsum_ptr,
             s, ws, cnt = agree_add(s, ws, cnt, d, d, tl.load(par_ptr + t), positive)
     r = tl.zeros(offs.shape, dtype=tl.float32)
     if LAST:
-        # Plain float64 divisions (correctly rounded, as the C++ kernel's), in the last chunk only.
         if CONSENSUS == 0:
-            merged = s / tl.load(par_ptr + (T + 1))
-        elif NORMALIZE == 1:
-            merged = s / tl.where(ws == 0.0, 1.0, ws)
-        elif NORMALIZE == 2:
-            merged = s / tl.maximum(cnt, 1).to(tl.float64)
+            merged = div_rn(s, tl.load(par_ptr + (T + 1)))
         else:
-            merged = s
-        scale = tl.load(par_ptr + T)
-        if WIDE:
-            r = (w.to(tl.float64) + scale * merged).to(tl.float32)
-        else:
-            r = w + (scale * merged).to(tl.float32)
+            merged = divide(s, ws, cnt, NORMALIZE)
+        r = add_to_base(w, merged, tl.load(par_ptr + T), WIDE)
     else:
-        tl.store(sum_ptr + offs, s, mask=mask)
-        tl.store(wsum_ptr + offs, ws, mask=mask)
-        tl.store(cnt_ptr + offs, cnt, mask=mask)
+        carry_sums(sum_ptr, wsum_ptr, cnt_ptr, offs, mask, s, ws, cnt)
     return r
 
 

@@ -24,10 +24,14 @@ from neurokern.ops.triton.common import (
     CONSENSUS_CODES,
     MAX_TASKS,
     NORMALIZE_CODES,
+    add_to_base,
     agree_add,
     any_set,
+    carried_sums,
+    carry_sums,
     check_group,
     check_storage,
+    divide,
     election_block,
     everywhere,
     fail,
@@ -172,11 +176,7 @@ def _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T: tl.constexpr, NORMALIZE
     if NORMALIZE:
         tab = par_ptr + (T + 1) + m
         s = markstein(s, tl.load(tab), tl.load(tab + (1 << T)))
-    if WIDE:
-        r = (w.to(tl.float64) + scale * s).to(tl.float32)
-    else:
-        r = w + (scale * s).to(tl.float32)
-    return r
+    return add_to_base(w, s, scale, WIDE)
 
 
 @triton.jit
@@ -185,31 +185,50 @@ def _ties_block(
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, PASS: tl.constexpr,
 ):
-    """One block of elements. PASS 0 (the "majority" pre-pass) returns acc + sign(vote); PASS 1
-    stores out = base + float(scale * elect_and_mix(d, e)) (csrc/cpu/election.h) and returns acc.
-    fs: the T fine-tuned pointers; cut: _tie_cuts; wt: float32 weights; zero_pos: a zero vote
-    elects +; par: ties_params. Elements whose float32 result or float64 vote ("sum") is NaN / Inf
-    (float32 overflowed on finite inputs near the maximum, or an input is NaN / Inf) are computed
-    again in float64 (_ties_votes, _ties_mix)."""
+    """One block of elements, float32 values (float64 vote and sums). PASS 0 (the "majority"
+    pre-pass) adds sign(vote) to acc; PASS 1 stores out = base + float(scale * elect_and_mix(d, e))
+    (csrc/cpu/election.h). fs: the T fine-tuned pointers; cut: _tie_cuts; wt: float32 weights;
+    zero_pos: a zero vote elects +; par: ties_params. Returns (acc, bad): bad marks the elements
+    whose float64 vote ("sum") or float32 result is NaN / Inf (float32 overflowed on finite inputs
+    near the maximum, or an input is NaN / Inf); PASS 0 leaves their sign out of acc, PASS 1 stores
+    a value _ties_block_wide replaces."""
     w, ds, es, v = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, False)
+    bad = tl.zeros(offs.shape, dtype=tl.int1)
+    if CONSENSUS == 1:
+        bad = is_nonfinite(v)
     if PASS == 0:
-        if CONSENSUS == 1:
-            bad = is_nonfinite(v)
-            if any_set(bad):
-                w64, d64, e64, wide = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS,
-                                            ELECT_W, True)
-                v = tl.where(bad, wide, v)
-        acc += tl.where(mask, sign_of(v), 0)
+        acc += tl.where(mask & ~bad, sign_of(v), 0)
     else:
         r = _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, False)
-        bad = is_nonfinite(r)
-        if CONSENSUS == 1:
-            bad = bad | is_nonfinite(v)
-        if any_set(bad):
-            w64, d64, e64, v64 = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS,
-                                             ELECT_W, True)
-            r = tl.where(bad, _ties_mix(w64, d64, e64, v64, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, True), r)
+        bad = bad | is_nonfinite(r)
         tl.store(out_ptr + offs, to_out(r, out_ptr.dtype.element_ty), mask=mask)
+    return acc, bad & mask
+
+
+@triton.jit
+def _ties_block_wide(
+    acc, base_ptr, fs, out_ptr, offs, mask, cut, wt, scale, zero_pos, par_ptr,
+    T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+    ELECT_W: tl.constexpr, PASS: tl.constexpr,
+):
+    """The elements of a block that _ties_block marks bad, computed again in float64 (_ties_votes,
+    _ties_mix with WIDE, as csrc/cpu/ties_merge.cpp's wide path): PASS 0 adds the sign of their
+    float64 vote to acc, PASS 1 stores their result."""
+    w, ds, es, v = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, False)
+    bad = tl.zeros(offs.shape, dtype=tl.int1)
+    if CONSENSUS == 1:
+        bad = is_nonfinite(v)
+    if PASS == 1:
+        bad = bad | is_nonfinite(_ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, False))
+    bad = bad & mask
+    if any_set(bad):
+        w64, d64, e64, v64 = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W,
+                                         True)
+        if PASS == 0:
+            acc += tl.where(bad, sign_of(v64), 0)
+        else:
+            r = _ties_mix(w64, d64, e64, v64, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, True)
+            tl.store(out_ptr + offs, to_out(r, out_ptr.dtype.element_ty), mask=bad)
     return acc
 
 
@@ -241,20 +260,34 @@ def _ties_chunk(
         zero_pos = tl.load(fb_ptr) > 0
     limits = _tie_limits(thr_ptr, lim_ptr, offset + start, T, TRIM, SPAN)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
+    bad = tl.zeros([BLOCK], dtype=tl.int1)
     if (start + SPAN <= n) & _ties_uniform(limits, T, TRIM, SPAN):
         cut = _tie_cuts(limits, 0, T, TRIM)
         # The merge's few blocks unrolled: their loads and stores take immediate offsets from the
         # chunk's pointers (no address arithmetic); the pre-pass's 32 stay a loop.
         for it in tl.range(ITERS, loop_unroll_factor=ITERS if PASS == 1 else 1):
             offs = it * BLOCK + tl.arange(0, BLOCK)
-            acc = _ties_block(acc, base_ptr, fs, out_ptr, offs, everywhere(BLOCK), cut, wt, scale, zero_pos,
-                              par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
+            acc, b = _ties_block(acc, base_ptr, fs, out_ptr, offs, everywhere(BLOCK), cut, wt, scale, zero_pos,
+                                 par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
+            bad = bad | b
     else:
         rem = tl.minimum(n - start, SPAN).to(tl.int32)
         for it in range(ITERS):
             offs = it * BLOCK + tl.arange(0, BLOCK)
-            acc = _ties_block(acc, base_ptr, fs, out_ptr, offs, offs < rem, _tie_cuts(limits, offs, T, TRIM), wt,
-                              scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
+            acc, b = _ties_block(acc, base_ptr, fs, out_ptr, offs, offs < rem, _tie_cuts(limits, offs, T, TRIM), wt,
+                                 scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
+            bad = bad | b
+    # The float64 recompute, rare (inputs near the float32 maximum, or NaN / Inf), once a program
+    # after the loop: the unrolled loop holds the float32 path only, which keeps its code and its
+    # compile time small.
+    if (PASS == 1) or (CONSENSUS == 1):
+        if any_set(bad):
+            tl.debug_barrier()  # the float32 values stored above, before their replacement
+            rem = tl.minimum(n - start, SPAN).to(tl.int32)
+            for it in range(ITERS):
+                offs = it * BLOCK + tl.arange(0, BLOCK)
+                acc = _ties_block_wide(acc, base_ptr, fs, out_ptr, offs, offs < rem, _tie_cuts(limits, offs, T, TRIM),
+                                       wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
     return acc
 
 
@@ -337,35 +370,15 @@ def _ties_chunk_mix(base_ptr, fs, thr_ptr, lim_ptr, wt_ptr, scale_ptr, sign_ptr,
     w = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     pos = offs + offset
     positive = tl.load(sign_ptr + offs, mask=mask, other=1) > 0
-    if FIRST:
-        s = tl.zeros(offs.shape, dtype=tl.float64)
-        ws = tl.zeros(offs.shape, dtype=tl.float64)
-        cnt = tl.zeros(offs.shape, dtype=tl.int32)
-    else:
-        s = tl.load(sum_ptr + offs, mask=mask, other=0.0)
-        ws = tl.load(wsum_ptr + offs, mask=mask, other=0.0)
-        cnt = tl.load(cnt_ptr + offs, mask=mask, other=0)
+    s, ws, cnt = carried_sums(sum_ptr, wsum_ptr, cnt_ptr, offs, mask, FIRST)
     for t in tl.static_range(T):
         d, e = _ties_chunk_values(fs, offs, mask, w, pos, thr_ptr, lim_ptr, wt_ptr, t, TRIM, ELECT_W, WIDE)
         s, ws, cnt = agree_add(s, ws, cnt, d, e, tl.load(wt_ptr + t), positive)
     r = tl.zeros(offs.shape, dtype=tl.float32)
     if LAST:
-        # A plain float64 division (correctly rounded, as the C++ kernel's): one per element, in the
-        # last chunk only.
-        merged = s
-        if NORMALIZE == 1:
-            merged = s / tl.where(ws == 0.0, 1.0, ws)
-        elif NORMALIZE == 2:
-            merged = s / tl.maximum(cnt, 1).to(tl.float64)
-        scale = tl.load(scale_ptr)
-        if WIDE:
-            r = (w.to(tl.float64) + scale * merged).to(tl.float32)
-        else:
-            r = w + (scale * merged).to(tl.float32)
+        r = add_to_base(w, divide(s, ws, cnt, NORMALIZE), tl.load(scale_ptr), WIDE)
     else:
-        tl.store(sum_ptr + offs, s, mask=mask)
-        tl.store(wsum_ptr + offs, ws, mask=mask)
-        tl.store(cnt_ptr + offs, cnt, mask=mask)
+        carry_sums(sum_ptr, wsum_ptr, cnt_ptr, offs, mask, s, ws, cnt)
     return r
 
 

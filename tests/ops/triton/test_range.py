@@ -79,6 +79,31 @@ def test_ties_merge(dtype, consensus, elect_weighted, zero_sign):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("consensus,zero_sign", [("sum", "majority"), ("count", "positive")])
+def test_ties_merge_whole_spans(dtype, consensus, zero_sign):
+    """A tensor of several whole program spans (the kernels' unrolled path) and a partial one, the
+    first span free of overflow and the others not: each program recomputes in float64 exactly the
+    elements that need it, bitwise the C++ op, with and without trimming (tie limits included)."""
+    base, fts = _group((13, 1000), 3, dtype, seed=5)
+    g = torch.Generator().manual_seed(6)
+    plain = lambda: (torch.randint(-64, 64, (4096,), generator=g).double() / 16).to(dtype)
+    base.view(-1)[:4096] = plain()
+    for f in fts:
+        f.view(-1)[:4096] = plain()
+    _assert_overflows(base, fts)
+    assert all(bool(torch.isfinite(f.float() - base.float()).view(-1)[:4096].all()) for f in fts)
+    thr, lim = nk.magnitude_threshold([base], fts, [5000] * 3, keep_ties=False)
+    kw = dict(consensus=consensus, normalize="weights", elect_weighted=True, zero_sign=zero_sign)
+    for trim in [(None, None), (thr, lim)]:
+        got = TM.ties_merge(base, fts, [1.0, 0.5, 0.25], *trim, 0, **kw)
+        assert torch.equal(got, OPS.ties_merge.default(base, fts, [1.0, 0.5, 0.25], *trim, 0, consensus, "weights",
+                                                       True, zero_sign, 1.0))
+    multi = TM.ties_merge_multi(*_list(base, fts), [1.0, 0.5, 0.25], **kw)
+    assert torch.equal(multi[0], OPS.ties_merge.default(base, fts, [1.0, 0.5, 0.25], None, None, 0, consensus,
+                                                        "weights", True, zero_sign, 1.0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("rescale,consensus,normalize",
                          [("density", "none", "none"), ("none", "sum", "weights"), ("l1", "count", "weights")])
 def test_dare(dtype, rescale, consensus, normalize):
