@@ -524,7 +524,7 @@ def dare(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["par_ptr", "like_in"])
 def _dare_multi_kernel(
     table, owner, par_ptr, like_in, nt, keep_below, PAR: tl.constexpr,
     T: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr, G: tl.constexpr,

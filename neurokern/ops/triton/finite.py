@@ -38,7 +38,7 @@ _NONFINITE_BITS = {
 _FINITE_TABLE = torch.ops.neurokern._finite_table.default
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["flags", "like"])
 def _nonfinite_kernel(table, owner, flags, like, nt, BITS: tl.constexpr, BLOCK: tl.constexpr,
                       ALIGNED: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)

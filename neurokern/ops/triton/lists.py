@@ -97,7 +97,7 @@ def trim_row(thr_ptr, lim_ptr, j, T: tl.constexpr, TRIM_ROWS: tl.constexpr):
     return thr_ptr, lim_ptr
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nt", "P"], do_not_specialize_on_alignment=["part_ptr", "out_ptr"])
 def segment_sum_kernel(part_ptr, table, out_ptr, nt, P, W: tl.constexpr, BW: tl.constexpr,
                         ROWS: tl.constexpr):
     """out[j, i] = sum of part[i, s_j : s_j+1] over tensor j's chunk range, in part's dtype (float64

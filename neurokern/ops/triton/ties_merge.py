@@ -525,7 +525,7 @@ def ties_merge(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "par_ptr", "part_ptr", "like_in"])
 def _ties_vote_multi_kernel(
     table, owner, thr_ptr, lim_ptr, par_ptr, part_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
@@ -541,7 +541,7 @@ def _ties_vote_multi_kernel(
     tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "par_ptr", "fb_ptr", "like_in"])
 def _ties_multi_kernel(
     table, owner, thr_ptr, lim_ptr, par_ptr, fb_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,

@@ -107,7 +107,7 @@ def _l1_chunk(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, part_p
         _l1_store(part_ptr, b7, k7, 7)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "part_ptr", "like_in"])
 def _trim_l1_kernel(
     table, owner, thr_ptr, lim_ptr, part_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
