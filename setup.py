@@ -23,6 +23,13 @@ def _want_cuda():
     return has_toolkit and bool(_sources("csrc/cuda/*.cu"))
 
 
+# The C++ exceptions the ops raise (a failed argument check) unwind through torch's own frames
+# before Python catches them. With the unwinder linked into this library (a compiler whose specs
+# link libgcc statically) the two copies of it meet in one unwind: the process crashes instead of
+# raising. -shared-libgcc makes this library use the shared one, as torch does.
+LINK_ARGS = ["-shared-libgcc"]
+
+
 def _extension():
     debug = os.environ.get("NEUROKERN_DEBUG") == "1"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
@@ -40,6 +47,7 @@ def _extension():
             include_dirs=include_dirs,
             define_macros=[("NEUROKERN_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=LINK_ARGS,
             py_limited_api=True,
         )
     return CppExtension(
@@ -47,6 +55,7 @@ def _extension():
         sources,
         include_dirs=include_dirs,
         extra_compile_args={"cxx": cxx},
+        extra_link_args=LINK_ARGS,
         py_limited_api=True,
     )
 
