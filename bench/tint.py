@@ -285,6 +285,9 @@ def bench_model(name: str, args, device: torch.device, dtype: torch.dtype) -> di
         log(f"{name}: step {key} = {step[key]:.3f} ms (rounds: {', '.join(f'{t:.2f}' for t in times)})")
     step["rounds"] = rounds
     step["ratio_rounds"] = [a / b for a, b in zip(rounds["tinted_ms"], rounds["plain_ms"])]
+    if args.trace:
+        step["trace"] = {key: trace(fn, os.path.join(args.trace, f"tint-{name}-{key}.json.gz"), device)
+                         for key, fn in (("tinted", tinted_step), ("plain", plain_step))}
     for key, fn in (("reference_ms", reference_step), ("merge_forward_ms", merge_forward)):
         step[key] = measure(fn)
         log(f"{name}: step {key} = {step[key]:.3f} ms")
@@ -377,6 +380,25 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def trace(fn, path: str, device, steps: int = 3) -> dict:
+    """A torch.profiler timeline of `steps` calls of fn into path (Chrome trace format, gzipped),
+    and the operators' device (else host) time, summed over the steps, the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    prof.export_chrome_trace(path)
+    device_time = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, device_time, 0.0))[:15]
+    return {"file": os.path.basename(path), "steps": steps,
+            "top_ms": {e.key: round(getattr(e, device_time, 0.0) / 1e3 / steps, 4) for e in rows}}
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -393,6 +415,8 @@ def main(argv=None) -> dict:
     p.add_argument("--reps", type=int, default=5, help="CPU repetitions (CUDA: do_bench's own)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                    help="directory for tint-<device>.json (default bench/results)")
+    p.add_argument("--trace", default=None, metavar="DIR",
+                   help="also write a torch.profiler timeline of 3 tinted and 3 plain steps per model into DIR")
     args = p.parse_args(argv)
     args.batch = args.batch or (4 if args.smoke else 32)
     args.infer_batch = args.infer_batch or (16 if args.smoke else 256)
