@@ -1,5 +1,6 @@
 """make_group: a random group of one tensor (the ops tests' and the Triton launcher tests': tests/ops
-imports it as .groups, tests/ops/triton as ops.groups)."""
+imports it as .groups, tests/ops/triton and tests/gpu as ops.groups); near_max_group: one whose
+float32 task vectors overflow."""
 from typing import Sequence
 
 import torch
@@ -46,3 +47,27 @@ def make_group(
             delta[r] = 0
         fts.append(base.to(dtype) if t in zero_tasks else (base + delta).to(dtype))
     return base.to(dtype), fts
+
+
+NEAR_MAX_STEP = 2.0**120  # values k * 2^120, |k| <= 255: bf16 / float32 exact; |tau| up to 510 * 2^120 > 3.4e38
+
+
+def near_max_group(shape, T: int, dtype: torch.dtype, seed: int = 0):
+    """base and T fine-tuned tensors of multiples k * 2^120 of 4, 64 <= |k| <= 252, a third of each
+    fine-tuned one on the other side of 0 (tau past float32's range). Convex combinations with
+    weights of multiples of 1/4 stay integers k * 2^120 with |k| <= 252: exact in bfloat16."""
+    g = torch.Generator().manual_seed(seed)
+    k = lambda: 4 * torch.randint(16, 64, shape, generator=g).double() * torch.where(
+        torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
+    base = k()
+    fts = []
+    for _ in range(T):
+        moved = (base + 4 * torch.randint(-4, 5, shape, generator=g).double()).clamp(-252, 252)
+        f = torch.where(torch.rand(shape, generator=g) < 0.33, -base.sign() * k().abs(), moved)
+        fts.append((f * NEAR_MAX_STEP).to(dtype))
+    return (base * NEAR_MAX_STEP).to(dtype), fts
+
+
+def overflows(base, fts) -> bool:
+    """Whether some float32 task vector float32(f) - float32(base) overflows."""
+    return any(not bool(torch.isfinite(f.float() - base.float()).all()) for f in fts)

@@ -11,29 +11,13 @@ from neurokern.ops import reference as ref
 from neurokern.ops.triton import dare as DR
 from neurokern.ops.triton import ties_merge as TM
 from neurokern.ops.triton import trim_l1 as TL
-from neurokern.ops.triton import weighted_sum as WS
 from neurokern.ops.triton import neuron_stats as NS
+from neurokern.ops.triton import weighted_sum as WS
+from ops.groups import near_max_group, overflows
 
 OPS = torch.ops.neurokern
 DTYPES = [torch.bfloat16, torch.float32]
 IDS = ["bf16", "f32"]
-STEP = 2.0**120  # values k * 2^120, |k| <= 255: bf16 / float32 exact; |tau| up to 510 * 2^120 > 3.4e38
-
-
-def _group(shape, T, dtype, seed=0):
-    """base and T fine-tuned tensors of multiples k * 2^120 of 4, 64 <= |k| <= 252, a third of each
-    fine-tuned one on the other side of 0 (tau past float32's range). Convex combinations with
-    weights of multiples of 1/4 stay integers k * 2^120 with |k| <= 252: exact in bfloat16."""
-    g = torch.Generator().manual_seed(seed)
-    k = lambda: 4 * torch.randint(16, 64, shape, generator=g).double() * torch.where(
-        torch.rand(shape, generator=g) < 0.5, -1.0, 1.0)
-    base = k()
-    fts = []
-    for _ in range(T):
-        moved = (base + 4 * torch.randint(-4, 5, shape, generator=g).double()).clamp(-252, 252)
-        f = torch.where(torch.rand(shape, generator=g) < 0.33, -base.sign() * k().abs(), moved)
-        fts.append((f * STEP).to(dtype))
-    return (base * STEP).to(dtype), fts
 
 
 def _list(base, fts):
@@ -42,13 +26,13 @@ def _list(base, fts):
 
 
 def _assert_overflows(base, fts):
-    assert any(not bool(torch.isfinite(f.float() - base.float()).all()) for f in fts)
+    assert overflows(base, fts)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("layout", ["tensor", "row", "element"])
 def test_weighted_sum(dtype, layout):
-    base, fts = _group((9, 33), 3, dtype, seed=1)
+    base, fts = near_max_group((9, 33), 3, dtype, seed=1)
     _assert_overflows(base, fts)
     shape = {"tensor": (4,), "row": (4, 9), "element": (4, 9, 33)}[layout]
     a = torch.tensor([1.0, 0.25, 0.25, 0.25]).reshape((4,) + (1,) * (len(shape) - 1)).expand(shape).contiguous()
@@ -64,7 +48,7 @@ def test_weighted_sum(dtype, layout):
 @pytest.mark.parametrize("consensus,elect_weighted,zero_sign",
                          [("sum", True, "positive"), ("sum", False, "majority"), ("count", True, "majority")])
 def test_ties_merge(dtype, consensus, elect_weighted, zero_sign):
-    base, fts = _group((9, 33), 2, dtype, seed=2)
+    base, fts = near_max_group((9, 33), 2, dtype, seed=2)
     _assert_overflows(base, fts)
     thr, lim = nk.magnitude_threshold([base], fts, [150] * 2, keep_ties=False)
     kw = dict(consensus=consensus, normalize="weights", elect_weighted=elect_weighted, zero_sign=zero_sign)
@@ -84,7 +68,7 @@ def test_ties_merge_whole_spans(dtype, consensus, zero_sign):
     """A tensor of several whole program spans (the kernels' unrolled path) and a partial one, the
     first span free of overflow and the others not: each program recomputes in float64 exactly the
     elements that need it, bitwise the C++ op, with and without trimming (tie limits included)."""
-    base, fts = _group((13, 1000), 3, dtype, seed=5)
+    base, fts = near_max_group((13, 1000), 3, dtype, seed=5)
     g = torch.Generator().manual_seed(6)
     plain = lambda: (torch.randint(-64, 64, (4096,), generator=g).double() / 16).to(dtype)
     base.view(-1)[:4096] = plain()
@@ -107,7 +91,7 @@ def test_ties_merge_whole_spans(dtype, consensus, zero_sign):
 @pytest.mark.parametrize("rescale,consensus,normalize",
                          [("density", "none", "none"), ("none", "sum", "weights"), ("l1", "count", "weights")])
 def test_dare(dtype, rescale, consensus, normalize):
-    base, fts = _group((9, 33), 2, dtype, seed=3)
+    base, fts = near_max_group((9, 33), 2, dtype, seed=3)
     _assert_overflows(base, fts)
     keys = nk.dare_keys(0, "x", 2)
     weights = [0.25, 0.25] if rescale == "density" else [0.5, 0.5]
@@ -128,7 +112,7 @@ def test_dare(dtype, rescale, consensus, normalize):
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_reductions(dtype):
     """neuron_stats, subspace_split (float64 statistics) and trim_l1 read the float64 task vectors."""
-    base, fts = _group((9, 33), 3, dtype, seed=4)
+    base, fts = near_max_group((9, 33), 3, dtype, seed=4)
     _assert_overflows(base, fts)
     thr, lim = nk.magnitude_threshold([base], fts, [150] * 3, keep_ties=False)
     got = NS.neuron_stats(base, fts, thr, lim)
