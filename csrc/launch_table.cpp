@@ -1,5 +1,5 @@
-// The host side of the Triton launches over lists of tensors (neurokern/ops/triton/multi.py,
-// neuron_stats.py, finite.py) in one C++ call: the argument checks, the grouping by storage dtype,
+// The host side of the Triton launches over lists of tensors (neurokern/ops/triton/lists.py and the
+// op modules that launch on its tables) in one C++ call: the argument checks, the grouping by storage dtype,
 // each group's int64 launch table and per-program owner array on the tensors' device, and the
 // outputs. The same work in Python cost milliseconds a call over a model's hundreds of tensors
 // (a check, an address and a list entry per tensor, nested lists turned into a tensor, an
@@ -94,7 +94,7 @@ void add_to_group(Groups<Key>& groups, const Key& key, int64_t i) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The multi-tensor ops (multi.py, neuron_stats.py)
+// The multi-tensor ops (ops/triton/lists.py's tables)
 
 // How a tensor's elements map to programs of per_program units: "elements" (per_program elements
 // each), "row_blocks" (one program per row and per_program-column block; 2-D, value rows C and the

@@ -1,6 +1,6 @@
 // weighted_sum_multi's CUDA kernel with its whole host side in C++: the checks, the launch tables
 // and outputs (launch_table.cpp) and the per-launch arguments, then one call per launch of
-// neurokern::_ws_multi_launch, the Triton launch itself (neurokern/ops/triton/multi.py).
+// neurokern::_ws_multi_launch, the Triton launch itself (neurokern/ops/triton/weighted_sum.py).
 //
 // A launcher written in Python takes the list of tensors across the Python / C++ boundary three
 // times (the op call, the Python kernel, _launch_table) and loops over it in Python for its own

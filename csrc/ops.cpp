@@ -133,8 +133,22 @@ TORCH_LIBRARY(neurokern, m) {
   m.def(
       "tinted_linear_weight_grad(Tensor grad, Tensor x, Tensor task_ids, int num_tasks, "
       "Tensor? perm=None, Tensor? bounds=None) -> Tensor");
+  // Histograms of the task vectors' magnitude keys (the int32 bits of |float32(ft) - float32(base)|)
+  // over a list, for the exact global trims: without hi_bin, hist [T, 2^15] += the count of each
+  // key >> 16 per task; with hi_bin (int32 [T]), hist [T, 2^16] += the count of key & 0xFFFF among
+  // the keys with key >> 16 == hi_bin[t] (hi_bin[t] < 0: none), and counts [n, T] receives how many
+  // each (tensor, task) holds. boundary_values gathers those keys' low 16 bits, (tensor, task)
+  // after (tensor, task) in the order of the flat counts. Their kernels are Python
+  // (neurokern/ops/key_histogram.py; Triton on CUDA).
+  m.def(
+      "key_histogram(Tensor[] base, Tensor[] finetuned, Tensor(a!) hist, Tensor? hi_bin=None, "
+      "Tensor(b!)? counts=None) -> ()");
+  m.def("boundary_values(Tensor[] base, Tensor[] finetuned, Tensor hi_bin, int[] counts) -> Tensor");
+  // Which tensors of a list hold a NaN or Inf: int32 [n] on their device, 1 there, 0 elsewhere.
+  // Its kernels are Python (neurokern/ops/finite.py; Triton on CUDA).
+  m.def("nonfinite_flags(Tensor[] tensors) -> Tensor");
   // Internal (csrc/launch_table.cpp): the host side of the Triton launches over a list of tensors
-  // (neurokern/ops/triton/multi.py, neuron_stats.py, finite.py) in one call: argument checks,
+  // (neurokern/ops/triton/lists.py and the op modules beside it) in one call: argument checks,
   // grouping by storage dtype, each group's launch table and owner array on the device, outputs.
   m.def(
       "_launch_table(str op, Tensor[] base, Tensor[] finetuned, Tensor[]? grad, int[]? offsets, "
@@ -145,7 +159,7 @@ TORCH_LIBRARY(neurokern, m) {
       "-> (Tensor[] tables, Tensor[] copies, int[] info, int[] others)");
   // Internal (csrc/list_launch.cpp): weighted_sum_multi's CUDA kernel on any device (the CPU tests
   // run it with Triton interpreted), the Triton launch of one of its tables (implemented in
-  // neurokern/ops/triton/multi.py: table, owner, coeffs rows, trims, the first tensor's base and
+  // neurokern/ops/triton/weighted_sum.py: table, owner, coeffs rows, trims, the first tensor's base and
   // output for their dtypes, tensor count, program count, T, per-tensor trims, aligned, the flags),
   // and the Triton side's constants it lays out launches with. nonfinite (int32 [n], on the
   // inputs' device), when given, is set to 1 where output i holds a NaN or Inf and to 0 elsewhere,

@@ -1,7 +1,7 @@
 """Which tensors of a list hold a NaN or Inf (the finite checks of nk.merge and the streaming
 engine: neurokern.models.nonfinite).
 
-The schema is defined here. The CPU kernel below serves every device without a kernel of its own:
+The schema is in csrc/ops.cpp. The CPU kernel below serves every device without a kernel of its own:
 the float32 L1 norms (torch's multi-tensor norm: one read, no temporaries), a non-finite norm
 confirmed element-wise (a sum of large finite values can overflow). On CUDA the Triton launcher of
 neurokern/ops/triton/finite.py takes its place: one read of every tensor at copy bandwidth, flags
@@ -12,7 +12,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-torch.library.define("neurokern::nonfinite_flags", "(Tensor[] tensors) -> Tensor")
 
 
 def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor:

@@ -11,7 +11,7 @@ histogram:
 boundary_values gathers those entries' low 16 bits, (tensor, task) after (tensor, task) in the
 order of the flat counts, in any order inside one.
 
-The schemas are defined here; the CPU kernels below (torch per tensor and task) serve every device
+The schemas are in csrc/ops.cpp; the CPU kernels below (torch per tensor and task) serve every device
 without a kernel of its own; on CUDA the Triton launchers of neurokern/ops/triton/key_histogram.py
 (launches only, no host sync) take their place.
 """
@@ -24,13 +24,6 @@ from torch import Tensor
 HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 
-torch.library.define(
-    "neurokern::key_histogram",
-    "(Tensor[] base, Tensor[] finetuned, Tensor(a!) hist, Tensor? hi_bin=None, Tensor(b!)? counts=None) -> ()",
-)
-torch.library.define(
-    "neurokern::boundary_values", "(Tensor[] base, Tensor[] finetuned, Tensor hi_bin, int[] counts) -> Tensor",
-)
 
 
 def magnitude_bits(base: Tensor, finetuned: Tensor) -> Tensor:
