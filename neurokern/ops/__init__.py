@@ -1,8 +1,8 @@
 """The op layer: typed Python faces of torch.ops.neurokern.*, their fake (meta) implementations
 and autograd. Importing this package loads neurokern._C, which registers the schemas and the C++
 kernels (the ops whose kernels are Python, key_histogram, boundary_values and nonfinite_flags,
-register their CPU kernels in their face modules); `reference` states what every op means in plain PyTorch,
-for the tests."""
+register their CPU kernels in their face modules); `reference` states what every op means in plain
+PyTorch, for the tests."""
 import torch  # noqa: F401  (loads libtorch, which neurokern._C links against)
 
 from neurokern import _C  # noqa: F401,E402  (registers torch.ops.neurokern.*)

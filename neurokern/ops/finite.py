@@ -1,8 +1,8 @@
 """Which tensors of a list hold a NaN or Inf (the finite checks of nk.merge and the streaming
 engine: neurokern.models.nonfinite).
 
-The schema is in csrc/ops.cpp. The CPU kernel below serves every device without a kernel of its own:
-the float32 L1 norms (torch's multi-tensor norm: one read, no temporaries), a non-finite norm
+The schema is in csrc/ops.cpp. The CPU kernel below serves every device without a kernel of its
+own: the float32 L1 norms (torch's multi-tensor norm: one read, no temporaries), a non-finite norm
 confirmed element-wise (a sum of large finite values can overflow). On CUDA the Triton launcher of
 neurokern/ops/triton/finite.py takes its place: one read of every tensor at copy bandwidth, flags
 set in the pass, no host sync.
@@ -11,7 +11,6 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
-
 
 
 def nonfinite_flags(tensors: Sequence[Tensor]) -> Tensor:

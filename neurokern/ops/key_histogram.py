@@ -25,7 +25,6 @@ HI_BINS = 1 << 15
 LO_BINS = 1 << 16
 
 
-
 def magnitude_bits(base: Tensor, finetuned: Tensor) -> Tensor:
     """|float32(ft) - float32(base)| as int32 bits, flat (as the ops form task vectors)."""
     return (finetuned.float() - base.float()).abs_().view(torch.int32).reshape(-1)

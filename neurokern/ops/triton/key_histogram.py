@@ -80,7 +80,8 @@ def _block(b, f0, f1, f2, f3, f4, f5, f6, f7, offs, mask, hist_ptr, hi_ptr, cnt_
                    t, BINS, LOW, COUNT, GATHER)
 
 
-@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["hist_ptr", "hi_ptr", "cnt_ptr", "val_ptr", "like"])
+@triton.jit(do_not_specialize=["nt"],
+            do_not_specialize_on_alignment=["hist_ptr", "hi_ptr", "cnt_ptr", "val_ptr", "like"])
 def _key_histogram_kernel(
     table, owner, hist_ptr, hi_ptr, cnt_ptr, val_ptr, like, nt, stride,
     T: tl.constexpr, BINS: tl.constexpr, LOW: tl.constexpr, COUNT: tl.constexpr, GATHER: tl.constexpr,

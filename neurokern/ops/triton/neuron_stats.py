@@ -236,7 +236,8 @@ def _neuron_stats_kernel(
                row, row < R, C, offset, T, HAS_TRIM, ROWS, NT, VPT)
 
 
-@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "gram_ptr", "dots_ptr", "sq_ptr", "like"])
+@triton.jit(do_not_specialize=["nt"],
+            do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "gram_ptr", "dots_ptr", "sq_ptr", "like"])
 def _neuron_stats_multi_kernel(
     table, owner, thr_ptr, lim_ptr, gram_ptr, dots_ptr, sq_ptr, like, nt,
     T: tl.constexpr, HAS_TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, ROWS: tl.constexpr,

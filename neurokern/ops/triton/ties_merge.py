@@ -180,29 +180,44 @@ def _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T: tl.constexpr, NORMALIZE
 
 
 @triton.jit
+def _ties_float32(
+    base_ptr, fs, offs, mask, cut, wt, scale, zero_pos, par_ptr,
+    T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
+    ELECT_W: tl.constexpr, PASS: tl.constexpr,
+):
+    """A block's vote and (PASS 1) merged value on the float32 path (float64 vote and sums), and
+    `bad`: the elements whose float64 vote ("sum") or float32 result is NaN / Inf (float32
+    overflowed on finite inputs near the maximum, or an input is NaN / Inf), which the float64 path
+    computes again (_ties_block_wide). fs: the T fine-tuned pointers; cut: _tie_cuts; wt: float32
+    weights; zero_pos: a zero vote elects +; par: ties_params."""
+    w, ds, es, v = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, False)
+    bad = tl.zeros(offs.shape, dtype=tl.int1)
+    if CONSENSUS == 1:
+        bad = is_nonfinite(v)
+    r = w
+    if PASS == 1:
+        r = _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, False)
+        bad = bad | is_nonfinite(r)
+    return v, r, bad & mask
+
+
+@triton.jit
 def _ties_block(
     acc, base_ptr, fs, out_ptr, offs, mask, cut, wt, scale, zero_pos, par_ptr,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, PASS: tl.constexpr,
 ):
-    """One block of elements, float32 values (float64 vote and sums). PASS 0 (the "majority"
-    pre-pass) adds sign(vote) to acc; PASS 1 stores out = base + float(scale * elect_and_mix(d, e))
-    (csrc/cpu/election.h). fs: the T fine-tuned pointers; cut: _tie_cuts; wt: float32 weights;
-    zero_pos: a zero vote elects +; par: ties_params. Returns (acc, bad): bad marks the elements
-    whose float64 vote ("sum") or float32 result is NaN / Inf (float32 overflowed on finite inputs
-    near the maximum, or an input is NaN / Inf); PASS 0 leaves their sign out of acc, PASS 1 stores
-    a value _ties_block_wide replaces."""
-    w, ds, es, v = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, False)
-    bad = tl.zeros(offs.shape, dtype=tl.int1)
-    if CONSENSUS == 1:
-        bad = is_nonfinite(v)
+    """One block of elements on the float32 path (_ties_float32). PASS 0 (the "majority" pre-pass)
+    adds sign(vote) to acc; PASS 1 stores out = base + float(scale * elect_and_mix(d, e))
+    (csrc/cpu/election.h). Returns (acc, bad): PASS 0 leaves the bad elements' sign out of acc,
+    PASS 1 stores a value _ties_block_wide replaces."""
+    v, r, bad = _ties_float32(base_ptr, fs, offs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS,
+                              NORMALIZE, ELECT_W, PASS)
     if PASS == 0:
         acc += tl.where(mask & ~bad, sign_of(v), 0)
     else:
-        r = _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, False)
-        bad = bad | is_nonfinite(r)
         tl.store(out_ptr + offs, to_out(r, out_ptr.dtype.element_ty), mask=mask)
-    return acc, bad & mask
+    return acc, bad
 
 
 @triton.jit
@@ -211,16 +226,11 @@ def _ties_block_wide(
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, PASS: tl.constexpr,
 ):
-    """The elements of a block that _ties_block marks bad, computed again in float64 (_ties_votes,
+    """The elements of a block that _ties_float32 marks bad, computed again in float64 (_ties_votes,
     _ties_mix with WIDE, as csrc/cpu/ties_merge.cpp's wide path): PASS 0 adds the sign of their
     float64 vote to acc, PASS 1 stores their result."""
-    w, ds, es, v = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, False)
-    bad = tl.zeros(offs.shape, dtype=tl.int1)
-    if CONSENSUS == 1:
-        bad = is_nonfinite(v)
-    if PASS == 1:
-        bad = bad | is_nonfinite(_ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, False))
-    bad = bad & mask
+    _, _, bad = _ties_float32(base_ptr, fs, offs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS,
+                              NORMALIZE, ELECT_W, PASS)
     if any_set(bad):
         w64, d64, e64, v64 = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W,
                                          True)
@@ -525,7 +535,8 @@ def ties_merge(
     return out
 
 
-@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "par_ptr", "part_ptr", "like_in"])
+@triton.jit(do_not_specialize=["nt"],
+            do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "par_ptr", "part_ptr", "like_in"])
 def _ties_vote_multi_kernel(
     table, owner, thr_ptr, lim_ptr, par_ptr, part_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
@@ -541,7 +552,8 @@ def _ties_vote_multi_kernel(
     tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
 
 
-@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "par_ptr", "fb_ptr", "like_in"])
+@triton.jit(do_not_specialize=["nt"],
+            do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "par_ptr", "fb_ptr", "like_in"])
 def _ties_multi_kernel(
     table, owner, thr_ptr, lim_ptr, par_ptr, fb_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,

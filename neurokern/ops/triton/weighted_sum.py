@@ -487,7 +487,8 @@ def _weighted_sum_backward_chunks(grad, base, finetuned, coeffs, thr, lim, offse
     return out.view(coeffs.shape)
 
 
-@triton.jit(do_not_specialize=["nt"], do_not_specialize_on_alignment=["coef_ptr", "thr_ptr", "lim_ptr", "flag_ptr", "like_in", "like_out"])
+@triton.jit(do_not_specialize=["nt"],
+            do_not_specialize_on_alignment=["coef_ptr", "thr_ptr", "lim_ptr", "flag_ptr", "like_in", "like_out"])
 def _ws_multi_kernel(
     table, owner, coef_ptr, thr_ptr, lim_ptr, flag_ptr, like_in, like_out, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
@@ -513,7 +514,8 @@ def _ws_multi_kernel(
             tl.store(flag_ptr + tl.load(table + (5 + T) * nt + j), 1)
 
 
-@triton.jit(do_not_specialize=["nt", "count"], do_not_specialize_on_alignment=["coef_ptr", "thr_ptr", "lim_ptr", "like_in", "like_out"])
+@triton.jit(do_not_specialize=["nt", "count"],
+            do_not_specialize_on_alignment=["coef_ptr", "thr_ptr", "lim_ptr", "like_in", "like_out"])
 def _ws_rows_multi_kernel(
     table, owner, coef_ptr, thr_ptr, lim_ptr, like_in, like_out, nt, count,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,
@@ -544,7 +546,8 @@ def _ws_rows_multi_kernel(
                      offs, cols < C, row, count, offset, T, TRIM, 1)
 
 
-@triton.jit(do_not_specialize=["nt", "P"], do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "part_ptr", "like_in", "like_grad"])
+@triton.jit(do_not_specialize=["nt", "P"],
+            do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "part_ptr", "like_in", "like_grad"])
 def _ws_multi_backward_kernel(
     table, owner, grad_table, thr_ptr, lim_ptr, part_ptr, like_in, like_grad, nt, P,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, BLOCK: tl.constexpr,

@@ -25,15 +25,11 @@ def _list(base, fts):
     return [base, base[0].contiguous()], [x for f in fts for x in (f, f[0].contiguous())]
 
 
-def _assert_overflows(base, fts):
-    assert overflows(base, fts)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("layout", ["tensor", "row", "element"])
 def test_weighted_sum(dtype, layout):
     base, fts = near_max_group((9, 33), 3, dtype, seed=1)
-    _assert_overflows(base, fts)
+    assert overflows(base, fts)
     shape = {"tensor": (4,), "row": (4, 9), "element": (4, 9, 33)}[layout]
     a = torch.tensor([1.0, 0.25, 0.25, 0.25]).reshape((4,) + (1,) * (len(shape) - 1)).expand(shape).contiguous()
     thr, lim = nk.magnitude_threshold([base], fts, [150] * 3, keep_ties=False)
@@ -49,7 +45,7 @@ def test_weighted_sum(dtype, layout):
                          [("sum", True, "positive"), ("sum", False, "majority"), ("count", True, "majority")])
 def test_ties_merge(dtype, consensus, elect_weighted, zero_sign):
     base, fts = near_max_group((9, 33), 2, dtype, seed=2)
-    _assert_overflows(base, fts)
+    assert overflows(base, fts)
     thr, lim = nk.magnitude_threshold([base], fts, [150] * 2, keep_ties=False)
     kw = dict(consensus=consensus, normalize="weights", elect_weighted=elect_weighted, zero_sign=zero_sign)
     for trim in [(None, None), (thr, lim)]:
@@ -74,7 +70,7 @@ def test_ties_merge_whole_spans(dtype, consensus, zero_sign):
     base.view(-1)[:4096] = plain()
     for f in fts:
         f.view(-1)[:4096] = plain()
-    _assert_overflows(base, fts)
+    assert overflows(base, fts)
     assert all(bool(torch.isfinite(f.float() - base.float()).view(-1)[:4096].all()) for f in fts)
     thr, lim = nk.magnitude_threshold([base], fts, [5000] * 3, keep_ties=False)
     kw = dict(consensus=consensus, normalize="weights", elect_weighted=True, zero_sign=zero_sign)
@@ -92,7 +88,7 @@ def test_ties_merge_whole_spans(dtype, consensus, zero_sign):
                          [("density", "none", "none"), ("none", "sum", "weights"), ("l1", "count", "weights")])
 def test_dare(dtype, rescale, consensus, normalize):
     base, fts = near_max_group((9, 33), 2, dtype, seed=3)
-    _assert_overflows(base, fts)
+    assert overflows(base, fts)
     keys = nk.dare_keys(0, "x", 2)
     weights = [0.25, 0.25] if rescale == "density" else [0.5, 0.5]
     args = (weights, 0.5, keys, rescale, consensus, normalize, 1.0)
@@ -113,7 +109,7 @@ def test_dare(dtype, rescale, consensus, normalize):
 def test_reductions(dtype):
     """neuron_stats, subspace_split (float64 statistics) and trim_l1 read the float64 task vectors."""
     base, fts = near_max_group((9, 33), 3, dtype, seed=4)
-    _assert_overflows(base, fts)
+    assert overflows(base, fts)
     thr, lim = nk.magnitude_threshold([base], fts, [150] * 3, keep_ties=False)
     got = NS.neuron_stats(base, fts, thr, lim)
     for x, y, z in zip(got, OPS.neuron_stats.default(base, fts, thr, lim), ref.neuron_stats(base, fts, (thr, lim))):
