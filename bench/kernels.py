@@ -177,7 +177,7 @@ def flat_reference(record, base_list, ft_list, coeffs, nbytes):
     pointer table) and torch.compile's fused kernel for the same formula (inductor's Triton), the
     ceiling a (T+1)-read, 1-write stream reaches on this GPU."""
     flat_base, flat_fts = flat(base_list, ft_list)
-    record("weighted_sum_forward_flat", bench(lambda: ops.weighted_sum(flat_base, flat_fts, coeffs)), nbytes)
+    record("weighted_sum_forward_flat", lambda: ops.weighted_sum(flat_base, flat_fts, coeffs), nbytes)
     a = coeffs.tolist()
 
     def formula(b, *fs):
@@ -189,7 +189,7 @@ def flat_reference(record, base_list, ft_list, coeffs, nbytes):
     try:
         fused = torch.compile(formula, dynamic=False)
         fused(flat_base, *flat_fts)
-        record("inductor_fused_flat", bench(lambda: fused(flat_base, *flat_fts)), nbytes)
+        record("inductor_fused_flat", lambda: fused(flat_base, *flat_fts), nbytes)
     except Exception as exc:  # noqa: BLE001 (no compiler on this machine: the entry is left out)
         print(f"inductor reference skipped: {type(exc).__name__}: {str(exc)[:200]}")
 
@@ -216,10 +216,14 @@ def main():
     merge_bytes = (T + 2) * N * esize  # read base + T fine-tuned, write the merged model
     results = {}
 
-    def want(key):
-        return not only or key in only
+    eager = not args.skip_eager
 
-    def record(key, ms, nbytes, eager_ms=None):
+    def record(key, fn, nbytes, eager_fn=None):
+        """Times fn (and, unless --skip-eager, eager_fn once) if --only leaves key in."""
+        if only and key not in only:
+            return
+        ms = bench(fn)
+        eager_ms = bench(eager_fn, warmup=0, reps=1) if eager and eager_fn is not None else None
         gbps = nbytes / ms / 1e6
         entry = {"ms": round(ms, 3), "bytes": nbytes, "GBps": round(gbps, 1), "fraction_of_copy": round(gbps / copy, 3)}
         if eager_ms is not None:
@@ -229,49 +233,37 @@ def main():
         print(f"{key:28s} {ms:9.3f} ms {gbps:8.0f} GB/s {gbps / copy:6.1%} of copy"
               + (f"  eager {eager_ms:9.1f} ms  x{eager_ms / ms:.1f}" if eager_ms else ""))
 
-    eager = not args.skip_eager
-    if want("ties"):
-        record("ties", bench(lambda: nk.merge(base, fts, method="ties", density=0.2)), merge_bytes,
-               bench(lambda: eager_ties(base, fts), warmup=0, reps=1) if eager else None)
-    if want("task_arithmetic"):
-        record("task_arithmetic", bench(lambda: nk.merge(base, fts, method="task_arithmetic", weights=weights)), merge_bytes,
-               bench(lambda: eager_task_arithmetic(base, fts, weights), warmup=0, reps=1) if eager else None)
-    if want("neuromerging"):
-        record("neuromerging", bench(lambda: nk.merge(base, fts, method="neuromerging")), merge_bytes)
+    record("ties", lambda: nk.merge(base, fts, method="ties", density=0.2), merge_bytes,
+           lambda: eager_ties(base, fts))
+    record("task_arithmetic", lambda: nk.merge(base, fts, method="task_arithmetic", weights=weights), merge_bytes,
+           lambda: eager_task_arithmetic(base, fts, weights))
+    record("neuromerging", lambda: nk.merge(base, fts, method="neuromerging"), merge_bytes)
     k = [max(1, int(0.2 * N))] * T
-    if want("magnitude_threshold"):
-        record("magnitude_threshold", bench(lambda: ops.magnitude_threshold(base_list, ft_list, k, True)),
-               T * N * esize + N * esize,
-               bench(lambda: eager_threshold(base, fts, 0.2), warmup=0, reps=1) if eager else None)
+    record("magnitude_threshold", lambda: ops.magnitude_threshold(base_list, ft_list, k, True),
+           T * N * esize + N * esize, lambda: eager_threshold(base, fts, 0.2))
     # The parts of the methods above, alone.
     k_tensor = [max(1, int(0.2 * b.numel())) for b in base_list for _ in range(T)]
-    if want("ties_threshold_per_tensor"):
-        record("ties_threshold_per_tensor",
-               bench(lambda: ops.magnitude_threshold(base_list, ft_list, k_tensor, False, per_tensor=True)), (T + 1) * N * esize)
+    record("ties_threshold_per_tensor",
+           lambda: ops.magnitude_threshold(base_list, ft_list, k_tensor, False, per_tensor=True), (T + 1) * N * esize)
     trim = ops.magnitude_threshold(base_list, ft_list, k_tensor, False, per_tensor=True)
-    if want("ties_merge_multi"):
-        record("ties_merge_multi", bench(lambda: ops.ties_merge_multi(base_list, ft_list, [1.0] * T, trim)), merge_bytes)
-    if want("input_checks"):
-        record("input_checks", bench(lambda: load_models(base, fts, None)), (T + 1) * N * esize)
+    record("ties_merge_multi", lambda: ops.ties_merge_multi(base_list, ft_list, [1.0] * T, trim), merge_bytes)
+    record("input_checks", lambda: load_models(base, fts, None), (T + 1) * N * esize)
     coeffs = torch.tensor([1.0] + weights, device=device)
     rows = coeffs.expand(len(names), -1).contiguous()
     grads = {n: torch.randn_like(b) for n, b in base.items()}
     grad_list = [grads[n] for n in names]
-    if want("weighted_sum_forward"):
-        record("weighted_sum_forward", bench(lambda: ops.weighted_sum_multi(base_list, ft_list, rows)), merge_bytes)
-    if want("weighted_sum_forward_per_tensor_calls"):
-        record("weighted_sum_forward_per_tensor_calls",
-               bench(lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names]), merge_bytes)
-    if want("weighted_sum_forward_flat"):
+    record("weighted_sum_forward", lambda: ops.weighted_sum_multi(base_list, ft_list, rows), merge_bytes)
+    record("weighted_sum_forward_per_tensor_calls",
+           lambda: [ops.weighted_sum(base[n], [f[n] for f in fts], coeffs) for n in names], merge_bytes)
+    if not only or {"weighted_sum_forward_flat", "inductor_fused_flat"} & only:
         flat_reference(record, base_list, ft_list, coeffs, merge_bytes)
-    if want("weighted_sum_backward"):
-        record("weighted_sum_backward",
-               bench(lambda: torch.ops.neurokern.weighted_sum_multi_backward(grad_list, base_list, ft_list, rows)),
-               (T + 2) * N * esize)
-    if want("weighted_sum_backward_per_tensor_calls"):
-        record("weighted_sum_backward_per_tensor_calls",
-               bench(lambda: [torch.ops.neurokern.weighted_sum_backward(grads[n], base[n], [f[n] for f in fts], coeffs, None, None, 0) for n in names]),
-               (T + 2) * N * esize)
+    record("weighted_sum_backward",
+           lambda: torch.ops.neurokern.weighted_sum_multi_backward(grad_list, base_list, ft_list, rows),
+           (T + 2) * N * esize)
+    record("weighted_sum_backward_per_tensor_calls",
+           lambda: [torch.ops.neurokern.weighted_sum_backward(grads[n], base[n], [f[n] for f in fts], coeffs, None, None, 0)
+                    for n in names],
+           (T + 2) * N * esize)
 
     report = {
         "device": name, "torch": torch.__version__, "triton": _triton_version(), "python": platform.python_version(),
