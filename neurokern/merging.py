@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 
 from neurokern.errors import NeurokernError
-from neurokern.methods import METHODS, check_device
-from neurokern.models import load_models
+from neurokern.methods import METHODS, Method, check_device
+from neurokern.models import ModelSet, load_models
 
 
 def merge(
@@ -56,11 +56,25 @@ def merge(
     if method not in METHODS:
         raise NeurokernError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     spec = METHODS[method]
-    target = None if device is None else torch.device(device)
-    # ties / neuromerging look for NaN / Inf in their trim's pass over every entry
-    models = load_models(base, finetuned, target, check_finite=not spec.checks_finite)
+    models = load_models(base, finetuned, None if device is None else torch.device(device))
     checked = spec.params(params, models.num_tasks)
-    if models.names:
-        check_device(models.base[models.names[0]].device)
-    merged = spec.run(models, checked, progress) if models.names else {}  # nothing to merge: base's entries
+    merged = run_checked(spec, models, checked, progress)
     return {name: merged.get(name, tensor) for name, tensor in models.base.items()}
+
+
+def run_checked(spec: Method, models: ModelSet, checked: Any, progress: bool = False,
+                pre: Optional[dict[str, Any]] = None) -> dict[str, Tensor]:
+    """spec's merge of models.names (pre: its passes' results, if computed already) with the NaN /
+    Inf check (models.check): an input holding NaN / Inf, or a merged value beyond its dtype's
+    range, is a NeurokernError naming the tensor. Where the method fails on such inputs before the
+    check, the check's error is the one raised."""
+    if not models.names:
+        return {}  # nothing to merge: the base's entries
+    check_device(models.base[models.names[0]].device)
+    try:
+        merged = spec.run(models, checked, progress, pre)
+    except Exception:
+        models.check.raise_for_inputs(models.names)
+        raise
+    models.check.later(models.names, merged)()
+    return merged

@@ -36,11 +36,20 @@ class ModelSet:
     base: dict[str, Tensor]
     finetuned: list[dict[str, Tensor]]
     names: list[str]  # floating-point tensors to merge, in the base's order
-    finite_checked: bool = True  # False: NaN / Inf not looked for yet (the method's trim will)
+    # the caller's NaN / Inf check; by default one whose caller checked the inputs already (the engine)
+    check: "FiniteCheck" = None
+
+    def __post_init__(self):
+        if self.check is None:
+            self.check = FiniteCheck(self.base, self.finetuned, inputs_checked=True)
 
     @property
     def num_tasks(self) -> int:
         return len(self.finetuned)
+
+    def subset(self, names: list[str]) -> "ModelSet":
+        """The same models and check, merging only `names`."""
+        return ModelSet(self.base, self.finetuned, names, self.check)
 
 
 def _name_list(keys: Sequence[str], limit: int = 5) -> str:
@@ -48,14 +57,9 @@ def _name_list(keys: Sequence[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def nonfinite(tensors: Sequence[Tensor]) -> list[int]:
-    """Positions of the tensors (all on one device) that hold a NaN or Inf, with one host sync
-    (nonfinite_later, waited for at once)."""
-    return nonfinite_later(tensors)()
-
-
 def nonfinite_later(tensors: Sequence[Tensor], host: Optional[Tensor] = None) -> Callable[[], list[int]]:
-    """nonfinite without the host sync where it can: the flags of neurokern.ops.nonfinite_flags
+    """Positions of the tensors (all on one device) that hold a NaN or Inf, given by the returned
+    function, without the host sync where it can: the flags of neurokern.ops.nonfinite_flags
     (on a GPU one pass that reads every tensor once, launches only). On a GPU they are copied to
     pinned host memory (`host`: int32 [len(tensors)], pinned, else one is allocated) on the current
     stream, and the returned function waits for that copy (by then the stream has usually passed
@@ -63,12 +67,21 @@ def nonfinite_later(tensors: Sequence[Tensor], host: Optional[Tensor] = None) ->
     if not tensors:
         return lambda: []
     if not tensors[0].is_cuda:
-        bad = [i for i, flag in enumerate(nonfinite_flags(tensors).tolist()) if flag]
-        return lambda: bad
+        return flagged_later(nonfinite_flags(tensors))
     with torch.cuda.device(tensors[0].device):
-        flags = nonfinite_flags(tensors)
-        if host is None:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+        return flagged_later(nonfinite_flags(tensors), host)
+
+
+def flagged_later(flags: Tensor, host: Optional[Tensor] = None) -> Callable[[], list[int]]:
+    """The positions where int32 `flags` are nonzero, read without a host sync where it can: on a
+    GPU the flags are copied to pinned host memory (`host`, else one is allocated) on the current
+    stream, and the returned function waits for that copy. Elsewhere they are read now."""
+    if not flags.is_cuda:
+        bad = [i for i, flag in enumerate(flags.tolist()) if flag]
+        return lambda: bad
+    if host is None:
+        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    with torch.cuda.device(flags.device):
         host.copy_(flags, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
@@ -115,10 +128,10 @@ def _mismatch(base: dict[str, Tensor], finetuned: list[dict[str, Tensor]], same_
                 )
 
 
-def _check_finite_later(names: list[str], base: dict[str, Tensor],
-                        finetuned: list[dict[str, Tensor]]) -> Callable[[], None]:
-    """NaN / Inf anywhere is an error naming the tensor and model (the first in the base's order),
-    raised by the returned function; on a GPU the check runs meanwhile (nonfinite_later)."""
+def _first_nonfinite_later(names: list[str], base: dict[str, Tensor],
+                           finetuned: list[dict[str, Tensor]]) -> Callable[[], Optional[tuple[str, str]]]:
+    """(name, model label) of the first input in names' order, then model order, that holds NaN or
+    Inf, or None, given by the returned function; on a GPU the check runs meanwhile (nonfinite_later)."""
     items = [(name, label, t) for name in names
              for label, t in [("base", base[name])] + [(f"finetuned[{i}]", sd[name]) for i, sd in enumerate(finetuned)]]
     by_device: dict[torch.device, list[int]] = {}
@@ -126,43 +139,115 @@ def _check_finite_later(names: list[str], base: dict[str, Tensor],
         by_device.setdefault(t.device, []).append(index)
     pending = [(indices, nonfinite_later([items[i][2] for i in indices])) for indices in by_device.values()]
 
-    def check() -> None:
+    def first() -> Optional[tuple[str, str]]:
         bad = [indices[j] for indices, positions in pending for j in positions()]
-        if bad:
-            name, label, _ = items[min(bad)]
-            raise NeurokernError(f"tensor {name!r} of {label} has non-finite values (NaN or Inf)")
-    return check
+        return items[min(bad)][:2] if bad else None
+    return first
 
 
-def raise_if_nonfinite(models: ModelSet, names: list[str], flags: Tensor) -> None:
-    """flags[i] != 0 (int32 [len(names)], from magnitude_threshold's or weighted_sum_multi's
-    nonfinite): a task vector or the merged output of names[i] holds NaN or Inf. Raises, as
-    load_models' check does, for the first of them whose inputs do (float32 arithmetic on finite
-    values may overflow: that is no input error)."""
-    for i in torch.nonzero(flags).flatten().tolist():
-        _check_finite_later([names[i]], models.base, models.finetuned)()
+def _nonfinite_input(name: str, label: str) -> NeurokernError:
+    return NeurokernError(f"tensor {name!r} of {label} has non-finite values (NaN or Inf)")
 
 
-def raise_if_unrepresentable(models: ModelSet, names: list[str], positions: Sequence[int]) -> None:
-    """positions: indices into names of merged outputs that hold NaN / Inf (weighted_sum_multi's
-    nonfinite flags, or nonfinite() of the outputs). Raises for the first: the input error where its
-    inputs hold NaN / Inf (as load_models' check does), else that the merged value is beyond its
-    dtype's range: the kernels compute the elements whose float32 arithmetic overflows in float64,
-    so finite inputs give a non-finite output only where the result itself does not fit."""
-    for i in sorted(positions):
-        name = names[i]
-        _check_finite_later([name], models.base, models.finetuned)()
-        dtype = models.base[name].dtype
-        kind = str(dtype).replace("torch.", "")
-        raise NeurokernError(f"tensor {name!r}: merged value exceeds {kind}'s maximum ({torch.finfo(dtype).max:.4g}) "
-                             "in magnitude; lower the weights or scale, or merge to a wider dtype")
+def _unrepresentable(name: str, dtype: torch.dtype) -> NeurokernError:
+    kind = str(dtype).replace("torch.", "")
+    return NeurokernError(f"tensor {name!r}: merged value exceeds {kind}'s maximum ({torch.finfo(dtype).max:.4g}) "
+                          "in magnitude; lower the weights or scale, or merge to a wider dtype")
 
 
-def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None,
-                check_finite: bool = True) -> ModelSet:
-    """The checked ModelSet of the inputs, on `device` if given. check_finite=False leaves the
-    NaN / Inf check to the caller (finite_checked False): a method whose trim reads every entry
-    looks for them there (raise_if_nonfinite) instead of in a pass of its own."""
+class FiniteCheck:
+    """The NaN / Inf check of one merge, owned by the caller that merges (nk.merge; the engine, one
+    per unit of tensors): no input of a merged tensor holds NaN / Inf, and every merged value fits
+    its dtype. Method code never sees it: the method layer's helpers that launch a kernel which reads
+    every entry anyway (a trim's select, an untrimmed weighted sum) take flags from it for that
+    kernel to set, and the caller's `later` reads those and checks, in passes of their own, only
+    what no kernel covered. inputs_checked: the caller checked the inputs before the merge (the
+    engine's read pass); then only the merged values are checked."""
+
+    def __init__(self, base: dict[str, Tensor], finetuned: list[dict[str, Tensor]], inputs_checked: bool):
+        self.base, self.finetuned, self.inputs_checked = base, finetuned, inputs_checked
+        self._inputs: list[tuple[list[str], Tensor]] = []  # flags of task vectors holding NaN / Inf
+        self._outputs: list[tuple[list[str], Tensor, bool]] = []  # flags of merged values; covers inputs too?
+
+    def input_flags(self, names: Sequence[str], device: torch.device) -> Optional[Tensor]:
+        """int32 [len(names)] flags for a kernel that reads every task vector of `names` and sets
+        flag i where one of tensor i's holds NaN / Inf (magnitude_threshold's nonfinite); None where
+        the inputs are checked already."""
+        if self.inputs_checked or not names:
+            return None
+        flags = torch.empty(len(names), dtype=torch.int32, device=device)
+        self._inputs.append((list(names), flags))
+        return flags
+
+    def output_flags(self, names: Sequence[str], device: torch.device, covers_inputs: bool) -> Tensor:
+        """int32 [len(names)] flags for a kernel that sets flag i where merged tensor i holds NaN /
+        Inf (weighted_sum_multi's nonfinite). covers_inputs: a NaN / Inf in any input of the tensor
+        reaches its merged value (an untrimmed weighted sum: 0 * Inf is NaN). The kernel writes the
+        merged values in the base's dtype."""
+        flags = torch.empty(len(names), dtype=torch.int32, device=device)
+        self._outputs.append((list(names), flags, covers_inputs))
+        return flags
+
+    def later(self, names: Sequence[str], merged: Mapping[str, Tensor],
+              host: Optional[Tensor] = None) -> Callable[[], None]:
+        """The check of a merge of `names` into `merged`, raised by the returned function: the first
+        tensor (in `names`' order) whose inputs hold NaN / Inf, naming the model; else the first
+        merged value beyond its dtype's range (the kernels compute the elements whose float32
+        arithmetic overflows in float64, so finite inputs give a non-finite result only where the
+        result itself does not fit). Launches the passes for what the kernels' flags did not cover
+        now, and on a GPU reads every flag without a host sync (host: pinned int32 [len(names)],
+        for the outputs' flags that need a pass, else one is allocated). Holds no merged tensor."""
+        names = list(names)
+        inputs_seen = {n for ns, _ in self._inputs for n in ns}
+        inputs_seen |= {n for ns, _, covers in self._outputs if covers for n in ns}
+        # a flag covers the value as the kernel wrote it, in the base's dtype: a caller that converts
+        # the result (the engine's out_dtype) has the converted value checked again
+        outputs_seen = {n for ns, _, _ in self._outputs for n in ns if merged[n].dtype == self.base[n].dtype}
+        suspects = [(ns, flagged_later(flags)) for ns, flags in self._inputs]  # inputs, or an overflowing tau
+        outputs = [(ns, flagged_later(flags)) for ns, flags, _ in self._outputs]
+        unread = [n for n in names if n not in inputs_seen]
+        unread_first = (_first_nonfinite_later(unread, self.base, self.finetuned) if unread and not self.inputs_checked
+                        else lambda: None)
+        unflagged = [n for n in names if n not in outputs_seen and merged[n].numel()]
+        by_device: dict[torch.device, list[str]] = {}
+        for n in unflagged:
+            by_device.setdefault(merged[n].device, []).append(n)
+        for ns in by_device.values():
+            outputs.append((ns, nonfinite_later([merged[n] for n in ns], None if host is None else host[:len(ns)])))
+            host = None
+        self._inputs, self._outputs = [], []
+        order = {n: i for i, n in enumerate(names)}
+
+        def check() -> None:
+            flagged = {ns[i] for ns, positions in outputs for i in positions()}
+            if not self.inputs_checked:
+                # a flag is no input error by itself (a float32 task vector or sum of finite inputs
+                # may overflow): the inputs of the flagged tensors are read, with those no kernel read
+                candidates = flagged | {ns[i] for ns, positions in suspects for i in positions()}
+                found = [hit for hit in (_first_nonfinite_later(sorted(candidates, key=order.__getitem__), self.base,
+                                                                self.finetuned)(), unread_first()) if hit]
+                if found:
+                    raise _nonfinite_input(*min(found, key=lambda hit: order[hit[0]]))
+            for name in sorted(flagged, key=order.__getitem__):
+                raise _unrepresentable(name, merged_dtypes[name])
+
+        merged_dtypes = {n: merged[n].dtype for n in names}
+        return check
+
+    def raise_for_inputs(self, names: Sequence[str]) -> None:
+        """Raises for the first input of `names` that holds NaN / Inf, in a pass of its own (a merge
+        that failed before its kernels' flags were read); forgets the flags handed out."""
+        self._inputs, self._outputs = [], []
+        if not self.inputs_checked:
+            hit = _first_nonfinite_later(list(names), self.base, self.finetuned)()
+            if hit:
+                raise _nonfinite_input(*hit)
+
+
+def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None) -> ModelSet:
+    """The checked ModelSet of the inputs, on `device` if given. NaN / Inf are left to its check
+    (FiniteCheck), which the caller runs after the merge: a kernel that reads every entry anyway
+    finds them there, with no pass of its own."""
     base_sd = as_state_dict(base, "base")
     if isinstance(finetuned, (Mapping, torch.nn.Module)) or not isinstance(finetuned, Sequence):
         raise NeurokernError("finetuned must be a list of state dicts or nn.Modules (one per task)")
@@ -180,10 +265,6 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
         if extra:
             raise NeurokernError(f"finetuned[{i}] has tensor(s) {_name_list(extra)} that base lacks")
 
-    # the finite check of the mergeable tensors runs on the GPU while the host checks the pairs
-    finite_check = _check_finite_later(
-        [name for name, b in base_sd.items() if b.is_floating_point() and b.dtype in STORAGE_DTYPES],
-        base_sd, ft_sds) if check_finite else lambda: None
     _check_pairs(base_sd, ft_sds, same_device=device is None)
     names = []
     for name, b in base_sd.items():
@@ -194,9 +275,8 @@ def load_models(base: Any, finetuned: Any, device: Optional[torch.device] = None
                 f"tensor {name!r} is {b.dtype}; neurokern merges float32, bfloat16 and float16 tensors"
             )
         names.append(name)
-    finite_check()
 
     if device is not None:
         base_sd = {k: v.to(device) for k, v in base_sd.items()}
         ft_sds = [{k: sd[k].to(device) for k in names} for sd in ft_sds]
-    return ModelSet(base_sd, ft_sds, names, check_finite)
+    return ModelSet(base_sd, ft_sds, names, FiniteCheck(base_sd, ft_sds, inputs_checked=False))

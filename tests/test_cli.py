@@ -131,7 +131,7 @@ def test_an_error_is_one_line_whatever_its_text(monkeypatch, tmp_path, capsys):
     assert capsys.readouterr().err == "neurokern: error: first line; second line\n"
 
 
-def _near_max_config(tmp_path, weights, method="task_arithmetic"):
+def _near_max_config(tmp_path, weights, method="task_arithmetic", parameters=""):
     """A base at 3e38 and fine-tuned models at -3e38 and +3e38 (bf16 files): float32 task vectors
     of -6e38 overflow."""
     big = torch.full((4, 8), 3e38, dtype=torch.bfloat16)
@@ -142,7 +142,7 @@ def _near_max_config(tmp_path, weights, method="task_arithmetic"):
     models = "".join(f"  - model: {tmp_path / m}.safetensors\n    parameters: {{weight: {w}}}\n"
                      for m, w in zip("ab", weights))
     cfg.write_text(f"merge_method: {method}\nbase_model: {tmp_path / 'base'}.safetensors\nmodels:\n{models}"
-                   "dtype: bfloat16\n")
+                   f"dtype: bfloat16\n{parameters}")
     return cfg
 
 
@@ -153,8 +153,26 @@ def test_near_max_inputs_merge_exactly(tmp_path):
     assert torch.equal(merged["x.weight"], torch.zeros(4, 8, dtype=torch.bfloat16))
 
 
-def test_unrepresentable_result_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("method,parameters", [("task_arithmetic", "    parameters: {weight: 1.0}\n"),
+                                               ("slerp", "parameters: {t: 1.0}\n")])
+def test_result_beyond_the_output_dtype_is_one_line(tmp_path, capsys, method, parameters):
+    """float32 models whose merge (7e4) fits float32 but not the config's out_dtype float16."""
+    for name, value in (("base", 6e4), ("a", 7e4)):
+        save_file({"x.weight": torch.full((4, 8), value), "ok.bias": torch.ones(8)}, str(tmp_path / f"{name}.safetensors"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"merge_method: {method}\nbase_model: {tmp_path / 'base'}.safetensors\nmodels:\n"
+                   f"  - model: {tmp_path / 'a'}.safetensors\n{parameters}out_dtype: float16\n")
+    err = run_err(capsys, cfg, tmp_path / "out")
+    assert err.count("\n") == 1 and "tensor 'x.weight': merged value exceeds float16's maximum" in err, err
+
+
+@pytest.mark.parametrize("method,weights,parameters", [
+    ("task_arithmetic", [-0.5, 0.5], ""),
+    ("linear", [-1.5, 0.5], "parameters: {normalize: false, weight: 0.0}\n"),  # the engine's check, not the method's
+    ("della_linear", [-0.5, 0.5], ""),  # plain PyTorch, merged again in float64 where float32 overflows
+])
+def test_unrepresentable_result_is_one_line(tmp_path, capsys, method, weights, parameters):
     """A merged value above bfloat16's maximum: exit 2, one line naming the tensor, no output."""
-    err = run_err(capsys, _near_max_config(tmp_path, [-0.5, 0.5]), tmp_path / "out")
+    err = run_err(capsys, _near_max_config(tmp_path, weights, method, parameters), tmp_path / "out")
     assert err.count("\n") == 1 and "tensor 'x.weight': merged value exceeds bfloat16's maximum" in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -214,6 +214,7 @@ def compile_kernels(cases: list[dict], device, report=print) -> dict:
     from neurokern.engine.run import DTYPES, merge_models
     from neurokern.engine.synthetic import synthetic_models
     from neurokern.methods import METHODS
+    from neurokern.merging import run_checked
     from neurokern.models import load_models
 
     device = torch.device(device)
@@ -241,8 +242,7 @@ def compile_kernels(cases: list[dict], device, report=print) -> dict:
                     host = torch.empty(info.nbytes, dtype=torch.uint8)
                     model.read_into(info, host)
                     state.append({name: host.view(dtype).view(shape).to(device=device, dtype=convert or dtype)})
-                ms = load_models(state[0], state[1:], device, check_finite=not spec.checks_finite)
-                spec.run(ms, params, False)
+                run_checked(spec, load_models(state[0], state[1:], device), params)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             new = len(set(cached_kernels(folder)) - set(before)) - sum(c["new"] for c in done) if folder else 0

@@ -69,6 +69,17 @@ def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], ho
     return check
 
 
+def _then(first: Optional[Callable[[], None]], second: Callable[[], None]) -> Callable[[], None]:
+    """One check that runs `first` (the unit's inputs; None where raised already) and then `second`."""
+    if first is None:
+        return second
+
+    def both() -> None:
+        first()
+        second()
+    return both
+
+
 def _refuse_misplaced_adapters(cfg: MergeConfig, given: dict[Path, TensorSource]) -> None:
     """A LoRA adapter folder reads as a fine-tuned model: the base_model it was trained on with its
     ΔW added (engine/adapters.py). Where the config gives it no such base, one line says so. A path
@@ -191,6 +202,14 @@ class _Engine:
         bar.close()
         self.recorder.add("pass (wall)", time.perf_counter() - start)
 
+    def _merged_check(self, models: ModelSet, merged: dict) -> Callable[[], None]:
+        """The check of a unit's merged values (models.check.later), read without a host sync on a
+        GPU (its flags into the next piece of the pinned buffer)."""
+        host = None
+        if self.cuda:
+            host, self.finite_host = self.finite_host[:len(models.names)], self.finite_host[len(models.names):]
+        return models.check.later(models.names, merged, host)
+
     def _merge_names(self, batch: Batch) -> list[str]:
         return [n for n in batch.unit.names if self.plan.tensors[n].merge]
 
@@ -297,10 +316,11 @@ class _Engine:
 
         est = plan.estimate(self.cuda)
         cache = max(0, plan.device_budget - est["device"] - DEVICE_HEADROOM) if (self.cuda and self.prepasses) else 0
-        # every unit is checked once: one flag per (merged tensor, model), pinned up front (GPU),
-        # before the reader pins its buffers (a pinning call waits for the others)
-        self.finite_host = (torch.zeros(len(plan.merge_names) * len(self.models), dtype=torch.int32, pin_memory=True)
-                            if self.cuda else None)
+        # every unit is checked once: one flag per (merged tensor, model) for the inputs and one per
+        # merged tensor for the merged values, pinned up front (GPU), before the reader pins its
+        # buffers (a pinning call waits for the others)
+        self.finite_host = (torch.zeros(len(plan.merge_names) * (len(self.models) + 1), dtype=torch.int32,
+                                        pin_memory=True) if self.cuda else None)
         self.reader = Reader(plan, self.models, self.device, self.settings, self.recorder)
         self.out_slots: Optional[_Slots] = None  # the merge pass's D2H buffers (GPU)
         self.stager = Stager(self.device, self.out_dtype, cache, self.recorder)
@@ -360,7 +380,8 @@ class _Engine:
         for batch in self._pass("merge", units, ranks, keep=False):
             names = self._merge_names(batch)
             with self.recorder.span(kernels):
-                merged = self.spec.run(ModelSet(batch.base, batch.finetuned, names), self.params, False, pre) if names else {}
+                models = ModelSet(batch.base, batch.finetuned, names)  # its inputs checked by _pass
+                merged = self.spec.run(models, self.params, False, pre) if names else {}
                 if self.recorder.enabled and self.cuda:
                     torch.cuda.synchronize(self.device)  # the kernels' time, not their launches'
             kernels = "kernels, other units"
@@ -368,7 +389,9 @@ class _Engine:
             outputs = {n: t if t.dtype == self.plan.tensors[n].dtype else t.to(self.plan.tensors[n].dtype)
                        for n, t in outputs.items()}
             self.stager.cache.pop(batch.unit.index, None)
-            check = self.finite_checks.pop(batch.unit.index, None)
+            # the merged values as written (a float32 merge written as float16 may overflow there)
+            check = _then(self.finite_checks.pop(batch.unit.index, None),
+                          self._merged_check(models, {n: outputs[n] for n in names}))
             if not self.cuda:
                 with self.recorder.span("wait for writer"):
                     writer.put({n: t if n in merged else t.clone() for n, t in outputs.items()}, check=check)

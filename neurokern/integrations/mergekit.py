@@ -25,6 +25,7 @@ import torch
 
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS
+from neurokern.merging import run_checked
 from neurokern.models import load_models
 
 try:
@@ -56,7 +57,7 @@ class NeurokernMethod(GroupMergeMethod):
         params = self.translate(parameters, entries)
         models = load_models({name: base}, [{name: e.tensor} for e in entries], None)
         spec = METHODS[self.method]
-        merged = spec.run(models, spec.params(params, len(entries)), False) if models.names else {}
+        merged = run_checked(spec, models, spec.params(params, len(entries)))
         return merged.get(name, base)
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from neurokern.engine.adapters import (CONFIG, PREFIX, WEIGHTS, LoraAdapter, add_delta, delta_rows, factors,
                                        read_adapter, read_tensor)
 from neurokern.errors import NeurokernError
+from neurokern.merging import run_checked
 from neurokern.methods import METHODS, PassContext, check_device
 from neurokern.models import ModelSet, as_state_dict, load_models
 
@@ -106,16 +107,20 @@ def _run_method(method: str, params: dict[str, Any], numels: dict[str, int], mod
             offsets[name], at = at, at + numels[name]
         ctx = PassContext(names, offsets, at, num_tasks, device, lambda t: t, lambda t: t,
                           lambda name, fn: fn(models_of(name)))
+        finite: set[str] = set()
         for prepass in prepasses:
             prepass.begin(ctx, pre)
             for i in range(len(prepass.reads)):
                 for name in names:
-                    prepass.accumulate(i, models_of(name))
+                    models = models_of(name)
+                    if name not in finite:  # NaN / Inf before a pass reads them, once
+                        models.check.raise_for_inputs(models.names)
+                        finite.add(name)
+                    prepass.accumulate(i, models)
                 prepass.reduce(i, ctx)
             pre[prepass.key] = prepass.result()
     for name in names:
-        models = models_of(name)
-        yield name, spec.run(models, checked, False, pre if prepasses else None)[name]
+        yield name, run_checked(spec, models_of(name), checked, pre=pre if prepasses else None)[name]
 
 
 def _device(device: Optional[Union[str, torch.device]]) -> torch.device:

@@ -35,10 +35,8 @@ def _method(name: str, consensus: str) -> Method:
         out = {}
         for tensor in models.names:
             base, finetuned = group(models, tensor)
-            dtype = gta.work_dtype(base)
-            deltas = [trim(f.to(dtype) - base.to(dtype), d, g, p.rescale)
-                      for f, d, g in zip(finetuned, p.density, p.extra)]
-            out[tensor] = gta.combine(base, deltas, p)
+            out[tensor] = gta.merged(base, finetuned, p,
+                                     lambda i, delta: trim(delta, p.density[i], p.extra[i], p.rescale))
         return out
 
     defaults = {"weights": None, "density": 1.0, "gamma": 0.01, "rescale": False, "normalize": False, "scale": 1.0}

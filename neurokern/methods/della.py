@@ -61,11 +61,9 @@ def _method(name: str, consensus: str, normalize: bool) -> Method:
         out = {}
         for tensor in models.names:
             base, finetuned = group(models, tensor)
-            dtype = gta.work_dtype(base)
             draws = uniforms(p.seed, tensor, len(finetuned), base.shape)
-            deltas = [trim(f.to(dtype) - base.to(dtype), u, d, e, p.rescale)
-                      for f, u, d, e in zip(finetuned, draws, p.density, p.extra)]
-            out[tensor] = gta.combine(base, deltas, p)
+            out[tensor] = gta.merged(base, finetuned, p,
+                                     lambda i, delta: trim(delta, draws[i], p.density[i], p.extra[i], p.rescale))
         return out
 
     defaults = {"weights": None, "density": 1.0, "epsilon": 0.15, "rescale": True, "normalize": normalize,

@@ -58,6 +58,18 @@ def rescaled(delta: Tensor, mask: Tensor, rescale: bool, eps: float = 1e-7) -> T
     return kept * (before / after)
 
 
+def merged(base: Tensor, finetuned: list[Tensor], p: Params, trim: Callable[[int, Tensor], Tensor]) -> Tensor:
+    """combine of the task vectors of finetuned, each trimmed by trim(model index, delta), in
+    float32 (float64 models in float64). Where float32 overflows (a task vector or a sum of inputs
+    near the dtype's maximum) the tensor is merged again in float64, so a result that fits its dtype
+    comes out finite, as from the kernels; the masks of that run rank float64 magnitudes."""
+    def run(dtype: torch.dtype) -> Tensor:
+        return combine(base, [trim(i, f.to(dtype) - base.to(dtype)) for i, f in enumerate(finetuned)], p)
+
+    out = run(work_dtype(base))
+    return out if out.dtype == torch.float64 or bool(torch.isfinite(out).all()) else run(torch.float64)
+
+
 def combine(base: Tensor, deltas: list[Tensor], p: Params) -> Tensor:
     """The weighted, elected, normalised, scaled sum of the trimmed task vectors, added to base."""
     stacked = torch.stack(deltas)

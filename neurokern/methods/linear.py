@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from neurokern import ops, params
+from neurokern import params
 from neurokern.errors import NeurokernError
-from neurokern.methods.method import Method, batches, columns
+from neurokern.methods.method import Method, batches, weighted_sums
 
 WHERE = "method 'linear'"
 
@@ -36,9 +36,8 @@ def run(models, p: Params, progress: bool, pre=None):
     coeffs = [total / divisor] + [w / divisor for w in p.weights]
     out = {}
     for names in batches(models, models.names, progress, "linear"):
-        base, finetuned = columns(models, names)
         rows = torch.tensor(coeffs, dtype=torch.float32).expand(len(names), -1).contiguous()
-        out.update(zip(names, ops.weighted_sum_multi(base, finetuned, rows.to(base[0].device))))
+        out.update(zip(names, weighted_sums(models, names, rows.to(models.base[names[0]].device))))
     return out
 
 

@@ -6,9 +6,9 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from neurokern import ops, params
+from neurokern import params
 from neurokern.methods.global_trim import GlobalTrimPass
-from neurokern.methods.method import Method, batches, columns
+from neurokern.methods.method import Method, batches, weighted_sums
 from neurokern.methods.passes import Pass
 from neurokern.methods.trim import thresholds
 
@@ -44,15 +44,12 @@ def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = No
     row = None
     out = {}
     for names in batches(models, models.names, progress, "magnitude_prune"):
-        base, finetuned = columns(models, names)
         trim, offsets = trims.of_batch(names)
         if row is None:
-            row = torch.tensor([coeffs], dtype=torch.float32, device=base[0].device)
-        out.update(zip(names, ops.weighted_sum_multi(base, finetuned, row.expand(len(names), -1),
-                                                     trim=trim, offsets=offsets)))
-    trims.check_finite(models)
+            row = torch.tensor([coeffs], dtype=torch.float32, device=models.base[names[0]].device)
+        out.update(zip(names, weighted_sums(models, names, row.expand(len(names), -1), trim, offsets)))
     return out
 
 
 DEFAULTS = {"density": 0.2, "weights": None, "scale": 1.0, "trim_scope": "tensor", "ties": "exact_k"}
-METHOD = Method("magnitude_prune", DEFAULTS, resolve, run, checks_finite=True, passes=passes)
+METHOD = Method("magnitude_prune", DEFAULTS, resolve, run, passes=passes)

@@ -1,11 +1,12 @@
 """What a merge method is (the Method record) and the helpers its run shares with the others."""
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from neurokern import ops
 from neurokern import params as checks
 from neurokern.errors import NeurokernError
 from neurokern.models import ModelSet
@@ -27,8 +28,6 @@ class Method:
     # (models, params, progress, pre) -> merged; pre: the passes' results by key, or None (nk.merge:
     # the method computes them from the models it is given)
     run: Callable[..., dict[str, Tensor]]
-    # run checks NaN / Inf itself when models.finite_checked is False (in a pass that reads every entry)
-    checks_finite: bool = False
     # checked params -> new Pass objects, in the order they run (a later one sees the earlier results)
     passes: Callable[[Any], list[Pass]] = no_passes
     # T -> bytes of temporaries per element of the tensor being merged (the engine's memory plan)
@@ -120,7 +119,7 @@ def _per_tensor_run(run: Callable[..., dict[str, Tensor]]) -> Callable[..., dict
             groups.setdefault(id(checked), (checked, []))[1].append(name)
         out: dict[str, Tensor] = {}
         for checked, names in groups.values():
-            out.update(run(ModelSet(models.base, models.finetuned, names, models.finite_checked), checked, progress, pre))
+            out.update(run(models.subset(names), checked, progress, pre))
         return out
     return run_per_tensor
 
@@ -178,6 +177,17 @@ def columns(models: ModelSet, names: list[str]) -> tuple[list[Tensor], list[Tens
     """The base tensors of names and their fine-tuned versions, task-major (the multi ops' layout)."""
     return ([models.base[n] for n in names],
             [sd[n] for sd in models.finetuned for n in names])
+
+
+def weighted_sums(models: ModelSet, names: list[str], coeffs: Tensor, trim: Optional[tuple[Tensor, Tensor]] = None,
+                  offsets: Optional[list[int]] = None) -> list[Tensor]:
+    """ops.weighted_sum_multi of `names` (coeffs: float32 [n, T+1] on their device), whose kernel
+    also flags the merged values that hold NaN / Inf, for the caller's check (models.check), in its
+    own pass. An untrimmed sum carries a NaN / Inf of any input into its result (0 * Inf is NaN),
+    so there its flags stand for the inputs' check as well."""
+    base, finetuned = columns(models, names)
+    flags = models.check.output_flags(names, base[0].device, covers_inputs=trim is None)
+    return ops.weighted_sum_multi(base, finetuned, coeffs, trim=trim, offsets=offsets, nonfinite=flags)
 
 
 def group(models: ModelSet, name: str) -> tuple[Tensor, list[Tensor]]:

@@ -13,7 +13,7 @@ from neurokern.methods.global_trim import GlobalTrimPass
 from neurokern.methods.method import Method, batches, columns, group
 from neurokern.methods.passes import Pass, PassContext
 from neurokern.methods.trim import tensor_l1, thresholds
-from neurokern.models import ModelSet, nonfinite, raise_if_unrepresentable
+from neurokern.models import ModelSet
 
 WHERE = "method 'neuromerging'"
 
@@ -120,10 +120,7 @@ def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = No
                 base, finetuned, [1.0] * models.num_tasks, trim, offsets, consensus="sum", normalize="count",
                 elect_weighted=False, zero_sign="majority", scale=point_scale,
             )))
-    trims.check_finite(models)
-    merged = [out[name] for name in names]
-    raise_if_unrepresentable(models, names, nonfinite(merged))
-    return dict(zip(names, merged))
+    return {name: out[name] for name in names}
 
 
 DEFAULTS = {
@@ -134,4 +131,4 @@ DEFAULTS = {
     "parallel_basis": "unit",
     "gamma": 1.0,
 }
-METHOD = Method("neuromerging", DEFAULTS, resolve, run, checks_finite=True, passes=passes)
+METHOD = Method("neuromerging", DEFAULTS, resolve, run, passes=passes)

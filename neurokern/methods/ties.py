@@ -11,7 +11,7 @@ from neurokern.methods.global_trim import GlobalTrimPass
 from neurokern.methods.method import Method, batches, columns, group
 from neurokern.methods.passes import Pass, PassContext
 from neurokern.methods.trim import RULES, Trims, thresholds
-from neurokern.models import ModelSet, nonfinite, raise_if_unrepresentable
+from neurokern.models import ModelSet
 
 WHERE = "method 'ties'"
 
@@ -161,8 +161,6 @@ def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = No
         if fallback <= 0:
             merged = [negative_side(m, *group(models, n), p, *trims.of(n)) for n, m in zip(names, merged)]
         out.update(zip(names, merged))
-    trims.check_finite(models)
-    raise_if_unrepresentable(models, models.names, nonfinite([out[n] for n in models.names]))
     return out
 
 
@@ -177,4 +175,4 @@ DEFAULTS = {
     "elect_on": "weighted",
     "zero_sign": "positive",
 }
-METHOD = Method("ties", DEFAULTS, resolve, run, checks_finite=True, passes=passes)
+METHOD = Method("ties", DEFAULTS, resolve, run, passes=passes)

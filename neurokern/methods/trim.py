@@ -1,14 +1,13 @@
 """Magnitude trims of task vectors, as the methods use them: the exact thresholds of a set of
 tensors (each alone or all together), and the L1 sums of what a trim keeps."""
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from neurokern import ops
 from neurokern.methods.method import columns
-from neurokern.models import ModelSet, raise_if_nonfinite
+from neurokern.models import ModelSet
 
 INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -22,13 +21,6 @@ class Trims:
     tie_limit: Tensor
     row: dict[str, int]  # per-tensor scope: the tensor's row
     offset: dict[str, int]  # global scope: the tensor's first flat position
-    nonfinite: Optional[Tensor] = None  # int32 flags per tensor (in row / offset order), if looked for
-
-    def check_finite(self, models: ModelSet) -> None:
-        """Raises for the first tensor whose inputs hold NaN / Inf, where the select looked for
-        them (one host sync; call it after the merge's launches)."""
-        if self.nonfinite is not None:
-            raise_if_nonfinite(models, list(self.row or self.offset), self.nonfinite)
 
     @property
     def pair(self) -> tuple[Tensor, Tensor]:
@@ -85,11 +77,11 @@ def keep_count(numel: int, density: float, rule: str) -> int:
 
 def thresholds(models: ModelSet, names: list[str], densities: list[float], rule: str, scope: str) -> Trims:
     """Exact trims for `names`, over each tensor alone (scope "tensor") or all of them ("global");
-    densities holds one density per task. Where models.finite_checked is False the select also
-    flags NaN / Inf (Trims.check_finite raises for them)."""
+    densities holds one density per task. The select, which reads every entry, also flags NaN /
+    Inf for the caller's check (models.check), where the inputs are not checked yet."""
     base, finetuned = columns(models, names)
     keep_ties = keeps_ties(rule)
-    flags = None if models.finite_checked else torch.empty(len(names), dtype=torch.int32, device=base[0].device)
+    flags = models.check.input_flags(names, base[0].device) if base else None
     if scope == "global":
         total = sum(b.numel() for b in base)
         threshold, tie_limit = ops.magnitude_threshold(
@@ -98,13 +90,13 @@ def thresholds(models: ModelSet, names: list[str], densities: list[float], rule:
         for n, b in zip(names, base):
             offsets[n] = offset
             offset += b.numel()
-        return Trims(threshold, tie_limit, {}, offsets, flags)
+        return Trims(threshold, tie_limit, {}, offsets)
     # a model's tensors come in a few shapes: one row of counts per distinct size
     numels = [b.numel() for b in base]
     rows = {m: [keep_count(m, d, rule) for d in densities] for m in set(numels)}
     k = [count for m in numels for count in rows[m]]
     threshold, tie_limit = ops.magnitude_threshold(base, finetuned, k, keep_ties, per_tensor=True, nonfinite=flags)
-    return Trims(threshold, tie_limit, {n: i for i, n in enumerate(names)}, {}, flags)
+    return Trims(threshold, tie_limit, {n: i for i, n in enumerate(names)}, {})
 
 
 def tensor_l1(base: Tensor, finetuned: list[Tensor], trim: tuple[Tensor, Tensor], offset: int) -> Tensor:

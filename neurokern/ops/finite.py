@@ -1,5 +1,5 @@
 """Which tensors of a list hold a NaN or Inf (the finite checks of nk.merge and the streaming
-engine: neurokern.models.nonfinite).
+engine: neurokern.models.nonfinite_later).
 
 The schema is in csrc/ops.cpp. The CPU kernel below serves every device without a kernel of its
 own: the float32 L1 norms (torch's multi-tensor norm: one read, no temporaries), a non-finite norm

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neurokern as nk
-from neurokern.models import nonfinite
+from neurokern.models import nonfinite_later
 from neurokern.ops.triton import finite
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -32,7 +32,7 @@ def test_cuda_flags_match_isfinite(seed):
             flat[(pos, 0, flat.numel() - 1)[i % 3]] = (math.nan, math.inf, -math.inf)[i % 3]
     got = finite.nonfinite_flags(tensors)
     assert got.is_cuda and got.tolist() == want(tensors)
-    assert nonfinite(tensors) == [i for i, bad in enumerate(want(tensors)) if bad]
+    assert nonfinite_later(tensors)() == [i for i, bad in enumerate(want(tensors)) if bad]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -78,3 +78,29 @@ def test_unequal_dare_densities_are_one_clear_error(family, tmp_path):
     run = subprocess.run([sys.executable, "-m", "neurokern.integrations.mergekit", str(tmp_path / "c.yaml"),
                           str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "neurokern's DARE takes one density for all models; got [0.4, 0.5]" in run.stderr
+
+
+@pytest.mark.parametrize("plugin", ["neurokern_ties", "neurokern_dare_linear"])
+def test_non_finite_input_is_an_error_inside_mergekit(family, tmp_path, plugin):
+    """The check nk.merge runs (found by TIES's trim, by a pass of its own for DARE) runs inside
+    mergekit too: a NaN is an error naming the tensor, never a merged NaN."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    poisoned = tmp_path / "task_1"
+    shutil.copytree(family["task_1"], poisoned)
+    file = sorted(poisoned.glob("*.safetensors"))[0]
+    state = load_file(file)
+    name = next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)
+    state[name] = state[name].clone()
+    state[name].view(-1)[3] = float("nan")
+    save_file(state, str(file), metadata={"format": "pt"})
+    entries = [{"model": family["task_0"], "parameters": {"weight": 1.0, "density": 0.5}},
+               {"model": str(poisoned), "parameters": {"weight": 1.0, "density": 0.5}}]
+    config = {"merge_method": plugin, "base_model": family["base"], "models": entries, "dtype": "float32"}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    run = subprocess.run([sys.executable, "-m", "neurokern.integrations.mergekit", str(tmp_path / "c.yaml"),
+                          str(tmp_path / "out"), "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and f"tensor {name!r} of finetuned[1] has non-finite values" in run.stderr, \
+        run.stderr[-2000:]

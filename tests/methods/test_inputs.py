@@ -88,20 +88,30 @@ def test_inputs_requiring_grad_are_merged_detached():
 
 
 METHOD_CASES = [("task_arithmetic", {}), ("dare", {}), ("dare_ties", {}), ("ties", {}),
-                ("ties", {"trim_scope": "global"}), ("neuromerging", {}), ("neuromerging", {"trim_scope": "tensor"})]
+                ("ties", {"trim_scope": "global"}), ("neuromerging", {}), ("neuromerging", {"trim_scope": "tensor"}),
+                ("magnitude_prune", {}), ("linear", {}), ("breadcrumbs", {}), ("breadcrumbs_ties", {}), ("della", {}),
+                ("della_linear", {}), ("model_stock", {})]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("method,params", METHOD_CASES)
 def test_non_finite_values_are_named(bad, method, params):
     """Every method names the first tensor in the base's order and the model holding NaN / Inf
-    (ties and neuromerging find them in their trim's pass, task_arithmetic in its merge's flags of
-    non-finite outputs, dare and dare_ties before merging)."""
+    (the trims' select flags them for ties, neuromerging and magnitude_prune, the weighted sum's
+    flags of non-finite outputs for task_arithmetic and linear, a pass of its own for the others)."""
     base, fts = make_models(3, shapes={"w": (3, 4), "b": (4,)})
     fts[2]["b"][1] = bad
     expect_error(r"tensor 'b' of finetuned\[2\] has non-finite values", base, fts, method=method, **params)
     base["w"][0, 0] = bad
     expect_error(r"tensor 'w' of base has non-finite values", base, fts, method=method, **params)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+@pytest.mark.parametrize("method,tasks", [("slerp", 1), ("nuslerp", 2)])
+def test_non_finite_values_are_named_by_the_interpolations(bad, method, tasks):
+    base, fts = make_models(tasks, shapes={"w": (3, 4), "b": (4,)})
+    fts[-1]["b"][1] = bad
+    expect_error(rf"tensor 'b' of finetuned\[{tasks - 1}\] has non-finite values", base, fts, method=method)
 
 
 @pytest.mark.parametrize("method,params", METHOD_CASES)

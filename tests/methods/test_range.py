@@ -79,6 +79,13 @@ UNREPRESENTABLE = {
     "dare": dict(density=1.0, scale=4.0),
     "dare_ties": dict(density=1.0, scale=4.0),
     "neuromerging": dict(density=1.0, scale=4.0),
+    "linear": dict(weights=[4.0], normalize=False),
+    "magnitude_prune": dict(density=1.0, scale=4.0),
+    "breadcrumbs": dict(density=1.0, gamma=0.0, scale=4.0),
+    "breadcrumbs_ties": dict(density=1.0, gamma=0.0, scale=4.0),
+    "della": dict(density=1.0, epsilon=0.0, scale=4.0),
+    "della_linear": dict(density=1.0, epsilon=0.0, scale=4.0),
+    "slerp": dict(t=4.0),
 }
 
 

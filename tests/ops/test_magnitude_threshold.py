@@ -339,7 +339,7 @@ def test_nonfinite_flags(T, per_tensor, seed):
 
 def test_nonfinite_flags_overflowing_difference():
     """float32 inputs that are finite but whose difference overflows give an Inf task vector entry:
-    flagged too (callers confirm on the inputs, neurokern.models.raise_if_nonfinite)."""
+    flagged too (callers confirm on the inputs: neurokern.models.FiniteCheck)."""
     base = torch.tensor([-3e38, 0.0])
     flags = torch.zeros(1, dtype=torch.int32)
     nk.magnitude_threshold([base], [torch.tensor([3e38, 0.0])], [1], nonfinite=flags)
