@@ -31,7 +31,8 @@ from neurokern.engine.adapters import (CONFIG, PREFIX, WEIGHTS, LoraAdapter, add
 from neurokern.errors import NeurokernError
 from neurokern.merging import run_checked
 from neurokern.methods import METHODS, PassContext, check_device
-from neurokern.models import ModelSet, as_state_dict, load_models
+from neurokern.models import ModelSet, load_models
+from neurokern.state_dicts import as_state_dict
 
 PathLike = Union[str, os.PathLike]
 

@@ -6,7 +6,7 @@ import torch
 from neurokern import params
 from neurokern.errors import NeurokernError
 from neurokern.methods.method import Method, batches, weighted_sums
-from neurokern.ops._common import to_device
+from neurokern.ops import to_device
 
 WHERE = "method 'task_arithmetic'"
 

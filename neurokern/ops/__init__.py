@@ -6,6 +6,7 @@ PyTorch, for the tests."""
 import torch  # noqa: F401  (loads libtorch, which neurokern._C links against)
 
 from neurokern import _C  # noqa: F401,E402  (registers torch.ops.neurokern.*)
+from neurokern.ops._common import to_device
 from neurokern.ops.dare import dare, dare_keys, dare_multi
 from neurokern.ops.dtypes import STORAGE_DTYPES
 from neurokern.ops.finite import nonfinite_flags
@@ -39,6 +40,7 @@ __all__ = [
     "ties_merge_multi",
     "tinted_linear",
     "tinted_route",
+    "to_device",
     "trim_l1",
     "weighted_sum",
     "weighted_sum_multi",

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence, Union
 from torch import Tensor, nn
 
 from neurokern.errors import NeurokernError
-from neurokern.models import as_state_dict
+from neurokern.state_dicts import as_state_dict
 
 Patterns = Union[str, Sequence[str], None]
 

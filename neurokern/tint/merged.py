@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from neurokern.errors import NeurokernError
-from neurokern.ops import magnitude_threshold
-from neurokern.ops._common import below_autograd
+from neurokern.ops import magnitude_threshold, weighted_sum
 
 
 
@@ -228,8 +227,8 @@ class _MergeGroups(torch.autograd.Function):
         ctx.save_for_backward(*coeffs)
         outs = []
         for (base, fts, offset, shape), c in zip(groups, coeffs):
-            with below_autograd(c):  # this node is the autograd: skip the op's own (a Python wrapper)
-                merged = torch.ops.neurokern.weighted_sum.default(base, fts, c, threshold, tie_limit, offset, None)
+            # grad mode is off in forward: the face skips the op's own autograd layer (a Python wrapper)
+            merged = weighted_sum(base, fts, c, trim, offset)
             outs.append(merged.view(shape))
         return tuple(outs)
 

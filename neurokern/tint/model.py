@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from neurokern.errors import NeurokernError
 from neurokern.ops import STORAGE_DTYPES, weighted_sum
-from neurokern.ops._common import to_device
+from neurokern.ops import to_device
 from neurokern.tint._names import Patterns, Slots, match_modules, model_state, task_models
 from neurokern.tint.merged import MergedWeights, TrainableMerge
 from neurokern.tint.routing import Route, Routing, TaskLayer
