@@ -26,6 +26,7 @@ from neurokern.engine.files import _check_file, read_file
 from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import NAMES, Model, TensorInfo, read_header, read_into, read_range
 from neurokern.errors import NeurokernError
+from neurokern.ops import STORAGE_DTYPES
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -175,7 +176,7 @@ def read_adapter(path: Path) -> LoraAdapter:
         if A.shape[0] != r or B.shape[1] != r:
             raise NeurokernError(f"{weights}: module {module!r}: lora_A is {A.describe()} and lora_B {B.describe()}, "
                                  f"expected rank {r} (the config's r / rank_pattern) in both")
-        if A.dtype not in (torch.float32, torch.bfloat16, torch.float16) or B.dtype != A.dtype:
+        if A.dtype not in STORAGE_DTYPES or B.dtype != A.dtype:
             raise NeurokernError(f"{weights}: module {module!r}: lora_A is {NAMES.get(A.dtype)} and lora_B "
                                  f"{NAMES.get(B.dtype)}; expected one of F32, BF16, F16 for both")
         scale = alpha / math.sqrt(r) if rslora else alpha / r

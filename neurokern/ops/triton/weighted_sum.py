@@ -232,7 +232,7 @@ def weighted_sum(
     n = base.numel()
     if n == 0:
         return out
-    direct = dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    direct = dtype in DIRECT_OUT_DTYPES
     acc = out if direct else torch.empty(base.shape, dtype=torch.float32, device=base.device)
     C, NCB = 1, 1
     if layout == 1 and n == base.shape[0]:  # rows of one element: per-element indexing
@@ -426,7 +426,7 @@ def weighted_sum_backward(
     layout, count = _coeff_layout(op, coeffs, base, T)
     thr, lim = trim_pair(op, threshold, tie_limit, T, base.device)
     check_storage(op, base.dtype)
-    if grad.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    if grad.dtype not in DIRECT_OUT_DTYPES:  # the dtypes the kernels read directly
         grad = grad.to(torch.float32)
     grad = grad.to(base.device).contiguous()
     if T > MAX_TASKS:
