@@ -46,11 +46,14 @@ def test_cuda_misaligned_views(dtype):
 
 
 @pytest.mark.parametrize("method,params", [("ties", {}), ("ties", {"trim_scope": "global"}), ("neuromerging", {}),
-                                           ("neuromerging", {"trim_scope": "tensor"}), ("task_arithmetic", {})])
+                                           ("neuromerging", {"trim_scope": "tensor"}), ("task_arithmetic", {}),
+                                           ("linear", {}), ("magnitude_prune", {}), ("dare_ties", {}),
+                                           ("breadcrumbs", {}), ("model_stock", {})])
 def test_cuda_merge_names_the_tensor(method, params):
-    """ties / neuromerging find NaN / Inf in their select's candidate pass, task_arithmetic in its
-    weighted sum's flags of non-finite outputs (no finite pass of their own): the same message as
-    the finite pass's."""
+    """The check nk.merge owns (neurokern.models.FiniteCheck), its flags read without a host sync:
+    ties / neuromerging / magnitude_prune find NaN / Inf in their select's candidate pass,
+    task_arithmetic and linear in their weighted sum's flags of non-finite outputs, the others in a
+    pass of its own: the same message every way."""
     g = torch.Generator(device="cuda").manual_seed(0)
     base = {"w": torch.randn(512, 300, generator=g, device="cuda").bfloat16(), "b": torch.zeros(300, device="cuda"),
             "v": torch.randn(70000, generator=g, device="cuda").half()}
@@ -66,3 +69,18 @@ def test_cuda_merge_names_the_tensor(method, params):
     base["b"][3] = math.inf
     with pytest.raises(nk.NeurokernError, match=r"tensor 'b' of base has non-finite values"):
         nk.merge(base, fts, method=method, **params)
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"weights": [4.0]}), ("linear", {"weights": [4.0], "normalize": False}),
+                                           ("ties", {"density": 1.0, "scale": 4.0}),
+                                           ("magnitude_prune", {"density": 1.0, "scale": 4.0}),
+                                           ("neuromerging", {"density": 1.0, "scale": 4.0}), ("slerp", {"t": 4.0})])
+def test_cuda_unrepresentable_result_names_the_tensor(method, params):
+    """Finite bf16 inputs whose merge exceeds bf16's maximum: the merged values' check (fused
+    into the weighted sum's pass, or a pass over the outputs) names the tensor."""
+    big = 3e38
+    base = {"ok.weight": torch.ones(3, 4, device="cuda").bfloat16(), "x.weight": torch.full((3, 4), big, device="cuda").bfloat16()}
+    ft = {"ok.weight": torch.full((3, 4), 1.5, device="cuda").bfloat16(),
+          "x.weight": (big * torch.tensor([1.1, 0.9, 1.1, 0.9], device="cuda")).expand(3, 4).bfloat16()}
+    with pytest.raises(nk.NeurokernError, match=r"tensor 'x.weight': merged value exceeds bfloat16's maximum"):
+        nk.merge(base, [ft], method=method, **params)
