@@ -5,6 +5,7 @@ every tint together; `steps` epochs, each visiting the tasks in a shuffled order
 optimizer step on one batch of `batch_size` inputs of that task. schedule="joint" instead takes
 one step per epoch on the sum of every task's loss (AdaMerging's reference loop).
 """
+import math
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -64,6 +65,8 @@ class _Inputs:
             ) from None
         if self.n == 0:
             raise NeurokernError(f"inputs_per_task[{task!r}] is empty; test-time training needs unlabelled inputs of every task")
+        if self.is_tensor and data.is_floating_point() and not bool(torch.isfinite(data).all()):
+            raise NeurokernError(f"inputs_per_task[{task!r}] holds NaN or Inf")
 
     def batch(self, rows: "_Rows", device: torch.device) -> Tensor:
         if self.is_tensor:
@@ -256,7 +259,7 @@ def fit(
     from tqdm.auto import tqdm
 
     per_epoch = T if schedule == "tasks" else 1
-    losses: list[Tensor] = []
+    losses: list[Tensor] = []  # on the device: read once at the end, no host sync per step
     tasks: list[int] = []
     recorded: list[dict] = []
 
@@ -304,4 +307,10 @@ def fit(
                 model.clear_cache()
                 record(done)
     model.clear_cache()
-    return {"loss": torch.stack(losses).float().cpu().tolist() if losses else [], "task": tasks, "callback": recorded}
+    history = torch.stack(losses).float().cpu().tolist() if losses else []
+    bad = next((i for i, value in enumerate(history) if not math.isfinite(value)), None)
+    if bad is not None:
+        where = f"task {model.tasks[tasks[bad]]!r}" if tasks[bad] >= 0 else "the joint loss"
+        raise NeurokernError(f"fit: the loss became non-finite at step {bad + 1} of {len(history)} ({where}); the "
+                             "model's lambda and tints are no longer usable: rebuild it and lower lr / lr_lambda")
+    return {"loss": history, "task": tasks, "callback": recorded}

@@ -25,8 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from neurokern.errors import NeurokernError
-from neurokern.ops import STORAGE_DTYPES, weighted_sum
-from neurokern.ops import to_device
+from neurokern.ops import STORAGE_DTYPES, nonfinite_flags, to_device, weighted_sum
 from neurokern.tint._names import Patterns, Slots, match_modules, model_state, task_models
 from neurokern.tint.merged import MergedWeights, TrainableMerge
 from neurokern.tint.routing import Route, Routing, TaskLayer
@@ -102,6 +101,7 @@ class TintedModel(nn.Module):
         states = [model_state(m, f"finetuned[{name!r}]") for name, m in zip(self.tasks, models)]
         layer_params = {layer: [n for n, _ in module.get_submodule(layer).named_parameters()] for layer in layer_names}
         self._check_layer_tensors(layer_params, states)
+        per_task_names = [f"{layer}.{n}" for layer, local in layer_params.items() for n in local]
 
         if isinstance(base, MergedWeights):
             if base.names != names:
@@ -111,8 +111,10 @@ class TintedModel(nn.Module):
         else:
             base_state = {n: p.detach() for n, p in module.named_parameters()} if base is None else model_state(base, "base")
             self._check_tensors(names, base_state, states)
-            per_task_names = [f"{layer}.{n}" for layer, local in layer_params.items() for n in local]
+            self._check_finite([(f"base[{n!r}]", base_state[n]) for n in names])
             self.merged = TrainableMerge(names, base_state, states, per_task_names, coefficients, trim, device)
+        self._check_finite([(f"finetuned[{task!r}][{n!r}]", sd[n]) for task, sd in zip(self.tasks, states)
+                            for n in (names if base_state is not None else []) + per_task_names])
         self.lambdas = nn.Parameter(self.merged.initial_lambdas(self.prior), requires_grad=self.merged.trainable)
 
         self.module = _copy_sharing_tensors(module)
@@ -145,6 +147,19 @@ class TintedModel(nn.Module):
                         f"finetuned[{self.tasks[t]!r}][{n!r}] has shape {tuple(sd[n].shape)}, base has "
                         f"{tuple(b.shape)}; list per-task layers of different shapes under heads= or tint_layers="
                     )
+
+    @staticmethod
+    def _check_finite(tensors: list[tuple[str, Tensor]]) -> None:
+        """NaN / Inf in a tensor the model is built from is an error naming it (the first in the
+        given order): one read of each floating-point tensor (ops.nonfinite_flags), per device."""
+        by_device: dict[torch.device, list[int]] = {}
+        for i, (_, t) in enumerate(tensors):
+            if t.is_floating_point():
+                by_device.setdefault(t.device, []).append(i)
+        bad = [indices[j] for indices in by_device.values()
+               for j, flag in enumerate(nonfinite_flags([tensors[i][1] for i in indices]).tolist()) if flag]
+        if bad:
+            raise NeurokernError(f"{tensors[min(bad)][0]} has non-finite values (NaN or Inf)")
 
     def _check_layer_tensors(self, layer_params: dict[str, list[str]], finetuned: list[dict]) -> None:
         for layer, local in layer_params.items():

@@ -142,3 +142,30 @@ def test_loaded_model_errors(tmp_path, setup):
     loaded = TintedModel.load(str(tmp_path), kit.Net())
     with pytest.raises(NeurokernError, match="pass teachers="):
         fit(loaded, [torch.randn(4, kit.D)] * 3, steps=1, progress=False)
+
+
+@pytest.mark.parametrize("where,name,message", [
+    ("base", "fc1.weight", r"base\['fc1.weight'\] has non-finite values"),
+    ("task1", "fc1.bias", r"finetuned\['task1'\]\['fc1.bias'\] has non-finite values"),
+    ("task2", "fc2.weight", r"finetuned\['task2'\]\['fc2.weight'\] has non-finite values"),  # a tint layer
+])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_named(tint_kit, where, name, message, bad):
+    base, fts = tint_kit.random_models(tasks=3)
+    base, fts = base.state_dict(), [m.state_dict() for m in fts]
+    state = base if where == "base" else fts[int(where[-1])]
+    state[name] = state[name].clone()
+    state[name].view(-1)[-1] = bad
+    with pytest.raises(NeurokernError, match=message):
+        TintedModel(tint_kit.Net(), base, fts, tint_layers=["fc2"])
+
+
+def test_fit_refuses_non_finite_inputs_and_a_diverged_loss(setup):
+    kit, _, fts, model = setup
+    inputs = [torch.randn(8, kit.D) for _ in range(3)]
+    inputs[1][2, 0] = float("nan")
+    with pytest.raises(NeurokernError, match=r"inputs_per_task\['task1'\] holds NaN or Inf"):
+        fit(model, inputs, fts, steps=1, progress=False)
+    huge = [torch.randn(8, kit.D) * 1e30 for _ in range(3)]
+    with pytest.raises(NeurokernError, match=r"fit: the loss became non-finite at step \d+ of 6 .*lower lr"):
+        fit(model, huge, fts, steps=2, lr=1e30, progress=False)
