@@ -187,8 +187,12 @@ def read_adapter(path: Path) -> LoraAdapter:
 
 
 def factors(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """The module's A and B, read from the adapter file."""
-    return read_tensor(module.A), read_tensor(module.B)
+    """The module's A and B, read from the adapter file; NaN / Inf in either is an error naming it."""
+    pair = read_tensor(module.A), read_tensor(module.B)
+    for info, t in zip((module.A, module.B), pair):
+        if not bool(torch.isfinite(t).all()):
+            raise NeurokernError(f"tensor {info.name!r} of {info.file} has non-finite values (NaN or Inf)")
+    return pair
 
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:

@@ -592,6 +592,34 @@ def test_adapter_of_another_model(setup, tmp_path):
         nk.merge_models(config, tmp_path / "out", device="cpu")
 
 
+def test_non_finite_adapter_factor_is_named(setup, tmp_path):
+    """A NaN in a factor: every way in (the engine, merge_adapters' cat and full space,
+    add_weighted_adapter's factor-wise types) names the factor and file, never a NaN merge."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(setup["paths"][1], bad)
+    file = bad / "adapter_model.safetensors"
+    state = load_file(file)
+    name = next(k for k in state if "lora_B" in k)
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(file), metadata={"format": "pt"})
+    paths = [setup["paths"][0], bad]
+    message = rf"tensor {name!r} of .*adapter_model.safetensors has non-finite values"
+    config = {"merge_method": "task_arithmetic", "base_model": str(setup["root"] / "base"), "models": [str(bad)]}
+    with pytest.raises(nk.NeurokernError, match=message):
+        nk.merge_models(config, tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    for method in ("cat", "ties"):
+        with pytest.raises(nk.NeurokernError, match=message):
+            nkp.merge_adapters(paths, method=method, **({"density": 0.5} if method == "ties" else {}))
+    with pytest.raises(nk.NeurokernError, match=message):
+        nkp.add_weighted_adapter(paths, [1.0, 1.0], "linear")
+
+
 def test_bad_merge_requests(setup, tmp_path):
     paths = setup["paths"]
     with pytest.raises(nk.NeurokernError, match="base_model .* is a LoRA adapter folder"):
