@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from neurokern.ops._common import any_requires_grad, below_autograd, contiguous, trim_args
+from neurokern.ops.finite import nonfinite_flags
 
 
 def weighted_sum(
@@ -102,7 +103,7 @@ def weighted_sum_multi(
 
 def _weighted_sum_multi_flagged(base, finetuned, coeffs, threshold, tie_limit, offsets, out_dtype, nonfinite):
     """weighted_sum_multi with its nonfinite flags: on a GPU the kernel's internal op, which sets
-    them in its pass; elsewhere the op, then one isfinite per output."""
+    them in its pass; elsewhere the op, then nonfinite_flags of the outputs."""
     if coeffs.requires_grad and torch.is_grad_enabled():
         raise ValueError("neurokern.weighted_sum_multi: no gradient flows through a call with nonfinite flags; "
                          "detach coeffs or leave nonfinite out")
@@ -115,7 +116,8 @@ def _weighted_sum_multi_flagged(base, finetuned, coeffs, threshold, tie_limit, o
     with below_autograd(coeffs):
         out = torch.ops.neurokern.weighted_sum_multi.default(
             base, finetuned, coeffs, threshold, tie_limit, offsets, out_dtype)
-    nonfinite.copy_(torch.stack([~torch.isfinite(o).all() for o in out]))
+    if out:
+        nonfinite.copy_(nonfinite_flags(out))  # one read of each output, no temporaries
     return out
 
 
