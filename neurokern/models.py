@@ -201,6 +201,7 @@ class FiniteCheck:
             host = None
         self._inputs, self._outputs = [], []
         order = {n: i for i, n in enumerate(names)}
+        merged_dtypes = {n: merged[n].dtype for n in names}
 
         def check() -> None:
             flagged = {ns[i] for ns, positions in outputs for i in positions()}
@@ -214,8 +215,6 @@ class FiniteCheck:
                     raise _nonfinite_input(*min(found, key=lambda hit: order[hit[0]]))
             for name in sorted(flagged, key=order.__getitem__):
                 raise _unrepresentable(name, merged_dtypes[name])
-
-        merged_dtypes = {n: merged[n].dtype for n in names}
         return check
 
     def raise_for_inputs(self, names: Sequence[str]) -> None:
