@@ -122,11 +122,16 @@ def products(merged: dict, count: int = 8) -> dict:
 
 
 def run_one(model, paths, combination: str, device: torch.device, svd_rank: int) -> dict:
+    """combination: a PEFT combination type; "svd:factored" is PEFT's "svd" against neurokern's
+    svd="factored" (the truncated SVD from the factors)."""
     from peft.utils import get_peft_model_state_dict
     from neurokern.integrations import peft as nkp
+    label = combination
+    combination, _, svd = combination.partition(":")
     kw = {"density": 0.2} if combination not in ("cat", "linear", "svd") else {}
     if combination.endswith("svd"):
         kw["svd_rank"] = svd_rank
+    nk_kw = {**kw, "svd": svd} if svd else kw
     name = f"merged-{combination}"
     with Peak(device) as peft_peak:
         start = time.perf_counter()
@@ -142,14 +147,14 @@ def run_one(model, paths, combination: str, device: torch.device, svd_rank: int)
     # neurokern's first call compiles the Triton kernels it uses (once per machine: Triton's cache);
     # timed apart, then the call again with its kernels compiled, as PEFT's eager ops are.
     start = time.perf_counter()
-    first = nkp.add_weighted_adapter(paths, WEIGHTS, combination, device=device, **kw)
+    first = nkp.add_weighted_adapter(paths, WEIGHTS, combination, device=device, **nk_kw)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     nk_first_seconds = time.perf_counter() - start
     del first
     with Peak(device) as nk_peak:
         start = time.perf_counter()
-        merged = nkp.add_weighted_adapter(paths, WEIGHTS, combination, device=device, **kw)
+        merged = nkp.add_weighted_adapter(paths, WEIGHTS, combination, device=device, **nk_kw)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         nk_seconds = time.perf_counter() - start
@@ -158,7 +163,7 @@ def run_one(model, paths, combination: str, device: torch.device, svd_rank: int)
     del merged
     diff = max(float((ours[k] - reference[k]).abs().max() / reference[k].abs().max().clamp_min(1e-30))
                for k in reference)
-    row = {"combination": combination, "parameters": kw,
+    row = {"combination": label, "parameters": nk_kw,
            "peft": {"seconds": round(peft_seconds, 4), "peak_bytes": int(peft_peak.bytes)},
            "neurokern": {"seconds": round(nk_seconds, 4), "peak_bytes": int(nk_peak.bytes),
                          "first_call_seconds": round(nk_first_seconds, 4)},
@@ -175,8 +180,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny shapes (any machine): checks the script")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the shape's)")
-    ap.add_argument("--combinations", default="cat,linear,ties,dare_ties,svd,ties_svd,dare_ties_svd",
-                    help="comma-separated combination types")
+    ap.add_argument("--combinations", default="cat,linear,ties,dare_ties,svd,svd:factored,ties_svd,dare_ties_svd",
+                    help="comma-separated combination types (svd:factored: neurokern's svd='factored' against "
+                         "PEFT's svd)")
     ap.add_argument("--time-budget", type=float, default=420.0,
                     help="seconds after which the remaining combinations are skipped (recorded)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

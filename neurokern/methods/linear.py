@@ -30,10 +30,15 @@ def resolve(p, num_tasks):
     return checked
 
 
-def run(models, p: Params, progress: bool, pre=None):
+def coefficients(p: Params) -> list[float]:
+    """[c_0, c_1, ..., c_T]: theta = c_0 theta_0 + sum_t c_t tau_t."""
     total = p.base_weight + sum(p.weights)
     divisor = total if p.normalize else 1.0
-    coeffs = [total / divisor] + [w / divisor for w in p.weights]
+    return [total / divisor] + [w / divisor for w in p.weights]
+
+
+def run(models, p: Params, progress: bool, pre=None):
+    coeffs = coefficients(p)
     out = {}
     for names in batches(models, models.names, progress, "linear"):
         rows = torch.tensor(coeffs, dtype=torch.float32).expand(len(names), -1).contiguous()
@@ -43,4 +48,4 @@ def run(models, p: Params, progress: bool, pre=None):
 
 # a config with a base_model gives it a weight
 METHOD = Method("linear", {"weights": None, "base_weight": 0.0, "normalize": True}, resolve, run,
-                warm_config={"weight": 1.0})
+                warm_config={"weight": 1.0}, coefficients=coefficients)

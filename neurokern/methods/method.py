@@ -37,6 +37,9 @@ class Method:
     # config parameters (mergekit's keys) under which a merge launches the method's kernels where
     # the defaults launch none or a config needs more (`neurokern warmup`)
     warm_config: dict[str, Any] = field(default_factory=dict)
+    # a method that is a fixed weighted sum, theta = c_0 theta_0 + sum_t c_t tau_t: checked params ->
+    # [c_0, c_1, ..., c_T] (low-rank task vectors then merge as factors: integrations/peft.py)
+    coefficients: Optional[Callable[[Any], list[float]]] = None
 
     def __post_init__(self):
         # run and passes also take PerTensor params (parameters that vary over the tensors): run

@@ -24,12 +24,17 @@ def resolve(p, num_tasks):
     return Params(params.weights(WHERE, p["weights"], num_tasks), params.number(WHERE, "scale", p["scale"]), p["normalize"])
 
 
-def run(models, p: Params, progress: bool, pre=None):
+def coefficients(p: Params) -> list[float]:
+    """[1, c_1, ..., c_T]: theta = theta_0 + sum_t c_t tau_t."""
     factor = p.scale
     if p.normalize:
         total = sum(p.weights)
         factor = p.scale / (1.0 if abs(total) < 1e-8 else total)
-    coeffs = [1.0] + [factor * w for w in p.weights]
+    return [1.0] + [factor * w for w in p.weights]
+
+
+def run(models, p: Params, progress: bool, pre=None):
+    coeffs = coefficients(p)
     out = {}
     for names in batches(models, models.names, progress, "task_arithmetic"):
         rows = torch.tensor(coeffs, dtype=torch.float32).expand(len(names), -1)  # one row per tensor
@@ -37,4 +42,5 @@ def run(models, p: Params, progress: bool, pre=None):
     return out
 
 
-METHOD = Method("task_arithmetic", {"weights": None, "scale": 1.0, "normalize": False}, resolve, run)
+METHOD = Method("task_arithmetic", {"weights": None, "scale": 1.0, "normalize": False}, resolve, run,
+                coefficients=coefficients)

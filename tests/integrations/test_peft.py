@@ -373,6 +373,89 @@ def test_add_weighted_adapter_matches_peft(setup, combination, kw, factors_tol, 
     assert ours.config["r"] == ref_config.r and ours.config["lora_alpha"] == ref_config.lora_alpha
 
 
+def product_error(ref: dict, ours: dict) -> float:
+    """Largest relative error of B·A over the modules."""
+    worst = 0.0
+    for k in ref:
+        if ".lora_A." in k:
+            kb = k.replace(".lora_A.", ".lora_B.")
+            p_ref, p_ours = ref[kb] @ ref[k], ours[kb] @ ours[k]
+            worst = max(worst, float((p_ref - p_ours).abs().max() / p_ref.abs().max()))
+    return worst
+
+
+@pytest.mark.parametrize("rank", [2, 4, 12, 20])
+def test_factored_svd_equals_the_full_one(setup, rank):
+    """svd="factored" (QR of the stacked factors, the SVD of a K x K core, K = 12 here) gives the
+    full SVD's best rank-r factors up to float32 rounding, below, at and above K (zero-padded): ~1e-6
+    of B·A, 7e-6 at rank 2, where the gap between the 2nd and 3rd singular values is smallest (a
+    truncated subspace moves by the rounding over that gap)."""
+    paths = setup["paths"]
+    tol = 1e-5 if rank < 12 else 2e-6
+    full = nkp.merge_adapters(paths, WEIGHTS, rank=rank)
+    factored = nkp.merge_adapters(paths, WEIGHTS, rank=rank, svd="factored")
+    assert set(full) == set(factored) and all(full[k].shape == factored[k].shape for k in full)
+    assert product_error(full, factored) <= tol
+    with_base = nkp.merge_adapters(paths, WEIGHTS, rank=rank, svd="factored", base=setup["base"])
+    assert product_error(full, with_base) <= tol
+    positive = [0.7, 1.2, 0.5]  # linear's normalize divides by their sum (WEIGHTS sum to 0)
+    normalized = nkp.merge_adapters(paths, positive, method="linear", rank=rank, svd="factored", base=setup["base"])
+    assert product_error(nkp.merge_adapters(paths, positive, method="linear", rank=rank), normalized) <= tol
+
+
+def test_factored_svd_against_float64(setup):
+    """Against ΔW = Σ w_t·s_t·B_t·A_t and its rank-3 truncation in float64: the factored SVD's B·A
+    is within 2e-6 (relative to the largest entry), as the full float32 SVD's is."""
+    from neurokern.engine.adapters import factors, read_adapter
+
+    paths = setup["paths"]
+    adapters = [read_adapter(p) for p in paths]
+    full = nkp.merge_adapters(paths, WEIGHTS, rank=3)
+    factored = nkp.merge_adapters(paths, WEIGHTS, rank=3, svd="factored")
+    for key in [k for k in factored if ".lora_A." in k]:
+        module = key.split("base_model.model.", 1)[1].rsplit(".lora_A.", 1)[0]
+        weight = f"{module}.weight"
+        delta = sum(w * a.modules[weight].scale * (lambda A, B: B.double() @ A.double())(*factors(a.modules[weight]))
+                    for w, a in zip(WEIGHTS, adapters))
+        U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+        truth = (U[:, :3] * S[:3]) @ Vh[:3]
+        kb = key.replace(".lora_A.", ".lora_B.")
+        err = {name: float(((m[kb].double() @ m[key].double()) - truth).abs().max() / truth.abs().max())
+               for name, m in (("full", full), ("factored", factored))}
+        assert err["factored"] <= 2e-6 and err["full"] <= 2e-6, (key, err)
+
+
+def test_factored_svd_against_peft_and_on_transposed_layers(setup, tmp_path):
+    ref, _ = peft_merge(setup, "svd", svd_rank=3)
+    ours = nkp.add_weighted_adapter(setup["paths"], WEIGHTS, "svd", svd_rank=3, svd="factored")
+    assert set(ref) == set(ours) and product_error(ref, ours) <= 2e-6
+    # an embedding (A is [r, vocab], ΔW = (B·A)ᵀ as the base holds it) and a fan_in_fan_out Conv1D
+    g = torch.Generator().manual_seed(5)
+    gpt = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50,
+                                                                n_positions=8))
+    folders = []
+    for i in range(2):
+        config = LoraConfig(r=3, lora_alpha=5, target_modules=["c_attn", "wte"], fan_in_fan_out=True)
+        attach(copy.deepcopy(gpt), config, g).save_pretrained(tmp_path / f"g{i}")
+        folders.append(tmp_path / f"g{i}")
+    full = nkp.merge_adapters(folders, [0.6, -0.9], rank=4)
+    factored = nkp.merge_adapters(folders, [0.6, -0.9], rank=4, svd="factored")
+    assert set(full) == set(factored) and product_error(full, factored) <= 2e-6
+
+
+def test_factored_svd_refuses_what_is_not_low_rank(setup):
+    paths = setup["paths"]
+    with pytest.raises(nk.NeurokernError, match="svd='factored' merges the factors of a fixed weighted sum"):
+        nkp.merge_adapters(paths, method="ties", density=0.5, svd="factored")
+    with pytest.raises(nk.NeurokernError, match="gives the base the coefficient 2: the merged ΔW is not low-rank"):
+        nkp.merge_adapters(paths, [1.0, 1.0, 1.0], method="linear", normalize=False, base_weight=-1.0,
+                           base=setup["base"], svd="factored")
+    with pytest.raises(nk.NeurokernError, match="svd='factored' applies to the SVD combination types"):
+        nkp.add_weighted_adapter(paths, WEIGHTS, "linear", svd="factored")
+    with pytest.raises(nk.NeurokernError, match="svd must be 'full' or 'factored'"):
+        nkp.merge_adapters(paths, svd="fast")
+
+
 class BernoulliFeed:
     """torch.bernoulli replaced: hands out the given masks in order, each checked against the shape
     and probability PEFT asks for."""
@@ -652,8 +735,8 @@ def test_bench_small(tmp_path):
     (result,) = out.glob("peft-merge-*.json")
     data = json.loads(result.read_text())
     assert data["shape"] == "small" and data["adapters"] == 4
-    assert [row["combination"] for row in data["runs"]] == ["cat", "linear", "ties", "dare_ties", "svd", "ties_svd",
-                                                            "dare_ties_svd"]
+    assert [row["combination"] for row in data["runs"]] == ["cat", "linear", "ties", "dare_ties", "svd", "svd:factored",
+                                                            "ties_svd", "dare_ties_svd"]
     for row in data["runs"]:
         assert row["neurokern"]["seconds"] > 0 and row["peft"]["seconds"] > 0
         if row["random_masks_differ"]:
