@@ -6,6 +6,7 @@ import sys
 import threading
 from pathlib import Path
 
+from neurokern import params
 from neurokern.errors import NeurokernError
 
 
@@ -72,7 +73,7 @@ def warmup_command(args: argparse.Namespace) -> int:
     cases = kernel_warmup.warmup_cases(args.config, args.method, args.dtype, args.tasks)
     import torch
 
-    if torch.device(args.device).type != "cuda":
+    if params.device("--device", args.device, present=False).type != "cuda":
         raise NeurokernError(f"--device {args.device}: the warm-up compiles GPU kernels; give a CUDA device")
 
     if not torch.cuda.is_available():

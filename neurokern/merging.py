@@ -4,6 +4,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from neurokern import params as checks
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS, Method, check_device
 from neurokern.models import ModelSet, load_models
@@ -56,7 +57,7 @@ def merge(
     if method not in METHODS:
         raise NeurokernError(f"unknown method {method!r}; choose one of {', '.join(sorted(METHODS))}")
     spec = METHODS[method]
-    models = load_models(base, finetuned, None if device is None else torch.device(device))
+    models = load_models(base, finetuned, None if device is None else checks.device("nk.merge", device))
     checked = spec.params(params, models.num_tasks)
     merged = run_checked(spec, models, checked, progress)
     return {name: merged.get(name, tensor) for name, tensor in models.base.items()}

@@ -212,3 +212,24 @@ def at(value: Any, name: str) -> Any:
     if isinstance(value, (list, tuple)) and any(isinstance(v, PerTensor) for v in value):
         return [v.at(name) if isinstance(v, PerTensor) else v for v in value]
     return value
+
+
+def device(where: str, value: Any, present: bool = True) -> Any:
+    """The torch.device of a user's device argument (a name, a torch.device): a name torch does not
+    know is an error, and so (present) is a CUDA device this machine does not have. torch is
+    imported here, not by the module (a config is read without it)."""
+    import torch
+
+    try:
+        dev = value if isinstance(value, torch.device) else torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise NeurokernError(f"{where}: device {value!r} is not a device name (cpu, cuda, cuda:N, ...)") from None
+    if present and dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise NeurokernError(f"{where}: device {str(value)!r}, but torch sees no CUDA GPU here (a CPU-only build of "
+                                 "torch, or no GPU visible); use device 'cpu'")
+        if dev.index is not None and dev.index >= count:
+            raise NeurokernError(f"{where}: device {str(value)!r}, but this machine has {count} CUDA GPU(s): "
+                                 f"cuda:0 to cuda:{count - 1}")
+    return dev

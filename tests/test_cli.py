@@ -176,3 +176,19 @@ def test_unrepresentable_result_is_one_line(tmp_path, capsys, method, weights, p
     err = run_err(capsys, _near_max_config(tmp_path, weights, method, parameters), tmp_path / "out")
     assert err.count("\n") == 1 and "tensor 'x.weight': merged value exceeds bfloat16's maximum" in err, err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+
+
+@pytest.mark.parametrize("device,message", [
+    ("bogus", "--device: device 'bogus' is not a device name"),
+    pytest.param("cuda", "--device: device 'cuda', but torch sees no CUDA GPU here", marks=NO_GPU),
+])
+def test_bad_device_is_one_line(example, tmp_path, capsys, device, message):
+    """A device torch does not know, or CUDA on a machine without a GPU: one line, not torch's traceback."""
+    err = run_err(capsys, example / "ties.yaml", tmp_path / "out", "--device", device)
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+    assert main(["warmup", "--device", "bogus"]) == 2
+    assert "--device: device 'bogus' is not a device name" in capsys.readouterr().err

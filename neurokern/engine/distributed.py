@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from neurokern import params
 from neurokern.engine.settings import EngineSettings
 from neurokern.errors import NeurokernError
 
@@ -91,7 +92,7 @@ def local_device(name: Optional[str]) -> torch.device:
     """--device, with torchrun's LOCAL_RANK picking the GPU of each rank."""
     if name is None:
         name = "cpu"
-    device = torch.device(name)
+    device = params.device("--device", name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cuda":

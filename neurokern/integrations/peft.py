@@ -32,6 +32,7 @@ from neurokern.errors import NeurokernError
 from neurokern.merging import run_checked
 from neurokern.methods import METHODS, PassContext, check_device
 from neurokern.models import ModelSet, load_models
+from neurokern import params
 from neurokern.params import varies
 from neurokern.state_dicts import as_state_dict
 
@@ -126,7 +127,7 @@ def _run_method(method: str, params: dict[str, Any], numels: dict[str, int], mod
 
 
 def _device(device: Optional[Union[str, torch.device]]) -> torch.device:
-    dev = torch.device(device or "cpu")
+    dev = params.device("neurokern.integrations.peft", device or "cpu")
     check_device(dev)
     return dev
 

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from neurokern import params as checks
 from neurokern.errors import NeurokernError
 from neurokern.ops import STORAGE_DTYPES, nonfinite_flags, to_device, weighted_sum
 from neurokern.tint._names import Patterns, Slots, match_modules, model_state, task_models
@@ -372,7 +373,7 @@ def module_device(module: nn.Module, device: Optional[Union[str, torch.device]])
     if device is None:
         first = next(iter(module.parameters()), None)
         return first.device if first is not None else torch.device("cpu")
-    return torch.device(device)
+    return checks.device("TintedModel", device)
 
 
 def _copy_sharing_tensors(module: nn.Module) -> nn.Module:

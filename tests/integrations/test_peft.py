@@ -720,6 +720,8 @@ def test_bad_merge_requests(setup, tmp_path):
         nkp.add_weighted_adapter(paths, WEIGHTS, "nope")
     with pytest.raises(nk.NeurokernError, match="unknown method"):
         nkp.merge_adapters(paths, method="nope")
+    with pytest.raises(nk.NeurokernError, match="device 'bogus' is not a device name"):
+        nkp.merge_adapters(paths, device="bogus")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -161,3 +161,13 @@ def test_large_finite_values_are_not_mistaken_for_non_finite():
     fts = [{"w": torch.full((10,), 3e38)}, {"w": torch.full((10,), 2e38)}]
     out = nk.merge(base, fts, method="task_arithmetic", weights=[0.5, 0.5])
     assert torch.isfinite(out["w"]).all()
+
+
+@pytest.mark.parametrize("device,message", [
+    ("bogus", "nk.merge: device 'bogus' is not a device name"),
+    ("cuda:99", "nk.merge: device 'cuda:99', but "),
+])
+def test_bad_device_is_named(device, message):
+    base, fts = make_models(2, shapes={"w": (3, 4)})
+    expect_error(message, base, fts, method="ties", device=device)
+

@@ -169,3 +169,10 @@ def test_fit_refuses_non_finite_inputs_and_a_diverged_loss(setup):
     huge = [torch.randn(8, kit.D) * 1e30 for _ in range(3)]
     with pytest.raises(NeurokernError, match=r"fit: the loss became non-finite at step \d+ of 6 .*lower lr"):
         fit(model, huge, fts, steps=2, lr=1e30, progress=False)
+
+
+def test_bad_device_is_named(tint_kit):
+    base, fts = tint_kit.random_models(tasks=2)
+    with pytest.raises(NeurokernError, match="TintedModel: device 'bogus' is not a device name"):
+        TintedModel(tint_kit.Net(), base, fts, tint_layers=["fc2"], device="bogus")
+
