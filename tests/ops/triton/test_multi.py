@@ -240,9 +240,10 @@ def assert_lists_equal_nan(got, want):
 
 
 @pytest.mark.parametrize("T", [1, 3, 8, 9])
-@pytest.mark.parametrize("scope", ["none", "tensor"])
+@pytest.mark.parametrize("scope", ["none", "tensor", "global"])
 def test_weighted_sum_multi_nonfinite_flags(T, scope, count_launches):
-    """_weighted_sum_multi_triton's flags (task arithmetic's input check): 1 exactly where an output
+    """_weighted_sum_multi_triton's flags (the merged values' check of task arithmetic, linear and
+    magnitude_prune, whose global trim passes offsets): 1 exactly where an output
     holds NaN / Inf, set in the merge's own launch (one per dtype; T > 8: the per-tensor fallback
     and torch's isfinite); outputs bitwise the C++ op's; flags left over from before are cleared."""
     kernel = count_launches(WS, "_ws_multi_kernel")
