@@ -166,6 +166,23 @@ def test_result_beyond_the_output_dtype_is_one_line(tmp_path, capsys, method, pa
     assert err.count("\n") == 1 and "tensor 'x.weight': merged value exceeds float16's maximum" in err, err
 
 
+def test_inputs_beyond_the_configs_dtype_say_so(tmp_path, capsys):
+    """float32 files at 7e4 under dtype: float16 (which converts the inputs): the converted values
+    are Inf, and the message says the conversion made them so, not that the file holds Inf."""
+    for name, value in (("base", 6e4), ("a", 7e4)):
+        save_file({"x.weight": torch.full((4, 8), value), "ok.bias": torch.ones(8)}, str(tmp_path / f"{name}.safetensors"))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}.safetensors\nmodels:\n"
+                   f"  - model: {tmp_path / 'a'}.safetensors\n    parameters: {{weight: 1.0}}\ndtype: float16\n")
+    err = run_err(capsys, cfg, tmp_path / "out")
+    assert err.count("\n") == 1 and "tensor 'x.weight' of models[0]" in err, err
+    assert "holds values beyond float16's range, to which the config's dtype converts the inputs" in err, err
+    # a file that holds Inf itself is named as before
+    save_file({"x.weight": torch.full((4, 8), float("inf")), "ok.bias": torch.ones(8)}, str(tmp_path / "a.safetensors"))
+    err = run_err(capsys, cfg, tmp_path / "out")
+    assert "tensor 'x.weight' of models[0]" in err and "has non-finite values (NaN or Inf)" in err, err
+
+
 @pytest.mark.parametrize("method,weights,parameters", [
     ("task_arithmetic", [-0.5, 0.5], ""),
     ("linear", [-1.5, 0.5], "parameters: {normalize: false, weight: 0.0}\n"),  # the engine's check, not the method's

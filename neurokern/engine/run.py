@@ -51,11 +51,14 @@ class Result:
     shard_digests: dict[str, str] = field(default_factory=dict)  # discard_output: file -> sha256_tree
 
 
-def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], host=None) -> Callable[[], None]:
+def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], host=None,
+                  converted: Optional[torch.dtype] = None) -> Callable[[], None]:
     """NaN / Inf is an error naming tensor, model and file. One pass over the unit's tensors, read
     without a host sync on a GPU (neurokern.models.nonfinite_later, flags into `host`): the returned
     function raises the error; the writer calls it before it writes the unit, and every pass
-    before its results are used. It keeps no tensor of the unit alive."""
+    before its results are used. It keeps no tensor of the unit alive. converted: the config's
+    dtype, to which the tensors were converted after reading (a finite value beyond its range
+    became Inf there: the message says so)."""
     items = [(name, i) for name in names for i in range(len(models))]
     positions = nonfinite_later([sd[name] for name in names for sd in [batch.base] + batch.finetuned], host)
 
@@ -63,10 +66,21 @@ def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], ho
         bad = positions()
         if bad:
             name, i = items[bad[0]]
-            m = models[i]
-            raise NeurokernError(f"tensor {name!r} of {m.label} ({m.tensors[name].file}) has non-finite values "
-                                 "(NaN or Inf)")
+            raise NeurokernError(_nonfinite_input(name, models[i], converted))
     return check
+
+
+def _nonfinite_input(name: str, model: TensorSource, converted: Optional[torch.dtype]) -> str:
+    info = model.tensors[name]
+    where = f"tensor {name!r} of {model.label} ({info.file})"
+    if converted is not None and info.dtype != converted:  # the stored values, read again (an error path)
+        stored = torch.empty(info.nbytes, dtype=torch.uint8)
+        model.read_into(info, stored)
+        if bool(torch.isfinite(stored.view(info.dtype)).all()):
+            kind = str(converted).replace("torch.", "")
+            return (f"{where} holds values beyond {kind}'s range, to which the config's dtype converts the inputs; "
+                    f"choose a dtype that holds them, or out_dtype: {kind} to convert only the output")
+    return f"{where} has non-finite values (NaN or Inf)"
 
 
 def _then(first: Optional[Callable[[], None]], second: Callable[[], None]) -> Callable[[], None]:
@@ -189,9 +203,10 @@ class _Engine:
                     if self.cuda:  # flags into a piece of one pinned buffer: no pinning per unit
                         flags = len(names) * len(self.models)
                         host, self.finite_host = self.finite_host[:flags], self.finite_host[flags:]
-                        self.finite_checks[batch.unit.index] = _finite_check(batch, names, self.models, host)
+                        self.finite_checks[batch.unit.index] = _finite_check(batch, names, self.models, host,
+                                                                             self.out_dtype)
                     else:  # known already: raised before any work on the unit
-                        _finite_check(batch, names, self.models)()
+                        _finite_check(batch, names, self.models, converted=self.out_dtype)()
                 self.checked.add(batch.unit.index)
             with self.recorder.span("consumer work (between batches)"):
                 yield batch
