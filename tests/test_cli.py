@@ -153,27 +153,29 @@ def test_near_max_inputs_merge_exactly(tmp_path):
     assert torch.equal(merged["x.weight"], torch.zeros(4, 8, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("method,parameters", [("task_arithmetic", "    parameters: {weight: 1.0}\n"),
-                                               ("slerp", "parameters: {t: 1.0}\n")])
-def test_result_beyond_the_output_dtype_is_one_line(tmp_path, capsys, method, parameters):
-    """float32 models whose merge (7e4) fits float32 but not the config's out_dtype float16."""
+def _beyond_float16_config(tmp_path, method, parameters, dtype_key):
+    """float32 files, the base at 6e4 and one model at 7e4 (beyond float16's 65504), and a config
+    of `method` (its parameters lines) that sets `dtype_key` (dtype or out_dtype) to float16."""
     for name, value in (("base", 6e4), ("a", 7e4)):
         save_file({"x.weight": torch.full((4, 8), value), "ok.bias": torch.ones(8)}, str(tmp_path / f"{name}.safetensors"))
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"merge_method: {method}\nbase_model: {tmp_path / 'base'}.safetensors\nmodels:\n"
-                   f"  - model: {tmp_path / 'a'}.safetensors\n{parameters}out_dtype: float16\n")
-    err = run_err(capsys, cfg, tmp_path / "out")
+                   f"  - model: {tmp_path / 'a'}.safetensors\n{parameters}{dtype_key}: float16\n")
+    return cfg
+
+
+@pytest.mark.parametrize("method,parameters", [("task_arithmetic", "    parameters: {weight: 1.0}\n"),
+                                               ("slerp", "parameters: {t: 1.0}\n")])
+def test_result_beyond_the_output_dtype_is_one_line(tmp_path, capsys, method, parameters):
+    """float32 models whose merge (7e4) fits float32 but not the config's out_dtype float16."""
+    err = run_err(capsys, _beyond_float16_config(tmp_path, method, parameters, "out_dtype"), tmp_path / "out")
     assert err.count("\n") == 1 and "tensor 'x.weight': merged value exceeds float16's maximum" in err, err
 
 
 def test_inputs_beyond_the_configs_dtype_say_so(tmp_path, capsys):
     """float32 files at 7e4 under dtype: float16 (which converts the inputs): the converted values
     are Inf, and the message says the conversion made them so, not that the file holds Inf."""
-    for name, value in (("base", 6e4), ("a", 7e4)):
-        save_file({"x.weight": torch.full((4, 8), value), "ok.bias": torch.ones(8)}, str(tmp_path / f"{name}.safetensors"))
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"merge_method: task_arithmetic\nbase_model: {tmp_path / 'base'}.safetensors\nmodels:\n"
-                   f"  - model: {tmp_path / 'a'}.safetensors\n    parameters: {{weight: 1.0}}\ndtype: float16\n")
+    cfg = _beyond_float16_config(tmp_path, "task_arithmetic", "    parameters: {weight: 1.0}\n", "dtype")
     err = run_err(capsys, cfg, tmp_path / "out")
     assert err.count("\n") == 1 and "tensor 'x.weight' of models[0]" in err, err
     assert "holds values beyond float16's range, to which the config's dtype converts the inputs" in err, err

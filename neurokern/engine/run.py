@@ -66,11 +66,11 @@ def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], ho
         bad = positions()
         if bad:
             name, i = items[bad[0]]
-            raise NeurokernError(_nonfinite_input(name, models[i], converted))
+            raise NeurokernError(_nonfinite_message(name, models[i], converted))
     return check
 
 
-def _nonfinite_input(name: str, model: TensorSource, converted: Optional[torch.dtype]) -> str:
+def _nonfinite_message(name: str, model: TensorSource, converted: Optional[torch.dtype]) -> str:
     info = model.tensors[name]
     where = f"tensor {name!r} of {model.label} ({info.file})"
     if converted is not None and info.dtype != converted:  # the stored values, read again (an error path)
@@ -200,9 +200,8 @@ class _Engine:
             if batch.unit.index not in self.checked:
                 with self.recorder.span("finite check"):
                     names = self._merge_names(batch)
-                    if self.cuda:  # flags into a piece of one pinned buffer: no pinning per unit
-                        flags = len(names) * len(self.models)
-                        host, self.finite_host = self.finite_host[:flags], self.finite_host[flags:]
+                    if self.cuda:
+                        host = self._pinned_flags(len(names) * len(self.models))
                         self.finite_checks[batch.unit.index] = _finite_check(batch, names, self.models, host,
                                                                              self.out_dtype)
                     else:  # known already: raised before any work on the unit
@@ -217,12 +216,15 @@ class _Engine:
         bar.close()
         self.recorder.add("pass (wall)", time.perf_counter() - start)
 
+    def _pinned_flags(self, count: int) -> torch.Tensor:
+        """The next `count` int32 flags of the pinned buffer (GPU): no pinning per unit."""
+        host, self.finite_host = self.finite_host[:count], self.finite_host[count:]
+        return host
+
     def _merged_check(self, models: ModelSet, merged: dict) -> Callable[[], None]:
         """The check of a unit's merged values (models.check.later), read without a host sync on a
         GPU (its flags into the next piece of the pinned buffer)."""
-        host = None
-        if self.cuda:
-            host, self.finite_host = self.finite_host[:len(models.names)], self.finite_host[len(models.names):]
+        host = self._pinned_flags(len(models.names)) if self.cuda else None
         return models.check.later(models.names, merged, host)
 
     def _merge_names(self, batch: Batch) -> list[str]:

@@ -28,12 +28,11 @@ from torch import Tensor
 
 from neurokern.engine.adapters import (CONFIG, PREFIX, WEIGHTS, LoraAdapter, add_delta, delta_rows, factors,
                                        read_adapter, read_tensor)
+from neurokern import params as checks
 from neurokern.errors import NeurokernError
 from neurokern.merging import run_checked
 from neurokern.methods import METHODS, PassContext, check_device
 from neurokern.models import ModelSet, load_models
-from neurokern import params
-from neurokern.params import varies
 from neurokern.state_dicts import as_state_dict
 
 PathLike = Union[str, os.PathLike]
@@ -127,7 +126,7 @@ def _run_method(method: str, params: dict[str, Any], numels: dict[str, int], mod
 
 
 def _device(device: Optional[Union[str, torch.device]]) -> torch.device:
-    dev = params.device("neurokern.integrations.peft", device or "cpu")
+    dev = checks.device("neurokern.integrations.peft", device or "cpu")
     check_device(dev)
     return dev
 
@@ -305,7 +304,7 @@ def _factored(adapters: list[LoraAdapter], names: list[str], weights: list[float
     for_method = dict(params)
     if "weights" in spec.defaults:
         for_method["weights"] = weights
-    if any(varies(v) for v in for_method.values()):
+    if any(checks.varies(v) for v in for_method.values()):
         raise NeurokernError("svd='factored' takes one value per parameter (no per-tensor values); use svd='full'")
     coeffs = spec.coefficients(spec.params(for_method, len(adapters)))
     if has_base and coeffs[0] != 1.0:

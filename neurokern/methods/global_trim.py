@@ -27,8 +27,7 @@ from neurokern.methods.method import columns
 from neurokern.methods.passes import Pass, PassContext
 from neurokern.methods.trim import INT64_MAX, Trims, keep_count, keeps_ties
 from neurokern.models import ModelSet
-from neurokern.ops import HI_BINS, LO_BINS, boundary_values, key_histogram, magnitude_bits
-from neurokern.ops import to_device
+from neurokern.ops import HI_BINS, LO_BINS, boundary_values, key_histogram, magnitude_bits, to_device
 
 
 def _take_top(hist: list[int], k: int) -> tuple[int, int]:
