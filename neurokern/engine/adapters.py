@@ -186,9 +186,16 @@ def read_adapter(path: Path) -> LoraAdapter:
     return adapter
 
 
-def factors(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """The module's A and B, read from the adapter file; NaN / Inf in either is an error naming it."""
-    pair = read_tensor(module.A), read_tensor(module.B)
+def factors(module: LoraModule, rows: Optional[slice] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The module's A and B, read from the adapter file; NaN / Inf in either is an error naming it.
+    rows: only these rows of B (those of ΔW's rows when ΔW = B·A is not transposed)."""
+    if rows is None:
+        B = read_tensor(module.B)
+    else:
+        row_bytes = module.B.nbytes // module.B.shape[0]
+        raw = read_range(module.B, rows.start * row_bytes, rows.stop * row_bytes)
+        B = raw.view(module.B.dtype).view(rows.stop - rows.start, *module.B.shape[1:])
+    pair = read_tensor(module.A), B
     for info, t in zip((module.A, module.B), pair):
         if not bool(torch.isfinite(t).all()):
             raise NeurokernError(f"tensor {info.name!r} of {info.file} has non-finite values (NaN or Inf)")
@@ -249,8 +256,13 @@ class LoraDelta:
         else:
             raw = read_range(self.weight, first * self.row_bytes, last * self.row_bytes)
         rows = raw.view(self.weight.dtype).view(last - first, -1)
-        A, B = factors(self.module)
-        delta = delta_rows(A, B, self.module.scale, self.module.transposed, slice(first, last))
+        m = self.module
+        if m.transposed:  # ΔW's rows are columns of A: both factors whole
+            A, B = factors(m)
+            delta = delta_rows(A, B, m.scale, True, slice(first, last))
+        else:
+            A, B = factors(m, slice(first, last))
+            delta = delta_rows(A, B, m.scale, False)
         merged = add_delta(rows, delta, self.module.embedding)
         data = merged.view(-1).view(torch.uint8)
         out[begin:end].copy_(data[begin - first * self.row_bytes: end - first * self.row_bytes])
