@@ -8,7 +8,7 @@ from torch import Tensor
 
 from neurokern.errors import NeurokernError
 from neurokern.state_dicts import as_state_dict
-from neurokern.ops import STORAGE_DTYPES, nonfinite_flags
+from neurokern.ops import STORAGE_DTYPES, flagged_later, nonfinite_later
 
 
 
@@ -39,41 +39,6 @@ class ModelSet:
 def _name_list(keys: Sequence[str], limit: int = 5) -> str:
     shown = ", ".join(repr(k) for k in list(keys)[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-
-
-def nonfinite_later(tensors: Sequence[Tensor], host: Optional[Tensor] = None) -> Callable[[], list[int]]:
-    """Positions of the tensors (all on one device) that hold a NaN or Inf, given by the returned
-    function, without the host sync where it can: the flags of neurokern.ops.nonfinite_flags
-    (on a GPU one pass that reads every tensor once, launches only). On a GPU they are copied to
-    pinned host memory (`host`: int32 [len(tensors)], pinned, else one is allocated) on the current
-    stream, and the returned function waits for that copy (by then the stream has usually passed
-    it) and gives the positions; it holds no tensor but `host`. Elsewhere the check runs now."""
-    if not tensors:
-        return lambda: []
-    if not tensors[0].is_cuda:
-        return flagged_later(nonfinite_flags(tensors))
-    with torch.cuda.device(tensors[0].device):
-        return flagged_later(nonfinite_flags(tensors), host)
-
-
-def flagged_later(flags: Tensor, host: Optional[Tensor] = None) -> Callable[[], list[int]]:
-    """The positions where int32 `flags` are nonzero, read without a host sync where it can: on a
-    GPU the flags are copied to pinned host memory (`host`, else one is allocated) on the current
-    stream, and the returned function waits for that copy. Elsewhere they are read now."""
-    if not flags.is_cuda:
-        bad = [i for i, flag in enumerate(flags.tolist()) if flag]
-        return lambda: bad
-    if host is None:
-        host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-    with torch.cuda.device(flags.device):
-        host.copy_(flags, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-
-    def positions() -> list[int]:
-        done.synchronize()
-        return [i for i, flag in enumerate(host.tolist()) if flag]
-    return positions
 
 
 def _check_pairs(base: dict[str, Tensor], finetuned: list[dict[str, Tensor]], same_device: bool) -> None:
@@ -118,13 +83,10 @@ def _first_nonfinite_later(names: list[str], base: dict[str, Tensor],
     Inf, or None, given by the returned function; on a GPU the check runs meanwhile (nonfinite_later)."""
     items = [(name, label, t) for name in names
              for label, t in [("base", base[name])] + [(f"finetuned[{i}]", sd[name]) for i, sd in enumerate(finetuned)]]
-    by_device: dict[torch.device, list[int]] = {}
-    for index, (_, _, t) in enumerate(items):
-        by_device.setdefault(t.device, []).append(index)
-    pending = [(indices, nonfinite_later([items[i][2] for i in indices])) for indices in by_device.values()]
+    positions = nonfinite_later([t for _, _, t in items])
 
     def first() -> Optional[tuple[str, str]]:
-        bad = [indices[j] for indices, positions in pending for j in positions()]
+        bad = positions()
         return items[min(bad)][:2] if bad else None
     return first
 

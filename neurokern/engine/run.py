@@ -32,7 +32,8 @@ from neurokern.engine.writer import (CONFIG_ECHO, STATE, KeptPartialError, Shard
                                      publish, recorded_digests, rename, save_global)
 from neurokern.errors import NeurokernError
 from neurokern.methods import METHODS, Pass, PassContext, check_device
-from neurokern.models import ModelSet, nonfinite_later
+from neurokern.models import ModelSet
+from neurokern.ops import nonfinite_later
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_GPU_SHARE = 0.7  # default device budget: this share of the GPU memory free at the start
@@ -54,7 +55,7 @@ class Result:
 def _finite_check(batch: Batch, names: list[str], models: list[TensorSource], host=None,
                   converted: Optional[torch.dtype] = None) -> Callable[[], None]:
     """NaN / Inf is an error naming tensor, model and file. One pass over the unit's tensors, read
-    without a host sync on a GPU (neurokern.models.nonfinite_later, flags into `host`): the returned
+    without a host sync on a GPU (neurokern.ops.nonfinite_later, flags into `host`): the returned
     function raises the error; the writer calls it before it writes the unit, and every pass
     before its results are used. It keeps no tensor of the unit alive. converted: the config's
     dtype, to which the tensors were converted after reading (a finite value beyond its range

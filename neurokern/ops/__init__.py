@@ -9,7 +9,7 @@ from neurokern import _C  # noqa: F401,E402  (registers torch.ops.neurokern.*)
 from neurokern.ops._common import to_device
 from neurokern.ops.dare import dare, dare_keys, dare_multi
 from neurokern.ops.dtypes import STORAGE_DTYPES
-from neurokern.ops.finite import nonfinite_flags
+from neurokern.ops.finite import flagged_later, nonfinite_flags, nonfinite_later
 from neurokern.ops.key_histogram import HI_BINS, LO_BINS, boundary_values, key_histogram, magnitude_bits
 from neurokern.ops.magnitude_threshold import magnitude_threshold
 from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs
@@ -28,6 +28,7 @@ __all__ = [
     "dare",
     "dare_keys",
     "dare_multi",
+    "flagged_later",
     "key_histogram",
     "magnitude_bits",
     "magnitude_threshold",
@@ -35,6 +36,7 @@ __all__ = [
     "neuron_stats",
     "neuron_stats_multi",
     "nonfinite_flags",
+    "nonfinite_later",
     "subspace_split",
     "ties_merge",
     "ties_merge_multi",

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from neurokern import params as checks
 from neurokern.errors import NeurokernError
-from neurokern.ops import STORAGE_DTYPES, nonfinite_flags, to_device, weighted_sum
+from neurokern.ops import STORAGE_DTYPES, nonfinite_later, to_device, weighted_sum
 from neurokern.tint._names import Patterns, Slots, match_modules, model_state, task_models
 from neurokern.tint.merged import MergedWeights, TrainableMerge
 from neurokern.tint.routing import Route, Routing, TaskLayer
@@ -152,15 +152,11 @@ class TintedModel(nn.Module):
     @staticmethod
     def _check_finite(tensors: list[tuple[str, Tensor]]) -> None:
         """NaN / Inf in a tensor the model is built from is an error naming it (the first in the
-        given order): one read of each floating-point tensor (ops.nonfinite_flags), per device."""
-        by_device: dict[torch.device, list[int]] = {}
-        for i, (_, t) in enumerate(tensors):
-            if t.is_floating_point():
-                by_device.setdefault(t.device, []).append(i)
-        bad = [indices[j] for indices in by_device.values()
-               for j, flag in enumerate(nonfinite_flags([tensors[i][1] for i in indices]).tolist()) if flag]
+        given order): one read of each floating-point tensor (ops.nonfinite_later)."""
+        floating = [(label, t) for label, t in tensors if t.is_floating_point()]
+        bad = nonfinite_later([t for _, t in floating])()
         if bad:
-            raise NeurokernError(f"{tensors[min(bad)][0]} has non-finite values (NaN or Inf)")
+            raise NeurokernError(f"{floating[bad[0]][0]} has non-finite values (NaN or Inf)")
 
     def _check_layer_tensors(self, layer_params: dict[str, list[str]], finetuned: list[dict]) -> None:
         for layer, local in layer_params.items():

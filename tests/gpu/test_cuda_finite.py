@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import neurokern as nk
-from neurokern.models import nonfinite_later
+from neurokern.ops import nonfinite_later
 from neurokern.ops.triton import finite
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -1,6 +1,6 @@
 """Triton kernel of neurokern::nonfinite_flags (schema and CPU kernel: neurokern/ops/finite.py):
 which tensors of a list hold a NaN or Inf, one read of every tensor at copy bandwidth, for the
-finite checks of nk.merge and the streaming engine (neurokern.models.nonfinite_later).
+finite checks of nk.merge and the streaming engine (neurokern.ops.nonfinite_later).
 
 A launch covers the tensors of one storage dtype whose addresses are all 16-byte aligned, or all
 not (tensors that are not dense are read from contiguous copies). Its table (int64) holds, per

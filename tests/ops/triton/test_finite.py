@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from neurokern.models import nonfinite_later
+from neurokern.ops import nonfinite_later
 from neurokern.ops.triton import finite
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
