@@ -23,11 +23,14 @@ def _want_cuda():
     return has_toolkit and bool(_sources("csrc/cuda/*.cu"))
 
 
-# The C++ exceptions the ops raise (a failed argument check) unwind through torch's own frames
-# before Python catches them. With the unwinder linked into this library (a compiler whose specs
-# link libgcc statically) the two copies of it meet in one unwind: the process crashes instead of
-# raising. -shared-libgcc makes this library use the shared one, as torch does.
-LINK_ARGS = ["-shared-libgcc"]
+# The ops' argument checks build their messages with libstdc++'s streams and throw C++ exceptions
+# that unwind through torch's frames. Both must use the process's one C++ runtime, the shared
+# libraries torch uses: a compiler configured to link libgcc or libstdc++ statically (a wrapper
+# adding -static-libstdc++, as on one GPU machine) puts private copies in this library, and then a
+# failed check crashed the process there, or lost the numbers of its message ("got " for "got 1.5").
+# -shared-libgcc and an explicit -lstdc++ (ahead of any static libstdc++ the driver appends) keep
+# both shared; tests/test_build.py checks the library that was built.
+LINK_ARGS = ["-shared-libgcc", "-lstdc++"]
 
 
 def _extension():
