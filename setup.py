@@ -2,6 +2,7 @@
 is found (set NEUROKERN_CPU_ONLY=1 to skip them, NEUROKERN_FORCE_CUDA=1 to build them without a GPU)."""
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -24,13 +25,13 @@ def _want_cuda():
 
 
 # The ops' argument checks build their messages with libstdc++'s streams and throw C++ exceptions
-# that unwind through torch's frames. Both must use the process's one C++ runtime, the shared
-# libraries torch uses: a compiler configured to link libgcc or libstdc++ statically (a wrapper
-# adding -static-libstdc++, as on one GPU machine) puts private copies in this library, and then a
-# failed check crashed the process there, or lost the numbers of its message ("got " for "got 1.5").
-# -shared-libgcc and an explicit -lstdc++ (ahead of any static libstdc++ the driver appends) keep
-# both shared; tests/test_build.py checks the library that was built.
-LINK_ARGS = ["-shared-libgcc", "-lstdc++"]
+# that unwind through torch's frames: both must use the process's one C++ runtime, the shared
+# libraries torch uses. A compiler whose own library folder holds libstdc++.a but no libstdc++.so
+# (as /opt/gcc's g++ on one GPU machine, through -B) links a private static copy into this library;
+# a failed check then crashed the process, or lost the numbers of its message ("got " for "got 1.5").
+# -shared-libgcc and the runtime's versioned file by name (-l:libstdc++.so.6, found before any
+# libstdc++.a) keep both shared; tests/test_build.py checks the library that was built.
+LINK_ARGS = ["-shared-libgcc", "-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 
 
 def _extension():

@@ -2,10 +2,10 @@
 unwinder and the exception machinery (libgcc_s, libstdc++) instead of carrying copies of its own.
 A copy linked in (a compiler configured to link libgcc or libstdc++ statically) meets torch's in
 the same unwind, and a failed argument check then crashes the process instead of raising: what
-the bad-argument tests of tests/ops saw on one GPU machine's build (its compiler wrapper added
--static-libstdc++); elsewhere the copy's streams lost the numbers of the messages. setup.py links
-with -shared-libgcc and -lstdc++; this checks the library that was actually built, wherever the
-tests run."""
+the bad-argument tests of tests/ops saw on one GPU machine's build (its compiler's library folder
+held libstdc++.a only); elsewhere the copy's streams lost the numbers of the messages. setup.py
+links with -shared-libgcc and -l:libstdc++.so.6; this checks the library that was actually built,
+wherever the tests run."""
 import shutil
 import subprocess
 from pathlib import Path
