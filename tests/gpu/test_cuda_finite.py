@@ -84,3 +84,17 @@ def test_cuda_unrepresentable_result_names_the_tensor(method, params):
           "x.weight": (big * torch.tensor([1.1, 0.9, 1.1, 0.9], device="cuda")).expand(3, 4).bfloat16()}
     with pytest.raises(nk.NeurokernError, match=r"tensor 'x.weight': merged value exceeds bfloat16's maximum"):
         nk.merge(base, [ft], method=method, **params)
+
+
+def test_nonfinite_later_across_devices():
+    """Tensors on the CPU and the GPU in one list: each device checked on its own, the positions
+    given in the list's order (TintedModel's and nk.merge's first-bad-input search rely on it)."""
+    on = ["cpu", "cuda", "cpu", "cuda", "cuda", "cpu"]
+    tensors = [torch.randn(257, device=d) for d in on]
+    assert nonfinite_later(tensors)() == []
+    tensors[4][256] = math.nan
+    tensors[2][0] = -math.inf
+    tensors[1][7] = math.inf
+    assert nonfinite_later(tensors)() == [1, 2, 4]
+    host = torch.zeros(len(tensors), dtype=torch.int32).pin_memory()  # one device's buffer: unused here
+    assert nonfinite_later(tensors, host)() == [1, 2, 4]
