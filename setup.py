@@ -2,6 +2,8 @@
 is found (set NEUROKERN_CPU_ONLY=1 to skip them, NEUROKERN_FORCE_CUDA=1 to build them without a GPU)."""
 import glob
 import os
+import shlex
+import subprocess
 import sys
 
 from setuptools import setup
@@ -30,8 +32,21 @@ def _want_cuda():
 # (as /opt/gcc's g++ on one GPU machine, through -B) links a private static copy into this library;
 # a failed check then crashed the process, or lost the numbers of its message ("got " for "got 1.5").
 # -shared-libgcc and the runtime's versioned file by name (-l:libstdc++.so.6, found before any
-# libstdc++.a) keep both shared; tests/test_build.py checks the library that was built.
-LINK_ARGS = ["-shared-libgcc", "-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
+# libstdc++.a; named only where the compiler finds that file) keep both shared;
+# tests/test_build.py checks the library that was built.
+def _link_args():
+    if not sys.platform.startswith("linux"):
+        return []
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
+    try:
+        found = subprocess.run(compiler + ["-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        found = ""
+    return ["-shared-libgcc"] + (["-l:libstdc++.so.6"] if os.path.isabs(found) else [])
+
+
+LINK_ARGS = _link_args()
 
 
 def _extension():
