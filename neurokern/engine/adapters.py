@@ -269,12 +269,14 @@ class LoraDelta:
 
     def work_bytes(self) -> int:
         """Memory a read of one piece takes besides the destination: the rows as stored and merged,
-        two float32 products, the factors (and their float32 copies when half-precision), and a
-        converted replacement weight read whole."""
+        two float32 products, the factors read (A whole; B's rows of the piece, or B whole when
+        transposed) and their float32 copies when half-precision, and a converted replacement
+        weight read whole."""
         rows = min(self.rows_per_piece, self.rows)
         cols = self.row_bytes // self.weight.dtype.itemsize
         A, B = self.module.A, self.module.B
-        factors_bytes = A.nbytes + B.nbytes + (4 * (A.numel + B.numel) if A.dtype.itemsize < 4 else 0)
+        b_numel = B.numel if self.module.transposed else rows * (B.numel // B.shape[0])
+        factors_bytes = (A.numel + b_numel) * (A.dtype.itemsize + (4 if A.dtype.itemsize < 4 else 0))
         work = 2 * rows * cols * 4 + 2 * rows * self.row_bytes + factors_bytes
         if self.weight.derive is not None:
             work += self.weight.nbytes + self.weight.derive.work_bytes()
