@@ -189,13 +189,7 @@ def read_adapter(path: Path) -> LoraAdapter:
 def factors(module: LoraModule, rows: Optional[slice] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The module's A and B, read from the adapter file; NaN / Inf in either is an error naming it.
     rows: only these rows of B (those of ΔW's rows when ΔW = B·A is not transposed)."""
-    if rows is None:
-        B = read_tensor(module.B)
-    else:
-        row_bytes = module.B.nbytes // module.B.shape[0]
-        raw = read_range(module.B, rows.start * row_bytes, rows.stop * row_bytes)
-        B = raw.view(module.B.dtype).view(rows.stop - rows.start, *module.B.shape[1:])
-    pair = read_tensor(module.A), B
+    pair = read_tensor(module.A), read_tensor(module.B) if rows is None else read_rows(module.B, rows.start, rows.stop)
     for info, t in zip((module.A, module.B), pair):
         if not bool(torch.isfinite(t).all()):
             raise NeurokernError(f"tensor {info.name!r} of {info.file} has non-finite values (NaN or Inf)")
@@ -204,6 +198,12 @@ def factors(module: LoraModule, rows: Optional[slice] = None) -> tuple[torch.Ten
 
 def read_tensor(info: TensorInfo) -> torch.Tensor:
     return read_range(info, 0, info.nbytes).view(info.dtype).view(info.shape)
+
+
+def read_rows(info: TensorInfo, first: int, last: int) -> torch.Tensor:
+    """Rows [first, last) of a stored tensor (along its first dimension)."""
+    row_bytes = info.nbytes // info.shape[0]
+    return read_range(info, first * row_bytes, last * row_bytes).view(info.dtype).view(last - first, *info.shape[1:])
 
 
 def delta_rows(A: torch.Tensor, B: torch.Tensor, scale: float, transposed: bool,
@@ -252,10 +252,9 @@ class LoraDelta:
         if self.weight.derive is not None:  # a replacement stored in another dtype: converted whole
             whole = torch.empty(self.weight.nbytes, dtype=torch.uint8)
             self.weight.derive.read(whole, 0, self.weight.nbytes)
-            raw = whole[first * self.row_bytes:last * self.row_bytes]
+            rows = whole.view(self.weight.dtype).view(self.rows, -1)[first:last]
         else:
-            raw = read_range(self.weight, first * self.row_bytes, last * self.row_bytes)
-        rows = raw.view(self.weight.dtype).view(last - first, -1)
+            rows = read_rows(self.weight, first, last)
         m = self.module
         if m.transposed:  # ΔW's rows are columns of A: both factors whole
             A, B = factors(m)
@@ -263,7 +262,7 @@ class LoraDelta:
         else:
             A, B = factors(m, slice(first, last))
             delta = delta_rows(A, B, m.scale, False)
-        merged = add_delta(rows, delta, self.module.embedding)
+        merged = add_delta(rows, delta, m.embedding)
         data = merged.view(-1).view(torch.uint8)
         out[begin:end].copy_(data[begin - first * self.row_bytes: end - first * self.row_bytes])
 
