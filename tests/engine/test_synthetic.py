@@ -217,5 +217,8 @@ def test_peak_host_memory_does_not_grow_with_depth(tmp_path):
     # (thread stacks, the allocator's arenas); run to run, the figures vary by about 10 MB
     for run in runs.values():
         assert run["peak"] - run["before"] <= 64 * 2**20, runs
-    # 500 MB more input: were 5% of it kept, the peak would grow by 25 MB
-    assert deep["peak"] - shallow["peak"] <= 20 * 2**20, runs
+    # 500 MB more input: were 5% of it kept, the merge's own growth would be 25 MB larger. Compared
+    # as growth from each process's resident memory before its merge, which itself differed by up
+    # to 49 MB between two processes of the same script
+    growth = {layers: run["peak"] - run["before"] for layers, run in runs.items()}
+    assert growth[24] - growth[2] <= 20 * 2**20, runs
