@@ -216,15 +216,20 @@ def delta_rows(A: torch.Tensor, B: torch.Tensor, scale: float, transposed: bool,
         A, B = A.float(), B.float()
     rows = rows or slice(None)
     delta = (B @ A[:, rows]).T if transposed else B[rows] @ A
-    return (delta * scale).to(dtype)
+    return delta.mul_(scale).to(dtype)
 
 
 def add_delta(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -> torch.Tensor:
     """weight_rows + ΔW rows in the weight's dtype, as PEFT's merge adds them: an in-place add (the
     sum formed in the wider of the two dtypes, rounded once to the weight's); an embedding's ΔW is
     rounded to the weight's dtype first."""
+    if embedding:
+        delta = delta.to(weight_rows.dtype)
+    if torch.promote_types(weight_rows.dtype, delta.dtype) == delta.dtype:
+        # delta, a product of this piece, holds the sum (addition commutes exactly): no copy of the rows
+        return delta.add_(weight_rows).to(weight_rows.dtype).contiguous()
     out = weight_rows.clone()
-    out += delta.to(out.dtype) if embedding else delta
+    out += delta
     return out
 
 

@@ -1,5 +1,6 @@
-"""bench/large_merge.py and bench/first_run.py in their --smoke modes (tiny widths on the CPU: the
-scripts as the GPU run uses them), and the throughput model's arithmetic."""
+"""bench/large_merge.py and bench/first_run.py in their --smoke modes and bench/adapter_read.py
+--small (tiny widths on the CPU: the scripts as the GPU run uses them), and the throughput model's
+arithmetic."""
 import json
 import os
 import subprocess
@@ -74,3 +75,13 @@ def test_throughput_model_names_the_bound():
     # the 70B plan: 28 shards of at most 5 GB; one rank holds them all, 16 ranks split them unevenly
     f = large_merge.imbalance(large_merge.LLAMA_70B, large_merge.BUDGETS)
     assert f["shards"] == 28 and f[1] == 1.0 and 1.0 < f[16] < 1.3
+
+
+def test_adapter_read_small(tmp_path):
+    run = script("adapter_read.py", "--small", "--out", str(tmp_path), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    res = json.loads(next(tmp_path.glob("adapter-read-small-*.json")).read_text())
+    threads = [row["threads"] for row in res["rows"]]
+    assert threads[0] == 1 and threads[-1] == res["cores"] and threads == sorted(set(threads))
+    assert all(row["full_model_GBps"] > 0 and row["adapter_GBps"] > 0 for row in res["rows"])
+    assert res["model"]["rank"] == 16 and res["model"]["layers"] == 2
