@@ -11,7 +11,9 @@ not the disk's): a Llama-2-7B-wide base of --layers decoder layers (bf16), one f
 the same shapes, and one LoRA adapter of rank 16 (float32 factors, PEFT's default) on q, k, v, o,
 gate, up and down. For 1, 2, 4, ... threads up to the machine's cores, every decoder tensor is
 read in the engine's pieces (the adapter's own pieces; 16 MiB for the full model) into host
-memory, as the engine's reader threads do: GB/s of tensor bytes delivered.
+memory, as the engine's reader threads do (each thread's torch ops on that thread): GB/s of tensor
+bytes delivered; and the adapter once more with torch's intra-op threads, as the readers ran
+before they were made serial.
 """
 import argparse
 import json
@@ -68,9 +70,11 @@ def write_inputs(root: Path, arch: dict) -> tuple[Path, Path, Path]:
     return tuple(folders)
 
 
-def rate(model, threads: int, piece: int) -> float:
+def rate(model, threads: int, piece: int, serial: bool = True) -> float:
     """GB/s of tensor bytes read by `threads` threads; each tensor read in its pieces (the adapter's
-    derived tensors: their own; others: `piece` bytes) into one buffer of its size."""
+    derived tensors: their own; others: `piece` bytes) into one buffer of its size. serial: each
+    thread's torch ops on that thread alone, as the engine's readers run them; else spread over
+    torch's intra-op threads."""
     infos = list(model.tensors.values())
     bufs = {info.name: torch.empty(info.nbytes, dtype=torch.uint8) for info in infos}
     jobs = []
@@ -85,7 +89,9 @@ def rate(model, threads: int, piece: int) -> float:
         model.read_into(info, bufs[info.name], begin, end)
         return end - begin
 
-    with ThreadPoolExecutor(threads) as pool:
+    from neurokern.engine.executor import serial_torch_thread
+
+    with ThreadPoolExecutor(threads, initializer=serial_torch_thread if serial else None) as pool:
         list(pool.map(read, jobs[:threads]))  # thread start-up and first-touch of the buffers' pages, untimed
         for buf in bufs.values():
             buf.fill_(0)
@@ -123,9 +129,12 @@ def main() -> None:
         for threads in counts:
             full = rate(tuned, threads, piece)
             derived = rate(adapter, threads, piece)
+            spread = rate(adapter, threads, piece, serial=False)
             rows.append({"threads": threads, "full_model_GBps": round(full / GB, 3),
-                         "adapter_GBps": round(derived / GB, 3), "adapter_vs_full": round(derived / full, 3)})
-            print(f"{threads:3d} threads: full model {full / GB:6.2f} GB/s, adapter (formed) {derived / GB:6.2f} GB/s")
+                         "adapter_GBps": round(derived / GB, 3), "adapter_vs_full": round(derived / full, 3),
+                         "adapter_intra_op_threads_GBps": round(spread / GB, 3)})
+            print(f"{threads:3d} threads: full model {full / GB:6.2f} GB/s, adapter (formed) {derived / GB:6.2f} GB/s, "
+                  f"with torch's intra-op threads {spread / GB:6.2f} GB/s")
     result = {"bench": "adapter_read", "device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "command": "bench/adapter_read.py" + (" --small" if args.small else ""),
               "model": {"shape": "small" if args.small else "Llama-2-7B widths", **arch, "rank": RANK,

@@ -18,6 +18,14 @@ from neurokern.engine.sources import TensorInfo, TensorSource
 from neurokern.engine.timing import Recorder
 
 
+def serial_torch_thread() -> None:
+    """Each reader thread's torch work (an adapter's ΔW product and sum, a dtype conversion) stays
+    on that thread: otherwise every reader spreads each op over all the cores, and on a 16-core GPU
+    machine 16 readers formed adapted weights more slowly than 4 did (1.45 against 2.26 GB/s,
+    bench/results/adapter-read-x86_64-16cores.json)."""
+    torch.set_num_threads(1)
+
+
 @dataclass
 class Batch:
     """One unit's inputs where the method runs: base and fine-tuned tensors by name."""
@@ -190,7 +198,9 @@ class Reader:
         self.slots = _Slots(HOST_SLOTS, plan.unit_cap + padding, "input buffers", device, self.recorder)
         if self.slots.pin:
             self.slots.prepare()
-        self.pool = ThreadPoolExecutor(max_workers=settings.read_threads, thread_name_prefix="neurokern-read")
+        self.intra_op_threads = torch.get_num_threads()
+        self.pool = ThreadPoolExecutor(max_workers=settings.read_threads, thread_name_prefix="neurokern-read",
+                                       initializer=serial_torch_thread)
         self.bytes_read = 0  # input bytes of the units submitted (one producer thread at a time adds)
 
     def _read(self, source: TensorSource, info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
@@ -229,6 +239,8 @@ class Reader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        # torch keeps the last count set, from any thread, for threads that start later: the caller's again
+        torch.set_num_threads(self.intra_op_threads)
         self.slots.close()
 
 

@@ -1,6 +1,8 @@
 """The read-ahead pipeline gives every host slot back, however an iteration ends: abandoned
 iterations, later passes and many small units under a tiny budget never wait forever. Each test
 runs under a watchdog, so a deadlock fails the test instead of hanging the suite."""
+import threading
+
 import pytest
 import torch
 
@@ -155,3 +157,32 @@ def test_torch_profiler_shows_the_engine_blocks(models, tmp_path):
             assert counts.get(f"neurokern: {block}", 0) > 0, (block, sorted(k for k in counts if "neurokern" in k))
     assert counts["neurokern: headers + plan"] == 1
     assert read_dir(tmp_path / "out-False") == read_dir(tmp_path / "out-True")
+
+
+def test_readers_run_torch_serially_and_leave_the_callers_thread_count(models, tmp_path):
+    """The reader threads' torch ops stay on their own thread (one intra-op thread each); after
+    the merge, the calling thread and threads started later have the count the caller had."""
+    from neurokern.engine import executor
+
+    before = torch.get_num_threads()
+    seen = []
+
+    class Probe(Model):
+        def read_into(self, info, out, begin=0, end=None):
+            seen.append(torch.get_num_threads())
+            return super().read_into(info, out, begin, end)
+
+    p, _, stager = _setup(models)
+    reader = executor.Reader(p, [Model(models / "base", "base_model")]
+                             + [Probe(models / f"task_{t}", f"models[{t}]") for t in range(3)], torch.device("cpu"))
+    try:
+        within(WATCHDOG_S, lambda: [None for _ in batches(p, p.units, reader, stager)])
+    finally:
+        reader.close()
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before
+    later = []
+    thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert later == [before]
