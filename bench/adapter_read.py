@@ -71,25 +71,20 @@ def write_inputs(root: Path, arch: dict) -> tuple[Path, Path, Path]:
 
 
 def rate(model, threads: int, piece: int, serial: bool = True) -> float:
-    """GB/s of tensor bytes read by `threads` threads; each tensor read in its pieces (the adapter's
-    derived tensors: their own; others: `piece` bytes) into one buffer of its size. serial: each
-    thread's torch ops on that thread alone, as the engine's readers run them; else spread over
-    torch's intra-op threads."""
+    """GB/s of tensor bytes read by `threads` threads; each tensor read in the engine's jobs
+    (executor.read_spans: the adapter's derived tensors in their own pieces; others in `piece`
+    bytes) into one buffer of its size. serial: each thread's torch ops on that thread alone, as
+    the engine's readers run them; else spread over torch's intra-op threads."""
+    from neurokern.engine.executor import read_spans, serial_torch_thread
+
     infos = list(model.tensors.values())
     bufs = {info.name: torch.empty(info.nbytes, dtype=torch.uint8) for info in infos}
-    jobs = []
-    for info in infos:
-        derive = getattr(info, "derive", None)
-        spans = derive.pieces() if derive is not None and hasattr(derive, "pieces") else \
-            [(at, min(at + piece, info.nbytes)) for at in range(0, info.nbytes, piece)]
-        jobs += [(info, begin, end) for begin, end in spans]
+    jobs = [(info, begin, end) for info in infos for begin, end in read_spans(info, piece)]
 
     def read(job):
         info, begin, end = job
         model.read_into(info, bufs[info.name], begin, end)
         return end - begin
-
-    from neurokern.engine.executor import serial_torch_thread
 
     with ThreadPoolExecutor(threads, initializer=serial_torch_thread if serial else None) as pool:
         list(pool.map(read, jobs[:threads]))  # thread start-up and first-touch of the buffers' pages, untimed
@@ -135,8 +130,9 @@ def main() -> None:
                          "adapter_intra_op_threads_GBps": round(spread / GB, 3)})
             print(f"{threads:3d} threads: full model {full / GB:6.2f} GB/s, adapter (formed) {derived / GB:6.2f} GB/s, "
                   f"with torch's intra-op threads {spread / GB:6.2f} GB/s")
-    result = {"bench": "adapter_read", "device": "cpu", "cpu": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__,
-              "date": time.strftime("%Y-%m-%d"), "command": "bench/adapter_read.py" + (" --small" if args.small else ""),
+    result = {"bench": "adapter_read", "device": "cpu", "cpu": platform.processor() or platform.machine(),
+              "cores": cores, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+              "command": "bench/adapter_read.py" + (" --small" if args.small else ""),
               "model": {"shape": "small" if args.small else "Llama-2-7B widths", **arch, "rank": RANK,
                         "factors": "float32", "weights": "bfloat16",
                         "piece_bytes": EngineSettings.adapter_piece_bytes},

@@ -26,6 +26,22 @@ def serial_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+def read_spans(info: TensorInfo, piece: int) -> list[tuple[int, int]]:
+    """The byte ranges of a tensor that the readers read as jobs of their own: a derived tensor's
+    own pieces (a LoRA-adapted weight, a conversion), a pickled tensor whole (one copy from the
+    loaded checkpoint), a stored one in pieces that end at multiples of `piece` in its file."""
+    if info.derive is not None:
+        return info.derive.pieces()
+    if info.start < 0:
+        return [(0, info.nbytes)]
+    spans, at, stop = [], info.start, info.start + info.nbytes
+    while at < stop:
+        end = min(stop, (at // piece + 1) * piece)
+        spans.append((at - info.start, end - info.start))
+        at = end
+    return spans
+
+
 @dataclass
 class Batch:
     """One unit's inputs where the method runs: base and fine-tuned tensors by name."""
@@ -218,17 +234,8 @@ class Reader:
                 dest = slot[offset:offset + info.nbytes]
                 offset += info.nbytes
                 offset += -offset % 16  # keep every tensor view aligned
-                if info.derive is not None:  # computed when read (a LoRA-adapted weight): its own pieces
-                    for begin, end in info.derive.pieces():
-                        jobs.append(self.pool.submit(self._read, m, info, dest, begin, end))
-                elif info.start < 0:  # pickled: one copy from the loaded checkpoint
-                    jobs.append(self.pool.submit(self._read, m, info, dest, 0, info.nbytes))
-                else:  # pieces end at multiples of the piece size in the file
-                    at, stop = info.start, info.start + info.nbytes
-                    while at < stop:
-                        end = min(stop, (at // self.piece + 1) * self.piece)
-                        jobs.append(self.pool.submit(self._read, m, info, dest, at - info.start, end - info.start))
-                        at = end
+                for begin, end in read_spans(info, self.piece):
+                    jobs.append(self.pool.submit(self._read, m, info, dest, begin, end))
                 typed[name] = (dest.view(info.dtype).view(info.shape) if info.nbytes else
                                torch.empty(info.shape, dtype=info.dtype))
             tensors.append(typed)

@@ -31,7 +31,8 @@ def test_alternates_the_two_trees(tmp_path):
             tar.add(path, arcname=str(path.relative_to(old)))
     out, order = tmp_path / "out", tmp_path / "order.txt"
     unpacked = tmp_path / "unpacked"
-    env = dict(os.environ, OUT=str(out), BUILD="0", APPEND_OUT="1", ORDER_FILE=str(order), BASELINE_DIR=str(unpacked))
+    env = dict(os.environ, OUT=str(out), BUILD="0", APPEND_OUT="1", ORDER_FILE=str(order),
+               BASELINE_DIR=str(unpacked))
     env.pop("PYTHONPATH", None)
     run = subprocess.run(["bash", str(ROOT / "bench" / "compare_baseline.sh"), str(archive), "bench/probe.py --x 1", "2"],
                          cwd=head, env=env, capture_output=True, text=True, timeout=120)
