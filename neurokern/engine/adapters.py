@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -207,30 +208,71 @@ def read_rows(info: TensorInfo, first: int, last: int) -> torch.Tensor:
 
 
 def delta_rows(A: torch.Tensor, B: torch.Tensor, scale: float, transposed: bool,
-               rows: Optional[slice] = None) -> torch.Tensor:
+               rows: Optional[slice] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rows of ΔW = scale·B·A (or of its transpose), as PEFT's get_delta_weight computes them on a
     CPU: the product of the factors (upcast to float32 when half-precision), times scale, in the
-    factors' dtype."""
+    factors' dtype. out: a contiguous float32 buffer the product is formed in (at least its numel;
+    the result is then a view of it when the factors are float32)."""
     dtype = B.dtype
     if dtype in (torch.float16, torch.bfloat16):
         A, B = A.float(), B.float()
     rows = rows or slice(None)
-    delta = (B @ A[:, rows]).T if transposed else B[rows] @ A
+    left, right = (B, A[:, rows]) if transposed else (B[rows], A)
+    if out is not None and left.dtype == torch.float32:
+        product = torch.mm(left, right, out=out[:left.shape[0] * right.shape[1]].view(left.shape[0], right.shape[1]))
+    else:
+        product = left @ right
+    delta = product.T if transposed else product
     return delta.mul_(scale).to(dtype)
 
 
-def add_delta(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -> torch.Tensor:
-    """weight_rows + ΔW rows in the weight's dtype, as PEFT's merge adds them: an in-place add (the
-    sum formed in the wider of the two dtypes, rounded once to the weight's); an embedding's ΔW is
-    rounded to the weight's dtype first."""
+def add_delta_(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -> torch.Tensor:
+    """weight_rows += ΔW rows, in place, as PEFT's merge adds them (the sum formed in the wider of
+    the two dtypes, rounded once to the weight's); an embedding's ΔW is rounded to the weight's
+    dtype first. delta, a product formed for this, may be overwritten. Returns weight_rows."""
     if embedding:
-        delta = delta.to(weight_rows.dtype)
-    if torch.promote_types(weight_rows.dtype, delta.dtype) == delta.dtype:
-        # delta, a product of this piece, holds the sum (addition commutes exactly): no copy of the rows
-        return delta.add_(weight_rows).to(weight_rows.dtype).contiguous()
-    out = weight_rows.clone()
-    out += delta
-    return out
+        weight_rows += delta.to(weight_rows.dtype)
+    elif torch.promote_types(weight_rows.dtype, delta.dtype) == delta.dtype:
+        # the sum formed in delta (addition commutes exactly), then rounded into the rows: a
+        # CPU's in-place add of a wider dtype into bfloat16 rows takes 1.5x as long
+        weight_rows.copy_(delta.add_(weight_rows))
+    else:
+        weight_rows += delta
+    return weight_rows
+
+
+def add_delta(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -> torch.Tensor:
+    """add_delta_ on a copy of weight_rows (delta may be overwritten)."""
+    return add_delta_(weight_rows.clone(), delta, embedding)
+
+
+# A CPU BLAS forms a product of a few rows (or columns) another way than the whole matrix's: a row
+# of B[:3] @ A differs in its last bits from the same row of B @ A, which PEFT forms, while blocks
+# of a multiple of 16 rows or columns come out as the whole product's (tests/engine/
+# test_adapter_math.py checks it on the machine it runs on). A piece's ΔW is formed over such a
+# block, or over all rows, and the piece's rows taken from it.
+PRODUCT_BLOCK = 16
+
+
+def product_rows(first: int, last: int, rows: int) -> tuple[int, int]:
+    """The rows [lo, hi) of ΔW whose product holds rows [first, last) of a tensor of `rows` rows:
+    a multiple of PRODUCT_BLOCK of them, or all."""
+    n = min(rows, -(-(last - first) // PRODUCT_BLOCK) * PRODUCT_BLOCK)
+    lo = max(0, min(first, rows - n))
+    return lo, lo + n
+
+
+_work = threading.local()
+
+
+def _work_buffer(numel: int) -> torch.Tensor:
+    """This thread's float32 buffer of at least numel elements, kept for its next piece: a reader
+    thread forms ΔW's product there instead of asking the allocator for megabytes per piece (16
+    threads that did so on a 16-core machine formed weights at a third of 4 threads' rate)."""
+    buf = getattr(_work, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _work.buf = torch.empty(numel, dtype=torch.float32)
+    return buf
 
 
 class LoraDelta:
@@ -241,7 +283,7 @@ class LoraDelta:
         self.weight, self.module = weight, module
         rows, cols = weight.shape
         self.row_bytes = cols * weight.dtype.itemsize
-        self.rows_per_piece = max(1, piece_bytes // max(1, 4 * cols))
+        self.rows_per_piece = max(1, piece_bytes // max(1, 4 * cols) // PRODUCT_BLOCK) * PRODUCT_BLOCK
         self.rows = rows
 
     def pieces(self) -> list[tuple[int, int]]:
@@ -254,34 +296,43 @@ class LoraDelta:
         if begin >= end:
             return
         first, last = begin // self.row_bytes, -(-end // self.row_bytes)
-        if self.weight.derive is not None:  # a replacement stored in another dtype: converted whole
+        at = first * self.row_bytes  # where the rows begin
+        dtype = self.weight.dtype
+        in_place = (at == begin and last * self.row_bytes == end and self.weight.derive is None
+                    and (out.data_ptr() + begin) % dtype.itemsize == 0)
+        if in_place:  # whole rows: the base's read straight into out, ΔW added there
+            read_into(self.weight, out, begin, end)
+            rows = out[begin:end].view(dtype).view(last - first, -1)
+        elif self.weight.derive is not None:  # a replacement stored in another dtype: converted whole
             whole = torch.empty(self.weight.nbytes, dtype=torch.uint8)
             self.weight.derive.read(whole, 0, self.weight.nbytes)
-            rows = whole.view(self.weight.dtype).view(self.rows, -1)[first:last]
+            rows = whole.view(dtype).view(self.rows, -1)[first:last]
         else:
             rows = read_rows(self.weight, first, last)
         m = self.module
+        lo, hi = product_rows(first, last, self.rows)
+        work = _work_buffer((hi - lo) * rows.shape[1])
         if m.transposed:  # ΔW's rows are columns of A: both factors whole
             A, B = factors(m)
-            delta = delta_rows(A, B, m.scale, True, slice(first, last))
+            delta = delta_rows(A, B, m.scale, True, slice(lo, hi), out=work)
         else:
-            A, B = factors(m, slice(first, last))
-            delta = delta_rows(A, B, m.scale, False)
-        merged = add_delta(rows, delta, m.embedding)
-        data = merged.view(-1).view(torch.uint8)
-        out[begin:end].copy_(data[begin - first * self.row_bytes: end - first * self.row_bytes])
+            A, B = factors(m, slice(lo, hi))
+            delta = delta_rows(A, B, m.scale, False, out=work)
+        add_delta_(rows, delta[first - lo:last - lo], m.embedding)
+        if not in_place:
+            out[begin:end].copy_(rows.view(-1).view(torch.uint8)[begin - at:end - at])
 
     def work_bytes(self) -> int:
-        """Memory a read of one piece takes besides the destination: the rows as stored and merged,
-        two float32 products, the factors read (A whole; B's rows of the piece, or B whole when
-        transposed) and their float32 copies when half-precision, and a converted replacement
-        weight read whole."""
+        """Memory a read of one piece takes besides the destination: the thread's float32 product,
+        the rows (when not read in place) and ΔW rounded to a half-precision dtype, the factors
+        read (A whole; B's rows of the piece, or B whole when transposed) and their float32 copies
+        when half-precision, and a converted replacement weight read whole."""
         rows = min(self.rows_per_piece, self.rows)
         cols = self.row_bytes // self.weight.dtype.itemsize
         A, B = self.module.A, self.module.B
         b_numel = B.numel if self.module.transposed else rows * (B.numel // B.shape[0])
         factors_bytes = (A.numel + b_numel) * (A.dtype.itemsize + (4 if A.dtype.itemsize < 4 else 0))
-        work = 2 * rows * cols * 4 + 2 * rows * self.row_bytes + factors_bytes
+        work = rows * cols * 4 + 2 * rows * self.row_bytes + factors_bytes
         if self.weight.derive is not None:
             work += self.weight.nbytes + self.weight.derive.work_bytes()
         return work

@@ -99,6 +99,34 @@ def test_adapter_reads_as_merge_and_unload(setup):
         assert len(changed) == 2 * len(TARGETS)  # every adapted weight moved, nothing else
 
 
+def test_engine_source_reads_any_byte_range_as_merge_and_unload(setup):
+    """The engine's source of an adapter (AdapterModel) gives PEFT's merged bytes read whole, in its
+    own pieces, in whole rows a few at a time (read in place into the destination), and in ranges
+    that cut rows or begin at an odd byte (formed aside, then copied), into a buffer at an odd
+    address too."""
+    from neurokern.engine.adapters import AdapterModel
+    from neurokern.engine.sources import Model
+
+    base, root = setup["base"], setup["root"]
+    path = setup["paths"][1]
+    ref = merged_and_unloaded(base, path)
+    model = AdapterModel(path, "models[0]", Model(root / "base", "base_model"))
+    derived = [info for info in model.tensors.values() if info.derive is not None]
+    assert len(derived) == 2 * len(TARGETS)
+    for info in derived:
+        want = ref[info.name].contiguous().view(-1).view(torch.uint8)
+        row = info.nbytes // info.shape[0]
+        rows = [(at, min(at + 3 * row, info.nbytes)) for at in range(0, info.nbytes, 3 * row)]
+        cuts = sorted({0, info.nbytes, 1, 7, info.nbytes // 3, info.nbytes // 2 + 1, info.nbytes - 3})
+        for spans in ([(0, info.nbytes)], info.derive.pieces(), rows, list(zip(cuts, cuts[1:]))):
+            for shift in (0, 1):
+                buf = torch.full((info.nbytes + shift,), 0xAB, dtype=torch.uint8)
+                out = buf[shift:]
+                for begin, end in spans:
+                    model.read_into(info, out, begin, end)
+                assert torch.equal(out, want), (info.name, spans[:3], shift)
+
+
 @pytest.mark.parametrize("method,params", [
     ("task_arithmetic", {"weights": WEIGHTS}),
     ("ties", {"density": 0.4, "weights": WEIGHTS}),
@@ -163,7 +191,8 @@ def test_plan_counts_the_work_of_derived_reads(setup, tmp_path, method):
              for merge_method in (method, "ties") for models in ([str(p) for p in paths], full)]
     adapters, fulls, _, fulls_ties = (plan.estimate(cuda=False)["host"] for plan in plans)
     rows, cols = 16, 24  # the widest adapted weight: down_proj, [16, 24]; all its rows fit one piece
-    work = 2 * rows * cols * 4 + 2 * rows * cols * 4 + 4 * (4 * 24 + 16 * 4)
+    # the float32 product; the rows (fp32 weights) and a cast ΔW; A [4, 24] and B's rows [16, 4], fp32
+    work = rows * cols * 4 + 2 * rows * cols * 4 + 4 * (4 * 24 + 16 * 4)
     assert {m.r for a in map(read_adapter, paths) for m in a.modules.values()} == {4}
     assert adapters - fulls == settings.read_threads * work
     method_work = METHODS[method].work_bytes(len(paths))
