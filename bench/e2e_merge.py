@@ -172,6 +172,9 @@ def drop_caches(files: list[Path]) -> str:
 
 WARM_MERGEKIT = ("import torch, mergekit.merge, mergekit.scripts.run_yaml, transformers\n"
                  "if torch.cuda.is_available(): torch.zeros(1, device='cuda')")
+# the same for neurokern: its libraries read into the page cache, as they are on a machine where it ran before
+WARM_NEUROKERN = ("import torch, triton, neurokern.cli, neurokern.engine, neurokern.ops\n"
+                  "if torch.cuda.is_available(): torch.zeros(1, device='cuda')")
 COLD = ("input files evicted from the page cache (sync, then posix_fadvise(DONTNEED) on each); the libraries "
         "(and Triton's kernel cache) warm from an earlier run, as on a machine where the tool ran before")
 

@@ -19,7 +19,7 @@ Steps (each prints a line; the JSON is rewritten after each):
     and GPU memory, NEUROKERN_PROFILE's breakdown;
  3. real files: as many 70B-width layers as --max-disk-gb holds (base + 3 fine-tuned on disk, plus
     both outputs), the cold read floor, `neurokern merge` with the inputs evicted from the page
-    cache, and mergekit 0.1.5 (`mergekit-yaml --gpu-rich`) on the same files and config when it
+    cache (its libraries read back first, as mergekit's are; NEUROKERN_PROFILE's breakdown), and mergekit 0.1.5 (`mergekit-yaml --gpu-rich`) on the same files and config when it
     imports (bench/e2e_merge.py's runner: wheels in .whl/ are installed for it), and how far apart
     the outputs are;
  4. the throughput model (docs/large-models.md): wall time of a full 70B merge on 1, 2, 8 GPUs and
@@ -215,8 +215,11 @@ def files_step(args, arch: dict, work: Path, device, env: dict, left, budgets: d
     cfg_path = work / "files-ties.yaml"
     cfg_path.write_text(yaml.safe_dump(config("ties", str(folders[0]), [str(f) for f in folders[1:]]), sort_keys=False))
     extra = ["--memory-budget", budgets["memory_budget"], "--host-memory-budget", budgets["host_memory_budget"]]
+    # the read floor dropped every cached page, the libraries' too: read them again first, as for mergekit
+    subprocess.run([sys.executable, "-c", e2e.WARM_NEUROKERN], env=env, capture_output=True)
     e2e.evict(files)
-    r = e2e.neurokern_merge(cfg_path, work / "nk-ties", env, device.type, extra, timeout=max(60.0, left()))
+    r = e2e.neurokern_merge(cfg_path, work / "nk-ties", env if args.no_profile else dict(env, NEUROKERN_PROFILE="1"),
+                            device.type, extra, timeout=max(60.0, left()))
     info["neurokern_ties"] = r
     if r["rc"] == 0:
         info["neurokern_ties_s"] = r["wall_s"]
@@ -370,8 +373,10 @@ def main() -> int:
                     help=f"host budget (default {BUDGETS['host_memory_budget']})")
     ap.add_argument("--pool-mb", type=int, default=64, help="generator pool per model and dtype, MiB")
     ap.add_argument("--skip-files", action="store_true")
+    ap.add_argument("--synthetic-from", default="", metavar="JSON",
+                    help="skip steps 1-2: take their figures from an earlier large-<gpu>.json of this machine")
     ap.add_argument("--skip-mergekit", action="store_true")
-    ap.add_argument("--no-profile", action="store_true", help="no NEUROKERN_PROFILE breakdown of the generated run")
+    ap.add_argument("--no-profile", action="store_true", help="no NEUROKERN_PROFILE breakdown of the generated run and of the file run")
     ap.add_argument("--smoke", action="store_true", help="tiny widths: checks the script on any machine")
     ap.add_argument("--model-only", default="", metavar="JSON", help="write large-model.md from a results file")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -427,9 +432,20 @@ def main() -> int:
     log(f"device {name}; work {work} ({res['work_fs']}); results {result_path}")
     try:
         res["imbalance"] = {str(k): round(v, 4) for k, v in imbalance(arch, budgets).items()}
-        rate = source_rate(arch, pool_bytes)
-        res["source_rate_GBps"] = round(rate / GB, 2)
-        log(f"generator alone: {rate / GB:.2f} GB/s into host memory (16 threads)")
+        if args.synthetic_from:  # steps 1-2 as an earlier run on this machine measured them
+            earlier = json.loads(Path(args.synthetic_from).read_text())
+            if earlier.get("device") != name or earlier.get("model", {}).get("arch") != arch:
+                ap.error(f"--synthetic-from {args.synthetic_from}: measured on {earlier.get('device')} at other "
+                         f"widths; this run is {name}")
+            for key in ("source_rate_GBps", "synthetic", "synthetic_runs"):
+                res[key] = earlier.get(key)
+            res["notes"].append(f"steps 1-2 (generated inputs) from {Path(args.synthetic_from).name}, measured "
+                                f"{earlier.get('date')} on the same device kind")
+            methods = []
+        else:
+            rate = source_rate(arch, pool_bytes)
+            res["source_rate_GBps"] = round(rate / GB, 2)
+            log(f"generator alone: {rate / GB:.2f} GB/s into host memory (16 threads)")
         save()
 
         base_spec = {"device": device.type, "budgets": budgets, "pool_bytes": pool_bytes, "out": str(work / "discarded")}

@@ -44,6 +44,28 @@ def test_large_merge_smoke(tmp_path):
     # the model again from the JSON alone: the same file
     again = script("large_merge.py", "--model-only", str(tmp_path / "out" / "large-cpu-smoke.json"), cwd=tmp_path)
     assert again.returncode == 0 and (tmp_path / "out" / "large-model-cpu-smoke.md").read_text() == md
+    assert "process age at merge_models" in files["neurokern_ties"]["profile"]
+
+
+def test_large_merge_files_only(tmp_path):
+    """--synthetic-from: steps 1-2 taken from an earlier results file, only the files step runs."""
+    earlier = tmp_path / "earlier.json"
+    arch = large_merge.SMOKE
+    synthetic = {"layers": arch["layers"], "method": "ties", "input_GBps": 1.5}
+    earlier.write_text(json.dumps({"device": "cpu", "date": "2026-01-01", "model": {"arch": arch},
+                                   "source_rate_GBps": 9.0, "synthetic": synthetic, "synthetic_runs": {"ties": synthetic}}))
+    run = script("large_merge.py", "--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"),
+                 "--skip-mergekit", "--synthetic-from", str(earlier), cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "generator alone" not in run.stdout and "probe run" not in run.stdout
+    res = json.loads((tmp_path / "out" / "large-cpu-smoke.json").read_text())
+    assert res["synthetic"] == synthetic and res["source_rate_GBps"] == 9.0 and "earlier.json" in res["notes"][0]
+    assert res["files"]["neurokern_ties"]["rc"] == 0 and res["pipeline_over_disk"] > 0
+    assert "1.50 GB/s of input" in (tmp_path / "out" / "large-model-cpu-smoke.md").read_text()
+    earlier.write_text(json.dumps({"device": "another GPU", "model": {"arch": arch}}))
+    wrong = script("large_merge.py", "--smoke", "--out", str(tmp_path / "out2"), "--synthetic-from", str(earlier),
+                   cwd=tmp_path)
+    assert wrong.returncode == 2 and "measured on another GPU" in wrong.stderr
 
 
 def test_first_run_smoke(tmp_path):
