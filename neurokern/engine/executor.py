@@ -26,6 +26,14 @@ def serial_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
+# Derived tensors (a LoRA adapter's weights, formed by the thread that reads them) are formed by at
+# most this many reader threads at once: each piece runs a dozen torch calls between which the thread
+# needs the GIL, and on an H100 machine's 16 cores 8 threads formed 2.38 GB/s, 16 threads 1.15
+# (bench/results/adapter-read-x86_64-16cores.json); on 2 cores 2 threads beat 1. Stored tensors are
+# read by all settings.read_threads.
+DERIVED_READERS = 8
+
+
 def read_spans(info: TensorInfo, piece: int) -> list[tuple[int, int]]:
     """The byte ranges of a tensor that the readers read as jobs of their own: a derived tensor's
     own pieces (a LoRA-adapted weight, a conversion), a pickled tensor whole (one copy from the
@@ -218,9 +226,14 @@ class Reader:
         self.pool = ThreadPoolExecutor(max_workers=settings.read_threads, thread_name_prefix="neurokern-read",
                                        initializer=serial_torch_thread)
         self.bytes_read = 0  # input bytes of the units submitted (one producer thread at a time adds)
+        self.deriving = threading.BoundedSemaphore(DERIVED_READERS)
 
     def _read(self, source: TensorSource, info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
-        with self.recorder.busy("read", end - begin):
+        if info.derive is None:
+            with self.recorder.busy("read", end - begin):
+                source.read_into(info, dest, begin, end)
+            return
+        with self.deriving, self.recorder.busy("read", end - begin):
             source.read_into(info, dest, begin, end)
 
     def _load(self, unit: Unit, slot: Tensor) -> Loading:

@@ -21,7 +21,7 @@ from neurokern.engine import kernel_warmup, prefetch
 from neurokern.engine.adapters import CONFIG as ADAPTER_CONFIG
 from neurokern.engine.adapters import AdapterModel, is_adapter
 from neurokern.engine.distributed import Ranks, local_device
-from neurokern.engine.executor import Batch, Reader, Stager, _Slots, batches
+from neurokern.engine.executor import DERIVED_READERS, Batch, Reader, Stager, _Slots, batches
 from neurokern.engine.files import fingerprint, side_files
 from neurokern.engine.plan import DEFAULT_BUDGET, OUT_SLOTS, Plan, describe, make_plan, plan_digest
 from neurokern.engine.settings import EngineSettings
@@ -157,8 +157,8 @@ class _Engine:
         self.out_dtype = DTYPES[cfg.dtype] if cfg.dtype else None  # the inputs are converted to it
         # what the output is written in: mergekit's out_dtype, else dtype
         written = DTYPES[cfg.out_dtype] if cfg.out_dtype else self.out_dtype
-        # every reader thread may be computing a piece of an adapter's tensor at once
-        derived_work = settings.read_threads * max(m.work_bytes() for m in self.models)
+        # up to DERIVED_READERS reader threads may be computing a piece of an adapter's tensor at once
+        derived_work = min(settings.read_threads, DERIVED_READERS) * max(m.work_bytes() for m in self.models)
         self.plan = make_plan(self.base, self.T + 1, written, cfg.out_shard_size, budget, host_budget, self.cuda,
                               host_option, self.spec.work_bytes(self.T), derived_work, settings.max_unit_bytes)
         self.digest = plan_digest(cfg.raw, cfg.method, cfg.params, self.models, self.plan)

@@ -186,3 +186,51 @@ def test_readers_run_torch_serially_and_leave_the_callers_thread_count(models, t
     thread.start()
     thread.join()
     assert later == [before]
+
+
+def test_derived_tensors_are_formed_by_a_few_readers_at_once(models, monkeypatch):
+    """Reads of derived tensors (formed on the reader's thread) run at most DERIVED_READERS at a
+    time, while stored tensors are read by all the reader threads."""
+    import time
+
+    from neurokern.engine import executor
+    from neurokern.engine.adapters import Cast
+    from neurokern.engine.sources import TensorInfo
+
+    monkeypatch.setattr(executor, "DERIVED_READERS", 2)
+    lock, running, most = threading.Lock(), [0], [0]
+
+    class SlowCast(Cast):
+        def read(self, out, begin, end):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.01)
+            super().read(out, begin, end)
+            with lock:
+                running[0] -= 1
+
+    class Derived(Model):
+        """A model whose every tensor is derived: its stored self, read through SlowCast."""
+        def __init__(self, path, label):
+            super().__init__(path, label)
+            self.tensors = {n: TensorInfo(n, i.dtype, i.shape, i.file, -1, i.nbytes, SlowCast(i, i.dtype))
+                            for n, i in self.tensors.items()}
+
+    p, _, stager = _setup(models)
+    tuned = [Derived(models / f"task_{t}", f"models[{t}]") for t in range(3)]
+    reader = executor.Reader(p, [Model(models / "base", "base_model")] + tuned, torch.device("cpu"),
+                             EngineSettings(read_threads=8))
+    try:
+        got = within(WATCHDOG_S, lambda: [{n: t.clone() for n, t in b.finetuned[0].items()}
+                                          for b in batches(p, p.units, reader, stager)])
+    finally:
+        reader.close()
+    assert most[0] == 2
+    want = Model(models / "task_0", "models[0]")
+    for unit in got:
+        for name, t in unit.items():
+            info = want.tensors[name]
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+            want.read_into(info, buf)
+            assert torch.equal(t.contiguous().view(-1).view(torch.uint8), buf), name

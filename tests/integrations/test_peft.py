@@ -174,10 +174,12 @@ def test_yaml_bf16_mixed_with_a_full_model_and_small_pieces(setup, tmp_path):
 @pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
 def test_plan_counts_the_work_of_derived_reads(setup, tmp_path, method):
     """The host estimate of a merge of adapters is that of the same merge of full models plus the
-    read threads' work on derived tensors, which stays a few pieces however large the model; the
+    work of the read threads that may form derived tensors at once (DERIVED_READERS of the 16),
+    which stays a few pieces however large the model; the
     method's own temporaries (Method.work_bytes: breadcrumbs' exceed the default 16 bytes per
     element) are counted beside it."""
     from neurokern.engine.adapters import read_adapter
+    from neurokern.engine.executor import DERIVED_READERS
     from neurokern.engine.settings import EngineSettings
     from neurokern.methods import METHODS
     paths, base, root = setup["paths"], setup["base"], setup["root"]
@@ -194,9 +196,9 @@ def test_plan_counts_the_work_of_derived_reads(setup, tmp_path, method):
     # the float32 product; the rows (fp32 weights) and a cast ΔW; A [4, 24] and B's rows [16, 4], fp32
     work = rows * cols * 4 + 2 * rows * cols * 4 + 4 * (4 * 24 + 16 * 4)
     assert {m.r for a in map(read_adapter, paths) for m in a.modules.values()} == {4}
-    assert adapters - fulls == settings.read_threads * work
+    assert adapters - fulls == DERIVED_READERS * work  # the threads forming pieces at once, of 16 readers
     method_work = METHODS[method].work_bytes(len(paths))
-    assert plans[0].work_bytes == method_work and plans[0].derived_work == settings.read_threads * work
+    assert plans[0].work_bytes == method_work and plans[0].derived_work == DERIVED_READERS * work
     assert fulls - fulls_ties == (method_work - 16) * plans[1].max_numel
     assert method == "ties" or method_work > 16
 
