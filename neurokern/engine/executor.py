@@ -20,9 +20,8 @@ from neurokern.engine.timing import Recorder
 
 def serial_torch_thread() -> None:
     """Each reader thread's torch work (an adapter's ΔW product and sum, a dtype conversion) stays
-    on that thread: otherwise every reader spreads each op over all the cores, and on a 16-core GPU
-    machine 16 readers formed adapted weights more slowly than 4 did (1.45 against 2.26 GB/s,
-    bench/results/adapter-read-x86_64-16cores.json)."""
+    on that thread: otherwise every reader spreads each op over all the cores (16 readers, each
+    with 16 intra-op threads, on a 16-core GPU machine)."""
     torch.set_num_threads(1)
 
 

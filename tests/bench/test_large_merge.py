@@ -44,7 +44,7 @@ def test_large_merge_smoke(tmp_path):
     # the model again from the JSON alone: the same file
     again = script("large_merge.py", "--model-only", str(tmp_path / "out" / "large-cpu-smoke.json"), cwd=tmp_path)
     assert again.returncode == 0 and (tmp_path / "out" / "large-model-cpu-smoke.md").read_text() == md
-    assert "process age at merge_models" in files["neurokern_ties"]["profile"]
+    assert "process age at merge_models" in files["neurokern_ties"]["profile"] and files["neurokern_ties_first"]["rc"] == 0
 
 
 def test_large_merge_files_only(tmp_path):
