@@ -267,8 +267,8 @@ _work = threading.local()
 
 def _work_buffer(numel: int) -> torch.Tensor:
     """This thread's float32 buffer of at least numel elements, kept for its next piece: a reader
-    thread forms ΔW's product there instead of asking the allocator for megabytes per piece (16
-    threads that did so on a 16-core machine formed weights at a third of 4 threads' rate)."""
+    thread forms ΔW's product there instead of asking the allocator for megabytes per piece (on a
+    CPU the fresh 4 MB took almost as long to get as the product to compute)."""
     buf = getattr(_work, "buf", None)
     if buf is None or buf.numel() < numel:
         buf = _work.buf = torch.empty(numel, dtype=torch.float32)
