@@ -217,8 +217,10 @@ def test_peak_host_memory_does_not_grow_with_depth(tmp_path):
     # (thread stacks, the allocator's arenas); run to run, the figures vary by about 10 MB
     for run in runs.values():
         assert run["peak"] - run["before"] <= 64 * 2**20, runs
-    # 500 MB more input: were 5% of it kept, the merge's own growth would be 25 MB larger. Compared
-    # as growth from each process's resident memory before its merge, which itself differed by up
-    # to 49 MB between two processes of the same script
+    # 500 MB more input: were 5% of it kept, both the peak and the growth from the resident memory
+    # before the merge would be 25 MB larger at 24 layers. Either alone varies from process to
+    # process: the resident memory before the merge differed by up to 49 MB between two processes of
+    # the same script with peaks apart too, and by 40 MB with equal peaks (the libraries' pages
+    # resident or not when it was read, then touched again by the merge)
     growth = {layers: run["peak"] - run["before"] for layers, run in runs.items()}
-    assert growth[24] - growth[2] <= 20 * 2**20, runs
+    assert min(growth[24] - growth[2], deep["peak"] - shallow["peak"]) <= 20 * 2**20, runs
