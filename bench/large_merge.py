@@ -20,9 +20,10 @@ Steps (each prints a line; the JSON is rewritten after each):
  3. real files: as many 70B-width layers as --max-disk-gb holds (base + 3 fine-tuned on disk, plus
     both outputs), the cold read floor, `neurokern merge` twice with the inputs evicted from the page
     cache (its libraries read back first, as mergekit's are; the first run compiles the Triton
-    kernels on a fresh machine, the second is timed; NEUROKERN_PROFILE's breakdown), and mergekit 0.1.5 (`mergekit-yaml --gpu-rich`) on the same files and config when it
-    imports (bench/e2e_merge.py's runner: wheels in .whl/ are installed for it), and how far apart
-    the outputs are;
+    kernels on a fresh machine, the second is timed; NEUROKERN_PROFILE's breakdown), and mergekit
+    0.1.5 (`mergekit-yaml --gpu-rich`) on the same files and config when it imports
+    (bench/e2e_merge.py's runner: wheels in .whl/ are installed for it), and how far apart the
+    outputs are;
  4. the throughput model (docs/large-models.md): wall time of a full 70B merge on 1, 2, 8 GPUs and
     on 2 nodes as a function of disk and network bandwidth, from these figures, into
     large-model-<gpu>.md next to the JSON.

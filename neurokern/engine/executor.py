@@ -6,6 +6,7 @@ units of the first pass may stay on the device (within the budget) for the later
 import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -228,11 +229,8 @@ class Reader:
         self.deriving = threading.BoundedSemaphore(DERIVED_READERS)
 
     def _read(self, source: TensorSource, info: TensorInfo, dest: Tensor, begin: int, end: int) -> None:
-        if info.derive is None:
-            with self.recorder.busy("read", end - begin):
-                source.read_into(info, dest, begin, end)
-            return
-        with self.deriving, self.recorder.busy("read", end - begin):
+        gate = self.deriving if info.derive is not None else nullcontext()
+        with gate, self.recorder.busy("read", end - begin):
             source.read_into(info, dest, begin, end)
 
     def _load(self, unit: Unit, slot: Tensor) -> Loading:

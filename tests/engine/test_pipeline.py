@@ -190,7 +190,7 @@ def test_readers_run_torch_serially_and_leave_the_callers_thread_count(models, t
 
 def test_derived_tensors_are_formed_by_a_few_readers_at_once(models, monkeypatch):
     """Reads of derived tensors (formed on the reader's thread) run at most DERIVED_READERS at a
-    time, while stored tensors are read by all the reader threads."""
+    time, and give the bytes the stored tensors hold."""
     import time
 
     from neurokern.engine import executor
