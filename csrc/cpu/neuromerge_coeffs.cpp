@@ -12,7 +12,18 @@ namespace neurokern::cpu {
 namespace {
 
 // Cyclic Jacobi eigen-solve of the symmetric n x n matrix A (row-major, destroyed): eigenvalues
-// on A's diagonal, eigenvectors in V's columns.
+// on A's diagonal, eigenvectors in V's columns. From sweep SKIP_FROM_SWEEP on, an off-diagonal
+// entry too small to change either diagonal entry of its pair (|a_pp| + 100 |a_pq| == |a_pp|, and
+// likewise for a_qq) is set to zero instead of rotated away (Rutishauser's rule): rounding leaves
+// such entries in some rows just above the 1e-32 relative stopping test, and the sweeps then ran
+// to their limit of 100.
+constexpr int SKIP_FROM_SWEEP = 3;
+
+inline bool negligible(double apq, double app, double aqq) {
+  const double g = 100.0 * std::fabs(apq);
+  return std::fabs(app) + g == std::fabs(app) && std::fabs(aqq) + g == std::fabs(aqq);
+}
+
 void jacobi_eigen(std::vector<double>& A, std::vector<double>& V, int64_t n) {
   std::fill(V.begin(), V.end(), 0.0);
   for (int64_t i = 0; i < n; ++i) V[i * n + i] = 1.0;
@@ -27,6 +38,10 @@ void jacobi_eigen(std::vector<double>& A, std::vector<double>& V, int64_t n) {
     for (int64_t p = 0; p < n; ++p) {
       for (int64_t q = p + 1; q < n; ++q) {
         const double apq = A[p * n + q];
+        if (sweep >= SKIP_FROM_SWEEP && negligible(apq, A[p * n + p], A[q * n + q])) {
+          A[p * n + q] = A[q * n + p] = 0.0;
+          continue;
+        }
         if (apq == 0.0) continue;
         // Rotation that zeroes A[p, q]: t = tan(phi), the smaller root of t^2 + 2 theta t - 1 = 0.
         const double theta = (A[q * n + q] - A[p * n + p]) / (2.0 * apq);

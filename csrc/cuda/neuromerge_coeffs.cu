@@ -33,6 +33,17 @@ __device__ __forceinline__ double disjoint_mean(const double* x, int fallback) {
   return acc / (count > 0 ? count : 1);
 }
 
+// Rutishauser's rule, as the CPU kernel's jacobi_eigen: from sweep SKIP_FROM_SWEEP on, an
+// off-diagonal entry too small to change either diagonal entry of its pair is set to zero instead
+// of rotated (without it, the rows whose rounding stays above the stopping test ran 100 sweeps,
+// and with them every row of their warp).
+constexpr int SKIP_FROM_SWEEP = 3;
+
+__device__ __forceinline__ bool negligible(double apq, double app, double aqq) {
+  const double g = 100.0 * fabs(apq);
+  return fabs(app) + g == fabs(app) && fabs(aqq) + g == fabs(aqq);
+}
+
 template <int T>
 __device__ void jacobi(double (&A)[T][T], double (&V)[T][T]) {
 #pragma unroll
@@ -54,7 +65,9 @@ __device__ void jacobi(double (&A)[T][T], double (&V)[T][T]) {
 #pragma unroll
       for (int q = p + 1; q < T; ++q) {
         const double apq = A[p][q];
-        if (apq != 0.0) {
+        if (sweep >= SKIP_FROM_SWEEP && negligible(apq, A[p][p], A[q][q])) {
+          A[p][q] = A[q][p] = 0.0;
+        } else if (apq != 0.0) {
           const double theta = (A[q][q] - A[p][p]) / (2.0 * apq);
           const double t = (theta >= 0 ? 1.0 : -1.0) / (fabs(theta) + sqrt(theta * theta + 1.0));
           const double c = 1.0 / sqrt(t * t + 1.0), s = t * c;
