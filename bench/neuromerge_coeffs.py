@@ -3,7 +3,8 @@
 1.1B-shaped model: milliseconds per call for T = 2, 4 and 8 on the CPU kernel (and the CUDA
 kernel where a GPU is present), with how many rows the eigen-solve's sweeps reach.
 
-    python3 bench/neuromerge_coeffs.py [--rows 458752] [--out DIR]   # DIR/neuromerge-coeffs-<device>.json
+    python3 bench/neuromerge_coeffs.py [--rows 458752] [--devices cpu,cuda] [--out DIR]
+        # DIR/neuromerge-coeffs-<device>.json (the last device's name)
 
 The inputs are what neuron_stats gives the op: per row, the Gram of T task vectors, their dots with
 the pre-trained neuron and its squared norm, here from random rows of 256 columns (float64). The
@@ -58,9 +59,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=458752)
     ap.add_argument("--tasks", default="2,4,8")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--devices", default="cpu,cuda", help="of cpu and cuda, those to time (cuda where present)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    devices = [torch.device(d) for d in args.devices.split(",") if d == "cpu" or torch.cuda.is_available()]
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     report = {"bench": "neuromerge_coeffs", "rows": args.rows, "commit": commit or None, "torch": torch.__version__,
