@@ -2,8 +2,9 @@
 program, warps). Prints a table and writes bench/results/tune-triton-<gpu>.json (--tint:
 tune-triton-tint-<gpu>.json); the winners go into neurokern/ops/triton/common.py by hand.
 
-    python bench/tune_triton.py [--tasks 4] [--layers 22]   # TinyLlama-1.1B-shaped set, bf16:
-        weighted_sum_multi forward and backward, ties_merge_multi and dare_multi
+    python bench/tune_triton.py [--tasks 4] [--layers 22] [--sweeps ...]   # TinyLlama-1.1B-shaped
+        set, bf16: weighted_sum_multi forward and backward, ties_merge_multi (block and warps; blocks
+        a program and how many of them its loads run ahead), dare_multi
     python bench/tune_triton.py --tint [--tasks 8]           # a TintedModel's step on ViT-B/32's
         shared weights (bf16, layer-wise lambda: one weighted_sum and one weighted_sum_backward
         per shape group, per-row coefficients, as neurokern.tint.merged stacks them)
@@ -21,6 +22,8 @@ WARPS = (4, 8)
 FORWARD_BLOCKS = (1024, 2048, 4096)
 BACKWARD = [(512, 8192), (1024, 8192), (1024, 16384), (2048, 16384)]  # (RED_BLOCK, CHUNK)
 ELECTION_BLOCKS = (256, 512, 1024, 2048)
+TIES_PIPELINE = [(8, 0), (8, 1), (8, 2), (8, 4), (16, 1), (16, 2), (4, 1)]  # (TIES_ITERS, TIES_AHEAD)
+SWEEPS = ("ws_forward", "ws_backward", "ties_merge", "ties_pipeline", "dare")
 
 
 def sweep(name, nbytes, copy, configs, apply, fn, results):
@@ -113,23 +116,37 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     set_arguments(parser)
     parser.add_argument("--tint", action="store_true", help="sweep a TintedModel step's kernels (ViT-B/32 groups)")
+    parser.add_argument("--sweeps", default=",".join(SWEEPS), help=f"comma-separated, of {', '.join(SWEEPS)}")
     args = parser.parse_args()
+    chosen = set(args.sweeps.split(","))
     if args.tint:
         return tint_sweeps(args)
     st = list_set(args)
     print(f"{torch.cuda.get_device_name(st.device)}: {st.N / 1e9:.3f} B params x (1 + {st.T}); copy {st.copy:.0f} GB/s")
     keys = list(range(len(st.names) * st.T))
     results = {}
-    sweep("ws_forward", st.merge_bytes, st.copy, [(b, w) for b in FORWARD_BLOCKS for w in WARPS],
-          setter(BLOCK=None, NUM_WARPS=None), lambda: ops.weighted_sum_multi(st.base_list, st.ft_list, st.rows), results)
-    sweep("ws_backward", st.merge_bytes, st.copy, [(r, c, w) for r, c in BACKWARD for w in WARPS],
-          setter(RED_BLOCK=None, CHUNK=None, NUM_WARPS=None),
-          lambda: torch.ops.neurokern.weighted_sum_multi_backward(st.grads, st.base_list, st.ft_list, st.rows), results)
+    if "ws_forward" in chosen:
+        sweep("ws_forward", st.merge_bytes, st.copy, [(b, w) for b in FORWARD_BLOCKS for w in WARPS],
+              setter(BLOCK=None, NUM_WARPS=None), lambda: ops.weighted_sum_multi(st.base_list, st.ft_list, st.rows),
+              results)
+    if "ws_backward" in chosen:
+        sweep("ws_backward", st.merge_bytes, st.copy, [(r, c, w) for r, c in BACKWARD for w in WARPS],
+              setter(RED_BLOCK=None, CHUNK=None, NUM_WARPS=None),
+              lambda: torch.ops.neurokern.weighted_sum_multi_backward(st.grads, st.base_list, st.ft_list, st.rows),
+              results)
     election = [((b, b), w) for b in ELECTION_BLOCKS for w in (2,) + WARPS]
-    sweep("ties_merge", st.merge_bytes, st.copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
-          lambda: ops.ties_merge_multi(st.base_list, st.ft_list, [1.0] * st.T, st.trim), results)
-    sweep("dare", st.merge_bytes, st.copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
-          lambda: torch.ops.neurokern.dare_multi(st.base_list, st.ft_list, [0.3] * st.T, 0.5, keys), results)
+
+    def ties():
+        return ops.ties_merge_multi(st.base_list, st.ft_list, [1.0] * st.T, st.trim)
+    if "ties_merge" in chosen:
+        sweep("ties_merge", st.merge_bytes, st.copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None), ties,
+              results)
+    if "ties_pipeline" in chosen:
+        sweep("ties_pipeline", st.merge_bytes, st.copy, TIES_PIPELINE, setter(TIES_ITERS=None, TIES_AHEAD=None), ties,
+              results)
+    if "dare" in chosen:
+        sweep("dare", st.merge_bytes, st.copy, election, setter(ELECTION_BLOCKS=None, NUM_WARPS=None),
+              lambda: torch.ops.neurokern.dare_multi(st.base_list, st.ft_list, [0.3] * st.T, 0.5, keys), results)
     write_report(args.out, "tune-triton", st, sweeps=results)
 
 

@@ -80,6 +80,9 @@ ELECTION_BLOCKS = (4096, 4096) if interpreting() else (256, 256)  # T <= 4, T > 
 # Election blocks per program of the TIES merges (ties_merge, ties_merge_multi). H100, 1.1B set,
 # T=4 (ties_merge_multi): 4 -> 7.7 ms, 8 -> 7.2 ms; blocks of 512 or 1024 elements were slower.
 TIES_ITERS = 1 if interpreting() else 8
+# How many blocks ahead of the one computed the TIES merge loads (0: each block's loads just
+# before its arithmetic, after the store of the block before, which they waited for).
+TIES_AHEAD = 1
 
 
 def election_block(T: int) -> int:
@@ -228,12 +231,11 @@ def everywhere(BLOCK: tl.constexpr):
 
 
 @triton.jit
-def load_f32(ptr, offs, mask):
-    """float32(x[offs]). bfloat16 widens by a 16-bit shift (exact, as the cast): written out, two
-    elements packed in a 32-bit load widen in one integer op each, where the cast's conversion
-    takes two for the upper one (the TIES merge's loads; the other kernels keep the cast, which
-    needs fewer registers there)."""
-    x = tl.load(ptr + offs, mask=mask, other=0.0)
+def widen_f32(x):
+    """float32(x) of loaded values. bfloat16 widens by a 16-bit shift (exact, as the cast): written
+    out, two elements packed in a 32-bit load widen in one integer op each, where the cast's
+    conversion takes two for the upper one (the TIES merge's loads; the other kernels keep the
+    cast, which needs fewer registers there)."""
     if x.dtype == tl.bfloat16:
         y = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
     else:

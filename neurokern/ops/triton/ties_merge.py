@@ -37,7 +37,6 @@ from neurokern.ops.triton.common import (
     fail,
     grid_1d,
     is_nonfinite,
-    load_f32,
     markstein,
     parse_choice,
     scalar_params,
@@ -47,6 +46,7 @@ from neurokern.ops.triton.common import (
     task_wide,
     to_out,
     trim_pair,
+    widen_f32,
 )
 from neurokern.ops.triton.lists import (
     columns,
@@ -123,17 +123,30 @@ def _ties_uniform(limits, T: tl.constexpr, TRIM: tl.constexpr, SPAN: tl.constexp
 
 
 @triton.jit
-def _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T: tl.constexpr, TRIM: tl.constexpr,
-                CONSENSUS: tl.constexpr, ELECT_W: tl.constexpr, WIDE: tl.constexpr):
-    """(w, d, e, vote) of a block: base, the contributions d_t = float(weights[t]) * trim(tau_t),
-    the votes e_t (d_t or trim(tau_t)) and their sum (float64) or sum of signs. WIDE: in float64,
-    d_t = weights[t] * trim(tau_t) from the exact tau (float64 difference), the trim decided on the
-    float32 |tau| as the float32 path decides it (csrc/cpu/ties_merge.cpp's wide path)."""
-    w = load_f32(base_ptr, offs, mask)
+def _ties_inputs(base_ptr, fs, offs, mask, T: tl.constexpr):
+    """A block's (base, fine-tuned values) as stored: the loads kept apart from the arithmetic, so
+    that the merge's unrolled loop issues a block's loads before the block before it is computed
+    and stored (a load after the store could read what the store wrote, for all the compiler
+    knows, so it stayed there: about 20 bytes a thread in flight, too few to cover the latency)."""
+    raw = ()
+    for t in tl.static_range(T):
+        raw = raw + (tl.load(fs[t] + offs, mask=mask, other=0.0),)
+    return tl.load(base_ptr + offs, mask=mask, other=0.0), raw
+
+
+@triton.jit
+def _ties_votes(inputs, cut, wt, par_ptr, T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr,
+                ELECT_W: tl.constexpr, WIDE: tl.constexpr):
+    """(w, d, e, vote) of a block (inputs: _ties_inputs): base, the contributions d_t =
+    float(weights[t]) * trim(tau_t), the votes e_t (d_t or trim(tau_t)) and their sum (float64) or
+    sum of signs. WIDE: in float64, d_t = weights[t] * trim(tau_t) from the exact tau (float64
+    difference), the trim decided on the float32 |tau| as the float32 path decides it
+    (csrc/cpu/ties_merge.cpp's wide path)."""
+    w = widen_f32(inputs[0])
     ds = ()
     es = ()
     for t in tl.static_range(T):
-        f = load_f32(fs[t], offs, mask)
+        f = widen_f32(inputs[1][t])
         tau = f - w  # tau_t = float32(finetuned[t]) - float32(base)
         if WIDE:
             x = f.to(tl.float64) - w.to(tl.float64)
@@ -181,17 +194,17 @@ def _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T: tl.constexpr, NORMALIZE
 
 @triton.jit
 def _ties_float32(
-    base_ptr, fs, offs, mask, cut, wt, scale, zero_pos, par_ptr,
+    inputs, mask, cut, wt, scale, zero_pos, par_ptr,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, PASS: tl.constexpr,
 ):
     """A block's vote and (PASS 1) merged value on the float32 path (float64 vote and sums), and
     `bad`: the elements whose float64 vote ("sum") or float32 result is NaN / Inf (float32
     overflowed on finite inputs near the maximum, or an input is NaN / Inf), which the float64 path
-    computes again (_ties_block_wide). fs: the T fine-tuned pointers; cut: _tie_cuts; wt: float32
+    computes again (_ties_block_wide). inputs: _ties_inputs; cut: _tie_cuts; wt: float32
     weights; zero_pos: a zero vote elects +; par: ties_params."""
-    w, ds, es, v = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, False)
-    bad = tl.zeros(offs.shape, dtype=tl.int1)
+    w, ds, es, v = _ties_votes(inputs, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, False)
+    bad = tl.zeros(w.shape, dtype=tl.int1)
     if CONSENSUS == 1:
         bad = is_nonfinite(v)
     r = w
@@ -203,16 +216,16 @@ def _ties_float32(
 
 @triton.jit
 def _ties_block(
-    acc, base_ptr, fs, out_ptr, offs, mask, cut, wt, scale, zero_pos, par_ptr,
+    acc, inputs, out_ptr, offs, mask, cut, wt, scale, zero_pos, par_ptr,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, PASS: tl.constexpr,
 ):
-    """One block of elements on the float32 path (_ties_float32). PASS 0 (the "majority" pre-pass)
+    """One block of elements (inputs: _ties_inputs) on the float32 path (_ties_float32). PASS 0 (the "majority" pre-pass)
     adds sign(vote) to acc; PASS 1 stores out = base + float(scale * elect_and_mix(d, e))
     (csrc/cpu/election.h). Returns (acc, bad): PASS 0 leaves the bad elements' sign out of acc,
     PASS 1 stores a value _ties_block_wide replaces."""
-    v, r, bad = _ties_float32(base_ptr, fs, offs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS,
-                              NORMALIZE, ELECT_W, PASS)
+    v, r, bad = _ties_float32(inputs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE,
+                              ELECT_W, PASS)
     if PASS == 0:
         acc += tl.where(mask & ~bad, sign_of(v), 0)
     else:
@@ -229,11 +242,11 @@ def _ties_block_wide(
     """The elements of a block that _ties_float32 marks bad, computed again in float64 (_ties_votes,
     _ties_mix with WIDE, as csrc/cpu/ties_merge.cpp's wide path): PASS 0 adds the sign of their
     float64 vote to acc, PASS 1 stores their result."""
-    _, _, bad = _ties_float32(base_ptr, fs, offs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS,
-                              NORMALIZE, ELECT_W, PASS)
+    inputs = _ties_inputs(base_ptr, fs, offs, mask, T)
+    _, _, bad = _ties_float32(inputs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE,
+                              ELECT_W, PASS)
     if any_set(bad):
-        w64, d64, e64, v64 = _ties_votes(base_ptr, fs, offs, mask, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W,
-                                         True)
+        w64, d64, e64, v64 = _ties_votes(inputs, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, True)
         if PASS == 0:
             acc += tl.where(bad, sign_of(v64), 0)
         else:
@@ -247,7 +260,7 @@ def _ties_chunk(
     base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, start, n, offset,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
+    ITERS: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """ITERS blocks of the tensor from element `start` on (n elements, flat positions from
     offset): PASS 0 returns the elected signs summed per lane, PASS 1 merges them (_ties_block).
@@ -273,19 +286,32 @@ def _ties_chunk(
     bad = tl.zeros([BLOCK], dtype=tl.int1)
     if (start + SPAN <= n) & _ties_uniform(limits, T, TRIM, SPAN):
         cut = _tie_cuts(limits, 0, T, TRIM)
-        # The merge's few blocks unrolled: their loads and stores take immediate offsets from the
-        # chunk's pointers (no address arithmetic); the pre-pass's 32 stay a loop.
-        for it in tl.range(ITERS, loop_unroll_factor=ITERS if PASS == 1 else 1):
-            offs = it * BLOCK + tl.arange(0, BLOCK)
-            acc, b = _ties_block(acc, base_ptr, fs, out_ptr, offs, everywhere(BLOCK), cut, wt, scale, zero_pos,
-                                 par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
-            bad = bad | b
+        everything = everywhere(BLOCK)
+        if PASS == 1:
+            # The merge's few blocks unrolled, their loads and stores at immediate offsets from the
+            # chunk's pointers, each block's loads issued AHEAD blocks before it is computed.
+            blocks = ()
+            for it in tl.static_range(ITERS + AHEAD):
+                if it < ITERS:
+                    blocks = blocks + (_ties_inputs(base_ptr, fs, it * BLOCK + tl.arange(0, BLOCK), everything, T),)
+                if it >= AHEAD:
+                    acc, b = _ties_block(acc, blocks[it - AHEAD], out_ptr, (it - AHEAD) * BLOCK + tl.arange(0, BLOCK),
+                                         everything, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE,
+                                         ELECT_W, PASS)
+                    bad = bad | b
+        else:  # the pre-pass's 32 blocks stay a loop
+            for it in range(ITERS):
+                offs = it * BLOCK + tl.arange(0, BLOCK)
+                acc, b = _ties_block(acc, _ties_inputs(base_ptr, fs, offs, everything, T), out_ptr, offs, everything,
+                                     cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
+                bad = bad | b
     else:
         rem = tl.minimum(n - start, SPAN).to(tl.int32)
         for it in range(ITERS):
             offs = it * BLOCK + tl.arange(0, BLOCK)
-            acc, b = _ties_block(acc, base_ptr, fs, out_ptr, offs, offs < rem, _tie_cuts(limits, offs, T, TRIM), wt,
-                                 scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
+            acc, b = _ties_block(acc, _ties_inputs(base_ptr, fs, offs, offs < rem, T), out_ptr, offs, offs < rem,
+                                 _tie_cuts(limits, offs, T, TRIM), wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS,
+                                 NORMALIZE, ELECT_W, PASS)
             bad = bad | b
     # The float64 recompute, rare (inputs near the float32 maximum, or NaN / Inf), once a program
     # after the loop: the unrolled loop holds the float32 path only, which keeps its code and its
@@ -307,7 +333,7 @@ def _ties_kernel(
     n, offset,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
+    ITERS: tl.constexpr, AHEAD: tl.constexpr,
 ):
     """ITERS blocks a program (_ties_chunk). PASS 0 (the "majority" pre-pass): part[pid] = the
     sum of their sign(vote). PASS 1: their merge. par: ties_params; fb: the fallback sign (int32
@@ -315,7 +341,7 @@ def _ties_kernel(
     pid = tl.program_id(0).to(tl.int64)
     acc = _ties_chunk(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr,
                       pid * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, PASS,
-                      BLOCK, ITERS)
+                      BLOCK, ITERS, AHEAD)
     if PASS == 0:
         tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
 
@@ -528,10 +554,10 @@ def ties_merge(
         iters = max(1, common.CHUNK // block)
         pgrid = grid_1d(n, block * iters)
         part = torch.empty(pgrid[0], dtype=torch.int64, device=base.device)
-        _ties_kernel[pgrid](*args, par, part, out, n, offset, PASS=0, ITERS=iters, **meta)
+        _ties_kernel[pgrid](*args, par, part, out, n, offset, PASS=0, ITERS=iters, AHEAD=0, **meta)
         fb = torch.sign(part.sum()).to(torch.int32).reshape(1)
     _ties_kernel[grid_1d(n, block * common.TIES_ITERS)](*args, fb, par, out, n, offset, PASS=1, ITERS=common.TIES_ITERS,
-                                                  **meta)
+                                                        AHEAD=min(common.TIES_AHEAD, common.TIES_ITERS), **meta)
     return out
 
 
@@ -548,7 +574,7 @@ def _ties_vote_multi_kernel(
     b, f0, f1, f2, f3, f4, f5, f6, f7 = table_inputs(table, nt, j, like_in, T, ALIGNED)
     thr_ptr, lim_ptr = trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
     acc = _ties_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, b,
-                         local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, 0, ELECT_W, False, 0, BLOCK, ITERS)
+                         local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, 0, ELECT_W, False, 0, BLOCK, ITERS, 0)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
 
 
@@ -558,7 +584,7 @@ def _ties_multi_kernel(
     table, owner, thr_ptr, lim_ptr, par_ptr, fb_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
     NORMALIZE: tl.constexpr, ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, BLOCK: tl.constexpr,
-    ITERS: tl.constexpr, ALIGNED: tl.constexpr,
+    ITERS: tl.constexpr, AHEAD: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """The merge of chunk `local` (ITERS blocks) of tensor j; MAJORITY: a zero vote elects fb[j],
     the tensor's majority sign (int32 [n]). Several blocks a program spread the table lookups and
@@ -570,7 +596,7 @@ def _ties_multi_kernel(
     thr_ptr, lim_ptr = trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
     _ties_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr + j, out_ptr,
                    local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK,
-                   ITERS)
+                   ITERS, AHEAD)
 
 
 def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(),
@@ -601,7 +627,8 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
         _ties_multi_kernel[(g.programs,)](
             g.table, g.owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, par,
             votes.get(g.first, par), first, g.nt,
-            NORMALIZE=norm, MAJORITY=zero_sign == "majority", ITERS=common.TIES_ITERS, ALIGNED=g.aligned, **meta,
+            NORMALIZE=norm, MAJORITY=zero_sign == "majority", ITERS=common.TIES_ITERS,
+            AHEAD=min(common.TIES_AHEAD, common.TIES_ITERS), ALIGNED=g.aligned, **meta,
         )
     return outs
 

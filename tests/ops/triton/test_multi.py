@@ -298,6 +298,25 @@ def test_ties_merge_multi_majority(T, gpu_chunks, count_launches, monkeypatch):
     assert kernels["vote"].launches == kernels["merge"].launches == 2 * 2
 
 
+@pytest.mark.parametrize("ahead", [0, 1, 2, 3])
+def test_ties_merge_loads_blocks_ahead(ahead, monkeypatch):
+    """The merge's unrolled blocks with their loads issued `ahead` blocks early (the GPU's several
+    blocks a program; tensors ending inside a program's chunk), bitwise the C++ op, in the list
+    kernel and the single-tensor one."""
+    monkeypatch.setattr(common, "ELECTION_BLOCKS", (512, 512))
+    monkeypatch.setattr(common, "TIES_ITERS", 3)
+    monkeypatch.setattr(common, "TIES_AHEAD", ahead)
+    T = 3
+    bases, fts = make_list(T, (torch.bfloat16, torch.float32), seed=12, shapes=[(3, 1100), (5000,), (7,), (1537,)])
+    for scope in ("none", "tensor"):
+        thr, lim, offsets = trims(bases, fts, T, scope)
+        got = TM.ties_merge_multi(bases, fts, WEIGHTS[:T], thr, lim, offsets)
+        assert_lists_bitwise(got, OPS.ties_merge_multi(bases, fts, WEIGHTS[:T], thr, lim, offsets))
+    column = [fts[t * len(bases) + 1] for t in range(T)]
+    assert_lists_bitwise([TM.ties_merge(bases[1], column, WEIGHTS[:T])],
+                         [OPS.ties_merge(bases[1], column, WEIGHTS[:T])])
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU: torch.ops dispatch to these launchers, at a real model's shapes (a TinyLlama layer).
 
