@@ -77,11 +77,12 @@ LAUNCH = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
 RED_BLOCK = 4096 if interpreting() else 512
 CHUNK = 4096 if interpreting() else 8192
 ELECTION_BLOCKS = (4096, 4096) if interpreting() else (256, 256)  # T <= 4, T > 4 (larger blocks spill on H100)
-# Election blocks per program of the TIES merges (ties_merge, ties_merge_multi). H100, 1.1B set,
-# T=4 (ties_merge_multi): 4 -> 7.7 ms, 8 -> 7.2 ms; blocks of 512 or 1024 elements were slower.
-TIES_ITERS = 1 if interpreting() else 8
-# How many blocks ahead of the one computed the TIES merge loads (0: each block's loads just
-# before its arithmetic, after the store of the block before, which they waited for).
+# Election blocks per program of the TIES merges (ties_merge, ties_merge_multi), and how many
+# blocks ahead of the one computed their loads are issued (0: each block's loads just before its
+# arithmetic, after the store of the block before, which they waited for). H100, 1.1B set, T=4
+# (bench/tune_triton.py --sweeps ties_pipeline): (8, 0) 8.13 ms, (8, 1) 7.80, (4, 1) 7.71, (16, 1)
+# 11.8, (8, 4) 13.6; 4 blocks take half the compile time of 8 (the first merge compiles them).
+TIES_ITERS = 1 if interpreting() else 4
 TIES_AHEAD = 1
 
 
