@@ -100,6 +100,17 @@ TORCH_LIBRARY(neurokern, m) {
       "ties_merge_multi(Tensor[] base, Tensor[] finetuned, float[] weights, Tensor? threshold=None, "
       "Tensor? tie_limit=None, int[] offsets=[], str consensus=\"sum\", str normalize=\"weights\", "
       "bool elect_weighted=True, str zero_sign=\"positive\", float scale=1.0) -> Tensor[]");
+  // ties_merge_multi with flags of outputs holding NaN / Inf (ops.ties_merge_multi(nonfinite=): the
+  // NaN / Inf check of TIES and NeuroMerging): nonfinite (int32 [n], on the inputs' device), when
+  // given, is set to 1 where output i, as stored in its dtype, holds a NaN or Inf and to 0
+  // elsewhere, in the merge's own pass (on the GPU for T > 8, where each tensor merges alone, by
+  // nonfinite_flags of the outputs). Internal, as _weighted_sum_multi_triton: torch.compile cannot
+  // functionalize an op that mutates an argument and returns a list, so ties_merge_multi takes none.
+  m.def(
+      "_ties_merge_multi_flagged(Tensor[] base, Tensor[] finetuned, float[] weights, Tensor? threshold=None, "
+      "Tensor? tie_limit=None, int[] offsets=[], str consensus=\"sum\", str normalize=\"weights\", "
+      "bool elect_weighted=True, str zero_sign=\"positive\", float scale=1.0, Tensor(a!)? nonfinite=None) "
+      "-> Tensor[]");
   m.def(
       "dare_multi(Tensor[] base, Tensor[] finetuned, float[] weights, float density, int[] keys, "
       "str rescale=\"density\", str consensus=\"none\", str normalize=\"none\", float scale=1.0) "

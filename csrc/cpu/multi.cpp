@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/multi.h"
+#include "cpu/ties_merge.h"
 #include "list_args.h"
 
 namespace neurokern::cpu {
@@ -75,28 +76,36 @@ at::Tensor weighted_sum_multi_backward_cpu(at::TensorList grad, at::TensorList b
   return out;
 }
 
+// _ties_merge_multi_flagged: flag i from the values ties_merge stores for tensor i, in its loop.
+std::vector<at::Tensor> ties_merge_multi_flagged_cpu(at::TensorList base, at::TensorList finetuned,
+                                                     at::ArrayRef<double> weights, const OptTensor& threshold,
+                                                     const OptTensor& tie_limit, at::IntArrayRef offsets,
+                                                     c10::string_view consensus, c10::string_view normalize,
+                                                     bool elect_weighted, c10::string_view zero_sign,
+                                                     double scale, const OptTensor& nonfinite) {
+  const int64_t n = static_cast<int64_t>(base.size());
+  const int64_t T = list_tasks("ties_merge_multi", base, finetuned);
+  check_multi_args("ties_merge_multi", n, T, offsets, threshold, tie_limit);
+  check_nonfinite_flags("ties_merge_multi", nonfinite, n, base[0].device());
+  std::vector<at::Tensor> out;
+  for (int64_t i = 0; i < n; ++i) {
+    bool flagged = false;
+    out.push_back(ties_merge_flagged(base[i], column_of(finetuned, n, i), weights, trim_of(threshold, i),
+                                     trim_of(tie_limit, i), offset_of(offsets, i), consensus, normalize,
+                                     elect_weighted, zero_sign, scale, nonfinite ? &flagged : nullptr));
+    if (nonfinite) nonfinite->data_ptr<int32_t>()[i] = flagged;
+  }
+  return out;
+}
+
 std::vector<at::Tensor> ties_merge_multi_cpu(at::TensorList base, at::TensorList finetuned,
                                              at::ArrayRef<double> weights, const OptTensor& threshold,
                                              const OptTensor& tie_limit, at::IntArrayRef offsets,
                                              c10::string_view consensus, c10::string_view normalize,
                                              bool elect_weighted, c10::string_view zero_sign,
                                              double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("neurokern::ties_merge", "")
-                       .typed<at::Tensor(const at::Tensor&, at::TensorList, at::ArrayRef<double>,
-                                         const OptTensor&, const OptTensor&, int64_t,
-                                         c10::string_view, c10::string_view, bool,
-                                         c10::string_view, double)>();
-  const int64_t n = static_cast<int64_t>(base.size());
-  const int64_t T = list_tasks("ties_merge_multi", base, finetuned);
-  check_multi_args("ties_merge_multi", n, T, offsets, threshold, tie_limit);
-  std::vector<at::Tensor> out;
-  for (int64_t i = 0; i < n; ++i) {
-    out.push_back(op.call(base[i], column_of(finetuned, n, i), weights, trim_of(threshold, i),
-                          trim_of(tie_limit, i), offset_of(offsets, i), consensus, normalize,
-                          elect_weighted, zero_sign, scale));
-  }
-  return out;
+  return ties_merge_multi_flagged_cpu(base, finetuned, weights, threshold, tie_limit, offsets, consensus, normalize,
+                                      elect_weighted, zero_sign, scale, std::nullopt);
 }
 
 std::vector<at::Tensor> dare_multi_cpu(at::TensorList base, at::TensorList finetuned,
@@ -187,6 +196,7 @@ TORCH_LIBRARY_IMPL(neurokern, CPU, m) {
   m.impl("weighted_sum_multi", &weighted_sum_multi_each);
   m.impl("weighted_sum_multi_backward", &weighted_sum_multi_backward_cpu);
   m.impl("ties_merge_multi", &ties_merge_multi_cpu);
+  m.impl("_ties_merge_multi_flagged", &ties_merge_multi_flagged_cpu);
   m.impl("dare_multi", &dare_multi_cpu);
   m.impl("neuron_stats_multi", &neuron_stats_multi_cpu);
   m.impl("weighted_sum_rows_multi", &weighted_sum_rows_multi_cpu);

@@ -1,16 +1,17 @@
 // TIES merging, fused: trim (magnitude threshold), weight, elect a sign per element, disjoint mean.
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "cpu/election.h"
+#include "cpu/ties_merge.h"
 
 namespace neurokern::cpu {
-namespace {
 
-at::Tensor ties_merge_cpu(const at::Tensor& base, at::TensorList finetuned,
-                          at::ArrayRef<double> weights, const std::optional<at::Tensor>& threshold,
-                          const std::optional<at::Tensor>& tie_limit, int64_t offset,
-                          c10::string_view consensus_name, c10::string_view normalize_name,
-                          bool elect_weighted, c10::string_view zero_sign, double scale) {
+at::Tensor ties_merge_flagged(const at::Tensor& base, at::TensorList finetuned, at::ArrayRef<double> weights,
+                              const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& tie_limit,
+                              int64_t offset, c10::string_view consensus_name, c10::string_view normalize_name,
+                              bool elect_weighted, c10::string_view zero_sign, double scale, bool* nonfinite) {
   check_group("ties_merge", base, finetuned);
   const int64_t T = static_cast<int64_t>(finetuned.size());
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == T, "neurokern.ties_merge: ", weights.size(),
@@ -68,9 +69,11 @@ at::Tensor ties_merge_cpu(const at::Tensor& base, at::TensorList finetuned,
           std::plus<int64_t>());
       fallback = sign_of(static_cast<double>(votes));
     }
+    std::atomic<bool> stored_nonfinite{false};
     at::parallel_for(0, base.numel(), kGrain, [&](int64_t begin, int64_t end) {
       std::vector<float> d(T), e(T);
       std::vector<double> dw(T), ew(T);
+      bool found = false;
       for (int64_t i = begin; i < end; ++i) {
         load(i, d.data(), e.data());
         const double merged =
@@ -82,10 +85,24 @@ at::Tensor ties_merge_cpu(const at::Tensor& base, at::TensorList finetuned,
               g.w(i) + scale * elect_and_mix(dw.data(), ew.data(), weights.data(), T, consensus, fallback, normalize));
         }
         o[i] = static_cast<scalar_t>(r);
+        // the stored value: a finite float32 r beyond bfloat16's / float16's range stores as Inf
+        if (nonfinite && !std::isfinite(static_cast<float>(o[i]))) found = true;
       }
+      if (found) stored_nonfinite.store(true, std::memory_order_relaxed);
     });
+    if (nonfinite) *nonfinite = stored_nonfinite.load();
   });
   return out;
+}
+
+namespace {
+
+at::Tensor ties_merge_cpu(const at::Tensor& base, at::TensorList finetuned, at::ArrayRef<double> weights,
+                          const std::optional<at::Tensor>& threshold, const std::optional<at::Tensor>& tie_limit,
+                          int64_t offset, c10::string_view consensus_name, c10::string_view normalize_name,
+                          bool elect_weighted, c10::string_view zero_sign, double scale) {
+  return ties_merge_flagged(base, finetuned, weights, threshold, tie_limit, offset, consensus_name, normalize_name,
+                            elect_weighted, zero_sign, scale, nullptr);
 }
 
 }  // namespace

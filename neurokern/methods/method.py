@@ -193,6 +193,18 @@ def weighted_sums(models: ModelSet, names: list[str], coeffs: Tensor, trim: Opti
     return ops.weighted_sum_multi(base, finetuned, coeffs, trim=trim, offsets=offsets, nonfinite=flags)
 
 
+def ties_merges(models: ModelSet, names: list[str], weights: list[float], trim: tuple[Tensor, Tensor],
+                offsets: list[int], **options: Any) -> list[Tensor]:
+    """ops.ties_merge_multi of `names` under a trim, whose kernel also flags the merged values that
+    hold NaN / Inf, for the caller's check (models.check), in its own pass. The flags stand for the
+    outputs only: a NaN / Inf input need not reach its merged value (the trim drops a NaN task
+    vector entry, a "count" vote ignores one), and the inputs are checked by the trim's select
+    (trim.thresholds) or, where no kernel read them, by the check's own pass."""
+    base, finetuned = columns(models, names)
+    flags = models.check.output_flags(names, base[0].device, covers_inputs=False)
+    return ops.ties_merge_multi(base, finetuned, weights, trim, offsets, nonfinite=flags, **options)
+
+
 def group(models: ModelSet, name: str) -> tuple[Tensor, list[Tensor]]:
     """One tensor's base and its fine-tuned versions, in task order."""
     return models.base[name], [sd[name] for sd in models.finetuned]

@@ -10,7 +10,7 @@ import torch
 from neurokern import ops, params
 from neurokern.errors import NeurokernError
 from neurokern.methods.global_trim import GlobalTrimPass
-from neurokern.methods.method import Method, batches, columns, group
+from neurokern.methods.method import Method, batches, columns, group, ties_merges
 from neurokern.methods.passes import Pass, PassContext
 from neurokern.methods.trim import tensor_l1, thresholds
 from neurokern.models import ModelSet
@@ -114,10 +114,9 @@ def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = No
             coeffs = ops.neuromerge_coeffs(gram, dots, sqnorm, lam_par, lam_orth, p.parallel_basis, p.gamma)
             out.update(zip(matrices, ops.weighted_sum_rows_multi(base, finetuned, coeffs, trim, offsets)))
         if points:
-            base, finetuned = columns(models, points)
             trim, offsets = trims.of_batch(points)
-            out.update(zip(points, ops.ties_merge_multi(
-                base, finetuned, [1.0] * models.num_tasks, trim, offsets, consensus="sum", normalize="count",
+            out.update(zip(points, ties_merges(
+                models, points, [1.0] * models.num_tasks, trim, offsets, consensus="sum", normalize="count",
                 elect_weighted=False, zero_sign="majority", scale=point_scale,
             )))
     return {name: out[name] for name in names}

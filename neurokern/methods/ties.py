@@ -8,7 +8,7 @@ from torch import Tensor
 
 from neurokern import ops, params
 from neurokern.methods.global_trim import GlobalTrimPass
-from neurokern.methods.method import Method, batches, columns, group
+from neurokern.methods.method import Method, batches, columns, group, ties_merges
 from neurokern.methods.passes import Pass, PassContext
 from neurokern.methods.trim import RULES, Trims, thresholds
 from neurokern.models import ModelSet
@@ -149,16 +149,15 @@ def run(models, p: Params, progress: bool, pre: Optional[Mapping[str, Any]] = No
         fallback = pre[ModelMajority.key] if ModelMajority.key in pre else model_majority(models, trims, p)
         # the op elects + on a zero vote; a fallback of -1 or 0 takes the negative side, patched below
         zero_sign = "positive"
+    options = dict(consensus=p.consensus, normalize=p.normalize, elect_weighted=p.elect_on == "weighted",
+                   zero_sign=zero_sign, scale=p.scale)
     out = {}
     for names in batches(models, models.names, progress, "ties"):
-        base, finetuned = columns(models, names)
         trim, offsets = trims.of_batch(names)
-        merged = ops.ties_merge_multi(
-            base, finetuned, p.weights, trim, offsets, consensus=p.consensus,
-            normalize=p.normalize, elect_weighted=p.elect_on == "weighted", zero_sign=zero_sign,
-            scale=p.scale,
-        )
-        if fallback <= 0:
+        if fallback > 0:
+            merged = ties_merges(models, names, p.weights, trim, offsets, **options)
+        else:  # negative_side changes the op's values: no flags for them, the caller's check reads them
+            merged = ops.ties_merge_multi(*columns(models, names), p.weights, trim, offsets, **options)
             merged = [negative_side(m, *group(models, n), p, *trims.of(n)) for n, m in zip(names, merged)]
         out.update(zip(names, merged))
     return out

@@ -374,11 +374,14 @@ def weighted_sum_multi_backward(grad, base, finetuned, coeffs, trim=None, offset
     return torch.stack(rows)
 
 
-def ties_merge_multi(base, finetuned, weights, trim=None, offsets=None, **options):
+def ties_merge_multi(base, finetuned, weights, trim=None, offsets=None, nonfinite=None, **options):
+    """nonfinite (int32 [n]), when given, is set to 1 where out[i] holds a NaN or Inf."""
     out = []
     for i, b in enumerate(base):
         column, trim_i, offset = _multi_args(base, finetuned, trim, offsets, i)
         out.append(ties_merge(b, column, weights, trim_i, offset, **options))
+    if nonfinite is not None:
+        nonfinite.copy_(torch.tensor([not bool(torch.isfinite(o).all()) for o in out], dtype=torch.int32))
     return out
 
 

@@ -49,20 +49,31 @@ def ties_merge_multi(
     elect_weighted: bool = True,
     zero_sign: str = "positive",
     scale: float = 1.0,
+    nonfinite: Optional[Tensor] = None,
 ) -> list[Tensor]:
     """ties_merge of every tensor of a list in one call (one launch per storage dtype on a GPU, and
     for zero_sign="majority" a pre-pass launch and a segmented sum giving each tensor its own
     majority sign); finetuned is task-major (finetuned[t * n + i] belongs to base[i]). trim: [T]
     pairs (one scope, tensor i's positions start at offsets[i]) or [n, T] pairs (row i trims
-    tensor i)."""
+    tensor i). nonfinite (contiguous int32 [n] on the inputs' device), when given, is set to 1
+    where out[i], as stored in base[i]'s dtype, holds a NaN or Inf and 0 elsewhere, in the merge's
+    own pass: no read of the outputs (on a GPU for T > 8, where each tensor merges alone, one).
+    Such a call does not trace under torch.compile (its op mutates the flags and returns a list)."""
     threshold, tie_limit = trim_args(trim)
-    return torch.ops.neurokern.ties_merge_multi.default(
-        contiguous(base), contiguous(finetuned), [float(w) for w in weights], threshold, tie_limit,
-        list(offsets or []), consensus, normalize, elect_weighted, zero_sign, float(scale),
-    )
+    args = (contiguous(base), contiguous(finetuned), [float(w) for w in weights], threshold, tie_limit,
+            list(offsets or []), consensus, normalize, elect_weighted, zero_sign, float(scale))
+    if nonfinite is None:
+        return torch.ops.neurokern.ties_merge_multi.default(*args)
+    return torch.ops.neurokern._ties_merge_multi_flagged.default(*args, nonfinite)
 
 
 @torch.library.register_fake("neurokern::ties_merge_multi")
 def _(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(), consensus="sum",
       normalize="weights", elect_weighted=True, zero_sign="positive", scale=1.0):
+    return [torch.empty_like(b) for b in base]
+
+
+@torch.library.register_fake("neurokern::_ties_merge_multi_flagged")
+def _(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(), consensus="sum",
+      normalize="weights", elect_weighted=True, zero_sign="positive", scale=1.0, nonfinite=None):
     return [torch.empty_like(b) for b in base]

@@ -77,7 +77,7 @@ def test_cuda_merge_names_the_tensor(method, params):
                                            ("neuromerging", {"density": 1.0, "scale": 4.0}), ("slerp", {"t": 4.0})])
 def test_cuda_unrepresentable_result_names_the_tensor(method, params):
     """Finite bf16 inputs whose merge exceeds bf16's maximum: the merged values' check (fused
-    into the weighted sum's pass, or a pass over the outputs) names the tensor."""
+    into the weighted sum's or the TIES merge's pass, or a pass over the outputs) names the tensor."""
     big = 3e38
     base = {"ok.weight": torch.ones(3, 4, device="cuda").bfloat16(), "x.weight": torch.full((3, 4), big, device="cuda").bfloat16()}
     ft = {"ok.weight": torch.full((3, 4), 1.5, device="cuda").bfloat16(),

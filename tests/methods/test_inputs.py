@@ -6,6 +6,8 @@ import torch
 
 import neurokern as nk
 from neurokern import NeurokernError
+from neurokern.models import load_models
+from neurokern.ops import finite
 
 from .conftest import make_models
 
@@ -104,6 +106,55 @@ def test_non_finite_values_are_named(bad, method, params):
     expect_error(r"tensor 'b' of finetuned\[2\] has non-finite values", base, fts, method=method, **params)
     base["w"][0, 0] = bad
     expect_error(r"tensor 'w' of base has non-finite values", base, fts, method=method, **params)
+
+
+@pytest.mark.parametrize("method,params", [("ties", {}), ("ties", {"trim_scope": "global", "consensus": "count"}),
+                                           ("neuromerging", {}), ("neuromerging", {"trim_scope": "tensor"})])
+def test_ties_merges_are_checked_by_their_flags(method, params, monkeypatch):
+    """The values ties_merge_multi merges (TIES: every tensor; NeuroMerging: the vectors) are
+    checked for NaN / Inf by the flags the merge sets as it stores them, not by nonfinite_flags in
+    a pass over the merged tensors: with clean inputs, with a NaN input (named through the trim's
+    select), and with a merged value that is finite in float32 but Inf in bfloat16 (named). The
+    spy wraps the real nonfinite_flags, which FiniteCheck's passes call; the control shows that a
+    merged tensor without flags goes through it."""
+    seen = []
+    real_flags = finite.nonfinite_flags
+
+    def spy(tensors):
+        seen.extend(tensors)
+        return real_flags(tensors)
+    monkeypatch.setattr(finite, "nonfinite_flags", spy)
+    # NeuroMerging's matrices (weighted_sum_rows_multi, no flags) are read in the check's pass
+    by_ties_merge = (lambda t: True) if method == "ties" else (lambda t: t.dim() != 2)
+
+    def merged_values_read(base, fts):
+        """The tensors nonfinite_flags read since the last call that are none of the inputs."""
+        inputs = {t.data_ptr() for sd in [base] + fts for t in sd.values()}
+        read = [t for t in seen if t.numel() and t.data_ptr() not in inputs]
+        seen.clear()
+        return read
+
+    base, fts = make_models(3, dtype=torch.bfloat16)
+    models = load_models(base, fts)
+    unflagged = {name: models.base[name].clone() for name in models.names}
+    models.check.later(models.names, unflagged)()
+    assert len(merged_values_read(base, fts)) == sum(1 for t in unflagged.values() if t.numel())
+
+    merged = nk.merge(base, fts, method=method, **params)
+    assert merged and not [t for t in merged_values_read(base, fts) if by_ties_merge(t)]
+    bad = [{**ft, "layer.bias": ft["layer.bias"].clone()} for ft in fts]
+    bad[2]["layer.bias"][3] = math.nan
+    expect_error(r"tensor 'layer.bias' of finetuned\[2\] has non-finite values", base, bad, method=method, **params)
+    assert not [t for t in merged_values_read(base, bad) if by_ties_merge(t)]
+    top = torch.finfo(torch.bfloat16).max
+    near_top = {**base, "norm.weight": base["norm.weight"].clone()}
+    near_top["norm.weight"][1] = top - 3 * 2.0**120
+    at_top = [{**ft, "norm.weight": ft["norm.weight"].clone()} for ft in fts]
+    for ft in at_top:
+        ft["norm.weight"][1] = top  # merged at scale 1.25: 3.3995e38, past bfloat16's rounding edge 3.3962e38
+    expect_error(r"tensor 'norm.weight': merged value exceeds bfloat16's maximum", near_top, at_top, method=method,
+                 scale=1.25, **params)
+    assert not [t for t in merged_values_read(near_top, at_top) if by_ties_merge(t)]
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])

@@ -5,6 +5,8 @@ dtypes, empty tensors, T = 1..8, shared [T] and per-tensor [n, T] trims and flat
 weighted_sum and ties_merge also equal the reference bitwise; dare is within torch's default
 tolerance of each dtype (the reference divides by the density in float64). Gradients: float32
 within rtol 1e-6 (+ 1e-9) of the float64 reference (float64 sums in another order)."""
+import math
+
 import pytest
 import torch
 
@@ -126,6 +128,79 @@ def test_ties_merge_multi(T, scope, options):
     for i, b in enumerate(bases):
         column, trim_i, offset = ref._multi_args(bases, fts, trim, offsets, i)
         assert torch.equal(out[i], nk.ties_merge(b, column, weights, trim_i, offset, **options))
+
+
+BF16_MAX = torch.finfo(torch.bfloat16).max  # (2 - 2^-7) 2^127, its step 2^120
+FLAG_DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float32,
+               torch.bfloat16, torch.float16, torch.bfloat16)
+FLAG_SHAPES = [(5,), (0, 3), (7,), (3, 3), (6,), (2, 5), (9,), (4,), (33, 65)]
+# (base, fine-tuned) at element 1 of tensor i, the same in every task: merged at scale 1.25 as the
+# (weighted) mean of the agreeing tasks, that element is base + 1.25 tau up to float64 rounding.
+PLANTED = {
+    0: (math.nan, 0.5),  # NaN
+    2: (BF16_MAX - 3 * 2.0**120, BF16_MAX),  # 3.3995e38: finite in float32, Inf in bfloat16
+    3: (0.0, 60000.0),  # 75000: Inf in float16
+    4: (3e38, 3.4e38),  # 3.5e38: Inf in float32 (and in its float64 recompute)
+    5: (-1e38, 2.5e38),  # tau overflows float32, the merged 3.375e38 does not
+    6: (-1e38, 2.5e38),  # the same in bfloat16: 3.37e38 fits
+    7: (0.0, 52000.0),  # 65000 rounds to 64992
+}
+PLANTED_FLAGS = [1, 0, 1, 1, 1, 0, 0, 0]  # tensor 8 holds +Inf in the last task: its flag follows the output
+
+
+def plant_ties_nonfinite(bases, fts, T):
+    n = len(bases)
+    for i, (b, f) in PLANTED.items():
+        bases[i].view(-1)[1] = b
+        for t in range(T):
+            fts[t * n + i].view(-1)[1] = f
+    fts[(T - 1) * n + 8].view(-1)[100] = math.inf
+
+
+@pytest.mark.parametrize("T", TASKS + [9])
+@pytest.mark.parametrize("scope", ["none", "global", "tensor"])
+@pytest.mark.parametrize("options", [
+    dict(),
+    dict(consensus="count", normalize="count", elect_weighted=False),
+    dict(zero_sign="majority", normalize="count", elect_weighted=False),
+], ids=["mergekit", "count", "majority"])
+def test_ties_merge_multi_nonfinite_flags(T, scope, options):
+    """ties_merge_multi's nonfinite flags on the CPU (set from the values the merge stores, in its
+    loop): 1 exactly where an output holds NaN / Inf as stored in its dtype: a NaN input, an Inf
+    input, finite inputs whose float32 result overflows, a finite float32 result beyond bfloat16's
+    or float16's range; 0 for an empty tensor, a task vector that overflows float32 into a merged
+    value that fits, and ordinary values. Flags left over from before are cleared; the outputs are
+    those of the call without flags and match the reference."""
+    bases, fts = make_list(T, FLAG_DTYPES, seed=40 + T, shapes=FLAG_SHAPES)
+    plant_ties_nonfinite(bases, fts, T)
+    n = len(bases)
+    trim, offsets = list_trims(bases, fts, T, scope)
+    # normalize "count" divides the weighted sum by the count: weights of 1 keep base + 1.25 tau
+    weights = (WEIGHTS * 2)[:T] if "normalize" not in options else [1.0] * T
+    flags, want_flags = torch.full((n,), 7, dtype=torch.int32), torch.zeros(n, dtype=torch.int32)
+    out = nk.ties_merge_multi(bases, fts, weights, trim, offsets, scale=1.25, nonfinite=flags, **options)
+    want = ref.ties_merge_multi(bases, fts, weights, trim, offsets, nonfinite=want_flags, scale=1.25, **options)
+    for a, e in zip(out, want):
+        torch.testing.assert_close(a, e, equal_nan=True)
+    unflagged = nk.ties_merge_multi(bases, fts, weights, trim, offsets, scale=1.25, **options)
+    for a, e in zip(out, unflagged):
+        torch.testing.assert_close(a, e, rtol=0, atol=0, equal_nan=True)
+    assert flags.tolist() == want_flags.tolist() == [int(not bool(torch.isfinite(o).all())) for o in out]
+    assert flags[:8].tolist() == PLANTED_FLAGS
+
+
+def test_ties_merge_multi_nonfinite_argument():
+    """The flags go to the internal op _ties_merge_multi_flagged, which checks them (int32 [n],
+    contiguous, on the inputs' device) and declares them mutated (opcheck; not its AOT test: torch
+    cannot functionalize an op that mutates an argument and returns a list)."""
+    bases, fts = make_list(2, (torch.float32, torch.bfloat16), shapes=[(5, 3), (4,), (0, 2)])
+    flags = torch.zeros(6, dtype=torch.int32)
+    for bad in (flags[:2], flags.long()[:3], flags[::2], torch.zeros(3, 1, dtype=torch.int32)):
+        with pytest.raises(RuntimeError, match=r"ties_merge_multi: nonfinite must be a contiguous int32 tensor \[3\] "
+                                               r"on cpu, got"):
+            nk.ties_merge_multi(bases, fts, [1.0, 0.5], nonfinite=bad)
+    opcheck(OPS._ties_merge_multi_flagged.default, (bases, fts, [1.0, 0.5]), dict(scale=1e38, nonfinite=flags[:3]),
+            test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 @pytest.mark.parametrize("T", TASKS)

@@ -127,6 +127,17 @@ def check_storage(op: str, dtype: torch.dtype) -> None:
         fail(op, f"expected float32, bfloat16 or float16 tensors, got {dtype_name(dtype)}")
 
 
+def check_flags(op: str, flags: Optional[torch.Tensor], n: int, device: torch.device) -> None:
+    """check_nonfinite_flags of csrc/list_args.h: optional flags, int32 [n], contiguous, on the
+    inputs' device."""
+    if flags is None:
+        return
+    if (flags.dtype != torch.int32 or flags.dim() != 1 or flags.shape[0] != n or not flags.is_contiguous()
+            or flags.device != device):
+        fail(op, f"nonfinite must be a contiguous int32 tensor [{n}] on {device}, got {dtype_name(flags.dtype)} "
+                 f"{shape_of(flags)} on {flags.device}")
+
+
 def trim_pair(op: str, threshold, tie_limit, T: int, device):
     """(threshold float32 [T], tie_limit int64 [T]) on `device`, or (None, None) for no trim."""
     if (threshold is None) != (tie_limit is None):
@@ -220,6 +231,21 @@ def to_out(x, DT: tl.constexpr):
         y = bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         y = x.to(DT)
+    return y
+
+
+@triton.jit
+def stores_nonfinite(x, DT: tl.constexpr):
+    """Where to_out(x, DT) is NaN / Inf, from the float32 x it rounds: x is NaN / Inf, or in
+    bfloat16 / float16 |x| reaches the midpoint between the dtype's maximum and the next power of
+    two, from which rounding to nearest even gives Inf: (2 - 2^-8) 2^127 (bfloat16, 0x7F7F8000 in
+    float32) and 65520 (float16). One compare per element (NaN fails it)."""
+    if DT == tl.bfloat16:
+        y = ~(tl.abs(x) < 3.39617752923046e38)
+    elif DT == tl.float16:
+        y = ~(tl.abs(x) < 65520.0)
+    else:
+        y = is_nonfinite(x)
     return y
 
 

@@ -11,6 +11,13 @@ one read); bound by the float64 election arithmetic, not memory.
 Larger T: ties_merge runs in chunked passes of MAX_TASKS tasks on the device (_ties_chunks: the
 votes over every chunk, then the disjoint sums, float64 sums carried between chunks in the C++
 kernel's order, bitwise its output); ties_merge_multi runs ties_merge per tensor.
+
+ties_merge_multi's nonfinite flags (T <= MAX_TASKS) come from the values each program stores: a
+float32 output is NaN / Inf only where the float32 result is, which the float64 recompute already
+looks at; a bfloat16 / float16 output also where a finite float32 result rounds to Inf, one
+compare per element on the unrolled path (stores_nonfinite). A program that recomputes elements
+in float64 checks its final values in that rare sweep; a program that stored a NaN / Inf sets its
+tensor's flag, one store.
 """
 from typing import Optional, Sequence
 
@@ -19,6 +26,7 @@ import triton
 import triton.language as tl
 
 from neurokern.ops._common import to_device
+from neurokern.ops.finite import nonfinite_flags
 from neurokern.ops.triton import common, registry
 from neurokern.ops.triton.common import (
     CONSENSUS_CODES,
@@ -29,6 +37,7 @@ from neurokern.ops.triton.common import (
     any_set,
     carried_sums,
     carry_sums,
+    check_flags,
     check_group,
     check_storage,
     divide,
@@ -41,6 +50,7 @@ from neurokern.ops.triton.common import (
     parse_choice,
     scalar_params,
     sign_of,
+    stores_nonfinite,
     task_slots,
     task_value,
     task_wide,
@@ -218,41 +228,52 @@ def _ties_float32(
 def _ties_block(
     acc, inputs, out_ptr, offs, mask, cut, wt, scale, zero_pos, par_ptr,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
-    ELECT_W: tl.constexpr, PASS: tl.constexpr,
+    ELECT_W: tl.constexpr, PASS: tl.constexpr, FLAG: tl.constexpr,
 ):
     """One block of elements (inputs: _ties_inputs) on the float32 path (_ties_float32). PASS 0 (the "majority" pre-pass)
     adds sign(vote) to acc; PASS 1 stores out = base + float(scale * elect_and_mix(d, e))
-    (csrc/cpu/election.h). Returns (acc, bad): PASS 0 leaves the bad elements' sign out of acc,
-    PASS 1 stores a value _ties_block_wide replaces."""
+    (csrc/cpu/election.h). Returns (acc, bad, over): PASS 0 leaves the bad elements' sign out of
+    acc, PASS 1 stores a value _ties_block_wide replaces. FLAG, bfloat16 / float16 output: over
+    marks the stored values that are NaN / Inf, a finite float32 result that rounds to Inf
+    included (a float32 output is NaN / Inf only where bad is set, and the recompute flags it)."""
     v, r, bad = _ties_float32(inputs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE,
                               ELECT_W, PASS)
+    over = tl.zeros(offs.shape, dtype=tl.int1)
     if PASS == 0:
         acc += tl.where(mask & ~bad, sign_of(v), 0)
     else:
         tl.store(out_ptr + offs, to_out(r, out_ptr.dtype.element_ty), mask=mask)
-    return acc, bad
+        if FLAG:
+            if out_ptr.dtype.element_ty != tl.float32:
+                over = stores_nonfinite(r, out_ptr.dtype.element_ty) & mask
+    return acc, bad, over
 
 
 @triton.jit
 def _ties_block_wide(
     acc, base_ptr, fs, out_ptr, offs, mask, cut, wt, scale, zero_pos, par_ptr,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
-    ELECT_W: tl.constexpr, PASS: tl.constexpr,
+    ELECT_W: tl.constexpr, PASS: tl.constexpr, FLAG: tl.constexpr,
 ):
     """The elements of a block that _ties_float32 marks bad, computed again in float64 (_ties_votes,
     _ties_mix with WIDE, as csrc/cpu/ties_merge.cpp's wide path): PASS 0 adds the sign of their
-    float64 vote to acc, PASS 1 stores their result."""
+    float64 vote to acc, PASS 1 stores their result. Returns (acc, over); FLAG: over marks the
+    block's stored values (float32 or float64 path) that are NaN / Inf."""
     inputs = _ties_inputs(base_ptr, fs, offs, mask, T)
-    _, _, bad = _ties_float32(inputs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE,
+    _, r, bad = _ties_float32(inputs, mask, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE,
                               ELECT_W, PASS)
     if any_set(bad):
         w64, d64, e64, v64 = _ties_votes(inputs, cut, wt, par_ptr, T, TRIM, CONSENSUS, ELECT_W, True)
         if PASS == 0:
             acc += tl.where(bad, sign_of(v64), 0)
         else:
-            r = _ties_mix(w64, d64, e64, v64, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, True)
-            tl.store(out_ptr + offs, to_out(r, out_ptr.dtype.element_ty), mask=bad)
-    return acc
+            wide = _ties_mix(w64, d64, e64, v64, scale, zero_pos, par_ptr, T, NORMALIZE, ELECT_W, True)
+            tl.store(out_ptr + offs, to_out(wide, out_ptr.dtype.element_ty), mask=bad)
+            r = tl.where(bad, wide, r)
+    over = tl.zeros(offs.shape, dtype=tl.int1)
+    if FLAG:
+        over = stores_nonfinite(r, out_ptr.dtype.element_ty) & mask
+    return acc, over
 
 
 @triton.jit
@@ -260,14 +281,15 @@ def _ties_chunk(
     base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr, start, n, offset,
     T: tl.constexpr, TRIM: tl.constexpr, CONSENSUS: tl.constexpr, NORMALIZE: tl.constexpr,
     ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, PASS: tl.constexpr, BLOCK: tl.constexpr,
-    ITERS: tl.constexpr, AHEAD: tl.constexpr,
+    ITERS: tl.constexpr, AHEAD: tl.constexpr, FLAG: tl.constexpr,
 ):
     """ITERS blocks of the tensor from element `start` on (n elements, flat positions from
     offset): PASS 0 returns the elected signs summed per lane, PASS 1 merges them (_ties_block).
     The per-program scalars are loaded once; the pointers move to `start` and the blocks index
     them with int32 offsets. A chunk inside the tensor where every task keeps all or none of its
     ties (all but the few that hold a tie limit) goes unmasked, with one cut per task; others
-    are masked and cut per element. MAJORITY: a zero vote elects fb[0] (a sign), else +."""
+    are masked and cut per element. MAJORITY: a zero vote elects fb[0] (a sign), else +.
+    Returns (acc, over); PASS 1 with FLAG: over is set in the lanes that stored a NaN / Inf."""
     SPAN: tl.constexpr = ITERS * BLOCK
     base_ptr += start
     out_ptr += start
@@ -284,6 +306,7 @@ def _ties_chunk(
     limits = _tie_limits(thr_ptr, lim_ptr, offset + start, T, TRIM, SPAN)
     acc = tl.zeros([BLOCK], dtype=tl.int32)
     bad = tl.zeros([BLOCK], dtype=tl.int1)
+    over = tl.zeros([BLOCK], dtype=tl.int1)
     if (start + SPAN <= n) & _ties_uniform(limits, T, TRIM, SPAN):
         cut = _tie_cuts(limits, 0, T, TRIM)
         everything = everywhere(BLOCK)
@@ -295,36 +318,43 @@ def _ties_chunk(
                 if it < ITERS:
                     blocks = blocks + (_ties_inputs(base_ptr, fs, it * BLOCK + tl.arange(0, BLOCK), everything, T),)
                 if it >= AHEAD:
-                    acc, b = _ties_block(acc, blocks[it - AHEAD], out_ptr, (it - AHEAD) * BLOCK + tl.arange(0, BLOCK),
-                                         everything, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE,
-                                         ELECT_W, PASS)
+                    acc, b, o = _ties_block(acc, blocks[it - AHEAD], out_ptr, (it - AHEAD) * BLOCK + tl.arange(0, BLOCK),
+                                            everything, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS,
+                                            NORMALIZE, ELECT_W, PASS, FLAG)
                     bad = bad | b
+                    over = over | o
         else:  # the pre-pass's 32 blocks stay a loop
             for it in range(ITERS):
                 offs = it * BLOCK + tl.arange(0, BLOCK)
-                acc, b = _ties_block(acc, _ties_inputs(base_ptr, fs, offs, everything, T), out_ptr, offs, everything,
-                                     cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
+                acc, b, o = _ties_block(acc, _ties_inputs(base_ptr, fs, offs, everything, T), out_ptr, offs,
+                                        everything, cut, wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE,
+                                        ELECT_W, PASS, FLAG)
                 bad = bad | b
     else:
         rem = tl.minimum(n - start, SPAN).to(tl.int32)
         for it in range(ITERS):
             offs = it * BLOCK + tl.arange(0, BLOCK)
-            acc, b = _ties_block(acc, _ties_inputs(base_ptr, fs, offs, offs < rem, T), out_ptr, offs, offs < rem,
-                                 _tie_cuts(limits, offs, T, TRIM), wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS,
-                                 NORMALIZE, ELECT_W, PASS)
+            acc, b, o = _ties_block(acc, _ties_inputs(base_ptr, fs, offs, offs < rem, T), out_ptr, offs, offs < rem,
+                                    _tie_cuts(limits, offs, T, TRIM), wt, scale, zero_pos, par_ptr, T, TRIM,
+                                    CONSENSUS, NORMALIZE, ELECT_W, PASS, FLAG)
             bad = bad | b
+            over = over | o
     # The float64 recompute, rare (inputs near the float32 maximum, or NaN / Inf), once a program
     # after the loop: the unrolled loop holds the float32 path only, which keeps its code and its
-    # compile time small.
+    # compile time small. Its sweep flags every block's final values anew (the loop's flags may
+    # be those of values it replaces).
     if (PASS == 1) or (CONSENSUS == 1):
         if any_set(bad):
             tl.debug_barrier()  # the float32 values stored above, before their replacement
             rem = tl.minimum(n - start, SPAN).to(tl.int32)
+            over = tl.zeros([BLOCK], dtype=tl.int1)
             for it in range(ITERS):
                 offs = it * BLOCK + tl.arange(0, BLOCK)
-                acc = _ties_block_wide(acc, base_ptr, fs, out_ptr, offs, offs < rem, _tie_cuts(limits, offs, T, TRIM),
-                                       wt, scale, zero_pos, par_ptr, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, PASS)
-    return acc
+                acc, o = _ties_block_wide(acc, base_ptr, fs, out_ptr, offs, offs < rem,
+                                          _tie_cuts(limits, offs, T, TRIM), wt, scale, zero_pos, par_ptr, T, TRIM,
+                                          CONSENSUS, NORMALIZE, ELECT_W, PASS, FLAG)
+                over = over | o
+    return acc, over
 
 
 @triton.jit(do_not_specialize=["offset"])
@@ -339,9 +369,9 @@ def _ties_kernel(
     sum of their sign(vote). PASS 1: their merge. par: ties_params; fb: the fallback sign (int32
     [1]) that PASS 0's total gives."""
     pid = tl.program_id(0).to(tl.int64)
-    acc = _ties_chunk(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr,
-                      pid * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, PASS,
-                      BLOCK, ITERS, AHEAD)
+    acc, _ = _ties_chunk(base_ptr, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr, out_ptr,
+                         pid * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, PASS,
+                         BLOCK, ITERS, AHEAD, False)
     if PASS == 0:
         tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
 
@@ -573,37 +603,44 @@ def _ties_vote_multi_kernel(
     pid, j, local, n, offset = program_tensor(table, owner, nt)
     b, f0, f1, f2, f3, f4, f5, f6, f7 = table_inputs(table, nt, j, like_in, T, ALIGNED)
     thr_ptr, lim_ptr = trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
-    acc = _ties_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, b,
-                         local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, 0, ELECT_W, False, 0, BLOCK, ITERS, 0)
+    acc, _ = _ties_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, par_ptr, b,
+                         local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, 0, ELECT_W, False, 0, BLOCK, ITERS, 0,
+                         False)
     tl.store(part_ptr + pid, tl.sum(acc, axis=0).to(tl.int64))
 
 
 @triton.jit(do_not_specialize=["nt"],
-            do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "par_ptr", "fb_ptr", "like_in"])
+            do_not_specialize_on_alignment=["thr_ptr", "lim_ptr", "par_ptr", "fb_ptr", "flag_ptr", "like_in"])
 def _ties_multi_kernel(
-    table, owner, thr_ptr, lim_ptr, par_ptr, fb_ptr, like_in, nt,
+    table, owner, thr_ptr, lim_ptr, par_ptr, fb_ptr, flag_ptr, like_in, nt,
     T: tl.constexpr, TRIM: tl.constexpr, TRIM_ROWS: tl.constexpr, CONSENSUS: tl.constexpr,
     NORMALIZE: tl.constexpr, ELECT_W: tl.constexpr, MAJORITY: tl.constexpr, BLOCK: tl.constexpr,
-    ITERS: tl.constexpr, AHEAD: tl.constexpr, ALIGNED: tl.constexpr,
+    ITERS: tl.constexpr, AHEAD: tl.constexpr, ALIGNED: tl.constexpr, FLAG: tl.constexpr,
 ):
     """The merge of chunk `local` (ITERS blocks) of tensor j; MAJORITY: a zero vote elects fb[j],
     the tensor's majority sign (int32 [n]). Several blocks a program spread the table lookups and
     the per-program scalars over more bytes: with one small election block a program, they
-    bounded the bandwidth."""
+    bounded the bandwidth. FLAG: flag_ptr[i] = 1 for the list position i (table row 5 + T) of a
+    tensor whose stored output holds a NaN or Inf, one store by each program that stored one."""
     pid, j, local, n, offset = program_tensor(table, owner, nt)
     b, f0, f1, f2, f3, f4, f5, f6, f7 = table_inputs(table, nt, j, like_in, T, ALIGNED)
     out_ptr = table_ptr(table, 4, nt, j, like_in, ALIGNED)
     thr_ptr, lim_ptr = trim_row(thr_ptr, lim_ptr, j, T, TRIM_ROWS)
-    _ties_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr + j, out_ptr,
-                   local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1, BLOCK,
-                   ITERS, AHEAD)
+    _, over = _ties_chunk(b, f0, f1, f2, f3, f4, f5, f6, f7, thr_ptr, lim_ptr, par_ptr, fb_ptr + j, out_ptr,
+                          local * (ITERS * BLOCK), n, offset, T, TRIM, CONSENSUS, NORMALIZE, ELECT_W, MAJORITY, 1,
+                          BLOCK, ITERS, AHEAD, FLAG)
+    if FLAG:
+        if any_set(over):
+            tl.store(flag_ptr + tl.load(table + (5 + T) * nt + j), 1)
 
 
 def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, offsets=(),
                      consensus="sum", normalize="weights", elect_weighted=True, zero_sign="positive",
-                     scale=1.0):
-    """torch.ops.neurokern.ties_merge_multi: one launch per storage dtype of the list;
-    zero_sign="majority" adds two (_majority)."""
+                     scale=1.0, nonfinite=None):
+    """torch.ops.neurokern.ties_merge_multi and _ties_merge_multi_flagged: one launch per storage
+    dtype of the list; zero_sign="majority" adds two (_majority). nonfinite: int32 [n] flags, zeroed,
+    then set in the merge launches where an output holds NaN / Inf (T > MAX_TASKS: nonfinite_flags
+    of the outputs)."""
     op = "ties_merge_multi"
     n, T = len(base), tasks(base, finetuned)
     block = election_block(T)
@@ -613,10 +650,16 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
     cons, norm = ties_options(op, T, weights, consensus, normalize, zero_sign)
     device = base[0].device
     thr, lim, rows = list_trims(op, threshold, tie_limit, n, T, device)
+    check_flags(op, nonfinite, n, device)
     if not fused:
-        return [ties_merge(base[i], column, weights, *trim_of(thr, lim, rows, i), offset_of(offsets, i),
-                              consensus, normalize, elect_weighted, zero_sign, scale)
+        outs = [ties_merge(base[i], column, weights, *trim_of(thr, lim, rows, i), offset_of(offsets, i),
+                           consensus, normalize, elect_weighted, zero_sign, scale)
                 for i, column in enumerate(columns(finetuned, n))]
+        if nonfinite is not None:
+            nonfinite.copy_(nonfinite_flags(outs))
+        return outs
+    if nonfinite is not None:
+        nonfinite.zero_()
     par = scalar_params(device, ties_params(weights, scale, norm))
     meta = dict(T=T, TRIM=thr is not None, TRIM_ROWS=rows, CONSENSUS=cons, ELECT_W=bool(elect_weighted),
                 BLOCK=block, **common.LAUNCH)
@@ -626,9 +669,9 @@ def ties_merge_multi(base, finetuned, weights, threshold=None, tie_limit=None, o
         sub_thr, sub_lim = g.trims(thr, lim, rows, n)
         _ties_multi_kernel[(g.programs,)](
             g.table, g.owner, sub_thr if thr is not None else first, sub_lim if lim is not None else first, par,
-            votes.get(g.first, par), first, g.nt,
+            votes.get(g.first, par), par if nonfinite is None else nonfinite, first, g.nt,
             NORMALIZE=norm, MAJORITY=zero_sign == "majority", ITERS=common.TIES_ITERS,
-            AHEAD=min(common.TIES_AHEAD, common.TIES_ITERS), ALIGNED=g.aligned, **meta,
+            AHEAD=min(common.TIES_AHEAD, common.TIES_ITERS), ALIGNED=g.aligned, FLAG=nonfinite is not None, **meta,
         )
     return outs
 
@@ -657,3 +700,4 @@ def _majority(op, base, finetuned, offsets, thr, lim, par, meta) -> dict[int, to
 
 registry.register("ties_merge", ties_merge)
 registry.register("ties_merge_multi", ties_merge_multi)
+registry.register("_ties_merge_multi_flagged", ties_merge_multi)

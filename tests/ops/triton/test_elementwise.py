@@ -17,6 +17,7 @@ Tolerances:
 - The DARE keep mask equals reference.dare_keep bit for bit.
 """
 import itertools
+import math
 import zlib
 
 import pytest
@@ -436,6 +437,35 @@ def test_division_is_correctly_rounded():
     out = dev(torch.empty(n, dtype=torch.float64))
     _div_kernel[(n // 4096,)](dev(a), dev(b), out, BLOCK=4096)
     assert torch.equal(out.cpu(), a / b)
+
+
+@triton.jit
+def _stored_kernel(x_ptr, out_ptr, flag_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs)
+    tl.store(out_ptr + offs, common.to_out(x, out_ptr.dtype.element_ty))
+    tl.store(flag_ptr + offs, common.stores_nonfinite(x, out_ptr.dtype.element_ty).to(tl.int8))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_stores_nonfinite_at_the_rounding_boundary(dtype):
+    """stores_nonfinite (ties_merge_multi's flags) marks exactly the float32 values that to_out
+    stores as NaN / Inf, as torch rounds them: around each dtype's maximum, the midpoint to the next
+    power of two (round-to-nearest-even takes it to Inf) and the float32 values beside it."""
+    top = torch.finfo(dtype).max
+    edge = torch.tensor([top], dtype=torch.float64) + (2.0**119 if dtype == torch.bfloat16 else 16.0)  # half a step
+    near = [top, float(edge)] if dtype != torch.float32 else [top]
+    x = torch.tensor(near + [3.4028e38, 1e38, 65504.0, 65519.0, 0.0, -1.5, math.inf, math.nan], dtype=torch.float32)
+    x = torch.cat([x, torch.nextafter(x, torch.full_like(x, math.inf)), torch.nextafter(x, torch.zeros_like(x))])
+    x = torch.cat([x, -x])
+    block = triton.next_power_of_2(x.numel())
+    x = torch.cat([x, torch.zeros(block - x.numel())])
+    out, flags = dev(torch.empty(block, dtype=dtype)), dev(torch.empty(block, dtype=torch.int8))
+    _stored_kernel[(1,)](dev(x), out, flags, BLOCK=block)
+    stored = x.to(dtype)
+    torch.testing.assert_close(out.cpu(), stored, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(flags.cpu().bool(), ~torch.isfinite(stored))
+    assert dtype == torch.float32 or 0 < int((~torch.isfinite(stored) & torch.isfinite(x)).sum())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,6 +263,86 @@ def test_weighted_sum_multi_nonfinite_flags(T, scope, count_launches):
         WS.weighted_sum_multi(bases, fts, coeffs, nonfinite=torch.zeros(9, dtype=torch.int64))
 
 
+BF16_MAX = torch.finfo(torch.bfloat16).max  # (2 - 2^-7) 2^127, its step 2^120
+TIES_FLAG_DTYPES = (torch.float32, torch.float32, torch.bfloat16, torch.float16, torch.float32, torch.float32,
+                    torch.bfloat16, torch.float16, torch.bfloat16, torch.bfloat16)
+TIES_FLAG_SHAPES = [(5,), (0, 3), (7,), (3, 3), (6,), (2, 5), (9,), (4,), (5000,), (5000,)]
+ROUNDS_TO_BF16_INF = (BF16_MAX - 3 * 2.0**120, BF16_MAX)  # base + 1.25 tau = 3.3995e38: finite in float32
+TAU_OVERFLOWS = (-1e38, 2.5e38)  # tau past float32's range, base + 1.25 tau = 3.375e38 within it
+# (tensor, element): (base, fine-tuned), the same in every task: merged at scale 1.25 as the (weighted)
+# mean of the agreeing tasks, the element is base + 1.25 tau up to float64 rounding.
+TIES_PLANTED = {
+    (0, 1): (math.nan, 0.5),  # NaN
+    (2, 1): ROUNDS_TO_BF16_INF,  # Inf in bfloat16
+    (3, 1): (0.0, 60000.0),  # 75000: Inf in float16
+    (4, 1): (3e38, 3.4e38),  # 3.5e38: Inf in float32, computed again in float64
+    (5, 1): TAU_OVERFLOWS,  # float32 path NaN / Inf, float64 result finite
+    (6, 1): TAU_OVERFLOWS,  # the same in bfloat16: 3.37e38 fits
+    (7, 1): (0.0, 52000.0),  # 65000 rounds to 64992
+    (9, 10): TAU_OVERFLOWS,  # a float64 recompute in the program (block) of
+    (9, 1030): ROUNDS_TO_BF16_INF,  # a value that rounds to Inf on the float32 path
+}
+TIES_PLANTED_FLAGS = [1, 0, 1, 1, 1, 0, 0, 0]  # tensor 8: +Inf in the last task (a later block); 9: 1
+
+
+def plant_ties_nonfinite(bases, fts, T):
+    n = len(bases)
+    for (i, k), (b, f) in TIES_PLANTED.items():
+        bases[i].view(-1)[k] = b
+        for t in range(T):
+            fts[t * n + i].view(-1)[k] = f
+    fts[(T - 1) * n + 8].view(-1)[4999] = math.inf
+
+
+@pytest.mark.parametrize("T,gpu_chunks", [(1, False), (3, True), (5, False), (8, True), (9, False)])
+@pytest.mark.parametrize("options,scope", [
+    (("sum", "weights", True, "positive", 1.25), "tensor"),
+    (("count", "count", False, "positive", 1.25), "global"),
+    (("sum", "count", False, "majority", 1.25), "none"),
+    (("sum", "count", False, "majority", 1.25), "global"),
+], ids=["mergekit-tensor", "count-global", "majority-none", "majority-global"])
+def test_ties_merge_multi_nonfinite_flags(T, gpu_chunks, options, scope, count_launches, monkeypatch):
+    """ties_merge_multi's flags (the merged values' check of TIES and NeuroMerging's vectors), set in
+    the merge launches (one per dtype) from the values stored: 1 exactly where an output holds NaN /
+    Inf in its dtype, as the C++ op flags it (a NaN or Inf input, a float32 result that overflows
+    from finite inputs, a finite float32 result beyond bfloat16's or float16's range, also in a
+    program that recomputes another element in float64); 0 for an empty tensor and where only the
+    float32 path overflowed. No pass over the outputs (T > 8: the per-tensor launches, then
+    nonfinite_flags of the outputs). With the GPU's block sizes too (programs of several blocks)."""
+    if gpu_chunks:
+        monkeypatch.setattr(common, "CHUNK", 2048)
+        monkeypatch.setattr(common, "ELECTION_BLOCKS", (1024, 512))
+        monkeypatch.setattr(common, "TIES_ITERS", 3)
+    kernel = count_launches(TM, "_ties_multi_kernel")
+    outputs_read = []
+    real_flags = TM.nonfinite_flags
+
+    def read_flags(tensors):
+        outputs_read.append(list(tensors))
+        return real_flags(tensors)
+    monkeypatch.setattr(TM, "nonfinite_flags", read_flags)
+    bases, fts = make_list(T, TIES_FLAG_DTYPES, seed=13, shapes=TIES_FLAG_SHAPES)
+    plant_ties_nonfinite(bases, fts, T)
+    n = len(bases)
+    thr, lim, offsets = trims(bases, fts, T, scope)
+    # normalize "count" divides the weighted sum by the count: weights of 1 keep base + 1.25 tau
+    weights = (WEIGHTS * 2)[:T] if options[1] == "weights" else [1.0] * T
+    flags, want_flags = torch.full((n,), 7, dtype=torch.int32), torch.full((n,), 7, dtype=torch.int32)
+    got = TM.ties_merge_multi(bases, fts, weights, thr, lim, offsets, *options, nonfinite=flags)
+    want = OPS._ties_merge_multi_flagged(bases, fts, weights, thr, lim, offsets, *options, nonfinite=want_flags)
+    if T <= 8:
+        assert_lists_equal_nan(got, want)
+    else:  # the chunked single-tensor kernels: within 1e-6 of the C++ op
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, equal_nan=True)
+    assert flags.tolist() == want_flags.tolist() == isfinite_flags(got)
+    assert flags[:8].tolist() == TIES_PLANTED_FLAGS and flags[9] == 1
+    assert kernel.launches == (0 if T > 8 else len(set(TIES_FLAG_DTYPES)))
+    assert len(outputs_read) == (1 if T > 8 else 0)
+    with pytest.raises(RuntimeError, match=r"nonfinite must be a contiguous int32 tensor \[10\] on cpu, got Long"):
+        TM.ties_merge_multi(bases, fts, weights, nonfinite=torch.zeros(10, dtype=torch.int64))
+
+
 def biased_list(T, dtypes, seed, shapes):
     """Tensors whose task vectors lean negative (even i) or positive (odd i): the majority signs
     differ between tensors, and trimmed-away entries leave zero votes that take them."""
@@ -354,3 +434,28 @@ def test_cuda_multi_real_shapes(T):
     want = OPS.weighted_sum_multi(cpu(bases), cpu(fts), coeffs)
     assert_lists_equal_nan(got, want)
     assert flags.tolist() == isfinite_flags(want) == [0, 0, 0, 0, 1, 0, 0, 0, 1, 0]
+    flags.fill_(7)
+    got = OPS._ties_merge_multi_flagged(bases, fts, WEIGHTS[:T], nonfinite=flags)
+    want = OPS.ties_merge_multi(cpu(bases), cpu(fts), WEIGHTS[:T])
+    assert_lists_equal_nan(got, want)
+    assert flags.tolist() == isfinite_flags(want) and flags[4] == 1
+
+
+@cuda_only
+@pytest.mark.parametrize("T", [1, 4, 8, 9])
+def test_cuda_ties_merge_multi_nonfinite_flags(T):
+    """The compiled merge kernel's flags (BLOCK 256, 8 blocks a program) on the planted list of
+    test_ties_merge_multi_nonfinite_flags, bitwise the C++ op's outputs and flags."""
+    bases, fts = make_list(T, TIES_FLAG_DTYPES, seed=13, shapes=TIES_FLAG_SHAPES)
+    plant_ties_nonfinite(bases, fts, T)
+    n = len(bases)
+    flags, want_flags = torch.full((n,), 7, dtype=torch.int32, device="cuda"), torch.zeros(n, dtype=torch.int32)
+    for options in (("sum", "weights", True, "positive", 1.25), ("sum", "count", False, "majority", 1.25)):
+        weights = (WEIGHTS * 2)[:T] if options[1] == "weights" else [1.0] * T
+        got = OPS._ties_merge_multi_flagged([b.cuda() for b in bases], [f.cuda() for f in fts], weights, None, None,
+                                            [], *options, nonfinite=flags)
+        want = OPS._ties_merge_multi_flagged(bases, fts, weights, None, None, [], *options, nonfinite=want_flags)
+        if T <= 8:
+            assert_lists_equal_nan(got, want)
+        assert flags.tolist() == want_flags.tolist() == isfinite_flags(got)
+        assert flags[:8].tolist() == TIES_PLANTED_FLAGS and flags[9] == 1
