@@ -144,6 +144,17 @@ TORCH_LIBRARY(neurokern, m) {
   m.def(
       "tinted_linear_weight_grad(Tensor grad, Tensor x, Tensor task_ids, int num_tasks, "
       "Tensor? perm=None, Tensor? bounds=None) -> Tensor");
+  // Rows of a LoRA-adapted weight, in place: rows (rows [first, first + n) of the weight, float32,
+  // bfloat16 or float16) += the same rows of ΔW = scale·B·A (A [r, in], B [out, r], of one dtype;
+  // transposed: ΔW = (B·A)^T, embeddings' and fan_in_fan_out layers'), as PEFT's get_delta_weight
+  // and merge compute them on a CPU, bitwise: the factors' product in float32, times scale (a
+  // float32), rounded to the factors' dtype, added to the row in float32 and rounded once to the
+  // weight's dtype (an embedding's ΔW rounded to the weight's dtype first). ΔW is formed over blocks
+  // of a multiple of 16 rows (or all its rows), whose product a CPU BLAS forms as the whole one's.
+  // A CPU kernel only, none for GPUs: the engine's reader threads form adapted weights on the host.
+  m.def(
+      "lora_add_rows(Tensor(a!) rows, Tensor A, Tensor B, float scale, bool transposed=False, "
+      "bool embedding=False, int first=0) -> ()");
   // Histograms of the task vectors' magnitude keys (the int32 bits of |float32(ft) - float32(base)|)
   // over a list, for the exact global trims: without hi_bin, hist [T, 2^15] += the count of each
   // key >> 16 per task; with hi_bin (int32 [T]), hist [T, 2^16] += the count of key & 0xFFFF among

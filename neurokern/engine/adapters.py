@@ -9,14 +9,14 @@ modules_to_save replaced, which is what PEFT's merge_and_unload makes of it.
 `AdapterModel` presents that model to the engine as a source like any other: the same tensor names,
 shapes and dtypes as the base; a tensor the adapter does not touch is read from the base's file; an
 adapted weight is a derived tensor (TensorInfo.derive), computed when the engine reads it, a few
-rows at a time, from the base's rows and the two factors. No ΔW of the whole model is ever held:
-a piece of one tensor at a time, on the reader's threads.
+rows at a time, from the base's rows and the two factors (one call of the op lora_add_rows per
+piece). No ΔW of the whole model is ever held: a tile of a piece at a time, on the reader's
+threads.
 """
 import json
 import math
 import os
 import re
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +27,7 @@ from neurokern.engine.files import _check_file, read_file
 from neurokern.engine.settings import EngineSettings
 from neurokern.engine.sources import NAMES, Model, TensorInfo, read_header, read_into, read_range
 from neurokern.errors import NeurokernError
-from neurokern.ops import STORAGE_DTYPES
+from neurokern.ops import STORAGE_DTYPES, lora_add_rows
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -207,51 +207,43 @@ def read_rows(info: TensorInfo, first: int, last: int) -> torch.Tensor:
     return read_range(info, first * row_bytes, last * row_bytes).view(info.dtype).view(last - first, *info.shape[1:])
 
 
-def delta_rows(A: torch.Tensor, B: torch.Tensor, scale: float, transposed: bool,
-               rows: Optional[slice] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Rows of ΔW = scale·B·A (or of its transpose), as PEFT's get_delta_weight computes them on a
-    CPU: the product of the factors (upcast to float32 when half-precision), times scale, in the
-    factors' dtype. out: a contiguous float32 buffer the product is formed in (at least its numel;
-    the result is then a view of it when the factors are float32)."""
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float, transposed: bool) -> torch.Tensor:
+    """ΔW = scale·B·A (or its transpose), as PEFT's get_delta_weight computes it on a CPU: the
+    product of the factors (upcast to float32 when half-precision), times scale, in the factors'
+    dtype."""
     dtype = B.dtype
     if dtype in (torch.float16, torch.bfloat16):
         A, B = A.float(), B.float()
-    rows = rows or slice(None)
-    left, right = (B, A[:, rows]) if transposed else (B[rows], A)
-    if out is not None and left.dtype == torch.float32:
-        product = torch.mm(left, right, out=out[:left.shape[0] * right.shape[1]].view(left.shape[0], right.shape[1]))
-    else:
-        product = left @ right
+    product = B @ A
     delta = product.T if transposed else product
     return delta.mul_(scale).to(dtype)
 
 
-def add_delta_(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -> torch.Tensor:
-    """weight_rows += ΔW rows, in place, as PEFT's merge adds them (the sum formed in the wider of
-    the two dtypes, rounded once to the weight's); an embedding's ΔW is rounded to the weight's
-    dtype first. delta, a product formed for this, may be overwritten. Returns weight_rows."""
+def add_delta(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -> torch.Tensor:
+    """weight_rows + ΔW rows, a new tensor, as PEFT's merge adds them in place into the weight (the
+    sum formed in the wider of the two dtypes, rounded once to the weight's); an embedding's ΔW is
+    rounded to the weight's dtype first. delta, a product formed for this, may be overwritten."""
+    out = weight_rows.clone()
     if embedding:
-        weight_rows += delta.to(weight_rows.dtype)
-    elif torch.promote_types(weight_rows.dtype, delta.dtype) == delta.dtype:
+        out += delta.to(out.dtype)
+    elif torch.promote_types(out.dtype, delta.dtype) == delta.dtype:
         # the sum formed in delta (addition commutes exactly), then rounded into the rows: a
         # CPU's in-place add of a wider dtype into bfloat16 rows takes 1.5x as long
-        weight_rows.copy_(delta.add_(weight_rows))
+        out.copy_(delta.add_(out))
     else:
-        weight_rows += delta
-    return weight_rows
-
-
-def add_delta(weight_rows: torch.Tensor, delta: torch.Tensor, embedding: bool) -> torch.Tensor:
-    """add_delta_ on a copy of weight_rows (delta may be overwritten)."""
-    return add_delta_(weight_rows.clone(), delta, embedding)
+        out += delta
+    return out
 
 
 # A CPU BLAS forms a product of a few rows (or columns) another way than the whole matrix's: a row
 # of B[:3] @ A differs in its last bits from the same row of B @ A, which PEFT forms, while blocks
 # of a multiple of 16 rows or columns come out as the whole product's (tests/engine/
-# test_adapter_math.py checks it on the machine it runs on). A piece's ΔW is formed over such a
-# block, or over all rows, and the piece's rows taken from it.
+# test_adapter_math.py checks it on the machine it runs on). lora_add_rows forms ΔW over such
+# blocks, or over all rows; a piece gives it B's rows of such a block (product_rows).
 PRODUCT_BLOCK = 16
+# lora_add_rows's float32 tile of ΔW rows (csrc/cpu/lora_add_rows.cpp, kTileBytes): at most this
+# many bytes, unless PRODUCT_BLOCK rows take more.
+TILE_BYTES = 256 * 2**10
 
 
 def product_rows(first: int, last: int, rows: int) -> tuple[int, int]:
@@ -262,24 +254,12 @@ def product_rows(first: int, last: int, rows: int) -> tuple[int, int]:
     return lo, lo + n
 
 
-_work = threading.local()
-
-
-def _work_buffer(numel: int) -> torch.Tensor:
-    """This thread's float32 buffer of at least numel elements, kept for its next piece: a reader
-    thread forms ΔW's product there instead of asking the allocator for megabytes per piece (on a
-    CPU the fresh 4 MB took almost as long to get as the product to compute)."""
-    buf = getattr(_work, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = _work.buf = torch.empty(numel, dtype=torch.float32)
-    return buf
-
-
 class LoraDelta:
     """The derived tensor base weight + ΔW of one adapted module, read a piece of rows at a time."""
 
     def __init__(self, weight: TensorInfo, module: LoraModule, piece_bytes: int):
-        """piece_bytes: float32 work per piece (its rows are computed together)."""
+        """piece_bytes: the float32 size of a piece's ΔW rows (the rows one read forms; ΔW itself
+        is never held whole, lora_add_rows forms it a tile at a time)."""
         self.weight, self.module = weight, module
         rows, cols = weight.shape
         self.row_bytes = cols * weight.dtype.itemsize
@@ -310,29 +290,29 @@ class LoraDelta:
         else:
             rows = read_rows(self.weight, first, last)
         m = self.module
-        lo, hi = product_rows(first, last, self.rows)
-        work = _work_buffer((hi - lo) * rows.shape[1])
         if m.transposed:  # ΔW's rows are columns of A: both factors whole
             A, B = factors(m)
-            delta = delta_rows(A, B, m.scale, True, slice(lo, hi), out=work)
-        else:
+            lora_add_rows(rows, A, B, m.scale, True, m.embedding, first)
+        else:  # B's rows of a block whose product gives the whole product's bits
+            lo, hi = product_rows(first, last, self.rows)
             A, B = factors(m, slice(lo, hi))
-            delta = delta_rows(A, B, m.scale, False, out=work)
-        add_delta_(rows, delta[first - lo:last - lo], m.embedding)
+            lora_add_rows(rows, A, B, m.scale, False, m.embedding, first - lo)
         if not in_place:
             out[begin:end].copy_(rows.view(-1).view(torch.uint8)[begin - at:end - at])
 
     def work_bytes(self) -> int:
-        """Memory a read of one piece takes besides the destination: the thread's float32 product,
-        the rows (when not read in place) and ΔW rounded to a half-precision dtype, the factors
-        read (A whole; B's rows of the piece, or B whole when transposed) and their float32 copies
-        when half-precision, and a converted replacement weight read whole."""
+        """Memory a read of one piece takes besides the destination: the rows (when not read in
+        place), the factors read (A whole; B's rows of the piece, or B whole when transposed) and
+        their float32 copies when half-precision, lora_add_rows's float32 tile (and a row of it
+        when transposed), which the thread keeps, and a converted replacement weight read whole."""
         rows = min(self.rows_per_piece, self.rows)
         cols = self.row_bytes // self.weight.dtype.itemsize
         A, B = self.module.A, self.module.B
         b_numel = B.numel if self.module.transposed else rows * (B.numel // B.shape[0])
         factors_bytes = (A.numel + b_numel) * (A.dtype.itemsize + (4 if A.dtype.itemsize < 4 else 0))
-        work = rows * cols * 4 + 2 * rows * self.row_bytes + factors_bytes
+        tile_rows = min(self.rows, max(PRODUCT_BLOCK, TILE_BYTES // (4 * cols) // PRODUCT_BLOCK * PRODUCT_BLOCK))
+        tile = (tile_rows + (1 if self.module.transposed else 0)) * cols * 4
+        work = rows * self.row_bytes + factors_bytes + tile
         if self.weight.derive is not None:
             work += self.weight.nbytes + self.weight.derive.work_bytes()
         return work

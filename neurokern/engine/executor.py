@@ -27,10 +27,11 @@ def serial_torch_thread() -> None:
 
 
 # Derived tensors (a LoRA adapter's weights, formed by the thread that reads them) are formed by at
-# most this many reader threads at once: each piece runs a dozen torch calls between which the thread
-# needs the GIL, and on an H100 machine's 16 cores 8 threads formed 2.38 GB/s, 16 threads 1.15
-# (bench/results/adapter-read-x86_64-16cores.json); on 2 cores 2 threads beat 1. Stored tensors are
-# read by all settings.read_threads.
+# most this many reader threads at once: on an H100 machine's 16 cores, pieces formed by a dozen torch
+# calls each (the Python path bench/adapter_read.py compares with) came at 2.38 GB/s on 8 threads and
+# 1.15 on 16 (bench/results/adapter-read-x86_64-16cores.json); lora_add_rows, one call and one pass
+# over a piece without the GIL, is not measured there yet. On 2 cores 2 threads beat 1. Stored
+# tensors are read by all settings.read_threads.
 DERIVED_READERS = 8
 
 

@@ -18,7 +18,7 @@ class EngineSettings:
     # NEUROKERN_READ_PIECE_BYTES: every tensor is read in pieces of at most this many bytes, each a
     # job of its own (a large tensor is read by many threads at once)
     read_piece_bytes: int = 16 * 2**20
-    adapter_piece_bytes: int = 4 * 2**20  # NEUROKERN_ADAPTER_PIECE_BYTES: float32 work per piece of a LoRA-adapted weight
+    adapter_piece_bytes: int = 4 * 2**20  # NEUROKERN_ADAPTER_PIECE_BYTES: float32 size of the ΔW rows of a piece of a LoRA-adapted weight
     max_unit_bytes: int = 512 * 2**20  # NEUROKERN_MAX_UNIT_BYTES: input bytes of one work unit (unless one tensor needs more)
     prefetch: bool = True  # NEUROKERN_PREFETCH: warm-up reads while the merge starts
     dist_backend: Optional[str] = None  # NEUROKERN_DIST_BACKEND: "nccl" or "gloo"; None: NCCL on GPUs, gloo on CPUs

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from neurokern.engine.adapters import (CONFIG, PREFIX, WEIGHTS, LoraAdapter, add_delta, delta_rows, factors,
+from neurokern.engine.adapters import (CONFIG, PREFIX, WEIGHTS, LoraAdapter, add_delta, delta_weight, factors,
                                        read_adapter, read_tensor)
 from neurokern import params as checks
 from neurokern.errors import NeurokernError
@@ -213,7 +213,7 @@ def _full_space(adapters: list[LoraAdapter], names: list[str], weights: list[flo
                 deltas.append(torch.zeros(shape, dtype=torch.float32, device=device))
                 continue
             A, B = (t.to(device) for t in factors(m))
-            deltas.append(delta_rows(A.float(), B.float(), m.scale, m.transposed))
+            deltas.append(delta_weight(A.float(), B.float(), m.scale, m.transposed))
         if base is not None:
             if name not in base:
                 raise NeurokernError(f"base has no tensor {name!r}, which the adapters adapt")
@@ -469,5 +469,5 @@ def load_finetuned(base: Any, adapter: PathLike) -> dict[str, Tensor]:
             raise NeurokernError(f"tensor {name!r}: {found.path} adapts it with ΔW of shape {m.shape}, base has "
                                  f"{tuple(weight.shape)}")
         A, B = (t.to(weight.device) for t in factors(m))
-        sd[name] = add_delta(weight, delta_rows(A, B, m.scale, m.transposed), m.embedding)
+        sd[name] = add_delta(weight, delta_weight(A, B, m.scale, m.transposed), m.embedding)
     return sd

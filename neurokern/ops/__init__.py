@@ -11,6 +11,7 @@ from neurokern.ops.dare import dare, dare_keys, dare_multi
 from neurokern.ops.dtypes import STORAGE_DTYPES
 from neurokern.ops.finite import flagged_later, nonfinite_flags, nonfinite_later
 from neurokern.ops.key_histogram import HI_BINS, LO_BINS, boundary_values, key_histogram, magnitude_bits
+from neurokern.ops.lora_add_rows import lora_add_rows
 from neurokern.ops.magnitude_threshold import magnitude_threshold
 from neurokern.ops.neuromerge_coeffs import neuromerge_coeffs
 from neurokern.ops.neuron_stats import neuron_stats, neuron_stats_multi
@@ -30,6 +31,7 @@ __all__ = [
     "dare_multi",
     "flagged_later",
     "key_histogram",
+    "lora_add_rows",
     "magnitude_bits",
     "magnitude_threshold",
     "neuromerge_coeffs",

@@ -422,3 +422,20 @@ def tinted_linear_weight_grad(grad, x, task_ids, num_tasks):
     out = torch.zeros(num_tasks, grad.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
     out.index_add_(0, task_ids.long(), torch.einsum("bo,bi->boi", grad.double(), x.double()))
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# lora_add_rows
+
+
+def lora_add_rows(rows, A, B, scale, transposed=False, embedding=False, first=0):
+    """rows + ΔW[first:first + len(rows)], a new tensor: ΔW formed whole as PEFT's get_delta_weight
+    forms it on a CPU (half-precision factors multiplied in float32; the product, transposed for
+    embeddings and fan_in_fan_out layers, times scale, in the factors' dtype), added as PEFT's merge
+    adds it (in place into the weight: the sum in the wider dtype, rounded to the weight's; an
+    embedding's ΔW rounded to the weight's dtype first)."""
+    product = B.float() @ A.float()
+    delta = ((product.T if transposed else product) * scale).to(A.dtype)[first:first + rows.shape[0]]
+    out = rows.clone()
+    out += delta.to(out.dtype) if embedding else delta
+    return out

@@ -1,14 +1,14 @@
 """The adapted weight's arithmetic (engine/adapters.py): add_delta gives what PEFT's in-place merge
 gives (the sum formed in the wider dtype, rounded once to the weight's), bitwise, for every pair of
-weight and factor dtypes, transposed (fan_in_fan_out, embeddings) or not, and so does the readers'
-way (the product formed in a reused float32 buffer, added in place into the rows read). The
+weight and factor dtypes, transposed (fan_in_fan_out, embeddings) or not; and the property of the
+machine's BLAS that the readers' op (lora_add_rows, tests/ops/test_lora_add_rows.py) relies on. The
 end-to-end parity with PEFT's merge_and_unload is in tests/integrations/test_peft.py."""
 import itertools
 
 import pytest
 import torch
 
-from neurokern.engine.adapters import PRODUCT_BLOCK, add_delta, add_delta_, delta_rows, product_rows
+from neurokern.engine.adapters import PRODUCT_BLOCK, add_delta, delta_weight, product_rows
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -30,15 +30,10 @@ def test_add_delta_is_peft_in_place_add(weight_dtype, factor_dtype, transposed, 
     B = (torch.randn(cols if transposed else rows, r, generator=g) * 0.3).to(factor_dtype)
     # weights of every magnitude, so that the rounding of the sum matters in every binade
     weight = (torch.randn(rows, cols, generator=g) * torch.logspace(-3, 2, cols)).to(weight_dtype)
-    want = peft_add(weight, delta_rows(A, B, 1.7, transposed), embedding)
-    got = add_delta(weight, delta_rows(A, B, 1.7, transposed), embedding)
+    want = peft_add(weight, delta_weight(A, B, 1.7, transposed), embedding)
+    got = add_delta(weight, delta_weight(A, B, 1.7, transposed), embedding)
     assert got.dtype == weight_dtype and got.is_contiguous() and got.shape == weight.shape
     assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
-    # as the readers form it: the product in a larger float32 buffer holding garbage, the rows in place
-    work = torch.full((rows * cols + 7,), float("nan"))
-    in_place = weight.clone()
-    assert add_delta_(in_place, delta_rows(A, B, 1.7, transposed, out=work), embedding) is in_place
-    assert torch.equal(in_place.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_add_delta_leaves_the_weight_rows_unchanged():
@@ -52,18 +47,18 @@ def test_add_delta_leaves_the_weight_rows_unchanged():
 @pytest.mark.parametrize("rows,cols", [(40, 4096), (37, 1000), (300, 24), (7, 50)])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_a_piece_of_rows_is_the_whole_products_rows(rank, rows, cols, transposed):
-    """Rows of ΔW formed as a reader forms a piece (delta_rows over product_rows: a multiple of
-    PRODUCT_BLOCK rows, or all) equal those rows of the whole product PEFT forms, bitwise, for
-    pieces of 1 to 40 rows anywhere, transposed (ΔW's rows are the product's columns) or not. This
-    is a property of the machine's BLAS: the test says whether it holds here."""
+    """Rows of ΔW formed over a block of rows as the readers form a piece (product_rows: a
+    multiple of PRODUCT_BLOCK rows, or all; lora_add_rows's tiles are such blocks) equal those rows
+    of the whole product PEFT forms, bitwise, for pieces of 1 to 40 rows anywhere, transposed (ΔW's
+    rows are the product's columns) or not. This is a property of the machine's BLAS: the test says
+    whether it holds here."""
     g = torch.Generator().manual_seed(rank + rows)
     A = torch.randn(rank, rows if transposed else cols, generator=g)
     B = torch.randn(cols if transposed else rows, rank, generator=g)
-    whole = delta_rows(A, B, 1.0, transposed)
+    whole = delta_weight(A, B, 1.0, transposed)
     for n in range(1, min(rows, 40) + 1):
         for first in range(0, rows - n + 1, 5):
             lo, hi = product_rows(first, first + n, rows)
             assert 0 <= lo <= first and first + n <= hi <= rows and ((hi - lo) % PRODUCT_BLOCK == 0 or hi - lo == rows)
-            rows_of = slice(lo, hi)
-            piece = (delta_rows(A, B, 1.0, True, rows_of) if transposed else delta_rows(A, B[rows_of], 1.0, False))
+            piece = (B @ A[:, lo:hi]).T if transposed else B[lo:hi] @ A
             assert torch.equal(piece[first - lo:first - lo + n], whole[first:first + n]), (n, first)

@@ -193,8 +193,8 @@ def test_plan_counts_the_work_of_derived_reads(setup, tmp_path, method):
              for merge_method in (method, "ties") for models in ([str(p) for p in paths], full)]
     adapters, fulls, _, fulls_ties = (plan.estimate(cuda=False)["host"] for plan in plans)
     rows, cols = 16, 24  # the widest adapted weight: down_proj, [16, 24]; all its rows fit one piece
-    # the float32 product; the rows (fp32 weights) and a cast ΔW; A [4, 24] and B's rows [16, 4], fp32
-    work = rows * cols * 4 + 2 * rows * cols * 4 + 4 * (4 * 24 + 16 * 4)
+    # the rows (fp32 weights); lora_add_rows's float32 tile (all 16 rows); A [4, 24] and B's rows [16, 4], fp32
+    work = rows * cols * 4 + rows * cols * 4 + 4 * (4 * 24 + 16 * 4)
     assert {m.r for a in map(read_adapter, paths) for m in a.modules.values()} == {4}
     assert adapters - fulls == DERIVED_READERS * work  # the threads forming pieces at once, of 16 readers
     method_work = METHODS[method].work_bytes(len(paths))
@@ -350,6 +350,49 @@ def test_embedding_rank_pattern_alpha_pattern_modules_to_save(tmp_path):
     ours = nkp.load_finetuned(gpt, tmp_path / "g")
     for k in ref:
         assert torch.equal(ours[k], ref[k]), k
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("weight_dtype", DTYPES, ids=["w-f32", "w-bf16", "w-f16"])
+@pytest.mark.parametrize("factor_dtype", DTYPES, ids=["f-f32", "f-bf16", "f-f16"])
+def test_lora_add_rows_is_peft_merge_for_every_dtype_pair(weight_dtype, factor_dtype):
+    """The readers' op (lora_add_rows) against PEFT's own merge_and_unload on a CPU, for every pair
+    of weight and factor dtypes (the tests above read float32 factors), on a Linear layer, an
+    Embedding and GPT-2's fan_in_fan_out Conv1D, in pieces of 1, 15, 16 and 17 rows and whole:
+    bitwise."""
+    from transformers.pytorch_utils import Conv1D
+
+    from neurokern.ops import lora_add_rows
+
+    g = torch.Generator().manual_seed(5)
+    layers = {"linear": (torch.nn.Linear(37, 40), False), "embedding": (torch.nn.Embedding(45, 19), False),
+              "conv1d": (Conv1D(33, 21), True)}  # Conv1D(nf, nx): weight [nx, nf], ΔW = (B·A)ᵀ
+    for kind, (layer, fan_in_fan_out) in layers.items():
+        rows, cols = layer.weight.shape
+        with torch.no_grad():  # entries of every magnitude, so that the sum's rounding matters in every binade
+            layer.weight.copy_(torch.randn(rows, cols, generator=g) * torch.logspace(-3, 2, cols))
+        base = torch.nn.Sequential(layer).to(weight_dtype)
+        weight = base[0].weight.detach().clone()
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=7, target_modules=["0"], fan_in_fan_out=fan_in_fan_out))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = (0.3 * torch.randn(p.shape, generator=g)).to(factor_dtype)
+        lora = model.base_model.model[0]
+        if kind == "embedding":
+            A, B = lora.lora_embedding_A["default"], lora.lora_embedding_B["default"]
+        else:
+            A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+        A, B, scale = A.detach().clone(), B.detach().clone(), lora.scaling["default"]
+        want = model.merge_and_unload()[0].weight.detach()
+        assert want.dtype == weight_dtype and not torch.equal(want, weight)
+        for n in (1, 15, 16, 17, rows):
+            for first in sorted({0, 3, rows - n}):
+                got = weight[first:first + n].clone()
+                lora_add_rows(got, A, B, scale, kind != "linear", kind == "embedding", first)
+                assert torch.equal(got.view(torch.uint8), want[first:first + n].view(torch.uint8)), (kind, first, n)
 
 
 # ------------------------------------------------------------------------------------------------
