@@ -47,6 +47,7 @@ from neurokern.ops.triton.common import (
     grid_1d,
     is_nonfinite,
     markstein,
+    markstein_finite,
     parse_choice,
     scalar_params,
     sign_of,
@@ -198,7 +199,10 @@ def _ties_mix(w, ds, es, v, scale, zero_pos, par_ptr, T: tl.constexpr, NORMALIZE
             s = s + x
     if NORMALIZE:
         tab = par_ptr + (T + 1) + m
-        s = markstein(s, tl.load(tab), tl.load(tab + (1 << T)))
+        if WIDE:
+            s = markstein(s, tl.load(tab), tl.load(tab + (1 << T)))
+        else:  # the elements whose quotient is not finite are computed again (WIDE)
+            s = markstein_finite(s, tl.load(tab), tl.load(tab + (1 << T)))
     return add_to_base(w, s, scale, WIDE)
 
 
