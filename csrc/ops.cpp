@@ -1,4 +1,4 @@
-// Every neurokern op schema, in one place. Semantics: ../shared/spec/architecture.md and
+// Every neurokern op schema, in one place. Semantics: docs/ops.md and
 // neurokern/ops/reference.py (the pure-PyTorch statement of each op).
 //
 // Conventions shared by all ops:
